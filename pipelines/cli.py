@@ -1,0 +1,70 @@
+"""The ``neurorecon`` console entry point: ``neurorecon <stage> [hydra overrides]``.
+
+Each stage has a root config ``configs/<stage>.yaml`` and a ``run(cfg)`` function; Hydra
+handles overrides, ``--help``, ``--cfg job`` and ``--multirun``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+#: stage name -> (module with ``run(cfg)``, one-line description)
+STAGES: dict[str, tuple[str, str]] = {
+    "sample": ("neurorecon.pipelines.sample.run", "write the embedded sample BIDS datasets"),
+    "preprocess": ("neurorecon.pipelines.preprocess.run", "BIDS MEG/fMRI -> trial arrays cache"),
+    "embed": ("neurorecon.pipelines.embed.run", "stimulus images -> embeddings cache"),
+}
+
+USAGE = """usage: neurorecon <stage> [hydra overrides] [--help] [--cfg job] [--multirun]
+
+stages:
+{stages}
+
+examples:
+  neurorecon sample
+  neurorecon preprocess data=sample_fmri preprocess.fmri.glm=lss
+  neurorecon embed data=bids data.root=/data/things-meg embedder=alexnet
+  neurorecon preprocess --cfg job        # print the composed config
+"""
+
+
+def _usage() -> str:
+    width = max(len(s) for s in STAGES)
+    lines = [f"  {name:<{width}}  {desc}" for name, (_, desc) in STAGES.items()]
+    return USAGE.format(stages="\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Dispatch to a stage; the rest of the command line goes to Hydra."""
+    import hydra
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        print(f"neurorecon: unknown stage {stage!r}\n\n{_usage()}", file=sys.stderr)
+        raise SystemExit(2)
+    module = importlib.import_module(STAGES[stage][0])
+
+    def task(cfg):
+        from .common.checks import DataError
+        from .common.logging import configure_cli_logging, logger
+
+        configure_cli_logging()
+        try:
+            return module.run(cfg)
+        except DataError as exc:  # bad input: a clear message, no traceback
+            logger.error("error: %s", exc)
+            raise SystemExit(2) from None
+
+    sys.argv = [f"neurorecon-{stage}", *rest]
+    hydra.main(config_path="pkg://neurorecon.configs", config_name=stage, version_base="1.3")(
+        task
+    )()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

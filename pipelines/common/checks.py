@@ -1,0 +1,64 @@
+"""Small validators with clear errors (after ``mne.utils.check``).
+
+Every error raised for bad *input data* is a :class:`DataError`: it names the file and
+the problem, and the CLI prints it without a traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file (when there is one) and the problem."""
+
+    def __init__(self, problem: str, *, path: str | Path | None = None, hint: str | None = None):
+        self.path = None if path is None else Path(path)
+        self.problem = problem
+        self.hint = hint
+        msg = problem if path is None else f"{path}: {problem}"
+        if hint:
+            msg = f"{msg}\n  -> {hint}"
+        super().__init__(msg)
+
+
+def check_option(name: str, value: Any, allowed: Iterable[Any]) -> Any:
+    """Return ``value`` if it is one of ``allowed``, else raise a ValueError listing them."""
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ValueError(f"Invalid value for {name!r}: {value!r}. Allowed values: {allowed}.")
+    return value
+
+
+def check_file(path: str | Path, *, what: str = "file") -> Path:
+    """Return ``path`` as a Path if it exists as a file, else raise :class:`DataError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} not found", path=path)
+    return path
+
+
+def check_finite(array: np.ndarray, *, path: str | Path | None, what: str) -> np.ndarray:
+    """Raise :class:`DataError` if ``array`` holds NaN or infinite values."""
+    bad = ~np.isfinite(array)
+    if bad.any():
+        raise DataError(
+            f"{what} contains {int(bad.sum())} non-finite values (NaN/inf) out of {array.size}",
+            path=path,
+            hint="remove or interpolate them before running neurorecon",
+        )
+    return array
+
+
+def check_columns(table, columns: Iterable[str], *, path: str | Path) -> None:
+    """Raise :class:`DataError` if a pandas table lacks one of ``columns``."""
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise DataError(
+            f"missing column(s) {missing}; found {list(table.columns)}",
+            path=path,
+        )

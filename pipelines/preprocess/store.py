@@ -1,0 +1,112 @@
+"""On-disk layout of preprocessed trials (the contract between preprocessing and training).
+
+A preprocessing cache entry holds, per subject, ``sub-<label>/X.npy`` (float32, trials first)
+and ``sub-<label>/trials.tsv`` (one row per row of ``X``: subject, session, run, stim_file,
+split, n_repeats, ...), plus modality-specific files, and a top-level ``recipe.json`` with the
+parameters that produced it (the streaming decoder and serving read the same recipe).
+
+MEG: ``X`` is ``(n_trials, n_chans, n_times)``; ``channels.tsv`` lists name, x, y (2D sensor
+layout in [0, 1]) and ``good`` (False for bad channels, whose rows in ``X`` are zero).
+fMRI: ``X`` is ``(n_trials, n_voxels)``; ``mask.nii.gz`` maps voxel columns back to the brain.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..common.checks import DataError
+
+
+@dataclass
+class SubjectTrials:
+    """Preprocessed trials of one subject."""
+
+    subject: str
+    X: np.ndarray
+    trials: pd.DataFrame
+    channels: pd.DataFrame | None = None  # MEG: name, x, y, good
+    mask_path: Path | None = None  # fMRI: mask NIfTI
+
+    def __post_init__(self) -> None:
+        if len(self.X) != len(self.trials):
+            raise ValueError(
+                f"sub-{self.subject}: {len(self.X)} arrays but {len(self.trials)} trial rows"
+            )
+
+
+@dataclass
+class Preprocessed:
+    """All subjects of one preprocessing run plus its recipe."""
+
+    modality: str
+    subjects: dict[str, SubjectTrials]
+    recipe: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+
+def save_preprocessed(data: Preprocessed, out: Path) -> None:
+    """Write ``data`` into the (temporary) cache directory ``out``."""
+    (out / "recipe.json").write_text(
+        json.dumps({"modality": data.modality, **data.recipe}, indent=2, default=str)
+    )
+    for label, sub in data.subjects.items():
+        d = out / f"sub-{label}"
+        d.mkdir(parents=True, exist_ok=True)
+        np.save(d / "X.npy", np.ascontiguousarray(sub.X, dtype=np.float32))
+        sub.trials.to_csv(d / "trials.tsv", sep="\t", index=False, na_rep="n/a")
+        if sub.channels is not None:
+            sub.channels.to_csv(d / "channels.tsv", sep="\t", index=False)
+        if sub.mask_path is not None and Path(sub.mask_path).parent != d:
+            import shutil
+
+            shutil.copyfile(sub.mask_path, d / "mask.nii.gz")
+
+
+def load_preprocessed(path: str | Path, *, mmap: bool = True) -> Preprocessed:
+    """Load a preprocessing cache entry written by :func:`save_preprocessed`."""
+    path = Path(path)
+    recipe_file = path / "recipe.json"
+    if not recipe_file.is_file():
+        raise DataError("not a neurorecon preprocessing cache (no recipe.json)", path=path)
+    recipe = json.loads(recipe_file.read_text())
+    modality = recipe.pop("modality")
+    subjects = {}
+    for d in sorted(path.glob("sub-*")):
+        label = d.name[4:]
+        channels = pd.read_csv(d / "channels.tsv", sep="\t") if (d / "channels.tsv").is_file() else None
+        mask = d / "mask.nii.gz"
+        subjects[label] = SubjectTrials(
+            subject=label,
+            X=np.load(d / "X.npy", mmap_mode="r" if mmap else None),
+            trials=pd.read_csv(d / "trials.tsv", sep="\t", na_values=["n/a"], keep_default_na=False,
+                               dtype={"subject": str, "session": str, "run": str}),
+            channels=channels,
+            mask_path=mask if mask.is_file() else None,
+        )
+    return Preprocessed(modality=modality, subjects=subjects, recipe=recipe, path=path)
+
+
+def average_repeats(X: np.ndarray, trials: pd.DataFrame, *, stim_column: str = "stim_file",
+                    split: str = "test") -> tuple[np.ndarray, pd.DataFrame]:
+    """Average the trials of ``split`` that show the same stimulus; keep the others as they are.
+
+    The averaged rows get ``n_repeats`` (number of trials averaged); other rows get 1.
+    """
+    trials = trials.reset_index(drop=True)
+    keep = trials.index[trials["split"] != split].to_numpy()
+    out_X = [X[keep]]
+    rows = trials.loc[keep].assign(n_repeats=1)
+    groups = trials[trials["split"] == split].groupby(stim_column, sort=True)
+    avg_rows = []
+    for _, g in groups:
+        out_X.append(X[g.index.to_numpy()].mean(axis=0, keepdims=True))
+        avg_rows.append(g.iloc[[0]].assign(n_repeats=len(g)))
+    if avg_rows:
+        rows = pd.concat([rows, *avg_rows], ignore_index=True)
+    return np.concatenate(out_X, axis=0), rows.reset_index(drop=True)
