@@ -1,0 +1,392 @@
+"""MEG preprocessing (after Benchetrit, Banville & King 2023), offline and streaming.
+
+Offline, per recording: read with mne-bids -> pick good MEG channels -> band-pass
+(zero-phase FIR, or causal IIR with ``phase="causal"``) -> decimate to ``sfreq`` -> epochs
+``[tmin, tmax]`` around image onsets -> baseline correction. Per subject: robust scaling per
+channel (median / IQR fitted on *train* epochs only) -> clamp at ``±clamp`` -> optional
+averaging of test repeats.
+
+The same transform exists in a causal, chunk-by-chunk form for the real-time decoder:
+:class:`StreamingMegFilter` (IIR state carried across chunks, decimation phase tracked) plus
+:func:`scale_window` with scaler statistics frozen from calibration data. Its output equals the
+offline ``phase="causal"`` path sample for sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import mne
+import numpy as np
+import pandas as pd
+
+from ..common.checks import DataError, check_finite, check_option
+from ..common.logging import logger, progress
+from ..data.events import EventSpec, check_events_within, read_events
+from ..data.studies import Recording
+from .store import Preprocessed, SubjectTrials, average_repeats
+
+#: head-frame origin used to flatten sensor positions to 2D (MNE's default for MEG)
+LAYOUT_ORIGIN = np.array([0.0, 0.0, 0.04])
+
+
+@dataclass(frozen=True)
+class MegParams:
+    """Parameters of the MEG transform (``configs/preprocess/default.yaml``, key ``meg``)."""
+
+    l_freq: float | None = 0.1
+    h_freq: float | None = 40.0
+    phase: str = "zero"
+    iir_order: int = 4
+    sfreq: float = 120.0
+    tmin: float = -0.5
+    tmax: float = 1.0
+    baseline: tuple[float | None, float | None] | None = (None, 0.0)
+    clamp: float | None = 20.0
+    bad_channels: str = "auto"
+    bad_threshold: float = 6.0
+    average_test_repeats: bool = True
+
+    def __post_init__(self) -> None:
+        check_option("preprocess.meg.phase", self.phase, ("zero", "causal"))
+        check_option("preprocess.meg.bad_channels", self.bad_channels, ("auto", "bids"))
+        if self.tmax <= self.tmin:
+            raise ValueError(f"preprocess.meg: tmax ({self.tmax}) must exceed tmin ({self.tmin})")
+        if self.h_freq is not None and self.h_freq >= self.sfreq / 2:
+            raise ValueError(
+                f"preprocess.meg: h_freq={self.h_freq} Hz must be below the Nyquist frequency "
+                f"of the output rate sfreq={self.sfreq} Hz, or the decimation aliases"
+            )
+
+    @classmethod
+    def from_mapping(cls, params: Mapping[str, Any]) -> MegParams:
+        values = dict(params)
+        if values.get("baseline") is not None:
+            values["baseline"] = tuple(values["baseline"])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["baseline"] = None if self.baseline is None else list(self.baseline)
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# the continuous transform: band-pass + decimation
+# --------------------------------------------------------------------------------------------
+def decimation_factor(sfreq_in: float, sfreq_out: float) -> int | None:
+    """Integer factor from ``sfreq_in`` to ``sfreq_out``, or None if the ratio is not integer."""
+    ratio = sfreq_in / sfreq_out
+    return int(round(ratio)) if abs(ratio - round(ratio)) < 1e-6 and ratio >= 1 else None
+
+
+def causal_sos(sfreq: float, params: MegParams) -> np.ndarray:
+    """Second-order sections of the causal Butterworth band-pass (designed by MNE)."""
+    filt = mne.filter.create_filter(
+        None, sfreq, params.l_freq, params.h_freq, method="iir",
+        iir_params=dict(order=params.iir_order, ftype="butter", output="sos"),
+        phase="forward", verbose=False,
+    )
+    return filt["sos"]
+
+
+def filter_and_decimate(raw: mne.io.BaseRaw, params: MegParams) -> mne.io.BaseRaw:
+    """Band-pass ``raw`` (in place) and bring it to ``params.sfreq``; return the new Raw.
+
+    Integer rate ratios decimate by keeping every ``factor``-th sample from the first one
+    (the anti-alias low-pass is the band-pass itself); other ratios use MNE's resampling,
+    which is not causal and so is refused with ``phase="causal"``.
+    """
+    if params.l_freq is not None or params.h_freq is not None:
+        if params.phase == "zero":
+            raw.filter(params.l_freq, params.h_freq, picks="data", verbose=False)
+        else:
+            raw.filter(params.l_freq, params.h_freq, picks="data", method="iir",
+                       iir_params=dict(sos=causal_sos(raw.info["sfreq"], params)),
+                       phase="forward", verbose=False)
+    factor = decimation_factor(raw.info["sfreq"], params.sfreq)
+    if factor is None:
+        if params.phase == "causal":
+            raise ValueError(
+                f"phase='causal' needs an integer ratio between the recording rate "
+                f"{raw.info['sfreq']} Hz and preprocess.meg.sfreq={params.sfreq} Hz"
+            )
+        return raw.resample(params.sfreq, verbose=False)
+    if factor == 1:
+        return raw
+    info = raw.info.copy()
+    with info._unlock():
+        info["sfreq"] = raw.info["sfreq"] / factor
+        info["lowpass"] = min(info["lowpass"], info["sfreq"] / 2)
+    data = raw.get_data()[:, ::factor]
+    return mne.io.RawArray(data, info, first_samp=0, verbose=False)
+
+
+class StreamingMegFilter:
+    """Causal band-pass + decimation applied chunk by chunk (real-time form).
+
+    Feeding a recording in chunks of any size gives, concatenated, exactly the output of
+    :func:`filter_and_decimate` with ``phase="causal"`` on the whole recording.
+
+    Parameters
+    ----------
+    sfreq : float
+        Sampling rate of the incoming stream (Hz).
+    n_chans : int
+        Number of channels of the incoming chunks.
+    params : MegParams
+        The recipe (only the filter and ``sfreq`` fields are used here).
+    """
+
+    def __init__(self, *, sfreq: float, n_chans: int, params: MegParams):
+        from scipy import signal
+
+        self._signal = signal
+        self.sfreq_in = float(sfreq)
+        self.factor = decimation_factor(self.sfreq_in, params.sfreq)
+        if self.factor is None:
+            raise ValueError(
+                f"streaming needs an integer ratio between the stream rate {sfreq} Hz and "
+                f"the recipe rate {params.sfreq} Hz"
+            )
+        self.n_chans = n_chans
+        self.sos = (
+            causal_sos(self.sfreq_in, params)
+            if params.l_freq is not None or params.h_freq is not None else None
+        )
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the filter state and the decimation phase (start of a new stream)."""
+        self._zi = None if self.sos is None else np.zeros((self.sos.shape[0], self.n_chans, 2))
+        self._n_seen = 0
+
+    def process(self, chunk: np.ndarray) -> np.ndarray:
+        """Filter a ``(n_chans, n_samples)`` chunk; return its decimated output samples."""
+        chunk = np.asarray(chunk, dtype=np.float64)
+        if chunk.ndim != 2 or chunk.shape[0] != self.n_chans:
+            raise ValueError(f"expected a chunk of shape ({self.n_chans}, n_samples), got {chunk.shape}")
+        if self.sos is not None:
+            chunk, self._zi = self._signal.sosfilt(self.sos, chunk, axis=-1, zi=self._zi)
+        first = (-self._n_seen) % self.factor
+        self._n_seen += chunk.shape[1]
+        return chunk[:, first :: self.factor]
+
+
+# --------------------------------------------------------------------------------------------
+# per-window operations shared by offline epochs and streaming windows
+# --------------------------------------------------------------------------------------------
+def baseline_slice(params: MegParams) -> slice:
+    """Sample slice of the baseline window within a ``[tmin, tmax]`` window at ``sfreq``."""
+    if params.baseline is None:
+        return slice(0, 0)
+    b0 = params.tmin if params.baseline[0] is None else params.baseline[0]
+    b1 = 0.0 if params.baseline[1] is None else params.baseline[1]
+    i0 = int(round((b0 - params.tmin) * params.sfreq))
+    i1 = int(round((b1 - params.tmin) * params.sfreq)) + 1
+    return slice(max(i0, 0), i1)
+
+
+def scale_window(
+    x: np.ndarray, *, center: np.ndarray, scale: np.ndarray, clamp: float | None
+) -> np.ndarray:
+    """Robust-scale ``(..., n_chans, n_times)`` per channel and clamp to ``[-clamp, clamp]``."""
+    out = (x - center[:, None]) / scale[:, None]
+    if clamp is not None:
+        np.clip(out, -clamp, clamp, out=out)
+    return out
+
+
+def fit_robust_scaler(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel median and inter-quartile range of ``(n_epochs, n_chans, n_times)`` data."""
+    from sklearn.preprocessing import RobustScaler
+
+    flat = np.moveaxis(X, 1, -1).reshape(-1, X.shape[1])
+    scaler = RobustScaler().fit(flat)
+    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
+    return scaler.center_.astype(np.float64), scale.astype(np.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# sensor layout and bad channels
+# --------------------------------------------------------------------------------------------
+def sensor_layout(info: mne.Info, picks: Sequence[int]) -> np.ndarray:
+    """2D sensor positions in [0, 1]² from head-frame positions (system independent).
+
+    Positions are mapped to the head frame with ``dev_head_t`` and flattened with an
+    azimuthal equidistant projection around the vertex, with a fixed scale, so recordings
+    from different MEG systems share one 2D frame.
+    """
+    pos = np.array([info["chs"][i]["loc"][:3] for i in picks])
+    if not np.isfinite(pos).all() or np.allclose(pos, 0):
+        raise DataError("MEG channels have no sensor positions; the spatial model needs them")
+    if info["dev_head_t"] is not None:
+        pos = mne.transforms.apply_trans(info["dev_head_t"], pos)
+    pos = pos - LAYOUT_ORIGIN
+    r = np.linalg.norm(pos, axis=1)
+    theta = np.arccos(np.clip(pos[:, 2] / r, -1, 1))  # angle from the vertex
+    phi = np.arctan2(pos[:, 1], pos[:, 0])
+    rho = theta / np.pi  # [0, 1]
+    return np.column_stack([0.5 + 0.5 * rho * np.cos(phi), 0.5 + 0.5 * rho * np.sin(phi)])
+
+
+def detect_bad_channels(data: np.ndarray, *, threshold: float) -> np.ndarray:
+    """Boolean mask of channels whose log-variance is a robust outlier (flat or noisy)."""
+    logvar = np.log(np.var(data, axis=1) + 1e-60)
+    med = np.median(logvar)
+    mad = 1.4826 * np.median(np.abs(logvar - med)) + 1e-12
+    return np.abs(logvar - med) / mad > threshold
+
+
+# --------------------------------------------------------------------------------------------
+# offline pipeline
+# --------------------------------------------------------------------------------------------
+def _read_raw(recording: Recording) -> mne.io.BaseRaw:
+    import mne_bids
+
+    try:
+        raw = mne_bids.read_raw_bids(recording.bids_path, verbose=False)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise DataError(f"cannot read MEG recording ({exc})", path=recording.fpath) from exc
+    return raw
+
+
+@dataclass
+class RecordingEpochs:
+    """Epochs of one recording before scaling, over *all* its MEG channels."""
+
+    X: np.ndarray  # (n_epochs, n_meg, n_times)
+    trials: pd.DataFrame
+    info: mne.Info  # after decimation
+    bads: list[str]
+    sfreq_in: float
+
+
+def epoch_recording(
+    recording: Recording, *, bids_root: str | Path, spec: EventSpec, params: MegParams
+) -> RecordingEpochs:
+    """Filter, decimate and epoch one recording (before scaling).
+
+    Bad channels are kept (and listed) so that the runs of a subject align channel by channel.
+    """
+    events = read_events(recording.events_path, bids_root=bids_root, spec=spec)
+    raw = _read_raw(recording)
+    check_events_within(events, duration=raw.times[-1], tmin=params.tmin, tmax=params.tmax,
+                        path=recording.events_path)
+    meg_picks = mne.pick_types(raw.info, meg=True, ref_meg=False, exclude=[])
+    if len(meg_picks) == 0:
+        raise DataError("recording has no MEG channels", path=recording.fpath)
+    raw.pick(meg_picks).load_data(verbose=False)
+    check_finite(raw.get_data()[:, :: max(1, len(raw.times) // 20000)], path=recording.fpath,
+                 what="MEG data")
+    bads = list(raw.info["bads"])
+    sfreq_in = raw.info["sfreq"]
+    raw = filter_and_decimate(raw, params)
+    if params.bad_channels == "auto":
+        good = [i for i, ch in enumerate(raw.ch_names) if ch not in bads]
+        auto = detect_bad_channels(raw.get_data(picks=good), threshold=params.bad_threshold)
+        bads += [raw.ch_names[good[i]] for i in np.flatnonzero(auto)]
+    sfreq = raw.info["sfreq"]
+    samples = np.round(events["onset"].to_numpy() * sfreq).astype(int) + raw.first_samp
+    mne_events = np.column_stack([samples, np.zeros_like(samples), np.arange(1, len(samples) + 1)])
+    with raw.info._unlock():
+        raw.info["bads"] = []
+    epochs = mne.Epochs(raw, mne_events, tmin=params.tmin, tmax=params.tmax,
+                        baseline=params.baseline, picks="all", preload=True, reject=None,
+                        flat=None, proj=False, event_repeated="error", verbose=False)
+    if len(epochs) != len(events):
+        raise DataError(f"only {len(epochs)} of {len(events)} epochs could be cut",
+                        path=recording.events_path)
+    X = epochs.get_data(copy=False)
+    trials = events.assign(subject=recording.subject, session=recording.session or "n/a",
+                           run=recording.run or "n/a", recording=recording.fpath.name)
+    return RecordingEpochs(X, trials, raw.info, sorted(set(bads)), sfreq_in)
+
+
+def preprocess_meg(
+    recordings: Sequence[Recording],
+    *,
+    bids_root: str | Path,
+    spec: EventSpec,
+    params: MegParams,
+    verbose: bool | str | None = None,
+) -> Preprocessed:
+    """Preprocess MEG recordings into per-subject scaled epochs.
+
+    Parameters
+    ----------
+    recordings : list of Recording
+        From :func:`neurorecon.pipelines.data.studies.find_recordings`.
+    bids_root : path
+        BIDS root (stimulus paths are checked under ``<bids_root>/<spec.stim_dir>``).
+    spec : EventSpec
+        Events columns.
+    params : MegParams
+        The recipe.
+    verbose : bool | str | None
+        Log level for this call.
+
+    Returns
+    -------
+    Preprocessed
+        ``X`` per subject is ``(n_trials, n_chans, n_times)``; bad channels are zero and
+        marked ``good=False`` in ``channels``; the recipe holds per-subject scaler statistics.
+    """
+    from ..common.logging import set_log_level
+
+    old = set_log_level(verbose)
+    try:
+        by_subject: dict[str, list[Recording]] = {}
+        for rec in recordings:
+            by_subject.setdefault(rec.subject, []).append(rec)
+        subjects, recipe_subjects = {}, {}
+        for subject, recs in by_subject.items():
+            parts = [epoch_recording(r, bids_root=bids_root, spec=spec, params=params)
+                     for r in progress(recs, desc=f"MEG sub-{subject}")]
+            ch_names = parts[0].info["ch_names"]
+            for part, rec in zip(parts, recs):
+                if part.info["ch_names"] != ch_names:
+                    raise DataError(
+                        f"channel names differ from the subject's first recording "
+                        f"({recs[0].fpath.name})", path=rec.fpath,
+                        hint="runs of one subject must share their MEG channel set")
+            bads = sorted(set().union(*(p.bads for p in parts)))
+            good = np.array([ch not in bads for ch in ch_names])
+            X = np.concatenate([p.X for p in parts]).astype(np.float64)
+            trials = pd.concat([p.trials for p in parts], ignore_index=True)
+            X[:, ~good] = 0.0
+            train = (trials["split"] == "train").to_numpy()
+            if not train.any():
+                raise DataError(f"sub-{subject}: no train trials to fit the scaler on",
+                                path=recs[0].events_path)
+            center, scale = fit_robust_scaler(X[train][:, good])
+            full_center = np.zeros(len(ch_names))
+            full_scale = np.ones(len(ch_names))
+            full_center[good], full_scale[good] = center, scale
+            X = scale_window(X, center=full_center, scale=full_scale, clamp=params.clamp)
+            X[:, ~good] = 0.0
+            if params.average_test_repeats:
+                X, trials = average_repeats(X, trials, stim_column=spec.stim_column)
+            else:
+                trials = trials.assign(n_repeats=1)
+            xy = sensor_layout(parts[0].info, range(len(ch_names)))
+            channels = pd.DataFrame({"name": ch_names, "x": xy[:, 0], "y": xy[:, 1],
+                                     "good": good})
+            subjects[subject] = SubjectTrials(subject, X.astype(np.float32), trials, channels)
+            recipe_subjects[subject] = {
+                "sfreq_in": parts[0].sfreq_in,
+                "ch_names": ch_names,
+                "bads": bads,
+                "scaler_center": full_center.tolist(),
+                "scaler_scale": full_scale.tolist(),
+                "n_times": X.shape[-1],
+            }
+            logger.info("MEG sub-%s: %d trials x %d channels (%d bad) x %d samples", subject,
+                        X.shape[0], X.shape[1], len(bads), X.shape[2])
+        recipe = {"params": params.to_dict(), "subjects": recipe_subjects}
+        return Preprocessed("meg", subjects, recipe)
+    finally:
+        set_log_level(old)
