@@ -108,7 +108,9 @@ class AlexNetFeatures(nn.Module):
     def __init__(self, *, layer: str = "conv5"):
         super().__init__()
         if layer not in LAYERS:
-            raise ValueError(f"Invalid value for 'layer': {layer!r}. Allowed values: {list(LAYERS)}.")
+            raise ValueError(
+                f"Invalid value for 'layer': {layer!r}. Allowed values: {list(LAYERS)}."
+            )
         self.layer = layer
         self.features = nn.Sequential(
             nn.Conv2d(3, 64, kernel_size=11, stride=4, padding=2),

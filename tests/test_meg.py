@@ -1,0 +1,186 @@
+"""MEG: the sample dataset through mne-bids, preprocessing, and its streaming form."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import mne
+import mne_bids
+import numpy as np
+import pandas as pd
+import pytest
+
+from neurorecon.pipelines.common.checks import DataError
+from neurorecon.pipelines.data.events import EventSpec
+from neurorecon.pipelines.data.studies import find_recordings
+from neurorecon.pipelines.preprocess.meg import (
+    MegParams,
+    StreamingMegFilter,
+    filter_and_decimate,
+    preprocess_meg,
+)
+
+
+def _first_recording(root: Path):
+    return find_recordings(root, modality="meg")[0]
+
+
+def test_sample_meg_bids_round_trip(sample_root):
+    root = sample_root / "meg"
+    recs = find_recordings(root, modality="meg")
+    assert sorted({r.subject for r in recs}) == ["01", "02"]
+    raw = mne_bids.read_raw_bids(recs[0].bids_path, verbose=False)
+    assert raw.info["sfreq"] == 1200.0
+    assert len(mne.pick_types(raw.info, meg=True, ref_meg=False, exclude=[])) == 274
+    assert "UPPT001" in raw.ch_names and len(raw.info["bads"]) == 1
+    events = pd.read_csv(recs[0].events_path, sep="\t")
+    assert {"onset", "duration", "trial_type", "stim_file"} <= set(events.columns)
+    assert all((root / "stimuli" / s).is_file() for s in events["stim_file"])
+    # THINGS-like: train exemplars shown once, test exemplars repeated (tiny: 3 times)
+    counts = events.groupby("stim_file").size()
+    is_test = events.groupby("stim_file")["trial_type"].first() == "test"
+    assert (counts[is_test] == 3).all() and (counts[~is_test] == 1).all()
+    # the trigger channel carries one code for every image: no identity leak
+    trig = raw.copy().pick(["UPPT001"]).get_data()[0]
+    assert set(np.unique(trig)) == {0.0, 1.0}
+    # different head positions -> different subjects really differ
+    raw2 = mne_bids.read_raw_bids(recs[-1].bids_path, verbose=False)
+    assert not np.allclose(raw.info["dev_head_t"]["trans"], raw2.info["dev_head_t"]["trans"])
+
+
+def test_streaming_equals_offline_causal(sample_root):
+    """Random-size chunks through the streaming filter == offline causal filter + decimation."""
+    rec = _first_recording(sample_root / "meg")
+    raw = mne_bids.read_raw_bids(rec.bids_path, verbose=False)
+    raw.pick("meg", exclude=[]).crop(0, 20).load_data(verbose=False)
+    params = MegParams(phase="causal", l_freq=0.1, h_freq=40.0, sfreq=120.0)
+    data = raw.get_data()
+    offline = filter_and_decimate(raw.copy(), params).get_data()
+
+    stream = StreamingMegFilter(sfreq=raw.info["sfreq"], n_chans=data.shape[0], params=params)
+    rng = np.random.default_rng(0)
+    outs, i = [], 0
+    while i < data.shape[1]:
+        n = int(rng.integers(1, 250))
+        outs.append(stream.process(data[:, i : i + n]))
+        i += n
+    streamed = np.concatenate(outs, axis=1)
+    assert streamed.shape == offline.shape
+    np.testing.assert_allclose(streamed, offline, rtol=1e-7, atol=1e-9 * np.abs(offline).max())
+    # the zero-phase offline form is a different filter: the test above is not vacuous
+    zero = filter_and_decimate(raw.copy(), MegParams(phase="zero")).get_data()
+    assert not np.allclose(zero, offline, atol=1e-3 * np.abs(offline).max())
+
+
+def test_preprocess_meg_shapes_scaling_and_repeats(sample_root):
+    root = sample_root / "meg"
+    recs = find_recordings(root, modality="meg")
+    params = MegParams(h_freq=40.0, l_freq=0.5)
+    pre = preprocess_meg(recs, bids_root=root, spec=EventSpec(), params=params)
+    assert set(pre.subjects) == {"01", "02"}
+    for sub in pre.subjects.values():
+        n_times = int(round((params.tmax - params.tmin) * params.sfreq)) + 1
+        assert sub.X.shape[1:] == (274, n_times)
+        assert np.isfinite(sub.X).all() and np.abs(sub.X).max() <= params.clamp
+        # 12 train trials + 4 averaged test stimuli (3 repeats each)
+        assert (sub.trials["split"] == "train").sum() == 12
+        test = sub.trials[sub.trials["split"] == "test"]
+        assert len(test) == 4 and (test["n_repeats"] == 3).all()
+        assert (sub.trials["subject"] == sub.subject).all()
+        # bad channels: the declared dead one and the noisy one, zeroed and flagged
+        bad = ~sub.channels["good"].to_numpy()
+        assert bad.sum() == 2 and np.all(sub.X[:, bad] == 0)
+        assert sub.channels[["x", "y"]].to_numpy().min() >= 0
+        assert sub.channels[["x", "y"]].to_numpy().max() <= 1
+        # robust scaling: train data per good channel has median ~0 and IQR ~1
+        train = np.asarray(sub.X)[(sub.trials["split"] == "train").to_numpy()][:, ~bad]
+        q25, q50, q75 = np.percentile(np.moveaxis(train, 1, 0).reshape(train.shape[1], -1),
+                                      [25, 50, 75], axis=1)
+        assert np.median(np.abs(q50)) < 0.05 and np.median(q75 - q25) == pytest.approx(1, abs=0.05)
+
+
+def _copy_dataset(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_bad_input_errors_name_the_file(sample_root, tmp_path):
+    root = _copy_dataset(sample_root / "meg", tmp_path / "meg")
+    rec = _first_recording(root)
+    events = pd.read_csv(rec.events_path, sep="\t")
+    params = MegParams()
+
+    # events beyond the end of the recording
+    late = events.copy()
+    late.loc[0, "onset"] = 1e4
+    late.to_csv(rec.events_path, sep="\t", index=False)
+    with pytest.raises(DataError, match="outside the recording") as err:
+        preprocess_meg([rec], bids_root=root, spec=EventSpec(), params=params)
+    assert rec.events_path.name in str(err.value)
+
+    # a missing stimulus image
+    events.to_csv(rec.events_path, sep="\t", index=False)
+    (root / "stimuli" / events["stim_file"].iloc[0]).unlink()
+    with pytest.raises(DataError, match="do not exist") as err:
+        preprocess_meg([rec], bids_root=root, spec=EventSpec(), params=params)
+    assert rec.events_path.name in str(err.value)
+
+    # no stim_file column
+    events.drop(columns="stim_file").to_csv(rec.events_path, sep="\t", index=False)
+    with pytest.raises(DataError, match="stim_file") as err:
+        preprocess_meg([rec], bids_root=root, spec=EventSpec(), params=params)
+    assert rec.events_path.name in str(err.value)
+
+    # a BIDS root without MEG, and one that does not exist
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no meg recordings"):
+        find_recordings(tmp_path / "empty", modality="meg")
+    with pytest.raises(DataError, match="does not exist"):
+        find_recordings(tmp_path / "nowhere", modality="meg")
+
+
+def test_single_trials_hard_averages_decodable(tmp_path):
+    """Honest sample data: test identity is barely in single trials, clearly in averages."""
+    from omegaconf import OmegaConf
+
+    from neurorecon.pipelines.sample.meg import simulate_meg_bids
+    from neurorecon.pipelines.sample.run import write_stimuli
+    from neurorecon.pipelines.sample.stimuli import make_stimuli
+
+    root = tmp_path / "meg"
+    cfg = OmegaConf.load(Path(__file__).parents[1] / "configs" / "sample" / "default.yaml").meg
+    cfg.n_subjects, cfg.n_runs = 1, 1
+    stim = make_stimuli(root / "stimuli", n_concepts=10, n_train_exemplars=1,
+                        n_test_exemplars=1, image_size=64, rng=np.random.default_rng(3))
+    write_stimuli(root, stim)
+    simulate_meg_bids(root, stim, cfg=cfg, seed=3, n_test_repeats=8)
+    recs = find_recordings(root, modality="meg")
+    pre = preprocess_meg(recs, bids_root=root, spec=EventSpec(),
+                         params=MegParams(average_test_repeats=False))
+    sub = pre.subjects["01"]
+    t = sub.trials
+    test = (t["split"] == "test").to_numpy()
+    X = np.asarray(sub.X)[test][:, :, 60:150]  # 0 .. 0.75 s after onset
+    X = X.reshape(len(X), -1)
+    labels = t.loc[test, "stim_file"].to_numpy()
+    stims = np.unique(labels)
+    rng = np.random.default_rng(0)
+
+    def identification(n_probe: int, n_draws: int = 40) -> float:
+        hits = []
+        for _ in range(n_draws):
+            probes, templates = [], []
+            for s in stims:
+                idx = rng.permutation(np.flatnonzero(labels == s))
+                probes.append(X[idx[:n_probe]].mean(0))
+                templates.append(X[idx[n_probe : n_probe + 4]].mean(0))
+            c = np.corrcoef(np.array(probes), np.array(templates))[: len(stims), len(stims) :]
+            hits.append(np.mean(c.argmax(1) == np.arange(len(stims))))
+        return float(np.mean(hits))
+
+    single, averaged = identification(1), identification(4)
+    chance = 1 / len(stims)
+    assert averaged > single + 0.2, (single, averaged)
+    assert single < 0.6, single
+    assert averaged > 3 * chance, averaged
