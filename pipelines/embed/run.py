@@ -76,8 +76,7 @@ def select_stimuli(data, *, images: str) -> tuple[Path, list[str]]:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found", path=stim_root)
         return stim_root, files
 
-    spec = EventSpec(stim_dir=str(data.stim_dir), stim_column=str(data.stim_column),
-                     split_column=str(data.split_column), test_value=str(data.test_value))
+    spec = EventSpec.from_config(data)
     recordings = find_recordings(
         root, modality=str(data.modality), subjects=_list(data.get("subjects")),
         sessions=_list(data.get("sessions")), tasks=_list(data.get("tasks")))

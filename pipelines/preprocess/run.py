@@ -16,12 +16,6 @@ from ..data.studies import find_recordings
 from .store import Preprocessed, load_preprocessed, save_preprocessed
 
 
-def event_spec(data_cfg: DictConfig) -> EventSpec:
-    """The events contract of a ``data`` config group."""
-    return EventSpec(stim_dir=data_cfg.stim_dir, stim_column=data_cfg.stim_column,
-                     split_column=data_cfg.split_column, test_value=str(data_cfg.test_value))
-
-
 def _selection(data_cfg: DictConfig) -> dict[str, Any]:
     return {k: OmegaConf.to_container(data_cfg[k]) if OmegaConf.is_config(data_cfg[k])
             else data_cfg[k] for k in ("subjects", "sessions", "tasks")}
@@ -36,7 +30,7 @@ def preprocess_data(data_cfg: DictConfig, pre_cfg: DictConfig, *, cache_dir: str
     """
     root = Path(data_cfg.root)
     modality = data_cfg.modality
-    spec = event_spec(data_cfg)
+    spec = EventSpec.from_config(data_cfg)
     params = OmegaConf.to_container(pre_cfg[modality], resolve=True)
     stim = Path(root) / spec.stim_dir
     if modality == "fmri" and data_cfg.fmri_input == "betas":

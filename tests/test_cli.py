@@ -1,0 +1,70 @@
+"""The `neurorecon` command line, the Hydra config tree and the packaging."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+
+REPO = Path(__file__).resolve().parents[1]
+NEURORECON = [sys.executable, "-m", "neurorecon.pipelines.cli"]
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([*NEURORECON, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_usage_lists_stages(tmp_path):
+    out = _run("--help", cwd=tmp_path)
+    assert out.returncode == 0
+    for stage in ("sample", "preprocess", "embed"):
+        assert re.search(rf"^\s+{stage}\s", out.stdout, re.M)
+    bad = _run("nonsense", cwd=tmp_path)
+    assert bad.returncode == 2 and "unknown stage 'nonsense'" in bad.stderr
+
+
+@pytest.mark.parametrize("stage", ["sample", "preprocess", "embed"])
+def test_stage_help_and_cfg_job(stage, tmp_path):
+    help_ = _run(stage, "--help", cwd=tmp_path)
+    assert help_.returncode == 0 and "Configuration groups" in help_.stdout
+    cfg = _run(stage, "--cfg", "job", cwd=tmp_path)
+    assert cfg.returncode == 0 and "paths:" in cfg.stdout
+
+
+def test_every_config_option_composes():
+    """Each option of every group composes into the stage that uses it."""
+    configs = REPO / "configs"
+    with initialize_config_module("neurorecon.configs", version_base="1.3"):
+        for data in sorted(p.stem for p in (configs / "data").glob("*.yaml")):
+            compose("preprocess", overrides=[f"data={data}", "data.root=/x"])
+        for emb in sorted(p.stem for p in (configs / "embedder").glob("*.yaml")):
+            cfg = compose("embed", overrides=[f"embedder={emb}"])
+            assert cfg.embedder._target_.startswith("neurorecon.")
+        for sample in sorted(p.stem for p in (configs / "sample").glob("*.yaml")):
+            compose("sample", overrides=[f"sample={sample}"])
+
+
+def test_bad_input_reaches_the_user_without_traceback(tmp_path):
+    out = _run("preprocess", "data=bids", f"data.root={tmp_path / 'missing'}", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "BIDS root does not exist" in out.stderr and str(tmp_path / "missing") in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_every_subpackage_is_packaged():
+    """A folder with an __init__.py that pyproject does not list would be missing once installed."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(project["packages"])
+    mapping = project["package-dir"]
+    found = set()
+    for pkg, folder in mapping.items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(REPO / folder).parts
+            found.add(".".join([pkg, *rel]))
+    assert found == listed
