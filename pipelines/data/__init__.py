@@ -1,0 +1,1 @@
+"""neurorecon.pipelines.data."""
