@@ -87,7 +87,9 @@ class CacheEntry:
         return json.loads((self.path / MANIFEST).read_text())
 
     @contextlib.contextmanager
-    def writing(self, params: Mapping[str, Any], *, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
+    def writing(
+        self, params: Mapping[str, Any], *, inputs: Iterable[str | Path] = ()
+    ) -> Iterator[Path]:
         """Yield a temporary directory; on success it atomically becomes :attr:`path`.
 
         On any exception the temporary directory is removed and nothing is left at

@@ -69,9 +69,9 @@ def find_recordings(
     paths = [p for p in paths if p.split is None or p.split == "01"]
     if not paths:
         raise DataError(
-            f"no {modality} recordings found (looked for {kwargs['datatypes']}/*_{kwargs['suffixes']}"
-            f" with extensions {kwargs['extensions']}, subjects={subjects}, sessions={sessions},"
-            f" tasks={tasks})",
+            f"no {modality} recordings found (looked for {kwargs['datatypes']}/"
+            f"*_{kwargs['suffixes']} with extensions {kwargs['extensions']}, "
+            f"subjects={subjects}, sessions={sessions}, tasks={tasks})",
             path=root,
         )
     recordings = []

@@ -168,7 +168,9 @@ class StreamingMegFilter:
         """Filter a ``(n_chans, n_samples)`` chunk; return its decimated output samples."""
         chunk = np.asarray(chunk, dtype=np.float64)
         if chunk.ndim != 2 or chunk.shape[0] != self.n_chans:
-            raise ValueError(f"expected a chunk of shape ({self.n_chans}, n_samples), got {chunk.shape}")
+            raise ValueError(
+                f"expected a chunk of shape ({self.n_chans}, n_samples), got {chunk.shape}"
+            )
         if self.sos is not None:
             chunk, self._zi = self._signal.sosfilt(self.sos, chunk, axis=-1, zi=self._zi)
         first = (-self._n_seen) % self.factor
@@ -347,7 +349,7 @@ def preprocess_meg(
             parts = [epoch_recording(r, bids_root=bids_root, spec=spec, params=params)
                      for r in progress(recs, desc=f"MEG sub-{subject}")]
             ch_names = parts[0].info["ch_names"]
-            for part, rec in zip(parts, recs):
+            for part, rec in zip(parts, recs, strict=True):
                 if part.info["ch_names"] != ch_names:
                     raise DataError(
                         f"channel names differ from the subject's first recording "

@@ -32,7 +32,6 @@ def preprocess_data(data_cfg: DictConfig, pre_cfg: DictConfig, *, cache_dir: str
     modality = data_cfg.modality
     spec = EventSpec.from_config(data_cfg)
     params = OmegaConf.to_container(pre_cfg[modality], resolve=True)
-    stim = Path(root) / spec.stim_dir
     if modality == "fmri" and data_cfg.fmri_input == "betas":
         from .fmri import find_betas, load_betas
 
@@ -57,7 +56,6 @@ def preprocess_data(data_cfg: DictConfig, pre_cfg: DictConfig, *, cache_dir: str
     key_params = {"modality": modality, "recipe": params, "events": spec.__dict__,
                   "selection": _selection(data_cfg), "fmri_input": data_cfg.get("fmri_input"),
                   "root": str(root.resolve())}
-    inputs = [*inputs, *sorted(p for p in stim.rglob("*") if p.is_file())] if stim.is_dir() else inputs
     entry = cache_entry(cache_dir, "preproc", f"{root.name}-{modality}", key_params, inputs=inputs)
     if entry.exists():
         logger.info("preprocess: reusing cache %s", entry.path)
@@ -78,7 +76,7 @@ def plot_preprocessed(data: Preprocessed, path: str | Path) -> Path:
 
     subjects = list(data.subjects.values())
     fig, axes = plt.subplots(len(subjects), 2, figsize=(10, 3.2 * len(subjects)), squeeze=False)
-    for ax_row, sub in zip(axes, subjects):
+    for ax_row, sub in zip(axes, subjects, strict=True):
         X = np.asarray(sub.X)
         test = (sub.trials["split"] == "test").to_numpy()
         if data.modality == "meg":

@@ -7,7 +7,8 @@ parameters that produced it (the streaming decoder and serving read the same rec
 
 MEG: ``X`` is ``(n_trials, n_chans, n_times)``; ``channels.tsv`` lists name, x, y (2D sensor
 layout in [0, 1]) and ``good`` (False for bad channels, whose rows in ``X`` are zero).
-fMRI: ``X`` is ``(n_trials, n_voxels)``; ``mask.nii.gz`` maps voxel columns back to the brain.
+fMRI: ``X`` is ``(n_trials, n_voxels)``; ``mask.nii.gz`` (``SubjectTrials.mask_img``) maps
+voxel columns back to the brain.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class SubjectTrials:
     X: np.ndarray
     trials: pd.DataFrame
     channels: pd.DataFrame | None = None  # MEG: name, x, y, good
-    mask_path: Path | None = None  # fMRI: mask NIfTI
+    mask_img: Any = None  # fMRI: nibabel mask image (voxel columns of X, in order)
 
     def __post_init__(self) -> None:
         if len(self.X) != len(self.trials):
@@ -62,10 +63,10 @@ def save_preprocessed(data: Preprocessed, out: Path) -> None:
         sub.trials.to_csv(d / "trials.tsv", sep="\t", index=False, na_rep="n/a")
         if sub.channels is not None:
             sub.channels.to_csv(d / "channels.tsv", sep="\t", index=False)
-        if sub.mask_path is not None and Path(sub.mask_path).parent != d:
-            import shutil
+        if sub.mask_img is not None:
+            import nibabel as nib
 
-            shutil.copyfile(sub.mask_path, d / "mask.nii.gz")
+            nib.save(sub.mask_img, d / "mask.nii.gz")
 
 
 def load_preprocessed(path: str | Path, *, mmap: bool = True) -> Preprocessed:
@@ -79,7 +80,8 @@ def load_preprocessed(path: str | Path, *, mmap: bool = True) -> Preprocessed:
     subjects = {}
     for d in sorted(path.glob("sub-*")):
         label = d.name[4:]
-        channels = pd.read_csv(d / "channels.tsv", sep="\t") if (d / "channels.tsv").is_file() else None
+        ch_file = d / "channels.tsv"
+        channels = pd.read_csv(ch_file, sep="\t") if ch_file.is_file() else None
         mask = d / "mask.nii.gz"
         subjects[label] = SubjectTrials(
             subject=label,
@@ -87,9 +89,15 @@ def load_preprocessed(path: str | Path, *, mmap: bool = True) -> Preprocessed:
             trials=pd.read_csv(d / "trials.tsv", sep="\t", na_values=["n/a"], keep_default_na=False,
                                dtype={"subject": str, "session": str, "run": str}),
             channels=channels,
-            mask_path=mask if mask.is_file() else None,
+            mask_img=_load_nifti(mask) if mask.is_file() else None,
         )
     return Preprocessed(modality=modality, subjects=subjects, recipe=recipe, path=path)
+
+
+def _load_nifti(path: Path):
+    import nibabel as nib
+
+    return nib.load(path)
 
 
 def average_repeats(X: np.ndarray, trials: pd.DataFrame, *, stim_column: str = "stim_file",

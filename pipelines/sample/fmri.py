@@ -37,8 +37,8 @@ FEATURES = [f"ll{j}" for j in range(10)]
 
 # response model, in percent signal change of a single trial's HRF peak (before cfg.snr)
 EVOKED = 1.0  # generic visual response (occipital; 0.6x in ventral temporal)
-LOWLEVEL = 0.8  # std across stimuli of the low-level feature response (occipital)
-CONCEPT = 0.8  # std across concepts of the concept response (ventral temporal)
+LOWLEVEL = 1.5  # std across stimuli of the low-level feature response (occipital)
+CONCEPT = 1.5  # std across concepts of the concept response (ventral temporal)
 TRIAL_GAIN = 0.25  # std of the log gain of a trial (all stimulus-driven responses)
 TRIAL_PATTERN = 0.4  # std of the per-trial, per-voxel response variability (visual voxels)
 N_CODE = 8  # dimension of the shared concept code
@@ -180,7 +180,8 @@ def simulate_fmri_bids(root: str | Path, stimuli: pd.DataFrame, *, cfg, seed: in
             stim_drive = (feats.loc[run_stim["stim_file"]].to_numpy() @ w_ll
                           + np.stack([code_of[c] for c in run_stim["concept"]]) @ w_c)
             amplitude = snr * (gain * (evoked + stim_drive) + jitter)
-            signal = _trial_regressors(onsets, duration=duration, frame_times=frame_times) @ amplitude
+            hrf = _trial_regressors(onsets, duration=duration, frame_times=frame_times)
+            signal = hrf @ amplitude
             # noise: spatially smooth AR(1) + slow cosine drifts, independent of the stimuli
             rng_n = _seed(seed, 5, s, r)
             noise = _smooth_fields(rng_n, n_scans, mask, NOISE_FWHM)

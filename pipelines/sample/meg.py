@@ -119,9 +119,10 @@ def _subject_model(info: mne.Info, rng: np.random.Generator, n_features: int, co
         "alpha_src": pick(posterior, 8),
         "noise_src": rng.choice(len(rr), size=min(200, len(rr)), replace=False),
     }
-    model["onset_w"] = rng.uniform(0.5, 1.0, len(model["onset_src"])) * rng.choice([-1, 1], len(model["onset_src"]))
-    model["low_W"] = rng.standard_normal((len(model["low_src"]), n_features)) / np.sqrt(n_features)
-    model["concept_U"] = rng.standard_normal((len(model["concept_src"]), code_dim)) / np.sqrt(code_dim)
+    n_on, n_low, n_con = (len(model[k]) for k in ("onset_src", "low_src", "concept_src"))
+    model["onset_w"] = rng.uniform(0.5, 1.0, n_on) * rng.choice([-1, 1], n_on)
+    model["low_W"] = rng.standard_normal((n_low, n_features)) / np.sqrt(n_features)
+    model["concept_U"] = rng.standard_normal((n_con, code_dim)) / np.sqrt(code_dim)
     return model
 
 
@@ -146,7 +147,7 @@ def _simulate_run(
 
     # --- evoked sources -------------------------------------------------------------------
     src_idx = np.concatenate([model["onset_src"], model["low_src"], model["concept_src"]])
-    n_on, n_low = len(model["onset_src"]), len(model["low_src"])
+    n_on = len(model["onset_src"])
     src = np.zeros((len(src_idx), n_times))
     t_win = np.arange(int(0.9 * sfreq)) / sfreq
     w_on = _gamma_bump(t_win, 0.095, 0.03) - 0.6 * _gamma_bump(t_win, 0.17, 0.04)
@@ -177,7 +178,8 @@ def _simulate_run(
     del noise_src
     alpha_env = np.abs(_pink_noise(rng, len(model["alpha_src"]), n_times, exponent=2.0))
     alpha_freq = rng.uniform(9.0, 11.5, len(model["alpha_src"]))[:, None]
-    alpha = alpha_env * np.sin(2 * np.pi * alpha_freq * times + rng.uniform(0, 2 * np.pi, (len(alpha_freq), 1)))
+    alpha_phase = rng.uniform(0, 2 * np.pi, (len(alpha_freq), 1))
+    alpha = alpha_env * np.sin(2 * np.pi * alpha_freq * times + alpha_phase)
     alpha_sens = gain[:, model["alpha_src"]] @ alpha
     alpha_sens *= ALPHA_RMS / alpha_sens.std()
     del alpha, alpha_env

@@ -1,0 +1,569 @@
+"""fMRI preprocessing: BIDS BOLD runs (or precomputed betas) -> single-trial voxel patterns.
+
+BOLD input: per run, nibabel loads the 4D image and nilearn's
+:class:`~nilearn.glm.first_level.FirstLevelModel` estimates one beta per trial, either with one
+regressor per trial (``glm: lsa``, least squares all) or, per trial, that trial against all the
+others (``glm: lss``, least squares separate). Betas are effect sizes in percent signal change
+(nilearn's mean scaling), taken inside a mask (default: the MNI152 brain mask resampled to the
+data grid; or an ROI NIfTI), optionally z-scored per voxel within each run. Subjects stay separate
+(each has its own voxel count); repeats of a test stimulus may be averaged.
+
+Betas input: ``*_betas.nii.gz`` (4D, one volume per trial) with a trial table of the same stem,
+``*_trials.tsv`` (stimulus column + split column), see :func:`find_betas`.
+
+Output: :class:`~neurorecon.pipelines.preprocess.store.Preprocessed` with ``X`` of shape
+``(n_trials, n_voxels)`` per subject and the mask NIfTI mapping columns back to the brain.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..common.checks import DataError, check_columns, check_file, check_finite, check_option
+from ..common.logging import logger, progress, set_log_level
+from ..data.events import EventSpec, check_events_within, check_split, read_events
+from .store import Preprocessed, SubjectTrials, average_repeats
+
+#: fraction of mask voxels that must carry signal; below it the mask and data do not match
+MIN_COVERAGE = 0.5
+DEFAULTS: dict[str, Any] = {
+    "glm": "lsa", "hrf_model": "glover", "drift_model": "cosine", "high_pass": 0.01,
+    "noise_model": "ar1", "mask": None, "smoothing_fwhm": None, "zscore_per_run": True,
+    "average_test_repeats": True,
+}
+
+
+def _params(params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Plain dict of the ``preprocess.fmri`` options (DictConfig or mapping), checked."""
+    if params is not None and not isinstance(params, dict):
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(params, DictConfig):
+            params = OmegaConf.to_container(params, resolve=True)
+    out = {**DEFAULTS, **dict(params or {})}
+    unknown = sorted(set(out) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown preprocess.fmri option(s) {unknown}; known: {list(DEFAULTS)}")
+    check_option("preprocess.fmri.glm", out["glm"], ("lsa", "lss"))
+    check_option("preprocess.fmri.noise_model", out["noise_model"], ("ar1", "ols"))
+    check_option("preprocess.fmri.drift_model", out["drift_model"], ("cosine", "polynomial", None))
+    return out
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _load_4d(path: Path, *, what: str):
+    """Load a 4D NIfTI with nibabel; return ``(image, float32 data)``, checked."""
+    import nibabel as nib
+
+    path = check_file(path, what=what)
+    try:
+        img = nib.load(path)
+    except Exception as exc:  # nibabel raises several types for unreadable files
+        raise DataError(f"cannot read the {what} with nibabel ({exc})", path=path) from exc
+    if img.ndim != 4:
+        raise DataError(
+            f"{what} must be 4D (x, y, z, {'trial' if 'betas' in what else 'time'}), "
+            f"got {img.ndim}D with shape {img.shape}", path=path)
+    data = img.get_fdata(dtype=np.float32)
+    check_finite(data, path=path, what=what)
+    return nib.Nifti1Image(data, img.affine, img.header), data
+
+
+def read_tr(bold_path: str | Path) -> float:
+    """Repetition time (s) from the BIDS JSON sidecar of ``bold_path``.
+
+    Raises :class:`DataError` naming the sidecar if it is missing, unreadable or lacks a
+    positive ``RepetitionTime``.
+    """
+    bold_path = Path(bold_path)
+    sidecar = bold_path.with_name(bold_path.name.removesuffix(".gz").removesuffix(".nii") + ".json")
+    check_file(sidecar, what="BOLD JSON sidecar")
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"not a readable JSON sidecar ({exc})", path=sidecar) from exc
+    tr = meta.get("RepetitionTime")
+    if not isinstance(tr, (int, float)) or isinstance(tr, bool) or not tr > 0:
+        raise DataError(f"'RepetitionTime' must be a positive number of seconds, got {tr!r}",
+                        path=sidecar, hint="add the repetition time (s) of the BOLD run")
+    return float(tr)
+
+
+def _grid(img):
+    """A 3D stand-in carrying ``img``'s voxel grid (affine, shape, voxel size), not its data."""
+    import nibabel as nib
+
+    return nib.Nifti1Image(np.zeros(img.shape[:3], np.uint8), img.affine, img.header)
+
+
+def _brain_mask(ref, params: dict, *, data_path: Path):
+    """The analysis mask on the grid of ``ref``: MNI152 brain mask, or ``params['mask']``."""
+    import nibabel as nib
+    from nilearn.image import resample_to_img
+
+    grid = nib.Nifti1Image(np.zeros(ref.shape[:3], np.uint8), ref.affine)
+    if params["mask"] is None:
+        from nilearn.datasets import load_mni152_brain_mask
+
+        source, source_path = load_mni152_brain_mask(resolution=2), "MNI152 brain mask"
+    else:
+        source_path = check_file(params["mask"], what="mask image")
+        source = nib.load(source_path)
+        if source.ndim != 3:
+            raise DataError(f"mask must be a 3D image, got shape {source.shape}", path=source_path)
+    from nilearn.image.resampling import BoundingBoxError
+
+    try:
+        mask = resample_to_img(source, grid, interpolation="nearest")
+    except BoundingBoxError:
+        mask = None
+    inside = np.zeros(ref.shape[:3], bool) if mask is None else np.asarray(mask.get_fdata()) > 0
+    if not inside.any():
+        raise DataError(
+            f"mask/data grid mismatch: the {source_path} has no voxel inside the field of view "
+            "of this image", path=data_path,
+            hint="mask and data must be in the same space (MNI)")
+    return inside
+
+
+def _coverage(data: np.ndarray, inside: np.ndarray, *, path: Path, mask_name: str,
+              positive: bool) -> np.ndarray:
+    """Voxels of ``inside`` with signal in ``data`` (4D): non-zero variance over volumes, and a
+    positive mean when ``positive`` (BOLD intensities, not betas)."""
+    vox = data[inside]
+    ok = vox.std(axis=1) > 0
+    if positive:
+        ok &= vox.mean(axis=1) > 0
+    if ok.mean() < MIN_COVERAGE:
+        raise DataError(
+            f"mask/data grid mismatch: only {ok.mean():.0%} of the {inside.sum()} voxels of the "
+            f"{mask_name} carry signal in this image", path=path,
+            hint="the data must be in MNI space on a grid overlapping the mask "
+            "(or set preprocess.fmri.mask to an ROI in the data's space)")
+    return ok
+
+
+# ----------------------------------------------------------------------------- single trials
+
+
+def _design(frame_times: np.ndarray, events: pd.DataFrame, trial_type: np.ndarray, params: dict):
+    from nilearn.glm.first_level import make_first_level_design_matrix
+
+    ev = pd.DataFrame({"onset": events["onset"].to_numpy(float),
+                       "duration": events["duration"].to_numpy(float), "trial_type": trial_type})
+    return make_first_level_design_matrix(
+        frame_times, ev, hrf_model=params["hrf_model"], drift_model=params["drift_model"],
+        high_pass=params["high_pass"])
+
+
+def _effects(model, design: pd.DataFrame, names: Sequence[str]) -> np.ndarray:
+    """Effect sizes of regressors ``names`` from a fitted one-run model: ``(len(names), n_vox)``."""
+    from nilearn.glm import compute_contrast
+
+    out = []
+    for name in names:
+        con = (design.columns == name).astype(float)
+        out.append(compute_contrast(model.labels_[0], model.results_[0], con,
+                                    stat_type="t").effect_size())
+    return np.asarray(out, dtype=np.float32).reshape(len(names), -1)
+
+
+def single_trial_betas(img, events: pd.DataFrame, *, tr: float, mask_img,
+                       params: Mapping[str, Any], desc: str = "trials") -> np.ndarray:
+    """Single-trial betas of one run with nilearn's GLM: ``(n_trials, n_voxels)`` float32.
+
+    Parameters
+    ----------
+    img : Nifti1Image
+        4D BOLD run.
+    events : DataFrame
+        One row per trial with ``onset`` and ``duration`` (s).
+    tr : float
+        Repetition time (s).
+    mask_img : Nifti1Image
+        3D mask; columns of the result follow its voxels in nilearn's masking order.
+    params : mapping
+        The ``preprocess.fmri`` options (``glm``, ``hrf_model``, ``drift_model``,
+        ``high_pass``, ``noise_model``, ``smoothing_fwhm``).
+    desc : str
+        Label of the progress bar.
+    """
+    from nilearn.glm.first_level import FirstLevelModel
+    from nilearn.maskers import NiftiMasker
+    from threadpoolctl import threadpool_limits
+
+    params = _params(params)
+    n_scans = img.shape[3]
+    frame_times = np.arange(n_scans) * tr
+    n = len(events)
+    names = np.array([f"trial{i:04d}" for i in range(n)])
+    masker = NiftiMasker(mask_img=mask_img, smoothing_fwhm=params["smoothing_fwhm"]).fit()
+    model = FirstLevelModel(mask_img=masker, noise_model=params["noise_model"],
+                            signal_scaling=0, minimize_memory=True)
+    # the GLM solves many small (n_scans x n_regressors) systems: multithreaded BLAS only
+    # adds overhead there (10-50x slower on 2 busy cores), so it runs single-threaded
+    with threadpool_limits(limits=1, user_api="blas"):
+        if params["glm"] == "lsa":
+            design = _design(frame_times, events, names, params)
+            model.fit(img, design_matrices=[design])
+            return _effects(model, design, list(progress(names, desc=desc)))
+        betas = []
+        for i in progress(range(n), desc=desc, total=n):
+            trial_type = np.where(np.arange(n) == i, "target", "other")
+            design = _design(frame_times, events, trial_type, params)
+            model.fit(img, design_matrices=[design])
+            betas.append(_effects(model, design, ["target"])[0])
+        return np.stack(betas)
+
+
+def _zscore(X: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Z-score each voxel within each group of rows (std 0 -> centred only)."""
+    X = X.copy()
+    for g in pd.unique(groups):
+        rows = groups == g
+        mu = X[rows].mean(axis=0)
+        sd = X[rows].std(axis=0)
+        X[rows] = (X[rows] - mu) / np.where(sd > 0, sd, 1.0)
+    return X
+
+
+def _as_stim_file(table: pd.DataFrame, spec: EventSpec) -> pd.DataFrame:
+    if spec.stim_column != "stim_file":
+        table = table.assign(stim_file=table[spec.stim_column].astype(str))
+    return table
+
+
+def _finish_subject(label: str, X: np.ndarray, trials: pd.DataFrame, inside: np.ndarray, ref,
+                    params: dict, *, recipe: dict) -> SubjectTrials:
+    """Z-score, average repeats, write the mask and fill the per-subject recipe."""
+    import nibabel as nib
+
+    check_split(trials, what=f"sub-{label} fMRI trials")
+    trials = trials.reset_index(drop=True)
+    if params["zscore_per_run"]:
+        runs = trials["session"].astype(str) + "/" + trials["run"].astype(str)
+        X = _zscore(X, runs.to_numpy())
+    reliability = split_half_reliability(X, trials)
+    if params["average_test_repeats"]:
+        X, trials = average_repeats(X, trials, stim_column="stim_file")
+    else:
+        trials = trials.assign(n_repeats=1)
+    mask_img = nib.Nifti1Image(inside.astype(np.uint8), ref.affine)
+    recipe["subjects"][label] = {
+        "n_voxels": int(X.shape[1]), "n_trials": int(len(X)),
+        "voxel_size": [round(float(z), 4) for z in ref.header.get_zooms()[:3]],
+        "split_half": reliability, **recipe["subjects"].get(label, {}),
+    }
+    return SubjectTrials(subject=label, X=np.ascontiguousarray(X, dtype=np.float32),
+                         trials=trials, mask_img=mask_img)
+
+
+def preprocess_fmri(recordings, *, bids_root: str | Path, spec: EventSpec | None = None,
+                    params: Mapping[str, Any] | None = None,
+                    verbose: bool | str | int | None = None) -> Preprocessed:
+    """Single-trial voxel patterns from BIDS BOLD runs.
+
+    Parameters
+    ----------
+    recordings : list of Recording
+        BOLD runs from :func:`~neurorecon.pipelines.data.studies.find_recordings`
+        (``modality="fmri"``); several subjects, sessions and runs.
+    bids_root : path
+        The BIDS root (stimulus paths are relative to ``<bids_root>/<spec.stim_dir>``).
+    spec : EventSpec | None
+        Which events columns hold the stimulus and the split (None: the BIDS defaults).
+    params : mapping
+        The ``preprocess.fmri`` options: ``glm`` (``lsa`` | ``lss``), ``hrf_model``,
+        ``drift_model``, ``high_pass`` (Hz), ``noise_model`` (``ar1`` | ``ols``), ``mask``
+        (None: MNI152 brain mask, or an ROI NIfTI path), ``smoothing_fwhm`` (mm),
+        ``zscore_per_run``, ``average_test_repeats``.
+    verbose : bool | str | int | None
+        Log level for this call.
+
+    Returns
+    -------
+    Preprocessed
+        Modality ``"fmri"``; per subject ``X`` ``(n_trials, n_voxels)`` float32, the trials
+        table (subject, session, run, onset, stim_file, split, n_repeats, event columns) and
+        the mask; ``recipe`` holds the options and per-subject n_voxels, voxel size and TR.
+
+    Raises
+    ------
+    DataError
+        Naming the file: missing sidecar or ``RepetitionTime``, image not 4D, NaNs, events
+        outside the run, missing stimulus column or image, mask/data grid mismatch.
+    """
+    import nibabel as nib
+
+    spec = EventSpec() if spec is None else spec
+    old = set_log_level(verbose)
+    try:
+        params = _params(params)
+        by_subject: dict[str, list] = {}
+        for rec in recordings:
+            by_subject.setdefault(rec.subject, []).append(rec)
+        recipe: dict[str, Any] = {"input": "bold", "space": "MNI152", **params, "subjects": {}}
+        subjects = {}
+        for label, recs in by_subject.items():
+            ref, inside, keep, Xs, tables, trs = None, None, None, [], [], set()
+            for rec in progress(recs, desc=f"sub-{label} runs (GLM)", total=len(recs)):
+                tr = read_tr(rec.fpath)
+                img, data = _load_4d(rec.fpath, what="BOLD image")
+                n_scans = img.shape[3]
+                header_tr = float(img.header.get_zooms()[3])
+                if header_tr > 0 and abs(header_tr - tr) > 1e-3:
+                    logger.warning("%s: header TR %.3f s differs from the sidecar's %.3f s; "
+                                   "using the sidecar", rec.fpath.name, header_tr, tr)
+                events = _as_stim_file(read_events(rec.events_path, bids_root=bids_root,
+                                                   spec=spec), spec)
+                check_events_within(events, duration=n_scans * tr, tmin=0.0,
+                                    tmax=float(events["duration"].max()), path=rec.events_path)
+                if ref is None:
+                    ref = _grid(img)
+                    inside = _brain_mask(img, params, data_path=rec.fpath)
+                    keep = np.ones(int(inside.sum()), bool)
+                elif img.shape[:3] != ref.shape[:3] or not np.allclose(img.affine, ref.affine,
+                                                                        atol=1e-3):
+                    raise DataError(
+                        f"grid {img.shape[:3]} / affine differs from the subject's first run "
+                        f"({ref.shape[:3]}, {recs[0].fpath.name})", path=rec.fpath,
+                        hint="all runs of a subject must be on one voxel grid")
+                ok = _coverage(data, inside, path=rec.fpath,
+                               mask_name=params["mask"] or "MNI152 brain mask", positive=True)
+                keep &= ok
+                run_mask = np.zeros(inside.shape, np.uint8)
+                run_mask[inside] = ok
+                betas = np.full((len(events), int(inside.sum())), np.nan, np.float32)
+                betas[:, ok] = single_trial_betas(
+                    img, events, tr=tr, mask_img=nib.Nifti1Image(run_mask, img.affine),
+                    params=params, desc=f"{rec.fpath.name} trials")
+                del data, img
+                Xs.append(betas)
+                tables.append(events.assign(subject=label, session=rec.session or "n/a",
+                                            run=rec.run or "n/a"))
+                trs.add(tr)
+            if not keep.all():
+                logger.info("sub-%s: %d mask voxels without signal in some run dropped",
+                            label, int((~keep).sum()))
+            inside_kept = inside.copy()
+            inside_kept[inside] = keep
+            X = np.concatenate(Xs)[:, keep]
+            trials = pd.concat(tables, ignore_index=True)
+            first = ["subject", "session", "run", "onset", "stim_file", "split"]
+            trials = trials[first + [c for c in trials.columns if c not in first]]
+            recipe["subjects"][label] = {"tr": sorted(trs)[0] if len(trs) == 1 else sorted(trs),
+                                         "n_runs": len(recs)}
+            subjects[label] = _finish_subject(label, X, trials, inside_kept, ref, params,
+                                              recipe=recipe)
+            logger.info("sub-%s: %d trials x %d voxels", label, *subjects[label].X.shape)
+        return Preprocessed(modality="fmri", subjects=subjects, recipe=recipe)
+    finally:
+        set_log_level(old)
+
+
+# ----------------------------------------------------------------------------- betas input
+
+
+def find_betas(root: str | Path, pattern: str) -> list[tuple[Path, Path, str]]:
+    """Precomputed single-trial betas under ``root``: ``[(img_path, trials_path, subject)]``.
+
+    ``pattern`` is a glob relative to ``root`` for the 4D ``*_betas.nii.gz`` images; each needs
+    a trial table with the same stem, ``*_trials.tsv``, and a ``sub-<label>`` entity.
+    """
+    import mne_bids
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError("betas root does not exist or is not a directory", path=root)
+    images = sorted(p for p in root.glob(pattern) if p.is_file())
+    if not images:
+        raise DataError(f"no betas images match {pattern!r}", path=root,
+                        hint="set data.betas_glob to the glob of the *_betas.nii.gz files")
+    out = []
+    for img in images:
+        if not img.name.endswith("_betas.nii.gz"):
+            raise DataError("betas image names must end with '_betas.nii.gz'", path=img)
+        trials = img.with_name(img.name.removesuffix("_betas.nii.gz") + "_trials.tsv")
+        check_file(trials, what=f"trial table of {img.name}")
+        subject = mne_bids.get_entities_from_fname(img.name, on_error="ignore").get("subject")
+        if not subject:
+            raise DataError("no 'sub-<label>' entity in the file name", path=img)
+        out.append((img, trials, subject))
+    return out
+
+
+def _read_trials(path: Path, *, n_volumes: int, image: Path, bids_root: Path,
+                 spec: EventSpec) -> pd.DataFrame:
+    table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False)
+    check_columns(table, [spec.stim_column], path=path)
+    if len(table) != n_volumes:
+        raise DataError(f"{len(table)} trial rows but {image.name} has {n_volumes} volumes",
+                        path=path, hint="one row per volume of the betas image, in order")
+    if table[spec.stim_column].isna().any():
+        raise DataError(f"empty values in column {spec.stim_column!r}", path=path)
+    table[spec.stim_column] = table[spec.stim_column].astype(str)
+    stim_root = bids_root / spec.stim_dir
+    missing = sorted(s for s in table[spec.stim_column].unique() if not (stim_root / s).is_file())
+    if missing:
+        raise DataError(f"{len(missing)} stimulus image(s) do not exist under {stim_root}: "
+                        + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""), path=path)
+    if spec.split_column in table:
+        table["split"] = np.where(table[spec.split_column].astype(str) == str(spec.test_value),
+                                  "test", "train")
+    elif "split" in table and table["split"].isin(["train", "test"]).all():
+        pass
+    else:
+        raise DataError(f"no split column: need {spec.split_column!r} (test value "
+                        f"{spec.test_value!r}) or 'split' (train/test)", path=path)
+    return table
+
+
+def load_betas(betas: Sequence[tuple[Path, Path, str]], *, bids_root: str | Path,
+               spec: EventSpec | None = None, params: Mapping[str, Any] | None = None,
+               verbose: bool | str | int | None = None) -> Preprocessed:
+    """Load precomputed single-trial betas (from :func:`find_betas`) into the fMRI contract.
+
+    Parameters
+    ----------
+    betas : list of (img_path, trials_path, subject)
+        4D betas images (one volume per trial) and their trial tables.
+    bids_root : path
+        Root the stimulus paths are relative to (``<bids_root>/<spec.stim_dir>``).
+    spec : EventSpec | None
+        Stimulus and split columns of the trial tables (None: the BIDS defaults).
+    params : mapping
+        ``preprocess.fmri`` options; ``mask``, ``zscore_per_run`` (per ``run`` column when
+        present, else per file) and ``average_test_repeats`` apply.
+    verbose : bool | str | int | None
+        Log level for this call.
+
+    Returns
+    -------
+    Preprocessed
+        As :func:`preprocess_fmri`, with ``recipe["input"] == "betas"``.
+    """
+    spec = EventSpec() if spec is None else spec
+    old = set_log_level(verbose)
+    try:
+        params = _params(params)
+        bids_root = Path(bids_root)
+        recipe: dict[str, Any] = {"input": "betas", **params, "subjects": {}}
+        by_subject: dict[str, list] = {}
+        for item in betas:
+            by_subject.setdefault(item[2], []).append(item)
+        subjects = {}
+        for label, items in progress(by_subject.items(), desc="fMRI betas",
+                                     total=len(by_subject)):
+            ref, inside, keep, Xs, tables = None, None, None, [], []
+            for k, (img_path, trials_path, _) in enumerate(items):
+                img, data = _load_4d(Path(img_path), what="betas image")
+                trials = _as_stim_file(_read_trials(
+                    Path(trials_path), n_volumes=img.shape[3], image=Path(img_path),
+                    bids_root=bids_root, spec=spec), spec)
+                if ref is None:
+                    ref, inside = _grid(img), _brain_mask(img, params, data_path=Path(img_path))
+                    keep = np.ones(int(inside.sum()), bool)
+                elif img.shape[:3] != ref.shape[:3] or not np.allclose(img.affine, ref.affine,
+                                                                        atol=1e-3):
+                    raise DataError("voxel grid differs from the subject's first betas image",
+                                    path=img_path)
+                keep &= _coverage(data, inside, path=Path(img_path),
+                                  mask_name=params["mask"] or "MNI152 brain mask",
+                                  positive=False)
+                Xs.append(data[inside].T)
+                defaults = {"subject": label, "session": "n/a", "run": f"file{k + 1}"}
+                tables.append(trials.assign(**{c: v for c, v in defaults.items()
+                                               if c not in trials}))
+            inside_kept = inside.copy()
+            inside_kept[inside] = keep
+            trials = pd.concat(tables, ignore_index=True)
+            trials["subject"] = label
+            subjects[label] = _finish_subject(label, np.concatenate(Xs)[:, keep], trials,
+                                              inside_kept, ref, params, recipe=recipe)
+        return Preprocessed(modality="fmri", subjects=subjects, recipe=recipe)
+    finally:
+        set_log_level(old)
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+def split_half_reliability(X: np.ndarray, trials: pd.DataFrame, *,
+                           stim_column: str = "stim_file") -> dict[str, Any]:
+    """Split-half reliability of the test patterns (before repeats are averaged).
+
+    Repeats of each test stimulus are split into two halves (alternating in presentation
+    order) and averaged per half. Reported: ``voxel_r_median`` (median over voxels of the
+    correlation across stimuli between halves), ``pattern_r_same`` / ``pattern_r_other``
+    (mean correlation of a stimulus' half-A pattern with its own / other stimuli's half-B
+    patterns, patterns centred across stimuli), ``identification`` (fraction of half-A patterns
+    whose best half-B match is their own stimulus) and its ``chance``. ``None`` values when
+    fewer than 3 test stimuli have 2 or more repeats.
+    """
+    test = trials.reset_index(drop=True)
+    test = test[test["split"] == "test"]
+    halves_a, halves_b = [], []
+    for _, g in test.groupby(stim_column, sort=True):
+        if len(g) >= 2:
+            idx = g.index.to_numpy()
+            halves_a.append(X[idx[0::2]].mean(axis=0))
+            halves_b.append(X[idx[1::2]].mean(axis=0))
+    out: dict[str, Any] = {"n_stimuli": len(halves_a), "voxel_r_median": None,
+                           "pattern_r_same": None, "pattern_r_other": None,
+                           "identification": None, "chance": None}
+    if len(halves_a) < 3:
+        return out
+    A = np.asarray(halves_a, np.float64)
+    B = np.asarray(halves_b, np.float64)
+    A -= A.mean(axis=0)
+    B -= B.mean(axis=0)
+    den = np.sqrt((A**2).sum(0) * (B**2).sum(0))
+    voxel_r = np.where(den > 0, (A * B).sum(0) / np.where(den > 0, den, 1), 0.0)
+    An = A / (np.linalg.norm(A, axis=1, keepdims=True) + 1e-12)
+    Bn = B / (np.linalg.norm(B, axis=1, keepdims=True) + 1e-12)
+    C = An @ Bn.T
+    n = len(C)
+    out.update(
+        voxel_r_median=float(np.median(voxel_r)),
+        pattern_r_same=float(np.diag(C).mean()),
+        pattern_r_other=float(C[~np.eye(n, dtype=bool)].mean()),
+        identification=float((C.argmax(axis=1) == np.arange(n)).mean()),
+        chance=1.0 / n,
+    )
+    return out
+
+
+def fmri_summary(pre: Preprocessed) -> dict[str, dict[str, Any]]:
+    """Per-subject counts and test-pattern reliability of a preprocessed fMRI dataset.
+
+    Returns ``{subject: {"n_trials", "n_train", "n_test", "n_voxels", "test_repeats",
+    "split_half": {...}}}``; ``split_half`` (see :func:`split_half_reliability`) comes from the
+    recipe, where it was computed before repeats were averaged, or from ``X`` when the test
+    repeats are still separate.
+    """
+    if pre.modality != "fmri":
+        raise ValueError(f"fmri_summary needs fMRI data, got modality {pre.modality!r}")
+    out = {}
+    for label, sub in pre.subjects.items():
+        trials = sub.trials
+        is_test = (trials["split"] == "test").to_numpy()
+        reps = trials["n_repeats"] if "n_repeats" in trials else pd.Series(1, index=trials.index)
+        stored = pre.recipe.get("subjects", {}).get(label, {}).get("split_half")
+        out[label] = {
+            "n_trials": int(len(trials)),
+            "n_train": int((~is_test).sum()),
+            "n_test": int(is_test.sum()),
+            "n_voxels": int(sub.X.shape[1]),
+            "test_repeats": float(reps[is_test].mean()) if is_test.any() else 0.0,
+            "split_half": stored if stored is not None else split_half_reliability(
+                np.asarray(sub.X), trials),
+        }
+    return out
