@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from hydra import compose, initialize_config_module
 
 REPO = Path(__file__).resolve().parents[1]

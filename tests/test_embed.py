@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
+
 from neurorecon.pipelines.common.checks import DataError
 from neurorecon.pipelines.embed import images as E
 from neurorecon.pipelines.embed.run import load_embeddings, run
-from PIL import Image
 
 from .conftest import compose_stage
 

@@ -359,6 +359,7 @@ class AlexNetEmbedder(Embedder):
 
     def _embed_batch(self, model: Any, items: Sequence[Image]) -> torch.Tensor:
         import torch.nn.functional as F
+
         from neurorecon.models.vision.alexnet import IMAGENET_MEAN, IMAGENET_STD
 
         x = _to_batch(items, size=self.image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
@@ -410,6 +411,7 @@ class InceptionEmbedder(Embedder):
 
     def _embed_batch(self, model: Any, items: Sequence[Image]) -> torch.Tensor:
         import torch
+
         from neurorecon.models.vision.inception import INPUT_SIZE, tf_bilinear_resize
 
         resized = []
