@@ -1,0 +1,235 @@
+"""The linear baseline: brain features -> image embeddings by cross-validated ridge regression.
+
+:class:`RidgeDecoder` is scikit-learn all the way down -- ``StandardScaler`` fitted on the
+training data only, then ``RidgeCV`` over a log-spaced alpha grid with multi-output targets,
+optionally wrapped in ``TransformedTargetRegressor`` to standardize each target.
+
+Primal or dual form
+-------------------
+``RidgeCV`` with its default efficient leave-one-out (``cv=None``) and ``gcv_mode="eigen"``
+eigendecomposes the ``(n_samples, n_samples)`` Gram matrix ``X Xᵀ`` when
+``n_features >= n_samples`` -- the dual / linear-kernel form, exact and identical to
+``KernelRidge(kernel="linear")`` but with all alphas of the grid scored from one
+decomposition -- and the ``(n_features, n_features)`` covariance ``Xᵀ X`` otherwise. Flattened
+MEG epochs (e.g. 272 channels x 180 samples ≈ 49k features for ~2k trials) therefore never
+build a 49k x 49k matrix. With grouped k-fold (``groups=`` in :meth:`RidgeDecoder.fit`),
+``RidgeCV`` grid-searches ``Ridge(solver="auto")``, whose Cholesky solver also switches to the
+kernel form when features outnumber samples. The form used is recorded in ``solver_``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.compose import TransformedTargetRegressor
+from sklearn.linear_model import RidgeCV
+from sklearn.model_selection import GroupKFold, KFold
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.validation import check_is_fitted
+
+from ..common.logging import logger
+
+__all__ = ["DEFAULT_ALPHAS", "RidgeDecoder"]
+
+#: default regularization grid: 15 values log-spaced from 1e-1 to 1e6
+DEFAULT_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(-1, 6, 15))
+
+
+class RidgeDecoder(RegressorMixin, BaseEstimator):
+    """Cross-validated ridge regression from brain data to embeddings (the linear baseline).
+
+    Parameters
+    ----------
+    alphas : sequence of float
+        Regularization grid (all > 0). Default: ``np.logspace(-1, 6, 15)``. Features are
+        standardized first (``standardize_x``), so the grid does not depend on data units.
+    standardize_x : bool
+        Z-score every feature with statistics of the training data (``StandardScaler``).
+    standardize_y : bool
+        Z-score every target dimension for fitting (so each counts equally in the alpha
+        selection) and map predictions back to target units.
+    alpha_per_target : bool
+        Choose one alpha per target dimension (only with leave-one-out, i.e. without groups
+        and ``cv=None``). Otherwise one alpha is shared by all targets.
+    cv : int | None
+        ``None``: efficient leave-one-out over samples (generalized cross-validation).
+        An int: number of folds -- ``KFold`` (unshuffled) or, when ``groups`` are passed to
+        :meth:`fit`, ``GroupKFold``. Passing groups without ``cv`` uses 5 folds.
+    fit_intercept : bool
+        Fit an intercept (needed when ``standardize_x=False`` and data are not centred).
+
+    Attributes
+    ----------
+    alpha_ : float | ndarray
+        Selected alpha (an array of one per target with ``alpha_per_target=True``).
+    solver_ : str
+        ``"dual"`` (Gram / linear-kernel form, ``n_features >= n_samples``) or ``"primal"``.
+    input_shape_ : tuple of int
+        Per-sample shape of ``X`` at fit, e.g. ``(n_chans, n_times)`` or ``(n_voxels,)``.
+    n_features_in_ : int
+        Number of features after flattening.
+    model_ : sklearn estimator
+        The fitted scikit-learn pipeline.
+
+    Notes
+    -----
+    Deterministic: no random state anywhere (exact solvers, unshuffled folds).
+    """
+
+    def __init__(
+        self,
+        *,
+        alphas: Sequence[float] = DEFAULT_ALPHAS,
+        standardize_x: bool = True,
+        standardize_y: bool = False,
+        alpha_per_target: bool = False,
+        cv: int | None = None,
+        fit_intercept: bool = True,
+    ):
+        self.alphas = alphas
+        self.standardize_x = standardize_x
+        self.standardize_y = standardize_y
+        self.alpha_per_target = alpha_per_target
+        self.cv = cv
+        self.fit_intercept = fit_intercept
+
+    # ----------------------------------------------------------------- helpers
+    def _flatten(self, X: Any, *, fitting: bool) -> np.ndarray:
+        X = np.asarray(X)
+        if X.dtype == object or not np.issubdtype(X.dtype, np.number):
+            raise ValueError(f"X must be a numeric array, got dtype {X.dtype}")
+        if X.ndim not in (2, 3):
+            raise ValueError(
+                "X must have shape (n_samples, n_features), e.g. (n_trials, n_voxels), or "
+                f"(n_samples, n_chans, n_times); got {X.ndim}-D shape {X.shape}"
+            )
+        if X.shape[0] == 0 or 0 in X.shape[1:]:
+            raise ValueError(f"X has an empty axis: shape {X.shape}")
+        if not fitting and X.shape[1:] != self.input_shape_:
+            raise ValueError(
+                f"X has per-sample shape {X.shape[1:]} but the decoder was fitted on "
+                f"{self.input_shape_}; use data with the same channels/voxels and window"
+            )
+        flat = X.reshape(X.shape[0], -1)
+        if not np.issubdtype(flat.dtype, np.floating):
+            flat = flat.astype(np.float64)
+        n_bad = int((~np.isfinite(flat)).sum())
+        if n_bad:
+            raise ValueError(f"X contains {n_bad} non-finite value(s) (NaN/inf)")
+        return flat
+
+    def _splits(self, X: np.ndarray, Y: np.ndarray, groups: Any) -> Any:
+        if groups is None:
+            return None if self.cv is None else list(KFold(n_splits=self.cv).split(X))
+        groups = np.asarray(groups)
+        if groups.shape != (X.shape[0],):
+            raise ValueError(
+                f"groups must have shape ({X.shape[0]},) -- one label per sample -- "
+                f"got {groups.shape}"
+            )
+        n_splits = 5 if self.cv is None else self.cv
+        n_groups = np.unique(groups).size
+        if n_groups < n_splits:
+            raise ValueError(
+                f"groups has {n_groups} distinct value(s); GroupKFold with n_splits={n_splits} "
+                "needs at least that many (pass a smaller cv)"
+            )
+        return list(GroupKFold(n_splits=n_splits).split(X, Y, groups))
+
+    # ----------------------------------------------------------------- API
+    def fit(self, X: Any, Y: Any, *, groups: Any = None) -> RidgeDecoder:
+        """Fit scalers and ridge on training data.
+
+        Parameters
+        ----------
+        X : array, shape (n_samples, n_features) or (n_samples, n_chans, n_times)
+            Brain data; 3-D epochs are flattened to ``n_chans * n_times`` features.
+        Y : array, shape (n_samples, emb_dim) or (n_samples,)
+            Targets (stimulus embeddings).
+        groups : array, shape (n_samples,), optional
+            Group label per sample (e.g. stimulus id, run or block). When given, alpha is
+            chosen by ``GroupKFold`` so that repeats of one stimulus never sit on both sides
+            of a split -- leave-one-out over repeated stimuli favours too small an alpha.
+
+        Returns
+        -------
+        self : RidgeDecoder
+        """
+        alphas = np.asarray(self.alphas, dtype=float)
+        if alphas.ndim != 1 or alphas.size == 0 or not np.all(np.isfinite(alphas)) or np.any(
+            alphas <= 0
+        ):
+            raise ValueError(f"alphas must be a non-empty 1-D sequence of values > 0, got {alphas}")
+        X = np.asarray(X)
+        flat = self._flatten(X, fitting=True)
+        Y = np.asarray(Y, dtype=float)
+        if Y.ndim not in (1, 2) or Y.shape[0] != flat.shape[0]:
+            raise ValueError(
+                f"Y must have shape (n_samples, emb_dim) with n_samples={flat.shape[0]} "
+                f"(rows of X), got {Y.shape}"
+            )
+        if Y.size == 0 or not np.all(np.isfinite(Y)):
+            raise ValueError(f"Y must be non-empty and finite (NaN/inf found or shape {Y.shape})")
+        if flat.shape[0] < 3:
+            raise ValueError(
+                f"need at least 3 samples to cross-validate alpha, got {flat.shape[0]}"
+            )
+        splits = self._splits(flat, Y, groups)
+        if splits is not None and self.alpha_per_target:
+            raise ValueError(
+                "alpha_per_target=True needs leave-one-out (cv=None and no groups); "
+                "scikit-learn's RidgeCV does not support it with k-fold"
+            )
+        ridge = RidgeCV(
+            alphas=alphas,
+            fit_intercept=self.fit_intercept,
+            cv=splits,
+            gcv_mode="eigen" if splits is None else None,
+            alpha_per_target=self.alpha_per_target,
+        )
+        steps = [("scaler", StandardScaler())] if self.standardize_x else []
+        pipe = Pipeline([*steps, ("ridge", ridge)])
+        model = (
+            TransformedTargetRegressor(regressor=pipe, transformer=StandardScaler())
+            if self.standardize_y
+            else pipe
+        )
+        model.fit(flat, Y)
+        self.model_ = model
+        self.input_shape_ = tuple(X.shape[1:])
+        self.n_features_in_ = flat.shape[1]
+        self.solver_ = "dual" if flat.shape[1] >= flat.shape[0] else "primal"
+        fitted = model.regressor_ if self.standardize_y else model
+        self.alpha_ = fitted.named_steps["ridge"].alpha_
+        edge = np.isin(np.atleast_1d(self.alpha_), [alphas.min(), alphas.max()])
+        if edge.any():
+            logger.warning(
+                "RidgeDecoder: selected alpha %s lies on the edge of the grid [%g, %g]; "
+                "consider widening `alphas`",
+                np.atleast_1d(self.alpha_)[edge][:3].tolist(), alphas.min(), alphas.max(),
+            )
+        logger.info(
+            "RidgeDecoder: %d samples x %d features (%s form), alpha=%s",
+            flat.shape[0], flat.shape[1], self.solver_, self.alpha_,
+        )
+        return self
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Predict embeddings.
+
+        Parameters
+        ----------
+        X : array, shape (n_samples, *input_shape_)
+            Brain data with the same per-sample shape as at fit.
+
+        Returns
+        -------
+        Y_pred : ndarray, shape (n_samples, emb_dim)
+            Predicted embeddings in target units.
+        """
+        check_is_fitted(self, "model_")
+        return self.model_.predict(self._flatten(X, fitting=False))

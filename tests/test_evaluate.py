@@ -1,0 +1,314 @@
+"""Evaluation pieces: retrieval / identification metrics, the ridge baseline, figures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from neurorecon.pipelines.evaluate import figures as F
+from neurorecon.pipelines.evaluate.metrics import (
+    chance_metrics,
+    cosine_similarity,
+    retrieval_metrics,
+    retrieval_ranks,
+    sliding_windows,
+    time_resolved_retrieval,
+    two_way_identification,
+)
+from neurorecon.pipelines.evaluate.ridge import RidgeDecoder
+
+
+def _corr_per_dim(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean([np.corrcoef(a[:, j], b[:, j])[0, 1] for j in range(a.shape[1])]))
+
+
+# --------------------------------------------------------------------------- metrics
+def test_cosine_similarity_values():
+    pred = np.array([[1.0, 0.0], [1.0, 1.0]])
+    cand = np.array([[2.0, 0.0], [0.0, 3.0], [-1.0, 0.0]])
+    sim = cosine_similarity(pred, cand)
+    assert sim.shape == (2, 3)
+    np.testing.assert_allclose(sim, [[1, 0, -1], [2**-0.5, 2**-0.5, -(2**-0.5)]], atol=1e-12)
+
+
+def test_perfect_prediction():
+    rng = np.random.default_rng(0)
+    cand = rng.standard_normal((30, 16))
+    idx = rng.permutation(30)[:12]
+    m = retrieval_metrics(3.0 * cand[idx], cand, idx)  # scale does not matter for cosine
+    assert m == {
+        "top1": 1.0,
+        "top5": 1.0,
+        "median_rank": 1.0,
+        "rel_median_rank": 1 / 30,
+        "n_candidates": 30,
+        "n_queries": 12,
+    }
+
+
+def test_reversed_prediction_known_ranks():
+    # five unit vectors 10 degrees apart; prediction i points at candidate 4 - i
+    angles = np.deg2rad(10 * np.arange(5))
+    cand = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    pred = cand[::-1]
+    true = np.arange(5)
+    # true candidate i sits |4 - 2i| steps from the predicted direction 4 - i
+    np.testing.assert_array_equal(retrieval_ranks(pred, cand, true), [5, 4, 1, 4, 5])
+    m = retrieval_metrics(pred, cand, true, ks=(1, 3, 5))
+    assert m["top1"] == pytest.approx(0.2)
+    assert m["top3"] == pytest.approx(0.2)
+    assert m["top5"] == 1.0
+    assert m["median_rank"] == 4.0
+    assert m["rel_median_rank"] == pytest.approx(0.8)
+
+
+def test_ties_are_pessimistic():
+    cand = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [-1.0, 0.0]])
+    # equidistant from candidates 0 and 1; candidate 2 duplicates candidate 0
+    assert retrieval_ranks([[1.0, 1.0]], cand, [0]).tolist() == [3]
+    assert retrieval_ranks([[1.0, 0.0]], cand, [0]).tolist() == [2]
+    assert retrieval_ranks([[-1.0, 0.0]], cand, [3]).tolist() == [1]
+
+
+def test_random_predictions_approach_chance():
+    rng = np.random.default_rng(42)
+    n_cand, n_queries = 20, 4000
+    cand = rng.standard_normal((n_cand, 32))
+    pred = rng.standard_normal((n_queries, 32))
+    true = rng.integers(0, n_cand, n_queries)
+    m = retrieval_metrics(pred, cand, true)
+    chance = chance_metrics(n_cand)
+    assert m["top1"] == pytest.approx(chance["top1"], abs=0.015)
+    assert m["top5"] == pytest.approx(chance["top5"], abs=0.03)
+    assert m["median_rank"] == pytest.approx(chance["median_rank"], abs=1.0)
+    assert m["rel_median_rank"] == pytest.approx(chance["rel_median_rank"], abs=0.05)
+
+
+def test_chance_values():
+    assert chance_metrics(200) == {
+        "top1": 1 / 200,
+        "top5": 5 / 200,
+        "median_rank": 100.5,
+        "rel_median_rank": 100.5 / 200,
+        "n_candidates": 200,
+    }
+    small = chance_metrics(3, ks=(1, 5))
+    assert small["top5"] == 1.0 and small["median_rank"] == 2.0
+    with pytest.raises(ValueError, match="n_candidates must be >= 1"):
+        chance_metrics(0)
+    with pytest.raises(ValueError, match="ks must be"):
+        chance_metrics(10, ks=(0,))
+
+
+def test_two_way_identification():
+    rng = np.random.default_rng(1)
+    true = rng.standard_normal((60, 40))
+    assert two_way_identification(true + 0.01 * rng.standard_normal(true.shape), true) == 1.0
+    assert two_way_identification(-true, true) == 0.0
+    scores = [two_way_identification(rng.standard_normal(true.shape), true) for _ in range(5)]
+    assert np.mean(scores) == pytest.approx(0.5, abs=0.03)
+    noisy = two_way_identification(true + 1.5 * rng.standard_normal(true.shape), true)
+    assert 0.7 < noisy < 1.0
+    with pytest.raises(ValueError, match="constant row"):
+        two_way_identification(np.ones((3, 4)), true[:3, :4])
+    with pytest.raises(ValueError, match="row-aligned"):
+        two_way_identification(true[:5], true[:6])
+
+
+def test_input_errors_are_clear():
+    rng = np.random.default_rng(2)
+    pred, cand = rng.standard_normal((4, 8)), rng.standard_normal((6, 12))
+    with pytest.raises(ValueError, match=r"emb_dim=8.*emb_dim=12"):
+        retrieval_metrics(pred, cand, [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="candidates is empty"):
+        retrieval_metrics(pred, np.zeros((0, 8)), [0, 1, 2, 3])
+    bad = pred.copy()
+    bad[2, 5] = np.nan
+    with pytest.raises(ValueError, match=r"pred contains 1 non-finite.*row\(s\) \[2\]"):
+        cosine_similarity(bad, pred)
+    with pytest.raises(ValueError, match="2-D"):
+        cosine_similarity(pred[0], pred)
+    with pytest.raises(ValueError, match=r"true_index must have shape \(4,\)"):
+        retrieval_metrics(pred, pred, [0, 1])
+    with pytest.raises(ValueError, match=r"lie in \[0, 3\]"):
+        retrieval_metrics(pred, pred, [0, 1, 2, 4])
+    with pytest.raises(ValueError, match="integers"):
+        retrieval_metrics(pred, pred, [0.0, 1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="all-zero row"):
+        cosine_similarity(np.zeros((1, 8)), pred)
+
+
+def test_sliding_windows():
+    starts, times = sliding_windows(100, sfreq=100.0, tmin=-0.2, width=0.25, step=0.05)
+    assert starts[0] == 0 and starts[-1] <= 100 - 25 and np.all(np.diff(starts) == 5)
+    assert times[0] == pytest.approx(-0.2 + 0.12)
+    with pytest.raises(ValueError, match="longer than the epoch"):
+        sliding_windows(20, sfreq=100.0, tmin=0.0, width=0.25)
+
+
+def test_time_resolved_retrieval_finds_the_informative_window():
+    rng = np.random.default_rng(3)
+    sfreq, tmin, n_chans, n_times = 100.0, -0.2, 8, 100
+    n_stim, emb_dim, n_rep = 20, 6, 6
+    emb = rng.standard_normal((n_stim, emb_dim))
+    mixing = rng.standard_normal((emb_dim, n_chans))
+    times = tmin + np.arange(n_times) / sfreq
+    active = (times >= 0.3) & (times < 0.55)
+
+    def epochs(stim: np.ndarray) -> np.ndarray:
+        x = rng.standard_normal((stim.size, n_chans, n_times))
+        x[:, :, active] += 2.0 * (emb[stim] @ mixing)[:, :, None]
+        return x
+
+    train_stim = np.repeat(np.arange(n_stim), n_rep)
+    test_stim = np.arange(n_stim)
+
+    def fit_predict(train: np.ndarray, test: np.ndarray) -> np.ndarray:
+        return RidgeDecoder(alphas=np.logspace(-1, 4, 6)).fit(train, emb[train_stim]).predict(test)
+
+    res = time_resolved_retrieval(
+        fit_predict, epochs(train_stim), epochs(test_stim), emb, test_stim,
+        sfreq=sfreq, tmin=tmin, width=0.25, step=0.1,
+    )
+    assert set(res) >= {"times", "tstart", "tstop", "top1", "top5", "median_rank"}
+    assert res["tstop"] - res["tstart"] == pytest.approx(np.full(res["times"].size, 0.25))
+    signal_window = np.argmin(np.abs(res["times"] - 0.42))  # spans 0.3-0.55 s
+    assert res["top1"][signal_window] >= 0.8
+    assert res["top5"][res["tstop"] <= 0.3].max() <= 0.6  # no signal before 0.3 s
+    with pytest.raises(ValueError, match=r"fit_predict returned shape \(3, 6\)"):
+        time_resolved_retrieval(
+            lambda tr, te: np.zeros((3, emb_dim)), epochs(train_stim), epochs(test_stim),
+            emb, test_stim, sfreq=sfreq, tmin=tmin,
+        )
+
+
+# --------------------------------------------------------------------------- ridge
+def _planted(rng, n, p, noise, *, latent=None):
+    """X (n, p) and Y = X W (+ noise) with a planted map W; low-rank X when ``latent``."""
+    if latent:
+        z = rng.standard_normal((n, latent))
+        X = z @ rng.standard_normal((latent, p)) + 0.3 * rng.standard_normal((n, p))
+    else:
+        X = rng.standard_normal((n, p))
+    clean = X @ rng.standard_normal((p, 10)) / np.sqrt(p) + 5.0  # non-zero offset
+    Y = clean + noise * clean.std(axis=0) * rng.standard_normal(clean.shape)
+    return X, Y, clean
+
+
+@pytest.mark.parametrize(
+    ("n", "shape", "latent", "solver"),
+    [(400, (40,), None, "primal"), (100, (12, 150), 6, "dual")],
+)
+def test_ridge_recovers_planted_map(n, shape, latent, solver):
+    rng = np.random.default_rng(4)
+    p = int(np.prod(shape))
+    X, Y, clean = _planted(rng, n + 100, p, 0.2, latent=latent)
+    X = X.reshape(-1, *shape)
+    dec = RidgeDecoder().fit(X[:n], Y[:n])
+    assert dec.solver_ == solver and dec.input_shape_ == shape and dec.n_features_in_ == p
+    pred = dec.predict(X[n:])
+    assert pred.shape == (100, 10)
+    assert _corr_per_dim(pred, clean[n:]) > 0.9
+    np.testing.assert_allclose(pred.mean(axis=0), clean[n:].mean(axis=0), atol=1.0)
+    # deterministic, and the same with per-target standardization of Y
+    np.testing.assert_array_equal(RidgeDecoder().fit(X[:n], Y[:n]).predict(X[n:]), pred)
+    std_y = RidgeDecoder(standardize_y=True).fit(X[:n], Y[:n]).predict(X[n:])
+    assert _corr_per_dim(std_y, clean[n:]) > 0.9
+
+
+def test_ridge_picks_larger_alpha_for_noisier_data():
+    alphas = {}
+    for latent, n, p in ((None, 300, 30), (5, 80, 1000)):
+        for noise in (0.1, 3.0):
+            X, Y, _ = _planted(np.random.default_rng(5), n, p, noise, latent=latent)
+            alphas[(p, noise)] = RidgeDecoder().fit(X, Y).alpha_
+    assert alphas[(30, 3.0)] > alphas[(30, 0.1)]
+    assert alphas[(1000, 3.0)] > alphas[(1000, 0.1)]
+
+
+def test_ridge_groups_and_options():
+    rng = np.random.default_rng(6)
+    X, Y, clean = _planted(rng, 120, 20, 0.3)
+    groups = np.repeat(np.arange(30), 4)
+    dec = RidgeDecoder(cv=3).fit(X, Y, groups=groups)
+    assert dec.alpha_ in RidgeDecoder().alphas
+    assert _corr_per_dim(dec.predict(X), clean) > 0.9
+    per_target = RidgeDecoder(alpha_per_target=True).fit(X, Y)
+    assert np.shape(per_target.alpha_) == (10,)
+    with pytest.raises(ValueError, match="alpha_per_target"):
+        RidgeDecoder(alpha_per_target=True).fit(X, Y, groups=groups)
+    with pytest.raises(ValueError, match="distinct value"):
+        RidgeDecoder(cv=5).fit(X, Y, groups=np.arange(120) % 2)
+
+
+def test_ridge_input_errors():
+    rng = np.random.default_rng(7)
+    X, Y = rng.standard_normal((20, 3, 4)), rng.standard_normal((20, 5))
+    dec = RidgeDecoder().fit(X, Y)
+    with pytest.raises(ValueError, match=r"per-sample shape \(4, 3\).*fitted on \(3, 4\)"):
+        dec.predict(rng.standard_normal((2, 4, 3)))
+    with pytest.raises(ValueError, match="n_samples=20"):
+        RidgeDecoder().fit(X, Y[:10])
+    bad = X.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        RidgeDecoder().fit(bad, Y)
+    with pytest.raises(ValueError, match="alphas"):
+        RidgeDecoder(alphas=[0.0, 1.0]).fit(X, Y)
+
+
+# --------------------------------------------------------------------------- figures
+@pytest.fixture(scope="module")
+def photo_paths(tmp_path_factory) -> list:
+    from skimage import data
+
+    out = tmp_path_factory.mktemp("photos")
+    paths = []
+    for name in ("astronaut", "chelsea", "coffee", "rocket", "camera", "immunohistochemistry"):
+        im = Image.fromarray(getattr(data, name)())
+        im.thumbnail((64, 64))
+        paths.append(out / f"{name}.png")
+        im.save(paths[-1])
+    return paths
+
+
+def _green_pixels(path) -> int:
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    return int((np.abs(rgb - [0x1A, 0x98, 0x50]).sum(axis=-1) < 30).sum())
+
+
+def test_plot_retrieval_examples(tmp_path, photo_paths):
+    rng = np.random.default_rng(8)
+    cand = rng.standard_normal((len(photo_paths), 16))
+    true = np.array([0, 2, 4, 5])
+    pred = cand[true] + 0.3 * rng.standard_normal((4, 16))
+    out = F.plot_retrieval_examples(
+        [photo_paths[i] for i in true], pred, cand, photo_paths, true,
+        n_examples=3, path=tmp_path / "fig" / "retrieval.png",
+        note="embedder: EfficientNet-Lite0 (substitute for CLIP)",
+    )
+    assert out.is_file() and out.stat().st_size > 5000
+    w, h = Image.open(out).size
+    assert w > h > 200  # 3 rows x 6 columns
+    assert _green_pixels(out) > 100  # the true stimuli are outlined
+    with pytest.raises(ValueError, match="one row per candidate path"):
+        F.plot_retrieval_examples(
+            photo_paths[:4], pred, cand[:3], photo_paths, true, path=tmp_path / "x.png"
+        )
+
+
+def test_plot_curves(tmp_path):
+    times = np.linspace(-0.1, 0.7, 9)
+    out = F.plot_time_resolved(
+        times, {"encoder": np.linspace(0.02, 0.4, 9), "ridge": np.linspace(0.02, 0.2, 9)},
+        0.025, tmp_path / "time.png", note="embedder: EfficientNet-Lite0 (substitute)",
+    )
+    assert out.is_file() and out.stat().st_size > 5000
+    out = F.plot_adaptation_curve(
+        [0.1, 0.25, 1.0], {"adapter": [0.3, 0.45, 0.6], "from scratch": [0.05, 0.15, 0.5]},
+        0.05, tmp_path / "adapt.png",
+    )
+    assert out.is_file() and out.stat().st_size > 5000
+    with pytest.raises(ValueError, match=r"curve 'ridge' has shape \(2,\)"):
+        F.plot_time_resolved(times, {"ridge": [0.1, 0.2]}, None, tmp_path / "bad.png")
