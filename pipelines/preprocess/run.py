@@ -75,7 +75,7 @@ def plot_preprocessed(data: Preprocessed, path: str | Path) -> Path:
     import numpy as np
 
     subjects = list(data.subjects.values())
-    fig, axes = plt.subplots(len(subjects), 2, figsize=(10, 3.2 * len(subjects)), squeeze=False)
+    fig, axes = plt.subplots(len(subjects), 2, figsize=(11, 3.4 * len(subjects)), squeeze=False)
     for ax_row, sub in zip(axes, subjects, strict=True):
         X = np.asarray(sub.X)
         test = (sub.trials["split"] == "test").to_numpy()
@@ -101,9 +101,19 @@ def plot_preprocessed(data: Preprocessed, path: str | Path) -> Path:
                              cmap="RdBu_r", vmin=-3, vmax=3, interpolation="nearest")
             ax_row[0].set(xlabel="voxel", ylabel="trial (test first)",
                           title=f"sub-{sub.subject}: single-trial betas ({X.shape[1]} voxels)")
-            corr = np.corrcoef(X[test]) if test.sum() > 1 else np.zeros((1, 1))
-            ax_row[1].imshow(corr, cmap="viridis")
-            ax_row[1].set(title="correlation between averaged test betas", xticks=[], yticks=[])
+            from nilearn import masking, plotting
+
+            # across-stimulus spread of the (averaged) test betas: where stimuli are encoded
+            spread = masking.unmask(X[test].std(0) if test.sum() > 1 else X.std(0),
+                                    sub.mask_img)
+            rel = data.recipe.get("subjects", {}).get(sub.subject, {}).get("split_half", {})
+            title = "spread of test betas across stimuli"
+            if isinstance(rel, dict) and rel.get("identification") is not None:
+                title += (f"\nsplit-half identification {rel['identification']:.2f} "
+                          f"(chance {rel['chance']:.2f})")
+            plotting.plot_stat_map(spread, display_mode="z", cut_coords=4, axes=ax_row[1],
+                                   colorbar=True, annotate=False, draw_cross=False)
+            ax_row[1].set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -204,6 +204,7 @@ def _simulate_run(
     stim[0, onset_samples] = 1.0  # same trigger code for every image
     raw = mne.io.RawArray(np.concatenate([data, stim]).astype(np.float32), info, verbose=False)
     raw.info["bads"] = [info["ch_names"][dead]]
+    raw.orig_format = "single"  # mne-bids saves FIF in this precision (float32 is plenty)
     return raw, onset_samples
 
 
