@@ -14,6 +14,10 @@ STAGES: dict[str, tuple[str, str]] = {
     "sample": ("neurorecon.pipelines.sample.run", "write the embedded sample BIDS datasets"),
     "preprocess": ("neurorecon.pipelines.preprocess.run", "BIDS MEG/fMRI -> trial arrays cache"),
     "embed": ("neurorecon.pipelines.embed.run", "stimulus images -> embeddings cache"),
+    "train": ("neurorecon.pipelines.train.run",
+              "train an encoder (preprocess + embed if needed) and evaluate it"),
+    "run": ("neurorecon.pipelines.train.run",
+            "every stage on a BIDS dataset -> metrics.json (the external contract)"),
 }
 
 USAGE = """usage: neurorecon <stage> [hydra overrides] [--help] [--cfg job] [--multirun]

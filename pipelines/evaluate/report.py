@@ -1,0 +1,165 @@
+"""Evaluate a trained encoder against the ridge baseline and chance; write metrics + figures.
+
+Predictions come from the encoder's contrastive head on the test split (test repeats averaged
+upstream). Retrieval is by cosine similarity among the test images (the ``retrieval`` block of
+``metrics.json``, the external contract), and among *all* stimulus images of the dataset
+(``retrieval_all_images``), a harder candidate set. The ridge baseline is fitted per subject on
+exactly the train + validation trials the encoder saw and scored on the same test rows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..common.logging import logger
+from .figures import plot_retrieval_examples, plot_time_resolved
+from .metrics import chance_metrics, retrieval_metrics, time_resolved_retrieval
+from .ridge import RidgeDecoder
+
+CONTRACT_KEYS = ("top1", "top5", "median_rank", "rel_median_rank")
+
+
+def _contract(m: dict[str, Any]) -> dict[str, Any]:
+    return {k: m[k] for k in (*CONTRACT_KEYS, "n_candidates") if k in m}
+
+
+@torch.no_grad()
+def predict_split(lit, dm, name: str) -> np.ndarray:
+    """Contrastive-head predictions of ``lit`` for every row of split ``name`` (row order)."""
+    lit.eval()
+    split = dm.splits[name]
+    out = np.zeros((len(split), dm.emb_dim), np.float32)
+    order = np.arange(len(split))
+    for k in np.unique(split.subject):
+        rows = order[split.subject == k]
+        for start in range(0, len(rows), 256):
+            idx = rows[start : start + 256]
+            items = [dm.item(split, int(i)) for i in idx]
+            batch = {key: torch.stack([torch.as_tensor(it[key]) for it in items])
+                     for key in items[0]}
+            out[idx] = lit(batch)["clip"].float().cpu().numpy()
+    return out
+
+
+def _subject_arrays(dm, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Subject ``k``'s fit rows (train + val), their targets, its test rows and their indices."""
+    Y = dm.embeddings.numpy()
+    fit_X, fit_Y = [], []
+    for name in ("train", "val"):
+        X, s, t = dm.split_arrays(name)
+        fit_X += [x for x, sk in zip(X, s, strict=True) if sk == k]
+        fit_Y.append(Y[t[s == k]])
+    X, s, _ = dm.split_arrays("test")
+    rows = np.flatnonzero(s == k)
+    return np.stack(fit_X), np.concatenate(fit_Y), np.stack([X[i] for i in rows]), rows
+
+
+def ridge_predictions(dm, *, alphas=None) -> np.ndarray:
+    """Per-subject ridge baseline fitted on train + val rows, predicting the test rows."""
+    test = dm.splits["test"]
+    pred = np.zeros((len(test), dm.emb_dim), np.float32)
+    kwargs = {} if alphas is None else {"alphas": tuple(alphas)}
+    for k in np.unique(test.subject):
+        fit_X, fit_Y, test_X, rows = _subject_arrays(dm, int(k))
+        model = RidgeDecoder(**kwargs).fit(fit_X, fit_Y)
+        pred[rows] = model.predict(test_X)
+        logger.info("ridge sub-%s: alpha=%g (%s form)", dm.labels[k], model.alpha_,
+                    model.solver_)
+    return pred
+
+
+def _candidates(dm, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique test images as candidates and each row's index among them."""
+    uniq = np.unique(targets)
+    pos = {t: i for i, t in enumerate(uniq)}
+    return uniq, np.array([pos[t] for t in targets])
+
+
+def evaluate(lit, dm, *, out_dir: str | Path, stim_root: str | Path | None = None,
+             ridge: bool = True, time_resolved: bool = True,
+             ridge_alphas=None) -> dict[str, Any]:
+    """Score encoder and baseline on the test split; write ``metrics.json`` and figures.
+
+    ``stim_root`` (the stimulus folder) enables the retrieval-examples figure.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    test = dm.splits["test"]
+    targets = test.target
+    cand_rows, true_idx = _candidates(dm, targets)
+    emb = dm.embeddings.numpy()
+    cand = emb[cand_rows]
+    preds = {"encoder": predict_split(lit, dm, "test")}
+    if ridge:
+        preds["ridge"] = ridge_predictions(dm, alphas=ridge_alphas)
+    retrieval = {name: _contract(retrieval_metrics(p, cand, true_idx)) for name, p in preds.items()}
+    retrieval["chance"] = _contract(chance_metrics(len(cand)))
+    all_images = {name: _contract(retrieval_metrics(p, emb, targets)) for name, p in preds.items()}
+    all_images["chance"] = _contract(chance_metrics(len(emb)))
+    per_subject = {}
+    for k, label in enumerate(dm.labels):
+        rows = test.subject == k
+        if rows.any():
+            per_subject[label] = {
+                name: _contract(retrieval_metrics(p[rows], cand, true_idx[rows]))
+                for name, p in preds.items()}
+    spec = dm.embedder_spec
+    metrics: dict[str, Any] = {
+        "modality": dm.modality,
+        "n_test": int(len(targets)),
+        "n_test_images": int(len(cand)),
+        "subjects": dm.labels,
+        "embedder": spec.get("name"),
+        "embedder_note": spec.get("substitute_note"),
+        "retrieval": retrieval,
+        "retrieval_all_images": all_images,
+        "retrieval_per_subject": per_subject,
+    }
+    note = spec.get("substitute_note")
+    if stim_root is not None and Path(stim_root).is_dir():
+        paths = [Path(stim_root) / s for s in dm.embedding_index["stim_file"]]
+        plot_retrieval_examples([paths[t] for t in targets], preds["encoder"], cand,
+                                [paths[c] for c in cand_rows], true_idx,
+                                path=out_dir / "retrieval_examples.png", n_examples=6,
+                                title=f"{dm.modality.upper()} encoder: test image and top-5 "
+                                "retrieved", note=note)
+    if time_resolved and dm.modality == "meg":
+        metrics["time_resolved"] = _time_resolved(dm, cand, cand_rows, true_idx, out_dir,
+                                                  note=note, alphas=ridge_alphas)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _log_table(metrics)
+    return metrics
+
+
+def _time_resolved(dm, cand, cand_rows, true_idx, out_dir, *, note, alphas) -> dict[str, Any]:
+    """Ridge decoders refitted on sliding 250 ms windows (first subject with test data)."""
+    recipe = dm.recipe["params"]
+    k = int(dm.splits["test"].subject[0])
+    train_X, train_Y, test_X, rows = _subject_arrays(dm, k)
+    kwargs = {} if alphas is None else {"alphas": tuple(alphas)}
+
+    def fit_predict(a, b):
+        return RidgeDecoder(**kwargs).fit(a, train_Y).predict(b)
+
+    res = time_resolved_retrieval(fit_predict, train_X, test_X, cand, true_idx[rows],
+                                  sfreq=recipe["sfreq"], tmin=recipe["tmin"])
+    chance = chance_metrics(len(cand))["top5"]
+    plot_time_resolved(res["times"], {f"ridge, sub-{dm.labels[k]}": res["top5"]}, chance,
+                       Path(out_dir) / "time_resolved.png", note=note)
+    return {"subject": dm.labels[k], "times": np.round(res["times"], 4).tolist(),
+            "top5": np.round(res["top5"], 4).tolist(), "top1": np.round(res["top1"], 4).tolist(),
+            "chance_top5": chance}
+
+
+def _log_table(metrics: dict[str, Any]) -> None:
+    r = metrics["retrieval"]
+    logger.info("retrieval on %d test rows (%d images; %s):", metrics["n_test"],
+                metrics["n_test_images"], metrics["embedder"])
+    for name, m in r.items():
+        logger.info("  %-8s top1 %.3f  top5 %.3f  median rank %.1f", name, m["top1"], m["top5"],
+                    m["median_rank"])

@@ -1,0 +1,1 @@
+"""Training: Lightning data module, LitModule and the train / evaluate / run stages."""

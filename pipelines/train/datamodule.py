@@ -1,0 +1,277 @@
+"""Join preprocessed brain trials with stimulus embeddings for Lightning.
+
+Every trial of the preprocessing cache is matched by ``stim_file`` to a row of the embeddings
+cache. Splits: the test set is the events' test split (repeats averaged upstream); a
+validation set is carved out of the *train stimuli* (whole stimuli, seeded), so no image is
+both trained on and used to pick checkpoints. Batches hold one subject each, so subjects may
+differ in channel sets (MEG) or voxel counts (fMRI).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..common.checks import DataError
+from ..embed.run import load_embeddings
+from ..preprocess.store import Preprocessed, load_preprocessed
+
+
+@dataclass
+class SubjectInfo:
+    """What a model needs to know about one subject (data-derived sizes)."""
+
+    label: str
+    index: int
+    n_chans: int | None = None  # MEG
+    n_times: int | None = None  # MEG
+    ch_names: list[str] | None = None
+    positions: np.ndarray | None = None  # (n_chans, 2) in [0, 1]
+    good: np.ndarray | None = None  # (n_chans,) bool
+    n_voxels: int | None = None  # fMRI
+
+    def describe(self) -> dict[str, Any]:
+        out = {"label": self.label, "index": self.index}
+        if self.ch_names is not None:
+            out.update(n_chans=self.n_chans, n_times=self.n_times, ch_names=self.ch_names,
+                       positions=np.asarray(self.positions).round(6).tolist(),
+                       good=np.asarray(self.good).tolist())
+        if self.n_voxels is not None:
+            out["n_voxels"] = self.n_voxels
+        return out
+
+
+@dataclass
+class Split:
+    """Rows of one split: per-row subject index, trial row within that subject, target row."""
+
+    subject: np.ndarray
+    row: np.ndarray
+    target: np.ndarray
+    stim_file: np.ndarray
+    trials: pd.DataFrame = field(repr=False)
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+
+class _TrialDataset(Dataset):
+    def __init__(self, dm: BrainDataModule, split: Split):
+        self.dm, self.split = dm, split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.dm.item(self.split, i)
+
+
+class SubjectBatchSampler(Sampler[list[int]]):
+    """Batches that each hold the trials of a single subject (shuffled per epoch if asked)."""
+
+    def __init__(self, subjects: np.ndarray, *, batch_size: int, shuffle: bool, seed: int,
+                 drop_last: bool = False):
+        self.subjects, self.batch_size = np.asarray(subjects), batch_size
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.epoch = 0
+
+    def _batches(self) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        batches = []
+        for s in np.unique(self.subjects):
+            idx = np.flatnonzero(self.subjects == s)
+            if self.shuffle:
+                idx = rng.permutation(idx)
+            for k in range(0, len(idx), self.batch_size):
+                b = idx[k : k + self.batch_size]
+                if len(b) < self.batch_size and self.drop_last and len(idx) > self.batch_size:
+                    continue
+                batches.append(b.tolist())
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def __iter__(self):
+        batches = self._batches()
+        self.epoch += 1
+        return iter(batches)
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+class BrainDataModule(LightningDataModule):
+    """Brain trials (preprocessing cache) paired with image embeddings (embeddings cache).
+
+    Parameters
+    ----------
+    preproc_dir, embeddings_dir : path
+        Cache entries written by ``neurorecon preprocess`` and ``neurorecon embed``.
+    batch_size : int
+        Trials per batch (one subject per batch).
+    val_fraction : float
+        Fraction of the train *stimuli* held out for validation (early stopping).
+    seed : int
+        Seed of the validation split and of batch shuffling.
+    subjects : list of str | None
+        Subjects to use (all if None).
+    train_fraction : dict | None
+        ``{subject: fraction}`` keeps only a seeded fraction of that subject's train trials
+        (new-subject adaptation curves).
+    num_workers : int
+        DataLoader workers.
+    """
+
+    def __init__(self, *, preproc_dir: str | Path, embeddings_dir: str | Path,
+                 batch_size: int = 64, val_fraction: float = 0.1, seed: int = 0,
+                 subjects: list[str] | None = None,
+                 train_fraction: dict[str, float] | None = None, num_workers: int = 0):
+        super().__init__()
+        self.preproc_dir, self.embeddings_dir = Path(preproc_dir), Path(embeddings_dir)
+        self.batch_size, self.val_fraction, self.seed = batch_size, val_fraction, seed
+        self.subject_filter = None if subjects is None else [str(s) for s in subjects]
+        self.train_fraction = dict(train_fraction or {})
+        self.num_workers = num_workers
+        self.data: Preprocessed | None = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str | None = None) -> None:
+        if self.data is not None:
+            return
+        data = load_preprocessed(self.preproc_dir, mmap=False)
+        emb, index, spec = load_embeddings(self.embeddings_dir)
+        self.embeddings = torch.as_tensor(np.asarray(emb, dtype=np.float32))
+        self.embedding_index = index
+        self.embedder_spec = spec
+        row_of = {s: i for i, s in enumerate(index["stim_file"])}
+        labels = sorted(data.subjects) if self.subject_filter is None else self.subject_filter
+        unknown = [s for s in labels if s not in data.subjects]
+        if unknown:
+            raise DataError(f"unknown subject(s) {unknown}; the cache has {sorted(data.subjects)}",
+                            path=self.preproc_dir)
+        self.modality = data.modality
+        self.recipe = data.recipe
+        self.subjects: dict[str, SubjectInfo] = {}
+        self._X: list[torch.Tensor] = []
+        parts = {"train": [], "val": [], "test": []}
+        val_stims = self._val_stimuli(data, labels)
+        for k, label in enumerate(labels):
+            sub = data.subjects[label]
+            info = SubjectInfo(label=label, index=k)
+            if self.modality == "meg":
+                ch = sub.channels
+                info.n_chans, info.n_times = int(sub.X.shape[1]), int(sub.X.shape[2])
+                info.ch_names = ch["name"].tolist()
+                info.positions = ch[["x", "y"]].to_numpy(np.float32)
+                info.good = ch["good"].to_numpy(bool)
+            else:
+                info.n_voxels = int(sub.X.shape[1])
+            self.subjects[label] = info
+            self._X.append(torch.as_tensor(np.asarray(sub.X, dtype=np.float32)))
+            trials = sub.trials.reset_index(drop=True)
+            missing = sorted(set(trials["stim_file"]) - set(row_of))
+            if missing:
+                raise DataError(
+                    f"{len(missing)} stimuli of sub-{label} have no embedding (e.g. {missing[0]})",
+                    path=self.embeddings_dir,
+                    hint="embed the same dataset (embed.images=events) before training")
+            target = trials["stim_file"].map(row_of).to_numpy()
+            split = trials["split"].to_numpy().copy()
+            split[(split == "train") & trials["stim_file"].isin(val_stims).to_numpy()] = "val"
+            keep = self._fraction_mask(label, split)
+            for name in parts:
+                sel = np.flatnonzero((split == name) & keep)
+                parts[name].append((k, sel, target[sel], trials.iloc[sel]))
+        self.splits = {name: self._merge(p) for name, p in parts.items()}
+        for name in ("train", "test"):
+            if len(self.splits[name]) == 0:
+                raise DataError(f"the {name} split is empty", path=self.preproc_dir,
+                                hint="check data.split_column / data.test_value")
+        self.emb_dim = int(self.embeddings.shape[-1])
+        self.data = data
+
+    def _val_stimuli(self, data: Preprocessed, labels: list[str]) -> set[str]:
+        stims = sorted({s for lab in labels for s, sp in zip(
+            data.subjects[lab].trials["stim_file"], data.subjects[lab].trials["split"],
+            strict=True) if sp == "train"})
+        n_val = int(round(self.val_fraction * len(stims)))
+        if self.val_fraction > 0 and n_val == 0 and len(stims) > 1:
+            n_val = 1
+        rng = np.random.default_rng(self.seed)
+        return set(rng.choice(stims, size=n_val, replace=False)) if n_val else set()
+
+    def _fraction_mask(self, label: str, split: np.ndarray) -> np.ndarray:
+        keep = np.ones(len(split), bool)
+        frac = self.train_fraction.get(label)
+        if frac is not None and frac < 1:
+            train = np.flatnonzero(split == "train")
+            rng = np.random.default_rng([self.seed, 7])
+            n_keep = max(1, int(round(frac * len(train))))
+            drop = rng.permutation(train)[n_keep:]
+            keep[drop] = False
+        return keep
+
+    @staticmethod
+    def _merge(parts) -> Split:
+        subj = np.concatenate([np.full(len(sel), k) for k, sel, _, _ in parts]) if parts else []
+        return Split(
+            subject=np.asarray(subj, dtype=int),
+            row=np.concatenate([sel for _, sel, _, _ in parts]).astype(int),
+            target=np.concatenate([t for _, _, t, _ in parts]).astype(int),
+            stim_file=np.concatenate([tr["stim_file"].to_numpy() for *_, tr in parts]),
+            trials=pd.concat([tr for *_, tr in parts], ignore_index=True),
+        )
+
+    # ------------------------------------------------------------------ items and loaders
+    def item(self, split: Split, i: int) -> dict[str, Any]:
+        k = int(split.subject[i])
+        out = {"x": self._X[k][split.row[i]], "y": self.embeddings[split.target[i]],
+               "subject": k, "target": int(split.target[i])}
+        if self.modality == "meg":
+            info = self.subjects[self.labels[k]]
+            out["positions"] = torch.as_tensor(info.positions)
+            out["mask"] = torch.as_tensor(info.good)
+        return out
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.subjects)
+
+    def _loader(self, name: str, *, shuffle: bool) -> DataLoader:
+        split = self.splits[name]
+        sampler = SubjectBatchSampler(split.subject, batch_size=self.batch_size,
+                                      shuffle=shuffle, seed=self.seed)
+        return DataLoader(_TrialDataset(self, split), batch_sampler=sampler,
+                          num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val" if len(self.splits["val"]) else "train", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def split_arrays(self, name: str) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        """Per-row brain arrays, subject indices and target rows of a split (for baselines)."""
+        split = self.splits[name]
+        X = [self._X[k][r].numpy() for k, r in zip(split.subject, split.row, strict=True)]
+        return X, split.subject, split.target
+
+    def describe(self) -> dict[str, Any]:
+        """Everything a checkpoint needs to be used on new data without this module."""
+        return {
+            "modality": self.modality,
+            "emb_dim": self.emb_dim,
+            "embedder": self.embedder_spec,
+            "preprocessing": self.recipe,
+            "subjects": {lab: info.describe() for lab, info in self.subjects.items()},
+        }

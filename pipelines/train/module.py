@@ -1,0 +1,93 @@
+"""LightningModule for contrastive + MSE training of a brain encoder (the net is injected)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lightning import LightningModule
+from torch import nn
+
+from ..evaluate.metrics import retrieval_metrics
+
+#: batch keys that are model inputs besides ``x`` (present depending on modality)
+EXTRA_INPUTS = ("positions", "mask", "subject")
+
+
+class ContrastiveLitModule(LightningModule):
+    """Train ``net`` so that its outputs match image embeddings.
+
+    Parameters
+    ----------
+    net : nn.Module
+        Encoder; ``net(x, **extras)`` returns ``{"clip": (B, D), "mse": (B, D)}``.
+    loss : nn.Module
+        ``loss(outputs, targets) -> (loss, parts)`` (e.g. λ·CLIP + (1−λ)·MSE).
+    optimizer : callable
+        Partial optimizer: ``optimizer(params) -> torch.optim.Optimizer``.
+    scheduler : callable | None
+        Partial LR scheduler: ``scheduler(optimizer)``.
+    """
+
+    def __init__(self, *, net: nn.Module, loss: nn.Module,
+                 optimizer: Callable[..., torch.optim.Optimizer],
+                 scheduler: Callable[..., Any] | None = None):
+        super().__init__()
+        self.net, self.loss = net, loss
+        self._optimizer, self._scheduler = optimizer, scheduler
+        self.description: dict[str, Any] = {}
+        self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.candidates: torch.Tensor | None = None  # all stimulus embeddings (set by train)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        extras = {k: batch[k] for k in EXTRA_INPUTS if k in batch}
+        return self.net(batch["x"], **extras)
+
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        out = self(batch)
+        loss, parts = self.loss(out, batch["y"])
+        bs = len(batch["x"])
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs, on_epoch=True,
+                 on_step=False, sync_dist=True)
+        for name, value in parts.items():
+            self.log(f"{stage}/{name}", value, batch_size=bs, on_epoch=True, on_step=False,
+                     sync_dist=True)
+        return loss, out
+
+    def training_step(self, batch, batch_idx):
+        loss, _ = self._step(batch, "train")
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        _, out = self._step(batch, "val")
+        self._val.append((out["clip"].detach().cpu(), batch["target"].cpu()))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val:
+            return
+        pred = torch.cat([p for p, _ in self._val]).numpy()
+        target = torch.cat([t for _, t in self._val]).numpy()
+        self._val.clear()
+        # retrieval among the validation stimuli (single trials against their images)
+        stims = sorted(set(target.tolist()))
+        cand = self.candidates[stims].numpy() if self.candidates is not None else None
+        if cand is None or len(stims) < 2:
+            return
+        pos = {s: i for i, s in enumerate(stims)}
+        m = retrieval_metrics(pred, cand, [pos[t] for t in target])
+        self.log("val/top1", m["top1"], prog_bar=False, sync_dist=True)
+        self.log("val/top5", m["top5"], prog_bar=True, sync_dist=True)
+
+    def predict_step(self, batch, batch_idx):
+        return {k: v.detach().cpu() for k, v in self(batch).items()}
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = self._optimizer(params)
+        if self._scheduler is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": self._scheduler(opt)}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["neurorecon"] = self.description
