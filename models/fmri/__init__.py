@@ -1,0 +1,5 @@
+"""fMRI encoders."""
+
+from .encoder import FmriEncoder
+
+__all__ = ["FmriEncoder"]

@@ -1,0 +1,224 @@
+"""fMRI encoder: per-subject voxel adapters into a shared residual MLP (cross-subject).
+
+Written from the papers:
+
+- Scotti et al. (2023), "Reconstructing the Mind's Eye" (MindEye): a residual MLP backbone on
+  masked voxels (Linear → LayerNorm → GELU → Dropout blocks with skip connections) and
+  separate projection heads for contrastive and regression targets.
+- Wang et al. (2024), "MindBridge: a cross-subject brain decoding framework": subjects with
+  different voxel counts enter through their own input adapter into one shared space; a new
+  subject is adapted by training only its adapter on top of the frozen shared model.
+
+Layout::
+
+    x (B, n_voxels[s]) → adapter[s] (B, hidden_dim) → n_blocks residual blocks
+      → clip head, mse head: (B, n_outputs) or (B, n_tokens, n_outputs)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..base import (
+    BrainModuleMixin,
+    ModelInputError,
+    check_subject_index,
+    check_tensor,
+    input_mismatch,
+)
+from ..heads import ProjectionHead
+
+
+class _ResidualMlpBlock(nn.Module):
+    """``h + Dropout(GELU(LayerNorm(Linear(h))))``."""
+
+    def __init__(self, dim: int, *, dropout: float):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim), nn.GELU(),
+                                 nn.Dropout(dropout))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.net(h)
+
+
+def _check_label(label: Any) -> str:
+    label = str(label)
+    if not label or "." in label:
+        raise ValueError(f"invalid subject label {label!r}: use a non-empty BIDS label "
+                         "without '.' (e.g. '01')")
+    return label
+
+
+class FmriEncoder(BrainModuleMixin, nn.Module):
+    """fMRI voxels → image-embedding encoder shared across subjects.
+
+    Parameters
+    ----------
+    subjects : dict of str to int
+        Subject label → number of voxels of that subject's mask, in subject-index order
+        (index ``i`` is the ``i``-th key).
+    n_outputs : int
+        Embedding dimension of both heads (``emb_dim``).
+    hidden_dim : int
+        Width of the shared space and backbone (MindEye: 4096).
+    n_blocks : int
+        Residual MLP blocks of the backbone (MindEye: 4).
+    dropout : float
+        Dropout in the backbone blocks and heads.
+    adapter_dropout : float
+        Dropout after each subject adapter (MindEye's first layer: 0.5).
+    head_hidden_dim : int | None
+        Optional hidden layer width of the CLIP and MSE heads.
+    n_tokens : int | None
+        Predict ``n_tokens`` vectors per example (token-level targets) instead of one.
+
+    Notes
+    -----
+    ``forward(x, *, subject)`` takes one subject's batch: ``x (batch, n_voxels[subject])``
+    float and ``subject`` an index (int or ``(batch,)`` long tensor holding one value) or a
+    label; it returns ``{"clip": (batch, n_outputs), "mse": (batch, n_outputs)}``, or
+    ``(batch, n_tokens, n_outputs)`` each when ``n_tokens`` is set.
+
+    New-subject adaptation: :meth:`add_subject` then :meth:`freeze_shared`, and train.
+    """
+
+    def __init__(self, *, subjects: Mapping[str, int], n_outputs: int, hidden_dim: int = 512,
+                 n_blocks: int = 2, dropout: float = 0.15, adapter_dropout: float = 0.3,
+                 head_hidden_dim: int | None = None, n_tokens: int | None = None):
+        super().__init__()
+        subjects = {_check_label(k): int(v) for k, v in dict(subjects).items()}
+        self._record_config(locals())
+        if not subjects:
+            raise ValueError("FmriEncoder: subjects is empty; give {label: n_voxels}")
+        if n_tokens is not None and n_tokens < 1:
+            raise ValueError(f"FmriEncoder: n_tokens must be >= 1 or None, got {n_tokens}")
+        self.hidden_dim, self.adapter_dropout = hidden_dim, adapter_dropout
+        self.adapters = nn.ModuleDict()
+        for label, n_voxels in subjects.items():
+            self.adapters[label] = self._make_adapter(n_voxels)
+        self.backbone = nn.Sequential(*[_ResidualMlpBlock(hidden_dim, dropout=dropout)
+                                        for _ in range(n_blocks)])
+        out = n_outputs * (n_tokens or 1)
+        self.clip_head = ProjectionHead(in_dim=hidden_dim, out_dim=out,
+                                        hidden_dim=head_hidden_dim, dropout=dropout)
+        self.mse_head = ProjectionHead(in_dim=hidden_dim, out_dim=out,
+                                       hidden_dim=head_hidden_dim, dropout=dropout)
+
+    def _make_adapter(self, n_voxels: int) -> nn.Module:
+        if n_voxels < 1:
+            raise ValueError(f"FmriEncoder: n_voxels must be >= 1, got {n_voxels}")
+        return nn.Sequential(nn.Linear(n_voxels, self.hidden_dim), nn.LayerNorm(self.hidden_dim),
+                             nn.GELU(), nn.Dropout(self.adapter_dropout))
+
+    # ------------------------------------------------------------------ subjects
+    @property
+    def subjects(self) -> dict[str, int]:
+        """Subject label → voxel count, in index order."""
+        return dict(self._config["subjects"])
+
+    @property
+    def n_subjects(self) -> int:
+        """Number of subjects (adapters)."""
+        return len(self._config["subjects"])
+
+    def add_subject(self, label: str, n_voxels: int) -> int:
+        """Add a new subject's input adapter (randomly initialised); return its index.
+
+        The config is updated, so :meth:`get_config` rebuilds a model with this subject.
+        """
+        label = _check_label(label)
+        if label in self._config["subjects"]:
+            raise ValueError(f"FmriEncoder: subject {label!r} already exists "
+                             f"(subjects: {list(self._config['subjects'])})")
+        ref = next(self.parameters())
+        self.adapters[label] = self._make_adapter(int(n_voxels)).to(ref.device, ref.dtype)
+        self._config["subjects"][label] = int(n_voxels)
+        return self.n_subjects - 1
+
+    def freeze_shared(self, label: str) -> list[nn.Parameter]:
+        """Freeze everything except subject ``label``'s adapter (MindBridge-style adaptation).
+
+        Returns
+        -------
+        list of nn.Parameter
+            The parameters left trainable (pass them to the optimizer).
+        """
+        label = _check_label(label)
+        if label not in self.adapters:
+            raise input_mismatch("FmriEncoder.freeze_shared: unknown subject", got=repr(label),
+                                 expected=f"one of {list(self.adapters)}",
+                                 hint="call add_subject(label, n_voxels) first")
+        for p in self.parameters():
+            p.requires_grad_(False)
+        trainable = list(self.adapters[label].parameters())
+        for p in trainable:
+            p.requires_grad_(True)
+        return trainable
+
+    def unfreeze(self) -> None:
+        """Make every parameter trainable again."""
+        for p in self.parameters():
+            p.requires_grad_(True)
+
+    # ------------------------------------------------------------------ forward
+    def _subject_label(self, subject: Any, batch_size: int) -> str:
+        labels = list(self._config["subjects"])
+        idx = check_subject_index(subject, batch_size=batch_size, n_subjects=len(labels),
+                                  owner="FmriEncoder", labels=labels)
+        if len(idx) and bool((idx != idx[0]).any()):
+            raise ModelInputError(
+                f"FmriEncoder: a batch must hold one subject (voxel counts differ), got "
+                f"subject indices {sorted(set(idx.tolist()))}",
+                hint="batch by subject (neurorecon.pipelines.train.datamodule.SubjectBatchSampler)")
+        return labels[int(idx[0])] if len(idx) else labels[0]
+
+    def forward(self, x: torch.Tensor, *, subject: torch.Tensor | int | str
+                ) -> dict[str, torch.Tensor]:
+        """Encode one subject's voxel patterns.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``(batch, n_voxels)`` voxels in that subject's mask order.
+        subject : torch.Tensor | int | str
+            Subject index (int, or ``(batch,)`` long tensor with one value) or label.
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            ``"clip"`` and ``"mse"``: ``(batch, n_outputs)``, or
+            ``(batch, n_tokens, n_outputs)`` when ``n_tokens`` is set.
+        """
+        check_tensor("x", x, shape=("batch", "n_voxels"), owner="FmriEncoder",
+                     hint="pass one subject's trials as (batch, n_voxels)")
+        label = self._subject_label(subject, x.shape[0])
+        n_voxels = self._config["subjects"][label]
+        if x.shape[1] != n_voxels:
+            raise input_mismatch(
+                f"FmriEncoder: wrong voxel count for sub-{label}", got=x.shape[1],
+                expected=n_voxels,
+                hint="use the voxel mask the model was trained with (stored with the "
+                     "checkpoint); for a new mask add a subject with add_subject")
+        h = self.backbone(self.adapters[label](x))
+        clip, mse = self.clip_head(h), self.mse_head(h)
+        if self.n_tokens is not None:
+            clip = clip.reshape(len(x), self.n_tokens, self.n_outputs)
+            mse = mse.reshape(len(x), self.n_tokens, self.n_outputs)
+        return {"clip": clip, "mse": mse}
+
+    # ------------------------------------------------------------------ examples
+    @classmethod
+    def example_config(cls) -> dict[str, Any]:
+        """A tiny config (CPU tests): two subjects with different voxel counts."""
+        return {"subjects": {"01": 40, "02": 55}, "n_outputs": 8, "hidden_dim": 32,
+                "n_blocks": 2}
+
+    def example_inputs(self, *, batch_size: int = 2) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Random voxels of the first subject: ``(x, {subject})``."""
+        n_voxels = next(iter(self._config["subjects"].values()))
+        x = torch.randn(batch_size, n_voxels, generator=torch.Generator().manual_seed(0))
+        return x, {"subject": torch.zeros(batch_size, dtype=torch.long)}

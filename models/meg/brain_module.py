@@ -1,0 +1,401 @@
+"""MEG encoder: our implementation of the brain module of Défossez et al. (2023).
+
+Written from the papers, not from brainmagick/braindecode code:
+
+- Défossez, Caucheteux, Rapin, Kabeli & King (2023), "Decoding speech perception from
+  non-invasive brain recordings", Nat. Mach. Intell.: spatial attention over 2D sensor
+  positions with Fourier features, spatial dropout, 1x1 conv, subject layer, dilated residual
+  convolutions (BatchNorm + GELU) with GLU layers, contrastive (CLIP) training.
+- Benchetrit, Banville & King (2023), "Brain decoding: toward real-time reconstruction of
+  visual perception": temporal aggregation by a learned affine map over time and two MLP
+  heads (CLIP and MSE) predicting image embeddings.
+
+Layout of one forward pass::
+
+    x (B, n_chans, T), positions (B, n_chans, 2), mask (B, n_chans)
+      → SpatialAttention         (B, n_virtual_chans, T)   softmax over *good* sensors
+      → Conv1d 1x1               (B, hidden_dim, T)
+      → SubjectLayer             (B, hidden_dim, T)        one matrix per subject
+      → depth x [dilated residual conv (+ GLU conv every glu_every-th)]
+      → Conv1d 1x1 + GELU        (B, head_dim, T)
+      → TemporalAggregation      (B, Q, head_dim)          Q = n_tokens or 1
+      → clip head, mse head      (B, n_outputs) or (B, n_tokens, n_outputs)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ...pipelines.common.checks import check_option
+from ..base import (
+    BrainModuleMixin,
+    ModelInputError,
+    check_subject_index,
+    check_tensor,
+    input_mismatch,
+    resolve_signal_shape,
+    window_mismatch,
+)
+from ..heads import AGGREGATIONS, ProjectionHead, TemporalAggregation
+
+_POSITION_HINT = ("pass positions=(batch, n_chans, 2) 2D sensor positions in [0, 1] "
+                  "(neurorecon.pipelines.preprocess.meg.sensor_layout) and mask=(batch, n_chans) "
+                  "True for good channels, both in the channel order of x")
+
+
+class SpatialAttention(nn.Module):
+    """Sensor-position-based spatial attention (Défossez et al. 2023).
+
+    Each output ("virtual") channel ``j`` has a learned function over the 2D sensor layout,
+    ``a_j(x, y) = Σ_{k,l} w_{j,kl} cos(π(kx + ly)) + w'_{j,kl} sin(π(kx + ly))`` with
+    ``k, l < n_fourier``; its output is the softmax-weighted sum of the sensors, the softmax
+    taken over the *good* sensors only (masked sensors get weight exactly 0). Frequencies
+    use π (period 2) so the unit square is not wrapped onto itself.
+
+    Parameters
+    ----------
+    n_virtual_chans : int
+        Output channels.
+    n_fourier : int
+        Harmonics per axis; the position embedding has ``2 * n_fourier**2`` features.
+    spatial_dropout_radius : float
+        During training, all sensors within this distance (layout units, [0, 1]) of one
+        random point per example are dropped from the softmax. 0 disables it.
+
+    Notes
+    -----
+    ``x (B, C, T)``, ``positions (B, C, 2)``, ``mask (B, C)`` → ``(B, n_virtual_chans, T)``.
+    """
+
+    def __init__(self, *, n_virtual_chans: int, n_fourier: int,
+                 spatial_dropout_radius: float):
+        super().__init__()
+        k = torch.arange(n_fourier, dtype=torch.float32)
+        freqs = torch.stack(torch.meshgrid(k, k, indexing="ij"), dim=-1).reshape(-1, 2)
+        self.register_buffer("freqs", math.pi * freqs, persistent=False)  # (K², 2)
+        n_feat = 2 * n_fourier**2
+        self.weight = nn.Parameter(torch.randn(n_virtual_chans, n_feat) / math.sqrt(n_feat))
+        self.spatial_dropout_radius = float(spatial_dropout_radius)
+        self._cache: tuple | None = None  # eval-mode weights of the last layout (not state)
+
+    def logits(self, positions: torch.Tensor) -> torch.Tensor:
+        """Attention logits ``(B, n_virtual_chans, C)`` for positions ``(B, C, 2)``."""
+        phase = positions @ self.freqs.T  # (B, C, K²)
+        feats = torch.cat([phase.cos(), phase.sin()], dim=-1)  # (B, C, 2K²)
+        return (feats @ self.weight.T).transpose(1, 2)
+
+    def attention(self, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Softmax weights ``(B, n_virtual_chans, C)``; zero on masked (and dropped) sensors.
+
+        In eval mode without autograd (real-time decoding: one layout, many windows) the
+        weights of the last call are reused while positions, mask and parameters are unchanged.
+        """
+        reuse = not self.training and not torch.is_grad_enabled()
+        key = (self.weight.data_ptr(), self.weight._version, positions.shape, mask.shape,
+               positions.dtype, positions.device)
+        if reuse and self._cache is not None:
+            cached_key, cached_pos, cached_mask, weights = self._cache
+            if (cached_key == key and torch.equal(cached_pos, positions)
+                    and torch.equal(cached_mask, mask)):
+                return weights
+        weights = self._attention(positions, mask)
+        self._cache = (key, positions.clone(), mask.clone(), weights) if reuse else None
+        return weights
+
+    def _attention(self, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b = positions.shape[0]
+        shared = b > 1 and bool((positions == positions[:1]).all())
+        logits = self.logits(positions[:1] if shared else positions)  # (1 or B, V, C)
+        keep = mask
+        if self.training and self.spatial_dropout_radius > 0:
+            center = torch.rand(b, 1, 2, device=positions.device, dtype=positions.dtype)
+            dropped = (positions - center).norm(dim=-1) < self.spatial_dropout_radius
+            keep = mask & ~dropped
+            # never drop every good sensor of an example
+            keep = torch.where(keep.any(dim=1, keepdim=True), keep, mask)
+        logits = logits.masked_fill(~keep[:, None, :], float("-inf"))
+        return logits.softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        """Mix sensors ``x (B, C, T)`` into virtual channels ``(B, n_virtual_chans, T)``."""
+        weights = self.attention(positions, mask)
+        # zero masked rows too, so non-finite values in bad channels cannot leak (0 * nan)
+        return weights @ x.masked_fill(~mask[:, :, None], 0.0)
+
+
+class SubjectLayer(nn.Module):
+    """One ``(C, C)`` matrix per subject, picked by a subject index per example.
+
+    Initialised to the identity, so all subjects start from the shared path.
+
+    Notes
+    -----
+    ``h (B, C, T)``, ``subject (B,)`` long → ``(B, C, T)``.
+    """
+
+    def __init__(self, *, n_subjects: int, n_channels: int):
+        super().__init__()
+        eye = torch.eye(n_channels).expand(n_subjects, n_channels, n_channels)
+        self.weight = nn.Parameter(eye.clone())
+
+    def forward(self, h: torch.Tensor, subject: torch.Tensor) -> torch.Tensor:
+        """Apply each example's subject matrix: ``out[b] = W[subject[b]]ᵀ h[b]``."""
+        if bool((subject == subject[0]).all()):  # one subject per batch: one matmul
+            return self.weight[subject[0]].T @ h
+        return torch.bmm(self.weight[subject].transpose(1, 2), h)
+
+
+class _Conv1d(nn.Conv1d):
+    """``nn.Conv1d`` (stride 1, length-preserving) with a fast path for single windows.
+
+    For batch size 1 (the real-time decoder's case) PyTorch's CPU heuristics pick slow
+    non-oneDNN kernels for small and dilated convolutions; there the convolution is computed
+    as one matrix product of the weights with the stacked shifted inputs. Results equal
+    ``nn.Conv1d`` up to float rounding; the parameters are those of ``nn.Conv1d``.
+    """
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if h.shape[0] != 1:
+            return super().forward(h)
+        k, d, p = self.kernel_size[0], self.dilation[0], self.padding[0]
+        t_out = h.shape[-1] + 2 * p - d * (k - 1)
+        padded = F.pad(h[0], (p, p)) if p else h[0]
+        cols = padded if k == 1 else torch.stack(
+            [padded[:, i * d:i * d + t_out] for i in range(k)], dim=1).reshape(-1, t_out)
+        weight = self.weight.reshape(self.out_channels, -1)  # (C_out, C_in * k), cols alike
+        out = weight @ cols if self.bias is None else torch.addmm(self.bias[:, None], weight,
+                                                                  cols)
+        return out[None]
+
+
+class _ResidualConv(nn.Module):
+    """``h + GELU(BatchNorm(Conv1d(h)))``, dilated, length preserving."""
+
+    def __init__(self, channels: int, *, kernel_size: int, dilation: int, dropout: float):
+        super().__init__()
+        pad = dilation * (kernel_size - 1) // 2
+        self.conv = _Conv1d(channels, channels, kernel_size, padding=pad, dilation=dilation)
+        self.norm = nn.BatchNorm1d(channels)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.drop(self.act(self.norm(self.conv(h))))
+
+
+class _GluConv(nn.Module):
+    """``GLU(Conv1d(h, 2C))``: gated, length preserving (kernel 3, no dilation)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = _Conv1d(channels, 2 * channels, 3, padding=1)
+        self.glu = nn.GLU(dim=1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.glu(self.conv(h))
+
+
+class MegBrainModule(BrainModuleMixin, nn.Module):
+    """MEG → image-embedding encoder (brain module of Défossez et al. 2023, as adapted by
+    Benchetrit et al. 2023 for images).
+
+    Positions come with the data, so one model takes recordings with different channel
+    sets and sensor systems; bad or missing channels are masked out of the spatial softmax.
+
+    Parameters
+    ----------
+    n_outputs : int
+        Embedding dimension of both heads (``emb_dim``).
+    n_times : int | None
+        Samples per window. Derived from ``sfreq * input_window_seconds`` if None.
+    sfreq : float | None
+        Sampling frequency (Hz); used in messages and to derive ``n_times``.
+    input_window_seconds : float | None
+        Window length (s).
+    n_subjects : int
+        Number of subjects (rows of the subject layer).
+    n_chans : int | None
+        If set, inputs must have exactly this many channels; None accepts any channel set
+        (positions and mask say which sensors they are).
+    n_virtual_chans : int
+        Output channels of the spatial attention (Défossez: 270).
+    n_fourier : int
+        Fourier harmonics per axis of the position embedding (Défossez: 32).
+    spatial_dropout_radius : float
+        Radius (layout units) of the sensor disc dropped during training; 0 disables.
+    hidden_dim : int
+        Channels of the convolutional stack (Défossez: 320; the default keeps one 1.5 s
+        CTF-275 window at 120 Hz under 5 ms on 2 CPU cores).
+    depth : int
+        Dilated residual conv layers (Défossez: 10).
+    kernel_size : int
+        Kernel of the dilated convs (odd).
+    dilation_period : int
+        Dilation of layer ``i`` is ``2 ** (i % dilation_period)``.
+    glu_every : int
+        A GLU conv follows every ``glu_every``-th residual layer (0: none).
+    dropout : float
+        Dropout in the residual layers and heads.
+    subject_layer : bool
+        Use the per-subject matrix.
+    aggregation : {"affine", "mean", "attention"}
+        Temporal aggregation (see :class:`~neurorecon.models.heads.TemporalAggregation`).
+    head_dim : int | None
+        Channels of the last 1x1 conv before aggregation (default ``2 * hidden_dim``).
+    head_hidden_dim : int | None
+        Optional hidden layer width of the CLIP and MSE heads.
+    n_tokens : int | None
+        Predict ``n_tokens`` vectors per example (token-level targets) instead of one.
+
+    Notes
+    -----
+    ``forward(x, *, positions, mask, subject)`` with ``x (batch, n_chans, n_times)`` float,
+    ``positions (batch, n_chans, 2)`` float in [0, 1], ``mask (batch, n_chans)`` bool (True =
+    good channel), ``subject (batch,)`` long (or an int) returns
+    ``{"clip": (batch, n_outputs), "mse": (batch, n_outputs)}``, or ``(batch, n_tokens,
+    n_outputs)`` each when ``n_tokens`` is set.
+    """
+
+    def __init__(self, *, n_outputs: int, n_times: int | None = None,
+                 sfreq: float | None = None, input_window_seconds: float | None = None,
+                 n_subjects: int = 1, n_chans: int | None = None,
+                 n_virtual_chans: int = 128, n_fourier: int = 12,
+                 spatial_dropout_radius: float = 0.2, hidden_dim: int = 96, depth: int = 6,
+                 kernel_size: int = 3, dilation_period: int = 5, glu_every: int = 2,
+                 dropout: float = 0.0, subject_layer: bool = True,
+                 aggregation: str = "affine", head_dim: int | None = None,
+                 head_hidden_dim: int | None = None, n_tokens: int | None = None):
+        super().__init__()
+        self._record_config(locals())
+        name = type(self).__name__
+        n_times, sfreq = resolve_signal_shape(n_times=n_times, sfreq=sfreq,
+                                              input_window_seconds=input_window_seconds,
+                                              owner=name)
+        check_option("aggregation", aggregation, AGGREGATIONS)
+        if kernel_size % 2 != 1:
+            raise ValueError(f"{name}: kernel_size must be odd (length-preserving "
+                             f"padding), got {kernel_size}")
+        if n_subjects < 1:
+            raise ValueError(f"{name}: n_subjects must be >= 1, got {n_subjects}")
+        if n_tokens is not None and n_tokens < 1:
+            raise ValueError(f"{name}: n_tokens must be >= 1 or None, got {n_tokens}")
+        self.n_times, self.sfreq, self.n_chans = n_times, sfreq, n_chans
+        self.n_subjects = n_subjects
+        head_dim = 2 * hidden_dim if head_dim is None else head_dim
+
+        self.spatial = SpatialAttention(n_virtual_chans=n_virtual_chans, n_fourier=n_fourier,
+                                        spatial_dropout_radius=spatial_dropout_radius)
+        self.merge = _Conv1d(n_virtual_chans, hidden_dim, 1)
+        self.subject_layer = (SubjectLayer(n_subjects=n_subjects, n_channels=hidden_dim)
+                              if subject_layer else None)
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers.append(_ResidualConv(hidden_dim, kernel_size=kernel_size,
+                                        dilation=2 ** (i % dilation_period), dropout=dropout))
+            if glu_every and (i + 1) % glu_every == 0:
+                layers.append(_GluConv(hidden_dim))
+        self.encoder = nn.Sequential(*layers)
+        self.final = nn.Sequential(_Conv1d(hidden_dim, head_dim, 1), nn.GELU())
+        self.aggregate = TemporalAggregation(mode=aggregation, n_channels=head_dim,
+                                             n_times=n_times, n_queries=n_tokens or 1)
+        self.clip_head = ProjectionHead(in_dim=head_dim, out_dim=n_outputs,
+                                        hidden_dim=head_hidden_dim, dropout=dropout)
+        self.mse_head = ProjectionHead(in_dim=head_dim, out_dim=n_outputs,
+                                       hidden_dim=head_hidden_dim, dropout=dropout)
+
+    @property
+    def input_window_seconds(self) -> float | None:
+        """Window length (s), when ``sfreq`` is known."""
+        return None if self.sfreq is None else self.n_times / self.sfreq
+
+    # ------------------------------------------------------------------ checks
+    def check_inputs(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                     subject: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check shapes and indices before any compute; return ``(mask, subject)`` tensors.
+
+        Raises
+        ------
+        ModelInputError
+            Window length, channel count, positions/mask layout or subject index do not fit.
+        """
+        name = type(self).__name__
+        check_tensor("x", x, shape=("batch", "n_chans", "n_times"),
+                     owner=name, hint="pass MEG windows as (batch, n_chans, n_times)")
+        b, c, t = x.shape
+        if self.n_chans is not None and c != self.n_chans:
+            raise input_mismatch(f"{name}: wrong channel count", got=c, expected=self.n_chans,
+                                 hint="build the model with n_chans=None to accept any "
+                                      "channel set, or pick the channels it was trained on")
+        if t != self.n_times:
+            raise window_mismatch(owner=name, got=t, n_times=self.n_times, sfreq=self.sfreq)
+        if positions is None or mask is None:
+            raise ModelInputError(f"{name}: positions and mask are required", hint=_POSITION_HINT)
+        check_tensor("positions", positions, shape=(b, c, 2), owner=name, hint=_POSITION_HINT)
+        check_tensor("mask", mask, shape=(b, c), owner=name, hint=_POSITION_HINT)
+        if mask.dtype != torch.bool:
+            raise ModelInputError(f"{name}: mask must be a bool tensor, got {mask.dtype}",
+                                  hint=_POSITION_HINT)
+        empty = ~mask.any(dim=1)
+        if bool(empty.any()):
+            raise ModelInputError(f"{name}: batch row(s) {empty.nonzero()[:, 0].tolist()} "
+                                  "have no good channel", hint="drop such trials upstream")
+        subject = check_subject_index(subject, batch_size=b, n_subjects=self.n_subjects,
+                                      owner=name)
+        return mask, subject.to(x.device)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, *, positions: torch.Tensor, mask: torch.Tensor,
+                subject: torch.Tensor | int = 0) -> dict[str, torch.Tensor]:
+        """Encode MEG windows.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``(batch, n_chans, n_times)`` MEG windows (bad channels may hold anything).
+        positions : torch.Tensor
+            ``(batch, n_chans, 2)`` sensor positions in [0, 1], channel order of ``x``.
+        mask : torch.Tensor
+            ``(batch, n_chans)`` bool, True for channels to use.
+        subject : torch.Tensor | int
+            ``(batch,)`` long subject indices, or one index for the whole batch.
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            ``"clip"`` and ``"mse"``: ``(batch, n_outputs)``, or
+            ``(batch, n_tokens, n_outputs)`` when ``n_tokens`` is set.
+        """
+        mask, subject = self.check_inputs(x, positions, mask, subject)
+        h = self.spatial(x, positions.to(x.dtype), mask)
+        h = self.merge(h)
+        if self.subject_layer is not None:
+            h = self.subject_layer(h, subject)
+        h = self.final(self.encoder(h))
+        z = self.aggregate(h)  # (B, Q, head_dim)
+        clip, mse = self.clip_head(z), self.mse_head(z)
+        if self.n_tokens is None:
+            clip, mse = clip[:, 0], mse[:, 0]
+        return {"clip": clip, "mse": mse}
+
+    # ------------------------------------------------------------------ examples
+    @classmethod
+    def example_config(cls) -> dict[str, Any]:
+        """A tiny config (CPU tests): 2 subjects, 0.5 s windows at 60 Hz."""
+        return {"n_outputs": 8, "n_times": 30, "sfreq": 60.0, "n_subjects": 2,
+                "n_virtual_chans": 16, "n_fourier": 4, "hidden_dim": 16, "depth": 2}
+
+    def example_inputs(self, *, batch_size: int = 2) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Random windows on a random 2D layout: ``(x, {positions, mask, subject})``."""
+        c = self.n_chans or 12
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(batch_size, c, self.n_times, generator=gen)
+        positions = torch.rand(1, c, 2, generator=gen).expand(batch_size, c, 2).clone()
+        mask = torch.ones(batch_size, c, dtype=torch.bool)
+        subject = torch.arange(batch_size) % self.n_subjects
+        return x, {"positions": positions, "mask": mask, "subject": subject}

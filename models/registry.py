@@ -1,0 +1,48 @@
+"""Artifact ``model_type`` string → encoder class (rebuild models without Hydra).
+
+Checkpoints and exported artifacts store ``model_type`` (the class name) and the model's
+:meth:`~neurorecon.models.base.BrainModuleMixin.get_config`; :func:`build` turns them back
+into a module, ready for ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from .fmri.encoder import FmriEncoder
+from .meg.brain_module import MegBrainModule
+
+#: model_type → class; keys are the class names (what training stores as ``model_type``)
+MODEL_TYPES: dict[str, type[nn.Module]] = {
+    cls.__name__: cls for cls in (MegBrainModule, FmriEncoder)
+}
+
+
+def get_model_class(model_type: str) -> type[nn.Module]:
+    """Class registered under ``model_type``; a ValueError lists the known types."""
+    try:
+        return MODEL_TYPES[model_type]
+    except KeyError:
+        raise ValueError(f"unknown model_type {model_type!r}; known types: "
+                         f"{sorted(MODEL_TYPES)}") from None
+
+
+def build(model_type: str, config: Mapping[str, Any]) -> nn.Module:
+    """Build a model of ``model_type`` from its constructor config (``get_config()`` output).
+
+    Parameters
+    ----------
+    model_type : str
+        A key of :data:`MODEL_TYPES` (the class name).
+    config : mapping
+        Constructor arguments (keys = argument names).
+
+    Returns
+    -------
+    nn.Module
+        A freshly initialised model; load the saved state dict into it.
+    """
+    return get_model_class(model_type).from_config(config)

@@ -1,0 +1,331 @@
+"""Encoders, losses and registry: shapes, masking, subjects, clear errors, config round trip."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import mne
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from neurorecon.models.base import ModelInputError
+from neurorecon.models.fmri.encoder import FmriEncoder
+from neurorecon.models.losses import ClipLoss, CombinedLoss, MseLoss
+from neurorecon.models.meg.brain_module import MegBrainModule, _Conv1d
+from neurorecon.models.registry import MODEL_TYPES, build
+from neurorecon.pipelines.preprocess.meg import sensor_layout
+
+REPO = Path(__file__).resolve().parents[1]
+N_TIMES, EMB = 40, 16
+
+
+def tiny_meg(**kwargs) -> MegBrainModule:
+    torch.manual_seed(0)
+    config = {"n_outputs": EMB, "n_times": N_TIMES, "sfreq": 100.0, "n_subjects": 2,
+              "n_virtual_chans": 16, "n_fourier": 4, "hidden_dim": 16, "depth": 2, **kwargs}
+    return MegBrainModule(**config)
+
+
+@pytest.fixture(scope="module")
+def layouts() -> dict[str, torch.Tensor]:
+    """Real 2D sensor layouts: CTF-275 (274 channels) and CTF-151 (151 channels)."""
+    out = {}
+    for system in ("ctf275", "ctf151"):
+        info = mne.channels.read_meg_canonical_info(system)
+        picks = mne.pick_types(info, meg=True, ref_meg=False)
+        out[system] = torch.from_numpy(sensor_layout(info, picks).astype(np.float32))
+    return out
+
+
+def meg_batch(pos: torch.Tensor, *, batch: int = 3, subject=0, seed: int = 0) -> tuple:
+    gen = torch.Generator().manual_seed(seed)
+    c = len(pos)
+    x = torch.randn(batch, c, N_TIMES, generator=gen)
+    kw = {"positions": pos.expand(batch, c, 2).clone(),
+          "mask": torch.ones(batch, c, dtype=torch.bool),
+          "subject": torch.full((batch,), subject, dtype=torch.long)}
+    return x, kw
+
+
+# ---------------------------------------------------------------------------------- MEG
+def test_meg_shapes_on_two_channel_sets(layouts):
+    assert len(layouts["ctf275"]) == 274 and len(layouts["ctf151"]) == 151
+    model = tiny_meg().eval()
+    with torch.no_grad():
+        for pos in layouts.values():
+            out = model(*meg_batch(pos)[:1], **meg_batch(pos)[1])
+            assert set(out) == {"clip", "mse"}
+            assert out["clip"].shape == out["mse"].shape == (3, EMB)
+            assert torch.isfinite(out["clip"]).all()
+    # train mode (BatchNorm batch statistics, spatial dropout) and gradients reach the input
+    model.train()
+    x, kw = meg_batch(layouts["ctf151"])
+    x.requires_grad_(True)
+    model(x, **kw)["clip"].sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("aggregation", ["affine", "mean", "attention"])
+def test_meg_token_outputs_and_aggregations(layouts, aggregation):
+    x, kw = meg_batch(layouts["ctf151"], batch=2)
+    model = tiny_meg(aggregation=aggregation, n_tokens=3).eval()
+    with torch.no_grad():
+        out = model(x, **kw)
+    assert out["clip"].shape == out["mse"].shape == (2, 3, EMB)
+    assert tiny_meg(aggregation=aggregation).get_output_shape() == {"clip": (2, EMB),
+                                                                   "mse": (2, EMB)}
+
+
+def test_masked_channels_do_not_influence_output(layouts):
+    model = tiny_meg().eval()
+    x, kw = meg_batch(layouts["ctf275"], batch=2)
+    bad = [3, 100, 200]
+    kw["mask"][:, bad] = False
+    with torch.no_grad():
+        ref = model(x, **kw)
+        x2, kw2 = x.clone(), {k: v.clone() for k, v in kw.items()}
+        x2[:, bad] = torch.randn(2, len(bad), N_TIMES) * 1e3
+        x2[0, bad[0], 5] = float("nan")
+        kw2["positions"][:, bad] = torch.rand(2, len(bad), 2)  # even their positions
+        out = model(x2, **kw2)
+        # a good channel does matter
+        x3 = x.clone()
+        x3[:, 50] += 10.0
+        changed = model(x3, **kw)
+    for key in ("clip", "mse"):
+        torch.testing.assert_close(out[key], ref[key], rtol=0, atol=0)
+        assert not torch.allclose(changed[key], ref[key])
+    weights = model.spatial.attention(kw["positions"], kw["mask"])
+    assert (weights[:, :, bad] == 0).all()
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 16))
+
+
+def test_eval_attention_cache_follows_layout_mask_and_weights(layouts):
+    model = tiny_meg().eval()
+    x, kw = meg_batch(layouts["ctf151"], batch=1)
+    fresh = tiny_meg(n_fourier=4).eval()  # same seed, same weights
+    with torch.no_grad():
+        first = model(x, **kw)["clip"]
+        torch.testing.assert_close(model(x, **kw)["clip"], first, rtol=0, atol=0)
+        kw_bad = {**kw, "mask": kw["mask"].clone()}
+        kw_bad["mask"][0, :40] = False
+        torch.testing.assert_close(model(x, **kw_bad)["clip"], fresh(x, **kw_bad)["clip"])
+        other = {k: v + 0.1 for k, v in model.state_dict().items() if v.is_floating_point()}
+        model.load_state_dict(other, strict=False)
+        fresh.load_state_dict(other, strict=False)
+        torch.testing.assert_close(model(x, **kw)["clip"], fresh(x, **kw)["clip"])
+    assert not torch.allclose(model(x, **kw)["clip"], first)  # with autograd: no cache
+
+
+def test_spatial_dropout_drops_a_disc_only_in_training(layouts):
+    model = tiny_meg(spatial_dropout_radius=0.25)
+    pos = layouts["ctf275"].expand(8, -1, -1)
+    mask = torch.ones(8, 274, dtype=torch.bool)
+    torch.manual_seed(1)
+    dropped = (model.spatial.attention(pos, mask) == 0).all(dim=1)  # (8, 274)
+    assert dropped.any() and (~dropped).any(dim=1).all()  # some sensors, never all
+    model.eval()
+    assert not (model.spatial.attention(pos, mask) == 0).any()
+
+
+def test_subject_layer_is_per_subject(layouts):
+    model = tiny_meg().eval()
+    with torch.no_grad():
+        model.subject_layer.weight[1] += 0.5 * torch.randn(16, 16)
+        x, kw = meg_batch(layouts["ctf151"], batch=2)
+        out0 = model(x, **{**kw, "subject": torch.tensor([0, 0])})["clip"]
+        out1 = model(x, **{**kw, "subject": torch.tensor([1, 1])})["clip"]
+        mixed = model(x, **{**kw, "subject": torch.tensor([0, 1])})["clip"]
+    assert not torch.allclose(out0, out1)
+    torch.testing.assert_close(mixed, torch.stack([out0[0], out1[1]]))
+
+
+def test_meg_clear_errors(layouts):
+    model = tiny_meg().eval()
+    x, kw = meg_batch(layouts["ctf151"], batch=2)
+    with pytest.raises(ModelInputError, match=r"unknown subject index: got 2.*indices 0\.\.1"):
+        model(x, **{**kw, "subject": torch.tensor([0, 2])})
+    with pytest.raises(ModelInputError, match=r"window too short: got 30 samples \(0\.3 s"):
+        model(x[..., :30], **kw)
+    with pytest.raises(ModelInputError, match="window too long"):
+        model(torch.cat([x, x], dim=-1), **kw)
+    with pytest.raises(ModelInputError, match=r"positions axis 1 has size 274"):
+        model(x, **{**kw, "positions": layouts["ctf275"].expand(2, -1, -1)})
+    with pytest.raises(ModelInputError, match="positions and mask are required"):
+        model(x, positions=None, mask=None, subject=0)
+    with pytest.raises(ModelInputError, match="mask must be a bool tensor"):
+        model(x, **{**kw, "mask": kw["mask"].float()})
+    with pytest.raises(ModelInputError, match="no good channel"):
+        model(x, **{**kw, "mask": torch.zeros_like(kw["mask"])})
+    fixed = tiny_meg(n_chans=274)
+    with pytest.raises(ModelInputError, match="wrong channel count: got 151, expected 274"):
+        fixed(x, **kw)
+    # the message says what to do
+    try:
+        model(x[..., :30], **kw)
+    except ModelInputError as exc:
+        assert "tmin/tmax and sfreq" in str(exc)
+
+
+def test_signal_shape_is_derived_and_checked():
+    model = MegBrainModule(n_outputs=4, sfreq=120.0, input_window_seconds=1.5)
+    assert model.n_times == 180 and model.input_window_seconds == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="contradicts"):
+        MegBrainModule(n_outputs=4, n_times=100, sfreq=120.0, input_window_seconds=1.5)
+    with pytest.raises(ValueError, match="give n_times"):
+        MegBrainModule(n_outputs=4, sfreq=120.0)
+    with pytest.raises(ValueError, match="Allowed values"):
+        MegBrainModule(n_outputs=4, n_times=10, aggregation="max")
+
+
+def test_single_window_fast_path_equals_conv():
+    torch.manual_seed(0)
+    for kernel, dilation in [(3, 1), (3, 8), (1, 1), (5, 2)]:
+        conv = _Conv1d(6, 7, kernel, padding=dilation * (kernel - 1) // 2, dilation=dilation)
+        x = torch.randn(1, 6, 50)
+        expected = torch.nn.functional.conv1d(x, conv.weight, conv.bias,
+                                              padding=conv.padding, dilation=conv.dilation)
+        torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(conv(x.expand(2, -1, -1))[1:], expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- fMRI
+def test_fmri_two_voxel_counts_and_errors():
+    torch.manual_seed(0)
+    model = FmriEncoder(subjects={"01": 50, "02": 73}, n_outputs=EMB, hidden_dim=32).eval()
+    with torch.no_grad():
+        a = model(torch.randn(4, 50), subject=0)
+        b = model(torch.randn(4, 73), subject=torch.ones(4, dtype=torch.long))
+        c = model(torch.randn(4, 73), subject="02")
+    assert a["clip"].shape == b["mse"].shape == c["clip"].shape == (4, EMB)
+    tokens = FmriEncoder(subjects={"01": 50}, n_outputs=EMB, hidden_dim=32, n_tokens=5)
+    assert tokens(torch.randn(3, 50), subject=0)["mse"].shape == (3, 5, EMB)
+    with pytest.raises(ModelInputError, match=r"wrong voxel count for sub-02: got 50, expected 73"):
+        model(torch.randn(4, 50), subject=1)
+    with pytest.raises(ModelInputError, match=r"unknown subject: got '03'.*\['01', '02'\]"):
+        model(torch.randn(4, 50), subject="03")
+    with pytest.raises(ModelInputError, match="unknown subject index: got 5"):
+        model(torch.randn(4, 50), subject=5)
+    with pytest.raises(ModelInputError, match="one subject"):
+        model(torch.randn(2, 50), subject=torch.tensor([0, 1]))
+
+
+def test_fmri_new_subject_adaptation_freezes_shared_part():
+    torch.manual_seed(0)
+    model = FmriEncoder(subjects={"01": 30, "02": 40}, n_outputs=EMB, hidden_dim=32)
+    index = model.add_subject("03", 25)
+    assert index == 2 and model.subjects == {"01": 30, "02": 40, "03": 25}
+    trainable = model.freeze_shared("03")
+    assert {id(p) for p in trainable} == {id(p) for p in model.adapters["03"].parameters()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss_fn = CombinedLoss(lambda_clip=0.5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        loss, _ = loss_fn(model(torch.randn(8, 25), subject="03"), torch.randn(8, EMB))
+        loss.backward()
+        opt.step()
+    after = model.state_dict()
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed and all(k.startswith("adapters.03.") for k in changed)
+    # the adapted model rebuilds from its config (subject map included)
+    clone = FmriEncoder.from_config(json.loads(json.dumps(model.get_config())))
+    clone.load_state_dict(model.state_dict())
+    with pytest.raises(ModelInputError, match="add_subject"):
+        model.freeze_shared("04")
+
+
+# ---------------------------------------------------------------------------------- config
+@pytest.mark.parametrize("model_type", sorted(MODEL_TYPES))
+def test_config_round_trip_gives_identical_outputs(model_type):
+    cls = MODEL_TYPES[model_type]
+    torch.manual_seed(0)
+    model = build(model_type, cls.example_config()).eval()
+    config = json.loads(json.dumps(model.get_config()))
+    assert list(config) == list(inspect.signature(cls).parameters)  # keys = argument names
+    clone = build(model_type, config).eval()
+    clone.load_state_dict(model.state_dict())
+    x, kw = model.example_inputs(batch_size=3)
+    with torch.no_grad():
+        a, b = model(x, **kw), clone(x, **kw)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="unknown config key"):
+        cls.from_config({**config, "hidden": 3})
+
+
+def test_registry_is_complete():
+    with pytest.raises(ValueError, match="known types"):
+        build("NoSuchModel", {})
+    for name, cls in MODEL_TYPES.items():
+        assert name == cls.__name__
+        model = build(name, cls.example_config())
+        shapes = model.get_output_shape()
+        assert shapes["clip"] == shapes["mse"] == (2, model.n_outputs)
+    # every encoder config targets a registered class, and every registered class has one
+    encoders = yaml.safe_load((REPO / "configs" / "encoder" / "default.yaml").read_text())
+    targets = {cfg["_target_"].rsplit(".", 1)[1] for cfg in encoders.values()}
+    assert targets == set(MODEL_TYPES)
+
+
+# ---------------------------------------------------------------------------------- losses
+def test_clip_loss_prefers_matched_pairs_and_trains():
+    torch.manual_seed(0)
+    target = torch.randn(16, EMB)
+    noisy = target + 0.3 * torch.randn(16, EMB)
+    loss_fn = ClipLoss(init_temperature=0.1)
+    matched = loss_fn(noisy, target)
+    shuffled = loss_fn(noisy[torch.randperm(16)], target)
+    assert matched < shuffled
+    assert ClipLoss(symmetric=False)(noisy, target) > 0
+
+    # a tiny model learns to pick its pair among 16 random ones, through the CLIP gradient
+    inputs = torch.randn(16, 32)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, EMB))
+    loss_fn = ClipLoss()
+    opt = torch.optim.Adam([*net.parameters(), *loss_fn.parameters()], lr=1e-2)
+    with torch.no_grad():
+        start = loss_fn(net(inputs), target).item()
+    for _ in range(200):
+        opt.zero_grad()
+        loss = loss_fn(net(inputs), target)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1 * start
+    with torch.no_grad():
+        top1 = (loss_fn.logits(net(inputs), target).argmax(1) == torch.arange(16)).float()
+    assert top1.mean() == 1.0
+    assert loss_fn.log_scale.grad is not None  # the temperature is learned
+
+
+def test_clip_temperature_is_clamped_and_token_targets_work():
+    loss_fn = ClipLoss(max_scale=100.0)
+    with torch.no_grad():
+        loss_fn.log_scale.fill_(20.0)
+    assert loss_fn.scale.item() == pytest.approx(100.0)
+    frozen = ClipLoss(learn_temperature=False)
+    assert not list(frozen.parameters())
+    tokens = torch.randn(4, 3, EMB)
+    assert frozen(tokens, tokens).shape == ()
+
+
+def test_combined_loss_weights_and_errors():
+    torch.manual_seed(0)
+    out = {"clip": torch.randn(8, EMB), "mse": torch.randn(8, EMB)}
+    y = torch.randn(8, EMB)
+    clip_only, parts = CombinedLoss(lambda_clip=1.0)(out, y)
+    mse_only, _ = CombinedLoss(lambda_clip=0.0)(out, y)
+    torch.testing.assert_close(clip_only, ClipLoss()(out["clip"], y))
+    torch.testing.assert_close(mse_only, MseLoss()(out["mse"], y))
+    mixed, parts = CombinedLoss(lambda_clip=0.25)(out, y)
+    torch.testing.assert_close(mixed, 0.25 * parts["clip"] + 0.75 * parts["mse"])
+    assert set(parts) == {"clip", "mse", "temperature"}
+    assert parts["temperature"].item() == pytest.approx(0.07)
+    with pytest.raises(ModelInputError, match="embedding dimension"):
+        CombinedLoss()(out, torch.randn(8, EMB + 1))
+    with pytest.raises(ValueError, match="lambda_clip"):
+        CombinedLoss(lambda_clip=1.5)
