@@ -7,7 +7,9 @@ handles overrides, ``--help``, ``--cfg job`` and ``--multirun``.
 from __future__ import annotations
 
 import importlib
+import shutil
 import sys
+from pathlib import Path
 
 #: stage name -> (module with ``run(cfg)``, one-line description)
 STAGES: dict[str, tuple[str, str]] = {
@@ -64,10 +66,30 @@ def main(argv: list[str] | None = None) -> None:
             logger.error("error: %s", exc)
             raise SystemExit(2) from None
 
-    sys.argv = [f"neurorecon-{stage}", *rest]
+    # argv[0] names the stage by itself (the per-stage script), so that processes re-launched
+    # from sys.argv (Lightning's DDP launcher) run the same stage
+    sys.argv = [_stage_script(stage), *rest]
     hydra.main(config_path="pkg://neurorecon.configs", config_name=stage, version_base="1.3")(
         task
     )()
+
+
+def _stage_script(stage: str) -> str:
+    """Absolute path of the ``neurorecon-<stage>`` script of this installation."""
+    name = f"neurorecon-{stage}"
+    for folder in (Path(sys.argv[0]).resolve().parent, Path(sys.executable).parent):
+        if (folder / name).is_file():
+            return str(folder / name)
+    return shutil.which(name) or name
+
+
+def stage_main() -> None:
+    """Entry point of the per-stage scripts ``neurorecon-<stage>``."""
+    name = Path(sys.argv[0]).name
+    stage = name.removeprefix("neurorecon-")
+    if stage not in STAGES:
+        raise SystemExit(f"{name}: not a neurorecon stage script")
+    main([stage, *sys.argv[1:]])
 
 
 if __name__ == "__main__":  # pragma: no cover

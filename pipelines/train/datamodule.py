@@ -74,7 +74,12 @@ class _TrialDataset(Dataset):
 
 
 class SubjectBatchSampler(Sampler[list[int]]):
-    """Batches that each hold the trials of a single subject (shuffled per epoch if asked)."""
+    """Batches that each hold the trials of a single subject (shuffled per epoch if asked).
+
+    Under distributed training each process takes every ``world_size``-th batch (the list is
+    padded by repetition to a multiple of ``world_size``, so all processes step equally);
+    the Trainer is configured with ``use_distributed_sampler=False`` accordingly.
+    """
 
     def __init__(self, subjects: np.ndarray, *, batch_size: int, shuffle: bool, seed: int,
                  drop_last: bool = False):
@@ -98,13 +103,29 @@ class SubjectBatchSampler(Sampler[list[int]]):
             batches = [batches[i] for i in rng.permutation(len(batches))]
         return batches
 
+    @staticmethod
+    def _world() -> tuple[int, int]:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def _shard(self, batches: list[list[int]]) -> list[list[int]]:
+        rank, world = self._world()
+        if world == 1:
+            return batches
+        n = -(-len(batches) // world) * world
+        padded = [batches[i % len(batches)] for i in range(n)]
+        return padded[rank::world]
+
     def __iter__(self):
-        batches = self._batches()
+        batches = self._shard(self._batches())
         self.epoch += 1
         return iter(batches)
 
     def __len__(self) -> int:
-        return len(self._batches())
+        return len(self._shard(self._batches()))
 
 
 class BrainDataModule(LightningDataModule):
@@ -160,6 +181,7 @@ class BrainDataModule(LightningDataModule):
         self.recipe = data.recipe
         self.subjects: dict[str, SubjectInfo] = {}
         self._X: list[torch.Tensor] = []
+        self._layout: list[tuple[torch.Tensor, torch.Tensor]] = []  # MEG positions, good mask
         parts = {"train": [], "val": [], "test": []}
         val_stims = self._val_stimuli(data, labels)
         for k, label in enumerate(labels):
@@ -174,6 +196,8 @@ class BrainDataModule(LightningDataModule):
             else:
                 info.n_voxels = int(sub.X.shape[1])
             self.subjects[label] = info
+            if self.modality == "meg":
+                self._layout.append((torch.tensor(info.positions), torch.tensor(info.good)))
             self._X.append(torch.as_tensor(np.asarray(sub.X, dtype=np.float32)))
             trials = sub.trials.reset_index(drop=True)
             missing = sorted(set(trials["stim_file"]) - set(row_of))
@@ -235,9 +259,7 @@ class BrainDataModule(LightningDataModule):
         out = {"x": self._X[k][split.row[i]], "y": self.embeddings[split.target[i]],
                "subject": k, "target": int(split.target[i])}
         if self.modality == "meg":
-            info = self.subjects[self.labels[k]]
-            out["positions"] = torch.as_tensor(info.positions)
-            out["mask"] = torch.as_tensor(info.good)
+            out["positions"], out["mask"] = self._layout[k]
         return out
 
     @property

@@ -1,0 +1,96 @@
+"""Training and the `run` contract through the real configs, scaled down (CPU, few epochs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from neurorecon.pipelines.common.checks import DataError
+
+from .conftest import compose_stage
+
+SMALL_MEG = ["encoder.meg.hidden_dim=16", "encoder.meg.depth=2", "encoder.meg.n_virtual_chans=16",
+             "encoder.meg.n_fourier=4"]
+SMALL_FMRI = ["encoder.fmri.hidden_dim=32", "encoder.fmri.n_blocks=1"]
+FAST = ["trainer.max_epochs=3", "trainer.min_epochs=1", "datamodule.batch_size=8",
+        "evaluate.time_resolved=false", "trainer.enable_progress_bar=false"]
+
+
+def _check_contract(metrics: dict, modality: str) -> None:
+    assert metrics["modality"] == modality and metrics["n_test"] > 0
+    assert isinstance(metrics["embedder"], str)
+    r = metrics["retrieval"]
+    for name in ("encoder", "ridge"):
+        for key in ("top1", "top5", "median_rank", "rel_median_rank"):
+            assert key in r[name]
+        assert 0 <= r[name]["top1"] <= r[name]["top5"] <= 1
+        assert 1 <= r[name]["median_rank"] <= r[name]["n_candidates"]
+    assert r["chance"]["top1"] == pytest.approx(1 / r["chance"]["n_candidates"])
+
+
+@pytest.mark.parametrize("modality", ["meg", "fmri"])
+def test_run_contract_on_sample(sample_root, tmp_path, modality):
+    from neurorecon.pipelines.train.run import run
+
+    small = SMALL_MEG if modality == "meg" else SMALL_FMRI
+    cfg = compose_stage("run", tmp_path, ["data=bids", f"data.root={sample_root / modality}",
+                                          f"data.modality={modality}", *FAST, *small])
+    metrics = run(cfg)
+    out = Path(cfg.paths.output_dir)
+    on_disk = json.loads((out / "metrics.json").read_text())
+    _check_contract(on_disk, modality)
+    assert on_disk["retrieval"] == metrics["retrieval"]
+    assert (out / "retrieval_examples.png").stat().st_size > 10_000
+    # the checkpoint describes itself: enough to run inference later without this config
+    ckpt = torch.load(metrics["training"]["best_checkpoint"], map_location="cpu",
+                      weights_only=False)
+    desc = ckpt["neurorecon"]
+    assert desc["model_type"] in ("MegBrainModule", "FmriEncoder")
+    assert desc["data"]["embedder"]["name"] == metrics["embedder"]
+    assert set(desc["data"]["subjects"]) == {"01", "02"}
+    if modality == "meg":
+        sub = desc["data"]["subjects"]["01"]
+        assert len(sub["ch_names"]) == len(sub["positions"]) == 274
+        assert desc["data"]["preprocessing"]["params"]["sfreq"] == 120.0
+
+
+def test_train_errors_are_clear(sample_root, tmp_path):
+    from neurorecon.pipelines.train.run import run
+
+    cfg = compose_stage("train", tmp_path, ["data=bids", f"data.root={sample_root / 'meg'}",
+                                            "data.test_value=nonexistent", *FAST, *SMALL_MEG])
+    with pytest.raises(DataError, match="test split is empty"):
+        run(cfg)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(sample_root, tmp_path):
+    """`trainer=cpu_ddp`: Lightning launches a second process; gloo on 127.0.0.1."""
+    run_dir = tmp_path / "runs" / "ddp"
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "NEURORECON_ROOT": str(tmp_path)}
+    cmd = [str(Path(sys.executable).parent / "neurorecon"), "train", "trainer=cpu_ddp",
+           "data=bids", f"data.root={sample_root / 'meg'}", "trainer.max_epochs=2",
+           "trainer.min_epochs=1", "datamodule.batch_size=8", "evaluate.ridge=false",
+           "evaluate.time_resolved=false", f"hydra.run.dir={run_dir}", *SMALL_MEG]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "distributed_backend=gloo" in out.stderr + out.stdout
+    assert "All distributed processes registered. Starting with 2 processes" in (
+        out.stderr + out.stdout)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["retrieval"]["encoder"]["top5"] >= 0
