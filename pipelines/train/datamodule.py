@@ -143,6 +143,9 @@ class BrainDataModule(LightningDataModule):
         Seed of the validation split and of batch shuffling.
     subjects : list of str | None
         Subjects to use (all if None).
+    fit_subjects : list of str | None
+        Keep only these subjects' trials in every split (subject indices still follow
+        ``subjects``): a new subject's adapter is trained inside a multi-subject model.
     train_fraction : dict | None
         ``{subject: fraction}`` keeps only a seeded fraction of that subject's train trials
         (new-subject adaptation curves).
@@ -152,12 +155,13 @@ class BrainDataModule(LightningDataModule):
 
     def __init__(self, *, preproc_dir: str | Path, embeddings_dir: str | Path,
                  batch_size: int = 64, val_fraction: float = 0.1, seed: int = 0,
-                 subjects: list[str] | None = None,
+                 subjects: list[str] | None = None, fit_subjects: list[str] | None = None,
                  train_fraction: dict[str, float] | None = None, num_workers: int = 0):
         super().__init__()
         self.preproc_dir, self.embeddings_dir = Path(preproc_dir), Path(embeddings_dir)
         self.batch_size, self.val_fraction, self.seed = batch_size, val_fraction, seed
         self.subject_filter = None if subjects is None else [str(s) for s in subjects]
+        self.fit_subjects = None if fit_subjects is None else [str(s) for s in fit_subjects]
         self.train_fraction = dict(train_fraction or {})
         self.num_workers = num_workers
         self.data: Preprocessed | None = None
@@ -210,6 +214,8 @@ class BrainDataModule(LightningDataModule):
             split = trials["split"].to_numpy().copy()
             split[(split == "train") & trials["stim_file"].isin(val_stims).to_numpy()] = "val"
             keep = self._fraction_mask(label, split)
+            if self.fit_subjects is not None and label not in self.fit_subjects:
+                keep[:] = False
             for name in parts:
                 sel = np.flatnonzero((split == name) & keep)
                 parts[name].append((k, sel, target[sel], trials.iloc[sel]))

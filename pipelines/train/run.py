@@ -75,14 +75,23 @@ def build_module(cfg: DictConfig, dm, *, net=None):
     return lit
 
 
-def fit(cfg: DictConfig, lit, dm, *, out_dir: Path):
-    """Train with the configured Trainer; reload the best checkpoint (by validation)."""
+def fit(cfg: DictConfig, lit, dm, *, out_dir: Path, quiet: bool = False):
+    """Train with the configured Trainer; reload the best checkpoint (by validation).
+
+    Checkpoints and logs go under ``out_dir`` (the run directory, or a sub-folder of it for
+    the extra trainings of the adaptation curve).
+    """
     import torch
     from hydra.utils import instantiate
 
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    callbacks = []
+    for c in (cfg.get("callbacks") or {}).values():
+        extra = {"dirpath": str(out_dir / "checkpoints")} if "dirpath" in c else {}
+        callbacks.append(instantiate(c, **extra))
+    loggers = [instantiate(c, save_dir=str(out_dir)) for c in (cfg.get("logger") or {}).values()]
+    extra = {"enable_progress_bar": False, "enable_model_summary": False} if quiet else {}
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                          default_root_dir=str(out_dir), **extra)
     t0 = time.perf_counter()
     trainer.fit(lit, datamodule=dm)
     seconds = time.perf_counter() - t0
@@ -114,6 +123,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                        time_resolved=bool(cfg.evaluate.time_resolved),
                        ridge_alphas=cfg.evaluate.get("ridge_alphas"))
     metrics["training"] = info
+    if cfg.evaluate.get("adaptation") and dm.modality == "fmri":
+        from .adaptation import adaptation_curve
+
+        metrics["adaptation"] = adaptation_curve(cfg, preproc_dir=preproc_dir,
+                                                 embeddings_dir=emb_dir, out_dir=out_dir)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
     return metrics
