@@ -18,6 +18,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "embed": ("neurorecon.pipelines.embed.run", "stimulus images -> embeddings cache"),
     "train": ("neurorecon.pipelines.train.run",
               "train an encoder (preprocess + embed if needed) and evaluate it"),
+    "evaluate": ("neurorecon.pipelines.train.evaluate",
+                 "score a trained checkpoint on a dataset (its own recipe and embedder)"),
     "run": ("neurorecon.pipelines.train.run",
             "every stage on a BIDS dataset -> metrics.json (the external contract)"),
 }

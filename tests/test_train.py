@@ -109,3 +109,29 @@ def test_fmri_adaptation_curve(sample_root, tmp_path):
     for curve in ad["top5"].values():
         assert len(curve) == 3 and all(0 <= v <= 1 for v in curve)
     assert (Path(cfg.paths.output_dir) / "adaptation.png").stat().st_size > 5_000
+
+
+def test_checkpoint_alone_evaluates_and_refuses_misfits(sample_root, tmp_path):
+    from neurorecon.pipelines.train.evaluate import run as evaluate
+    from neurorecon.pipelines.train.run import run
+
+    cfg = compose_stage("train", tmp_path / "t", ["data=bids", f"data.root={sample_root / 'meg'}",
+                                                  "evaluate.ridge=false", *FAST, *SMALL_MEG])
+    ckpt = run(cfg)["training"]["best_checkpoint"]
+    trained = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+
+    # the checkpoint alone (its own recipe and embedder) on one of its subjects
+    ev = compose_stage("evaluate", tmp_path / "e", [
+        f"checkpoint={ckpt}", "data=bids", f"data.root={sample_root / 'meg'}",
+        "data.subjects=[\"02\"]", "evaluate.ridge=false"])
+    metrics = evaluate(ev)
+    assert metrics["subjects"] == ["02"]
+    assert metrics["retrieval_per_subject"]["02"]["encoder"] == pytest.approx(
+        trained["retrieval_per_subject"]["02"]["encoder"])
+
+    # data it does not fit: another modality
+    bad = compose_stage("evaluate", tmp_path / "b", [
+        f"checkpoint={ckpt}", "data=bids", f"data.root={sample_root / 'fmri'}",
+        "data.modality=fmri"])
+    with pytest.raises(DataError, match="does not fit the checkpoint.*modality 'fmri'"):
+        evaluate(bad)

@@ -105,12 +105,19 @@ def average_repeats(X: np.ndarray, trials: pd.DataFrame, *, stim_column: str = "
     """Average the trials of ``split`` that show the same stimulus; keep the others as they are.
 
     The averaged rows get ``n_repeats`` (number of trials averaged); other rows get 1.
+    Raises :class:`DataError` if no stimulus of ``split`` is repeated.
     """
     trials = trials.reset_index(drop=True)
     keep = trials.index[trials["split"] != split].to_numpy()
     out_X = [X[keep]]
     rows = trials.loc[keep].assign(n_repeats=1)
     groups = trials[trials["split"] == split].groupby(stim_column, sort=True)
+    if len(groups) and groups.size().max() == 1:
+        raise DataError(
+            f"the {split} set has no repeats: every {split} stimulus was shown once, so there "
+            "is nothing to average",
+            hint="set preprocess.<modality>.average_test_repeats=false, or mark the repeated "
+            "images as test with data.split_column / data.test_value")
     avg_rows = []
     for _, g in groups:
         out_X.append(X[g.index.to_numpy()].mean(axis=0, keepdims=True))

@@ -1,0 +1,72 @@
+"""Use a trained checkpoint on its own: rebuild the encoder and check data against it.
+
+A checkpoint written by ``neurorecon train`` carries ``checkpoint["neurorecon"]``: the model
+type and constructor config, the embedder spec, the preprocessing recipe, per-subject channel
+names / 2D positions (MEG) or voxel counts (fMRI), and the resolved config. That is enough to
+rebuild the encoder without Hydra or Lightning (``models.registry``) and to refuse data that
+does not fit, with a message saying what differs and what to do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..common.checks import DataError
+
+
+def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the encoder of a checkpoint; return it (eval mode) and its description."""
+    from neurorecon.models.registry import build
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("checkpoint not found", path=path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    desc = ckpt.get("neurorecon")
+    if not desc or not desc.get("model_config"):
+        raise DataError("not a neurorecon checkpoint (no 'neurorecon' description)", path=path,
+                        hint="use a checkpoint written by `neurorecon train`")
+    net = build(desc["model_type"], desc["model_config"])
+    state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items()
+             if k.startswith("net.")}
+    net.load_state_dict(state)
+    return net.eval(), desc
+
+
+def check_compatible(desc: dict[str, Any], dm, *, path: str | Path) -> None:
+    """Raise :class:`DataError` if the data of ``dm`` does not fit the checkpoint ``desc``."""
+    trained = desc["data"]
+    problems = []
+    if dm.modality != trained["modality"]:
+        problems.append(f"modality {dm.modality!r}, the checkpoint is for {trained['modality']!r}")
+    if dm.emb_dim != trained["emb_dim"] or dm.embedder_spec.get("name") != trained["embedder"].get(
+            "name"):
+        problems.append(
+            f"embedder {dm.embedder_spec.get('name')} (dim {dm.emb_dim}); the checkpoint was "
+            f"trained on {trained['embedder'].get('name')} (dim {trained['emb_dim']}) -> embed "
+            "the stimuli with that embedder")
+    unknown = [s for s in dm.labels if s not in trained["subjects"]]
+    if unknown:
+        problems.append(f"subject(s) {unknown} unknown to the checkpoint (it knows "
+                        f"{sorted(trained['subjects'])}) -> select known subjects with "
+                        "data.subjects, or adapt a new subject (evaluate.adaptation)")
+    params, new_params = trained["preprocessing"].get("params"), dm.recipe.get("params")
+    if dm.modality == "meg" and params and new_params:
+        for key in ("sfreq", "tmin", "tmax"):
+            if params[key] != new_params[key]:
+                problems.append(f"preprocessing {key}={new_params[key]}, the checkpoint expects "
+                                f"{params[key]} -> preprocess with the checkpoint's recipe")
+    for label in dm.labels:
+        if label not in trained["subjects"]:
+            continue
+        info, ref = dm.subjects[label], trained["subjects"][label]
+        if dm.modality == "fmri" and info.n_voxels != ref.get("n_voxels"):
+            problems.append(f"sub-{label} has {info.n_voxels} voxels, the checkpoint's adapter "
+                            f"takes {ref.get('n_voxels')} -> use the same mask")
+        if dm.modality == "meg" and info.positions is None:
+            problems.append(f"sub-{label} channels have no positions")
+    if problems:
+        raise DataError("data does not fit the checkpoint: " + "; ".join(problems), path=path)

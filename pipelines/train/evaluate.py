@@ -1,0 +1,59 @@
+"""``neurorecon evaluate checkpoint=<ckpt>``: score a trained encoder on a dataset.
+
+The preprocessing recipe and the embedder are the checkpoint's own (stored in it), so the data
+are prepared exactly as for training; only ``data`` (and ``paths``) come from the command line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ..common.checks import DataError
+from ..common.logging import logger
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Stage entry point (Hydra root config ``evaluate.yaml``)."""
+    from ..evaluate.report import evaluate
+    from .checkpoint import check_compatible, load_checkpoint
+    from .module import ContrastiveLitModule
+    from .run import build_datamodule, prepare_caches
+
+    if OmegaConf.is_missing(cfg, "checkpoint"):
+        raise DataError("evaluate needs checkpoint=<path to a .ckpt written by neurorecon train>")
+    net, desc = load_checkpoint(cfg.checkpoint)
+    trained = OmegaConf.create(desc["config"])
+    # the checkpoint's recipe and embedder, this command's data and paths
+    job = OmegaConf.merge(trained, {"data": cfg.data, "paths": cfg.paths,
+                                    "embed": cfg.get("embed") or trained.embed})
+    preproc_dir, emb_dir = prepare_caches(job)
+    dm = build_datamodule(job, preproc_dir, emb_dir)
+    check_compatible(desc, dm, path=cfg.checkpoint)
+    # the checkpoint's subject indices, whatever subset of subjects this data holds
+    order = list(desc["data"]["subjects"])
+    lit = ContrastiveLitModule(net=_Reindex(net, [order.index(s) for s in dm.labels]),
+                               loss=None, optimizer=None)
+    out_dir = Path(cfg.paths.output_dir)
+    metrics = evaluate(lit, dm, out_dir=out_dir, stim_root=Path(cfg.data.root) / cfg.data.stim_dir,
+                       ridge=bool(cfg.evaluate.ridge), time_resolved=False)
+    metrics["checkpoint"] = str(cfg.checkpoint)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    logger.info("evaluate: metrics in %s", out_dir / "metrics.json")
+    return metrics
+
+
+class _Reindex:
+    """Map the data module's subject indices to the checkpoint's before calling the net."""
+
+    def __init__(self, net, mapping: list[int]):
+        self.net, self.mapping = net, mapping
+
+    def __call__(self, x, *, subject, **extras):
+        import torch
+
+        idx = torch.as_tensor(self.mapping)[torch.as_tensor(subject)]
+        return self.net(x, subject=idx, **extras)
