@@ -40,3 +40,31 @@ def sample_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("nr")
     cfg = compose_stage("sample", root, ["sample=tiny"])
     return make_sample(cfg.sample, root / "data" / "sample")
+
+
+@pytest.fixture(scope="session")
+def hf_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random-config CLIP vision and DINOv2 models + processors saved with save_pretrained."""
+    import torch
+    from transformers import (
+        BitImageProcessor,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+        Dinov2Config,
+        Dinov2Model,
+    )
+
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                 num_attention_heads=4, image_size=32, patch_size=8)
+    CLIPVisionModelWithProjection(CLIPVisionConfig(**small, projection_dim=16)).save_pretrained(
+        root / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32},
+                       crop_size={"height": 32, "width": 32}).save_pretrained(root / "clip")
+    Dinov2Model(Dinov2Config(**small)).save_pretrained(root / "dinov2")
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+                      ).save_pretrained(root / "dinov2")
+    return {"clip": root / "clip", "dinov2": root / "dinov2"}

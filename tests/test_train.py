@@ -135,3 +135,19 @@ def test_checkpoint_alone_evaluates_and_refuses_misfits(sample_root, tmp_path):
         "data.modality=fmri"])
     with pytest.raises(DataError, match="does not fit the checkpoint.*modality 'fmri'"):
         evaluate(bad)
+
+
+def test_token_level_targets(sample_root, tmp_path, hf_dirs):
+    """CLIP token states as targets: the encoder predicts (n_tokens, dim) per trial."""
+    from neurorecon.pipelines.train.run import run
+
+    cfg = compose_stage("train", tmp_path, [
+        "data=bids", f"data.root={sample_root / 'meg'}", "embedder=clip",
+        f"embedder.path={hf_dirs['clip']}", "embedder.output=tokens", "evaluate.ridge=false",
+        *FAST, *SMALL_MEG])
+    metrics = run(cfg)
+    ckpt = torch.load(metrics["training"]["best_checkpoint"], map_location="cpu",
+                      weights_only=False)
+    assert ckpt["neurorecon"]["data"]["n_tokens"] == 17  # 4x4 patches + CLS of the tiny CLIP
+    assert ckpt["neurorecon"]["model_config"]["n_tokens"] == 17
+    assert 0 <= metrics["retrieval"]["encoder"]["top5"] <= 1

@@ -28,12 +28,18 @@ def _contract(m: dict[str, Any]) -> dict[str, Any]:
     return {k: m[k] for k in (*CONTRACT_KEYS, "n_candidates") if k in m}
 
 
+def flat_targets(dm) -> np.ndarray:
+    """Image embeddings as ``(n_images, dim)``; token-level targets are flattened."""
+    emb = dm.embeddings.numpy()
+    return emb.reshape(len(emb), -1)
+
+
 @torch.no_grad()
 def predict_split(lit, dm, name: str) -> np.ndarray:
     """Contrastive-head predictions of ``lit`` for every row of split ``name`` (row order)."""
     lit.eval()
     split = dm.splits[name]
-    out = np.zeros((len(split), dm.emb_dim), np.float32)
+    out = np.zeros((len(split), flat_targets(dm).shape[1]), np.float32)
     order = np.arange(len(split))
     for k in np.unique(split.subject):
         rows = order[split.subject == k]
@@ -42,13 +48,13 @@ def predict_split(lit, dm, name: str) -> np.ndarray:
             items = [dm.item(split, int(i)) for i in idx]
             batch = {key: torch.stack([torch.as_tensor(it[key]) for it in items])
                      for key in items[0]}
-            out[idx] = lit(batch)["clip"].float().cpu().numpy()
+            out[idx] = lit(batch)["clip"].float().reshape(len(idx), -1).cpu().numpy()
     return out
 
 
 def _subject_arrays(dm, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Subject ``k``'s fit rows (train + val), their targets, its test rows and their indices."""
-    Y = dm.embeddings.numpy()
+    Y = flat_targets(dm)
     fit_X, fit_Y = [], []
     for name in ("train", "val"):
         X, s, t = dm.split_arrays(name)
@@ -62,7 +68,7 @@ def _subject_arrays(dm, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
 def ridge_predictions(dm, *, alphas=None) -> np.ndarray:
     """Per-subject ridge baseline fitted on train + val rows, predicting the test rows."""
     test = dm.splits["test"]
-    pred = np.zeros((len(test), dm.emb_dim), np.float32)
+    pred = np.zeros((len(test), flat_targets(dm).shape[1]), np.float32)
     kwargs = {} if alphas is None else {"alphas": tuple(alphas)}
     for k in np.unique(test.subject):
         fit_X, fit_Y, test_X, rows = _subject_arrays(dm, int(k))
@@ -92,7 +98,7 @@ def evaluate(lit, dm, *, out_dir: str | Path, stim_root: str | Path | None = Non
     test = dm.splits["test"]
     targets = test.target
     cand_rows, true_idx = _candidates(dm, targets)
-    emb = dm.embeddings.numpy()
+    emb = flat_targets(dm)
     cand = emb[cand_rows]
     preds = {"encoder": predict_split(lit, dm, "test")}
     if ridge:

@@ -24,13 +24,13 @@ FRACTIONS = (0.1, 0.25, 1.0)
 
 
 def _score(lit, dm) -> dict[str, Any]:
-    from ..evaluate.report import predict_split
+    from ..evaluate.report import flat_targets, predict_split
 
     pred = predict_split(lit, dm, "test")
     targets = dm.splits["test"].target
     uniq = np.unique(targets)
     pos = {t: i for i, t in enumerate(uniq)}
-    cand = dm.embeddings.numpy()[uniq]
+    cand = flat_targets(dm)[uniq]
     return retrieval_metrics(pred, cand, [pos[t] for t in targets])
 
 

@@ -225,6 +225,8 @@ class BrainDataModule(LightningDataModule):
                 raise DataError(f"the {name} split is empty", path=self.preproc_dir,
                                 hint="check data.split_column / data.test_value")
         self.emb_dim = int(self.embeddings.shape[-1])
+        # token-level targets (e.g. CLIP tokens): (n_images, n_tokens, emb_dim)
+        self.n_tokens = int(self.embeddings.shape[1]) if self.embeddings.ndim == 3 else None
         self.data = data
 
     def _val_stimuli(self, data: Preprocessed, labels: list[str]) -> set[str]:
@@ -299,6 +301,7 @@ class BrainDataModule(LightningDataModule):
         return {
             "modality": self.modality,
             "emb_dim": self.emb_dim,
+            "n_tokens": self.n_tokens,
             "embedder": self.embedder_spec,
             "preprocessing": self.recipe,
             "subjects": {lab: info.describe() for lab, info in self.subjects.items()},

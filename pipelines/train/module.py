@@ -61,7 +61,7 @@ class ContrastiveLitModule(LightningModule):
 
     def validation_step(self, batch, batch_idx):
         _, out = self._step(batch, "val")
-        self._val.append((out["clip"].detach().cpu(), batch["target"].cpu()))
+        self._val.append((out["clip"].detach().flatten(1).cpu(), batch["target"].cpu()))
 
     def on_validation_epoch_end(self) -> None:
         if not self._val:
@@ -71,7 +71,8 @@ class ContrastiveLitModule(LightningModule):
         self._val.clear()
         # retrieval among the validation stimuli (single trials against their images)
         stims = sorted(set(target.tolist()))
-        cand = self.candidates[stims].numpy() if self.candidates is not None else None
+        cand = (self.candidates[stims].flatten(1).numpy() if self.candidates is not None
+                else None)
         if cand is None or len(stims) < 2:
             return
         pos = {s: i for i, s in enumerate(stims)}

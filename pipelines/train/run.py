@@ -32,15 +32,16 @@ def prepare_caches(cfg: DictConfig) -> tuple[Path, Path]:
 
 def encoder_kwargs(dm) -> dict[str, Any]:
     """Data-derived constructor arguments of the encoder for this data module."""
+    tokens = {"n_tokens": dm.n_tokens} if dm.n_tokens else {}
     if dm.modality == "meg":
         n_times = {info.n_times for info in dm.subjects.values()}
         if len(n_times) != 1:
             raise DataError(f"subjects have different epoch lengths {sorted(n_times)}",
                             hint="preprocess all subjects with one recipe")
         return {"n_times": n_times.pop(), "sfreq": float(dm.recipe["params"]["sfreq"]),
-                "n_subjects": len(dm.subjects), "n_outputs": dm.emb_dim}
+                "n_subjects": len(dm.subjects), "n_outputs": dm.emb_dim, **tokens}
     return {"subjects": {lab: info.n_voxels for lab, info in dm.subjects.items()},
-            "n_outputs": dm.emb_dim}
+            "n_outputs": dm.emb_dim, **tokens}
 
 
 def build_datamodule(cfg: DictConfig, preproc_dir: Path, embeddings_dir: Path, **overrides):
