@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -68,3 +69,17 @@ def test_every_subpackage_is_packaged():
             rel = init.parent.relative_to(REPO / folder).parts
             found.add(".".join([pkg, *rel]))
     assert found == listed
+
+
+def test_multirun_sweep(tmp_path):
+    """`--multirun` launches one job per value, each in its own run directory."""
+    out = _run("sample", "--multirun", "sample=tiny", "sample.seed=1,2", "sample.meg.enabled=false",
+               "sample.fmri.n_runs=1", "sample.fmri.n_subjects=1",
+               "sample.out_dir=${hydra:runtime.output_dir}/data", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    sweeps = list((tmp_path / "runs" / "sample").glob("multirun_*"))
+    assert len(sweeps) == 1
+    configs = sorted(sweeps[0].glob("*/data/sample_config.json"))
+    assert len(configs) == 2
+    seeds = sorted(json.loads(p.read_text())["config"]["seed"] for p in configs)
+    assert seeds == [1, 2]
