@@ -184,3 +184,39 @@ def test_single_trials_hard_averages_decodable(tmp_path):
     assert averaged > single + 0.2, (single, averaged)
     assert single < 0.6, single
     assert averaged > 3 * chance, averaged
+
+
+def test_streamed_windows_equal_offline_causal_epochs(sample_root):
+    """Stream -> windows -> baseline -> frozen scaler == offline epochs (phase='causal')."""
+    from neurorecon.pipelines.preprocess.meg import baseline_slice, scale_window
+
+    root = sample_root / "meg"
+    rec = _first_recording(root)
+    params = MegParams(phase="causal", average_test_repeats=False)
+    pre = preprocess_meg([rec], bids_root=root, spec=EventSpec(), params=params)
+    sub = pre.subjects[rec.subject]
+    stats = pre.recipe["subjects"][rec.subject]
+
+    raw = mne_bids.read_raw_bids(rec.bids_path, verbose=False)
+    raw.pick("meg", exclude=[]).load_data(verbose=False)
+    data = raw.get_data()
+    stream = StreamingMegFilter(sfreq=raw.info["sfreq"], n_chans=len(data), params=params)
+    rng = np.random.default_rng(1)
+    outs, i = [], 0
+    while i < data.shape[1]:
+        n = int(rng.integers(50, 400))
+        outs.append(stream.process(data[:, i : i + n]))
+        i += n
+    dec = np.concatenate(outs, axis=1)
+    start = int(round(params.tmin * params.sfreq))
+    n_times = sub.X.shape[-1]
+    good = sub.channels["good"].to_numpy()
+    base = baseline_slice(params)
+    for row, onset in enumerate(sub.trials["onset"]):
+        s = int(round(onset * params.sfreq)) + start
+        win = dec[:, s : s + n_times]
+        win = win - win[:, base].mean(axis=1, keepdims=True)
+        win = scale_window(win, center=np.array(stats["scaler_center"]),
+                           scale=np.array(stats["scaler_scale"]), clamp=params.clamp)
+        win[~good] = 0
+        np.testing.assert_allclose(win, sub.X[row], rtol=1e-4, atol=1e-4)
