@@ -26,6 +26,18 @@ def _first_recording(root: Path):
     return find_recordings(root, modality="meg")[0]
 
 
+def _stream_in_chunks(stream: StreamingMegFilter, data: np.ndarray, *, max_chunk: int,
+                      seed: int) -> np.ndarray:
+    """Feed ``data`` to ``stream`` in random-size chunks; return the concatenated output."""
+    rng = np.random.default_rng(seed)
+    outs, i = [], 0
+    while i < data.shape[1]:
+        n = int(rng.integers(1, max_chunk))
+        outs.append(stream.process(data[:, i : i + n]))
+        i += n
+    return np.concatenate(outs, axis=1)
+
+
 def test_sample_meg_bids_round_trip(sample_root):
     root = sample_root / "meg"
     recs = find_recordings(root, modality="meg")
@@ -59,13 +71,7 @@ def test_streaming_equals_offline_causal(sample_root):
     offline = filter_and_decimate(raw.copy(), params).get_data()
 
     stream = StreamingMegFilter(sfreq=raw.info["sfreq"], n_chans=data.shape[0], params=params)
-    rng = np.random.default_rng(0)
-    outs, i = [], 0
-    while i < data.shape[1]:
-        n = int(rng.integers(1, 250))
-        outs.append(stream.process(data[:, i : i + n]))
-        i += n
-    streamed = np.concatenate(outs, axis=1)
+    streamed = _stream_in_chunks(stream, data, max_chunk=250, seed=0)
     assert streamed.shape == offline.shape
     np.testing.assert_allclose(streamed, offline, rtol=1e-7, atol=1e-9 * np.abs(offline).max())
     # the zero-phase offline form is a different filter: the test above is not vacuous
@@ -201,13 +207,7 @@ def test_streamed_windows_equal_offline_causal_epochs(sample_root):
     raw.pick("meg", exclude=[]).load_data(verbose=False)
     data = raw.get_data()
     stream = StreamingMegFilter(sfreq=raw.info["sfreq"], n_chans=len(data), params=params)
-    rng = np.random.default_rng(1)
-    outs, i = [], 0
-    while i < data.shape[1]:
-        n = int(rng.integers(50, 400))
-        outs.append(stream.process(data[:, i : i + n]))
-        i += n
-    dec = np.concatenate(outs, axis=1)
+    dec = _stream_in_chunks(stream, data, max_chunk=400, seed=1)
     start = int(round(params.tmin * params.sfreq))
     n_times = sub.X.shape[-1]
     good = sub.channels["good"].to_numpy()
