@@ -1,0 +1,1 @@
+"""Image generators: brain-decoded embeddings -> images (diffusers pipelines and our own)."""

@@ -1,0 +1,1 @@
+"""Reconstruction stage: decoded embeddings -> images (and the generator the project trains)."""
