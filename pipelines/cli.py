@@ -20,6 +20,8 @@ STAGES: dict[str, tuple[str, str]] = {
               "train an encoder (preprocess + embed if needed) and evaluate it"),
     "evaluate": ("neurorecon.pipelines.train.evaluate",
                  "score a trained checkpoint on a dataset (its own recipe and embedder)"),
+    "reconstruct": ("neurorecon.pipelines.reconstruct.stage",
+                    "test-set reconstructions from a checkpoint (diffusion generator)"),
     "run": ("neurorecon.pipelines.train.run",
             "every stage on a BIDS dataset -> metrics.json (the external contract)"),
 }

@@ -95,3 +95,18 @@ def test_run_with_reconstruction(sample_root, tmp_path):
     mtime = (cached[0] / "manifest.json").stat().st_mtime_ns
     run(compose_stage("run", tmp_path, overrides))
     assert (cached[0] / "manifest.json").stat().st_mtime_ns == mtime
+
+
+def test_reconstruct_stage_from_checkpoint(sample_root, tmp_path):
+    from neurorecon.pipelines.reconstruct.stage import run as reconstruct
+    from neurorecon.pipelines.train.run import run
+
+    cfg = compose_stage("train", tmp_path / "t", ["data=bids", f"data.root={sample_root / 'meg'}",
+                                                  "evaluate.ridge=false", *FAST, *SMALL_MEG])
+    ckpt = run(cfg)["training"]["best_checkpoint"]
+    rc = compose_stage("reconstruct", tmp_path / "r", [
+        f"checkpoint={ckpt}", "data=bids", f"data.root={sample_root / 'meg'}", *TINY_GEN])
+    out = reconstruct(rc)
+    assert out["n_images"] == 8  # 2 subjects x 4 test images
+    saved = json.loads((Path(rc.paths.output_dir) / "reconstruction.json").read_text())
+    assert set(saved["metrics"]) == {"brain", "floor_retrieved", "ceiling"}

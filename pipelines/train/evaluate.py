@@ -16,20 +16,26 @@ from ..common.checks import DataError
 from ..common.logging import logger
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Stage entry point (Hydra root config ``evaluate.yaml``)."""
-    from ..evaluate.report import evaluate
+def from_checkpoint(cfg: DictConfig):
+    """Load ``cfg.checkpoint`` and prepare ``cfg.data`` with the checkpoint's own recipe.
+
+    Returns the LitModule wrapping the encoder, the data module and the merged job config
+    (the checkpoint's resolved config with this command's ``data``, ``paths``, ``embed`` and,
+    when present, ``reconstruct``).
+    """
     from .checkpoint import check_compatible, load_checkpoint
     from .module import ContrastiveLitModule
     from .run import build_datamodule, prepare_caches
 
     if OmegaConf.is_missing(cfg, "checkpoint"):
-        raise DataError("evaluate needs checkpoint=<path to a .ckpt written by neurorecon train>")
+        raise DataError("needs checkpoint=<path to a .ckpt written by neurorecon train>")
     net, desc = load_checkpoint(cfg.checkpoint)
     trained = OmegaConf.create(desc["config"])
-    # the checkpoint's recipe and embedder, this command's data and paths
-    job = OmegaConf.merge(trained, {"data": cfg.data, "paths": cfg.paths,
-                                    "embed": cfg.get("embed") or trained.embed})
+    overrides = {"data": cfg.data, "paths": cfg.paths,
+                 "embed": cfg.get("embed") or trained.embed}
+    if cfg.get("reconstruct") is not None:
+        overrides["reconstruct"] = cfg.reconstruct
+    job = OmegaConf.merge(trained, overrides)
     preproc_dir, emb_dir = prepare_caches(job)
     dm = build_datamodule(job, preproc_dir, emb_dir)
     check_compatible(desc, dm, path=cfg.checkpoint)
@@ -37,6 +43,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     order = list(desc["data"]["subjects"])
     lit = ContrastiveLitModule(net=_Reindex(net, [order.index(s) for s in dm.labels]),
                                loss=None, optimizer=None)
+    return lit, dm, job
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Stage entry point (Hydra root config ``evaluate.yaml``)."""
+    from ..evaluate.report import evaluate
+
+    lit, dm, _ = from_checkpoint(cfg)
     out_dir = Path(cfg.paths.output_dir)
     metrics = evaluate(lit, dm, out_dir=out_dir, stim_root=Path(cfg.data.root) / cfg.data.stim_dir,
                        ridge=bool(cfg.evaluate.ridge), time_resolved=False)
