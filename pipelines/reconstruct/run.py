@@ -103,7 +103,9 @@ def plot_grid(rows: list[list[Image.Image]], labels: list[str], path: Path, *, t
             if r == 0:
                 ax.set_title(cols[c], fontsize=9)
         axes[r][0].set_ylabel(label, fontsize=8)
-    fig.suptitle(f"{title}\n{note}", fontsize=9)
+    import textwrap
+
+    fig.suptitle(title + "\n" + textwrap.fill(note, 90), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path
