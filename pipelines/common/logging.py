@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections.abc import Iterable, Iterator
@@ -30,6 +31,16 @@ def set_log_level(verbose: bool | str | int | None) -> int:
         level = int(verbose)
     logger.setLevel(level)
     return old
+
+
+@contextlib.contextmanager
+def log_level(verbose: bool | str | int | None) -> Iterator[None]:
+    """Apply ``verbose`` (see :func:`set_log_level`) for the duration of a ``with`` block."""
+    old = set_log_level(verbose)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
 
 
 def configure_cli_logging(level: str = "INFO") -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..common.logging import progress, set_log_level
+from ..common.logging import log_level, progress
 
 __all__ = [
     "chance_metrics",
@@ -428,8 +428,7 @@ def time_resolved_retrieval(
     )
     n_win = max(1, int(round(width * sfreq)))
     rows: list[dict[str, float | int]] = []
-    old = set_log_level(verbose)
-    try:
+    with log_level(verbose):
         for start in progress(starts, desc="time windows", total=len(starts)):
             sl = slice(int(start), int(start) + n_win)
             pred = np.asarray(fit_predict(epochs_train[:, :, sl], epochs_test[:, :, sl]))
@@ -439,8 +438,6 @@ def time_resolved_retrieval(
                     f"({epochs_test.shape[0]}, emb_dim) -- one prediction per test epoch"
                 )
             rows.append(retrieval_metrics(pred, candidates, true_index, ks=ks))
-    finally:
-        set_log_level(old)
     out = {
         "times": times,
         "tstart": tmin + starts / sfreq,

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..common.checks import DataError, check_option
-from ..common.logging import logger, progress, set_log_level
+from ..common.logging import log_level, logger, progress
 from .metrics import two_way_identification
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -410,12 +410,9 @@ def alexnet_two_way(recon: Any, truth: Any, *, layer: int, batch_size: int = 32,
     layer = check_option("layer", layer, ALEXNET_LAYERS)
     recon, truth = _pair(recon, truth, min_n=2)
     _check_resized(recon, truth, ALEXNET_SIZE, what=f"alexnet{layer}")
-    old = set_log_level(verbose)
-    try:
+    with log_level(verbose):
         f_r, f_t = _alexnet_features(recon, truth, layers=[layer], batch_size=batch_size,
                                      device=device)
-    finally:
-        set_log_level(old)
     return _mindeye_two_way(f_r[layer], f_t[layer])
 
 
@@ -463,11 +460,8 @@ def inception_two_way(recon: Any, truth: Any, *, batch_size: int = 32, device: s
         Two-way identification in [0, 1]; chance 0.5.
     """
     recon, truth = _pair(recon, truth, min_n=2)
-    old = set_log_level(verbose)
-    try:
+    with log_level(verbose):
         f_r, f_t = _inception_features(recon, truth, batch_size=batch_size, device=device)
-    finally:
-        set_log_level(old)
     return _mindeye_two_way(f_r, f_t)
 
 
@@ -508,12 +502,9 @@ def effnet_distance(recon: Any, truth: Any, *, batch_size: int = 32, device: str
     from ..embed.images import EfficientNetLiteEmbedder
 
     recon, truth = _pair(recon, truth)
-    old = set_log_level(verbose)
-    try:
+    with log_level(verbose):
         return _effnet_distance(EfficientNetLiteEmbedder(variant="lite0", device=device),
                                 recon, truth, batch_size=batch_size)
-    finally:
-        set_log_level(old)
 
 
 def _effnet_distance(embedder: Any, recon: np.ndarray, truth: np.ndarray, *,
@@ -559,11 +550,8 @@ def clip_two_way(recon: Any, truth: Any, *, path: str | Path, batch_size: int = 
 
     embedder = ClipVisionEmbedder(path=str(path), output="pooled", device=device)
     recon, truth = _pair(recon, truth, min_n=2)
-    old = set_log_level(verbose)
-    try:
+    with log_level(verbose):
         return _clip_two_way(embedder, recon, truth, batch_size=batch_size)
-    finally:
-        set_log_level(old)
 
 
 def _clip_two_way(embedder: Any, recon: np.ndarray, truth: np.ndarray, *,
@@ -640,8 +628,7 @@ def reconstruction_metrics(
     out: dict[str, Any] = {name: None for name in METRICS}
     notes: dict[str, str] = {name: f"skipped: not computed (skip={sorted(skip)})"
                              for name in METRICS}
-    old = set_log_level(verbose)
-    try:
+    with log_level(verbose):
         logger.info("reconstruction metrics on %d pairs", len(recon))
         if "pixcorr" not in skip:
             out["pixcorr"] = pixcorr(recon, truth, size=size)
@@ -671,6 +658,4 @@ def reconstruction_metrics(
             out["effnet"] = _effnet_distance(effnet, recon, truth, batch_size=batch_size)
             notes["effnet"] = _NOTES["effnet"]
         notes["swav"] = _NOTES["swav"]  # unavailable whether skipped or not
-    finally:
-        set_log_level(old)
     return {**out, "_notes": notes}

@@ -79,11 +79,10 @@ def ridge_predictions(dm, *, alphas=None) -> np.ndarray:
     return pred
 
 
-def _candidates(dm, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Unique test images as candidates and each row's index among them."""
-    uniq = np.unique(targets)
-    pos = {t: i for i, t in enumerate(uniq)}
-    return uniq, np.array([pos[t] for t in targets])
+def candidate_rows(targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique test images (embedding rows) as candidates and each row's index among them."""
+    uniq, index = np.unique(targets, return_inverse=True)
+    return uniq, index
 
 
 def evaluate(lit, dm, *, out_dir: str | Path, stim_root: str | Path | None = None,
@@ -97,7 +96,7 @@ def evaluate(lit, dm, *, out_dir: str | Path, stim_root: str | Path | None = Non
     out_dir.mkdir(parents=True, exist_ok=True)
     test = dm.splits["test"]
     targets = test.target
-    cand_rows, true_idx = _candidates(dm, targets)
+    cand_rows, true_idx = candidate_rows(targets)
     emb = flat_targets(dm)
     cand = emb[cand_rows]
     preds = {"encoder": predict_split(lit, dm, "test")}

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from ..common.checks import DataError, check_columns, check_file, check_finite, check_option
-from ..common.logging import logger, progress, set_log_level
+from ..common.logging import log_level, logger, progress
 from ..data.events import EventSpec, check_events_within, check_split, read_events
 from .store import Preprocessed, SubjectTrials, average_repeats
 
@@ -304,8 +304,7 @@ def preprocess_fmri(recordings, *, bids_root: str | Path, spec: EventSpec | None
     import nibabel as nib
 
     spec = EventSpec() if spec is None else spec
-    old = set_log_level(verbose)
-    try:
+    with log_level(verbose):
         params = _params(params)
         by_subject: dict[str, list] = {}
         for rec in recordings:
@@ -365,8 +364,6 @@ def preprocess_fmri(recordings, *, bids_root: str | Path, spec: EventSpec | None
                                               recipe=recipe)
             logger.info("sub-%s: %d trials x %d voxels", label, *subjects[label].X.shape)
         return Preprocessed(modality="fmri", subjects=subjects, recipe=recipe)
-    finally:
-        set_log_level(old)
 
 
 # ----------------------------------------------------------------------------- betas input
@@ -451,8 +448,7 @@ def load_betas(betas: Sequence[tuple[Path, Path, str]], *, bids_root: str | Path
         As :func:`preprocess_fmri`, with ``recipe["input"] == "betas"``.
     """
     spec = EventSpec() if spec is None else spec
-    old = set_log_level(verbose)
-    try:
+    with log_level(verbose):
         params = _params(params)
         bids_root = Path(bids_root)
         recipe: dict[str, Any] = {"input": "betas", **params, "subjects": {}}
@@ -489,8 +485,6 @@ def load_betas(betas: Sequence[tuple[Path, Path, str]], *, bids_root: str | Path
             subjects[label] = _finish_subject(label, np.concatenate(Xs)[:, keep], trials,
                                               inside_kept, ref, params, recipe=recipe)
         return Preprocessed(modality="fmri", subjects=subjects, recipe=recipe)
-    finally:
-        set_log_level(old)
 
 
 # ----------------------------------------------------------------------------- summaries

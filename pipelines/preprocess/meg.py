@@ -337,10 +337,9 @@ def preprocess_meg(
         ``X`` per subject is ``(n_trials, n_chans, n_times)``; bad channels are zero and
         marked ``good=False`` in ``channels``; the recipe holds per-subject scaler statistics.
     """
-    from ..common.logging import set_log_level
+    from ..common.logging import log_level
 
-    old = set_log_level(verbose)
-    try:
+    with log_level(verbose):
         by_subject: dict[str, list[Recording]] = {}
         for rec in recordings:
             by_subject.setdefault(rec.subject, []).append(rec)
@@ -390,5 +389,3 @@ def preprocess_meg(
                         X.shape[0], X.shape[1], len(bads), X.shape[2])
         recipe = {"params": params.to_dict(), "subjects": recipe_subjects}
         return Preprocessed("meg", subjects, recipe)
-    finally:
-        set_log_level(old)

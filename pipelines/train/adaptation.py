@@ -24,14 +24,10 @@ FRACTIONS = (0.1, 0.25, 1.0)
 
 
 def _score(lit, dm) -> dict[str, Any]:
-    from ..evaluate.report import flat_targets, predict_split
+    from ..evaluate.report import candidate_rows, flat_targets, predict_split
 
-    pred = predict_split(lit, dm, "test")
-    targets = dm.splits["test"].target
-    uniq = np.unique(targets)
-    pos = {t: i for i, t in enumerate(uniq)}
-    cand = flat_targets(dm)[uniq]
-    return retrieval_metrics(pred, cand, [pos[t] for t in targets])
+    uniq, true_index = candidate_rows(dm.splits["test"].target)
+    return retrieval_metrics(predict_split(lit, dm, "test"), flat_targets(dm)[uniq], true_index)
 
 
 def adaptation_curve(cfg: DictConfig, *, preproc_dir: Path, embeddings_dir: Path,
