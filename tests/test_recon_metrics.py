@@ -128,6 +128,32 @@ def test_aggregate_matches_single_functions(shuffled, truth, shuffled_metrics):
     assert RM.pixcorr(shuffled, truth) == shuffled_metrics["pixcorr"]
 
 
+def test_sets_and_groups_equal_separate_calls(noisy, shuffled, truth):
+    """Several sets scored at once, per group (e.g. subject), equal one call per set and group.
+
+    The stimuli repeat across the two groups, as a test image does across subjects: each
+    distinct image goes through the networks once, and two-way identification only compares
+    rows within a group.
+    """
+    skip = ["inception", "clip"]
+    both = np.concatenate([truth, truth])
+    groups = np.array(["01"] * N + ["02"] * N)
+    sets = {"noisy": np.concatenate([noisy, shuffled]), "shuffled": np.concatenate([shuffled,
+                                                                                     shuffled])}
+    res = RM.compare_reconstructions(sets, both, groups=groups, skip=skip)
+    assert set(res) == {"noisy", "shuffled"}
+    sub2 = RM.reconstruction_metrics(shuffled, truth, skip=skip)
+    sub1 = RM.reconstruction_metrics(noisy, truth, skip=skip)
+    per = res["noisy"]["_per_group"]
+    for name in ("pixcorr", "ssim", "alexnet2", "alexnet5", "effnet"):
+        assert per["01"][name] == pytest.approx(sub1[name], rel=1e-6), name
+        assert per["02"][name] == pytest.approx(sub2[name], rel=1e-6), name
+        assert res["noisy"][name] == pytest.approx((sub1[name] + sub2[name]) / 2, rel=1e-6)
+        assert res["shuffled"][name] == pytest.approx(sub2[name], rel=1e-6), name
+    with pytest.raises(DataError, match="at least 2 pairs per group"):
+        RM.compare_reconstructions(sets, both, groups=np.arange(2 * N), skip=skip)
+
+
 def test_pixcorr_and_ssim_protocol(noisy, truth):
     from skimage.color import rgb2gray
     from skimage.metrics import structural_similarity

@@ -28,9 +28,11 @@ def tiny_generator(tmp_path_factory) -> Path:
     photos = [Image.fromarray(getattr(skimage.data, n)()[:256, :256]).convert("RGB")
               for n in ("astronaut", "chelsea", "coffee", "rocket")]
     emb = np.eye(4, 8, dtype=np.float32)
+    # epsilon-prediction: after 10 steps its noise estimate is near-useless, so img2img from a
+    # coloured start keeps that colour, a property the tests can check on an untrained model
     pipe, info = train_embedding_diffusion(photos, emb, resolution=16,
                                            block_out_channels=(8, 16, 16), steps=10,
-                                           batch_size=4)
+                                           batch_size=4, prediction_type="epsilon")
     assert info["steps"] == 10 and np.isfinite(info["final_loss"])
     path = tmp_path_factory.mktemp("gen") / "embedded"
     pipe.save_pretrained(path)
@@ -80,33 +82,75 @@ def test_run_with_reconstruction(sample_root, tmp_path):
     metrics = run(cfg)
     rec = metrics["reconstruction"]
     assert rec["n_images"] == metrics["n_test"] and rec["resolution"] == 16
-    for name in ("brain", "floor_retrieved", "ceiling"):
-        m = rec["metrics"][name]
-        assert -1 <= m["pixcorr"] <= 1 and 0 <= m["alexnet2"] <= 1
+    assert set(rec["metrics"]) == {"brain", "floor_retrieved", "ceiling", "lowlevel_only"}
+    for name, m in rec["metrics"].items():
+        assert -1 <= m["pixcorr"] <= 1 and 0 <= m["alexnet2"] <= 1, name
+        assert 0 <= m["inception"] <= 1 and 0 <= m["effnet"] <= 2, name
         assert m["swav"] is None  # no offline weights: reported unavailable, never faked
+    # scored per subject (two-way identification within a subject's test images), averaged
+    per = rec["per_subject_brain"]
+    assert set(per) == {"01", "02"}
+    assert rec["metrics"]["brain"]["ssim"] == pytest.approx(
+        np.mean([per[s]["ssim"] for s in per]))
+    # the generator never saw the test images: trained on the train/val stimuli only
+    n_images = len(list((sample_root / "meg" / "stimuli").rglob("*.jpg")))
+    assert rec["generator_training"]["n_images"] == n_images - metrics["n_test_images"]
+    assert rec["seconds_per_image"] > 0
     out = Path(cfg.paths.output_dir)
     assert (out / "reconstructions.png").stat().st_size > 10_000
     assert len(list((out / "reconstructions").glob("*.png"))) == rec["n_images"]
     on_disk = json.loads((out / "metrics.json").read_text())
     assert "stand-in" in on_disk["reconstruction"]["generator"]
-    # the trained generator is cached: a second run reuses it
+    report = (out / "report.md").read_text()
+    assert "## Reconstruction" in report and "![" in report and "(reconstructions.png)" in report
+    assert "stand-in" in report and "| brain-decoded |" in report
+    # the trained generator is cached (x0-prediction, the default): a second run reuses it
     cached = list((tmp_path / "cache" / "generators").glob("embedded-*"))
     assert len(cached) == 1
+    scheduler = json.loads((cached[0] / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "sample"
     mtime = (cached[0] / "manifest.json").stat().st_mtime_ns
     run(compose_stage("run", tmp_path, overrides))
     assert (cached[0] / "manifest.json").stat().st_mtime_ns == mtime
 
 
-def test_reconstruct_stage_from_checkpoint(sample_root, tmp_path):
-    from neurorecon.pipelines.reconstruct.stage import run as reconstruct
+@pytest.fixture(scope="module")
+def meg_checkpoint(sample_root, tmp_path_factory) -> str:
     from neurorecon.pipelines.train.run import run
 
-    cfg = compose_stage("train", tmp_path / "t", ["data=bids", f"data.root={sample_root / 'meg'}",
-                                                  "evaluate.ridge=false", *FAST, *SMALL_MEG])
-    ckpt = run(cfg)["training"]["best_checkpoint"]
+    cfg = compose_stage("train", tmp_path_factory.mktemp("train"), [
+        "data=bids", f"data.root={sample_root / 'meg'}", "evaluate.ridge=false", *FAST,
+        *SMALL_MEG])
+    return run(cfg)["training"]["best_checkpoint"]
+
+
+def test_reconstruct_stage_from_checkpoint(sample_root, meg_checkpoint, tmp_path):
+    from neurorecon.pipelines.reconstruct.stage import run as reconstruct
+
+    ckpt = meg_checkpoint
     rc = compose_stage("reconstruct", tmp_path / "r", [
-        f"checkpoint={ckpt}", "data=bids", f"data.root={sample_root / 'meg'}", *TINY_GEN])
+        f"checkpoint={ckpt}", "data=bids", f"data.root={sample_root / 'meg'}", *TINY_GEN,
+        "reconstruct.lowlevel=false", "reconstruct.skip_metrics=[inception]"])
     out = reconstruct(rc)
     assert out["n_images"] == 8  # 2 subjects x 4 test images
-    saved = json.loads((Path(rc.paths.output_dir) / "reconstruction.json").read_text())
+    run_dir = Path(rc.paths.output_dir)
+    saved = json.loads((run_dir / "reconstruction.json").read_text())
     assert set(saved["metrics"]) == {"brain", "floor_retrieved", "ceiling"}
+    assert saved["metrics"]["brain"]["inception"] is None
+    assert saved["metrics"]["brain"]["_notes"]["inception"].startswith("skipped")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["checkpoint"] == str(ckpt) and metrics["n_test"] == 8
+    assert "Checkpoint:" in (run_dir / "report.md").read_text()
+
+
+def test_reconstruct_bad_generator_config(sample_root, meg_checkpoint, tmp_path):
+    """A pretrained backend whose local directory is missing: a clear error, no download."""
+    from neurorecon.pipelines.reconstruct.stage import run as reconstruct
+
+    ckpt = meg_checkpoint
+    missing = tmp_path / "no-such-unclip"
+    rc = compose_stage("reconstruct", tmp_path / "r", [
+        f"checkpoint={ckpt}", "data=bids", f"data.root={sample_root / 'meg'}",
+        "reconstruct/generator=stable_unclip", f"reconstruct.generator.path={missing}"])
+    with pytest.raises(DataError, match="no-such-unclip"):
+        reconstruct(rc)

@@ -19,6 +19,8 @@ import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
 from PIL import Image
 
+from neurorecon.pipelines.common.checks import DataError
+
 from .base import check_embeddings, check_images
 
 NOTE = ("embedded conditional diffusion model trained by neurorecon on the stimulus images "
@@ -76,7 +78,9 @@ class EmbeddingDiffusionPipeline(DiffusionPipeline):
     def resolution(self) -> int:
         return int(self.unet.config.sample_size)
 
-    def _eps(self, x: torch.Tensor, t, emb: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    def _model_output(self, x: torch.Tensor, t, emb: torch.Tensor,
+                      guidance_scale: float) -> torch.Tensor:
+        """UNet output (noise, sample or velocity, per the scheduler) with CFG."""
         ctx = torch.zeros(len(x), 1, self.unet.config.cross_attention_dim, dtype=x.dtype)
         if guidance_scale == 1.0:
             return self.unet(x, t, encoder_hidden_states=ctx, class_labels=emb).sample
@@ -109,7 +113,8 @@ class EmbeddingDiffusionPipeline(DiffusionPipeline):
             timesteps = timesteps[num_inference_steps - n_run:]
             x = self.scheduler.add_noise(image.to(emb.dtype), noise, timesteps[:1].repeat(n))
         for t in self.progress_bar(timesteps):
-            x = self.scheduler.step(self._eps(x, t, emb, guidance_scale), t, x).prev_sample
+            out = self._model_output(x, t, emb, guidance_scale)
+            x = self.scheduler.step(out, t, x).prev_sample
         return ImagePipelineOutput(images=to_pil(x) if output_type == "pil" else x)
 
 
@@ -125,8 +130,6 @@ class EmbeddingDiffusionGenerator:
     note = NOTE
 
     def __init__(self, *, path: str | Path):
-        from neurorecon.pipelines.common.checks import DataError
-
         path = Path(path)
         if not (path / "model_index.json").is_file():
             raise DataError("no trained generator here (model_index.json missing)", path=path,
@@ -139,8 +142,16 @@ class EmbeddingDiffusionGenerator:
                  guidance_scale: float = 3.0, init_images: list[Image.Image] | None = None,
                  strength: float = 0.8, text_embeddings: np.ndarray | None = None,
                  batch_size: int = 16) -> list[Image.Image]:
-        """Embeddings ``(n, emb_dim)`` -> images; image ``i`` uses seed ``seed + i``."""
+        """Embeddings ``(n, emb_dim)`` -> images; image ``i`` uses seed ``seed + i``.
+
+        The embedded model is conditioned on the image embedding only: passing
+        ``text_embeddings`` raises (use a diffusers backend for the caption pathway).
+        """
         emb = check_embeddings(embeddings, emb_dim=self.emb_dim, what="embedded generator")
+        if text_embeddings is not None:
+            raise DataError("the embedded generator takes no text embeddings (it is "
+                            "conditioned on the image embedding only)",
+                            hint="use generator=stable_unclip or ip_adapter for captions")
         if init_images is not None:
             check_images(init_images, what="initial images")
             if len(init_images) != len(emb):

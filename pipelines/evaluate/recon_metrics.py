@@ -40,7 +40,7 @@ Where we knowingly depart from MindEye
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +60,7 @@ __all__ = [
     "alexnet_two_way",
     "as_image_batch",
     "clip_two_way",
+    "compare_reconstructions",
     "effnet_distance",
     "inception_two_way",
     "pixcorr",
@@ -286,8 +287,13 @@ def pixcorr(recon: Any, truth: Any, *, size: int = PIXEL_SIZE) -> float:
     """
     recon, truth = _pair(recon, truth)
     _check_resized(recon, truth, int(size), what="pixcorr")
-    flat_r = _resize_short(_to_tensor(recon), int(size)).flatten(1).double().numpy()
-    flat_t = _resize_short(_to_tensor(truth), int(size)).flatten(1).double().numpy()
+    return float(np.mean(_pixcorr_pairs(recon, truth, size=int(size))))
+
+
+def _pixcorr_pairs(recon: np.ndarray, truth: np.ndarray, *, size: int) -> np.ndarray:
+    """Per-pair PixCorr ``(n,)`` of checked batches."""
+    flat_r = _resize_short(_to_tensor(recon), size).flatten(1).double().numpy()
+    flat_t = _resize_short(_to_tensor(truth), size).flatten(1).double().numpy()
     flat_r = flat_r - flat_r.mean(axis=1, keepdims=True)
     flat_t = flat_t - flat_t.mean(axis=1, keepdims=True)
     norm_r = np.linalg.norm(flat_r, axis=1)
@@ -297,7 +303,7 @@ def pixcorr(recon: Any, truth: Any, *, size: int = PIXEL_SIZE) -> float:
         if const.size:
             raise DataError(f"pixcorr: {name} image(s) {const[:10].tolist()} are constant "
                             "(one colour): their pixel correlation is undefined")
-    return float(np.mean((flat_r * flat_t).sum(axis=1) / (norm_r * norm_t)))
+    return (flat_r * flat_t).sum(axis=1) / (norm_r * norm_t)
 
 
 def ssim(recon: Any, truth: Any, *, size: int = PIXEL_SIZE, per_column: bool = True) -> float:
@@ -328,18 +334,23 @@ def ssim(recon: Any, truth: Any, *, size: int = PIXEL_SIZE, per_column: bool = T
     then ``structural_similarity(recon, truth, gaussian_weights=True, sigma=1.5,
     use_sample_covariance=False, data_range=1.0)``.
     """
+    recon, truth = _pair(recon, truth)
+    _check_resized(recon, truth, int(size), what="ssim")
+    return float(np.mean(_ssim_pairs(recon, truth, size=int(size), per_column=per_column)))
+
+
+def _ssim_pairs(recon: np.ndarray, truth: np.ndarray, *, size: int,
+                per_column: bool = True) -> np.ndarray:
+    """Per-pair SSIM ``(n,)`` of checked batches."""
     from skimage.color import rgb2gray
     from skimage.metrics import structural_similarity
 
-    recon, truth = _pair(recon, truth)
-    _check_resized(recon, truth, int(size), what="ssim")
-    gray_r = rgb2gray(_resize_short(_to_tensor(recon), int(size)).permute(0, 2, 3, 1).numpy())
-    gray_t = rgb2gray(_resize_short(_to_tensor(truth), int(size)).permute(0, 2, 3, 1).numpy())
+    gray_r = rgb2gray(_resize_short(_to_tensor(recon), size).permute(0, 2, 3, 1).numpy())
+    gray_t = rgb2gray(_resize_short(_to_tensor(truth), size).permute(0, 2, 3, 1).numpy())
     kwargs = dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
                   data_range=1.0, channel_axis=-1 if per_column else None)
-    scores = [structural_similarity(r.astype(np.float64), t.astype(np.float64), **kwargs)
-              for r, t in zip(gray_r, gray_t, strict=True)]
-    return float(np.mean(scores))
+    return np.array([structural_similarity(r.astype(np.float64), t.astype(np.float64), **kwargs)
+                     for r, t in zip(gray_r, gray_t, strict=True)])
 
 
 # ----------------------------------------------------------------------------- network metrics
@@ -509,11 +520,9 @@ def effnet_distance(recon: Any, truth: Any, *, batch_size: int = 32, device: str
 
 def _effnet_distance(embedder: Any, recon: np.ndarray, truth: np.ndarray, *,
                      batch_size: int) -> float:
-    from scipy.spatial.distance import correlation
-
-    f_r = embedder.embed(_pil(recon), batch_size=batch_size).astype(np.float64)
-    f_t = embedder.embed(_pil(truth), batch_size=batch_size).astype(np.float64)
-    return float(np.mean([correlation(t, r) for t, r in zip(f_t, f_r, strict=True)]))
+    f_r = embedder.embed(_pil(recon), batch_size=batch_size)
+    f_t = embedder.embed(_pil(truth), batch_size=batch_size)
+    return float(np.mean(_correlation_distance(f_r, f_t)))
 
 
 def clip_two_way(recon: Any, truth: Any, *, path: str | Path, batch_size: int = 32,
@@ -562,24 +571,72 @@ def _clip_two_way(embedder: Any, recon: np.ndarray, truth: np.ndarray, *,
 
 
 # ----------------------------------------------------------------------------- all together
-def reconstruction_metrics(
-    recon: Any,
+def _image_features(extract, batches: Sequence[np.ndarray]) -> list[dict[Any, np.ndarray]]:
+    """Run ``extract`` once per *distinct* image of ``batches``; features per batch.
+
+    ``extract`` maps a uint8 batch ``(m, h, w, 3)`` to ``{key: (m, n_features)}``. Images are
+    compared by content, so a stimulus shown to several subjects, or the same retrieved image
+    in several rows, goes through the network once.
+    """
+    import hashlib
+
+    buckets: dict[tuple[int, ...], dict[bytes, tuple[int, np.ndarray]]] = {}
+    where = []
+    for batch in batches:
+        rows = []
+        for image in batch:
+            bucket = buckets.setdefault(image.shape, {})
+            key = hashlib.blake2b(image.tobytes(), digest_size=16).digest()
+            rows.append((image.shape, bucket.setdefault(key, (len(bucket), image))[0]))
+        where.append(rows)
+    feats = {shape: extract(np.stack([image for _, image in bucket.values()]))
+             for shape, bucket in buckets.items()}
+    keys = next(iter(feats.values())).keys() if feats else ()
+    return [{k: np.stack([feats[shape][k][i] for shape, i in rows]) for k in keys}
+            for rows in where]
+
+
+def _group_rows(groups: Any, n: int) -> dict[str, np.ndarray]:
+    if groups is None:
+        return {"all": np.arange(n)}
+    groups = np.asarray(groups)
+    if groups.shape != (n,):
+        raise DataError(f"groups has shape {groups.shape}; expected one label per pair ({n},)")
+    out = {str(g): np.flatnonzero(groups == g) for g in dict.fromkeys(groups.tolist())}
+    small = [g for g, rows in out.items() if len(rows) < 2]
+    if small:
+        raise DataError(f"two-way identification needs at least 2 pairs per group; groups "
+                        f"{small} have fewer")
+    return out
+
+
+def compare_reconstructions(
+    sets: Mapping[str, Any],
     truth: Any,
     *,
+    groups: Any = None,
     clip_path: str | Path | None = None,
     skip: Sequence[str] = (),
     size: int = PIXEL_SIZE,
     batch_size: int = 32,
     device: str = "cpu",
     verbose: bool | str | int | None = None,
-) -> dict[str, Any]:
-    """All MindEye reconstruction metrics, with a note per metric.
+) -> dict[str, dict[str, Any]]:
+    """All MindEye reconstruction metrics for several reconstruction sets of one stimulus set.
 
     Parameters
     ----------
-    recon, truth : ndarray | sequence of PIL.Image.Image
-        Row-aligned image batches (see :func:`as_image_batch`), at least 2 pairs; converted
-        once.
+    sets : mapping of str to image batch
+        Named reconstruction sets (e.g. brain-decoded, retrieved floor, ceiling), each
+        row-aligned with ``truth`` (see :func:`as_image_batch`). Every distinct image goes
+        through each network once, whatever the number of sets and repeats.
+    truth : ndarray | sequence of PIL.Image.Image
+        The stimuli, at least 2.
+    groups : array-like of shape (n,) | None
+        A label per row, e.g. the subject. Two-way identification compares a row only with
+        rows of its own group (MindEye scores each subject separately), and each metric is the
+        mean over groups of the group's value; per-group values go to ``"_per_group"``. None:
+        one group.
     clip_path : str | Path | None
         Local CLIP directory for the ``clip`` metric (see :func:`clip_two_way`). If None,
         ``clip`` is reported as unavailable (None).
@@ -599,63 +656,109 @@ def reconstruction_metrics(
     Returns
     -------
     metrics : dict
-        ``{name: float or None}`` for every name in :data:`METRICS` (``pixcorr``, ``ssim``,
-        ``alexnet2``, ``alexnet5``, ``inception``, ``clip``, ``effnet``, ``swav``), plus
-        ``"_notes": {name: str}``. The notes state the protocol, label the substitute
-        networks, and for a ``None`` value say why there is no value (unavailable or
-        skipped). ``swav`` is always None, since no SwAV weights ship offline.
-        :data:`HIGHER_IS_BETTER` gives the direction of each metric.
+        ``{set name: {metric: float or None, "_notes": {metric: str}}}`` with every name in
+        :data:`METRICS` (``pixcorr``, ``ssim``, ``alexnet2``, ``alexnet5``, ``inception``,
+        ``clip``, ``effnet``, ``swav``), plus ``"_per_group"`` when ``groups`` is given. The
+        notes state the protocol, label the substitute networks, and for a ``None`` value say
+        why there is no value (unavailable or skipped). ``swav`` is always None, since no SwAV
+        weights ship offline. :data:`HIGHER_IS_BETTER` gives the direction of each metric.
 
     Raises
     ------
     DataError
         On mismatched counts, mixed image sizes within a batch, aspect ratios that differ
-        between the batches, fewer than 2 pairs, or an incomplete ``clip_path`` directory.
-        All of these are checked before any network runs.
+        between the batches, fewer than 2 pairs (per group), or an incomplete ``clip_path``
+        directory. All of these are checked before any network runs.
     """
     from ..embed.images import ClipVisionEmbedder, EfficientNetLiteEmbedder
 
     skip = {check_option("skip", name, METRICS) for name in skip}
-    recon, truth = _pair(recon, truth, min_n=2)
-    for s, what in ((int(size), "pixcorr/ssim"), (ALEXNET_SIZE, "alexnet")):
-        _check_resized(recon, truth, s, what=what)
+    truth = as_image_batch(truth, name="truth")
+    pairs = {name: _pair(recon, truth, min_n=2)[0] for name, recon in sets.items()}
+    for recon in pairs.values():
+        for s, what in ((int(size), "pixcorr/ssim"), (ALEXNET_SIZE, "alexnet")):
+            _check_resized(recon, truth, s, what=what)
+    rows = _group_rows(groups, len(truth))
     clip = None
     if clip_path is not None and "clip" not in skip:
         # the constructor checks the directory: fail before any heavy compute
         clip = ClipVisionEmbedder(path=str(clip_path), output="pooled", device=device)
-    effnet = None if "effnet" in skip else EfficientNetLiteEmbedder(variant="lite0",
-                                                                      device=device)
-    out: dict[str, Any] = {name: None for name in METRICS}
     notes: dict[str, str] = {name: f"skipped: not computed (skip={sorted(skip)})"
                              for name in METRICS}
+    notes["swav"] = _NOTES["swav"]  # unavailable whether skipped or not
+    # per set: {metric: per-pair values (n,)} or {metric: (recon feats, truth feats)}
+    pair_scores: dict[str, dict[str, np.ndarray]] = {name: {} for name in pairs}
+    two_way: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {name: {} for name in pairs}
+    batches = [truth, *pairs.values()]
     with log_level(verbose):
-        logger.info("reconstruction metrics on %d pairs", len(recon))
-        if "pixcorr" not in skip:
-            out["pixcorr"] = pixcorr(recon, truth, size=size)
-            notes["pixcorr"] = _NOTES["pixcorr"].format(size=size)
-        if "ssim" not in skip:
-            out["ssim"] = ssim(recon, truth, size=size)
-            notes["ssim"] = _NOTES["ssim"].format(size=size, cols=_COLUMNS_NOTE)
+        logger.info("reconstruction metrics: %d sets x %d pairs", len(pairs), len(truth))
+        pixel = {"pixcorr": (_pixcorr_pairs, _NOTES["pixcorr"].format(size=size)),
+                 "ssim": (_ssim_pairs, _NOTES["ssim"].format(size=size, cols=_COLUMNS_NOTE))}
+        for metric, (scores, note) in pixel.items():
+            if metric not in skip:
+                notes[metric] = note
+                for name, recon in pairs.items():
+                    pair_scores[name][metric] = scores(recon, truth, size=int(size))
+        networks = {}
         layers = [layer for layer in (2, 5) if f"alexnet{layer}" not in skip]
         if layers:
-            f_r, f_t = _alexnet_features(recon, truth, layers=layers, batch_size=batch_size,
-                                         device=device)
+            networks["alexnet"] = lambda b: {f"alexnet{k}": v for k, v in _alexnet_features(
+                b, layers=layers, batch_size=batch_size, device=device)[0].items()}
             for layer in layers:
-                out[f"alexnet{layer}"] = _mindeye_two_way(f_r[layer], f_t[layer])
                 notes[f"alexnet{layer}"] = _NOTES["alexnet"].format(
                     layer=layer, node={2: 4, 5: 11}[layer])
-            del f_r, f_t
         if "inception" not in skip:
-            out["inception"] = _mindeye_two_way(
-                *_inception_features(recon, truth, batch_size=batch_size, device=device))
+            networks["inception"] = lambda b: {"inception": _inception_features(
+                b, batch_size=batch_size, device=device)[0]}
             notes["inception"] = _NOTES["inception"]
         if clip is not None:
-            out["clip"] = _clip_two_way(clip, recon, truth, batch_size=batch_size)
+            networks["clip"] = lambda b: {"clip": clip.embed(_pil(b), batch_size=batch_size)}
             notes["clip"] = _NOTES["clip"].format(path=str(clip_path), two_way=_TWO_WAY)
         elif "clip" not in skip:
             notes["clip"] = _NOTES["clip_unavailable"]
-        if effnet is not None:
-            out["effnet"] = _effnet_distance(effnet, recon, truth, batch_size=batch_size)
+        if "effnet" not in skip:
+            effnet = EfficientNetLiteEmbedder(variant="lite0", device=device)
+            networks["effnet"] = lambda b: {"effnet": effnet.embed(_pil(b),
+                                                                   batch_size=batch_size)}
             notes["effnet"] = _NOTES["effnet"]
-        notes["swav"] = _NOTES["swav"]  # unavailable whether skipped or not
-    return {**out, "_notes": notes}
+        for extract in networks.values():
+            f_truth, *f_sets = _image_features(extract, batches)
+            for name, feats in zip(pairs, f_sets, strict=True):
+                for metric, f in feats.items():
+                    if metric == "effnet":
+                        pair_scores[name][metric] = _correlation_distance(f, f_truth[metric])
+                    else:
+                        two_way[name][metric] = (f, f_truth[metric])
+    results: dict[str, dict[str, Any]] = {}
+    for name in pairs:
+        per_group = {}
+        for g, idx in rows.items():
+            vals: dict[str, float | None] = {m: None for m in METRICS}
+            vals.update({m: float(np.mean(v[idx])) for m, v in pair_scores[name].items()})
+            vals.update({m: _mindeye_two_way(f[idx], t[idx])
+                         for m, (f, t) in two_way[name].items()})
+            per_group[g] = vals
+        mean = {m: None if per_group[next(iter(rows))][m] is None else
+                float(np.mean([v[m] for v in per_group.values()])) for m in METRICS}
+        results[name] = {**mean, "_notes": dict(notes)}
+        if groups is not None:
+            results[name]["_per_group"] = per_group
+    return results
+
+
+def _correlation_distance(f_r: np.ndarray, f_t: np.ndarray) -> np.ndarray:
+    """Per-pair ``1 - Pearson r`` of feature rows."""
+    from scipy.spatial.distance import correlation
+
+    return np.array([correlation(t, r) for t, r in zip(f_t.astype(np.float64),
+                                                         f_r.astype(np.float64), strict=True)])
+
+
+def reconstruction_metrics(recon: Any, truth: Any, **kwargs: Any) -> dict[str, Any]:
+    """All MindEye reconstruction metrics of one reconstruction set, with a note per metric.
+
+    ``recon`` and ``truth`` are row-aligned image batches (see :func:`as_image_batch`), at
+    least 2 pairs; keyword arguments and the result are those of
+    :func:`compare_reconstructions` for the single set.
+    """
+    return compare_reconstructions({"recon": recon}, truth, **kwargs)["recon"]

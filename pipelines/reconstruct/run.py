@@ -28,12 +28,36 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+#: keys of the embedded generator config that define the trained model (its cache key)
+TRAINING_KEYS = ("resolution", "block_out_channels", "prediction_type", "ema_decay",
+                 "train_steps", "batch_size", "lr", "p_uncond", "seed")
+
+
+def build_generator(gen_cfg: DictConfig, *, images: list[Image.Image],
+                    embeddings: np.ndarray, cache_dir: str | Path):
+    """The configured generator and its training figures (None for a pretrained one).
+
+    A config with ``_target_`` is a pretrained backend loaded from local directories
+    (``reconstruct/generator=stable_unclip`` / ``ip_adapter``); otherwise it is the recipe of
+    the embedded generator, trained on ``images`` / ``embeddings`` (see
+    :func:`embedded_generator`).
+    """
+    if gen_cfg.get("_target_"):
+        from hydra.utils import instantiate
+
+        # built from a partial so the backend's own errors (missing directory...) surface
+        # as they are, not wrapped by Hydra
+        return instantiate(gen_cfg, _partial_=True)(), None
+    return embedded_generator(gen_cfg, images=images, embeddings=embeddings,
+                              cache_dir=cache_dir)
+
+
 def embedded_generator(gen_cfg: DictConfig, *, images: list[Image.Image],
                        embeddings: np.ndarray, cache_dir: str | Path):
-    """Train (or reuse from the cache) the embedded generator on the stimulus images.
+    """Train (or reuse from the cache) the embedded generator on ``images``.
 
-    The cache key covers the generator parameters and the *content* of the training images
-    and embeddings, so datasets sharing a stimulus set share one trained generator.
+    The cache key covers the training recipe and the *content* of the training images and
+    embeddings, so datasets sharing a stimulus set (and embedder) share one trained generator.
     """
     import hashlib
 
@@ -41,19 +65,18 @@ def embedded_generator(gen_cfg: DictConfig, *, images: list[Image.Image],
 
     from .train_generator import train_embedding_diffusion
 
-    params = {k: v for k, v in OmegaConf.to_container(gen_cfg, resolve=True).items()
-              if k in ("resolution", "block_out_channels", "train_steps", "batch_size", "lr",
-                       "p_uncond", "seed")}
+    cfg = OmegaConf.to_container(gen_cfg, resolve=True)
+    params = {k: cfg[k] for k in TRAINING_KEYS}
     digest = hashlib.sha256(np.ascontiguousarray(embeddings, np.float32).tobytes())
     for im in images:
         digest.update(im.tobytes())
     entry = cache_entry(cache_dir, "generators", "embedded", params,
                         upstream=[digest.hexdigest()[:16]])
-    info = None
     if not entry.exists():
         pipe, info = train_embedding_diffusion(
             images, _unit(embeddings), resolution=params["resolution"],
             block_out_channels=tuple(params["block_out_channels"]),
+            prediction_type=params["prediction_type"], ema_decay=params["ema_decay"],
             steps=params["train_steps"], batch_size=params["batch_size"], lr=params["lr"],
             p_uncond=params["p_uncond"], seed=params["seed"])
         with entry.writing({**params, "training": info}) as tmp:
@@ -65,7 +88,11 @@ def embedded_generator(gen_cfg: DictConfig, *, images: list[Image.Image],
 
 
 def lowlevel_inits(dm, *, stim_images: list[Image.Image], resolution: int) -> list[Image.Image]:
-    """Ridge from brain data to an 8x8 colour thumbnail of the stimulus, per test row."""
+    """Ridge from brain data to an 8x8 colour thumbnail of the stimulus, per test row.
+
+    Fitted per subject on the train + validation trials (the encoder's), applied to the test
+    rows: the low-level pathway of Brain-Diffuser / Takagi & Nishimoto, at thumbnail scale.
+    """
     from ..evaluate.report import _subject_arrays
     from ..evaluate.ridge import RidgeDecoder
 
@@ -113,48 +140,67 @@ def plot_grid(rows: list[list[Image.Image]], labels: list[str], path: Path, *, t
 
 def reconstruct(lit, dm, *, cfg: DictConfig, out_dir: str | Path,
                 stim_root: str | Path) -> dict[str, Any]:
-    """Reconstruct the test images from brain-decoded embeddings; return metrics + paths."""
-    from ..evaluate.recon_metrics import reconstruction_metrics
+    """Reconstruct the test images from brain-decoded embeddings; return metrics + paths.
+
+    Writes ``reconstructions/*.png`` (one per test row), ``reconstructions.png`` (grid) and
+    ``reconstruction.json`` in ``out_dir``. The embedded generator sees only the stimuli of
+    the train and validation splits; the test images are new to it.
+    """
+    from ..evaluate.recon_metrics import compare_reconstructions
     from ..evaluate.report import flat_targets, predict_split
 
     t0 = time.perf_counter()
-    gcfg = cfg.reconstruct
+    rcfg = cfg.reconstruct
     out_dir = Path(out_dir)
     (out_dir / "reconstructions").mkdir(parents=True, exist_ok=True)
     stim_files = dm.embedding_index["stim_file"].tolist()
     images = [Image.open(Path(stim_root) / s).convert("RGB") for s in stim_files]
     emb = flat_targets(dm)
-    generator, train_info = embedded_generator(gcfg.generator, images=images, embeddings=emb,
-                                               cache_dir=cfg.paths.cache_dir)
-    res = generator.resolution
     test = dm.splits["test"]
+    fit_rows = np.unique(np.concatenate([dm.splits[n].target for n in ("train", "val")]))
+    generator, train_info = build_generator(
+        rcfg.generator, images=[images[i] for i in fit_rows], embeddings=emb[fit_rows],
+        cache_dir=cfg.paths.cache_dir)
+    res = generator.resolution
     pred = _unit(predict_split(lit, dm, "test"))
     inits = (lowlevel_inits(dm, stim_images=images, resolution=res)
-             if gcfg.lowlevel else None)
-    kw = dict(steps=int(gcfg.steps), guidance_scale=float(gcfg.guidance_scale),
-              seed=int(gcfg.seed))
-    recon = generator.generate(pred, init_images=inits, strength=float(gcfg.strength), **kw)
+             if rcfg.lowlevel else None)
+    kw = dict(steps=int(rcfg.steps), guidance_scale=float(rcfg.guidance_scale),
+              seed=int(rcfg.seed), batch_size=int(rcfg.batch_size))
+    t_gen = time.perf_counter()
+    logger.info("reconstruct: %d test rows with %s", len(pred), type(generator).__name__)
+    recon = generator.generate(pred, init_images=inits, strength=float(rcfg.strength), **kw)
+    per_image = (time.perf_counter() - t_gen) / len(recon)
     uniq = np.unique(test.target)
     ceiling = dict(zip(uniq, generator.generate(_unit(emb[uniq]), **kw), strict=True))
-    train_rows = np.unique(np.concatenate([dm.splits[n].target for n in ("train", "val")]))
-    nearest = train_rows[(pred @ _unit(emb[train_rows]).T).argmax(1)]
-    truth = [images[t].resize((res, res), Image.BICUBIC) for t in test.target]
-    retrieved = [images[t].resize((res, res), Image.BICUBIC) for t in nearest]
-    ceil = [ceiling[t] for t in test.target]
+    nearest = fit_rows[(pred @ _unit(emb[fit_rows]).T).argmax(1)]
+    sized = [im.resize((res, res), Image.BICUBIC) for im in images]
+    sets = {"brain": recon, "floor_retrieved": [sized[t] for t in nearest],
+            "ceiling": [ceiling[t] for t in test.target]}
+    if inits is not None:
+        sets["lowlevel_only"] = inits
+    truth = [sized[t] for t in test.target]
+    subjects = [dm.labels[k] for k in test.subject]
     for i, im in enumerate(recon):
-        im.save(out_dir / "reconstructions" / f"test{i:03d}_sub-{dm.labels[test.subject[i]]}.png")
-    metrics = {name: reconstruction_metrics(imgs, truth, clip_path=gcfg.get("clip_path"))
-               for name, imgs in (("brain", recon), ("floor_retrieved", retrieved),
-                                  ("ceiling", ceil))}
-    show = np.linspace(0, len(recon) - 1, min(8, len(recon))).astype(int)
-    plot_grid([[truth[i], recon[i], retrieved[i], ceil[i]] for i in show],
-              [f"{Path(stim_files[test.target[i]]).stem}\nsub-{dm.labels[test.subject[i]]}"
-               for i in show], out_dir / "reconstructions.png",
+        im.save(out_dir / "reconstructions" / f"test{i:03d}_sub-{subjects[i]}_"
+                f"{Path(stim_files[test.target[i]]).stem}.png")
+    metrics = compare_reconstructions(sets, truth, groups=subjects,
+                                      clip_path=rcfg.get("clip_path"),
+                                      skip=list(rcfg.get("skip_metrics") or []))
+    per_subject = metrics["brain"].pop("_per_group")
+    for m in metrics.values():
+        m.pop("_per_group", None)
+    show = np.linspace(0, len(recon) - 1, min(int(rcfg.grid_rows), len(recon))).astype(int)
+    plot_grid([[truth[i], recon[i], sets["floor_retrieved"][i], sets["ceiling"][i]]
+               for i in show],
+              [f"{Path(stim_files[test.target[i]]).stem}\nsub-{subjects[i]}" for i in show],
+              out_dir / "reconstructions.png",
               title=f"{dm.modality.upper()} reconstructions ({res}px)", note=generator.note)
     out = {"generator": generator.note, "resolution": res, "n_images": len(recon),
-           "lowlevel_pathway": bool(gcfg.lowlevel), "strength": float(gcfg.strength),
-           "steps": int(gcfg.steps), "guidance_scale": float(gcfg.guidance_scale),
-           "generator_training": train_info, "metrics": metrics,
+           "lowlevel_pathway": bool(rcfg.lowlevel), "strength": float(rcfg.strength),
+           "steps": int(rcfg.steps), "guidance_scale": float(rcfg.guidance_scale),
+           "generator_training": train_info, "seconds_per_image": round(per_image, 4),
+           "metrics": metrics, "per_subject_brain": per_subject,
            "seconds": round(time.perf_counter() - t0, 1), "grid": "reconstructions.png"}
     (out_dir / "reconstruction.json").write_text(json.dumps(out, indent=2, default=str))
     return out

@@ -28,6 +28,8 @@ def train_embedding_diffusion(
     batch_size: int = 32,
     lr: float = 1e-3,
     p_uncond: float = 0.1,
+    prediction_type: str = "sample",
+    ema_decay: float | None = 0.995,
     seed: int = 0,
 ) -> tuple[EmbeddingDiffusionPipeline, dict]:
     """DDPM training of :func:`make_unet` to denoise ``images`` given their ``embeddings``.
@@ -37,6 +39,7 @@ def train_embedding_diffusion(
     Returns the pipeline (DDIM sampler) and training figures (seconds, final loss).
     """
     from diffusers import DDIMScheduler, DDPMScheduler
+    from diffusers.training_utils import EMAModel
 
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -44,10 +47,13 @@ def train_embedding_diffusion(
     emb_all = torch.as_tensor(np.asarray(embeddings, np.float32))
     unet = make_unet(emb_dim=emb_all.shape[1], resolution=resolution,
                      block_out_channels=block_out_channels)
-    noise_schedule = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    noise_schedule = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                                   prediction_type=prediction_type)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    ema = None if not ema_decay else EMAModel(unet.parameters(), decay=ema_decay,
+                                              use_ema_warmup=True)
     ctx = torch.zeros(batch_size, 1, unet.config.cross_attention_dim)
     unet.train()
     t0, losses = time.perf_counter(), []
@@ -63,12 +69,18 @@ def train_embedding_diffusion(
                           generator=gen)
         xt = noise_schedule.add_noise(x0, noise, t)
         pred = unet(xt, t, encoder_hidden_states=ctx, class_labels=emb).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
+        target = {"epsilon": noise, "sample": x0,
+                  "v_prediction": noise_schedule.get_velocity(x0, noise, t)}[prediction_type]
+        loss = torch.nn.functional.mse_loss(pred, target)
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
+        if ema is not None:
+            ema.step(unet.parameters())
         losses.append(loss.item())
+    if ema is not None:
+        ema.copy_to(unet.parameters())
     unet.eval()
     seconds = time.perf_counter() - t0
     info = {"steps": steps, "seconds": round(seconds, 1), "resolution": resolution,

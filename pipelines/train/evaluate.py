@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..common.checks import DataError
 from ..common.logging import logger
@@ -35,7 +35,10 @@ def from_checkpoint(cfg: DictConfig):
                  "embed": cfg.get("embed") or trained.embed}
     if cfg.get("reconstruct") is not None:
         overrides["reconstruct"] = cfg.reconstruct
-    job = OmegaConf.merge(trained, overrides)
+    job = trained.copy()
+    with open_dict(job):
+        for key, value in overrides.items():  # replaced whole: no stale keys from training
+            job[key] = value
     preproc_dir, emb_dir = prepare_caches(job)
     dm = build_datamodule(job, preproc_dir, emb_dir)
     check_compatible(desc, dm, path=cfg.checkpoint)
@@ -49,6 +52,7 @@ def from_checkpoint(cfg: DictConfig):
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Stage entry point (Hydra root config ``evaluate.yaml``)."""
     from ..evaluate.report import evaluate
+    from ..evaluate.summary import write_report
 
     lit, dm, _ = from_checkpoint(cfg)
     out_dir = Path(cfg.paths.output_dir)
@@ -56,7 +60,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                        ridge=bool(cfg.evaluate.ridge), time_resolved=False)
     metrics["checkpoint"] = str(cfg.checkpoint)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    logger.info("evaluate: metrics in %s", out_dir / "metrics.json")
+    logger.info("evaluate: metrics in %s, report %s", out_dir / "metrics.json",
+                write_report(out_dir, metrics))
     return metrics
 
 

@@ -109,6 +109,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from lightning import seed_everything
 
     from ..evaluate.report import evaluate
+    from ..evaluate.summary import write_report
 
     seed_everything(int(cfg.seed), workers=True)
     out_dir = Path(cfg.paths.output_dir)
@@ -136,6 +137,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                                  embeddings_dir=emb_dir, out_dir=out_dir)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    logger.info("report: %s", write_report(out_dir, metrics))
     return metrics
 
 

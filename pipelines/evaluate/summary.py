@@ -1,0 +1,129 @@
+"""One-page Markdown report of a run: the tables of ``metrics.json`` and its figures.
+
+``report.md`` sits next to ``metrics.json`` in the run directory and links the PNG figures by
+relative path, so the directory can be moved, zipped or rendered by any Markdown viewer
+(GitHub, VS Code, ``pandoc report.md -o report.html``). It is rebuilt from ``metrics.json``
+alone: :func:`write_report` works on a finished run directory too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .recon_metrics import HIGHER_IS_BETTER, METRICS
+
+FIGURES = (
+    ("retrieval_examples.png", "Test images and the encoder's top-5 retrieved images"),
+    ("time_resolved.png", "Time-resolved decoding (ridge on sliding windows)"),
+    ("reconstructions.png", "Reconstructions: stimulus | brain | retrieved (floor) | "
+                            "ceiling (true embedding)"),
+    ("adaptation.png", "New-subject adaptation"),
+)
+_RECON_ROWS = (("brain", "brain-decoded"), ("floor_retrieved", "floor: nearest training image"),
+               ("ceiling", "ceiling: generator fed the true embedding"),
+               ("lowlevel_only", "low-level pathway alone (ridge thumbnail)"))
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.3f}"
+    return str(x)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _retrieval(title: str, block: dict[str, Any]) -> list[str]:
+    keys = ["top1", "top5", "median_rank", "rel_median_rank"]
+    return [f"### {title}", ""] + _table(
+        ["decoder", *keys], [[name, *(m.get(k) for k in keys)] for name, m in block.items()])
+
+
+def _reconstruction(rec: dict[str, Any]) -> list[str]:
+    names = [m for m in METRICS if any(rec["metrics"].get(r, {}).get(m) is not None
+                                       for r, _ in _RECON_ROWS)]
+    header = ["images", *(f"{m} {'↑' if HIGHER_IS_BETTER[m] else '↓'}" for m in names)]
+    rows = [[label, *(rec["metrics"][key].get(m) for m in names)]
+            for key, label in _RECON_ROWS if key in rec["metrics"]]
+    out = ["## Reconstruction", "", f"Generator: {rec['generator']}.", "",
+           f"{rec['n_images']} test rows at {rec['resolution']} px; DDIM {rec['steps']} steps, "
+           f"guidance {rec['guidance_scale']}"
+           + (f", low-level img2img start (strength {rec['strength']})"
+              if rec.get("lowlevel_pathway") else "") + ".", ""]
+    out += _table(header, rows)
+    per_subject = rec.get("per_subject_brain") or {}
+    if per_subject:
+        out += ["Brain-decoded, per subject:", ""]
+        out += _table(["subject", *names], [[f"sub-{s}", *(m.get(k) for k in names)]
+                                             for s, m in per_subject.items()])
+    notes = rec["metrics"].get("brain", {}).get("_notes", {})
+    unavailable = [m for m in METRICS if m not in names]
+    out += ["Metric notes:", ""]
+    out += [f"- **{m}**: {notes[m]}" for m in (*names, *unavailable) if m in notes]
+    train = rec.get("generator_training") or {}
+    if train:
+        out += ["", f"Generator training: {train.get('steps')} steps on {train.get('n_images')} "
+                f"training-split images in {train.get('seconds')} s (final loss "
+                f"{_fmt(train.get('final_loss'))})."]
+    if "seconds_per_image" in rec:
+        out += [f"Sampling: {rec['seconds_per_image']} s per image."]
+    return out + [""]
+
+
+def write_report(out_dir: str | Path, metrics: dict[str, Any] | None = None) -> Path:
+    """Write ``report.md`` for the run in ``out_dir`` (``metrics`` default: its metrics.json)."""
+    out_dir = Path(out_dir)
+    if metrics is None:
+        metrics = json.loads((out_dir / "metrics.json").read_text())
+    lines = [f"# neurorecon run: {metrics['modality'].upper()}", "",
+             f"Run directory `{out_dir.name}`; {metrics['n_test']} test rows "
+             f"({metrics.get('n_test_images', '?')} test images), subjects "
+             f"{', '.join('sub-' + s for s in metrics.get('subjects', []))}.", "",
+             f"Embedder: `{metrics.get('embedder')}`."]
+    if metrics.get("checkpoint"):
+        lines += ["", f"Checkpoint: `{metrics['checkpoint']}`."]
+    if metrics.get("embedder_note"):
+        lines += ["", f"> {metrics['embedder_note']}"]
+    if "retrieval" in metrics:
+        lines += ["", "## Retrieval", ""]
+        lines += _retrieval("Among the test images (metrics.json `retrieval`)",
+                            metrics["retrieval"])
+    if "retrieval_all_images" in metrics:
+        lines += _retrieval("Among all stimulus images (harder)",
+                            metrics["retrieval_all_images"])
+    if metrics.get("retrieval_per_subject"):
+        lines += ["### Per subject (top-5)", ""]
+        decoders = list(next(iter(metrics["retrieval_per_subject"].values())))
+        lines += _table(["subject", *decoders],
+                        [[f"sub-{s}", *(m[d]["top5"] for d in decoders)]
+                         for s, m in metrics["retrieval_per_subject"].items()])
+    train = metrics.get("training") or {}
+    if train:
+        lines += [f"Training: {train.get('epochs')} epochs in {train.get('train_seconds')} s; "
+                  f"checkpoint `{train.get('best_checkpoint')}`.", ""]
+    if metrics.get("reconstruction"):
+        lines += _reconstruction(metrics["reconstruction"])
+    adapt = metrics.get("adaptation")
+    if adapt:
+        lines += ["## New-subject adaptation", "",
+                  f"New subject sub-{adapt['new_subject']}, shared model trained on "
+                  f"{', '.join('sub-' + s for s in adapt['shared_subjects'])}. Top-5 by "
+                  f"fraction of the new subject's training trials (chance "
+                  f"{_fmt(adapt['chance']['top5'])}):", ""]
+        lines += _table(["model", *(f"{f:g}" for f in adapt["fractions"])],
+                        [[name, *vals] for name, vals in adapt["top5"].items()])
+    figures = [(f, caption) for f, caption in FIGURES if (out_dir / f).is_file()]
+    if figures:
+        lines += ["## Figures", ""]
+        for f, caption in figures:
+            lines += [f"### {caption}", "", f"![{caption}]({f})", ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
