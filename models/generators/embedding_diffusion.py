@@ -1,12 +1,14 @@
 """The embedded generator: a small diffusion model conditioned on an image embedding.
 
-No diffusion weights exist offline, so neurorecon trains its own (on the stimulus images and
-their own embeddings, never on brain data) and drives it with brain-decoded embeddings at
-inference. It is built from diffusers parts: a ``UNet2DConditionModel`` whose timestep
-embedding is augmented with a projection of the image embedding
-(``class_embed_type="projection"``, as in Stable unCLIP), a DDPM training noise schedule and a
-DDIM sampler, classifier-free guidance (the all-zeros embedding is the unconditional input, used
-with probability ``p_uncond`` in training), and img2img from a low-level initial image.
+No diffusion weights exist offline, so neurorecon trains its own (on the training-split
+stimulus images and their own embeddings, never on brain data or test images) and drives it
+with brain-decoded embeddings at inference. It is built from diffusers parts: a
+``UNet2DConditionModel`` whose timestep embedding is augmented with a projection of the image
+embedding (``class_embed_type="projection"``, as in Stable unCLIP), a DDPM training noise
+schedule (x0-prediction by default: clean, if smooth, images after little training) with an EMA
+of the weights, a DDIM sampler, classifier-free guidance (the all-zeros embedding is the
+unconditional input, used with probability ``p_uncond`` in training), and img2img from a
+low-level initial image.
 ``save_pretrained`` / ``from_pretrained`` round-trip a directory like any diffusers pipeline.
 """
 
@@ -23,9 +25,9 @@ from neurorecon.pipelines.common.checks import DataError
 
 from .base import check_embeddings, check_images
 
-NOTE = ("embedded conditional diffusion model trained by neurorecon on the stimulus images "
-        "(a low-resolution stand-in for Stable unCLIP / Versatile Diffusion; no diffusion "
-        "weights exist offline)")
+NOTE = ("embedded conditional diffusion model trained by neurorecon on the training-split "
+        "stimulus images and their embeddings (a low-resolution stand-in for Stable unCLIP / "
+        "Versatile Diffusion; no diffusion weights exist offline)")
 
 
 def make_unet(*, emb_dim: int, resolution: int = 32,

@@ -347,10 +347,39 @@ def _ssim_pairs(recon: np.ndarray, truth: np.ndarray, *, size: int,
 
     gray_r = rgb2gray(_resize_short(_to_tensor(recon), size).permute(0, 2, 3, 1).numpy())
     gray_t = rgb2gray(_resize_short(_to_tensor(truth), size).permute(0, 2, 3, 1).numpy())
+    gray_r, gray_t = gray_r.astype(np.float64), gray_t.astype(np.float64)
+    if per_column:
+        return _ssim_down_columns(gray_r, gray_t)
     kwargs = dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-                  data_range=1.0, channel_axis=-1 if per_column else None)
-    return np.array([structural_similarity(r.astype(np.float64), t.astype(np.float64), **kwargs)
+                  data_range=1.0)
+    return np.array([structural_similarity(r, t, **kwargs)
                      for r, t in zip(gray_r, gray_t, strict=True)])
+
+
+def _ssim_down_columns(gray_r: np.ndarray, gray_t: np.ndarray) -> np.ndarray:
+    """skimage's SSIM with ``channel_axis=-1`` on 2-D gray images, for a whole batch at once.
+
+    ``structural_similarity(r, t, gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False, data_range=1.0, channel_axis=-1)`` treats each pixel column
+    as a channel and loops over them in Python (about 0.2 s per 425 px pair). The same
+    arithmetic vectorised over ``(n, height, width)``: 1-D Gaussian filtering down the columns
+    (``truncate=3.5``, ``mode='reflect'``, as skimage passes to ``gaussian_filter``), the SSIM
+    map with K1=0.01, K2=0.03, then the mean after cropping the 5-pixel filter margin at the
+    top and bottom. ``test_recon_metrics`` checks it against skimage.
+    """
+    from scipy.ndimage import gaussian_filter1d
+
+    def smooth(a: np.ndarray) -> np.ndarray:
+        return gaussian_filter1d(a, 1.5, axis=1, mode="reflect", truncate=3.5)
+
+    c1, c2 = 0.01**2, 0.03**2
+    ux, uy = smooth(gray_r), smooth(gray_t)
+    vx = smooth(gray_r * gray_r) - ux * ux
+    vy = smooth(gray_t * gray_t) - uy * uy
+    vxy = smooth(gray_r * gray_t) - ux * uy
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
+    pad = int(3.5 * 1.5 + 0.5)  # skimage's window radius
+    return s[:, pad:-pad, :].mean(axis=(1, 2))
 
 
 # ----------------------------------------------------------------------------- network metrics

@@ -35,8 +35,12 @@ def flat_targets(dm) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict_split(lit, dm, name: str) -> np.ndarray:
-    """Contrastive-head predictions of ``lit`` for every row of split ``name`` (row order)."""
+def predict_split(lit, dm, name: str, *, head: str = "clip") -> np.ndarray:
+    """Predictions of ``lit`` for every row of split ``name`` (row order).
+
+    ``head`` picks the encoder output: ``"clip"`` (contrastive head, used for retrieval) or
+    ``"mse"`` (regression head, used to condition generation as in Benchetrit et al. 2023).
+    """
     lit.eval()
     split = dm.splits[name]
     out = np.zeros((len(split), flat_targets(dm).shape[1]), np.float32)
@@ -48,7 +52,7 @@ def predict_split(lit, dm, name: str) -> np.ndarray:
             items = [dm.item(split, int(i)) for i in idx]
             batch = {key: torch.stack([torch.as_tensor(it[key]) for it in items])
                      for key in items[0]}
-            out[idx] = lit(batch)["clip"].float().reshape(len(idx), -1).cpu().numpy()
+            out[idx] = lit(batch)[head].float().reshape(len(idx), -1).cpu().numpy()
     return out
 
 

@@ -17,8 +17,8 @@ from .recon_metrics import HIGHER_IS_BETTER, METRICS
 FIGURES = (
     ("retrieval_examples.png", "Test images and the encoder's top-5 retrieved images"),
     ("time_resolved.png", "Time-resolved decoding (ridge on sliding windows)"),
-    ("reconstructions.png", "Reconstructions: stimulus | brain | retrieved (floor) | "
-                            "ceiling (true embedding)"),
+    ("reconstructions.png", "Reconstructions: stimulus | low-level start | brain | "
+                            "retrieved (floor) | ceiling (true embedding)"),
     ("adaptation.png", "New-subject adaptation"),
 )
 _RECON_ROWS = (("brain", "brain-decoded"), ("floor_retrieved", "floor: nearest training image"),
@@ -53,7 +53,8 @@ def _reconstruction(rec: dict[str, Any]) -> list[str]:
     rows = [[label, *(rec["metrics"][key].get(m) for m in names)]
             for key, label in _RECON_ROWS if key in rec["metrics"]]
     out = ["## Reconstruction", "", f"Generator: {rec['generator']}.", "",
-           f"{rec['n_images']} test rows at {rec['resolution']} px; DDIM {rec['steps']} steps, "
+           f"{rec['n_images']} test rows at {rec['resolution']} px, conditioned on the "
+           f"encoder's {rec.get('head', 'clip')} head; {rec['steps']} sampler steps, "
            f"guidance {rec['guidance_scale']}"
            + (f", low-level img2img start (strength {rec['strength']})"
               if rec.get("lowlevel_pathway") else "") + ".", ""]

@@ -111,13 +111,13 @@ def lowlevel_inits(dm, *, stim_images: list[Image.Image], resolution: int) -> li
     return out
 
 
-def plot_grid(rows: list[list[Image.Image]], labels: list[str], path: Path, *, title: str,
-              note: str) -> Path:
-    """PNG grid, one row per test example: stimulus | reconstruction | retrieved | ceiling."""
+def plot_grid(rows: list[list[Image.Image]], labels: list[str], path: Path, *,
+              columns: list[str], title: str, note: str) -> Path:
+    """PNG grid of images, one row per test example, one column per image set."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    cols = ["stimulus", "reconstruction (brain)", "retrieved (floor)", "ceiling (true emb.)"]
+    cols = columns
     fig = Figure(figsize=(2.0 * len(cols), 2.0 * len(rows) + 0.8))
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(rows), len(cols), squeeze=False)
@@ -162,7 +162,10 @@ def reconstruct(lit, dm, *, cfg: DictConfig, out_dir: str | Path,
         rcfg.generator, images=[images[i] for i in fit_rows], embeddings=emb[fit_rows],
         cache_dir=cfg.paths.cache_dir)
     res = generator.resolution
-    pred = _unit(predict_split(lit, dm, "test"))
+    # the generator is conditioned on the regression head (Benchetrit et al. 2023); the floor
+    # retrieves with the contrastive head, as the retrieval evaluation does
+    pred = _unit(predict_split(lit, dm, "test", head=str(rcfg.head)))
+    retrieval_pred = _unit(predict_split(lit, dm, "test"))
     inits = (lowlevel_inits(dm, stim_images=images, resolution=res)
              if rcfg.lowlevel else None)
     kw = dict(steps=int(rcfg.steps), guidance_scale=float(rcfg.guidance_scale),
@@ -173,7 +176,7 @@ def reconstruct(lit, dm, *, cfg: DictConfig, out_dir: str | Path,
     per_image = (time.perf_counter() - t_gen) / len(recon)
     uniq = np.unique(test.target)
     ceiling = dict(zip(uniq, generator.generate(_unit(emb[uniq]), **kw), strict=True))
-    nearest = fit_rows[(pred @ _unit(emb[fit_rows]).T).argmax(1)]
+    nearest = fit_rows[(retrieval_pred @ _unit(emb[fit_rows]).T).argmax(1)]
     sized = [im.resize((res, res), Image.BICUBIC) for im in images]
     sets = {"brain": recon, "floor_retrieved": [sized[t] for t in nearest],
             "ceiling": [ceiling[t] for t in test.target]}
@@ -191,13 +194,17 @@ def reconstruct(lit, dm, *, cfg: DictConfig, out_dir: str | Path,
     for m in metrics.values():
         m.pop("_per_group", None)
     show = np.linspace(0, len(recon) - 1, min(int(rcfg.grid_rows), len(recon))).astype(int)
-    plot_grid([[truth[i], recon[i], sets["floor_retrieved"][i], sets["ceiling"][i]]
-               for i in show],
+    columns = {"stimulus": truth, "low-level start (ridge)": inits,
+               "reconstruction (brain)": recon, "retrieved (floor)": sets["floor_retrieved"],
+               "ceiling (true emb.)": sets["ceiling"]}
+    columns = {name: imgs for name, imgs in columns.items() if imgs is not None}
+    plot_grid([[imgs[i] for imgs in columns.values()] for i in show],
               [f"{Path(stim_files[test.target[i]]).stem}\nsub-{subjects[i]}" for i in show],
-              out_dir / "reconstructions.png",
+              out_dir / "reconstructions.png", columns=list(columns),
               title=f"{dm.modality.upper()} reconstructions ({res}px)", note=generator.note)
     out = {"generator": generator.note, "resolution": res, "n_images": len(recon),
-           "lowlevel_pathway": bool(rcfg.lowlevel), "strength": float(rcfg.strength),
+           "head": str(rcfg.head), "lowlevel_pathway": bool(rcfg.lowlevel),
+           "strength": float(rcfg.strength),
            "steps": int(rcfg.steps), "guidance_scale": float(rcfg.guidance_scale),
            "generator_training": train_info, "seconds_per_image": round(per_image, 4),
            "metrics": metrics, "per_subject_brain": per_subject,
