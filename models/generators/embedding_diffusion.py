@@ -22,6 +22,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline, ImagePipelineOutput, UNe
 from PIL import Image
 
 from neurorecon.pipelines.common.checks import DataError
+from neurorecon.pipelines.common.logging import progress
 
 from .base import check_embeddings, check_images
 
@@ -160,7 +161,8 @@ class EmbeddingDiffusionGenerator:
                 raise ValueError(f"{len(init_images)} initial images for {len(emb)} embeddings")
         res = self.resolution
         out: list[Image.Image] = []
-        for start in range(0, len(emb), batch_size):
+        for start in progress(range(0, len(emb), batch_size), desc="generate batches",
+                              total=-(-len(emb) // batch_size)):
             rows = range(start, min(start + batch_size, len(emb)))
             # per-image noise from its own seed: results do not depend on the batch size
             noise = torch.cat([torch.randn((1, 3, res, res),
