@@ -216,6 +216,38 @@ def test_unclip_text_embeddings(unclip):
         unclip.generate(emb, steps=2, text_embeddings=text[:, 0])
 
 
+def test_unclip_encode_captions(unclip):
+    """The caption pathway's targets: the pipeline's own prompt_embeds, fed back unchanged."""
+    text = unclip.encode_captions(["a cat on a mat", "a rocket"])
+    assert text.shape == (2, MAX_LEN, HIDDEN) and text.dtype == np.float32
+    assert not np.allclose(text[0], text[1])
+    assert len(unclip.generate(_embeddings(2, EMB_DIM), steps=2, text_embeddings=text)) == 2
+
+
+def test_run_with_pretrained_unclip_and_captions(unclip_dir, sample_root, hf_dirs, tmp_path):
+    """`run` end to end with a local CLIP embedder and a local Stable unCLIP: the decoded CLIP
+    image embeddings condition the pipeline, and the caption pathway (ridge brain -> the
+    pipeline's caption prompt_embeds, captions from the sample's stimuli.tsv) adds text."""
+    from neurorecon.pipelines.train.run import run
+
+    from .conftest import compose_stage
+    from .test_train import FAST, SMALL_MEG
+
+    cfg = compose_stage("run", tmp_path, [
+        "data=bids", f"data.root={sample_root / 'meg'}", *FAST, *SMALL_MEG,
+        "embedder=clip", f"embedder.path={hf_dirs['clip']}", "embedder.output=pooled",
+        "reconstruct.enabled=true", "reconstruct/generator=stable_unclip",
+        f"reconstruct.generator.path={unclip_dir}", "reconstruct.lowlevel=false",
+        "reconstruct.captions=true", "reconstruct.steps=2",
+        "reconstruct.skip_metrics=[inception,effnet]"])
+    rec = run(cfg)["reconstruction"]
+    assert rec["caption_pathway"] and rec["resolution"] == RESOLUTION
+    assert rec["generator"].startswith("Stable unCLIP")
+    assert rec["generator_training"] is None  # pretrained: nothing trained here
+    assert set(rec["metrics"]) == {"brain", "floor_retrieved", "ceiling"}
+    assert 0 <= rec["metrics"]["brain"]["alexnet2"] <= 1
+
+
 def test_unclip_bad_input(unclip, unclip_dir, tmp_path):
     from neurorecon.models.generators.diffusers_unclip import StableUnclipGenerator
 

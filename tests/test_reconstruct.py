@@ -154,3 +154,15 @@ def test_reconstruct_bad_generator_config(sample_root, meg_checkpoint, tmp_path)
         "reconstruct/generator=stable_unclip", f"reconstruct.generator.path={missing}"])
     with pytest.raises(DataError, match="no-such-unclip"):
         reconstruct(rc)
+
+
+def test_captions_need_a_text_backend(sample_root, meg_checkpoint, tmp_path):
+    """The caption pathway with the embedded generator fails before anything is trained."""
+    from neurorecon.pipelines.reconstruct.stage import run as reconstruct
+
+    rc = compose_stage("reconstruct", tmp_path, [
+        f"checkpoint={meg_checkpoint}", "data=bids", f"data.root={sample_root / 'meg'}",
+        "reconstruct.captions=true", *TINY_GEN])
+    with pytest.raises(DataError, match="embedded generator takes no text"):
+        reconstruct(rc)
+    assert not (tmp_path / "cache" / "generators").exists()

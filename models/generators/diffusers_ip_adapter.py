@@ -31,6 +31,7 @@ from .base import check_embeddings, check_images
 from .diffusers_unclip import (
     check_pipeline_dir,
     check_text_embeddings,
+    encode_captions,
     load_pipeline,
     resolve_model_dir,
     seeded_generators,
@@ -126,6 +127,10 @@ class IpAdapterGenerator:
             self._img2img = StableDiffusionImg2ImgPipeline.from_pipe(self.pipe)
             self._img2img.set_progress_bar_config(disable=True)
         return self._img2img
+
+    def encode_captions(self, captions: list[str]) -> np.ndarray:
+        """Captions -> this pipeline's ``prompt_embeds`` (the caption pathway's targets)."""
+        return encode_captions(self.pipe, captions, device=self.device)
 
     def generate(self, embeddings: np.ndarray, *, seed: int = 0, steps: int = 25,
                  guidance_scale: float = 3.0, init_images: list[Image.Image] | None = None,

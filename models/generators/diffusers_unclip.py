@@ -169,6 +169,19 @@ def seeded_generators(seed: int, start: int, stop: int) -> list[torch.Generator]
     return [torch.Generator(device="cpu").manual_seed(int(seed) + i) for i in range(start, stop)]
 
 
+def encode_captions(pipe, captions: list[str], *, device: str) -> np.ndarray:
+    """The pipeline's own ``prompt_embeds`` of ``captions``: ``(n, seq_len, hidden_size)``.
+
+    These are the targets of the caption pathway (brain -> text-encoder hidden states), in the
+    space the pipeline's ``prompt_embeds`` argument takes.
+    """
+    import torch
+
+    with torch.no_grad():
+        embeds, _ = pipe.encode_prompt(list(captions), device, 1, False)
+    return embeds.float().cpu().numpy()
+
+
 def check_text_embeddings(text_embeddings: np.ndarray | None, *, n: int, hidden_size: int,
                           what: str) -> np.ndarray | None:
     """Return ``text_embeddings`` as float32 ``(n, seq_len, hidden_size)`` or raise DataError.
@@ -270,6 +283,10 @@ class StableUnclipGenerator:
                      f"{self.path}{rev}; conditioned on {self.emb_dim}-d CLIP image embeddings, "
                      f"noise_level={self.noise_level}")
         logger.info("loaded %s", self.note)
+
+    def encode_captions(self, captions: list[str]) -> np.ndarray:
+        """Captions -> this pipeline's ``prompt_embeds`` (the caption pathway's targets)."""
+        return encode_captions(self.pipe, captions, device=self.device)
 
     def generate(self, embeddings: np.ndarray, *, seed: int = 0, steps: int = 25,
                  guidance_scale: float = 3.0, init_images: list[Image.Image] | None = None,

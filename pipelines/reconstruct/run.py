@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from ..common.cache import cache_entry
+from ..common.checks import DataError
 from ..common.logging import logger
 
 THUMB = 8  # low-level pathway: predicted thumbnail side (pixels)
@@ -87,28 +88,60 @@ def embedded_generator(gen_cfg: DictConfig, *, images: list[Image.Image],
     return EmbeddingDiffusionGenerator(path=entry.path), info
 
 
-def lowlevel_inits(dm, *, stim_images: list[Image.Image], resolution: int) -> list[Image.Image]:
-    """Ridge from brain data to an 8x8 colour thumbnail of the stimulus, per test row.
+def ridge_to_test_rows(dm, targets: np.ndarray) -> np.ndarray:
+    """Per subject, ridge from brain data to per-stimulus ``targets``; predictions per test row.
 
-    Fitted per subject on the train + validation trials (the encoder's), applied to the test
-    rows: the low-level pathway of Brain-Diffuser / Takagi & Nishimoto, at thumbnail scale.
+    ``targets`` is ``(n_stimuli, n_features)`` in the data module's stimulus order. Each
+    subject's decoder is fitted on its train + validation trials (those the encoder saw) and
+    applied to its test rows; the result is ``(n_test_rows, n_features)`` in test-row order.
     """
     from ..evaluate.report import _subject_arrays
     from ..evaluate.ridge import RidgeDecoder
 
-    thumbs = np.stack([np.asarray(im.convert("RGB").resize((THUMB, THUMB), Image.BOX),
-                                  np.float32).ravel() / 255 for im in stim_images])
     test = dm.splits["test"]
-    out: list[Image.Image | None] = [None] * len(test)
+    out = np.zeros((len(test), targets.shape[1]), np.float32)
     for k in np.unique(test.subject):
         fit_X, _, test_X, rows = _subject_arrays(dm, int(k))
         fit_rows = np.concatenate([dm.splits[n].target[dm.splits[n].subject == k]
                                    for n in ("train", "val")])
-        pred = RidgeDecoder().fit(fit_X, thumbs[fit_rows]).predict(test_X)
-        for r, p in zip(rows, pred, strict=True):
-            arr = (np.clip(p, 0, 1).reshape(THUMB, THUMB, 3) * 255).astype(np.uint8)
-            out[r] = Image.fromarray(arr).resize((resolution, resolution), Image.BICUBIC)
+        out[rows] = RidgeDecoder().fit(fit_X, targets[fit_rows]).predict(test_X)
     return out
+
+
+def lowlevel_inits(dm, *, stim_images: list[Image.Image], resolution: int) -> list[Image.Image]:
+    """Ridge from brain data to an 8x8 colour thumbnail of the stimulus, per test row.
+
+    The low-level pathway of Brain-Diffuser / Takagi & Nishimoto, at thumbnail scale: the
+    predicted thumbnail, upsampled, is the img2img starting image.
+    """
+    thumbs = np.stack([np.asarray(im.convert("RGB").resize((THUMB, THUMB), Image.BOX),
+                                  np.float32).ravel() / 255 for im in stim_images])
+    pred = ridge_to_test_rows(dm, thumbs)
+    return [Image.fromarray((np.clip(p, 0, 1).reshape(THUMB, THUMB, 3) * 255).astype(np.uint8))
+            .resize((resolution, resolution), Image.BICUBIC) for p in pred]
+
+
+def caption_pathway(dm, generator, *, stim_root: Path,
+                    captions: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Caption pathway: ridge from brain data to the generator's caption ``prompt_embeds``.
+
+    Captions come from ``<stim_root>/stimuli.tsv`` (or the ``captions`` TSV), are encoded by
+    the generator's own text encoder, and a per-subject ridge predicts them for the test rows.
+    Returns the predicted ``(n_test_rows, seq_len, hidden)`` and the true per-stimulus
+    ``(n_stimuli, seq_len, hidden)`` text embeddings.
+    """
+    from ..embed.run import stimulus_table
+
+    if not hasattr(generator, "encode_captions"):
+        raise DataError(f"the caption pathway needs a generator with a text encoder; "
+                        f"{type(generator).__name__} has none",
+                        hint="use reconstruct/generator=stable_unclip or ip_adapter, or set "
+                             "reconstruct.captions=false")
+    index, _ = stimulus_table(Path(stim_root), dm.embedding_index["stim_file"].tolist(),
+                              captions=captions, need_captions=True)
+    true = generator.encode_captions(index["caption"].tolist())
+    pred = ridge_to_test_rows(dm, true.reshape(len(true), -1))
+    return pred.reshape(len(pred), *true.shape[1:]), true
 
 
 def plot_grid(rows: list[list[Image.Image]], labels: list[str], path: Path, *,
@@ -151,6 +184,10 @@ def reconstruct(lit, dm, *, cfg: DictConfig, out_dir: str | Path,
 
     t0 = time.perf_counter()
     rcfg = cfg.reconstruct
+    if rcfg.captions and not rcfg.generator.get("_target_"):  # fail before training anything
+        raise DataError("reconstruct.captions=true, but the embedded generator takes no text",
+                        hint="use reconstruct/generator=stable_unclip or ip_adapter (local "
+                             "weights) for the caption pathway, or reconstruct.captions=false")
     out_dir = Path(out_dir)
     (out_dir / "reconstructions").mkdir(parents=True, exist_ok=True)
     stim_files = dm.embedding_index["stim_file"].tolist()
@@ -168,14 +205,20 @@ def reconstruct(lit, dm, *, cfg: DictConfig, out_dir: str | Path,
     retrieval_pred = _unit(predict_split(lit, dm, "test"))
     inits = (lowlevel_inits(dm, stim_images=images, resolution=res)
              if rcfg.lowlevel else None)
+    text, true_text = (caption_pathway(dm, generator, stim_root=Path(stim_root),
+                                       captions=rcfg.get("captions_table"))
+                       if rcfg.captions else (None, None))
     kw = dict(steps=int(rcfg.steps), guidance_scale=float(rcfg.guidance_scale),
               seed=int(rcfg.seed), batch_size=int(rcfg.batch_size))
     t_gen = time.perf_counter()
     logger.info("reconstruct: %d test rows with %s", len(pred), type(generator).__name__)
-    recon = generator.generate(pred, init_images=inits, strength=float(rcfg.strength), **kw)
+    recon = generator.generate(pred, init_images=inits, strength=float(rcfg.strength),
+                               text_embeddings=text, **kw)
     per_image = (time.perf_counter() - t_gen) / len(recon)
     uniq = np.unique(test.target)
-    ceiling = dict(zip(uniq, generator.generate(_unit(emb[uniq]), **kw), strict=True))
+    ceiling = dict(zip(uniq, generator.generate(
+        _unit(emb[uniq]), text_embeddings=None if true_text is None else true_text[uniq],
+        **kw), strict=True))
     nearest = fit_rows[(retrieval_pred @ _unit(emb[fit_rows]).T).argmax(1)]
     sized = [im.resize((res, res), Image.BICUBIC) for im in images]
     sets = {"brain": recon, "floor_retrieved": [sized[t] for t in nearest],
@@ -204,6 +247,7 @@ def reconstruct(lit, dm, *, cfg: DictConfig, out_dir: str | Path,
               title=f"{dm.modality.upper()} reconstructions ({res}px)", note=generator.note)
     out = {"generator": generator.note, "resolution": res, "n_images": len(recon),
            "head": str(rcfg.head), "lowlevel_pathway": bool(rcfg.lowlevel),
+           "caption_pathway": bool(rcfg.captions),
            "strength": float(rcfg.strength),
            "steps": int(rcfg.steps), "guidance_scale": float(rcfg.guidance_scale),
            "generator_training": train_info, "seconds_per_image": round(per_image, 4),

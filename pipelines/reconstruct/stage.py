@@ -25,7 +25,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.paths.output_dir)
     out = reconstruct(lit, dm, cfg=job, out_dir=out_dir,
                       stim_root=Path(cfg.data.root) / cfg.data.stim_dir)
-    metrics = {"modality": dm.modality, "n_test": out["n_images"], "subjects": dm.labels,
+    metrics = {"modality": dm.modality, "n_test": out["n_images"],
+               "n_test_images": len(set(dm.splits["test"].target.tolist())),
+               "subjects": dm.labels,
                "embedder": dm.embedder_spec.get("name"),
                "embedder_note": dm.embedder_spec.get("substitute_note"),
                "checkpoint": str(cfg.checkpoint), "reconstruction": out}
