@@ -21,7 +21,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The main job on the embedded sample dataset: write it, then every stage for each modality
-# (preprocess -> embed -> train -> evaluate); results under runs/run/<timestamp>/.
+# (preprocess -> embed -> train -> evaluate -> reconstruct); results and report.md under
+# runs/run/<timestamp>/.
 demo: install
 	$(NR) sample
 	$(NR) run data=sample_meg
