@@ -72,6 +72,23 @@ def test_train_errors_are_clear(sample_root, tmp_path):
         run(cfg)
 
 
+def test_training_does_not_depend_on_cache_state(sample_root, tmp_path):
+    """Cold caches (computed in this process) and warm ones (read back) train the same model:
+    the seed is set after the caches, so computing them cannot shift the random state."""
+    import torch
+
+    from neurorecon.pipelines.train.run import run
+
+    overrides = ["data=bids", f"data.root={sample_root / 'fmri'}", "data.modality=fmri",
+                 *FAST, *SMALL_FMRI, "evaluate.ridge=false"]
+    cold = run(compose_stage("train", tmp_path, overrides))
+    warm = run(compose_stage("train", tmp_path, overrides))
+    assert cold["retrieval"]["encoder"] == warm["retrieval"]["encoder"]
+    a, b = (torch.load(m["training"]["best_checkpoint"], weights_only=False)["state_dict"]
+            for m in (cold, warm))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

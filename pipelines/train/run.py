@@ -111,9 +111,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from ..evaluate.report import evaluate
     from ..evaluate.summary import write_report
 
-    seed_everything(int(cfg.seed), workers=True)
     out_dir = Path(cfg.paths.output_dir)
     preproc_dir, emb_dir = prepare_caches(cfg)
+    # seeded after the caches: computing them (cold) or reading them (warm) must not change
+    # the random state that training starts from
+    seed_everything(int(cfg.seed), workers=True)
     dm = build_datamodule(cfg, preproc_dir, emb_dir)
     lit = build_module(cfg, dm)
     trainer, info = fit(cfg, lit, dm, out_dir=out_dir)
