@@ -246,6 +246,8 @@ def test_run_with_pretrained_unclip_and_captions(unclip_dir, sample_root, hf_dir
     assert rec["generator_training"] is None  # pretrained: nothing trained here
     assert set(rec["metrics"]) == {"brain", "floor_retrieved", "ceiling"}
     assert 0 <= rec["metrics"]["brain"]["alexnet2"] <= 1
+    report = (Path(cfg.paths.output_dir) / "report.md").read_text()
+    assert "caption pathway" in report and "Stable unCLIP" in report
 
 
 def test_unclip_bad_input(unclip, unclip_dir, tmp_path):

@@ -57,7 +57,9 @@ def _reconstruction(rec: dict[str, Any]) -> list[str]:
            f"encoder's {rec.get('head', 'clip')} head; {rec['steps']} sampler steps, "
            f"guidance {rec['guidance_scale']}"
            + (f", low-level img2img start (strength {rec['strength']})"
-              if rec.get("lowlevel_pathway") else "") + ".", ""]
+              if rec.get("lowlevel_pathway") else "")
+           + (", caption pathway (ridge brain → caption prompt_embeds)"
+              if rec.get("caption_pathway") else "") + ".", ""]
     out += _table(header, rows)
     per_subject = rec.get("per_subject_brain") or {}
     if per_subject:
