@@ -56,9 +56,13 @@ def predict_split(lit, dm, name: str, *, head: str = "clip") -> np.ndarray:
     return out
 
 
-def _subject_arrays(dm, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Subject ``k``'s fit rows (train + val), their targets, its test rows and their indices."""
-    Y = flat_targets(dm)
+def _subject_arrays(dm, k: int, targets: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Subject ``k``'s fit rows (train + val), their targets, its test rows and their indices.
+
+    ``targets`` ``(n_stimuli, n_features)``: per-stimulus targets (default: the embeddings).
+    """
+    Y = flat_targets(dm) if targets is None else targets
     fit_X, fit_Y = [], []
     for name in ("train", "val"):
         X, s, t = dm.split_arrays(name)
@@ -69,13 +73,19 @@ def _subject_arrays(dm, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     return np.stack(fit_X), np.concatenate(fit_Y), np.stack([X[i] for i in rows]), rows
 
 
-def ridge_predictions(dm, *, alphas=None) -> np.ndarray:
-    """Per-subject ridge baseline fitted on train + val rows, predicting the test rows."""
+def ridge_predictions(dm, *, targets: np.ndarray | None = None, alphas=None) -> np.ndarray:
+    """Per-subject ridge fitted on the train + val rows, predicting the test rows (row order).
+
+    ``targets`` ``(n_stimuli, n_features)`` in the data module's stimulus order; default: the
+    image embeddings (the retrieval baseline). Reconstruction passes thumbnails and caption
+    embeddings (its low-level and caption pathways).
+    """
     test = dm.splits["test"]
-    pred = np.zeros((len(test), flat_targets(dm).shape[1]), np.float32)
+    Y = flat_targets(dm) if targets is None else np.asarray(targets, np.float32)
+    pred = np.zeros((len(test), Y.shape[1]), np.float32)
     kwargs = {} if alphas is None else {"alphas": tuple(alphas)}
     for k in np.unique(test.subject):
-        fit_X, fit_Y, test_X, rows = _subject_arrays(dm, int(k))
+        fit_X, fit_Y, test_X, rows = _subject_arrays(dm, int(k), Y)
         model = RidgeDecoder(**kwargs).fit(fit_X, fit_Y)
         pred[rows] = model.predict(test_X)
         logger.info("ridge sub-%s: alpha=%g (%s form)", dm.labels[k], model.alpha_,

@@ -88,35 +88,17 @@ def embedded_generator(gen_cfg: DictConfig, *, images: list[Image.Image],
     return EmbeddingDiffusionGenerator(path=entry.path), info
 
 
-def ridge_to_test_rows(dm, targets: np.ndarray) -> np.ndarray:
-    """Per subject, ridge from brain data to per-stimulus ``targets``; predictions per test row.
-
-    ``targets`` is ``(n_stimuli, n_features)`` in the data module's stimulus order. Each
-    subject's decoder is fitted on its train + validation trials (those the encoder saw) and
-    applied to its test rows; the result is ``(n_test_rows, n_features)`` in test-row order.
-    """
-    from ..evaluate.report import _subject_arrays
-    from ..evaluate.ridge import RidgeDecoder
-
-    test = dm.splits["test"]
-    out = np.zeros((len(test), targets.shape[1]), np.float32)
-    for k in np.unique(test.subject):
-        fit_X, _, test_X, rows = _subject_arrays(dm, int(k))
-        fit_rows = np.concatenate([dm.splits[n].target[dm.splits[n].subject == k]
-                                   for n in ("train", "val")])
-        out[rows] = RidgeDecoder().fit(fit_X, targets[fit_rows]).predict(test_X)
-    return out
-
-
 def lowlevel_inits(dm, *, stim_images: list[Image.Image], resolution: int) -> list[Image.Image]:
     """Ridge from brain data to an 8x8 colour thumbnail of the stimulus, per test row.
 
     The low-level pathway of Brain-Diffuser / Takagi & Nishimoto, at thumbnail scale: the
     predicted thumbnail, upsampled, is the img2img starting image.
     """
+    from ..evaluate.report import ridge_predictions
+
     thumbs = np.stack([np.asarray(im.convert("RGB").resize((THUMB, THUMB), Image.BOX),
                                   np.float32).ravel() / 255 for im in stim_images])
-    pred = ridge_to_test_rows(dm, thumbs)
+    pred = ridge_predictions(dm, targets=thumbs)
     return [Image.fromarray((np.clip(p, 0, 1).reshape(THUMB, THUMB, 3) * 255).astype(np.uint8))
             .resize((resolution, resolution), Image.BICUBIC) for p in pred]
 
@@ -131,6 +113,7 @@ def caption_pathway(dm, generator, *, stim_root: Path,
     ``(n_stimuli, seq_len, hidden)`` text embeddings.
     """
     from ..embed.run import stimulus_table
+    from ..evaluate.report import ridge_predictions
 
     if not hasattr(generator, "encode_captions"):
         raise DataError(f"the caption pathway needs a generator with a text encoder; "
@@ -140,7 +123,7 @@ def caption_pathway(dm, generator, *, stim_root: Path,
     index, _ = stimulus_table(Path(stim_root), dm.embedding_index["stim_file"].tolist(),
                               captions=captions, need_captions=True)
     true = generator.encode_captions(index["caption"].tolist())
-    pred = ridge_to_test_rows(dm, true.reshape(len(true), -1))
+    pred = ridge_predictions(dm, targets=true.reshape(len(true), -1))
     return pred.reshape(len(pred), *true.shape[1:]), true
 
 
