@@ -76,8 +76,12 @@ def train_embedding_diffusion(
                           generator=gen)
         xt = noise_schedule.add_noise(x0, noise, t)
         pred = unet(xt, t, encoder_hidden_states=ctx, class_labels=emb).sample
-        target = {"epsilon": noise, "sample": x0,
-                  "v_prediction": noise_schedule.get_velocity(x0, noise, t)}[prediction_type]
+        if prediction_type == "epsilon":
+            target = noise
+        elif prediction_type == "sample":
+            target = x0
+        else:
+            target = noise_schedule.get_velocity(x0, noise, t)
         loss = torch.nn.functional.mse_loss(pred, target)
         opt.zero_grad()
         loss.backward()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,17 +39,15 @@ def compose(overrides: list[str]):
 
 
 def main() -> None:
-    from neurorecon.models.generators.embedding_diffusion import EmbeddingDiffusionGenerator
     from neurorecon.pipelines.embed.images import EfficientNetLiteEmbedder
     from neurorecon.pipelines.evaluate.recon_metrics import compare_reconstructions
-    from neurorecon.pipelines.reconstruct.train_generator import train_embedding_diffusion
+    from neurorecon.pipelines.reconstruct.run import embedded_generator
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--stimuli", default="data/sample/meg/stimuli",
                         help="folder of <concept>/<concept>_NN.jpg; _09 = test exemplar")
     parser.add_argument("--set", action="append", default=[], help="Hydra override")
-    parser.add_argument("--out", default="cache/bench_generator", help="saved pipeline dir")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -65,13 +64,10 @@ def main() -> None:
     train = np.flatnonzero(~is_test)
     test = np.flatnonzero(is_test)
 
-    pipe, info = train_embedding_diffusion(
-        [images[i] for i in train], emb[train], resolution=g.resolution,
-        block_out_channels=tuple(g.block_out_channels), prediction_type=g.prediction_type,
-        ema_decay=g.ema_decay, steps=g.train_steps, batch_size=g.batch_size, lr=g.lr,
-        p_uncond=g.p_uncond, seed=g.seed)
-    pipe.save_pretrained(args.out)
-    gen = EmbeddingDiffusionGenerator(path=args.out)
+    # trained through the stage's own function, into a fresh cache so the time is real
+    with tempfile.TemporaryDirectory() as cache_dir:
+        gen, info = embedded_generator(g, images=[images[i] for i in train],
+                                       embeddings=emb[train], cache_dir=cache_dir)
     res = gen.resolution
     kw = dict(steps=int(cfg.steps), guidance_scale=float(cfg.guidance_scale))
     gen.generate(emb[test[:2]], **kw)  # warm-up
