@@ -31,6 +31,13 @@ class ClipLoss(nn.Module):
     Logits are ``scale * cos(pred_i, target_j)``; the positive of row ``i`` is target ``i``.
     Token-level inputs are flattened to one vector per example.
 
+    With ``ids`` (the image id of each row), rows showing the *same image* are not each
+    other's negatives (a batch holding two trials of one image would otherwise push a trial
+    away from its own image): those logits are masked out. With ``mix`` (MixCo, Kim et al.
+    2020, as MindEye's BiMixCo), row ``i``'s input was ``lam_i x_i + (1 - lam_i) x_perm[i]``
+    and its target distribution puts ``lam_i`` on target ``i`` and ``1 - lam_i`` on
+    ``perm[i]`` (and symmetrically for the image → brain direction).
+
     Parameters
     ----------
     init_temperature : float
@@ -73,10 +80,29 @@ class ClipLoss(nn.Module):
         t = F.normalize(target.flatten(1), dim=-1)
         return self.scale * p @ t.T
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Mean InfoNCE loss of matched pairs ``(pred[i], target[i])``."""
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, *,
+                ids: torch.Tensor | None = None,
+                mix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Mean InfoNCE loss of matched pairs ``(pred[i], target[i])``.
+
+        ``ids (batch,)``: image id per row (same id = not a negative); ``mix``:
+        ``(perm (batch,) long, lam (batch,) float)`` of a MixCo batch.
+        """
         logits = self.logits(pred, target)
-        labels = torch.arange(len(logits), device=logits.device)
+        n = len(logits)
+        eye = torch.eye(n, dtype=torch.bool, device=logits.device)
+        if mix is not None:
+            perm, lam = mix
+            lam = lam.to(logits.dtype)
+            soft = lam[:, None] * eye + (1 - lam)[:, None] * F.one_hot(perm, n).to(logits.dtype)
+            loss = -(soft * logits.log_softmax(-1)).sum(-1).mean()
+            if self.symmetric:
+                loss = 0.5 * (loss - (soft.T * logits.T.log_softmax(-1)).sum(-1).mean())
+            return loss
+        if ids is not None:
+            ids = ids.to(logits.device)
+            logits = logits.masked_fill((ids[:, None] == ids[None, :]) & ~eye, float("-inf"))
+        labels = torch.arange(n, device=logits.device)
         loss = F.cross_entropy(logits, labels)
         if self.symmetric:
             loss = 0.5 * (loss + F.cross_entropy(logits.T, labels))
@@ -126,14 +152,23 @@ class CombinedLoss(nn.Module):
                              symmetric=symmetric)
         self.mse = MseLoss()
 
-    def forward(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor
+    def forward(self, outputs: dict[str, torch.Tensor], targets: torch.Tensor, *,
+                ids: torch.Tensor | None = None,
+                mix: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Weighted loss and its detached parts."""
+        """Weighted loss and its detached parts (``ids``, ``mix``: see :class:`ClipLoss`).
+
+        In a MixCo batch the MSE target is the same mix of the two targets.
+        """
         missing = [k for k in ("clip", "mse") if k not in outputs]
         if missing:
             raise KeyError(f"CombinedLoss: model outputs lack {missing}; got {list(outputs)}")
         targets = targets.to(outputs["clip"].dtype)
-        clip = self.clip(outputs["clip"], targets)
+        clip = self.clip(outputs["clip"], targets, ids=ids, mix=mix)
+        if mix is not None:
+            perm, lam = mix
+            lam = lam.to(targets.dtype).reshape(-1, *[1] * (targets.ndim - 1))
+            targets = lam * targets + (1 - lam) * targets[perm]
         mse = self.mse(outputs["mse"], targets)
         loss = self.lambda_clip * clip + (1.0 - self.lambda_clip) * mse
         parts = {"clip": clip.detach(), "mse": mse.detach(),

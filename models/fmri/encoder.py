@@ -30,7 +30,11 @@ from ..base import (
     check_tensor,
     input_mismatch,
 )
+from ...pipelines.common.checks import check_option
 from ..heads import ProjectionHead
+
+#: subject adapter kinds
+ADAPTERS = ("mlp", "linear")
 
 
 class _ResidualMlpBlock(nn.Module):
@@ -71,6 +75,10 @@ class FmriEncoder(BrainModuleMixin, nn.Module):
         Dropout in the backbone blocks and heads.
     adapter_dropout : float
         Dropout after each subject adapter (MindEye's first layer: 0.5).
+    adapter : {"mlp", "linear"}
+        Subject adapter: ``Linear → LayerNorm → GELU → Dropout`` (MindBridge-style), or one
+        ``Linear`` map into the shared space followed by dropout (MindEye2's linear
+        per-subject layer, regularised by the optimizer's weight decay).
     head_hidden_dim : int | None
         Optional hidden layer width of the CLIP and MSE heads.
     n_tokens : int | None
@@ -88,7 +96,8 @@ class FmriEncoder(BrainModuleMixin, nn.Module):
 
     def __init__(self, *, subjects: Mapping[str, int], n_outputs: int, hidden_dim: int = 512,
                  n_blocks: int = 2, dropout: float = 0.15, adapter_dropout: float = 0.3,
-                 head_hidden_dim: int | None = None, n_tokens: int | None = None):
+                 adapter: str = "mlp", head_hidden_dim: int | None = None,
+                 n_tokens: int | None = None):
         super().__init__()
         subjects = {_check_label(k): int(v) for k, v in dict(subjects).items()}
         self._record_config(locals())
@@ -96,7 +105,8 @@ class FmriEncoder(BrainModuleMixin, nn.Module):
             raise ValueError("FmriEncoder: subjects is empty; give {label: n_voxels}")
         if n_tokens is not None and n_tokens < 1:
             raise ValueError(f"FmriEncoder: n_tokens must be >= 1 or None, got {n_tokens}")
-        self.hidden_dim, self.adapter_dropout = hidden_dim, adapter_dropout
+        check_option("adapter", adapter, ADAPTERS)
+        self.hidden_dim, self.adapter_dropout, self.adapter = hidden_dim, adapter_dropout, adapter
         self.adapters = nn.ModuleDict()
         for label, n_voxels in subjects.items():
             self.adapters[label] = self._make_adapter(n_voxels)
@@ -111,6 +121,9 @@ class FmriEncoder(BrainModuleMixin, nn.Module):
     def _make_adapter(self, n_voxels: int) -> nn.Module:
         if n_voxels < 1:
             raise ValueError(f"FmriEncoder: n_voxels must be >= 1, got {n_voxels}")
+        if self.adapter == "linear":
+            return nn.Sequential(nn.Linear(n_voxels, self.hidden_dim),
+                                 nn.Dropout(self.adapter_dropout))
         return nn.Sequential(nn.Linear(n_voxels, self.hidden_dim), nn.LayerNorm(self.hidden_dim),
                              nn.GELU(), nn.Dropout(self.adapter_dropout))
 

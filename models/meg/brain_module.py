@@ -48,6 +48,33 @@ _POSITION_HINT = ("pass positions=(batch, n_chans, 2) 2D sensor positions in [0,
                   "True for good channels, both in the channel order of x")
 
 
+#: sensor kinds the spatial attention distinguishes (``neurorecon.pipelines.preprocess.meg.sensor_kinds``)
+SENSOR_KINDS = ("mag", "axial", "planar")
+#: per-channel sensor features: one-hot kind, then the planar gradient direction (x, y)
+N_SENSOR_FEATURES = len(SENSOR_KINDS) + 2
+
+
+def sensor_features(kinds, orientation) -> torch.Tensor:
+    """Sensor descriptors ``(n_chans, N_SENSOR_FEATURES)`` for :class:`SpatialAttention`.
+
+    Parameters
+    ----------
+    kinds : sequence of str
+        One of :data:`SENSOR_KINDS` per channel.
+    orientation : array-like, shape (n_chans, 2)
+        Planar gradiometers' gradient direction in the 2D layout (ignored for other kinds).
+    """
+    kinds = list(kinds)
+    unknown = sorted(set(kinds) - set(SENSOR_KINDS))
+    if unknown:
+        raise ModelInputError(f"unknown sensor kind(s) {unknown}; expected {list(SENSOR_KINDS)}")
+    ori = torch.as_tensor(orientation, dtype=torch.float32).reshape(len(kinds), 2)
+    onehot = torch.zeros(len(kinds), len(SENSOR_KINDS))
+    onehot[torch.arange(len(kinds)), [SENSOR_KINDS.index(k) for k in kinds]] = 1.0
+    planar = onehot[:, SENSOR_KINDS.index("planar"), None]
+    return torch.cat([onehot, planar * ori], dim=1)
+
+
 class SpatialAttention(nn.Module):
     """Sensor-position-based spatial attention (Défossez et al. 2023).
 
@@ -56,6 +83,13 @@ class SpatialAttention(nn.Module):
     ``k, l < n_fourier``; its output is the softmax-weighted sum of the sensors, the softmax
     taken over the *good* sensors only (masked sensors get weight exactly 0). Frequencies
     use π (period 2) so the unit square is not wrapped onto itself.
+
+    Sensor-aware form (``n_sensor_features > 0``): the weights depend on the sensor too,
+    ``w_j = Σ_s f_s W_{j,s}`` with ``f`` the sensor's features (:func:`sensor_features`: kind
+    one-hot and planar-gradiometer direction). Co-located sensors of different kinds (the
+    magnetometer and two orthogonal planar gradiometers of a Neuromag triplet) then get their
+    own weights instead of identical ones; on a single-kind system (CTF) it reduces to the
+    position-only form.
 
     Parameters
     ----------
@@ -66,51 +100,81 @@ class SpatialAttention(nn.Module):
     spatial_dropout_radius : float
         During training, all sensors within this distance (layout units, [0, 1]) of one
         random point per example are dropped from the softmax. 0 disables it.
+    n_sensor_features : int
+        Width of the per-sensor features (:data:`N_SENSOR_FEATURES`), 0 for position only.
 
     Notes
     -----
-    ``x (B, C, T)``, ``positions (B, C, 2)``, ``mask (B, C)`` → ``(B, n_virtual_chans, T)``.
+    ``x (B, C, T)``, ``positions (B, C, 2)``, ``mask (B, C)``, ``sensors (B, C, S)`` (only
+    when ``n_sensor_features > 0``) → ``(B, n_virtual_chans, T)``.
     """
 
     def __init__(self, *, n_virtual_chans: int, n_fourier: int,
-                 spatial_dropout_radius: float):
+                 spatial_dropout_radius: float, n_sensor_features: int = 0):
         super().__init__()
         k = torch.arange(n_fourier, dtype=torch.float32)
         freqs = torch.stack(torch.meshgrid(k, k, indexing="ij"), dim=-1).reshape(-1, 2)
         self.register_buffer("freqs", math.pi * freqs, persistent=False)  # (K², 2)
         n_feat = 2 * n_fourier**2
-        self.weight = nn.Parameter(torch.randn(n_virtual_chans, n_feat) / math.sqrt(n_feat))
+        self.n_virtual_chans, self.n_sensor_features = n_virtual_chans, int(n_sensor_features)
+        shape = ((n_virtual_chans, n_feat) if not self.n_sensor_features
+                 else (n_virtual_chans * self.n_sensor_features, n_feat))
+        self.weight = nn.Parameter(torch.randn(*shape) / math.sqrt(n_feat))
         self.spatial_dropout_radius = float(spatial_dropout_radius)
         self._cache: tuple | None = None  # eval-mode weights of the last layout (not state)
 
-    def logits(self, positions: torch.Tensor) -> torch.Tensor:
+    def logits(self, positions: torch.Tensor,
+               sensors: torch.Tensor | None = None) -> torch.Tensor:
         """Attention logits ``(B, n_virtual_chans, C)`` for positions ``(B, C, 2)``."""
         phase = positions @ self.freqs.T  # (B, C, K²)
         feats = torch.cat([phase.cos(), phase.sin()], dim=-1)  # (B, C, 2K²)
-        return (feats @ self.weight.T).transpose(1, 2)
+        out = feats @ self.weight.T  # (B, C, V) or (B, C, V * S)
+        if self.n_sensor_features:
+            b, c = positions.shape[:2]
+            out = out.reshape(b, c, self.n_virtual_chans, self.n_sensor_features)
+            out = (out * sensors[:, :, None, :].to(out.dtype)).sum(-1)
+        return out.transpose(1, 2)
 
-    def attention(self, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def attention(self, positions: torch.Tensor, mask: torch.Tensor,
+                  sensors: torch.Tensor | None = None) -> torch.Tensor:
         """Softmax weights ``(B, n_virtual_chans, C)``; zero on masked (and dropped) sensors.
 
         In eval mode without autograd (real-time decoding: one layout, many windows) the
         weights of the last call are reused while positions, mask and parameters are unchanged.
         """
         reuse = not self.training and not torch.is_grad_enabled()
+        if self.n_sensor_features:
+            if sensors is None:
+                raise ModelInputError(
+                    "SpatialAttention: this model is sensor-aware and needs sensors=(batch, "
+                    f"n_chans, {self.n_sensor_features})",
+                    hint="build them with neurorecon.models.meg.brain_module.sensor_features "
+                         "from the channels' kinds and orientations")
+            check_tensor("sensors", sensors, shape=(*positions.shape[:2],
+                                                    self.n_sensor_features),
+                         owner=type(self).__name__,
+                         hint="one row of sensor_features per channel, in the order of x")
+        else:
+            sensors = positions[..., :0]  # unused; keeps one code path below
         key = (self.weight.data_ptr(), self.weight._version, positions.shape, mask.shape,
                positions.dtype, positions.device)
         if reuse and self._cache is not None:
-            cached_key, cached_pos, cached_mask, weights = self._cache
+            cached_key, cached_pos, cached_mask, cached_sens, weights = self._cache
             if (cached_key == key and torch.equal(cached_pos, positions)
-                    and torch.equal(cached_mask, mask)):
+                    and torch.equal(cached_mask, mask) and torch.equal(cached_sens, sensors)):
                 return weights
-        weights = self._attention(positions, mask)
-        self._cache = (key, positions.clone(), mask.clone(), weights) if reuse else None
+        weights = self._attention(positions, mask, sensors)
+        self._cache = ((key, positions.clone(), mask.clone(), sensors.clone(), weights)
+                       if reuse else None)
         return weights
 
-    def _attention(self, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _attention(self, positions: torch.Tensor, mask: torch.Tensor,
+                   sensors: torch.Tensor) -> torch.Tensor:
         b = positions.shape[0]
-        shared = b > 1 and bool((positions == positions[:1]).all())
-        logits = self.logits(positions[:1] if shared else positions)  # (1 or B, V, C)
+        shared = b > 1 and bool((positions == positions[:1]).all()
+                                and (sensors == sensors[:1]).all())
+        logits = self.logits(positions[:1] if shared else positions,
+                             sensors[:1] if shared else sensors)  # (1 or B, V, C)
         keep = mask
         if self.training and self.spatial_dropout_radius > 0:
             center = torch.rand(b, 1, 2, device=positions.device, dtype=positions.dtype)
@@ -121,10 +185,10 @@ class SpatialAttention(nn.Module):
         logits = logits.masked_fill(~keep[:, None, :], float("-inf"))
         return logits.softmax(dim=-1)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                sensors: torch.Tensor | None = None) -> torch.Tensor:
         """Mix sensors ``x (B, C, T)`` into virtual channels ``(B, n_virtual_chans, T)``."""
-        weights = self.attention(positions, mask)
+        weights = self.attention(positions, mask, sensors)
         # zero masked rows too, so non-finite values in bad channels cannot leak (0 * nan)
         return weights @ x.masked_fill(~mask[:, :, None], 0.0)
 
@@ -244,6 +308,9 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
         Dropout in the residual layers and heads.
     subject_layer : bool
         Use the per-subject matrix.
+    sensor_aware : bool
+        Spatial attention weights per sensor kind and planar-gradiometer direction (inputs
+        then need ``sensors``); False: positions only (Défossez et al.).
     aggregation : {"affine", "mean", "attention"}
         Temporal aggregation (see :class:`~neurorecon.models.heads.TemporalAggregation`).
     head_dim : int | None
@@ -252,12 +319,17 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
         Optional hidden layer width of the CLIP and MSE heads.
     n_tokens : int | None
         Predict ``n_tokens`` vectors per example (token-level targets) instead of one.
+    focus : [int, int] | None
+        Temporal focus: only samples ``[start, stop)`` of each input window enter the network
+        (inputs keep the full ``n_times``); None uses the whole window. Training picks it on
+        validation trials (``neurorecon.pipelines.train.focus``).
 
     Notes
     -----
     ``forward(x, *, positions, mask, subject)`` with ``x (batch, n_chans, n_times)`` float,
     ``positions (batch, n_chans, 2)`` float in [0, 1], ``mask (batch, n_chans)`` bool (True =
-    good channel), ``subject (batch,)`` long (or an int) returns
+    good channel), ``subject (batch,)`` long (or an int) and, when ``sensor_aware``,
+    ``sensors (batch, n_chans, N_SENSOR_FEATURES)`` returns
     ``{"clip": (batch, n_outputs), "mse": (batch, n_outputs)}``, or ``(batch, n_tokens,
     n_outputs)`` each when ``n_tokens`` is set.
     """
@@ -269,14 +341,22 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
                  spatial_dropout_radius: float = 0.2, hidden_dim: int = 96, depth: int = 6,
                  kernel_size: int = 3, dilation_period: int = 5, glu_every: int = 2,
                  dropout: float = 0.0, subject_layer: bool = True,
-                 aggregation: str = "affine", head_dim: int | None = None,
-                 head_hidden_dim: int | None = None, n_tokens: int | None = None):
+                 sensor_aware: bool = False, aggregation: str = "affine", head_dim: int | None = None,
+                 head_hidden_dim: int | None = None, n_tokens: int | None = None,
+                 focus: list[int] | None = None):
         super().__init__()
         self._record_config(locals())
         name = type(self).__name__
         n_times, sfreq = resolve_signal_shape(n_times=n_times, sfreq=sfreq,
                                               input_window_seconds=input_window_seconds,
                                               owner=name)
+        if focus is None:
+            focus = [0, n_times]
+        start, stop = (int(v) for v in focus)
+        if not 0 <= start < stop <= n_times:
+            raise ValueError(f"{name}: focus must be [start, stop) samples with 0 <= start < "
+                             f"stop <= n_times={n_times}, got {list(focus)}")
+        self.focus = (start, stop)
         check_option("aggregation", aggregation, AGGREGATIONS)
         if kernel_size % 2 != 1:
             raise ValueError(f"{name}: kernel_size must be odd (length-preserving "
@@ -289,8 +369,11 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
         self.n_subjects = n_subjects
         head_dim = 2 * hidden_dim if head_dim is None else head_dim
 
+        self.sensor_aware = bool(sensor_aware)
         self.spatial = SpatialAttention(n_virtual_chans=n_virtual_chans, n_fourier=n_fourier,
-                                        spatial_dropout_radius=spatial_dropout_radius)
+                                        spatial_dropout_radius=spatial_dropout_radius,
+                                        n_sensor_features=N_SENSOR_FEATURES if sensor_aware
+                                        else 0)
         self.merge = _Conv1d(n_virtual_chans, hidden_dim, 1)
         self.subject_layer = (SubjectLayer(n_subjects=n_subjects, n_channels=hidden_dim)
                               if subject_layer else None)
@@ -303,7 +386,7 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
         self.encoder = nn.Sequential(*layers)
         self.final = nn.Sequential(_Conv1d(hidden_dim, head_dim, 1), nn.GELU())
         self.aggregate = TemporalAggregation(mode=aggregation, n_channels=head_dim,
-                                             n_times=n_times, n_queries=n_tokens or 1)
+                                             n_times=stop - start, n_queries=n_tokens or 1)
         self.clip_head = ProjectionHead(in_dim=head_dim, out_dim=n_outputs,
                                         hidden_dim=head_hidden_dim, dropout=dropout)
         self.mse_head = ProjectionHead(in_dim=head_dim, out_dim=n_outputs,
@@ -351,7 +434,8 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *, positions: torch.Tensor, mask: torch.Tensor,
-                subject: torch.Tensor | int = 0) -> dict[str, torch.Tensor]:
+                subject: torch.Tensor | int = 0,
+                sensors: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Encode MEG windows.
 
         Parameters
@@ -364,6 +448,9 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
             ``(batch, n_chans)`` bool, True for channels to use.
         subject : torch.Tensor | int
             ``(batch,)`` long subject indices, or one index for the whole batch.
+        sensors : torch.Tensor | None
+            ``(batch, n_chans, N_SENSOR_FEATURES)`` sensor features (:func:`sensor_features`);
+            required when ``sensor_aware``, ignored otherwise.
 
         Returns
         -------
@@ -372,7 +459,10 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
             ``(batch, n_tokens, n_outputs)`` when ``n_tokens`` is set.
         """
         mask, subject = self.check_inputs(x, positions, mask, subject)
-        h = self.spatial(x, positions.to(x.dtype), mask)
+        if self.focus != (0, self.n_times):
+            x = x[..., self.focus[0]:self.focus[1]]
+        h = self.spatial(x, positions.to(x.dtype), mask,
+                         sensors if self.sensor_aware else None)
         h = self.merge(h)
         if self.subject_layer is not None:
             h = self.subject_layer(h, subject)
@@ -398,4 +488,9 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
         positions = torch.rand(1, c, 2, generator=gen).expand(batch_size, c, 2).clone()
         mask = torch.ones(batch_size, c, dtype=torch.bool)
         subject = torch.arange(batch_size) % self.n_subjects
-        return x, {"positions": positions, "mask": mask, "subject": subject}
+        inputs = {"positions": positions, "mask": mask, "subject": subject}
+        if self.sensor_aware:  # a Neuromag-like mix: magnetometer + two planar gradiometers
+            kinds = [("mag", "planar", "planar")[i % 3] for i in range(c)]
+            ori = [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0)] * (c // 3 + 1)
+            inputs["sensors"] = sensor_features(kinds, ori[:c]).expand(batch_size, c, -1)
+        return x, inputs

@@ -24,7 +24,7 @@ from typing import Any
 from .logging import logger
 
 #: Bump when the on-disk layout or the computation of a stage changes.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 MANIFEST = "manifest.json"
 
 

@@ -195,8 +195,14 @@ def plot_time_resolved(
     ylabel: str = "top-5 accuracy",
     title: str | None = "Time-resolved retrieval (sliding windows)",
     note: str | None = None,
+    levels: Mapping[str, float] | None = None,
+    span: tuple[float, float] | None = None,
 ) -> Path:
     """Retrieval score against time (window centre), one line per decoder, chance dashed.
+
+    ``levels`` adds horizontal lines for whole-window decoders (e.g. the deep encoder's
+    full-window score, for comparison at a glance); ``span`` shades a time range (e.g. the
+    encoder's temporal focus).
 
     Parameters
     ----------
@@ -228,6 +234,11 @@ def plot_time_resolved(
         ax.axhline(
             chance, color="gray", linestyle="--", linewidth=1, label=f"chance ({chance:.3g})"
         )
+    for (name, level), color in zip((levels or {}).items(), ("C3", "C4", "C5", "C6"),
+                                    strict=False):
+        ax.axhline(level, color=color, linewidth=2.0, label=f"{name} ({level:.3f})")
+    if span is not None:
+        ax.axvspan(*span, color="C3", alpha=0.08, label="encoder's temporal focus")
     if times.min() <= 0 <= times.max():
         ax.axvline(0, color="black", linewidth=0.8, alpha=0.6)
     ax.set_xlabel("time of window centre (s, 0 = stimulus onset)")

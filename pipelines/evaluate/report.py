@@ -101,10 +101,11 @@ def candidate_rows(targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def evaluate(lit, dm, *, out_dir: str | Path, stim_root: str | Path | None = None,
              ridge: bool = True, time_resolved: bool = True,
-             ridge_alphas=None) -> dict[str, Any]:
+             ridge_alphas=None, focus: dict[str, Any] | None = None) -> dict[str, Any]:
     """Score encoder and baseline on the test split; write ``metrics.json`` and figures.
 
-    ``stim_root`` (the stimulus folder) enables the retrieval-examples figure.
+    ``stim_root`` (the stimulus folder) enables the retrieval-examples figure; ``focus`` (the
+    MEG encoder's temporal focus) is shaded in the time-resolved figure.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -149,14 +150,17 @@ def evaluate(lit, dm, *, out_dir: str | Path, stim_root: str | Path | None = Non
                                 "retrieved", note=note)
     if time_resolved and dm.modality == "meg":
         metrics["time_resolved"] = _time_resolved(dm, cand, cand_rows, true_idx, out_dir,
-                                                  note=note, alphas=ridge_alphas)
+                                                  note=note, alphas=ridge_alphas,
+                                                  encoder=preds["encoder"], focus=focus)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _log_table(metrics)
     return metrics
 
 
-def _time_resolved(dm, cand, cand_rows, true_idx, out_dir, *, note, alphas) -> dict[str, Any]:
-    """Ridge decoders refitted on sliding 250 ms windows (first subject with test data)."""
+def _time_resolved(dm, cand, cand_rows, true_idx, out_dir, *, note, alphas, encoder,
+                   focus=None) -> dict[str, Any]:
+    """Ridge decoders refitted on sliding 250 ms windows (first subject with test data), beside
+    the deep encoder's full-window score on the same subject."""
     recipe = dm.recipe["params"]
     k = int(dm.splits["test"].subject[0])
     train_X, train_Y, test_X, rows = _subject_arrays(dm, k)
@@ -168,11 +172,18 @@ def _time_resolved(dm, cand, cand_rows, true_idx, out_dir, *, note, alphas) -> d
     res = time_resolved_retrieval(fit_predict, train_X, test_X, cand, true_idx[rows],
                                   sfreq=recipe["sfreq"], tmin=recipe["tmin"])
     chance = chance_metrics(len(cand))["top5"]
-    plot_time_resolved(res["times"], {f"ridge, sub-{dm.labels[k]}": res["top5"]}, chance,
-                       Path(out_dir) / "time_resolved.png", note=note)
+    deep = retrieval_metrics(encoder[rows], cand, true_idx[rows])["top5"]
+    best = int(np.argmax(res["top5"]))
+    plot_time_resolved(res["times"], {f"ridge on 250 ms windows, sub-{dm.labels[k]}":
+                                      res["top5"]}, chance,
+                       Path(out_dir) / "time_resolved.png", note=note,
+                       levels={f"deep encoder, whole window, sub-{dm.labels[k]}": deep},
+                       span=None if focus is None else (focus["tmin"], focus["tmax"]))
     return {"subject": dm.labels[k], "times": np.round(res["times"], 4).tolist(),
             "top5": np.round(res["top5"], 4).tolist(), "top1": np.round(res["top1"], 4).tolist(),
-            "chance_top5": chance}
+            "chance_top5": chance, "encoder_top5": round(float(deep), 4),
+            "peak": {"time": round(float(res["times"][best]), 4),
+                     "top5": round(float(res["top5"][best]), 4)}}
 
 
 def _log_table(metrics: dict[str, Any]) -> None:

@@ -101,6 +101,18 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any] | None = None) -> 
     if "retrieval_all_images" in metrics:
         lines += _retrieval("Among all stimulus images (harder)",
                             metrics["retrieval_all_images"])
+    spread = metrics.get("over_seeds")
+    if spread:
+        lines += [f"### Mean ± sd over seeds {metrics.get('seeds')}", ""]
+        rows = []
+        for block, label in (("retrieval", "test images"), ("retrieval_all_images", "all images")):
+            for dec, m in spread.get(block, {}).items():
+                rows.append([dec, label, *(f"{m[k]['mean']:.3f} ± {m[k]['sd']:.3f}"
+                                           for k in ("top1", "top5"))])
+        lines += _table(["decoder", "candidates", "top1", "top5"], rows)
+        if "time_resolved_peak_top5" in spread:
+            p = spread["time_resolved_peak_top5"]
+            lines += [f"Best 250 ms-window ridge top-5: {p['mean']:.3f} ± {p['sd']:.3f}.", ""]
     if metrics.get("retrieval_per_subject"):
         lines += ["### Per subject (top-5)", ""]
         decoders = list(next(iter(metrics["retrieval_per_subject"].values())))
@@ -111,6 +123,16 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any] | None = None) -> 
     if train:
         lines += [f"Training: {train.get('epochs')} epochs in {train.get('train_seconds')} s; "
                   f"checkpoint `{train.get('best_checkpoint')}`.", ""]
+        focus = train.get("focus")
+        if focus:
+            lines += [f"Temporal focus of the encoder: {focus['tmin']:.3f}–{focus['tmax']:.3f} "
+                      f"s ({focus['reason']}).", ""]
+    tr = metrics.get("time_resolved") or {}
+    if tr.get("peak"):
+        lines += [f"Sliding 250 ms-window ridge (sub-{tr['subject']}): peak top-5 "
+                  f"{tr['peak']['top5']:.3f} at {tr['peak']['time']:.3f} s; deep encoder on the "
+                  f"whole window: {tr['encoder_top5']:.3f} (chance {tr['chance_top5']:.3f}).",
+                  ""]
     if metrics.get("reconstruction"):
         lines += _reconstruction(metrics["reconstruction"])
     adapt = metrics.get("adaptation")

@@ -235,6 +235,58 @@ def sensor_layout(info: mne.Info, picks: Sequence[int]) -> np.ndarray:
     return np.column_stack([0.5 + 0.5 * rho * np.cos(phi), 0.5 + 0.5 * rho * np.sin(phi)])
 
 
+_FIFF = mne.io.constants.FIFF
+#: coil types of planar gradiometers (Neuromag/Elekta/MEGIN VectorView and TRIUX, Neuromag-122)
+_PLANAR_COILS = {_FIFF.FIFFV_COIL_NM_122, _FIFF.FIFFV_COIL_VV_PLANAR_W,
+                 _FIFF.FIFFV_COIL_VV_PLANAR_T1, _FIFF.FIFFV_COIL_VV_PLANAR_T2,
+                 _FIFF.FIFFV_COIL_VV_PLANAR_T3, _FIFF.FIFFV_COIL_VV_PLANAR_T4}
+#: coil types of axial gradiometers (CTF, KIT, 4D/BTi, Artemis, KRISS, Compumedics, ...)
+_AXIAL_COILS = {v for k, v in _FIFF.items()
+                if k.startswith("FIFFV_COIL_") and k.endswith("_GRAD") and "REF" not in k
+                and v not in _PLANAR_COILS}
+
+
+def sensor_kinds(info: mne.Info, picks: Sequence[int]) -> tuple[list[str], np.ndarray]:
+    """Sensor kind and in-layout orientation of each channel.
+
+    Returns
+    -------
+    kinds : list of str
+        ``"mag"`` (magnetometer), ``"axial"`` (axial gradiometer, e.g. CTF, KIT) or
+        ``"planar"`` (planar gradiometer, e.g. the two per Neuromag triplet).
+    orientation : ndarray, shape (n_picks, 2)
+        For planar gradiometers, the unit direction of the measured gradient in the 2D layout
+        of :func:`sensor_layout` (the coil's ``ex`` axis, projected); zeros otherwise. The two
+        gradiometers of a triplet share a position but not an orientation, so the spatial
+        attention can tell them apart.
+    """
+    picks = list(picks)
+    kinds = []
+    for i in picks:
+        coil = info["chs"][i]["coil_type"]
+        if coil in _PLANAR_COILS:
+            kinds.append("planar")
+        elif coil in _AXIAL_COILS:
+            kinds.append("axial")
+        else:
+            kinds.append("mag")
+    orientation = np.zeros((len(picks), 2))
+    planar = [k for k, kind in enumerate(kinds) if kind == "planar"]
+    if planar:
+        step = 0.005  # m along the gradient axis; small against the sensor spacing
+        ex = np.array([info["chs"][picks[k]]["loc"][3:6] for k in planar])
+        shifted = info.copy()
+        with shifted._unlock():
+            for k, direction in zip(planar, ex, strict=True):
+                shifted["chs"][picks[k]]["loc"][:3] = (info["chs"][picks[k]]["loc"][:3]
+                                                       + step * direction)
+        delta = (sensor_layout(shifted, [picks[k] for k in planar])
+                 - sensor_layout(info, [picks[k] for k in planar]))
+        norm = np.linalg.norm(delta, axis=1, keepdims=True)
+        orientation[planar] = delta / np.where(norm > 0, norm, 1.0)
+    return kinds, orientation
+
+
 def detect_bad_channels(data: np.ndarray, *, threshold: float) -> np.ndarray:
     """Boolean mask of channels whose log-variance is a robust outlier (flat or noisy)."""
     logvar = np.log(np.var(data, axis=1) + 1e-60)
@@ -374,8 +426,10 @@ def preprocess_meg(
             else:
                 trials = trials.assign(n_repeats=1)
             xy = sensor_layout(parts[0].info, range(len(ch_names)))
+            kinds, ori = sensor_kinds(parts[0].info, range(len(ch_names)))
             channels = pd.DataFrame({"name": ch_names, "x": xy[:, 0], "y": xy[:, 1],
-                                     "good": good})
+                                     "good": good, "kind": kinds, "ori_x": ori[:, 0],
+                                     "ori_y": ori[:, 1]})
             subjects[subject] = SubjectTrials(subject, X.astype(np.float32), trials, channels)
             recipe_subjects[subject] = {
                 "sfreq_in": parts[0].sfreq_in,

@@ -152,10 +152,11 @@ def _simulate_run(
     t_win = np.arange(int(0.9 * sfreq)) / sfreq
     w_on = _gamma_bump(t_win, 0.095, 0.03) - 0.6 * _gamma_bump(t_win, 0.17, 0.04)
     w_low = _gamma_bump(t_win, 0.115, 0.035)
-    w_con = _gamma_bump(t_win, 0.28, 0.12)
+    w_con = _gamma_bump(t_win, float(cfg.concept_peak),
+                        float(cfg.concept_width))
     w_off = _gamma_bump(t_win - cfg.image_duration, 0.1, 0.03)
     for i, onset in enumerate(onsets):
-        jitter = rng.normal(0.0, 0.012)
+        jitter = rng.normal(0.0, float(cfg.latency_jitter))
         start = int(round((onset + jitter) * sfreq))
         stop = min(start + len(t_win), n_times)
         n = stop - start
@@ -163,7 +164,8 @@ def _simulate_run(
         amp_on = model["onset_w"][:, None] * (w_on + 0.4 * w_off)[None, :n]
         amp_low = (model["low_W"] @ feats[i])[:, None] * w_low[None, :n]
         amp_con = (model["concept_U"] @ codes[trials["concept"].iloc[i]])[:, None] * w_con[None, :n]
-        block = np.concatenate([amp_on, 1.3 * amp_low, 1.3 * amp_con]) * gain_trial
+        block = np.concatenate([amp_on, cfg.lowlevel_gain * amp_low,
+                                cfg.concept_gain * amp_con]) * gain_trial
         src[:, start:stop] += block
     evoked = gain[:, src_idx] @ src
     # scale so that the mean evoked response peaks at EVOKED_SENSOR_RMS (x snr)
@@ -194,9 +196,11 @@ def _simulate_run(
     data = evoked + brain + alpha_sens + sensor + line + drift
     del evoked, brain, alpha_sens, sensor, line, drift
 
-    # one noisy and one dead channel (realistic bad channels; the dead one is declared)
-    noisy, dead = rng.choice(n_meg, size=2, replace=False)
-    data[noisy] += 16 * BRAIN_NOISE_RMS * _pink_noise(rng, 1, n_times, exponent=0.5)[0]
+    # noisy channels and one dead channel (realistic bad channels; the dead one is declared)
+    n_noisy = int(cfg.n_noisy_channels)
+    *noisy, dead = rng.choice(n_meg, size=n_noisy + 1, replace=False)
+    for ch in noisy:
+        data[ch] += 16 * BRAIN_NOISE_RMS * _pink_noise(rng, 1, n_times, exponent=0.5)[0]
     data[dead] = 1e-16 * rng.standard_normal(n_times)
 
     stim = np.zeros((1, n_times))
@@ -226,7 +230,8 @@ def simulate_meg_bids(
         Stimulus table from :func:`.stimuli.make_stimuli`.
     cfg : DictConfig
         The ``sample.meg`` config (n_subjects, n_runs, sfreq, system, line_freq, soa,
-        image_duration, snr).
+        image_duration, snr, lowlevel_gain, concept_gain, concept_peak, concept_width,
+        latency_jitter, n_noisy_channels).
     seed : int
         Seed of the whole sample dataset.
     n_test_repeats : int

@@ -19,6 +19,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ...models.meg.brain_module import sensor_features
 from ..common.checks import DataError
 from ..embed.run import load_embeddings
 from ..preprocess.store import Preprocessed, load_preprocessed
@@ -35,6 +36,8 @@ class SubjectInfo:
     ch_names: list[str] | None = None
     positions: np.ndarray | None = None  # (n_chans, 2) in [0, 1]
     good: np.ndarray | None = None  # (n_chans,) bool
+    kinds: list[str] | None = None  # sensor kind per channel (mag | axial | planar)
+    orientation: np.ndarray | None = None  # (n_chans, 2) planar gradient direction in 2D
     n_voxels: int | None = None  # fMRI
 
     def describe(self) -> dict[str, Any]:
@@ -42,7 +45,8 @@ class SubjectInfo:
         if self.ch_names is not None:
             out.update(n_chans=self.n_chans, n_times=self.n_times, ch_names=self.ch_names,
                        positions=np.asarray(self.positions).round(6).tolist(),
-                       good=np.asarray(self.good).tolist())
+                       good=np.asarray(self.good).tolist(), kinds=list(self.kinds),
+                       orientation=np.asarray(self.orientation).round(6).tolist())
         if self.n_voxels is not None:
             out["n_voxels"] = self.n_voxels
         return out
@@ -185,7 +189,8 @@ class BrainDataModule(LightningDataModule):
         self.recipe = data.recipe
         self.subjects: dict[str, SubjectInfo] = {}
         self._X: list[torch.Tensor] = []
-        self._layout: list[tuple[torch.Tensor, torch.Tensor]] = []  # MEG positions, good mask
+        # MEG per subject: positions, good mask, sensor features
+        self._layout: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         parts = {"train": [], "val": [], "test": []}
         val_stims = self._val_stimuli(data, labels)
         for k, label in enumerate(labels):
@@ -197,11 +202,14 @@ class BrainDataModule(LightningDataModule):
                 info.ch_names = ch["name"].tolist()
                 info.positions = ch[["x", "y"]].to_numpy(np.float32)
                 info.good = ch["good"].to_numpy(bool)
+                info.kinds = ch["kind"].tolist()
+                info.orientation = ch[["ori_x", "ori_y"]].to_numpy(np.float32)
             else:
                 info.n_voxels = int(sub.X.shape[1])
             self.subjects[label] = info
             if self.modality == "meg":
-                self._layout.append((torch.tensor(info.positions), torch.tensor(info.good)))
+                self._layout.append((torch.tensor(info.positions), torch.tensor(info.good),
+                                     sensor_features(info.kinds, info.orientation)))
             self._X.append(torch.as_tensor(np.asarray(sub.X, dtype=np.float32)))
             trials = sub.trials.reset_index(drop=True)
             missing = sorted(set(trials["stim_file"]) - set(row_of))
@@ -267,7 +275,7 @@ class BrainDataModule(LightningDataModule):
         out = {"x": self._X[k][split.row[i]], "y": self.embeddings[split.target[i]],
                "subject": k, "target": int(split.target[i])}
         if self.modality == "meg":
-            out["positions"], out["mask"] = self._layout[k]
+            out["positions"], out["mask"], out["sensors"] = self._layout[k]
         return out
 
     @property

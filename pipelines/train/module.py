@@ -12,7 +12,7 @@ from torch import nn
 from ..evaluate.metrics import retrieval_metrics
 
 #: batch keys that are model inputs besides ``x`` (present depending on modality)
-EXTRA_INPUTS = ("positions", "mask", "subject")
+EXTRA_INPUTS = ("positions", "mask", "subject", "sensors")
 
 
 class ContrastiveLitModule(LightningModule):
@@ -28,14 +28,27 @@ class ContrastiveLitModule(LightningModule):
         Partial optimizer: ``optimizer(params) -> torch.optim.Optimizer``.
     scheduler : callable | None
         Partial LR scheduler: ``scheduler(optimizer)``.
+    mixco : float
+        Fraction of ``max_epochs`` trained with MixCo (BiMixCo of MindEye: each training input
+        becomes ``lam x_i + (1 - lam) x_perm[i]`` with ``lam ~ Beta(mixco_beta, mixco_beta)``
+        and soft contrastive targets); 0 disables it.
+    mixco_beta : float
+        Parameter of the Beta distribution of ``lam``.
+    mask_false_negatives : bool
+        Rows of one batch that show the same image are not each other's negatives.
     """
 
     def __init__(self, *, net: nn.Module, loss: nn.Module,
                  optimizer: Callable[..., torch.optim.Optimizer],
-                 scheduler: Callable[..., Any] | None = None):
+                 scheduler: Callable[..., Any] | None = None, mixco: float = 0.0,
+                 mixco_beta: float = 0.15, mask_false_negatives: bool = True):
         super().__init__()
+        if not 0.0 <= mixco <= 1.0:
+            raise ValueError(f"mixco must be a fraction of the epochs in [0, 1], got {mixco}")
         self.net, self.loss = net, loss
         self._optimizer, self._scheduler = optimizer, scheduler
+        self.mixco, self.mixco_beta = float(mixco), float(mixco_beta)
+        self.mask_false_negatives = bool(mask_false_negatives)
         self.description: dict[str, Any] = {}
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.candidates: torch.Tensor | None = None  # all stimulus embeddings (set by train)
@@ -44,9 +57,27 @@ class ContrastiveLitModule(LightningModule):
         extras = {k: batch[k] for k in EXTRA_INPUTS if k in batch}
         return self.net(batch["x"], **extras)
 
+    def _mix(self, batch) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor] | None]:
+        """A MixCo version of a training batch during the first ``mixco`` of the epochs."""
+        max_epochs = self.trainer.max_epochs if self._trainer is not None else None
+        if (not self.mixco or not max_epochs or len(batch["x"]) < 2
+                or self.current_epoch >= self.mixco * max_epochs):
+            return batch, None
+        x = batch["x"]
+        perm = torch.randperm(len(x), device=x.device)
+        beta = torch.distributions.Beta(self.mixco_beta, self.mixco_beta)
+        lam = beta.sample((len(x),)).to(x.device, x.dtype)
+        mixed = lam.reshape(-1, *[1] * (x.ndim - 1)) * x + (1 - lam.reshape(
+            -1, *[1] * (x.ndim - 1))) * x[perm]
+        return {**batch, "x": mixed}, (perm, lam)
+
     def _step(self, batch, stage: str) -> torch.Tensor:
+        mix = None
+        if stage == "train":
+            batch, mix = self._mix(batch)
         out = self(batch)
-        loss, parts = self.loss(out, batch["y"])
+        ids = batch["target"] if self.mask_false_negatives and "target" in batch else None
+        loss, parts = self.loss(out, batch["y"], ids=ids, mix=mix)
         bs = len(batch["x"])
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs, on_epoch=True,
                  on_step=False, sync_dist=True)

@@ -30,16 +30,20 @@ def prepare_caches(cfg: DictConfig) -> tuple[Path, Path]:
     return entry.path, Path(summary["cache"])
 
 
-def encoder_kwargs(dm) -> dict[str, Any]:
-    """Data-derived constructor arguments of the encoder for this data module."""
+def encoder_kwargs(dm, *, focus: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Data-derived constructor arguments of the encoder for this data module.
+
+    ``focus`` (MEG): the temporal focus from :func:`resolve_focus`.
+    """
     tokens = {"n_tokens": dm.n_tokens} if dm.n_tokens else {}
     if dm.modality == "meg":
         n_times = {info.n_times for info in dm.subjects.values()}
         if len(n_times) != 1:
             raise DataError(f"subjects have different epoch lengths {sorted(n_times)}",
                             hint="preprocess all subjects with one recipe")
+        extra = {"focus": list(focus["samples"])} if focus else {}
         return {"n_times": n_times.pop(), "sfreq": float(dm.recipe["params"]["sfreq"]),
-                "n_subjects": len(dm.subjects), "n_outputs": dm.emb_dim, **tokens}
+                "n_subjects": len(dm.subjects), "n_outputs": dm.emb_dim, **tokens, **extra}
     return {"subjects": {lab: info.n_voxels for lab, info in dm.subjects.items()},
             "n_outputs": dm.emb_dim, **tokens}
 
@@ -55,17 +59,45 @@ def build_datamodule(cfg: DictConfig, preproc_dir: Path, embeddings_dir: Path, *
     return dm
 
 
-def build_module(cfg: DictConfig, dm, *, net=None):
+def resolve_focus(cfg: DictConfig, dm) -> dict[str, Any] | None:
+    """The MEG encoder's temporal focus from ``cfg.focus.meg`` (None: the whole epoch).
+
+    ``auto`` picks it on validation trials (:func:`.focus.choose_focus`); ``[tmin, tmax]``
+    (s from image onset) sets it; ``null`` keeps the whole epoch.
+    """
+    spec = (cfg.get("focus") or {}).get(dm.modality) if dm.modality == "meg" else None
+    if spec is None:
+        return None
+    if spec == "auto":
+        from .focus import choose_focus
+
+        return choose_focus(dm, alphas=cfg.evaluate.get("ridge_alphas"))
+    params = dm.recipe["params"]
+    sfreq, tmin = float(params["sfreq"]), float(params["tmin"])
+    n_times = int(next(iter(dm.subjects.values())).n_times)
+    lo, hi = (float(v) for v in spec)
+    start, stop = max(0, int(round((lo - tmin) * sfreq))), min(n_times,
+                                                                int(round((hi - tmin) * sfreq)))
+    if stop - start < 2:
+        raise DataError(f"focus.meg={[lo, hi]} leaves {max(stop - start, 0)} samples of the "
+                        f"epoch [{tmin}, {tmin + n_times / sfreq:.3f}] s",
+                        hint="give focus.meg=[tmin, tmax] inside the epoch, auto or null")
+    return {"tmin": tmin + start / sfreq, "tmax": tmin + stop / sfreq, "samples": [start, stop],
+            "reason": "configured"}
+
+
+def build_module(cfg: DictConfig, dm, *, net=None, focus: dict[str, Any] | None = None):
     """Instantiate encoder (unless given), loss and optimizer into the LitModule."""
     from hydra.utils import instantiate
 
     from .module import ContrastiveLitModule
 
     if net is None:
-        net = instantiate(cfg.encoder[dm.modality], **encoder_kwargs(dm))
+        net = instantiate(cfg.encoder[dm.modality], **encoder_kwargs(dm, focus=focus))
+    objective = OmegaConf.to_container(cfg.objective[dm.modality], resolve=True)
     lit = ContrastiveLitModule(
         net=net, loss=instantiate(cfg.loss), optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None)
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None, **objective)
     lit.candidates = dm.embeddings
     lit.description = {
         "model_type": type(net).__name__,
@@ -117,15 +149,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # the random state that training starts from
     seed_everything(int(cfg.seed), workers=True)
     dm = build_datamodule(cfg, preproc_dir, emb_dir)
-    lit = build_module(cfg, dm)
+    focus = resolve_focus(cfg, dm)
+    lit = build_module(cfg, dm, focus=focus)
     trainer, info = fit(cfg, lit, dm, out_dir=out_dir)
+    if focus is not None:
+        info["focus"] = focus
     if trainer.global_rank != 0:
         return {}
     metrics = evaluate(lit, dm, out_dir=out_dir,
                        stim_root=Path(cfg.data.root) / cfg.data.stim_dir,
                        ridge=bool(cfg.evaluate.ridge),
                        time_resolved=bool(cfg.evaluate.time_resolved),
-                       ridge_alphas=cfg.evaluate.get("ridge_alphas"))
+                       ridge_alphas=cfg.evaluate.get("ridge_alphas"), focus=focus)
     metrics["training"] = info
     if cfg.get("reconstruct") and cfg.reconstruct.enabled:
         from ..reconstruct.run import reconstruct
@@ -143,6 +178,76 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
+def over_seeds(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Mean ± sd over seeds of every retrieval score (encoder, ridge; both candidate sets)."""
+    import numpy as np
+
+    out: dict[str, Any] = {}
+    first = next(iter(runs.values()))
+    for block in ("retrieval", "retrieval_all_images"):
+        out[block] = {}
+        for decoder in first[block]:
+            if decoder == "chance":
+                continue
+            out[block][decoder] = {}
+            for key in ("top1", "top5", "median_rank", "rel_median_rank"):
+                values = [float(m[block][decoder][key]) for m in runs.values()]
+                out[block][decoder][key] = {"mean": float(np.mean(values)),
+                                            "sd": float(np.std(values, ddof=1)),
+                                            "values": values}
+    peaks = [m["time_resolved"]["peak"]["top5"] for m in runs.values()
+             if (m.get("time_resolved") or {}).get("peak")]
+    if peaks:
+        out["time_resolved_peak_top5"] = {"mean": float(np.mean(peaks)),
+                                          "sd": float(np.std(peaks, ddof=1)), "values": peaks}
+    seconds = [m["training"]["train_seconds"] for m in runs.values()]
+    out["train_seconds"] = {"mean": float(np.mean(seconds)), "values": seconds}
+    return out
+
+
+def train_seeds(cfg: DictConfig, seeds: list[int]) -> dict[str, Any]:
+    """Train once per seed (each in ``<run dir>/seed-<n>/``) and report the spread.
+
+    The run directory's ``metrics.json`` is the first seed's (figures, reconstruction) with
+    every retrieval score replaced by its mean over seeds, and ``over_seeds`` holding mean,
+    sd and the per-seed values.
+    """
+    from ..evaluate.summary import write_report
+
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise DataError(f"seeds={list(seeds)}: give two or more distinct seeds",
+                        hint="e.g. seeds=[0,1,2]; a single run takes seed=<n>")
+    out_dir = Path(cfg.paths.output_dir)
+    runs = {}
+    for seed in seeds:
+        job = OmegaConf.merge(cfg, {"seed": int(seed), "seeds": None,
+                                    "paths": {"output_dir": str(out_dir / f"seed-{seed}")}})
+        logger.info("seed %d of %s", seed, list(seeds))
+        runs[int(seed)] = train(job)
+    if not all(runs.values()):  # not rank zero
+        return {}
+    metrics = dict(runs[int(seeds[0])])
+    spread = over_seeds(runs)
+    for block in ("retrieval", "retrieval_all_images"):
+        metrics[block] = {dec: ({k: v["mean"] for k, v in m.items()} if dec in spread[block]
+                                else m) for dec, m in metrics[block].items()}
+    metrics["seeds"] = [int(s) for s in seeds]
+    metrics["over_seeds"] = spread
+    metrics["per_seed_dirs"] = {str(s): f"seed-{s}" for s in seeds}
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    logger.info("over %d seeds: encoder top-5 %.3f ± %.3f, ridge %.3f ± %.3f", len(seeds),
+                spread["retrieval"]["encoder"]["top5"]["mean"],
+                spread["retrieval"]["encoder"]["top5"]["sd"],
+                spread["retrieval"].get("ridge", {}).get("top5", {}).get("mean", float("nan")),
+                spread["retrieval"].get("ridge", {}).get("top5", {}).get("sd", float("nan")))
+    logger.info("report: %s", write_report(out_dir, metrics))
+    return metrics
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Stage entry point for ``neurorecon train`` and ``neurorecon run``."""
+    seeds = cfg.get("seeds")
+    if seeds:
+        return train_seeds(cfg, list(seeds))
     return train(cfg)

@@ -1,0 +1,99 @@
+"""Temporal focus of the MEG encoder, chosen on validation trials (never the test set).
+
+Visual information in MEG is carried by a short part of the epoch (Benchetrit et al. 2023,
+Fig. 2: decoding rises ~80 ms after onset and fades after ~0.5 s; other recordings peak later).
+With a few hundred trials per subject, a deep encoder that sees the whole epoch fits the noise
+of the uninformative samples. Before training, a ridge decoder is refitted on sliding 250 ms
+windows of the *train* trials and scored on the *validation* trials (held-out train stimuli);
+the encoder then sees the span covered by the windows that decode at least half as well as the
+best one (from the first sample of the first such window to the last sample of the last).
+When no window decodes above chance the whole epoch is kept and a warning says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..common.logging import logger
+
+#: sliding-window width (as the time-resolved figure) and step (s) of the focus search
+WIDTH, STEP = 0.25, 0.1
+
+
+def _validation_curve(dm, k: int, *, alphas=None) -> dict[str, np.ndarray] | None:
+    """Window-ridge retrieval of subject ``k``: fitted on its train rows, scored on val rows."""
+    from ..evaluate.metrics import time_resolved_retrieval
+    from ..evaluate.report import flat_targets
+    from ..evaluate.ridge import RidgeDecoder
+
+    Y = flat_targets(dm)
+    X_tr, s_tr, t_tr = dm.split_arrays("train")
+    X_va, s_va, t_va = dm.split_arrays("val")
+    tr, va = np.flatnonzero(s_tr == k), np.flatnonzero(s_va == k)
+    stims = np.unique(t_va[va])
+    if len(tr) < 2 or len(stims) < 2:
+        return None
+    train_X = np.stack([X_tr[i] for i in tr])
+    val_X = np.stack([X_va[i] for i in va])
+    pos = {s: i for i, s in enumerate(stims)}
+    kwargs = {} if alphas is None else {"alphas": tuple(alphas)}
+
+    def fit_predict(a, b):
+        return RidgeDecoder(**kwargs).fit(a, Y[t_tr[tr]]).predict(b)
+
+    params = dm.recipe["params"]
+    return time_resolved_retrieval(fit_predict, train_X, val_X, Y[stims],
+                                   [pos[t] for t in t_va[va]], sfreq=params["sfreq"],
+                                   tmin=params["tmin"], width=WIDTH, step=STEP)
+
+
+def choose_focus(dm, *, alphas=None) -> dict[str, Any]:
+    """Pick the encoder's temporal focus from validation decoding (see the module docstring).
+
+    Returns
+    -------
+    dict
+        ``tmin``/``tmax`` (s from image onset), ``samples`` (``[start, stop)`` of the epoch),
+        ``times`` and ``val_top5`` (the validation curve averaged over subjects), ``chance``
+        and ``reason``.
+    """
+    params = dm.recipe["params"]
+    sfreq, tmin = float(params["sfreq"]), float(params["tmin"])
+    n_times = int(next(iter(dm.subjects.values())).n_times)
+    curves = [c for k in range(len(dm.labels))
+              if (c := _validation_curve(dm, k, alphas=alphas)) is not None]
+    whole = {"tmin": tmin, "tmax": tmin + n_times / sfreq, "samples": [0, n_times]}
+    if not curves:
+        return {**whole, "reason": "no validation trials: whole epoch"}
+    times = curves[0]["times"]
+    score = np.mean([c["top5"] for c in curves], axis=0)
+    n_val = len(np.unique(dm.split_arrays("val")[2]))
+    chance = min(1.0, 5 / max(n_val / len(dm.labels), 1))
+    smooth = np.convolve(np.pad(score, 1, mode="edge"), np.ones(3) / 3, mode="valid")
+    best = int(np.argmax(smooth))
+    # binomial noise of a top-5 fraction over the validation trials of all subjects
+    n_trials = len(dm.splits["val"])
+    noise = 2 * np.sqrt(chance * (1 - chance) / max(n_trials, 1))
+    out = {"times": np.round(times, 4).tolist(), "val_top5": np.round(score, 4).tolist(),
+           "chance": round(chance, 4)}
+    if smooth[best] <= chance + noise:
+        logger.warning("temporal focus: no window decodes above chance on the validation "
+                       "trials (best %.3f, chance %.3f); the encoder sees the whole epoch",
+                       smooth[best], chance)
+        return {**whole, **out, "reason": "no window above chance: whole epoch"}
+    above = smooth >= chance + 0.5 * (smooth[best] - chance)
+    lo = hi = best
+    while lo > 0 and above[lo - 1]:
+        lo -= 1
+    while hi < len(above) - 1 and above[hi + 1]:
+        hi += 1
+    t0, t1 = times[lo] - WIDTH / 2, times[hi] + WIDTH / 2  # the windows' own edges
+    start = max(0, int(np.floor((t0 - tmin) * sfreq)))
+    stop = min(n_times, int(np.ceil((t1 - tmin) * sfreq)) + 1)
+    logger.info("temporal focus: %.3f-%.3f s (validation window-ridge top-5 peaks at %.3f "
+                "s: %.3f, chance %.3f)", tmin + start / sfreq, tmin + stop / sfreq,
+                times[best], smooth[best], chance)
+    return {"tmin": round(tmin + start / sfreq, 4), "tmax": round(tmin + stop / sfreq, 4),
+            "samples": [start, stop], **out, "reason": "validation window ridge"}
