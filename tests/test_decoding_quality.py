@@ -138,3 +138,62 @@ def test_focus_is_chosen_where_validation_trials_decode():
     assert 0 < start < stop < 100
     none = choose_focus(_FakeDm(signal=False))
     assert none["samples"] == [0, 100] and "whole epoch" in none["reason"]
+
+
+def test_subspace_adapter_ignores_what_training_trials_never_showed():
+    from neurorecon.models.fmri.encoder import FmriEncoder
+
+    torch.manual_seed(0)
+    net = FmriEncoder(subjects={"01": 500}, n_outputs=8, hidden_dim=16, n_blocks=1,
+                      adapter="subspace", n_components=32).eval()
+    train = torch.randn(20, 500)
+    with pytest.raises(Exception, match="subspace adapter is not fitted"):
+        net(train[:2], subject=0)
+    assert net.fit_subspace("01", train) == 19  # 20 centred trials span 19 axes
+    x = train[:3] + 0.1
+    # a direction no training trial varied along (orthogonal to their span): ignored
+    basis = torch.linalg.svd(train - train.mean(0), full_matrices=False)[2][:19]
+    v = torch.randn(500)
+    v -= basis.T @ (basis @ v)
+    out = net(x, subject=0)["clip"]
+    assert torch.allclose(net(x + 5 * v, subject=0)["clip"], out, atol=1e-4)
+    assert not torch.allclose(net(x + 5 * basis[0], subject=0)["clip"], out, atol=1e-3)
+    # the fitted statistics are part of the weights (saved with a checkpoint / bundle)
+    state = net.state_dict()
+    assert {"adapters.01.0.mean", "adapters.01.0.components"} <= set(state)
+    clone = FmriEncoder(**net.get_config())
+    clone.load_state_dict(state)
+    assert torch.allclose(clone.eval()(x, subject=0)["clip"], out)
+
+
+def test_run_over_seeds_reports_spread(sample_root, tmp_path):
+    import json
+    from pathlib import Path
+
+    from neurorecon.pipelines.train.run import run
+
+    from .conftest import compose_stage
+    from .test_train import FAST, SMALL_MEG
+
+    cfg = compose_stage("run", tmp_path, ["data=bids", f"data.root={sample_root / 'meg'}",
+                                          "data.modality=meg", "seeds=[0,1]", *FAST,
+                                          *SMALL_MEG])
+    metrics = run(cfg)
+    out = Path(cfg.paths.output_dir)
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["seeds"] == [0, 1]
+    spread = on_disk["over_seeds"]["retrieval"]
+    for decoder in ("encoder", "ridge"):
+        top5 = spread[decoder]["top5"]
+        assert len(top5["values"]) == 2 and top5["sd"] >= 0
+        assert on_disk["retrieval"][decoder]["top5"] == pytest.approx(np.mean(top5["values"]))
+    for seed in (0, 1):
+        per_seed = json.loads((out / f"seed-{seed}" / "metrics.json").read_text())
+        assert per_seed["retrieval"]["encoder"]["top5"] == spread["encoder"]["top5"]["values"][
+            seed]
+        # refit on train + validation after the epoch count was chosen on validation
+        assert per_seed["training"]["refit_epochs"] >= 1
+        assert per_seed["training"]["focus"]["samples"][1] > per_seed["training"]["focus"][
+            "samples"][0]
+    assert "Mean ± sd over seeds" in (out / "report.md").read_text()
+    assert metrics["over_seeds"] == on_disk["over_seeds"]

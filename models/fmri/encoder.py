@@ -17,6 +17,7 @@ Layout::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,7 +35,53 @@ from ...pipelines.common.checks import check_option
 from ..heads import ProjectionHead
 
 #: subject adapter kinds
-ADAPTERS = ("mlp", "linear")
+ADAPTERS = ("subspace", "linear", "mlp")
+
+
+class SubspaceProjection(nn.Module):
+    """Fixed projection of voxels onto the principal subspace of a subject's training trials.
+
+    With a few hundred trials and tens of thousands of voxels, a trainable voxel layer learns
+    only inside the span of the training trials; everything its (random) initial weights do
+    outside that span is noise added to every new pattern. Projecting first onto the span
+    (the top ``n_components`` principal axes of the training trials, as ridge regression's dual
+    form does implicitly) leaves the trainable layer ``n_components`` inputs instead of
+    ``n_voxels``. The statistics are fitted from training trials only
+    (:meth:`FmriEncoder.fit_subspace`) and saved with the weights (buffers).
+
+    Notes
+    -----
+    ``x (B, n_voxels)`` → ``(B, n_components)``, ``(x - mean) @ components.T``, components
+    scaled by ``1 / sqrt(n_voxels)`` so scores are O(1) for z-scored voxels.
+    """
+
+    def __init__(self, n_voxels: int, n_components: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n_voxels))
+        self.register_buffer("components", torch.zeros(n_components, n_voxels))
+        self.register_buffer("fitted", torch.tensor(False))
+
+    def fit(self, X: torch.Tensor) -> int:
+        """Fit on training trials ``X (n_trials, n_voxels)``; return the components kept."""
+        X = torch.as_tensor(X, dtype=torch.float64)
+        k = self.components.shape[0]
+        mean = X.mean(0)
+        centred = X - mean
+        if min(centred.shape) <= 2 * k:
+            _, svals, vt = torch.linalg.svd(centred, full_matrices=False)
+        else:  # many trials: randomized SVD (Halko et al.), same span up to rounding
+            _, svals, v = torch.svd_lowrank(centred, q=k + 10, niter=4)
+            vt = v.T
+        keep = min(k, int((svals > svals[0] * 1e-6).sum()) if len(svals) else 0)
+        comps = torch.zeros_like(self.components, dtype=torch.float64)
+        comps[:keep] = vt[:keep] / math.sqrt(X.shape[1])
+        self.mean.copy_(mean.to(self.mean.dtype))
+        self.components.copy_(comps.to(self.components.dtype))
+        self.fitted.fill_(True)
+        return keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) @ self.components.T
 
 
 class _ResidualMlpBlock(nn.Module):
@@ -75,10 +122,13 @@ class FmriEncoder(BrainModuleMixin, nn.Module):
         Dropout in the backbone blocks and heads.
     adapter_dropout : float
         Dropout after each subject adapter (MindEye's first layer: 0.5).
-    adapter : {"mlp", "linear"}
-        Subject adapter: ``Linear → LayerNorm → GELU → Dropout`` (MindBridge-style), or one
-        ``Linear`` map into the shared space followed by dropout (MindEye2's linear
-        per-subject layer, regularised by the optimizer's weight decay).
+    adapter : {"subspace", "linear", "mlp"}
+        Subject adapter: ``SubspaceProjection → Linear → Dropout`` (the linear per-subject
+        layer of MindEye2 acting on the principal subspace of the subject's training trials;
+        :meth:`fit_subspace` before training), one ``Linear`` map on all voxels followed by
+        dropout, or ``Linear → LayerNorm → GELU → Dropout`` (MindBridge-style).
+    n_components : int
+        ``adapter="subspace"``: principal axes kept per subject (at most the training trials).
     head_hidden_dim : int | None
         Optional hidden layer width of the CLIP and MSE heads.
     n_tokens : int | None
@@ -96,8 +146,8 @@ class FmriEncoder(BrainModuleMixin, nn.Module):
 
     def __init__(self, *, subjects: Mapping[str, int], n_outputs: int, hidden_dim: int = 512,
                  n_blocks: int = 2, dropout: float = 0.15, adapter_dropout: float = 0.3,
-                 adapter: str = "mlp", head_hidden_dim: int | None = None,
-                 n_tokens: int | None = None):
+                 adapter: str = "mlp", n_components: int = 256,
+                 head_hidden_dim: int | None = None, n_tokens: int | None = None):
         super().__init__()
         subjects = {_check_label(k): int(v) for k, v in dict(subjects).items()}
         self._record_config(locals())
@@ -107,6 +157,7 @@ class FmriEncoder(BrainModuleMixin, nn.Module):
             raise ValueError(f"FmriEncoder: n_tokens must be >= 1 or None, got {n_tokens}")
         check_option("adapter", adapter, ADAPTERS)
         self.hidden_dim, self.adapter_dropout, self.adapter = hidden_dim, adapter_dropout, adapter
+        self.n_components = int(n_components)
         self.adapters = nn.ModuleDict()
         for label, n_voxels in subjects.items():
             self.adapters[label] = self._make_adapter(n_voxels)
@@ -121,6 +172,10 @@ class FmriEncoder(BrainModuleMixin, nn.Module):
     def _make_adapter(self, n_voxels: int) -> nn.Module:
         if n_voxels < 1:
             raise ValueError(f"FmriEncoder: n_voxels must be >= 1, got {n_voxels}")
+        if self.adapter == "subspace":
+            return nn.Sequential(SubspaceProjection(n_voxels, self.n_components),
+                                 nn.Linear(self.n_components, self.hidden_dim),
+                                 nn.Dropout(self.adapter_dropout))
         if self.adapter == "linear":
             return nn.Sequential(nn.Linear(n_voxels, self.hidden_dim),
                                  nn.Dropout(self.adapter_dropout))
@@ -151,6 +206,19 @@ class FmriEncoder(BrainModuleMixin, nn.Module):
         self.adapters[label] = self._make_adapter(int(n_voxels)).to(ref.device, ref.dtype)
         self._config["subjects"][label] = int(n_voxels)
         return self.n_subjects - 1
+
+    def fit_subspace(self, label: str, X) -> int | None:
+        """Fit subject ``label``'s :class:`SubspaceProjection` on its training trials
+        ``X (n_trials, n_voxels)``; return the components kept (None: no subspace adapter)."""
+        label = _check_label(label)
+        proj = self.adapters[label][0]
+        if not isinstance(proj, SubspaceProjection):
+            return None
+        n_voxels = self._config["subjects"][label]
+        if X.shape[1] != n_voxels:
+            raise input_mismatch(f"FmriEncoder.fit_subspace: wrong voxel count for sub-{label}",
+                                 got=X.shape[1], expected=n_voxels)
+        return proj.fit(X)
 
     def freeze_shared(self, label: str) -> list[nn.Parameter]:
         """Freeze everything except subject ``label``'s adapter (MindBridge-style adaptation).
@@ -216,7 +284,12 @@ class FmriEncoder(BrainModuleMixin, nn.Module):
                 expected=n_voxels,
                 hint="use the voxel mask the model was trained with (stored with the "
                      "checkpoint); for a new mask add a subject with add_subject")
-        h = self.backbone(self.adapters[label](x))
+        adapter = self.adapters[label]
+        if isinstance(adapter[0], SubspaceProjection) and not bool(adapter[0].fitted):
+            raise ModelInputError(f"FmriEncoder: sub-{label}'s subspace adapter is not fitted",
+                                  hint="call fit_subspace(label, train_X) on its training "
+                                       "trials before training (neurorecon train does)")
+        h = self.backbone(adapter(x))
         clip, mse = self.clip_head(h), self.mse_head(h)
         if self.n_tokens is not None:
             clip = clip.reshape(len(x), self.n_tokens, self.n_outputs)

@@ -345,6 +345,7 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
                  head_hidden_dim: int | None = None, n_tokens: int | None = None,
                  focus: list[int] | None = None):
         super().__init__()
+        focus = None if focus is None else [int(v) for v in focus]
         self._record_config(locals())
         name = type(self).__name__
         n_times, sfreq = resolve_signal_shape(n_times=n_times, sfreq=sfreq,

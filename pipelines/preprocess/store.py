@@ -6,7 +6,9 @@ split, n_repeats, ...), plus modality-specific files, and a top-level ``recipe.j
 parameters that produced it (the streaming decoder and serving read the same recipe).
 
 MEG: ``X`` is ``(n_trials, n_chans, n_times)``; ``channels.tsv`` lists name, x, y (2D sensor
-layout in [0, 1]) and ``good`` (False for bad channels, whose rows in ``X`` are zero).
+layout in [0, 1]), ``good`` (False for bad channels, whose rows in ``X`` are zero), ``kind``
+(``mag`` | ``axial`` | ``planar``) and ``ori_x``, ``ori_y`` (planar gradiometers' gradient
+direction in the layout; 0 otherwise).
 fMRI: ``X`` is ``(n_trials, n_voxels)``; ``mask.nii.gz`` (``SubjectTrials.mask_img``) maps
 voxel columns back to the brain.
 """

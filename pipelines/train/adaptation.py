@@ -33,7 +33,7 @@ def _score(lit, dm) -> dict[str, Any]:
 def adaptation_curve(cfg: DictConfig, *, preproc_dir: Path, embeddings_dir: Path,
                      out_dir: Path, fractions=FRACTIONS) -> dict[str, Any]:
     """Train and score adapter-only vs from-scratch models for the last subject."""
-    from .run import build_datamodule, build_module, fit
+    from .run import build_datamodule, build_module, fit, fit_subspaces
 
     out_dir = Path(out_dir) / "adaptation"
     full = build_datamodule(cfg, preproc_dir, embeddings_dir)
@@ -53,6 +53,7 @@ def adaptation_curve(cfg: DictConfig, *, preproc_dir: Path, embeddings_dir: Path
                               fit_subjects=[new], train_fraction={new: frac})
         net = copy.deepcopy(shared.net)
         net.add_subject(new, n_voxels)
+        fit_subspaces(net, dm, labels=[new])
         net.freeze_shared(new)
         adapted = build_module(cfg, dm, net=net)
         fit(cfg, adapted, dm, out_dir=out_dir / f"adapter-{frac:g}", quiet=True)

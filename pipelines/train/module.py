@@ -9,7 +9,7 @@ import torch
 from lightning import LightningModule
 from torch import nn
 
-from ..evaluate.metrics import retrieval_metrics
+from ..evaluate.metrics import retrieval_metrics, retrieval_ranks
 
 #: batch keys that are model inputs besides ``x`` (present depending on modality)
 EXTRA_INPUTS = ("positions", "mask", "subject", "sensors")
@@ -107,9 +107,15 @@ class ContrastiveLitModule(LightningModule):
         if cand is None or len(stims) < 2:
             return
         pos = {s: i for i, s in enumerate(stims)}
-        m = retrieval_metrics(pred, cand, [pos[t] for t in target])
+        true = [pos[t] for t in target]
+        m = retrieval_metrics(pred, cand, true)
         self.log("val/top1", m["top1"], prog_bar=False, sync_dist=True)
         self.log("val/top5", m["top5"], prog_bar=True, sync_dist=True)
+        # continuous and unsaturated even with few validation images (top-5 of 10 images is
+        # 1.0 for any decent model): 1 - mean normalised rank, 0.5 = chance, 1 = perfect
+        ranks = retrieval_ranks(pred, cand, true)
+        self.log("val/rank_score", float(1 - ((ranks - 1) / (len(stims) - 1)).mean()),
+                 prog_bar=False, sync_dist=True)
 
     def predict_step(self, batch, batch_idx):
         return {k: v.detach().cpu() for k, v in self(batch).items()}

@@ -86,17 +86,43 @@ def resolve_focus(cfg: DictConfig, dm) -> dict[str, Any] | None:
             "reason": "configured"}
 
 
+def fit_subspaces(net, dm, labels=None) -> None:
+    """Fit the fMRI encoder's subspace adapters on each subject's *train* rows only."""
+    import numpy as np
+
+    if not hasattr(net, "fit_subspace"):
+        return
+    X, subj, _ = dm.split_arrays("train")
+    for k, label in enumerate(dm.labels):
+        if labels is not None and label not in labels:
+            continue
+        rows = [x for x, s in zip(X, subj, strict=True) if s == k]
+        if rows:
+            kept = net.fit_subspace(label, np.stack(rows))
+            if kept is not None:
+                logger.info("fMRI sub-%s: subspace adapter on %d principal axes of %d train "
+                            "trials", label, kept, len(rows))
+
+
 def build_module(cfg: DictConfig, dm, *, net=None, focus: dict[str, Any] | None = None):
-    """Instantiate encoder (unless given), loss and optimizer into the LitModule."""
+    """Instantiate encoder (unless given), loss and optimizer into the LitModule.
+
+    ``objective.<modality>`` may override the loss's ``lambda_clip`` and the optimizer's
+    ``weight_decay`` for that modality (null: the groups' values).
+    """
     from hydra.utils import instantiate
 
     from .module import ContrastiveLitModule
 
     if net is None:
         net = instantiate(cfg.encoder[dm.modality], **encoder_kwargs(dm, focus=focus))
+        fit_subspaces(net, dm)
     objective = OmegaConf.to_container(cfg.objective[dm.modality], resolve=True)
+    loss_kw = {k: v for k in ("lambda_clip",) if (v := objective.pop(k, None)) is not None}
+    opt_kw = {k: v for k in ("weight_decay",) if (v := objective.pop(k, None)) is not None}
     lit = ContrastiveLitModule(
-        net=net, loss=instantiate(cfg.loss), optimizer=instantiate(cfg.optimizer),
+        net=net, loss=instantiate(cfg.loss, **loss_kw),
+        optimizer=instantiate(cfg.optimizer, **opt_kw),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None, **objective)
     lit.candidates = dm.embeddings
     lit.description = {
@@ -136,6 +162,39 @@ def fit(cfg: DictConfig, lit, dm, *, out_dir: Path, quiet: bool = False):
                      "best_checkpoint": best or None}
 
 
+def refit(cfg: DictConfig, dm_selected, info: dict[str, Any], *, preproc_dir: Path,
+          emb_dir: Path, out_dir: Path, focus: dict[str, Any] | None):
+    """Retrain on train + validation trials for the epoch count validation selected.
+
+    Validation (held-out train stimuli) picks the number of epochs; a fresh model then trains
+    that long on *all* train trials, as the ridge baseline is fitted on all of them. The test
+    set is never seen. Returns the new LitModule and data module.
+    """
+    import torch
+    from hydra.utils import instantiate
+    from lightning import seed_everything
+
+    best = info.get("best_checkpoint")
+    if not best:
+        return None
+    epochs = int(torch.load(best, map_location="cpu", weights_only=False)["epoch"]) + 1
+    seed_everything(int(cfg.seed), workers=True)
+    dm = build_datamodule(cfg, preproc_dir, emb_dir, val_fraction=0.0)
+    lit = build_module(cfg, dm, focus=focus)
+    trainer = instantiate(cfg.trainer, max_epochs=epochs, min_epochs=epochs, callbacks=[],
+                          logger=False, limit_val_batches=0, enable_checkpointing=False,
+                          default_root_dir=str(out_dir))
+    t0 = time.perf_counter()
+    trainer.fit(lit, datamodule=dm)
+    path = out_dir / "checkpoints" / "refit.ckpt"
+    trainer.save_checkpoint(path)
+    info.update(selected_checkpoint=best, best_checkpoint=str(path), refit_epochs=epochs,
+                refit_seconds=round(time.perf_counter() - t0, 2))
+    logger.info("refit on train + validation trials: %d epochs (chosen on validation) in "
+                "%.1f s -> %s", epochs, info["refit_seconds"], path)
+    return lit, dm
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Preprocess, embed, train and evaluate; return the metrics (also in metrics.json)."""
     from lightning import seed_everything
@@ -156,6 +215,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         info["focus"] = focus
     if trainer.global_rank != 0:
         return {}
+    if (cfg.get("refit") or {}).get(dm.modality) and trainer.world_size > 1:
+        logger.warning("refit on train + validation trials is skipped in multi-process "
+                       "training (%d processes); the validation-selected model is used",
+                       trainer.world_size)
+    elif (cfg.get("refit") or {}).get(dm.modality):
+        refitted = refit(cfg, dm, info, preproc_dir=preproc_dir, emb_dir=emb_dir,
+                         out_dir=out_dir, focus=focus)
+        if refitted is not None:
+            lit, dm = refitted
     metrics = evaluate(lit, dm, out_dir=out_dir,
                        stim_root=Path(cfg.data.root) / cfg.data.stim_dir,
                        ridge=bool(cfg.evaluate.ridge),
