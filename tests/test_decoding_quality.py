@@ -166,6 +166,7 @@ def test_subspace_adapter_ignores_what_training_trials_never_showed():
     assert torch.allclose(clone.eval()(x, subject=0)["clip"], out)
 
 
+@pytest.mark.slow
 def test_run_over_seeds_reports_spread(sample_root, tmp_path):
     import json
     from pathlib import Path

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...pipelines.common.checks import check_option
 from ..base import (
     BrainModuleMixin,
     ModelInputError,
@@ -31,7 +32,6 @@ from ..base import (
     check_tensor,
     input_mismatch,
 )
-from ...pipelines.common.checks import check_option
 from ..heads import ProjectionHead
 
 #: subject adapter kinds

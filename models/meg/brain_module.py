@@ -48,7 +48,8 @@ _POSITION_HINT = ("pass positions=(batch, n_chans, 2) 2D sensor positions in [0,
                   "True for good channels, both in the channel order of x")
 
 
-#: sensor kinds the spatial attention distinguishes (``neurorecon.pipelines.preprocess.meg.sensor_kinds``)
+#: sensor kinds the spatial attention distinguishes
+#: (``neurorecon.pipelines.preprocess.meg.sensor_kinds``)
 SENSOR_KINDS = ("mag", "axial", "planar")
 #: per-channel sensor features: one-hot kind, then the planar gradient direction (x, y)
 N_SENSOR_FEATURES = len(SENSOR_KINDS) + 2
@@ -341,7 +342,8 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
                  spatial_dropout_radius: float = 0.2, hidden_dim: int = 96, depth: int = 6,
                  kernel_size: int = 3, dilation_period: int = 5, glu_every: int = 2,
                  dropout: float = 0.0, subject_layer: bool = True,
-                 sensor_aware: bool = False, aggregation: str = "affine", head_dim: int | None = None,
+                 sensor_aware: bool = False, aggregation: str = "affine",
+                 head_dim: int | None = None,
                  head_hidden_dim: int | None = None, n_tokens: int | None = None,
                  focus: list[int] | None = None):
         super().__init__()

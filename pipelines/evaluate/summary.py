@@ -16,7 +16,8 @@ from .recon_metrics import HIGHER_IS_BETTER, METRICS
 
 FIGURES = (
     ("retrieval_examples.png", "Test images and the encoder's top-5 retrieved images"),
-    ("time_resolved.png", "Time-resolved decoding (ridge on sliding windows)"),
+    ("time_resolved.png", "Time-resolved decoding: ridge on sliding windows vs the deep "
+                          "encoder on the whole window"),
     ("reconstructions.png", "Reconstructions: stimulus | low-level start | brain | "
                             "retrieved (floor) | ceiling (true embedding)"),
     ("adaptation.png", "New-subject adaptation"),

@@ -297,8 +297,9 @@ def train_seeds(cfg: DictConfig, seeds: list[int]) -> dict[str, Any]:
     metrics = dict(runs[int(seeds[0])])
     spread = over_seeds(runs)
     for block in ("retrieval", "retrieval_all_images"):
-        metrics[block] = {dec: ({k: v["mean"] for k, v in m.items()} if dec in spread[block]
-                                else m) for dec, m in metrics[block].items()}
+        metrics[block] = {
+            dec: {k: spread[block][dec][k]["mean"] if k in spread[block].get(dec, {}) else v
+                  for k, v in m.items()} for dec, m in metrics[block].items()}
     metrics["seeds"] = [int(s) for s in seeds]
     metrics["over_seeds"] = spread
     metrics["per_seed_dirs"] = {str(s): f"seed-{s}" for s in seeds}
