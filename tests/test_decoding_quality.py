@@ -174,11 +174,11 @@ def test_run_over_seeds_reports_spread(sample_root, tmp_path):
     from neurorecon.pipelines.train.run import run
 
     from .conftest import compose_stage
-    from .test_train import FAST, SMALL_MEG
+    from .test_train import FAST, SMALL_FMRI
 
-    cfg = compose_stage("run", tmp_path, ["data=bids", f"data.root={sample_root / 'meg'}",
-                                          "data.modality=meg", "seeds=[0,1]", *FAST,
-                                          *SMALL_MEG])
+    cfg = compose_stage("run", tmp_path, ["data=bids", f"data.root={sample_root / 'fmri'}",
+                                          "data.modality=fmri", "seeds=[0,1]", *FAST,
+                                          *SMALL_FMRI])
     metrics = run(cfg)
     out = Path(cfg.paths.output_dir)
     on_disk = json.loads((out / "metrics.json").read_text())
@@ -194,7 +194,6 @@ def test_run_over_seeds_reports_spread(sample_root, tmp_path):
             seed]
         # refit on train + validation after the epoch count was chosen on validation
         assert per_seed["training"]["refit_epochs"] >= 1
-        assert per_seed["training"]["focus"]["samples"][1] > per_seed["training"]["focus"][
-            "samples"][0]
+        assert per_seed["training"]["best_checkpoint"].endswith("refit.ckpt")
     assert "Mean ± sd over seeds" in (out / "report.md").read_text()
     assert metrics["over_seeds"] == on_disk["over_seeds"]

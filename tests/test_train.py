@@ -60,7 +60,12 @@ def test_run_contract_on_sample(sample_root, tmp_path, modality):
     if modality == "meg":
         sub = desc["data"]["subjects"]["01"]
         assert len(sub["ch_names"]) == len(sub["positions"]) == 274
+        assert set(sub["kinds"]) == {"axial"}  # CTF-275: axial gradiometers
         assert desc["data"]["preprocessing"]["params"]["sfreq"] == 120.0
+        # the temporal focus picked on validation trials is part of the model
+        focus = metrics["training"]["focus"]
+        assert desc["model_config"]["focus"] == focus["samples"]
+        assert focus["tmin"] >= -0.5 and focus["tmax"] <= 1.0 + 1 / 120 + 1e-6
 
 
 def test_train_errors_are_clear(sample_root, tmp_path):
