@@ -67,9 +67,8 @@ class ContrastiveLitModule(LightningModule):
         perm = torch.randperm(len(x), device=x.device)
         beta = torch.distributions.Beta(self.mixco_beta, self.mixco_beta)
         lam = beta.sample((len(x),)).to(x.device, x.dtype)
-        mixed = lam.reshape(-1, *[1] * (x.ndim - 1)) * x + (1 - lam.reshape(
-            -1, *[1] * (x.ndim - 1))) * x[perm]
-        return {**batch, "x": mixed}, (perm, lam)
+        w = lam.reshape(-1, *[1] * (x.ndim - 1))
+        return {**batch, "x": w * x + (1 - w) * x[perm]}, (perm, lam)
 
     def _step(self, batch, stage: str) -> torch.Tensor:
         mix = None

@@ -162,7 +162,7 @@ def fit(cfg: DictConfig, lit, dm, *, out_dir: Path, quiet: bool = False):
                      "best_checkpoint": best or None}
 
 
-def refit(cfg: DictConfig, dm_selected, info: dict[str, Any], *, preproc_dir: Path,
+def refit(cfg: DictConfig, info: dict[str, Any], *, preproc_dir: Path,
           emb_dir: Path, out_dir: Path, focus: dict[str, Any] | None):
     """Retrain on train + validation trials for the epoch count validation selected.
 
@@ -220,7 +220,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                        "training (%d processes); the validation-selected model is used",
                        trainer.world_size)
     elif (cfg.get("refit") or {}).get(dm.modality):
-        refitted = refit(cfg, dm, info, preproc_dir=preproc_dir, emb_dir=emb_dir,
+        refitted = refit(cfg, info, preproc_dir=preproc_dir, emb_dir=emb_dir,
                          out_dir=out_dir, focus=focus)
         if refitted is not None:
             lit, dm = refitted
