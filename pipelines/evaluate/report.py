@@ -56,21 +56,45 @@ def predict_split(lit, dm, name: str, *, head: str = "clip") -> np.ndarray:
     return out
 
 
-def _subject_arrays(dm, k: int, targets: np.ndarray | None = None
+def _subject_arrays(dm, k: int, targets: np.ndarray | None = None, *,
+                    fit_splits: tuple[str, ...] = ("train", "val"), eval_split: str = "test"
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Subject ``k``'s fit rows (train + val), their targets, its test rows and their indices.
+    """Subject ``k``'s fit rows (default train + val), their targets, its rows of
+    ``eval_split`` (default test) and their indices in that split.
 
     ``targets`` ``(n_stimuli, n_features)``: per-stimulus targets (default: the embeddings).
     """
     Y = flat_targets(dm) if targets is None else targets
     fit_X, fit_Y = [], []
-    for name in ("train", "val"):
+    for name in fit_splits:
         X, s, t = dm.split_arrays(name)
         fit_X += [x for x, sk in zip(X, s, strict=True) if sk == k]
         fit_Y.append(Y[t[s == k]])
-    X, s, _ = dm.split_arrays("test")
+    X, s, _ = dm.split_arrays(eval_split)
     rows = np.flatnonzero(s == k)
     return np.stack(fit_X), np.concatenate(fit_Y), np.stack([X[i] for i in rows]), rows
+
+
+def window_ridge(dm, k: int, candidates: np.ndarray, true_index: np.ndarray, *,
+                 fit_splits: tuple[str, ...] = ("train", "val"), eval_split: str = "test",
+                 alphas=None, step: float = 0.05) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Ridge refitted on sliding 250 ms windows of subject ``k``'s ``fit_splits`` rows, scored
+    on its ``eval_split`` rows; ``true_index`` has one entry per row of ``eval_split``.
+
+    Returns the :func:`~.metrics.time_resolved_retrieval` result and the scored rows.
+    """
+    fit_X, fit_Y, eval_X, rows = _subject_arrays(dm, k, fit_splits=fit_splits,
+                                                 eval_split=eval_split)
+    kwargs = {} if alphas is None else {"alphas": tuple(alphas)}
+
+    def fit_predict(a, b):
+        return RidgeDecoder(**kwargs).fit(a, fit_Y).predict(b)
+
+    params = dm.recipe["params"]
+    res = time_resolved_retrieval(fit_predict, fit_X, eval_X, candidates,
+                                  np.asarray(true_index)[rows], sfreq=params["sfreq"],
+                                  tmin=params["tmin"], step=step)
+    return res, rows
 
 
 def ridge_predictions(dm, *, targets: np.ndarray | None = None, alphas=None) -> np.ndarray:
@@ -161,16 +185,8 @@ def _time_resolved(dm, cand, cand_rows, true_idx, out_dir, *, note, alphas, enco
                    focus=None) -> dict[str, Any]:
     """Ridge decoders refitted on sliding 250 ms windows (first subject with test data), beside
     the deep encoder's full-window score on the same subject."""
-    recipe = dm.recipe["params"]
     k = int(dm.splits["test"].subject[0])
-    train_X, train_Y, test_X, rows = _subject_arrays(dm, k)
-    kwargs = {} if alphas is None else {"alphas": tuple(alphas)}
-
-    def fit_predict(a, b):
-        return RidgeDecoder(**kwargs).fit(a, train_Y).predict(b)
-
-    res = time_resolved_retrieval(fit_predict, train_X, test_X, cand, true_idx[rows],
-                                  sfreq=recipe["sfreq"], tmin=recipe["tmin"])
+    res, rows = window_ridge(dm, k, cand, true_idx, alphas=alphas)
     chance = chance_metrics(len(cand))["top5"]
     deep = retrieval_metrics(encoder[rows], cand, true_idx[rows])["top5"]
     best = int(np.argmax(res["top5"]))

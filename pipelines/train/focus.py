@@ -18,35 +18,8 @@ import numpy as np
 
 from ..common.logging import logger
 
-#: sliding-window width (as the time-resolved figure) and step (s) of the focus search
+#: sliding-window width (that of the time-resolved figure) and step (s) of the focus search
 WIDTH, STEP = 0.25, 0.1
-
-
-def _validation_curve(dm, k: int, *, alphas=None) -> dict[str, np.ndarray] | None:
-    """Window-ridge retrieval of subject ``k``: fitted on its train rows, scored on val rows."""
-    from ..evaluate.metrics import time_resolved_retrieval
-    from ..evaluate.report import flat_targets
-    from ..evaluate.ridge import RidgeDecoder
-
-    Y = flat_targets(dm)
-    X_tr, s_tr, t_tr = dm.split_arrays("train")
-    X_va, s_va, t_va = dm.split_arrays("val")
-    tr, va = np.flatnonzero(s_tr == k), np.flatnonzero(s_va == k)
-    stims = np.unique(t_va[va])
-    if len(tr) < 2 or len(stims) < 2:
-        return None
-    train_X = np.stack([X_tr[i] for i in tr])
-    val_X = np.stack([X_va[i] for i in va])
-    pos = {s: i for i, s in enumerate(stims)}
-    kwargs = {} if alphas is None else {"alphas": tuple(alphas)}
-
-    def fit_predict(a, b):
-        return RidgeDecoder(**kwargs).fit(a, Y[t_tr[tr]]).predict(b)
-
-    params = dm.recipe["params"]
-    return time_resolved_retrieval(fit_predict, train_X, val_X, Y[stims],
-                                   [pos[t] for t in t_va[va]], sfreq=params["sfreq"],
-                                   tmin=params["tmin"], width=WIDTH, step=STEP)
 
 
 def choose_focus(dm, *, alphas=None) -> dict[str, Any]:
@@ -59,18 +32,23 @@ def choose_focus(dm, *, alphas=None) -> dict[str, Any]:
         ``times`` and ``val_top5`` (the validation curve averaged over subjects), ``chance``
         and ``reason``.
     """
+    from ..evaluate.report import candidate_rows, flat_targets, window_ridge
+
     params = dm.recipe["params"]
     sfreq, tmin = float(params["sfreq"]), float(params["tmin"])
     n_times = int(next(iter(dm.subjects.values())).n_times)
-    curves = [c for k in range(len(dm.labels))
-              if (c := _validation_curve(dm, k, alphas=alphas)) is not None]
     whole = {"tmin": tmin, "tmax": tmin + n_times / sfreq, "samples": [0, n_times]}
-    if not curves:
+    _, val_subject, val_target = dm.split_arrays("val")
+    stims, true_index = candidate_rows(val_target)
+    if len(stims) < 2:
         return {**whole, "reason": "no validation trials: whole epoch"}
+    candidates = flat_targets(dm)[stims]
+    curves = [window_ridge(dm, k, candidates, true_index, fit_splits=("train",),
+                           eval_split="val", alphas=alphas, step=STEP)[0]
+              for k in range(len(dm.labels)) if (val_subject == k).any()]
     times = curves[0]["times"]
     score = np.mean([c["top5"] for c in curves], axis=0)
-    n_val = len(np.unique(dm.split_arrays("val")[2]))
-    chance = min(1.0, 5 / max(n_val / len(dm.labels), 1))
+    chance = min(1.0, 5 / len(stims))
     smooth = np.convolve(np.pad(score, 1, mode="edge"), np.ones(3) / 3, mode="valid")
     best = int(np.argmax(smooth))
     # binomial noise of a top-5 fraction over the validation trials of all subjects

@@ -155,11 +155,13 @@ def fit(cfg: DictConfig, lit, dm, *, out_dir: Path, quiet: bool = False):
     trainer.fit(lit, datamodule=dm)
     seconds = time.perf_counter() - t0
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    best_epoch = None
     if best:
-        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
-        lit.load_state_dict(state)
+        ckpt = torch.load(best, map_location="cpu", weights_only=False)
+        lit.load_state_dict(ckpt["state_dict"])
+        best_epoch = int(ckpt["epoch"])
     return trainer, {"train_seconds": round(seconds, 2), "epochs": trainer.current_epoch,
-                     "best_checkpoint": best or None}
+                     "best_checkpoint": best or None, "best_epoch": best_epoch}
 
 
 def refit(cfg: DictConfig, info: dict[str, Any], *, preproc_dir: Path,
@@ -170,14 +172,13 @@ def refit(cfg: DictConfig, info: dict[str, Any], *, preproc_dir: Path,
     that long on *all* train trials, as the ridge baseline is fitted on all of them. The test
     set is never seen. Returns the new LitModule and data module.
     """
-    import torch
     from hydra.utils import instantiate
     from lightning import seed_everything
 
     best = info.get("best_checkpoint")
     if not best:
         return None
-    epochs = int(torch.load(best, map_location="cpu", weights_only=False)["epoch"]) + 1
+    epochs = info["best_epoch"] + 1
     seed_everything(int(cfg.seed), workers=True)
     dm = build_datamodule(cfg, preproc_dir, emb_dir, val_fraction=0.0)
     lit = build_module(cfg, dm, focus=focus)
