@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 
-from ..pipelines.common.checks import DataError
+from neurorecon.models.common.checks import DataError
 
 
 class ModelInputError(DataError):
     """Input that does not fit a model: the message says what differs and what to do.
 
-    A :class:`~neurorecon.pipelines.common.checks.DataError`, so the CLI prints it without a
+    A :class:`~neurorecon.models.common.checks.DataError`, so the CLI prints it without a
     traceback.
     """
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..pipelines.common.checks import check_option
+from neurorecon.models.common.checks import check_option
 
 AGGREGATIONS = ("affine", "mean", "attention")
 

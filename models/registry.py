@@ -46,3 +46,21 @@ def build(model_type: str, config: Mapping[str, Any]) -> nn.Module:
         A freshly initialised model; load the saved state dict into it.
     """
     return get_model_class(model_type).from_config(config)
+
+
+#: generator class name → module holding it (imported on use: diffusers backends are heavy)
+GENERATOR_TYPES: dict[str, str] = {
+    "EmbeddingDiffusionGenerator": "neurorecon.models.generators.embedding_diffusion",
+    "StableUnclipGenerator": "neurorecon.models.generators.diffusers_unclip",
+    "IpAdapterGenerator": "neurorecon.models.generators.diffusers_ip_adapter",
+}
+
+
+def build_generator(name: str, config: Mapping[str, Any]):
+    """Build the generator class ``name`` (a key of :data:`GENERATOR_TYPES`) from its
+    constructor arguments (bundles store them; no Hydra)."""
+    import importlib
+
+    if name not in GENERATOR_TYPES:
+        raise ValueError(f"unknown generator {name!r}; known: {sorted(GENERATOR_TYPES)}")
+    return getattr(importlib.import_module(GENERATOR_TYPES[name]), name)(**dict(config))

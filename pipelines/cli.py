@@ -16,14 +16,16 @@ STAGES: dict[str, tuple[str, str]] = {
     "sample": ("neurorecon.pipelines.sample.run", "write the embedded sample BIDS datasets"),
     "preprocess": ("neurorecon.pipelines.preprocess.run", "BIDS MEG/fMRI -> trial arrays cache"),
     "embed": ("neurorecon.pipelines.embed.run", "stimulus images -> embeddings cache"),
-    "train": ("neurorecon.pipelines.train.run",
-              "train an encoder (preprocess + embed if needed) and evaluate it"),
-    "evaluate": ("neurorecon.pipelines.train.evaluate",
-                 "score a trained checkpoint on a dataset (its own recipe and embedder)"),
-    "reconstruct": ("neurorecon.pipelines.reconstruct.stage",
+    "train": ("neurorecon.pipelines.run",
+              "train an encoder (preprocess + embed if needed), evaluate it, write its bundle"),
+    "evaluate": ("neurorecon.pipelines.evaluate.stage",
+                 "score a bundle (or checkpoint) on a dataset with its fitted statistics"),
+    "reconstruct": ("neurorecon.pipelines.evaluate.reconstruction",
                     "test-set reconstructions from a checkpoint (diffusion generator)"),
-    "run": ("neurorecon.pipelines.train.run",
-            "every stage on a BIDS dataset -> metrics.json (the external contract)"),
+    "export": ("neurorecon.pipelines.export",
+               "checkpoint -> self-contained decoder bundle (Decoder.from_pretrained)"),
+    "run": ("neurorecon.pipelines.run",
+            "every stage on a BIDS dataset -> metrics.json + bundle (the external contract)"),
 }
 
 USAGE = """usage: neurorecon <stage> [hydra overrides] [--help] [--cfg job] [--multirun]
@@ -60,8 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     module = importlib.import_module(STAGES[stage][0])
 
     def task(cfg):
-        from .common.checks import DataError
-        from .common.logging import configure_cli_logging, logger
+        from neurorecon.models.common.checks import DataError
+        from neurorecon.models.common.logging import configure_cli_logging, logger
 
         configure_cli_logging()
         try:

@@ -171,7 +171,7 @@ def test_run_over_seeds_reports_spread(sample_root, tmp_path):
     import json
     from pathlib import Path
 
-    from neurorecon.pipelines.train.run import run
+    from neurorecon.pipelines.run import run
 
     from .conftest import compose_stage
     from .test_train import FAST, SMALL_FMRI

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from neurorecon.pipelines.common.checks import DataError
+from neurorecon.models.common.checks import DataError
 
 EMB_DIM = 16  # CLIP image-embedding size of the tiny unCLIP
 IPA_EMB_DIM = 12  # image-embedding size of the tiny IP-Adapter
@@ -228,7 +228,7 @@ def test_run_with_pretrained_unclip_and_captions(unclip_dir, sample_root, hf_dir
     """`run` end to end with a local CLIP embedder and a local Stable unCLIP: the decoded CLIP
     image embeddings condition the pipeline, and the caption pathway (ridge brain -> the
     pipeline's caption prompt_embeds, captions from the sample's stimuli.tsv) adds text."""
-    from neurorecon.pipelines.train.run import run
+    from neurorecon.pipelines.run import run
 
     from .conftest import compose_stage
     from .test_train import FAST, SMALL_MEG

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from neurorecon.pipelines.common.checks import DataError
+from neurorecon.models.common.checks import DataError
 from neurorecon.pipelines.embed import images as E
 from neurorecon.pipelines.embed.run import load_embeddings, run
 

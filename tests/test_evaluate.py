@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from neurorecon.pipelines.evaluate import figures as F
-from neurorecon.pipelines.evaluate.metrics import (
+from neurorecon.models.retrieval import (
     chance_metrics,
     cosine_similarity,
     retrieval_metrics,
@@ -16,7 +15,8 @@ from neurorecon.pipelines.evaluate.metrics import (
     time_resolved_retrieval,
     two_way_identification,
 )
-from neurorecon.pipelines.evaluate.ridge import RidgeDecoder
+from neurorecon.models.ridge import RidgeDecoder
+from neurorecon.pipelines.evaluate import figures as F
 
 
 def _corr_per_dim(a: np.ndarray, b: np.ndarray) -> float:

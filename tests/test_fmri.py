@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_module
 
-from neurorecon.pipelines.common.checks import DataError
+from neurorecon.models.common.checks import DataError
 from neurorecon.pipelines.data.studies import find_recordings
 from neurorecon.pipelines.preprocess.fmri import (
     find_betas,

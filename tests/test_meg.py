@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from neurorecon.pipelines.common.checks import DataError
+from neurorecon.models.common.checks import DataError
 from neurorecon.pipelines.data.events import EventSpec
 from neurorecon.pipelines.data.studies import find_recordings
 from neurorecon.pipelines.preprocess.meg import (
@@ -194,7 +194,7 @@ def test_single_trials_hard_averages_decodable(tmp_path):
 
 def test_streamed_windows_equal_offline_causal_epochs(sample_root):
     """Stream -> windows -> baseline -> frozen scaler == offline epochs (phase='causal')."""
-    from neurorecon.pipelines.preprocess.meg import baseline_slice, scale_window
+    from neurorecon.pipelines.preprocess.meg import prepare_window
 
     root = sample_root / "meg"
     rec = _first_recording(root)
@@ -211,12 +211,9 @@ def test_streamed_windows_equal_offline_causal_epochs(sample_root):
     start = int(round(params.tmin * params.sfreq))
     n_times = sub.X.shape[-1]
     good = sub.channels["good"].to_numpy()
-    base = baseline_slice(params)
     for row, onset in enumerate(sub.trials["onset"]):
         s = int(round(onset * params.sfreq)) + start
-        win = dec[:, s : s + n_times]
-        win = win - win[:, base].mean(axis=1, keepdims=True)
-        win = scale_window(win, center=np.array(stats["scaler_center"]),
-                           scale=np.array(stats["scaler_scale"]), clamp=params.clamp)
-        win[~good] = 0
+        win = prepare_window(dec[:, s : s + n_times], params,
+                             center=np.array(stats["scaler_center"]),
+                             scale=np.array(stats["scaler_scale"]), good=good)
         np.testing.assert_allclose(win, sub.X[row], rtol=1e-4, atol=1e-4)

@@ -37,7 +37,7 @@ def other_root(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("modality", ["meg", "fmri"])
 def test_run_on_another_labs_dataset(other_root, tmp_path, modality):
-    from neurorecon.pipelines.train.run import run
+    from neurorecon.pipelines.run import run
 
     small = SMALL_MEG if modality == "meg" else SMALL_FMRI
     cfg = compose_stage("run", tmp_path, [

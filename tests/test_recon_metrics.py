@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from neurorecon.pipelines.common.checks import DataError
+from neurorecon.models.common.checks import DataError
 from neurorecon.pipelines.evaluate import recon_metrics as RM
 
 #: skimage.data photos (all bundled with scikit-image, no download)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from neurorecon.pipelines.common.checks import DataError
+from neurorecon.models.common.checks import DataError
 
 from .conftest import compose_stage
 from .test_train import FAST, SMALL_MEG
@@ -74,7 +74,7 @@ def test_embedded_generator_bad_input(tiny_generator, tmp_path):
 
 
 def test_run_with_reconstruction(sample_root, tmp_path):
-    from neurorecon.pipelines.train.run import run
+    from neurorecon.pipelines.run import run
 
     overrides = ["data=bids", f"data.root={sample_root / 'meg'}", *FAST, *SMALL_MEG,
                  "reconstruct.enabled=true", *TINY_GEN]
@@ -116,7 +116,7 @@ def test_run_with_reconstruction(sample_root, tmp_path):
 
 @pytest.fixture(scope="module")
 def meg_checkpoint(sample_root, tmp_path_factory) -> str:
-    from neurorecon.pipelines.train.run import run
+    from neurorecon.pipelines.run import run
 
     cfg = compose_stage("train", tmp_path_factory.mktemp("train"), [
         "data=bids", f"data.root={sample_root / 'meg'}", "evaluate.ridge=false", *FAST,
@@ -125,7 +125,7 @@ def meg_checkpoint(sample_root, tmp_path_factory) -> str:
 
 
 def test_reconstruct_stage_from_checkpoint(sample_root, meg_checkpoint, tmp_path):
-    from neurorecon.pipelines.reconstruct.stage import run as reconstruct
+    from neurorecon.pipelines.evaluate.reconstruction import run as reconstruct
 
     ckpt = meg_checkpoint
     rc = compose_stage("reconstruct", tmp_path / "r", [
@@ -145,7 +145,7 @@ def test_reconstruct_stage_from_checkpoint(sample_root, meg_checkpoint, tmp_path
 
 def test_reconstruct_bad_generator_config(sample_root, meg_checkpoint, tmp_path):
     """A pretrained backend whose local directory is missing: a clear error, no download."""
-    from neurorecon.pipelines.reconstruct.stage import run as reconstruct
+    from neurorecon.pipelines.evaluate.reconstruction import run as reconstruct
 
     ckpt = meg_checkpoint
     missing = tmp_path / "no-such-unclip"
@@ -158,7 +158,7 @@ def test_reconstruct_bad_generator_config(sample_root, meg_checkpoint, tmp_path)
 
 def test_captions_need_a_text_backend(sample_root, meg_checkpoint, tmp_path):
     """The caption pathway with the embedded generator fails before anything is trained."""
-    from neurorecon.pipelines.reconstruct.stage import run as reconstruct
+    from neurorecon.pipelines.evaluate.reconstruction import run as reconstruct
 
     rc = compose_stage("reconstruct", tmp_path, [
         f"checkpoint={meg_checkpoint}", "data=bids", f"data.root={sample_root / 'meg'}",

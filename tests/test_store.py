@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from neurorecon.pipelines.common.checks import DataError
+from neurorecon.models.common.checks import DataError
 from neurorecon.pipelines.preprocess.store import average_repeats
 
 

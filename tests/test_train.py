@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from neurorecon.pipelines.common.checks import DataError
+from neurorecon.models.common.checks import DataError
 
 from .conftest import compose_stage
 
@@ -39,7 +39,7 @@ def _check_contract(metrics: dict, modality: str) -> None:
 
 @pytest.mark.parametrize("modality", ["meg", "fmri"])
 def test_run_contract_on_sample(sample_root, tmp_path, modality):
-    from neurorecon.pipelines.train.run import run
+    from neurorecon.pipelines.run import run
 
     small = SMALL_MEG if modality == "meg" else SMALL_FMRI
     cfg = compose_stage("run", tmp_path, ["data=bids", f"data.root={sample_root / modality}",
@@ -69,7 +69,7 @@ def test_run_contract_on_sample(sample_root, tmp_path, modality):
 
 
 def test_train_errors_are_clear(sample_root, tmp_path):
-    from neurorecon.pipelines.train.run import run
+    from neurorecon.pipelines.run import run
 
     cfg = compose_stage("train", tmp_path, ["data=bids", f"data.root={sample_root / 'meg'}",
                                             "data.test_value=nonexistent", *FAST, *SMALL_MEG])
@@ -82,7 +82,7 @@ def test_training_does_not_depend_on_cache_state(sample_root, tmp_path):
     the seed is set after the caches, so computing them cannot shift the random state."""
     import torch
 
-    from neurorecon.pipelines.train.run import run
+    from neurorecon.pipelines.run import run
 
     overrides = ["data=bids", f"data.root={sample_root / 'fmri'}", "data.modality=fmri",
                  *FAST, *SMALL_FMRI, "evaluate.ridge=false"]
@@ -122,7 +122,7 @@ def test_ddp_two_cpu_processes(sample_root, tmp_path):
 
 
 def test_fmri_adaptation_curve(sample_root, tmp_path):
-    from neurorecon.pipelines.train.run import run
+    from neurorecon.pipelines.run import run
 
     cfg = compose_stage("train", tmp_path, ["data=bids", f"data.root={sample_root / 'fmri'}",
                                             "data.modality=fmri", "evaluate.adaptation=true",
@@ -137,34 +137,36 @@ def test_fmri_adaptation_curve(sample_root, tmp_path):
 
 
 def test_checkpoint_alone_evaluates_and_refuses_misfits(sample_root, tmp_path):
-    from neurorecon.pipelines.train.evaluate import run as evaluate
-    from neurorecon.pipelines.train.run import run
+    from neurorecon.pipelines.evaluate.stage import run as evaluate
+    from neurorecon.pipelines.run import run
 
     cfg = compose_stage("train", tmp_path / "t", ["data=bids", f"data.root={sample_root / 'meg'}",
                                                   "evaluate.ridge=false", *FAST, *SMALL_MEG])
     ckpt = run(cfg)["training"]["best_checkpoint"]
     trained = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
 
-    # the checkpoint alone (its own recipe and embedder) on one of its subjects
+    # the checkpoint alone (exported to a bundle: its own recipe, frozen scaler, embedder) on
+    # one of its subjects
     ev = compose_stage("evaluate", tmp_path / "e", [
         f"checkpoint={ckpt}", "data=bids", f"data.root={sample_root / 'meg'}",
-        "data.subjects=[\"02\"]", "evaluate.ridge=false"])
+        "data.subjects=[\"02\"]"])
     metrics = evaluate(ev)
     assert metrics["subjects"] == ["02"]
     assert metrics["retrieval_per_subject"]["02"]["encoder"] == pytest.approx(
         trained["retrieval_per_subject"]["02"]["encoder"])
+    assert (Path(ev.paths.output_dir) / "bundle" / "config.json").is_file()
 
     # data it does not fit: another modality
     bad = compose_stage("evaluate", tmp_path / "b", [
         f"checkpoint={ckpt}", "data=bids", f"data.root={sample_root / 'fmri'}",
         "data.modality=fmri"])
-    with pytest.raises(DataError, match="does not fit the checkpoint.*modality 'fmri'"):
+    with pytest.raises(DataError, match="does not fit the decoder.*modality 'fmri'"):
         evaluate(bad)
 
 
 def test_token_level_targets(sample_root, tmp_path, hf_dirs):
     """CLIP token states as targets: the encoder predicts (n_tokens, dim) per trial."""
-    from neurorecon.pipelines.train.run import run
+    from neurorecon.pipelines.run import run
 
     cfg = compose_stage("train", tmp_path, [
         "data=bids", f"data.root={sample_root / 'meg'}", "embedder=clip",

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...pipelines.common.checks import check_option
+from neurorecon.models.common.checks import check_option
+
 from ..base import (
     BrainModuleMixin,
     ModelInputError,

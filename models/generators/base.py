@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
-from neurorecon.pipelines.common.checks import DataError
+from neurorecon.models.common.checks import DataError
 
 
 @runtime_checkable
@@ -29,6 +29,13 @@ class Generator(Protocol):
                  strength: float = 0.8, text_embeddings: np.ndarray | None = None,
                  batch_size: int = 4) -> list[Image.Image]:
         ...
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm: the embedded generator is trained and sampled on
+    unit-normalised embeddings (zero rows stay zero)."""
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def check_embeddings(embeddings: np.ndarray, *, emb_dim: int, what: str) -> np.ndarray:
@@ -50,3 +57,23 @@ def check_images(images: list[Image.Image], *, what: str) -> tuple[int, int]:
         raise DataError(f"{what}: images of mixed sizes {sorted(sizes)}",
                         hint="resize all images to one size first")
     return sizes.pop()
+
+
+#: side (pixels) of the low-level pathway's colour thumbnails
+THUMB = 8
+
+
+def image_thumbnails(images: list[Image.Image], *, size: int = THUMB) -> np.ndarray:
+    """Coarse colour thumbnails as regression targets: ``(n, size * size * 3)`` in [0, 1]
+    (box-filtered RGB), the low-level pathway's targets (Brain-Diffuser / Takagi style)."""
+    return np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BOX),
+                                np.float32).ravel() / 255 for im in images])
+
+
+def thumbnails_to_images(pred: np.ndarray, *, resolution: int,
+                         size: int = THUMB) -> list[Image.Image]:
+    """Predicted thumbnails ``(n, size * size * 3)`` -> img2img starting images, upsampled
+    (bicubic) to ``resolution`` px."""
+    pred = np.asarray(pred, np.float32)
+    return [Image.fromarray((np.clip(p, 0, 1).reshape(size, size, 3) * 255).astype(np.uint8))
+            .resize((resolution, resolution), Image.BICUBIC) for p in pred]

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from neurorecon.pipelines.common.checks import DataError
-from neurorecon.pipelines.common.logging import logger, progress
+from neurorecon.models.common.checks import DataError
+from neurorecon.models.common.logging import logger, progress
 
 from .base import check_embeddings, check_images
 from .diffusers_unclip import (

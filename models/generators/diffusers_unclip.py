@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from neurorecon.pipelines.common.checks import DataError, check_option
-from neurorecon.pipelines.common.logging import logger, progress
+from neurorecon.models.common.checks import DataError, check_option
+from neurorecon.models.common.logging import logger, progress
 
 from .base import check_embeddings
 

@@ -21,8 +21,8 @@ import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
 from PIL import Image
 
-from neurorecon.pipelines.common.checks import DataError
-from neurorecon.pipelines.common.logging import progress
+from neurorecon.models.common.checks import DataError
+from neurorecon.models.common.logging import progress
 
 from .base import check_embeddings, check_images
 
@@ -137,6 +137,7 @@ class EmbeddingDiffusionGenerator:
         if not (path / "model_index.json").is_file():
             raise DataError("no trained generator here (model_index.json missing)", path=path,
                             hint="train one with `neurorecon reconstruct` (generator=embedded)")
+        self.path = path
         self.pipe = EmbeddingDiffusionPipeline.from_pretrained(path, local_files_only=True)
         self.pipe.set_progress_bar_config(disable=True)
         self.emb_dim, self.resolution = self.pipe.emb_dim, self.pipe.resolution

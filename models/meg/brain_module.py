@@ -31,7 +31,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ...pipelines.common.checks import check_option
+from neurorecon.models.common.checks import check_option
+
 from ..base import (
     BrainModuleMixin,
     ModelInputError,

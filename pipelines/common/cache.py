@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .logging import logger
+from neurorecon.models.common.logging import logger
 
 #: Bump when the on-disk layout or the computation of a stage changes.
 CACHE_VERSION = 2

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..common.checks import DataError, check_columns, check_file
+from neurorecon.models.common.checks import DataError, check_columns, check_file
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import mne_bids
 
-from ..common.checks import DataError, check_option
+from neurorecon.models.common.checks import DataError, check_option
 
 #: Raw MEG formats mne-bids reads (FIF, CTF, KIT, BTi/4D, ITAB via FIF).
 MEG_EXTENSIONS = (".fif", ".ds", ".con", ".sqd", ".pdf")

@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from ..common.checks import DataError, check_option
-from ..common.logging import logger, progress
+from neurorecon.models.common.checks import DataError, check_option
+from neurorecon.models.common.logging import logger, progress
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

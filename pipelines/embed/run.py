@@ -33,9 +33,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from neurorecon.models.common.checks import DataError, check_columns, check_option
+from neurorecon.models.common.logging import logger, progress
+
 from ..common.cache import MANIFEST, cache_entry
-from ..common.checks import DataError, check_columns, check_option
-from ..common.logging import logger, progress
 from ..data.events import EventSpec, read_events
 from ..data.studies import find_recordings
 

@@ -16,8 +16,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from ..common.checks import check_file
-from .metrics import cosine_similarity, retrieval_ranks
+from neurorecon.models.common.checks import check_file
+from neurorecon.models.retrieval import retrieval_ranks, top_k
 
 __all__ = ["plot_adaptation_curve", "plot_retrieval_examples", "plot_time_resolved"]
 
@@ -150,9 +150,8 @@ def plot_retrieval_examples(
         rows = np.asarray(indices, dtype=int)
         if rows.ndim != 1 or rows.size == 0 or rows.min() < 0 or rows.max() >= n:
             raise ValueError(f"indices must be a non-empty list of values in [0, {n - 1}]")
-    k = min(k, candidates.shape[0])
-    sim = cosine_similarity(pred[rows], candidates)
-    top = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    top, scores = top_k(pred[rows], candidates, k)
+    k = top.shape[1]
 
     fig = _new_figure((1.9 * (k + 1), 2.05 * len(rows) + 0.8))
     axes = fig.subplots(len(rows), k + 1, squeeze=False)
@@ -169,7 +168,7 @@ def plot_retrieval_examples(
             ax.imshow(_thumbnail(candidate_paths[j]))
             correct = j == true_index[i]
             ax.set_title(
-                f"#{c + 1}  cos={sim[r, j]:.3f}",
+                f"#{c + 1}  cos={scores[r, c]:.3f}",
                 fontsize=8,
                 color=_CORRECT if correct else "black",
                 fontweight="bold" if correct else "normal",

@@ -46,9 +46,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..common.checks import DataError, check_option
-from ..common.logging import log_level, logger, progress
-from .metrics import two_way_identification
+from neurorecon.models.common.checks import DataError, check_option
+from neurorecon.models.common.logging import log_level, logger, progress
+from neurorecon.models.retrieval import two_way_identification
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

@@ -25,8 +25,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..common.checks import DataError, check_columns, check_file, check_finite, check_option
-from ..common.logging import log_level, logger, progress
+from neurorecon.models.common.checks import (
+    DataError,
+    check_columns,
+    check_file,
+    check_finite,
+    check_option,
+)
+from neurorecon.models.common.logging import log_level, logger, progress
+
 from ..data.events import EventSpec, check_events_within, check_split, read_events
 from .store import Preprocessed, SubjectTrials, average_repeats
 
@@ -102,6 +109,24 @@ def _grid(img):
     import nibabel as nib
 
     return nib.Nifti1Image(np.zeros(img.shape[:3], np.uint8), img.affine, img.header)
+
+
+def _describe_grid(img) -> str:
+    zooms = ", ".join(f"{z:g}" for z in img.header.get_zooms()[:3])
+    origin = ", ".join(f"{v:g}" for v in np.asarray(img.affine)[:3, 3])
+    return f"shape {tuple(img.shape[:3])}, voxels {zooms} mm, origin ({origin})"
+
+
+def check_same_grid(img, mask_img, *, path: str | Path | None = None,
+                    what: str = "image") -> None:
+    """Raise :class:`DataError` naming both grids unless ``img`` (3D/4D) lies on the voxel
+    grid (shape and affine) of ``mask_img``."""
+    if img.shape[:3] != mask_img.shape[:3] or not np.allclose(img.affine, mask_img.affine,
+                                                                atol=1e-3):
+        raise DataError(
+            f"{what} is on another voxel grid than the model's mask: data {_describe_grid(img)};"
+            f" mask {_describe_grid(mask_img)} (resample the data onto the mask grid with "
+            "nilearn.image.resample_to_img, or train a model on this grid)", path=path)
 
 
 def _brain_mask(ref, params: dict, *, data_path: Path):
@@ -224,7 +249,7 @@ def single_trial_betas(img, events: pd.DataFrame, *, tr: float, mask_img,
         return np.stack(betas)
 
 
-def _zscore(X: np.ndarray, groups: np.ndarray) -> np.ndarray:
+def zscore_within(X: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """Z-score each voxel within each group of rows (std 0 -> centred only)."""
     X = X.copy()
     for g in pd.unique(groups):
@@ -235,7 +260,7 @@ def _zscore(X: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return X
 
 
-def _as_stim_file(table: pd.DataFrame, spec: EventSpec) -> pd.DataFrame:
+def as_stim_file(table: pd.DataFrame, spec: EventSpec) -> pd.DataFrame:
     if spec.stim_column != "stim_file":
         table = table.assign(stim_file=table[spec.stim_column].astype(str))
     return table
@@ -250,7 +275,7 @@ def _finish_subject(label: str, X: np.ndarray, trials: pd.DataFrame, inside: np.
     trials = trials.reset_index(drop=True)
     if params["zscore_per_run"]:
         runs = trials["session"].astype(str) + "/" + trials["run"].astype(str)
-        X = _zscore(X, runs.to_numpy())
+        X = zscore_within(X, runs.to_numpy())
     reliability = split_half_reliability(X, trials)
     if params["average_test_repeats"]:
         X, trials = average_repeats(X, trials, stim_column="stim_file")
@@ -321,7 +346,7 @@ def preprocess_fmri(recordings, *, bids_root: str | Path, spec: EventSpec | None
                 if header_tr > 0 and abs(header_tr - tr) > 1e-3:
                     logger.warning("%s: header TR %.3f s differs from the sidecar's %.3f s; "
                                    "using the sidecar", rec.fpath.name, header_tr, tr)
-                events = _as_stim_file(read_events(rec.events_path, bids_root=bids_root,
+                events = as_stim_file(read_events(rec.events_path, bids_root=bids_root,
                                                    spec=spec), spec)
                 check_events_within(events, duration=n_scans * tr, tmin=0.0,
                                     tmax=float(events["duration"].max()), path=rec.events_path)
@@ -397,7 +422,7 @@ def find_betas(root: str | Path, pattern: str) -> list[tuple[Path, Path, str]]:
     return out
 
 
-def _read_trials(path: Path, *, n_volumes: int, image: Path, bids_root: Path,
+def read_trials(path: Path, *, n_volumes: int, image: Path, bids_root: Path,
                  spec: EventSpec) -> pd.DataFrame:
     table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False)
     check_columns(table, [spec.stim_column], path=path)
@@ -461,7 +486,7 @@ def load_betas(betas: Sequence[tuple[Path, Path, str]], *, bids_root: str | Path
             ref, inside, keep, Xs, tables = None, None, None, [], []
             for k, (img_path, trials_path, _) in enumerate(items):
                 img, data = _load_4d(Path(img_path), what="betas image")
-                trials = _as_stim_file(_read_trials(
+                trials = as_stim_file(read_trials(
                     Path(trials_path), n_volumes=img.shape[3], image=Path(img_path),
                     bids_root=bids_root, spec=spec), spec)
                 if ref is None:

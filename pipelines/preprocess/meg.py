@@ -23,8 +23,9 @@ import mne
 import numpy as np
 import pandas as pd
 
-from ..common.checks import DataError, check_finite, check_option
-from ..common.logging import logger, progress
+from neurorecon.models.common.checks import DataError, check_finite, check_option
+from neurorecon.models.common.logging import logger, progress
+
 from ..data.events import EventSpec, check_events_within, read_events
 from ..data.studies import Recording
 from .store import Preprocessed, SubjectTrials, average_repeats
@@ -202,6 +203,34 @@ def scale_window(
     return out
 
 
+def scale_epochs(X: np.ndarray, *, center: np.ndarray, scale: np.ndarray, good: np.ndarray,
+                 clamp: float | None) -> np.ndarray:
+    """The frozen per-channel scaler of a subject applied to ``(..., n_chans, n_times)``.
+
+    Bad channels (``good`` False) are zero before and after scaling, as in training.
+    """
+    X = np.array(X, dtype=np.float64)
+    X[..., ~good, :] = 0.0
+    X = scale_window(X, center=center, scale=scale, clamp=clamp)
+    X[..., ~good, :] = 0.0
+    return X
+
+
+def prepare_window(window: np.ndarray, params: MegParams, *, center: np.ndarray,
+                   scale: np.ndarray, good: np.ndarray) -> np.ndarray:
+    """One ``(n_chans, n_times)`` window of filtered, decimated data spanning
+    ``[tmin, tmax]`` around an onset -> the model input: baseline correction (the samples of
+    :func:`baseline_slice`, as ``mne.Epochs`` does), frozen scaler, clamp, bad channels zeroed.
+    Applied to :class:`StreamingMegFilter` output it equals the offline ``phase="causal"``
+    epoch.
+    """
+    window = np.asarray(window, dtype=np.float64)
+    base = baseline_slice(params)
+    if base.stop > base.start:
+        window = window - window[:, base].mean(axis=1, keepdims=True)
+    return scale_epochs(window, center=center, scale=scale, good=good, clamp=params.clamp)
+
+
 def fit_robust_scaler(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel median and inter-quartile range of ``(n_epochs, n_chans, n_times)`` data."""
     from sklearn.preprocessing import RobustScaler
@@ -298,7 +327,7 @@ def detect_bad_channels(data: np.ndarray, *, threshold: float) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # offline pipeline
 # --------------------------------------------------------------------------------------------
-def _read_raw(recording: Recording) -> mne.io.BaseRaw:
+def read_raw(recording: Recording) -> mne.io.BaseRaw:
     import mne_bids
 
     try:
@@ -306,6 +335,24 @@ def _read_raw(recording: Recording) -> mne.io.BaseRaw:
     except (OSError, ValueError, RuntimeError) as exc:
         raise DataError(f"cannot read MEG recording ({exc})", path=recording.fpath) from exc
     return raw
+
+
+def cut_epochs(raw: mne.io.BaseRaw, events: pd.DataFrame, params: MegParams, *,
+               path: str | Path | None = None) -> np.ndarray:
+    """Epochs ``[tmin, tmax]`` around ``events["onset"]`` (s) of filtered, decimated ``raw``,
+    baseline-corrected by ``mne.Epochs``: ``(n_events, n_chans, n_times)``, every channel."""
+    sfreq = raw.info["sfreq"]
+    samples = np.round(events["onset"].to_numpy() * sfreq).astype(int) + raw.first_samp
+    mne_events = np.column_stack([samples, np.zeros_like(samples), np.arange(1, len(samples) + 1)])
+    with raw.info._unlock():
+        raw.info["bads"] = []
+    epochs = mne.Epochs(raw, mne_events, tmin=params.tmin, tmax=params.tmax,
+                        baseline=params.baseline, picks="all", preload=True, reject=None,
+                        flat=None, proj=False, event_repeated="error", verbose=False)
+    if len(epochs) != len(events):
+        raise DataError(f"only {len(epochs)} of {len(events)} epochs could be cut "
+                        "(events too close to the start or end of the recording)", path=path)
+    return epochs.get_data(copy=False)
 
 
 @dataclass
@@ -327,7 +374,7 @@ def epoch_recording(
     Bad channels are kept (and listed) so that the runs of a subject align channel by channel.
     """
     events = read_events(recording.events_path, bids_root=bids_root, spec=spec)
-    raw = _read_raw(recording)
+    raw = read_raw(recording)
     check_events_within(events, duration=raw.times[-1], tmin=params.tmin, tmax=params.tmax,
                         path=recording.events_path)
     meg_picks = mne.pick_types(raw.info, meg=True, ref_meg=False, exclude=[])
@@ -343,18 +390,7 @@ def epoch_recording(
         good = [i for i, ch in enumerate(raw.ch_names) if ch not in bads]
         auto = detect_bad_channels(raw.get_data(picks=good), threshold=params.bad_threshold)
         bads += [raw.ch_names[good[i]] for i in np.flatnonzero(auto)]
-    sfreq = raw.info["sfreq"]
-    samples = np.round(events["onset"].to_numpy() * sfreq).astype(int) + raw.first_samp
-    mne_events = np.column_stack([samples, np.zeros_like(samples), np.arange(1, len(samples) + 1)])
-    with raw.info._unlock():
-        raw.info["bads"] = []
-    epochs = mne.Epochs(raw, mne_events, tmin=params.tmin, tmax=params.tmax,
-                        baseline=params.baseline, picks="all", preload=True, reject=None,
-                        flat=None, proj=False, event_repeated="error", verbose=False)
-    if len(epochs) != len(events):
-        raise DataError(f"only {len(epochs)} of {len(events)} epochs could be cut",
-                        path=recording.events_path)
-    X = epochs.get_data(copy=False)
+    X = cut_epochs(raw, events, params, path=recording.events_path)
     trials = events.assign(subject=recording.subject, session=recording.session or "n/a",
                            run=recording.run or "n/a", recording=recording.fpath.name)
     return RecordingEpochs(X, trials, raw.info, sorted(set(bads)), sfreq_in)
@@ -389,7 +425,7 @@ def preprocess_meg(
         ``X`` per subject is ``(n_trials, n_chans, n_times)``; bad channels are zero and
         marked ``good=False`` in ``channels``; the recipe holds per-subject scaler statistics.
     """
-    from ..common.logging import log_level
+    from neurorecon.models.common.logging import log_level
 
     with log_level(verbose):
         by_subject: dict[str, list[Recording]] = {}
@@ -419,8 +455,8 @@ def preprocess_meg(
             full_center = np.zeros(len(ch_names))
             full_scale = np.ones(len(ch_names))
             full_center[good], full_scale[good] = center, scale
-            X = scale_window(X, center=full_center, scale=full_scale, clamp=params.clamp)
-            X[:, ~good] = 0.0
+            X = scale_epochs(X, center=full_center, scale=full_scale, good=good,
+                             clamp=params.clamp)
             if params.average_test_repeats:
                 X, trials = average_repeats(X, trials, stim_column=spec.stim_column)
             else:

@@ -9,14 +9,15 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from neurorecon.models.common.logging import logger
+
 from ..common.cache import CacheEntry, cache_entry
-from ..common.logging import logger
 from ..data.events import EventSpec
 from ..data.studies import find_recordings
 from .store import Preprocessed, load_preprocessed, save_preprocessed
 
 
-def _selection(data_cfg: DictConfig) -> dict[str, Any]:
+def data_selection(data_cfg: DictConfig) -> dict[str, Any]:
     return {k: OmegaConf.to_container(data_cfg[k]) if OmegaConf.is_config(data_cfg[k])
             else data_cfg[k] for k in ("subjects", "sessions", "tasks")}
 
@@ -40,7 +41,7 @@ def preprocess_data(data_cfg: DictConfig, pre_cfg: DictConfig, *, cache_dir: str
         compute = lambda: load_betas(found, bids_root=root, spec=spec, params=params,  # noqa: E731
                                      verbose=verbose)
     else:
-        recordings = find_recordings(root, modality=modality, **_selection(data_cfg))
+        recordings = find_recordings(root, modality=modality, **data_selection(data_cfg))
         inputs = [r.fpath for r in recordings] + [r.events_path for r in recordings]
         if modality == "meg":
             from .meg import MegParams, preprocess_meg
@@ -54,7 +55,7 @@ def preprocess_data(data_cfg: DictConfig, pre_cfg: DictConfig, *, cache_dir: str
             compute = lambda: preprocess_fmri(recordings, bids_root=root, spec=spec,  # noqa: E731
                                               params=params, verbose=verbose)
     key_params = {"modality": modality, "recipe": params, "events": spec.__dict__,
-                  "selection": _selection(data_cfg), "fmri_input": data_cfg.get("fmri_input"),
+                  "selection": data_selection(data_cfg), "fmri_input": data_cfg.get("fmri_input"),
                   "root": str(root.resolve())}
     entry = cache_entry(cache_dir, "preproc", f"{root.name}-{modality}", key_params, inputs=inputs)
     if entry.exists():

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..common.checks import DataError
+from neurorecon.models.common.checks import DataError
 
 
 @dataclass

@@ -9,14 +9,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from neurorecon.models.common.checks import check_option
+from neurorecon.models.common.logging import logger, progress
 from neurorecon.models.generators.embedding_diffusion import (
     EmbeddingDiffusionPipeline,
     make_unet,
     to_tensor,
 )
-
-from ..common.checks import check_option
-from ..common.logging import logger, progress
 
 
 def train_embedding_diffusion(

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..common.logging import logger, progress
+from neurorecon.models.common.logging import logger, progress
+
 from .stimuli import trial_sequence
 
 TASK = "images"

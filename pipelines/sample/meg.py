@@ -32,7 +32,8 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from ..common.logging import logger, progress
+from neurorecon.models.common.logging import logger, progress
+
 from .stimuli import trial_sequence
 
 TASK = "images"

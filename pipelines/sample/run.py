@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from ..common.checks import DataError
-from ..common.logging import logger
+from neurorecon.models.common.checks import DataError
+from neurorecon.models.common.logging import logger
+
 from .stimuli import make_stimuli
 
 STIM_TABLE = "stimuli.tsv"

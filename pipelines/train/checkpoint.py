@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..common.checks import DataError
+from neurorecon.models.common.checks import DataError
 
 
 def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:

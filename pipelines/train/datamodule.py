@@ -19,8 +19,9 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from neurorecon.models.common.checks import DataError
+
 from ...models.meg.brain_module import sensor_features
-from ..common.checks import DataError
 from ..embed.run import load_embeddings
 from ..preprocess.store import Preprocessed, load_preprocessed
 
@@ -272,11 +273,22 @@ class BrainDataModule(LightningDataModule):
     # ------------------------------------------------------------------ items and loaders
     def item(self, split: Split, i: int) -> dict[str, Any]:
         k = int(split.subject[i])
-        out = {"x": self._X[k][split.row[i]], "y": self.embeddings[split.target[i]],
-               "subject": k, "target": int(split.target[i])}
-        if self.modality == "meg":
-            out["positions"], out["mask"], out["sensors"] = self._layout[k]
-        return out
+        return {"x": self._X[k][split.row[i]], "y": self.embeddings[split.target[i]],
+                "subject": k, "target": int(split.target[i]), **self.subject_inputs(k)}
+
+    def subject_inputs(self, k: int) -> dict[str, torch.Tensor]:
+        """Model inputs besides ``x`` that are fixed per subject: MEG ``positions``
+        ``(n_chans, 2)``, ``mask`` ``(n_chans,)`` and ``sensors``; none for fMRI."""
+        if self.modality != "meg":
+            return {}
+        positions, mask, sensors = self._layout[k]
+        return {"positions": positions, "mask": mask, "sensors": sensors}
+
+    def subject_rows(self, name: str, k: int) -> tuple[np.ndarray, torch.Tensor]:
+        """Rows of split ``name`` that belong to subject ``k`` and their brain arrays."""
+        split = self.splits[name]
+        rows = np.flatnonzero(split.subject == k)
+        return rows, self._X[k][torch.as_tensor(split.row[rows])]
 
     @property
     def labels(self) -> list[str]:

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ..common.logging import logger
+from neurorecon.models.common.logging import logger
+from neurorecon.models.retrieval import candidate_rows
 
 #: sliding-window width (that of the time-resolved figure) and step (s) of the focus search
 WIDTH, STEP = 0.25, 0.1
@@ -32,7 +33,7 @@ def choose_focus(dm, *, alphas=None) -> dict[str, Any]:
         ``times`` and ``val_top5`` (the validation curve averaged over subjects), ``chance``
         and ``reason``.
     """
-    from ..evaluate.report import candidate_rows, flat_targets, window_ridge
+    from .ridge import flat_targets, window_ridge
 
     params = dm.recipe["params"]
     sfreq, tmin = float(params["sfreq"]), float(params["tmin"])

@@ -9,7 +9,7 @@ import torch
 from lightning import LightningModule
 from torch import nn
 
-from ..evaluate.metrics import retrieval_metrics, retrieval_ranks
+from neurorecon.models.retrieval import retrieval_metrics, retrieval_ranks
 
 #: batch keys that are model inputs besides ``x`` (present depending on modality)
 EXTRA_INPUTS = ("positions", "mask", "subject", "sensors")

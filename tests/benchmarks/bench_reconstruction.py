@@ -41,7 +41,7 @@ def compose(overrides: list[str]):
 def main() -> None:
     from neurorecon.pipelines.embed.images import EfficientNetLiteEmbedder
     from neurorecon.pipelines.evaluate.recon_metrics import compare_reconstructions
-    from neurorecon.pipelines.reconstruct.run import embedded_generator
+    from neurorecon.pipelines.reconstruct.generation import embedded_generator
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..common.logging import log_level, progress
+from neurorecon.models.common.logging import log_level, progress
 
 __all__ = [
     "chance_metrics",
@@ -140,6 +140,38 @@ def cosine_similarity(pred: np.ndarray, candidates: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- retrieval
+def top_k(pred: np.ndarray, candidates: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` candidates most cosine-similar to each prediction, best first.
+
+    Parameters
+    ----------
+    pred : array, shape (n, emb_dim)
+        Predicted embeddings.
+    candidates : array, shape (n_candidates, emb_dim)
+        Candidate embeddings.
+    k : int
+        Candidates per prediction (at most ``n_candidates``).
+
+    Returns
+    -------
+    index : ndarray of int, shape (n, k)
+        Candidate rows, most similar first (ties: lower row first).
+    score : ndarray of float, shape (n, k)
+        Their cosine similarities.
+    """
+    sim = cosine_similarity(pred, candidates)
+    k = _check_ks([k])[0]
+    k = min(k, sim.shape[1])
+    order = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(sim, order, axis=1)
+
+
+def candidate_rows(targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique target rows as candidates and each row's index among them."""
+    uniq, index = np.unique(targets, return_inverse=True)
+    return uniq, index
+
+
 def retrieval_ranks(
     pred: np.ndarray, candidates: np.ndarray, true_index: Sequence[int] | np.ndarray
 ) -> np.ndarray:
@@ -374,7 +406,7 @@ def time_resolved_retrieval(
     For each window, ``fit_predict(train_window, test_window)`` fits a decoder on the training
     epochs cropped to the window and returns predicted embeddings for the cropped test epochs;
     those are scored with :func:`retrieval_metrics`. The decoder is injected, so any model
-    (e.g. :class:`~neurorecon.pipelines.evaluate.ridge.RidgeDecoder` closed over the training
+    (e.g. :class:`~neurorecon.models.ridge.RidgeDecoder` closed over the training
     targets) can be used; training targets stay with the callable.
 
     Parameters

@@ -31,7 +31,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
-from ..common.logging import logger
+from neurorecon.models.common.logging import logger
 
 __all__ = ["DEFAULT_ALPHAS", "RidgeDecoder"]
 
@@ -233,3 +233,25 @@ class RidgeDecoder(RegressorMixin, BaseEstimator):
         """
         check_is_fitted(self, "model_")
         return self.model_.predict(self._flatten(X, fitting=False))
+
+    def linear_map(self) -> tuple[np.ndarray, np.ndarray]:
+        """The fitted decoder as one affine map: ``predict(X) == X_flat @ weight.T + bias``.
+
+        Scalers of inputs (and targets, with ``standardize_y``) are folded in, so a served
+        decoder needs only these two arrays (``weight (n_outputs, n_features)``, ``bias
+        (n_outputs,)``), no pickled estimator.
+        """
+        check_is_fitted(self, "model_")
+        pipe = self.model_.regressor_ if self.standardize_y else self.model_
+        ridge = pipe.named_steps["ridge"]
+        weight = np.atleast_2d(np.asarray(ridge.coef_, np.float64))
+        bias = np.atleast_1d(np.asarray(ridge.intercept_, np.float64)) * np.ones(len(weight))
+        if self.standardize_x:
+            scaler = pipe.named_steps["scaler"]
+            weight = weight / scaler.scale_
+            bias = bias - weight @ scaler.mean_
+        if self.standardize_y:
+            out = self.model_.transformer_
+            weight = weight * out.scale_[:, None]
+            bias = bias * out.scale_ + out.mean_
+        return weight.astype(np.float32), bias.astype(np.float32)

@@ -15,26 +15,26 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from ..common.checks import DataError
-from ..common.logging import logger
-from ..evaluate.figures import plot_adaptation_curve
-from ..evaluate.metrics import chance_metrics, retrieval_metrics
+from neurorecon.models.common.checks import DataError
+from neurorecon.models.common.logging import logger
+from neurorecon.models.retrieval import candidate_rows, chance_metrics, retrieval_metrics
+
+from ..inference import predict_split
+from ..train.fit import build_datamodule, build_module, fit, fit_subspaces
+from ..train.ridge import flat_targets
+from .figures import plot_adaptation_curve
 
 FRACTIONS = (0.1, 0.25, 1.0)
 
 
 def _score(lit, dm) -> dict[str, Any]:
-    from ..evaluate.report import candidate_rows, flat_targets, predict_split
-
     uniq, true_index = candidate_rows(dm.splits["test"].target)
-    return retrieval_metrics(predict_split(lit, dm, "test"), flat_targets(dm)[uniq], true_index)
+    return retrieval_metrics(predict_split(lit.net, dm, "test"), flat_targets(dm)[uniq], true_index)
 
 
 def adaptation_curve(cfg: DictConfig, *, preproc_dir: Path, embeddings_dir: Path,
                      out_dir: Path, fractions=FRACTIONS) -> dict[str, Any]:
     """Train and score adapter-only vs from-scratch models for the last subject."""
-    from .run import build_datamodule, build_module, fit, fit_subspaces
-
     out_dir = Path(out_dir) / "adaptation"
     full = build_datamodule(cfg, preproc_dir, embeddings_dir)
     labels = full.labels

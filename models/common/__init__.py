@@ -1,0 +1,1 @@
+"""neurorecon.models.common: the shared base (errors, checks, logging) every layer may import."""

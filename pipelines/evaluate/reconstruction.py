@@ -1,0 +1,165 @@
+"""Reconstruction of a test set from brain-decoded embeddings, measured against floor and
+ceiling; the ``neurorecon reconstruct checkpoint=<ckpt>`` stage.
+
+For each test row (subject x test image) the encoder's predicted embedding drives the
+generator (:mod:`neurorecon.pipelines.reconstruct.generation`); a low-level pathway (ridge from
+brain data to a coarse colour thumbnail, Brain-Diffuser / Takagi style) optionally gives the
+initial image for img2img. Beside the reconstructions: the *floor* (the training image whose
+embedding is nearest to the prediction: retrieval, no generation) and the *ceiling* (the
+generator fed the stimulus' true embedding).
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+from PIL import Image
+
+from neurorecon.models.common.checks import DataError
+from neurorecon.models.common.logging import logger
+from neurorecon.models.generators.base import unit_rows
+
+from ..inference import predict_split
+from ..reconstruct.generation import build_generator, caption_pathway, lowlevel_inits
+from ..train.ridge import flat_targets
+from .recon_metrics import compare_reconstructions
+from .summary import write_report
+
+
+def plot_grid(rows: list[list[Image.Image]], labels: list[str], path: Path, *,
+              columns: list[str], title: str, note: str) -> Path:
+    """PNG grid of images, one row per test example, one column per image set."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cols = columns
+    fig = Figure(figsize=(2.0 * len(cols), 2.0 * len(rows) + 0.8))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(rows), len(cols), squeeze=False)
+    for r, (row, label) in enumerate(zip(rows, labels, strict=True)):
+        for c, im in enumerate(row):
+            ax = axes[r][c]
+            ax.imshow(im)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(cols[c], fontsize=9)
+        axes[r][0].set_ylabel(label, fontsize=8)
+    fig.suptitle(title + "\n" + textwrap.fill(note, 90), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def reconstruct(net, dm, *, cfg: DictConfig, out_dir: str | Path,
+                stim_root: str | Path) -> dict[str, Any]:
+    """Reconstruct the test images from brain-decoded embeddings; return metrics + paths.
+
+    Writes ``reconstructions/*.png`` (one per test row), ``reconstructions.png`` (grid) and
+    ``reconstruction.json`` in ``out_dir``. The embedded generator sees only the stimuli of
+    the train and validation splits; the test images are new to it.
+    """
+
+    t0 = time.perf_counter()
+    rcfg = cfg.reconstruct
+    if rcfg.captions and not rcfg.generator.get("_target_"):  # fail before training anything
+        raise DataError("reconstruct.captions=true, but the embedded generator takes no text",
+                        hint="use reconstruct/generator=stable_unclip or ip_adapter (local "
+                             "weights) for the caption pathway, or reconstruct.captions=false")
+    out_dir = Path(out_dir)
+    (out_dir / "reconstructions").mkdir(parents=True, exist_ok=True)
+    stim_files = dm.embedding_index["stim_file"].tolist()
+    images = [Image.open(Path(stim_root) / s).convert("RGB") for s in stim_files]
+    emb = flat_targets(dm)
+    test = dm.splits["test"]
+    fit_rows = np.unique(np.concatenate([dm.splits[n].target for n in ("train", "val")]))
+    generator, train_info = build_generator(
+        rcfg.generator, images=[images[i] for i in fit_rows], embeddings=emb[fit_rows],
+        cache_dir=cfg.paths.cache_dir)
+    res = generator.resolution
+    # the generator is conditioned on the regression head (Benchetrit et al. 2023); the floor
+    # retrieves with the contrastive head, as the retrieval evaluation does
+    pred = unit_rows(predict_split(net, dm, "test", head=str(rcfg.head)))
+    retrieval_pred = unit_rows(predict_split(net, dm, "test"))
+    inits = (lowlevel_inits(dm, stim_images=images, resolution=res)
+             if rcfg.lowlevel else None)
+    text, true_text = (caption_pathway(dm, generator, stim_root=Path(stim_root),
+                                       captions=rcfg.get("captions_table"))
+                       if rcfg.captions else (None, None))
+    kw = dict(steps=int(rcfg.steps), guidance_scale=float(rcfg.guidance_scale),
+              seed=int(rcfg.seed), batch_size=int(rcfg.batch_size))
+    t_gen = time.perf_counter()
+    logger.info("reconstruct: %d test rows with %s", len(pred), type(generator).__name__)
+    recon = generator.generate(pred, init_images=inits, strength=float(rcfg.strength),
+                               text_embeddings=text, **kw)
+    per_image = (time.perf_counter() - t_gen) / len(recon)
+    uniq = np.unique(test.target)
+    ceiling = dict(zip(uniq, generator.generate(
+        unit_rows(emb[uniq]), text_embeddings=None if true_text is None else true_text[uniq],
+        **kw), strict=True))
+    nearest = fit_rows[(retrieval_pred @ unit_rows(emb[fit_rows]).T).argmax(1)]
+    sized = [im.resize((res, res), Image.BICUBIC) for im in images]
+    sets = {"brain": recon, "floor_retrieved": [sized[t] for t in nearest],
+            "ceiling": [ceiling[t] for t in test.target]}
+    if inits is not None:
+        sets["lowlevel_only"] = inits
+    truth = [sized[t] for t in test.target]
+    subjects = [dm.labels[k] for k in test.subject]
+    for i, im in enumerate(recon):
+        im.save(out_dir / "reconstructions" / f"test{i:03d}_sub-{subjects[i]}_"
+                f"{Path(stim_files[test.target[i]]).stem}.png")
+    metrics = compare_reconstructions(sets, truth, groups=subjects,
+                                      clip_path=rcfg.get("clip_path"),
+                                      skip=list(rcfg.get("skip_metrics") or []))
+    per_subject = metrics["brain"].pop("_per_group")
+    for m in metrics.values():
+        m.pop("_per_group", None)
+    show = np.linspace(0, len(recon) - 1, min(int(rcfg.grid_rows), len(recon))).astype(int)
+    columns = {"stimulus": truth, "low-level start (ridge)": inits,
+               "reconstruction (brain)": recon, "retrieved (floor)": sets["floor_retrieved"],
+               "ceiling (true emb.)": sets["ceiling"]}
+    columns = {name: imgs for name, imgs in columns.items() if imgs is not None}
+    plot_grid([[imgs[i] for imgs in columns.values()] for i in show],
+              [f"{Path(stim_files[test.target[i]]).stem}\nsub-{subjects[i]}" for i in show],
+              out_dir / "reconstructions.png", columns=list(columns),
+              title=f"{dm.modality.upper()} reconstructions ({res}px)", note=generator.note)
+    out = {"generator": generator.note, "resolution": res, "n_images": len(recon),
+           "head": str(rcfg.head), "lowlevel_pathway": bool(rcfg.lowlevel),
+           "caption_pathway": bool(rcfg.captions),
+           "strength": float(rcfg.strength),
+           "steps": int(rcfg.steps), "guidance_scale": float(rcfg.guidance_scale),
+           "generator_training": train_info, "seconds_per_image": round(per_image, 4),
+           "metrics": metrics, "per_subject_brain": per_subject,
+           "seconds": round(time.perf_counter() - t0, 1), "grid": "reconstructions.png"}
+    (out_dir / "reconstruction.json").write_text(json.dumps(out, indent=2, default=str))
+    return out
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Stage entry point (Hydra root config ``reconstruct.yaml``).
+
+    Writes the reconstructions, ``metrics.json`` (``{"modality", "n_test", "checkpoint",
+    "reconstruction"}``) and ``report.md`` in the run directory; returns the reconstruction
+    block.
+    """
+    from .stage import from_checkpoint
+
+    net, dm, job = from_checkpoint(cfg)
+    out_dir = Path(cfg.paths.output_dir)
+    out = reconstruct(net, dm, cfg=job, out_dir=out_dir,
+                      stim_root=Path(cfg.data.root) / cfg.data.stim_dir)
+    metrics = {"modality": dm.modality, "n_test": out["n_images"],
+               "n_test_images": len(set(dm.splits["test"].target.tolist())),
+               "subjects": dm.labels,
+               "embedder": dm.embedder_spec.get("name"),
+               "embedder_note": dm.embedder_spec.get("substitute_note"),
+               "checkpoint": str(cfg.checkpoint), "reconstruction": out}
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    logger.info("reconstruct: %s", write_report(out_dir, metrics))
+    return out

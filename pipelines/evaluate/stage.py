@@ -1,0 +1,257 @@
+"""``neurorecon evaluate bundle=<dir> data=... data.root=...``: score a trained decoder on a
+dataset with the decoder's *fitted* statistics.
+
+Every recording of the dataset goes through the bundle's
+:class:`~neurorecon.pipelines.inference.Decoder` (its recipe, frozen MEG scaler, fMRI masks),
+nothing is refitted on the evaluated data, and the test rows are ranked among the dataset's
+test images by the encoder (``retrieval``) and among all candidate images
+(``retrieval_all_images``). The ridge baseline is not refitted either: the bundle's own
+training-run scores (encoder, ridge, chance) are reported beside, under ``bundle_metrics``.
+A lab can so score a held-out session. ``evaluate checkpoint=<ckpt>`` exports the checkpoint
+to ``<run dir>/bundle`` first (a thin alias).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from neurorecon.models.common.checks import DataError
+from neurorecon.models.common.logging import logger, progress
+from neurorecon.models.retrieval import candidate_rows, chance_metrics, retrieval_metrics
+
+from ..data.events import EventSpec, read_events
+from ..inference import Decoder
+from ..preprocess.store import average_repeats
+from .figures import plot_retrieval_examples
+from .report import CONTRACT_KEYS
+from .summary import write_report
+
+
+def _contract(m: dict[str, Any]) -> dict[str, Any]:
+    return {k: m[k] for k in (*CONTRACT_KEYS, "n_candidates") if k in m}
+
+
+def prepare_dataset(decoder: Decoder, data_cfg: DictConfig
+                    ) -> tuple[dict[str, np.ndarray], dict[str, pd.DataFrame]]:
+    """Every recording of ``data_cfg`` through the decoder: per-subject trials and tables
+    (test repeats averaged when the recipe does)."""
+    from ..data.studies import find_recordings
+    from ..preprocess.run import data_selection
+
+    root = Path(data_cfg.root)
+    spec = EventSpec.from_config(data_cfg)
+    if data_cfg.modality != decoder.modality:
+        raise DataError(f"data does not fit the decoder: modality {data_cfg.modality!r}, the "
+                        f"decoder is for {decoder.modality!r}", path=root)
+    parts: dict[str, list[tuple[np.ndarray, pd.DataFrame]]] = {}
+    if decoder.modality == "fmri" and data_cfg.get("fmri_input") == "betas":
+        import nibabel as nib
+
+        from ..preprocess.fmri import as_stim_file, find_betas, read_trials
+
+        for k, (img, trials_path, subject) in enumerate(progress(
+                find_betas(root, data_cfg.betas_glob), desc="betas files")):
+            _known(decoder, subject, img)
+            n_vol = int(nib.load(img).shape[3])
+            trials = as_stim_file(read_trials(trials_path, n_volumes=n_vol, image=img,
+                                              bids_root=root, spec=spec), spec)
+            trials = trials.assign(**{c: v for c, v in {"session": "n/a",
+                                                        "run": f"file{k + 1}"}.items()
+                                      if c not in trials})
+            X = decoder.prepare_betas(img, trials, subject=subject)
+            parts.setdefault(subject, []).append((X, trials))
+    else:
+        recordings = find_recordings(root, modality=decoder.modality,
+                                     **data_selection(data_cfg))
+        for rec in progress(recordings, desc=f"{decoder.modality.upper()} recordings"):
+            _known(decoder, rec.subject, rec.fpath)
+            events = read_events(rec.events_path, bids_root=root, spec=spec)
+            if decoder.modality == "meg":
+                from ..preprocess.meg import read_raw
+
+                X = decoder.prepare_meg(read_raw(rec), subject=rec.subject, events=events)
+            else:
+                from ..preprocess.fmri import as_stim_file
+
+                events = as_stim_file(events, spec)
+                X = decoder.prepare_fmri(rec.fpath, events, subject=rec.subject)
+            parts.setdefault(rec.subject, []).append(
+                (X, events.assign(subject=rec.subject, session=rec.session or "n/a",
+                                  run=rec.run or "n/a")))
+    stim = spec.stim_column if decoder.modality == "meg" else "stim_file"
+    if decoder.modality == "meg":
+        average = decoder.meg_params.average_test_repeats
+    else:
+        average = decoder.config["preprocessing"].get("average_test_repeats", True)
+    X_out, tables = {}, {}
+    for subject, items in parts.items():
+        X = np.concatenate([x for x, _ in items])
+        trials = pd.concat([t for _, t in items], ignore_index=True)
+        if average:
+            X, trials = average_repeats(X, trials, stim_column=stim)
+        X_out[subject], tables[subject] = X, trials.assign(stim_file=trials[stim].astype(str))
+    if not X_out:
+        raise DataError("no recordings found", path=root)
+    return X_out, tables
+
+
+def _known(decoder: Decoder, subject: str, path) -> None:
+    if subject not in decoder.subjects:
+        raise DataError(f"data does not fit the decoder: subject sub-{subject} is unknown to "
+                        f"it (it knows {['sub-' + s for s in decoder.subjects]})", path=path,
+                        hint="select known subjects with data.subjects=[...]")
+
+
+def _candidates(decoder: Decoder, cfg: DictConfig, stim_files: list[str]
+                ) -> tuple[np.ndarray, list[str], str]:
+    """Embeddings of the candidate images: the bundle's gallery when it holds every test
+    image, else the dataset's stimuli embedded by the bundle's own embedder."""
+    ids = decoder.gallery.index["image_id"].tolist()
+    if set(stim_files) <= set(ids):
+        return decoder.gallery.embeddings, ids, "the bundle's gallery"
+    from ..embed.run import load_embeddings
+    from ..embed.run import run as run_embed
+
+    job = OmegaConf.create(decoder.config["provenance"]["config"])
+    with open_dict(job):
+        job.data, job.paths = cfg.data, cfg.paths
+        job.embed = cfg.embed
+    emb, index, spec = load_embeddings(run_embed(job)["cache"])
+    if spec.get("weights") != decoder.config["embedder"].get("weights"):
+        raise DataError(f"the embedder now gives other weights ({spec.get('weights')}) than "
+                        f"the decoder was trained on ({decoder.config['embedder']['weights']})",
+                        path=cfg.data.root, hint="embed with the decoder's embedder weights")
+    return emb.reshape(len(emb), -1), index["stim_file"].tolist(), "embedded with the " \
+        "decoder's embedder"
+
+
+def evaluate_bundle(cfg: DictConfig, bundle: str | Path) -> dict[str, Any]:
+    """Score ``bundle`` on ``cfg.data``; write metrics.json, report.md and figures."""
+    decoder = Decoder.from_pretrained(bundle, device=str(cfg.get("device") or "cpu"))
+    X, tables = prepare_dataset(decoder, cfg.data)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    preds, rows = [], []
+    for subject in sorted(X):
+        test = (tables[subject]["split"] == "test").to_numpy()
+        if not test.any():
+            continue
+        preds.append(decoder.encode(X[subject][test], subject=subject))
+        rows.append(tables[subject][test].assign(subject=subject))
+    if not preds:
+        raise DataError("the dataset has no test trials", path=cfg.data.root,
+                        hint="check data.split_column / data.test_value")
+    pred, test_rows = np.concatenate(preds), pd.concat(rows, ignore_index=True)
+    stim_files = test_rows["stim_file"].tolist()
+    emb, ids, source = _candidates(decoder, cfg, stim_files)
+    row_of = {s: i for i, s in enumerate(ids)}
+    targets = np.array([row_of[s] for s in stim_files])
+    cand_rows, true_idx = candidate_rows(targets)
+    cand = emb[cand_rows]
+    retrieval = {"encoder": _contract(retrieval_metrics(pred, cand, true_idx)),
+                 "chance": _contract(chance_metrics(len(cand)))}
+    all_images = {"encoder": _contract(retrieval_metrics(pred, emb, targets)),
+                  "chance": _contract(chance_metrics(len(emb)))}
+    per_subject = {}
+    for subject in test_rows["subject"].unique():
+        sel = (test_rows["subject"] == subject).to_numpy()
+        per_subject[subject] = {"encoder": _contract(retrieval_metrics(pred[sel], cand,
+                                                                       true_idx[sel]))}
+    stim_root = Path(cfg.data.root) / cfg.data.stim_dir
+    note = decoder.config["embedder"].get("substitute_note")
+    plot_retrieval_examples([stim_root / s for s in stim_files], pred, cand,
+                            [stim_root / ids[c] if (stim_root / ids[c]).is_file() else
+                             _thumbnail_file(decoder, ids[c]) for c in cand_rows], true_idx,
+                            path=out_dir / "retrieval_examples.png", n_examples=6,
+                            title=f"{decoder.modality.upper()} decoder (bundle): test image "
+                            "and top-5 retrieved", note=note)
+    metrics = {
+        "modality": decoder.modality, "n_test": int(len(pred)),
+        "n_test_images": int(len(cand)), "subjects": sorted(per_subject),
+        "embedder": decoder.config["embedder"].get("name"), "embedder_note": note,
+        "retrieval": retrieval, "retrieval_all_images": all_images,
+        "retrieval_per_subject": per_subject, "bundle": str(bundle),
+        "candidates": source, "fitted_statistics": "the bundle's (nothing refitted)",
+        "bundle_metrics": decoder.config.get("metrics", {}).get("retrieval"),
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    logger.info("evaluate: encoder top1 %.3f top5 %.3f on %d test rows (%d images); metrics "
+                "in %s, report %s", retrieval["encoder"]["top1"], retrieval["encoder"]["top5"],
+                len(pred), len(cand), out_dir / "metrics.json", write_report(out_dir, metrics))
+    return metrics
+
+
+def _thumbnail_file(decoder: Decoder, image_id: str) -> Path:
+    """Gallery thumbnail of ``image_id`` (candidates that are not in the dataset folder)."""
+    row = decoder.gallery.index["image_id"].tolist().index(image_id)
+    return decoder.gallery.root / decoder.gallery.index["thumbnail"].iloc[row]
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Stage entry point (Hydra root config ``evaluate.yaml``)."""
+    bundle, checkpoint = cfg.get("bundle"), cfg.get("checkpoint")
+    if bool(bundle) == bool(checkpoint):
+        raise DataError("give bundle=<bundle dir> (or checkpoint=<ckpt>, exported first)")
+    if checkpoint:
+        from ..export import data_of_checkpoint, export_bundle
+
+        net, dm, job, _ = data_of_checkpoint(checkpoint, cfg)
+        bundle = export_bundle(net, dm, cfg=job, out=Path(cfg.paths.output_dir) / "bundle",
+                               generator=False)["path"]
+    metrics = evaluate_bundle(cfg, bundle)
+    if checkpoint:
+        metrics["checkpoint"] = str(checkpoint)
+        (Path(cfg.paths.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------
+# a checkpoint's encoder on a dataset prepared with the checkpoint's recipe (reconstruct stage)
+# ------------------------------------------------------------------------------------------
+def from_checkpoint(cfg: DictConfig):
+    """Load ``cfg.checkpoint`` and prepare ``cfg.data`` with the checkpoint's own recipe.
+
+    Returns the encoder (mapped to the data module's subject indices), the data module and
+    the merged job config (the checkpoint's resolved config with this command's ``data``,
+    ``paths``, ``embed`` and, when present, ``reconstruct``).
+    """
+    from ..train.checkpoint import check_compatible, load_checkpoint
+    from ..train.fit import build_datamodule, prepare_caches
+
+    if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.checkpoint:
+        raise DataError("needs checkpoint=<path to a .ckpt written by neurorecon train>")
+    net, desc = load_checkpoint(cfg.checkpoint)
+    trained = OmegaConf.create(desc["config"])
+    overrides = {"data": cfg.data, "paths": cfg.paths,
+                 "embed": cfg.get("embed") or trained.embed}
+    if cfg.get("reconstruct") is not None:
+        overrides["reconstruct"] = cfg.reconstruct
+    job = trained.copy()
+    with open_dict(job):
+        for key, value in overrides.items():  # replaced whole: no stale keys from training
+            job[key] = value
+    preproc_dir, emb_dir = prepare_caches(job)
+    dm = build_datamodule(job, preproc_dir, emb_dir)
+    check_compatible(desc, dm, path=cfg.checkpoint)
+    # the checkpoint's subject indices, whatever subset of subjects this data holds
+    order = list(desc["data"]["subjects"])
+    return _Reindex(net, [order.index(s) for s in dm.labels]), dm, job
+
+
+class _Reindex(torch.nn.Module):
+    """Map the data module's subject indices to the checkpoint's before calling the net."""
+
+    def __init__(self, net: torch.nn.Module, mapping: list[int]):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mapping", torch.as_tensor(mapping), persistent=False)
+
+    def forward(self, x, *, subject, **extras):
+        return self.net(x, subject=self.mapping[torch.as_tensor(subject)], **extras)

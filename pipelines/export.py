@@ -1,0 +1,261 @@
+"""``neurorecon export checkpoint=<ckpt> export.out=<dir>``: a trained decoder as a bundle.
+
+:func:`export_bundle` gathers, from a trained encoder and the data module it was trained on,
+everything :class:`~neurorecon.pipelines.inference.Decoder` needs (fitted statistics, masks,
+gallery, generator, low-level pathway) and writes the bundle with
+:meth:`~neurorecon.pipelines.inference.Decoder.save_pretrained`. Training runs call it for
+``<run dir>/bundle/``; the stage does the same for a checkpoint, rebuilding its data module from
+the checkpoint's own (resolved) config.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf, open_dict
+from PIL import Image
+
+from neurorecon.models.common.checks import DataError
+from neurorecon.models.common.logging import logger
+
+from .inference import FORMAT, FORMAT_VERSION, MASKS, Decoder, Gallery
+from .train.ridge import flat_targets
+
+
+def _project_provenance() -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("neurorecon")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        ver = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"],
+                                cwd=Path(__file__).resolve().parent, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"version": ver, "commit": commit,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds")}
+
+
+def _cache_key(path: Path) -> str:
+    import json
+
+    manifest = Path(path) / "manifest.json"
+    if manifest.is_file():
+        return str(json.loads(manifest.read_text()).get("key"))
+    return Path(path).name
+
+
+def _portable(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved run config without this machine's folders: ``hydra`` dropped, and every
+    path under a ``paths`` folder or the dataset root written relative to it
+    (``<paths.cache_dir>/...``), so a bundle holds no absolute path of its own run. Paths to
+    external local models (a CLIP or diffusers directory) are kept: they name what was used."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config.pop("hydra", None)
+    roots = {f"<paths.{k}>": str(v) for k, v in (config.get("paths") or {}).items()
+             if isinstance(v, str) and Path(v).is_absolute()}
+    if "data" in config:
+        roots["<data.root>"] = str(config["data"]["root"])
+    # longest first: a folder inside another is named after the inner one
+    ordered = sorted(roots.items(), key=lambda kv: -len(kv[1]))
+
+    def relative(value):
+        if isinstance(value, dict):
+            return {k: relative(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [relative(v) for v in value]
+        if isinstance(value, str):
+            for name, root in ordered:
+                if value == root or value.startswith(root.rstrip("/") + "/"):
+                    return name + value[len(root.rstrip("/")):]
+        return value
+
+    return relative(config)
+
+
+def _subjects(dm) -> dict[str, dict[str, Any]]:
+    out = {}
+    recipe = dm.recipe.get("subjects", {})
+    for k, label in enumerate(dm.labels):
+        info, rec = dm.subjects[label], recipe.get(label, {})
+        if dm.modality == "meg":
+            out[label] = {
+                "index": k, "n_chans": info.n_chans, "n_times": info.n_times,
+                "ch_names": list(info.ch_names),
+                "positions": np.asarray(info.positions, np.float64).tolist(),
+                "good": np.asarray(info.good, bool).tolist(), "kinds": list(info.kinds),
+                "orientation": np.asarray(info.orientation, np.float64).tolist(),
+                "bads": list(rec["bads"]), "sfreq_in": float(rec["sfreq_in"]),
+                "scaler_center": list(rec["scaler_center"]),
+                "scaler_scale": list(rec["scaler_scale"])}
+        else:
+            mask = dm.data.subjects[label].mask_img
+            out[label] = {
+                "index": k, "n_voxels": info.n_voxels, "mask": f"{MASKS}/sub-{label}_mask.nii.gz",
+                "grid": {"shape": list(mask.shape[:3]),
+                         "affine": np.asarray(mask.affine).round(6).tolist(),
+                         "voxel_size": [float(z) for z in mask.header.get_zooms()[:3]]},
+                "normalisation": ("z-score per voxel within each run"
+                                  if dm.recipe.get("zscore_per_run", True) else "none"),
+                **{key: rec[key] for key in ("tr", "n_runs", "voxel_size") if key in rec}}
+    return out
+
+
+def _gallery(dm, stim_root: Path) -> tuple[Gallery, list[Image.Image]]:
+    """Every stimulus of the data module: embeddings, split of the run, thumbnails."""
+    index = dm.embedding_index
+    split = np.full(len(index), "unused", dtype=object)
+    for name in ("train", "val", "test"):  # test last: an image is test if tested at all
+        split[np.unique(dm.splits[name].target)] = name
+    images = []
+    for f in index["stim_file"]:
+        path = stim_root / f
+        if not path.is_file():
+            raise DataError("stimulus image missing (needed for the bundle's gallery)",
+                            path=path)
+        with Image.open(path) as im:
+            images.append(im.convert("RGB"))
+    table = pd.DataFrame({"image_id": index["stim_file"].astype(str),
+                          "concept": index["concept"] if "concept" in index else "",
+                          "split": split})
+    return Gallery(embeddings=flat_targets(dm), index=table, images=images), images
+
+
+def _generator(cfg: DictConfig, dm, images: list[Image.Image]):
+    """(generator description, its directory or None, low-level maps) for the bundle."""
+    from neurorecon.models.generators.base import image_thumbnails
+
+    from .reconstruct.generation import build_generator
+    from .train.ridge import fit_ridges
+
+    rcfg = cfg.reconstruct
+    gen_cfg = rcfg.generator
+    fit_rows = np.unique(np.concatenate([dm.splits[n].target for n in ("train", "val")]))
+    emb = flat_targets(dm)
+    generator, _ = build_generator(gen_cfg, images=[images[i] for i in fit_rows],
+                                   embeddings=emb[fit_rows], cache_dir=cfg.paths.cache_dir)
+    desc = {"class": type(generator).__name__, "note": generator.note,
+            "resolution": int(generator.resolution), "emb_dim": int(generator.emb_dim),
+            "defaults": {"head": str(rcfg.head), "strength": float(rcfg.strength),
+                         "steps": int(rcfg.steps), "guidance_scale": float(rcfg.guidance_scale),
+                         "seed": int(rcfg.seed), "lowlevel": bool(rcfg.lowlevel)}}
+    if gen_cfg.get("_target_"):
+        config = OmegaConf.to_container(gen_cfg, resolve=True)
+        config.pop("_target_")
+        desc.update(kind="diffusers", config=config)
+        gen_dir = None
+    else:
+        desc.update(kind="embedded", path="generator")
+        gen_dir = Path(generator.path)
+    lowlevel = {}
+    if rcfg.lowlevel:
+        ridges = fit_ridges(dm, targets=image_thumbnails(images),
+                            subjects=range(len(dm.labels)))
+        lowlevel = {dm.labels[k]: model.linear_map() for k, model in ridges.items()}
+        desc["lowlevel"] = "generator/lowlevel.safetensors"
+    return desc, gen_dir, lowlevel
+
+
+def bundle_config(net, dm, *, cfg: DictConfig, metrics: dict[str, Any] | None = None,
+                  focus: dict[str, Any] | None = None,
+                  generator: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The bundle's ``config.json`` for ``net`` trained on ``dm`` with ``cfg``."""
+    spec = dm.embedder_spec
+    emb = flat_targets(dm)
+    norms = np.linalg.norm(emb, axis=1)
+    fingerprint = hashlib.sha256(
+        f"{_cache_key(dm.preproc_dir)}/{_cache_key(dm.embeddings_dir)}".encode()).hexdigest()
+    headline = {k: metrics[k] for k in ("n_test", "n_test_images", "retrieval",
+                                       "retrieval_all_images") if metrics and k in metrics}
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "modality": dm.modality,
+        "model_type": type(net).__name__, "model_config": net.get_config(),
+        "embedder": {"name": spec.get("name"), "weights": spec.get("weights"),
+                     "revision": spec.get("revision"), "emb_dim": int(dm.emb_dim),
+                     "n_tokens": dm.n_tokens,
+                     "unit_normalised_targets": bool(np.allclose(norms, 1.0, atol=1e-3)),
+                     "substitute_note": spec.get("substitute_note"), "spec": spec},
+        "preprocessing": {k: v for k, v in dm.recipe.items() if k != "subjects"},
+        "subjects": _subjects(dm),
+        "focus": focus,
+        "generator": generator,
+        "provenance": {"dataset": {"name": Path(str(cfg.data.root)).name,
+                                   "modality": dm.modality, "fingerprint": fingerprint[:16],
+                                   "preprocessing_cache": _cache_key(dm.preproc_dir),
+                                   "embeddings_cache": _cache_key(dm.embeddings_dir)},
+                       **_project_provenance(), "config": _portable(cfg)},
+        "metrics": headline,
+    }
+
+
+def export_bundle(net, dm, *, cfg: DictConfig, out: str | Path,
+                  metrics: dict[str, Any] | None = None, focus: dict[str, Any] | None = None,
+                  generator: bool | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Write the bundle of ``net`` (trained on ``dm`` with ``cfg``) to ``out``.
+
+    ``generator``: include the generator and the low-level pathway (default: when
+    ``cfg.reconstruct.enabled``; the embedded generator is the cached one of the run).
+    Returns ``{"path", "bytes", "seconds"}``.
+    """
+    t0 = time.perf_counter()
+    stim_root = Path(cfg.data.root) / cfg.data.stim_dir
+    gallery, images = _gallery(dm, stim_root)
+    if generator is None:
+        generator = bool(cfg.get("reconstruct") and cfg.reconstruct.enabled)
+    gen_desc, gen_dir, lowlevel = _generator(cfg, dm, images) if generator else (None, None, {})
+    config = bundle_config(net, dm, cfg=cfg, metrics=metrics, focus=focus, generator=gen_desc)
+    masks = ({label: dm.data.subjects[label].mask_img for label in dm.labels}
+             if dm.modality == "fmri" else None)
+    decoder = Decoder(net=net, config=config, masks=masks, gallery=gallery, lowlevel=lowlevel,
+                      generator_dir=gen_dir)
+    path = decoder.save_pretrained(out, overwrite=overwrite)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    seconds = round(time.perf_counter() - t0, 2)
+    logger.info("bundle: %s (%.1f MB, %.1f s)", path, size / 1e6, seconds)
+    return {"path": str(path), "bytes": int(size), "seconds": seconds}
+
+
+def data_of_checkpoint(checkpoint: str | Path, cfg: DictConfig):
+    """A checkpoint's encoder, the data module it was trained on and its resolved config
+    (with this command's ``paths``)."""
+    from .train.checkpoint import load_checkpoint
+    from .train.fit import build_datamodule, prepare_caches
+
+    net, desc = load_checkpoint(checkpoint)
+    job = OmegaConf.create(desc["config"])
+    with open_dict(job):
+        job.paths = cfg.paths
+    preproc_dir, emb_dir = prepare_caches(job)
+    dm = build_datamodule(job, preproc_dir, emb_dir)
+    if dm.labels != list(desc["data"]["subjects"]):
+        raise DataError(f"the checkpoint's training data now has subjects {dm.labels}, the "
+                        f"checkpoint was trained on {list(desc['data']['subjects'])}",
+                        path=checkpoint)
+    return net, dm, job, desc
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Stage entry point (Hydra root config ``export.yaml``)."""
+    import json
+
+    if OmegaConf.is_missing(cfg, "checkpoint"):
+        raise DataError("needs checkpoint=<path to a .ckpt written by neurorecon train>")
+    if OmegaConf.is_missing(cfg.export, "out"):
+        raise DataError("needs export.out=<directory for the bundle>")
+    net, dm, job, desc = data_of_checkpoint(cfg.checkpoint, cfg)
+    run_metrics = Path(cfg.checkpoint).resolve().parent.parent / "metrics.json"
+    metrics = json.loads(run_metrics.read_text()) if run_metrics.is_file() else None
+    focus = (metrics or {}).get("training", {}).get("focus")
+    return export_bundle(net, dm, cfg=job, out=cfg.export.out, metrics=metrics, focus=focus,
+                         generator=cfg.export.generator, overwrite=bool(cfg.export.overwrite))

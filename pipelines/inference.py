@@ -1,0 +1,805 @@
+"""The trained-decoder bundle and :class:`Decoder`, the one way to decode with a trained model.
+
+A bundle is a directory (written by ``neurorecon export`` and by every ``train``/``run``, under
+``<run dir>/bundle/``) that loads with no Hydra, no Lightning and no unpickling:
+
+- ``config.json``: format version, modality, ``model_type`` + constructor config, embedder
+  identity, preprocessing recipe (including ``phase``), per-subject fitted statistics (MEG
+  channels, 2D positions, sensor kinds, bads, input rate, scaler; fMRI voxel count, mask file,
+  normalisation), gallery and generator descriptions, provenance and headline metrics;
+- ``model.safetensors``: the encoder's weights and buffers (fMRI subspace axes included);
+- ``masks/sub-<label>_mask.nii.gz`` (fMRI): each subject's voxel mask on its grid;
+- ``gallery/``: candidate embeddings (``embeddings.safetensors``), ``index.tsv`` (image id,
+  concept, split, thumbnail) and ``thumbnails/*.png``;
+- ``generator/``: the embedded generator's ``save_pretrained`` directory (or, for a diffusers
+  backend, its local path in ``config.json``) and ``lowlevel.safetensors``, the low-level
+  pathway's per-subject ridge maps;
+- ``README.md``: the model card.
+
+The transforms are the offline ones (:mod:`.preprocess.meg`, :mod:`.preprocess.fmri`) with the
+bundle's frozen statistics, so decoding the data a run was trained on gives that run's numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from neurorecon.models.common.checks import DataError, check_columns, check_finite
+from neurorecon.models.common.logging import logger
+from neurorecon.models.retrieval import top_k
+
+#: identifies a bundle's config.json; the version changes when the layout does
+FORMAT = "neurorecon-decoder"
+FORMAT_VERSION = 1
+CONFIG, WEIGHTS, MASKS, GALLERY, GENERATOR = (
+    "config.json", "model.safetensors", "masks", "gallery", "generator")
+LOWLEVEL = "lowlevel.safetensors"
+THUMBNAIL_SIZE = 96
+
+
+class BundleError(DataError):
+    """A bundle directory that cannot be used: the message names the file and the problem."""
+
+
+# --------------------------------------------------------------------------------------------
+# batched encoding (one implementation for training runs, evaluation, serving, streaming)
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def encode_batches(net: torch.nn.Module, x: np.ndarray | torch.Tensor, *, subject: int | str,
+                   inputs: Mapping[str, torch.Tensor] | None = None, head: str = "clip",
+                   batch_size: int = 256) -> np.ndarray:
+    """Run ``net`` (eval mode, no gradients) on one subject's trials; ``(n, n_outputs)``.
+
+    Parameters
+    ----------
+    net : nn.Module
+        An encoder: ``net(x, subject=..., **inputs)`` returns ``{"clip", "mse"}``.
+    x : array or tensor
+        ``(n, n_chans, n_times)`` MEG windows or ``(n, n_voxels)`` fMRI patterns.
+    subject : int | str
+        The subject's index in the model (a label for fMRI models).
+    inputs : mapping of str to tensor
+        Per-subject inputs (MEG ``positions``, ``mask``, ``sensors``), without a batch axis.
+    head : {"clip", "mse"}
+        The contrastive head (retrieval) or the regression head (generation).
+    batch_size : int
+        Trials per forward pass.
+    """
+    if head not in ("clip", "mse"):
+        raise ValueError(f"head must be 'clip' or 'mse', got {head!r}")
+    net.eval()
+    x = torch.as_tensor(np.asarray(x, dtype=np.float32) if not torch.is_tensor(x) else x,
+                        dtype=torch.float32)
+    device = next(net.parameters()).device
+    parts = []
+    for start in range(0, len(x), batch_size):
+        xb = x[start : start + batch_size].to(device)
+        extra = {k: v.to(device).unsqueeze(0).expand(len(xb), *v.shape)
+                 for k, v in (inputs or {}).items()}
+        sub = subject if isinstance(subject, str) else torch.full((len(xb),), int(subject),
+                                                                  device=device)
+        out = net(xb, subject=sub, **extra)[head]
+        parts.append(out.float().reshape(len(xb), -1).cpu().numpy())
+    if not parts:
+        return np.zeros((0, 0), np.float32)
+    return np.concatenate(parts)
+
+
+def predict_split(net: torch.nn.Module, dm, name: str, *, head: str = "clip",
+                  subject_index: Mapping[str, int] | None = None) -> np.ndarray:
+    """Predictions of ``net`` for every row of split ``name`` of a data module (row order).
+
+    ``head``: ``"clip"`` (retrieval) or ``"mse"`` (conditions generation, as in Benchetrit et
+    al. 2023). ``subject_index`` maps the data module's labels to the model's subject indices
+    (default: the data module's own order).
+    """
+    split = dm.splits[name]
+    out: np.ndarray | None = None
+    for k in np.unique(split.subject):
+        rows, X = dm.subject_rows(name, int(k))
+        label = dm.labels[int(k)]
+        sub = int(k) if subject_index is None else subject_index[label]
+        pred = encode_batches(net, X, subject=sub, inputs=dm.subject_inputs(int(k)), head=head)
+        if out is None:
+            out = np.zeros((len(split), pred.shape[1]), np.float32)
+        out[rows] = pred
+    return np.zeros((0, 0), np.float32) if out is None else out
+
+
+# --------------------------------------------------------------------------------------------
+# the gallery
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Gallery:
+    """Candidate images of retrieval: embeddings, an index table and thumbnails.
+
+    ``index`` columns: ``image_id`` (the stimulus file, relative to the stimuli folder),
+    ``concept``, ``split`` (``train``, ``val``, ``test`` or ``unused`` in the training run) and
+    ``thumbnail`` (PNG path inside the bundle).
+    """
+
+    embeddings: np.ndarray  # (n_images, emb_dim) float32
+    index: pd.DataFrame
+    root: Path | None = None  # bundle gallery folder (thumbnails are read from it)
+    images: Sequence[Image.Image] | None = None  # in-memory thumbnails (before saving)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def thumbnail(self, i: int) -> Image.Image:
+        """The thumbnail of gallery row ``i``."""
+        if self.images is not None:
+            return self.images[i]
+        if self.root is None:
+            raise BundleError("this gallery has no thumbnails")
+        path = self.root / self.index["thumbnail"].iloc[i]
+        if not path.is_file():
+            raise BundleError("gallery thumbnail missing", path=path)
+        with Image.open(path) as im:
+            return im.convert("RGB")
+
+    def rows(self, split: str | None = None) -> np.ndarray:
+        """Gallery rows of ``split`` (all rows for None)."""
+        if split is None:
+            return np.arange(len(self))
+        rows = np.flatnonzero(self.index["split"].to_numpy() == split)
+        if not len(rows):
+            raise DataError(f"the gallery has no {split!r} images; splits: "
+                            f"{sorted(set(self.index['split']))}")
+        return rows
+
+
+# --------------------------------------------------------------------------------------------
+# the decoder
+# --------------------------------------------------------------------------------------------
+class Decoder:
+    """A trained brain decoder: prepare data -> encode -> retrieve / reconstruct.
+
+    Build it with :meth:`from_pretrained` (a bundle directory); ``neurorecon export`` and the
+    training runs write bundles with :meth:`save_pretrained`.
+
+    Attributes
+    ----------
+    modality : {"meg", "fmri"}
+    subjects : list of str
+        Subject labels, in the model's index order.
+    gallery : Gallery
+        Retrieval candidates.
+    config : dict
+        The bundle's ``config.json``.
+    """
+
+    def __init__(self, *, net: torch.nn.Module, config: dict[str, Any],
+                 masks: Mapping[str, Any] | None = None, gallery: Gallery | None = None,
+                 lowlevel: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                 generator_dir: str | Path | None = None, root: str | Path | None = None):
+        self.net = net.eval()
+        self.config = config
+        self.masks = dict(masks or {})
+        self.gallery = gallery
+        self.lowlevel = dict(lowlevel or {})
+        self.generator_dir = None if generator_dir is None else Path(generator_dir)
+        self.root = None if root is None else Path(root)
+        self._generator = None
+        self._inputs: dict[str, dict[str, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ description
+    @property
+    def modality(self) -> str:
+        return self.config["modality"]
+
+    @property
+    def subjects(self) -> list[str]:
+        return list(self.config["subjects"])
+
+    @property
+    def note(self) -> str:
+        """What stands in for the models the papers used (embedder, generator)."""
+        parts = [self.config["embedder"].get("substitute_note"),
+                 (self.config.get("generator") or {}).get("note")]
+        return " | ".join(p for p in parts if p)
+
+    @property
+    def generation_head(self) -> str:
+        """The encoder head whose output conditions the generator (training's choice)."""
+        return (self.config.get("generator") or {}).get("defaults", {}).get("head", "mse")
+
+    def _subject(self, subject: str) -> dict[str, Any]:
+        subject = str(subject).removeprefix("sub-")
+        if subject not in self.config["subjects"]:
+            raise DataError(f"unknown subject {subject!r}; this decoder knows "
+                            f"{self.subjects}", hint="pass one of the bundle's subjects")
+        return self.config["subjects"][subject]
+
+    def _check_modality(self, modality: str, what: str) -> None:
+        if self.modality != modality:
+            raise DataError(f"{what} needs a {modality.upper()} decoder; this bundle decodes "
+                            f"{self.modality.upper()}")
+
+    # ------------------------------------------------------------------ MEG
+    @property
+    def meg_params(self):
+        """The MEG recipe (:class:`~.preprocess.meg.MegParams`)."""
+        from .preprocess.meg import MegParams
+
+        self._check_modality("meg", "meg_params")
+        return MegParams.from_mapping(self.config["preprocessing"]["params"])
+
+    def _meg_stats(self, subject: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        info = self._subject(subject)
+        return (np.asarray(info["scaler_center"], np.float64),
+                np.asarray(info["scaler_scale"], np.float64), np.asarray(info["good"], bool))
+
+    def prepare_meg(self, raw_or_array, *, subject: str, events=None,
+                    sfreq: float | None = None) -> np.ndarray:
+        """Continuous MEG -> model-ready epochs ``(n_events, n_chans, n_times)`` float32.
+
+        The offline transform with the bundle's recipe and frozen statistics: band-pass
+        (the recipe's ``phase``), decimation, epochs ``[tmin, tmax]`` around each onset,
+        baseline, the subject's scaler fitted on its training trials, clamp, bad channels
+        zeroed.
+
+        Parameters
+        ----------
+        raw_or_array : mne.io.Raw | ndarray
+            A recording holding (at least) the bundle's channels, or an array
+            ``(n_chans, n_samples)`` in the bundle's channel order at ``sfreq`` (default: the
+            training recordings' rate).
+        subject : str
+            Subject label.
+        events : DataFrame | sequence of float
+            Image onsets in seconds (a table with an ``onset`` column, e.g. BIDS events).
+        """
+        import mne
+
+        from .preprocess.meg import cut_epochs, filter_and_decimate, scale_epochs
+
+        self._check_modality("meg", "prepare_meg")
+        info = self._subject(subject)
+        params = self.meg_params
+        names = list(info["ch_names"])
+        if isinstance(raw_or_array, mne.io.BaseRaw):
+            raw = raw_or_array
+            missing = [c for c in names if c not in raw.ch_names]
+            if missing:
+                raise DataError(f"the recording lacks {len(missing)} of the decoder's "
+                                f"{len(names)} channels (e.g. {missing[:3]})",
+                                path=(raw.filenames or [None])[0],
+                                hint="use a recording of the same MEG system and channel set")
+            raw = raw.copy().pick(names).load_data(verbose=False)
+            raw.reorder_channels(names)
+            newly_bad = sorted(set(raw.info["bads"]) - set(info["bads"]))
+            if newly_bad:
+                logger.warning("channels %s are marked bad in this recording but the decoder "
+                               "was trained with them", newly_bad[:5])
+            with raw.info._unlock():
+                raw.info["bads"] = []
+        else:
+            data = np.asarray(raw_or_array, dtype=np.float64)
+            if data.ndim != 2 or data.shape[0] != len(names):
+                raise DataError(f"MEG array must be continuous (n_chans={len(names)}, "
+                                f"n_samples), got shape {data.shape}",
+                                hint="pass an mne Raw, or the channels in the bundle's order")
+            rate = float(sfreq or info["sfreq_in"])
+            raw = mne.io.RawArray(data, mne.create_info(names, rate, "mag"), verbose=False)
+        if events is None:
+            raise DataError("prepare_meg needs the image onsets (events=) to cut epochs",
+                            hint="pass the events table (onset in s) or a list of onsets")
+        table = (events if isinstance(events, pd.DataFrame)
+                 else pd.DataFrame({"onset": np.asarray(events, float)}))
+        check_columns(table, ["onset"], path=None)
+        check_finite(raw.get_data()[:, :: max(1, len(raw.times) // 20000)], path=None,
+                     what="MEG data")
+        raw = filter_and_decimate(raw, params)
+        X = cut_epochs(raw, table, params)
+        center, scale, good = self._meg_stats(subject)
+        return scale_epochs(X, center=center, scale=scale, good=good,
+                            clamp=params.clamp).astype(np.float32)
+
+    def streaming_filter(self, subject: str, *, sfreq: float | None = None):
+        """The causal filter state for one stream of ``subject`` (chunks in, decimated out).
+
+        Raises :class:`DataError` for a bundle trained with zero-phase filtering, which a
+        stream cannot reproduce.
+        """
+        from .preprocess.meg import StreamingMegFilter
+
+        params = self.meg_params
+        info = self._subject(subject)
+        if params.phase != "causal":
+            raise DataError(
+                "this MEG decoder was trained on zero-phase (non-causal) filtered data, which "
+                "a live stream cannot reproduce", path=self.root,
+                hint="train a causal one: neurorecon run data=<...> preprocess.meg.phase=causal")
+        return StreamingMegFilter(sfreq=float(sfreq or info["sfreq_in"]),
+                                  n_chans=len(info["ch_names"]), params=params)
+
+    def meg_window(self, window: np.ndarray, *, subject: str) -> np.ndarray:
+        """One window ``(n_chans, n_times)`` of :meth:`streaming_filter` output spanning the
+        recipe's ``[tmin, tmax]`` around an onset -> the model input (baseline, frozen scaler,
+        clamp, bad channels zeroed), equal to the offline causal epoch."""
+        from .preprocess.meg import prepare_window
+
+        params = self.meg_params
+        info = self._subject(subject)
+        shape = (len(info["ch_names"]), int(info["n_times"]))
+        window = np.asarray(window)
+        if window.shape != shape:
+            raise DataError(f"MEG window of shape {window.shape}; sub-{subject} needs {shape} "
+                            f"(channels x samples of [{params.tmin}, {params.tmax}] s at "
+                            f"{params.sfreq:g} Hz)")
+        center, scale, good = self._meg_stats(subject)
+        return prepare_window(window, params, center=center, scale=scale,
+                              good=good).astype(np.float32)
+
+    # ------------------------------------------------------------------ fMRI
+    def mask(self, subject: str):
+        """The voxel mask (NIfTI image) of ``subject``."""
+        self._check_modality("fmri", "mask")
+        self._subject(subject)
+        return self.masks[str(subject).removeprefix("sub-")]
+
+    def _fmri_params(self) -> dict[str, Any]:
+        prep = dict(self.config["preprocessing"])
+        for key in ("input", "space", "subjects", "modality"):
+            prep.pop(key, None)
+        return prep
+
+    def prepare_fmri(self, bold_img, events, *, subject: str, tr: float | None = None
+                     ) -> np.ndarray:
+        """One BOLD run -> single-trial betas ``(n_trials, n_voxels)`` through the training
+        GLM (nilearn) inside the subject's mask, normalised as in training.
+
+        Parameters
+        ----------
+        bold_img : path | nibabel image
+            4D run on the mask's grid (refused with both grids named otherwise).
+        events : DataFrame | path
+            One row per trial with ``onset`` and ``duration`` (s).
+        subject : str
+            Subject label.
+        tr : float | None
+            Repetition time (s); default: the JSON sidecar of a path, else the header.
+        """
+        import nibabel as nib
+
+        from .preprocess.fmri import (
+            _load_4d,
+            check_same_grid,
+            read_tr,
+            single_trial_betas,
+            zscore_within,
+        )
+
+        mask = self.mask(subject)
+        path = None
+        if isinstance(bold_img, (str, Path)):
+            path = Path(bold_img)
+            tr = read_tr(path) if tr is None else tr
+            img, _ = _load_4d(path, what="BOLD image")
+        else:
+            img = bold_img
+            if img.ndim != 4:
+                raise DataError(f"BOLD image must be 4D, got shape {img.shape}")
+            if tr is None:
+                tr = float(img.header.get_zooms()[3])
+        if not tr or tr <= 0:
+            raise DataError("no repetition time: pass tr= (s)", path=path)
+        check_same_grid(img, mask, path=path, what="BOLD image")
+        table = _events_table(events)
+        n_scans = img.shape[3]
+        late = table["onset"].to_numpy() + table["duration"].to_numpy() > n_scans * tr
+        if late.any():
+            raise DataError(f"{int(late.sum())} events end after the run "
+                            f"({n_scans} scans x {tr:g} s)", path=path)
+        params = self._fmri_params()
+        betas = single_trial_betas(img if isinstance(img, nib.Nifti1Image) else
+                                   nib.Nifti1Image(np.asarray(img.dataobj, np.float32),
+                                                   img.affine, img.header),
+                                   table, tr=float(tr), mask_img=mask, params=params)
+        if params.get("zscore_per_run", True):
+            betas = zscore_within(betas, np.zeros(len(betas)))
+        return np.nan_to_num(betas).astype(np.float32)
+
+    def prepare_betas(self, betas_img, trials=None, *, subject: str) -> np.ndarray:
+        """Precomputed single-trial betas (4D, one volume per trial) -> ``(n_trials,
+        n_voxels)`` inside the subject's mask, normalised as in training (per ``run`` column
+        of ``trials`` when present, else over the whole image)."""
+        from .preprocess.fmri import _load_4d, check_same_grid, zscore_within
+
+        mask = self.mask(subject)
+        path = None
+        if isinstance(betas_img, (str, Path)):
+            path = Path(betas_img)
+            img, data = _load_4d(path, what="betas image")
+        else:
+            img, data = betas_img, np.asarray(betas_img.dataobj, np.float32)
+        check_same_grid(img, mask, path=path, what="betas image")
+        inside = np.asarray(mask.dataobj) > 0
+        X = data[inside].T.astype(np.float32)
+        table = None if trials is None else (trials if isinstance(trials, pd.DataFrame) else
+                                             pd.read_csv(trials, sep="\t"))
+        if table is not None and len(table) != len(X):
+            raise DataError(f"{len(table)} trial rows but the betas image has {len(X)} "
+                            "volumes", path=path)
+        if self._fmri_params().get("zscore_per_run", True):
+            groups = (table["run"].astype(str).to_numpy() if table is not None
+                      and "run" in table else np.zeros(len(X)))
+            X = zscore_within(X, groups)
+        return X
+
+    # ------------------------------------------------------------------ encode / retrieve
+    def _model_inputs(self, subject: str) -> dict[str, torch.Tensor]:
+        if subject not in self._inputs:
+            from neurorecon.models.meg.brain_module import sensor_features
+
+            info = self._subject(subject)
+            self._inputs[subject] = {} if self.modality != "meg" else {
+                "positions": torch.tensor(info["positions"], dtype=torch.float32),
+                "mask": torch.tensor(info["good"], dtype=torch.bool),
+                "sensors": sensor_features(info["kinds"], np.asarray(info["orientation"],
+                                                                     np.float32)),
+            }
+        return self._inputs[subject]
+
+    def encode(self, x, *, subject: str, head: str = "clip",
+               batch_size: int = 256) -> np.ndarray:
+        """Prepared trials -> embeddings ``(n, emb_dim)`` (token targets flattened).
+
+        ``x``: ``(n, n_chans, n_times)`` / ``(n_chans, n_times)`` MEG, or ``(n, n_voxels)`` /
+        ``(n_voxels,)`` fMRI, from the ``prepare_*`` methods. ``head``: ``"clip"`` for
+        retrieval, ``"mse"`` (:attr:`generation_head`) for generation.
+        """
+        subject = str(subject).removeprefix("sub-")
+        info = self._subject(subject)
+        x = np.asarray(x, dtype=np.float32)
+        per_trial = 2 if self.modality == "meg" else 1
+        if x.ndim == per_trial:
+            x = x[None]
+        want = ((len(info["ch_names"]), int(info["n_times"])) if self.modality == "meg"
+                else (int(info["n_voxels"]),))
+        if x.ndim != per_trial + 1 or x.shape[1:] != want:
+            raise DataError(f"sub-{subject} trials must have shape (n, {', '.join(map(str, want))})"
+                            f", got {x.shape}", hint="prepare them with the decoder's "
+                            f"prepare_{self.modality} method")
+        sub = subject if self.modality == "fmri" else int(info["index"])
+        return encode_batches(self.net, x, subject=sub, inputs=self._model_inputs(subject),
+                              head=head, batch_size=batch_size)
+
+    def retrieve(self, embeddings: np.ndarray, *, k: int = 5,
+                 split: str | None = None) -> list[list[dict[str, Any]]]:
+        """Top-``k`` gallery images per embedding, by cosine similarity, best first.
+
+        ``split`` restricts the candidates to gallery images of one split of the training run
+        (e.g. ``"test"``: the images the offline test-set retrieval ranked). Each hit:
+        ``{"rank", "row", "image_id", "concept", "split", "score"}``.
+        """
+        if self.gallery is None:
+            raise BundleError("this decoder has no gallery", path=self.root)
+        rows = self.gallery.rows(split)
+        emb = np.asarray(embeddings, np.float32)
+        emb = emb[None] if emb.ndim == 1 else emb
+        idx, score = top_k(emb, self.gallery.embeddings[rows], k)
+        table = self.gallery.index
+        return [[{"rank": r + 1, "row": int(rows[j]), "image_id": table["image_id"].iloc[rows[j]],
+                  "concept": table["concept"].iloc[rows[j]],
+                  "split": table["split"].iloc[rows[j]], "score": float(s)}
+                 for r, (j, s) in enumerate(zip(hits, scores, strict=True))]
+                for hits, scores in zip(idx, score, strict=True)]
+
+    # ------------------------------------------------------------------ reconstruct
+    @property
+    def generator(self):
+        """The bundle's generator (loaded on first use)."""
+        if self._generator is None:
+            gen = self.config.get("generator")
+            if not gen:
+                raise BundleError("this bundle has no generator (trained with "
+                                  "reconstruct.enabled=false)", path=self.root,
+                                  hint="export with a generator to reconstruct images")
+            from neurorecon.models.registry import build_generator
+
+            if gen["kind"] == "embedded":
+                if self.generator_dir is None:
+                    raise BundleError("generator directory missing", path=self.root)
+                self._generator = build_generator(gen["class"], {"path": self.generator_dir})
+            else:
+                self._generator = build_generator(gen["class"], gen["config"])
+        return self._generator
+
+    def lowlevel_images(self, x, *, subject: str) -> list[Image.Image]:
+        """Low-level pathway: prepared trials -> img2img starting images (ridge thumbnails)."""
+        from neurorecon.models.generators.base import thumbnails_to_images
+
+        subject = str(subject).removeprefix("sub-")
+        self._subject(subject)
+        if subject not in self.lowlevel:
+            raise BundleError(f"no low-level pathway for sub-{subject} in this bundle",
+                              path=self.root)
+        weight, bias = self.lowlevel[subject]
+        x = np.asarray(x, np.float32)
+        flat = x.reshape(len(x), -1)
+        if flat.shape[1] != weight.shape[1]:
+            raise DataError(f"low-level pathway of sub-{subject} takes {weight.shape[1]} "
+                            f"features per trial, got {flat.shape[1]}")
+        return thumbnails_to_images(flat @ weight.T + bias, resolution=self.generator.resolution)
+
+    def reconstruct(self, embeddings: np.ndarray, *, subject: str | None = None,
+                    lowlevel=None, seed: int | None = None, steps: int | None = None,
+                    guidance: float | None = None, strength: float | None = None
+                    ) -> list[Image.Image]:
+        """Embeddings (from :attr:`generation_head`) -> PIL images.
+
+        ``lowlevel``: the prepared trials the embeddings came from, to start sampling from the
+        low-level pathway's image (img2img; needs ``subject``). ``seed``, ``steps``,
+        ``guidance`` and ``strength`` default to the training run's. Every image carries the
+        generator's stand-in note in ``image.info["neurorecon_note"]``.
+        """
+        from neurorecon.models.generators.base import unit_rows
+
+        gen_cfg = self.config.get("generator") or {}
+        defaults = gen_cfg.get("defaults", {})
+        inits = None
+        if lowlevel is not None:
+            if subject is None:
+                raise DataError("reconstruct(lowlevel=...) needs subject=")
+            inits = self.lowlevel_images(lowlevel, subject=subject)
+        emb = np.asarray(embeddings, np.float32)
+        emb = emb[None] if emb.ndim == 1 else emb
+        images = self.generator.generate(
+            unit_rows(emb), seed=int(defaults.get("seed", 0) if seed is None else seed),
+            steps=int(defaults.get("steps", 20) if steps is None else steps),
+            guidance_scale=float(defaults.get("guidance_scale", 1.5) if guidance is None
+                                 else guidance),
+            init_images=inits,
+            strength=float(defaults.get("strength", 0.85) if strength is None else strength))
+        for im in images:
+            im.info["neurorecon_note"] = self.generator.note
+        return images
+
+    # ------------------------------------------------------------------ I/O
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device: str = "cpu") -> Decoder:
+        """Load a bundle directory (no unpickling; no Hydra or Lightning import)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from neurorecon.models.registry import build
+
+        root = Path(path)
+        config = read_bundle_config(root)
+        try:
+            net = build(config["model_type"], config["model_config"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"cannot rebuild the model ({exc})", path=root / CONFIG) from exc
+        weights = root / WEIGHTS
+        if not weights.is_file():
+            raise BundleError("model weights missing", path=weights)
+        try:
+            state = load_file(weights)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise BundleError(f"unreadable or truncated safetensors file ({exc}); re-export "
+                              "the bundle", path=weights) from exc
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise BundleError(f"weights do not fit the model in config.json ({first})",
+                              path=weights) from exc
+        net.to(device)
+        masks = {}
+        if config["modality"] == "fmri":
+            masks = {label: _load_mask(root, label, info)
+                     for label, info in config["subjects"].items()}
+        gallery = _load_gallery(root / GALLERY) if (root / GALLERY).is_dir() else None
+        lowlevel = _load_lowlevel(root / GENERATOR / LOWLEVEL)
+        gen_dir = root / GENERATOR if (root / GENERATOR).is_dir() else None
+        return cls(net=net, config=config, masks=masks, gallery=gallery, lowlevel=lowlevel,
+                   generator_dir=gen_dir, root=root)
+
+    def save_pretrained(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the bundle to ``path`` (built in a temporary sibling, then moved in place:
+        an interrupted write never leaves a half bundle; an existing one is kept unless
+        ``overwrite``)."""
+        from safetensors.torch import save_file
+
+        out = Path(path)
+        if out.exists() and not overwrite:
+            raise DataError("bundle directory exists", path=out,
+                            hint="choose another directory or pass overwrite")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+        try:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+            save_file(state, tmp / WEIGHTS)
+            if self.masks:
+                import nibabel as nib
+
+                (tmp / MASKS).mkdir()
+                for label, mask in self.masks.items():
+                    nib.save(mask, tmp / MASKS / f"sub-{label}_mask.nii.gz")
+            if self.gallery is not None:
+                _save_gallery(self.gallery, tmp / GALLERY)
+            if self.generator_dir is not None:
+                shutil.copytree(self.generator_dir, tmp / GENERATOR,
+                                ignore=shutil.ignore_patterns("manifest.json", LOWLEVEL))
+            if self.lowlevel:
+                (tmp / GENERATOR).mkdir(exist_ok=True)
+                save_file({f"sub-{lab}.{name}": torch.from_numpy(np.ascontiguousarray(arr))
+                           for lab, (w, b) in self.lowlevel.items()
+                           for name, arr in (("weight", w), ("bias", b))},
+                          tmp / GENERATOR / LOWLEVEL)
+            (tmp / CONFIG).write_text(json.dumps(self.config, indent=1))
+            (tmp / "README.md").write_text(model_card(self.config))
+            if out.exists():
+                old = out.with_name(f".{out.name}-old")
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# bundle files
+# --------------------------------------------------------------------------------------------
+def read_bundle_config(root: Path) -> dict[str, Any]:
+    """``config.json`` of a bundle, checked for format and version."""
+    if not root.is_dir():
+        raise BundleError("not a bundle directory", path=root)
+    path = root / CONFIG
+    if not path.is_file():
+        raise BundleError("config.json missing: not a neurorecon bundle", path=root)
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"unreadable JSON ({exc})", path=path) from exc
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise BundleError(f"not a neurorecon decoder config (format {config.get('format')!r})"
+                          if isinstance(config, dict) else "not a JSON object", path=path)
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"bundle format version {version}; this neurorecon reads version "
+                          f"{FORMAT_VERSION} (re-export it: neurorecon export checkpoint=<ckpt> "
+                          "export.out=<dir>)", path=path)
+    return config
+
+
+def _load_mask(root: Path, label: str, info: Mapping[str, Any]):
+    import nibabel as nib
+
+    path = root / info["mask"]
+    if not path.is_file():
+        raise BundleError(f"voxel mask of sub-{label} missing", path=path)
+    try:
+        mask = nib.load(path)
+        inside = np.asarray(mask.dataobj) > 0
+    except Exception as exc:  # nibabel raises several types for unreadable files
+        raise BundleError(f"unreadable mask ({exc})", path=path) from exc
+    if int(inside.sum()) != int(info["n_voxels"]):
+        raise BundleError(f"mask has {int(inside.sum())} voxels, the model's sub-{label} "
+                          f"adapter takes {info['n_voxels']}", path=path)
+    return mask
+
+
+def _save_gallery(gallery: Gallery, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    (folder / "thumbnails").mkdir(parents=True)
+    index = gallery.index.copy()
+    index["thumbnail"] = [f"thumbnails/{i:05d}.png" for i in range(len(index))]
+    for i in range(len(index)):
+        im = gallery.thumbnail(i).copy()
+        im.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+        im.save(folder / index["thumbnail"].iloc[i])
+    save_file({"embeddings": torch.from_numpy(np.ascontiguousarray(gallery.embeddings,
+                                                                   np.float32))},
+              folder / "embeddings.safetensors")
+    index.to_csv(folder / "index.tsv", sep="\t", index=False)
+
+
+def _load_gallery(folder: Path) -> Gallery:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        emb = load_file(folder / "embeddings.safetensors")["embeddings"]
+        index = pd.read_csv(folder / "index.tsv", sep="\t", dtype=str, keep_default_na=False)
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+        raise BundleError(f"unreadable gallery ({exc})", path=folder) from exc
+    if len(index) != len(emb):
+        raise BundleError(f"{len(emb)} gallery embeddings but {len(index)} index rows",
+                          path=folder)
+    return Gallery(embeddings=emb, index=index, root=folder)
+
+
+def _load_lowlevel(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    if not path.is_file():
+        return {}
+    try:
+        arrays = load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise BundleError(f"unreadable low-level pathway ({exc})", path=path) from exc
+    labels = sorted({k.split(".")[0].removeprefix("sub-") for k in arrays})
+    return {lab: (arrays[f"sub-{lab}.weight"], arrays[f"sub-{lab}.bias"]) for lab in labels}
+
+
+def _events_table(events) -> pd.DataFrame:
+    if isinstance(events, (str, Path)):
+        try:
+            table = pd.read_csv(events, sep="\t", na_values=["n/a"], keep_default_na=False)
+        except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+            raise DataError(f"not a readable events table ({exc})", path=events) from exc
+        path = events
+    else:
+        table, path = pd.DataFrame(events), None
+    check_columns(table, ["onset", "duration"], path=path)
+    table = table.assign(onset=pd.to_numeric(table["onset"], errors="coerce"),
+                         duration=pd.to_numeric(table["duration"], errors="coerce"))
+    if table[["onset", "duration"]].isna().any().any() or (table["onset"] < 0).any():
+        raise DataError("onset and duration must be non-negative seconds", path=path)
+    return table.reset_index(drop=True)
+
+
+def model_card(config: Mapping[str, Any]) -> str:
+    """The bundle's README.md: data, subjects, metrics beside chance and ridge, substitutes."""
+    prov = config.get("provenance", {})
+    metrics = config.get("metrics") or {}
+    lines = [f"# neurorecon {config['modality'].upper()} decoder ({config['model_type']})", "",
+             "Load with `neurorecon.pipelines.inference.Decoder.from_pretrained(<this dir>)`.",
+             "", "## Data", "",
+             f"- dataset: `{prov.get('dataset', {}).get('name')}` (fingerprint "
+             f"`{prov.get('dataset', {}).get('fingerprint')}`)",
+             f"- subjects: {', '.join('sub-' + s for s in config['subjects'])}",
+             f"- embedder: {config['embedder'].get('name')} (weights "
+             f"`{config['embedder'].get('weights')}`, dim {config['embedder'].get('emb_dim')})"]
+    prep = config["preprocessing"]
+    if config["modality"] == "meg":
+        p = prep["params"]
+        lines.append(f"- preprocessing: {p['l_freq']}-{p['h_freq']} Hz band-pass "
+                     f"(phase **{p['phase']}**), {p['sfreq']:g} Hz, epochs "
+                     f"[{p['tmin']}, {p['tmax']}] s; "
+                     + ("streamable (causal)" if p["phase"] == "causal" else
+                        "not streamable (zero-phase: train with preprocess.meg.phase=causal)"))
+        if config.get("focus"):
+            f = config["focus"]
+            lines.append(f"- temporal focus: [{f['tmin']:.3f}, {f['tmax']:.3f}] s "
+                         f"({f.get('reason')})")
+    else:
+        lines.append(f"- preprocessing: {prep.get('glm')} single-trial GLM, z-scored per run: "
+                     f"{prep.get('zscore_per_run')}; masks in `masks/`")
+    retrieval = metrics.get("retrieval")
+    if retrieval:
+        lines += ["", f"## Test-set retrieval ({metrics.get('n_test')} rows, "
+                  f"{metrics.get('n_test_images')} images)", "",
+                  "| decoder | top-1 | top-5 | median rank |", "|---|---|---|---|"]
+        for name, m in retrieval.items():
+            lines.append(f"| {name} | {m['top1']:.3f} | {m['top5']:.3f} | "
+                         f"{m.get('median_rank', float('nan')):.1f} |")
+    gen = config.get("generator")
+    lines += ["", "## Substitutes", "",
+              f"- embedder: {config['embedder'].get('substitute_note') or 'none'}",
+              f"- generator: {gen['note'] if gen else 'no generator in this bundle'}",
+              "", "## Provenance", "",
+              f"- neurorecon {prov.get('version')} (commit {prov.get('commit')}), "
+              f"created {prov.get('created')}", ""]
+    return "\n".join(lines)

@@ -1,0 +1,288 @@
+"""The trained-decoder bundle: offline == bundle, relocation, bad bundles, streaming, no
+Lightning/Hydra on the inference path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from neurorecon.models.common.checks import DataError
+
+from .conftest import compose_stage
+from .test_train import SMALL_FMRI, SMALL_MEG
+
+FAST = ["trainer.max_epochs=3", "trainer.min_epochs=1", "datamodule.batch_size=8",
+        "evaluate.time_resolved=false", "trainer.enable_progress_bar=false"]
+#: a few steps: the generator only has to exist and round-trip, not to be good
+TINY_GENERATOR = ["reconstruct.generator.resolution=16", "reconstruct.generator.train_steps=20",
+                  "reconstruct.generator.block_out_channels=[8,16,16]", "reconstruct.steps=3",
+                  "reconstruct.skip_metrics=[inception,alexnet2,alexnet5,effnet,swav]",
+                  "reconstruct.grid_rows=2"]
+
+
+@pytest.fixture(scope="module")
+def meg_run(sample_root, tmp_path_factory):
+    """A causal MEG run with a generator: its directory, config and metrics."""
+    from neurorecon.pipelines.run import run
+
+    cfg = compose_stage("train", tmp_path_factory.mktemp("meg"), [
+        "data=bids", f"data.root={sample_root / 'meg'}", "preprocess.meg.phase=causal",
+        *FAST, *SMALL_MEG, *TINY_GENERATOR])
+    metrics = run(cfg)
+    return Path(cfg.paths.output_dir), cfg, metrics
+
+
+@pytest.fixture(scope="module")
+def fmri_run(sample_root, tmp_path_factory):
+    from neurorecon.pipelines.run import run
+
+    cfg = compose_stage("train", tmp_path_factory.mktemp("fmri"), [
+        "data=bids", f"data.root={sample_root / 'fmri'}", "data.modality=fmri",
+        "reconstruct.enabled=false", *FAST, *SMALL_FMRI])
+    metrics = run(cfg)
+    return Path(cfg.paths.output_dir), cfg, metrics
+
+
+def _offline(run_dir: Path, cfg):
+    """The run's final encoder and data module, rebuilt from its checkpoint."""
+    from neurorecon.pipelines.export import data_of_checkpoint
+
+    ckpt = json.loads((run_dir / "metrics.json").read_text())["training"]["best_checkpoint"]
+    net, dm, _, _ = data_of_checkpoint(ckpt, cfg)
+    return net, dm
+
+
+@pytest.mark.parametrize("which", ["meg", "fmri"])
+def test_bundle_decodes_like_the_training_run(which, meg_run, fmri_run, sample_root, tmp_path):
+    from neurorecon.pipelines.evaluate.stage import run as evaluate
+    from neurorecon.pipelines.inference import Decoder, predict_split
+
+    run_dir, cfg, metrics = meg_run if which == "meg" else fmri_run
+    decoder = Decoder.from_pretrained(run_dir / "bundle")
+    assert decoder.modality == which and decoder.subjects == metrics["subjects"]
+
+    # same embeddings for the cached test rows (model, layout, subspace buffers)
+    net, dm = _offline(run_dir, cfg)
+    offline = predict_split(net, dm, "test")
+    test = dm.splits["test"]
+    for k, label in enumerate(dm.labels):
+        rows, X = dm.subject_rows("test", k)
+        np.testing.assert_allclose(decoder.encode(X.numpy(), subject=label), offline[rows],
+                                   atol=1e-5, rtol=0)
+    assert len(test) == metrics["n_test"]
+
+    # the raw dataset through the bundle's own transforms: identical retrieval metrics
+    overrides = ["data=bids", f"data.root={sample_root / which}"]
+    if which == "fmri":
+        overrides.append("data.modality=fmri")
+    ev = evaluate(compose_stage("evaluate", tmp_path, [f"bundle={run_dir / 'bundle'}",
+                                                       *overrides]))
+    for key in ("top1", "top5", "median_rank"):
+        assert ev["retrieval"]["encoder"][key] == pytest.approx(
+            metrics["retrieval"]["encoder"][key], abs=1e-9)
+    assert ev["retrieval_per_subject"] == {
+        s: {"encoder": m["encoder"]} for s, m in metrics["retrieval_per_subject"].items()}
+
+    # retrieval among the gallery's test images == the offline top-1
+    hits = decoder.retrieve(offline, k=5, split="test")
+    truth = [dm.embedding_index["stim_file"].iloc[t] for t in test.target]
+    top1 = np.mean([h[0]["image_id"] == t for h, t in zip(hits, truth, strict=True)])
+    assert top1 == pytest.approx(metrics["retrieval"]["encoder"]["top1"])
+    n = min(5, metrics["n_test_images"])
+    assert all(len(h) == n and h[0]["score"] >= h[-1]["score"] for h in hits)
+
+
+def test_meg_prepare_equals_the_preprocessing_cache(meg_run, sample_root):
+    """prepare_meg on the raw recording (frozen scaler) == the cached training epochs."""
+    from neurorecon.pipelines.data.events import EventSpec, read_events
+    from neurorecon.pipelines.data.studies import find_recordings
+    from neurorecon.pipelines.inference import Decoder
+    from neurorecon.pipelines.preprocess.meg import read_raw
+
+    run_dir, cfg, _ = meg_run
+    decoder = Decoder.from_pretrained(run_dir / "bundle")
+    _, dm = _offline(run_dir, cfg)
+    rec = find_recordings(sample_root / "meg", modality="meg")[0]
+    events = read_events(rec.events_path, bids_root=sample_root / "meg", spec=EventSpec())
+    X = decoder.prepare_meg(read_raw(rec), subject=rec.subject, events=events)
+    k = dm.labels.index(rec.subject)
+    trials = dm.data.subjects[rec.subject].trials
+    cached = np.asarray(dm.data.subjects[rec.subject].X)
+    train = np.flatnonzero((trials["recording"] == rec.fpath.name).to_numpy()
+                           & (trials["n_repeats"] == 1).to_numpy())
+    onsets = events["onset"].to_numpy()
+    for row in train[:20]:
+        i = int(np.argmin(np.abs(onsets - trials["onset"].iloc[row])))
+        np.testing.assert_allclose(X[i], cached[row], atol=1e-5, rtol=0)
+    assert dm.labels[k] == rec.subject
+
+
+def test_streamed_windows_through_the_bundle(meg_run, sample_root, tmp_path):
+    """streaming_filter + meg_window == prepare_meg (causal bundle); zero-phase refused."""
+    from neurorecon.pipelines.data.events import EventSpec, read_events
+    from neurorecon.pipelines.data.studies import find_recordings
+    from neurorecon.pipelines.inference import Decoder
+    from neurorecon.pipelines.preprocess.meg import read_raw
+
+    run_dir, _, _ = meg_run
+    decoder = Decoder.from_pretrained(run_dir / "bundle")
+    rec = find_recordings(sample_root / "meg", modality="meg")[0]
+    events = read_events(rec.events_path, bids_root=sample_root / "meg", spec=EventSpec())
+    raw = read_raw(rec)
+    offline = decoder.prepare_meg(raw, subject=rec.subject, events=events)
+    info = decoder.config["subjects"][rec.subject]
+    data = raw.copy().pick(info["ch_names"]).get_data()
+    stream = decoder.streaming_filter(rec.subject, sfreq=raw.info["sfreq"])
+    out = np.concatenate([stream.process(data[:, s : s + 333])
+                          for s in range(0, data.shape[1], 333)], axis=1)
+    p = decoder.meg_params
+    first = int(round(p.tmin * p.sfreq))
+    for i, onset in enumerate(events["onset"].to_numpy()[:10]):
+        s = int(round(onset * p.sfreq)) + first
+        win = decoder.meg_window(out[:, s : s + info["n_times"]], subject=rec.subject)
+        np.testing.assert_allclose(win, offline[i], atol=1e-4, rtol=0)
+    with pytest.raises(DataError, match="window of shape"):
+        decoder.meg_window(out[:, :5], subject=rec.subject)
+
+    zero = tmp_path / "zero"
+    shutil.copytree(run_dir / "bundle", zero)
+    config = json.loads((zero / "config.json").read_text())
+    config["preprocessing"]["params"]["phase"] = "zero"
+    (zero / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DataError, match=r"(?s)zero-phase.*preprocess\.meg\.phase=causal"):
+        Decoder.from_pretrained(zero).streaming_filter(rec.subject)
+
+
+def test_bundle_survives_a_copy_and_holds_no_absolute_path(fmri_run, tmp_path):
+    from neurorecon.pipelines.inference import Decoder
+
+    run_dir, _, _ = fmri_run
+    moved = tmp_path / "elsewhere" / "decoder"
+    shutil.copytree(run_dir / "bundle", moved)
+    for f in moved.rglob("*"):
+        if f.suffix in (".json", ".tsv", ".md"):
+            text = f.read_text()
+            assert str(run_dir) not in text and str(tmp_path) not in text, f
+    a, b = Decoder.from_pretrained(run_dir / "bundle"), Decoder.from_pretrained(moved)
+    label = a.subjects[0]
+    x = np.random.default_rng(0).standard_normal((3, a.config["subjects"][label]["n_voxels"]))
+    np.testing.assert_array_equal(a.encode(x, subject=label), b.encode(x, subject=label))
+    assert b.gallery.thumbnail(0).size[0] <= 96
+    card = (moved / "README.md").read_text()
+    assert "ridge" in card and "chance" in card and "Substitutes" in card
+
+
+def test_broken_bundles_give_one_line_errors(fmri_run, tmp_path):
+    import nibabel as nib
+
+    from neurorecon.pipelines.inference import BundleError, Decoder
+
+    run_dir, _, _ = fmri_run
+
+    def copy(name):
+        shutil.copytree(run_dir / "bundle", tmp_path / name)
+        return tmp_path / name
+
+    def one_line(exc_info, *words):
+        msg = str(exc_info.value)
+        assert "\n" not in msg, msg
+        for w in words:
+            assert w in msg, msg
+
+    bad = copy("truncated")
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(BundleError) as e:
+        Decoder.from_pretrained(bad)
+    one_line(e, "model.safetensors", "truncated")
+
+    bad = copy("nomask")
+    label = json.loads((bad / "config.json").read_text())["subjects"]
+    first = next(iter(label))
+    (bad / "masks" / f"sub-{first}_mask.nii.gz").unlink()
+    with pytest.raises(BundleError) as e:
+        Decoder.from_pretrained(bad)
+    one_line(e, f"sub-{first}_mask.nii.gz", "missing")
+
+    bad = copy("version")
+    config = json.loads((bad / "config.json").read_text())
+    config["format_version"] = 99
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError) as e:
+        Decoder.from_pretrained(bad)
+    one_line(e, "config.json", "version 99", "neurorecon export")
+
+    decoder = Decoder.from_pretrained(run_dir / "bundle")
+    mask = decoder.mask(first)
+    betas = nib.Nifti1Image(np.random.default_rng(0).standard_normal(
+        (*mask.shape, 4)).astype(np.float32), mask.affine)
+    coarse = nib.Nifti1Image(np.asarray(betas.dataobj)[::2, ::2, ::2],  # another grid
+                             betas.affine @ np.diag([2.0, 2.0, 2.0, 1.0]))
+    nib.save(coarse, tmp_path / "sub-x_betas.nii.gz")
+    with pytest.raises(DataError) as e:
+        decoder.prepare_betas(tmp_path / "sub-x_betas.nii.gz", subject=first)
+    one_line(e, "sub-x_betas.nii.gz", "another voxel grid", "mask shape (")
+    assert decoder.prepare_betas(betas, subject=first).shape == (
+        4, decoder.config["subjects"][first]["n_voxels"])
+
+
+def test_bundle_reconstructs_like_the_run(meg_run):
+    from PIL import Image
+
+    from neurorecon.pipelines.inference import Decoder
+
+    run_dir, cfg, metrics = meg_run
+    decoder = Decoder.from_pretrained(run_dir / "bundle")
+    net, dm = _offline(run_dir, cfg)
+    label = dm.labels[0]
+    rows, X = dm.subject_rows("test", 0)
+    emb = decoder.encode(X.numpy(), subject=label, head=decoder.generation_head)
+    images = decoder.reconstruct(emb[:2], subject=label, lowlevel=X.numpy()[:2],
+                                 seed=int(rows[0]))
+    assert len(images) == 2 and "stand-in" in images[0].info["neurorecon_note"]
+    saved = sorted((run_dir / "reconstructions").glob(f"test{rows[0]:03d}_*.png"))
+    offline = np.asarray(Image.open(saved[0]).convert("RGB"), np.float32)
+    diff = np.abs(np.asarray(images[0], np.float32) - offline).mean()
+    assert diff < 2.0, diff  # same seed, generator and low-level start (up to float rounding)
+    assert metrics["reconstruction"]["n_images"] == len(dm.splits["test"])
+
+
+def test_inference_imports_neither_lightning_nor_hydra(meg_run):
+    run_dir, _, _ = meg_run
+    code = (
+        "import sys, numpy as np\n"
+        "from neurorecon.pipelines.inference import Decoder\n"
+        f"d = Decoder.from_pretrained({str(run_dir / 'bundle')!r})\n"
+        "s = d.subjects[0]; c = d.config['subjects'][s]\n"
+        "x = np.zeros((2, len(c['ch_names']), c['n_times']), np.float32)\n"
+        "d.retrieve(d.encode(x, subject=s), k=3)\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'hydra', "
+        "'pytorch_lightning'}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_export_stage_round_trips(meg_run, tmp_path):
+    from neurorecon.pipelines.export import run as export
+    from neurorecon.pipelines.inference import Decoder
+
+    run_dir, _, metrics = meg_run
+    out = tmp_path / "exported"
+    cfg = compose_stage("export", tmp_path, [
+        f"checkpoint={metrics['training']['best_checkpoint']}", f"export.out={out}",
+        "export.generator=false"])
+    export(cfg)
+    a, b = Decoder.from_pretrained(run_dir / "bundle"), Decoder.from_pretrained(out)
+    assert a.config["model_config"] == b.config["model_config"]
+    assert b.config["generator"] is None
+    with pytest.raises(DataError, match="bundle directory exists"):
+        export(cfg)
+    with pytest.raises(DataError, match="no generator"):
+        b.reconstruct(np.zeros((1, a.config["embedder"]["emb_dim"]), np.float32))
