@@ -21,11 +21,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The main job on the embedded sample dataset: write it, then every stage for each modality
-# (preprocess -> embed -> train -> evaluate -> reconstruct); results and report.md under
-# runs/run/<timestamp>/.
+# (preprocess -> embed -> train -> evaluate -> reconstruct -> bundle); results, report.md and
+# bundle/ under runs/run/<timestamp>/. MEG is filtered causally, so its bundle can be streamed.
 demo: install
 	$(NR) sample
-	$(NR) run data=sample_meg
+	$(NR) run data=sample_meg preprocess.meg.phase=causal
 	$(NR) run data=sample_fmri evaluate.adaptation=true
 
 test: install
@@ -34,6 +34,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check configs pipelines models serve tests
 	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/lint-imports
 
 clean-cache:
 	rm -rf cache

@@ -65,8 +65,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics["adaptation"] = adaptation_curve(cfg, preproc_dir=preproc_dir,
                                                  embeddings_dir=emb_dir, out_dir=out_dir)
     if (cfg.get("export") or {}).get("bundle", True):
+        # the run's own bundle: a rerun into the same directory replaces it, like metrics.json
         bundle = export_bundle(lit.net, dm, cfg=cfg, out=out_dir / "bundle", metrics=metrics,
-                               focus=focus)
+                               focus=focus, overwrite=True)
         metrics["bundle"] = {"path": "bundle", "bytes": bundle["bytes"]}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
@@ -108,8 +109,6 @@ def train_seeds(cfg: DictConfig, seeds: list[int]) -> dict[str, Any]:
     every retrieval score replaced by its mean over seeds, and ``over_seeds`` holding mean,
     sd and the per-seed values.
     """
-    from ..evaluate.summary import write_report
-
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
         raise DataError(f"seeds={list(seeds)}: give two or more distinct seeds",
                         hint="e.g. seeds=[0,1,2]; a single run takes seed=<n>")

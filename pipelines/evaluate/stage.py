@@ -204,7 +204,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
         net, dm, job, _ = data_of_checkpoint(checkpoint, cfg)
         bundle = export_bundle(net, dm, cfg=job, out=Path(cfg.paths.output_dir) / "bundle",
-                               generator=False)["path"]
+                               generator=False, overwrite=True)["path"]
     metrics = evaluate_bundle(cfg, bundle)
     if checkpoint:
         metrics["checkpoint"] = str(checkpoint)
