@@ -373,11 +373,9 @@ class Decoder:
         tr : float | None
             Repetition time (s); default: the JSON sidecar of a path, else the header.
         """
-        import nibabel as nib
-
         from .preprocess.fmri import (
-            _load_4d,
             check_same_grid,
+            load_4d,
             read_tr,
             single_trial_betas,
             zscore_within,
@@ -388,7 +386,7 @@ class Decoder:
         if isinstance(bold_img, (str, Path)):
             path = Path(bold_img)
             tr = read_tr(path) if tr is None else tr
-            img, _ = _load_4d(path, what="BOLD image")
+            img, _ = load_4d(path, what="BOLD image")
         else:
             img = bold_img
             if img.ndim != 4:
@@ -405,10 +403,7 @@ class Decoder:
             raise DataError(f"{int(late.sum())} events end after the run "
                             f"({n_scans} scans x {tr:g} s)", path=path)
         params = self._fmri_params()
-        betas = single_trial_betas(img if isinstance(img, nib.Nifti1Image) else
-                                   nib.Nifti1Image(np.asarray(img.dataobj, np.float32),
-                                                   img.affine, img.header),
-                                   table, tr=float(tr), mask_img=mask, params=params)
+        betas = single_trial_betas(img, table, tr=float(tr), mask_img=mask, params=params)
         if params.get("zscore_per_run", True):
             betas = zscore_within(betas, np.zeros(len(betas)))
         return np.nan_to_num(betas).astype(np.float32)
@@ -417,13 +412,13 @@ class Decoder:
         """Precomputed single-trial betas (4D, one volume per trial) -> ``(n_trials,
         n_voxels)`` inside the subject's mask, normalised as in training (per ``run`` column
         of ``trials`` when present, else over the whole image)."""
-        from .preprocess.fmri import _load_4d, check_same_grid, zscore_within
+        from .preprocess.fmri import check_same_grid, load_4d, zscore_within
 
         mask = self.mask(subject)
         path = None
         if isinstance(betas_img, (str, Path)):
             path = Path(betas_img)
-            img, data = _load_4d(path, what="betas image")
+            img, data = load_4d(path, what="betas image")
         else:
             img, data = betas_img, np.asarray(betas_img.dataobj, np.float32)
         check_same_grid(img, mask, path=path, what="betas image")

@@ -329,3 +329,15 @@ def test_combined_loss_weights_and_errors():
         CombinedLoss()(out, torch.randn(8, EMB + 1))
     with pytest.raises(ValueError, match="lambda_clip"):
         CombinedLoss(lambda_clip=1.5)
+
+
+def test_generator_registry_resolves_every_backend():
+    """Bundles name their generator class; every name resolves to that class (lazily)."""
+    import importlib
+
+    from neurorecon.models.registry import GENERATOR_TYPES, build_generator
+
+    for name, module in GENERATOR_TYPES.items():
+        assert getattr(importlib.import_module(module), name).__name__ == name
+    with pytest.raises(ValueError, match="known"):
+        build_generator("NoSuchGenerator", {})

@@ -29,6 +29,32 @@ def _contract(m: dict[str, Any]) -> dict[str, Any]:
     return {k: m[k] for k in (*CONTRACT_KEYS, "n_candidates") if k in m}
 
 
+def retrieval_blocks(preds: dict[str, np.ndarray], embeddings: np.ndarray,
+                     targets: np.ndarray, subjects: np.ndarray) -> dict[str, Any]:
+    """The ``retrieval``, ``retrieval_all_images`` and ``retrieval_per_subject`` blocks.
+
+    ``preds`` maps a decoder name to its ``(n_rows, dim)`` predictions; row ``i`` shows image
+    ``targets[i]`` (a row of ``embeddings``, every candidate image) to subject
+    ``subjects[i]``. ``retrieval`` ranks among the images of the rows, ``retrieval_all_images``
+    among all of ``embeddings``; chance beside both.
+    """
+    cand_rows, true_idx = candidate_rows(targets)
+    cand = embeddings[cand_rows]
+    retrieval = {name: _contract(retrieval_metrics(p, cand, true_idx)) for name, p in preds.items()}
+    retrieval["chance"] = _contract(chance_metrics(len(cand)))
+    all_images = {name: _contract(retrieval_metrics(p, embeddings, targets))
+                  for name, p in preds.items()}
+    all_images["chance"] = _contract(chance_metrics(len(embeddings)))
+    per_subject = {}
+    for label in dict.fromkeys(np.asarray(subjects).tolist()):
+        rows = np.asarray(subjects) == label
+        per_subject[str(label)] = {
+            name: _contract(retrieval_metrics(p[rows], cand, true_idx[rows]))
+            for name, p in preds.items()}
+    return {"retrieval": retrieval, "retrieval_all_images": all_images,
+            "retrieval_per_subject": per_subject}
+
+
 def evaluate(net, dm, *, out_dir: str | Path, stim_root: str | Path | None = None,
              ridge: bool = True, time_resolved: bool = True,
              ridge_alphas=None, focus: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -47,17 +73,7 @@ def evaluate(net, dm, *, out_dir: str | Path, stim_root: str | Path | None = Non
     preds = {"encoder": predict_split(net, dm, "test")}
     if ridge:
         preds["ridge"] = ridge_predictions(dm, alphas=ridge_alphas)
-    retrieval = {name: _contract(retrieval_metrics(p, cand, true_idx)) for name, p in preds.items()}
-    retrieval["chance"] = _contract(chance_metrics(len(cand)))
-    all_images = {name: _contract(retrieval_metrics(p, emb, targets)) for name, p in preds.items()}
-    all_images["chance"] = _contract(chance_metrics(len(emb)))
-    per_subject = {}
-    for k, label in enumerate(dm.labels):
-        rows = test.subject == k
-        if rows.any():
-            per_subject[label] = {
-                name: _contract(retrieval_metrics(p[rows], cand, true_idx[rows]))
-                for name, p in preds.items()}
+    blocks = retrieval_blocks(preds, emb, targets, np.asarray(dm.labels)[test.subject])
     spec = dm.embedder_spec
     metrics: dict[str, Any] = {
         "modality": dm.modality,
@@ -66,9 +82,7 @@ def evaluate(net, dm, *, out_dir: str | Path, stim_root: str | Path | None = Non
         "subjects": dm.labels,
         "embedder": spec.get("name"),
         "embedder_note": spec.get("substitute_note"),
-        "retrieval": retrieval,
-        "retrieval_all_images": all_images,
-        "retrieval_per_subject": per_subject,
+        **blocks,
     }
     note = spec.get("substitute_note")
     if stim_root is not None and Path(stim_root).is_dir():

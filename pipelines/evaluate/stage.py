@@ -24,18 +24,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from neurorecon.models.common.checks import DataError
 from neurorecon.models.common.logging import logger, progress
-from neurorecon.models.retrieval import candidate_rows, chance_metrics, retrieval_metrics
+from neurorecon.models.retrieval import candidate_rows
 
 from ..data.events import EventSpec, read_events
 from ..inference import Decoder
 from ..preprocess.store import average_repeats
 from .figures import plot_retrieval_examples
-from .report import CONTRACT_KEYS
+from .report import retrieval_blocks
 from .summary import write_report
-
-
-def _contract(m: dict[str, Any]) -> dict[str, Any]:
-    return {k: m[k] for k in (*CONTRACT_KEYS, "n_candidates") if k in m}
 
 
 def prepare_dataset(decoder: Decoder, data_cfg: DictConfig
@@ -153,17 +149,10 @@ def evaluate_bundle(cfg: DictConfig, bundle: str | Path) -> dict[str, Any]:
     emb, ids, source = _candidates(decoder, cfg, stim_files)
     row_of = {s: i for i, s in enumerate(ids)}
     targets = np.array([row_of[s] for s in stim_files])
+    blocks = retrieval_blocks({"encoder": pred}, emb, targets,
+                              test_rows["subject"].to_numpy())
     cand_rows, true_idx = candidate_rows(targets)
     cand = emb[cand_rows]
-    retrieval = {"encoder": _contract(retrieval_metrics(pred, cand, true_idx)),
-                 "chance": _contract(chance_metrics(len(cand)))}
-    all_images = {"encoder": _contract(retrieval_metrics(pred, emb, targets)),
-                  "chance": _contract(chance_metrics(len(emb)))}
-    per_subject = {}
-    for subject in test_rows["subject"].unique():
-        sel = (test_rows["subject"] == subject).to_numpy()
-        per_subject[subject] = {"encoder": _contract(retrieval_metrics(pred[sel], cand,
-                                                                       true_idx[sel]))}
     stim_root = Path(cfg.data.root) / cfg.data.stim_dir
     note = decoder.config["embedder"].get("substitute_note")
     plot_retrieval_examples([stim_root / s for s in stim_files], pred, cand,
@@ -174,16 +163,16 @@ def evaluate_bundle(cfg: DictConfig, bundle: str | Path) -> dict[str, Any]:
                             "and top-5 retrieved", note=note)
     metrics = {
         "modality": decoder.modality, "n_test": int(len(pred)),
-        "n_test_images": int(len(cand)), "subjects": sorted(per_subject),
+        "n_test_images": int(len(cand)), "subjects": sorted(blocks["retrieval_per_subject"]),
         "embedder": decoder.config["embedder"].get("name"), "embedder_note": note,
-        "retrieval": retrieval, "retrieval_all_images": all_images,
-        "retrieval_per_subject": per_subject, "bundle": str(bundle),
+        **blocks, "bundle": str(bundle),
         "candidates": source, "fitted_statistics": "the bundle's (nothing refitted)",
         "bundle_metrics": decoder.config.get("metrics", {}).get("retrieval"),
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    enc = blocks["retrieval"]["encoder"]
     logger.info("evaluate: encoder top1 %.3f top5 %.3f on %d test rows (%d images); metrics "
-                "in %s, report %s", retrieval["encoder"]["top1"], retrieval["encoder"]["top5"],
+                "in %s, report %s", enc["top1"], enc["top5"],
                 len(pred), len(cand), out_dir / "metrics.json", write_report(out_dir, metrics))
     return metrics
 

@@ -66,7 +66,7 @@ def _params(params: Mapping[str, Any] | None) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- inputs
 
 
-def _load_4d(path: Path, *, what: str):
+def load_4d(path: Path, *, what: str):
     """Load a 4D NIfTI with nibabel; return ``(image, float32 data)``, checked."""
     import nibabel as nib
 
@@ -340,7 +340,7 @@ def preprocess_fmri(recordings, *, bids_root: str | Path, spec: EventSpec | None
             ref, inside, keep, Xs, tables, trs = None, None, None, [], [], set()
             for rec in progress(recs, desc=f"sub-{label} runs (GLM)", total=len(recs)):
                 tr = read_tr(rec.fpath)
-                img, data = _load_4d(rec.fpath, what="BOLD image")
+                img, data = load_4d(rec.fpath, what="BOLD image")
                 n_scans = img.shape[3]
                 header_tr = float(img.header.get_zooms()[3])
                 if header_tr > 0 and abs(header_tr - tr) > 1e-3:
@@ -485,7 +485,7 @@ def load_betas(betas: Sequence[tuple[Path, Path, str]], *, bids_root: str | Path
                                      total=len(by_subject)):
             ref, inside, keep, Xs, tables = None, None, None, [], []
             for k, (img_path, trials_path, _) in enumerate(items):
-                img, data = _load_4d(Path(img_path), what="betas image")
+                img, data = load_4d(Path(img_path), what="betas image")
                 trials = as_stim_file(read_trials(
                     Path(trials_path), n_volumes=img.shape[3], image=Path(img_path),
                     bids_root=bids_root, spec=spec), spec)
