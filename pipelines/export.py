@@ -190,7 +190,7 @@ def bundle_config(net, dm, *, cfg: DictConfig, metrics: dict[str, Any] | None = 
         "subjects": _subjects(dm),
         "focus": focus,
         "generator": generator,
-        "provenance": {"dataset": {"name": Path(str(cfg.data.root)).name,
+        "provenance": {"dataset": {"name": "/".join(Path(str(cfg.data.root)).parts[-2:]),
                                    "modality": dm.modality, "fingerprint": fingerprint[:16],
                                    "preprocessing_cache": _cache_key(dm.preproc_dir),
                                    "embeddings_cache": _cache_key(dm.embeddings_dir)},
