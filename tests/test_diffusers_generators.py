@@ -249,6 +249,22 @@ def test_run_with_pretrained_unclip_and_captions(unclip_dir, sample_root, hf_dir
     report = (Path(cfg.paths.output_dir) / "report.md").read_text()
     assert "caption pathway" in report and "Stable unCLIP" in report
 
+    # the bundle names the pretrained backend (its local path, not a copy) and reloads it
+    from neurorecon.pipelines.inference import Decoder
+
+    decoder = Decoder.from_pretrained(Path(cfg.paths.output_dir) / "bundle")
+    assert decoder.config["generator"]["kind"] == "diffusers"
+    assert not (Path(cfg.paths.output_dir) / "bundle" / "generator").exists()
+    assert type(decoder.generator).__name__ == "StableUnclipGenerator"
+    emb = decoder.encode(np.zeros((1, *_window_shape(decoder)), np.float32), subject="01",
+                         head=decoder.generation_head)
+    assert decoder.reconstruct(emb, steps=2)[0].size == (RESOLUTION, RESOLUTION)
+
+
+def _window_shape(decoder):
+    info = decoder.config["subjects"]["01"]
+    return len(info["ch_names"]), info["n_times"]
+
 
 def test_unclip_bad_input(unclip, unclip_dir, tmp_path):
     from neurorecon.models.generators.diffusers_unclip import StableUnclipGenerator
