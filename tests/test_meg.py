@@ -217,3 +217,15 @@ def test_streamed_windows_equal_offline_causal_epochs(sample_root):
                              center=np.array(stats["scaler_center"]),
                              scale=np.array(stats["scaler_scale"]), good=good)
         np.testing.assert_allclose(win, sub.X[row], rtol=1e-4, atol=1e-4)
+
+
+def test_causal_needs_an_integer_rate_ratio_and_names_one():
+    """1000 Hz -> 120 Hz cannot be decimated causally; the error says which rate can."""
+    from neurorecon.pipelines.preprocess.meg import filter_and_decimate
+
+    raw = mne.io.RawArray(np.zeros((2, 2000)), mne.create_info(2, 1000.0, "mag"), verbose=False)
+    with pytest.raises(DataError, match=r"preprocess\.meg\.sfreq=125"):
+        filter_and_decimate(raw, MegParams(phase="causal", sfreq=120.0))
+    with pytest.raises(DataError, match="the stream's rate 1000 Hz"):
+        StreamingMegFilter(sfreq=1000.0, n_chans=2, params=MegParams(phase="causal"))
+    assert filter_and_decimate(raw, MegParams(phase="causal", sfreq=125.0)).info["sfreq"] == 125

@@ -84,6 +84,18 @@ def decimation_factor(sfreq_in: float, sfreq_out: float) -> int | None:
     return int(round(ratio)) if abs(ratio - round(ratio)) < 1e-6 and ratio >= 1 else None
 
 
+def non_integer_rate(sfreq_in: float, sfreq: float, *, what: str,
+                     path: str | Path | None = None) -> DataError:
+    """The error for causal filtering at a rate that ``sfreq_in`` does not divide: a causal
+    decoder decimates by an integer factor (resampling is not causal); names the nearest
+    rate that works."""
+    factor = max(1, int(round(sfreq_in / sfreq)))
+    return DataError(
+        f"causal preprocessing needs an integer ratio between {what}'s rate {sfreq_in:g} Hz and "
+        f"preprocess.meg.sfreq={sfreq:g} Hz (set preprocess.meg.sfreq={sfreq_in / factor:g}, "
+        f"{sfreq_in:g}/{factor})", path=path)
+
+
 def causal_sos(sfreq: float, params: MegParams) -> np.ndarray:
     """Second-order sections of the causal Butterworth band-pass (designed by MNE)."""
     filt = mne.filter.create_filter(
@@ -101,6 +113,10 @@ def filter_and_decimate(raw: mne.io.BaseRaw, params: MegParams) -> mne.io.BaseRa
     (the anti-alias low-pass is the band-pass itself); other ratios use MNE's resampling,
     which is not causal and so is refused with ``phase="causal"``.
     """
+    factor = decimation_factor(raw.info["sfreq"], params.sfreq)
+    if factor is None and params.phase == "causal":
+        raise non_integer_rate(raw.info["sfreq"], params.sfreq, what="the recording",
+                               path=(raw.filenames or [None])[0])
     if params.l_freq is not None or params.h_freq is not None:
         if params.phase == "zero":
             raw.filter(params.l_freq, params.h_freq, picks="data", verbose=False)
@@ -108,13 +124,7 @@ def filter_and_decimate(raw: mne.io.BaseRaw, params: MegParams) -> mne.io.BaseRa
             raw.filter(params.l_freq, params.h_freq, picks="data", method="iir",
                        iir_params=dict(sos=causal_sos(raw.info["sfreq"], params)),
                        phase="forward", verbose=False)
-    factor = decimation_factor(raw.info["sfreq"], params.sfreq)
     if factor is None:
-        if params.phase == "causal":
-            raise ValueError(
-                f"phase='causal' needs an integer ratio between the recording rate "
-                f"{raw.info['sfreq']} Hz and preprocess.meg.sfreq={params.sfreq} Hz"
-            )
         return raw.resample(params.sfreq, verbose=False)
     if factor == 1:
         return raw
@@ -149,10 +159,7 @@ class StreamingMegFilter:
         self.sfreq_in = float(sfreq)
         self.factor = decimation_factor(self.sfreq_in, params.sfreq)
         if self.factor is None:
-            raise ValueError(
-                f"streaming needs an integer ratio between the stream rate {sfreq} Hz and "
-                f"the recipe rate {params.sfreq} Hz"
-            )
+            raise non_integer_rate(self.sfreq_in, params.sfreq, what="the stream")
         self.n_chans = n_chans
         self.sos = (
             causal_sos(self.sfreq_in, params)
