@@ -6,7 +6,7 @@ export LSLAPICFG ?= $(abspath ../shared/lsl_api.cfg)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test lint clean-cache
+.PHONY: install demo test test-fast lint clean-cache
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ demo: install
 
 test: install
 	$(VENV)/bin/pytest -q
+
+# everything but the tests marked slow (> ~20 s each on 2 cores); CI runs `make test`
+test-fast: install
+	$(VENV)/bin/pytest -q -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check configs pipelines models serve tests

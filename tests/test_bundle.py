@@ -58,12 +58,12 @@ def _offline(run_dir: Path, cfg):
     return net, dm
 
 
-@pytest.mark.parametrize("which", ["meg", "fmri"])
-def test_bundle_decodes_like_the_training_run(which, meg_run, fmri_run, sample_root, tmp_path):
+@pytest.mark.parametrize("which", [pytest.param("meg", marks=pytest.mark.slow), "fmri"])
+def test_bundle_decodes_like_the_training_run(which, request, sample_root, tmp_path):
     from neurorecon.pipelines.evaluate.stage import run as evaluate
     from neurorecon.pipelines.inference import Decoder, predict_split
 
-    run_dir, cfg, metrics = meg_run if which == "meg" else fmri_run
+    run_dir, cfg, metrics = request.getfixturevalue(f"{which}_run")
     decoder = Decoder.from_pretrained(run_dir / "bundle")
     assert decoder.modality == which and decoder.subjects == metrics["subjects"]
 
@@ -98,6 +98,7 @@ def test_bundle_decodes_like_the_training_run(which, meg_run, fmri_run, sample_r
     assert all(len(h) == n and h[0]["score"] >= h[-1]["score"] for h in hits)
 
 
+@pytest.mark.slow  # trains the MEG run (~30 s on 2 cores)
 def test_meg_prepare_equals_the_preprocessing_cache(meg_run, sample_root):
     """prepare_meg on the raw recording (frozen scaler) == the cached training epochs."""
     from neurorecon.pipelines.data.events import EventSpec, read_events
@@ -123,6 +124,7 @@ def test_meg_prepare_equals_the_preprocessing_cache(meg_run, sample_root):
     assert dm.labels[k] == rec.subject
 
 
+@pytest.mark.slow  # trains the MEG run (~30 s on 2 cores)
 def test_streamed_windows_through_the_bundle(meg_run, sample_root, tmp_path):
     """streaming_filter + meg_window == prepare_meg (causal bundle); zero-phase refused."""
     from neurorecon.pipelines.data.events import EventSpec, read_events
@@ -232,6 +234,7 @@ def test_broken_bundles_give_one_line_errors(fmri_run, tmp_path):
         4, decoder.config["subjects"][first]["n_voxels"])
 
 
+@pytest.mark.slow  # trains the MEG run (~30 s on 2 cores)
 def test_bundle_reconstructs_like_the_run(meg_run):
     from PIL import Image
 
@@ -253,6 +256,7 @@ def test_bundle_reconstructs_like_the_run(meg_run):
     assert metrics["reconstruction"]["n_images"] == len(dm.splits["test"])
 
 
+@pytest.mark.slow  # trains the MEG run (~30 s on 2 cores)
 def test_inference_imports_neither_lightning_nor_hydra(meg_run):
     run_dir, _, _ = meg_run
     code = (
@@ -269,6 +273,7 @@ def test_inference_imports_neither_lightning_nor_hydra(meg_run):
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
+@pytest.mark.slow  # trains the MEG run (~30 s on 2 cores)
 def test_export_stage_round_trips(meg_run, tmp_path):
     from neurorecon.pipelines.export import run as export
     from neurorecon.pipelines.inference import Decoder

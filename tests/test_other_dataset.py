@@ -35,7 +35,7 @@ def other_root(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("modality", ["meg", "fmri"])
+@pytest.mark.parametrize("modality", [pytest.param("meg", marks=pytest.mark.slow), "fmri"])
 def test_run_on_another_labs_dataset(other_root, tmp_path, modality):
     from neurorecon.pipelines.run import run
 

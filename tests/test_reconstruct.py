@@ -73,6 +73,7 @@ def test_embedded_generator_bad_input(tiny_generator, tmp_path):
         gen.generate(np.eye(2, 8, dtype=np.float32), init_images=mixed)
 
 
+@pytest.mark.slow
 def test_run_with_reconstruction(sample_root, tmp_path):
     from neurorecon.pipelines.run import run
 

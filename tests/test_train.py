@@ -37,7 +37,7 @@ def _check_contract(metrics: dict, modality: str) -> None:
     assert r["chance"]["top1"] == pytest.approx(1 / r["chance"]["n_candidates"])
 
 
-@pytest.mark.parametrize("modality", ["meg", "fmri"])
+@pytest.mark.parametrize("modality", [pytest.param("meg", marks=pytest.mark.slow), "fmri"])
 def test_run_contract_on_sample(sample_root, tmp_path, modality):
     from neurorecon.pipelines.run import run
 
@@ -136,6 +136,7 @@ def test_fmri_adaptation_curve(sample_root, tmp_path):
     assert (Path(cfg.paths.output_dir) / "adaptation.png").stat().st_size > 5_000
 
 
+@pytest.mark.slow
 def test_checkpoint_alone_evaluates_and_refuses_misfits(sample_root, tmp_path):
     from neurorecon.pipelines.evaluate.stage import run as evaluate
     from neurorecon.pipelines.run import run
