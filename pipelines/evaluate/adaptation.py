@@ -35,6 +35,10 @@ def _score(lit, dm) -> dict[str, Any]:
 def adaptation_curve(cfg: DictConfig, *, preproc_dir: Path, embeddings_dir: Path,
                      out_dir: Path, fractions=FRACTIONS) -> dict[str, Any]:
     """Train and score adapter-only vs from-scratch models for the last subject."""
+    from lightning import seed_everything
+
+    # seeded here: what ran before (reconstruction, a cold generator cache) must not change it
+    seed_everything(int(cfg.seed), workers=True)
     out_dir = Path(out_dir) / "adaptation"
     full = build_datamodule(cfg, preproc_dir, embeddings_dir)
     labels = full.labels
