@@ -65,8 +65,11 @@ def main(argv: list[str] | None = None) -> None:
         from neurorecon.models.common.checks import DataError
         from neurorecon.models.common.logging import configure_cli_logging, logger
 
+        from .config_checks import check_config
+
         configure_cli_logging()
         try:
+            check_config(cfg)
             return module.run(cfg)
         except DataError as exc:  # bad input: a clear message, no traceback
             logger.error("error: %s", exc)

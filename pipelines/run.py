@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from neurorecon.models.common.checks import DataError
 from neurorecon.models.common.logging import logger
 
+from .config_checks import check_config
 from .evaluate.adaptation import adaptation_curve
 from .evaluate.reconstruction import reconstruct
 from .evaluate.report import evaluate
@@ -143,6 +144,7 @@ def train_seeds(cfg: DictConfig, seeds: list[int]) -> dict[str, Any]:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Stage entry point for ``neurorecon train`` and ``neurorecon run``."""
+    check_config(cfg)
     seeds = cfg.get("seeds")
     if seeds:
         return train_seeds(cfg, list(seeds))

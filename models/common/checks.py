@@ -27,10 +27,11 @@ class DataError(ValueError):
 
 
 def check_option(name: str, value: Any, allowed: Iterable[Any]) -> Any:
-    """Return ``value`` if it is one of ``allowed``, else raise a ValueError listing them."""
+    """Return ``value`` if it is one of ``allowed``, else raise a :class:`DataError` (a
+    ValueError, printed by the CLI as one line) listing them."""
     allowed = list(allowed)
     if value not in allowed:
-        raise ValueError(f"Invalid value for {name!r}: {value!r}. Allowed values: {allowed}.")
+        raise DataError(f"Invalid value for {name!r}: {value!r}. Allowed values: {allowed}.")
     return value
 
 

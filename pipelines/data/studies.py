@@ -10,6 +10,7 @@ import mne_bids
 from neurorecon.models.common.checks import DataError, check_option
 
 #: Raw MEG formats mne-bids reads (FIF, CTF, KIT, BTi/4D, ITAB via FIF).
+MODALITIES = ("meg", "fmri")
 MEG_EXTENSIONS = (".fif", ".ds", ".con", ".sqd", ".pdf")
 
 
@@ -53,7 +54,7 @@ def find_recordings(
     Each recording must have a sibling ``*_events.tsv``. Raises :class:`DataError` if the
     root does not exist, nothing matches, or an events file is missing.
     """
-    check_option("modality", modality, ("meg", "fmri"))
+    check_option("modality", modality, MODALITIES)
     root = Path(root)
     if not root.is_dir():
         raise DataError("BIDS root does not exist or is not a directory", path=root)

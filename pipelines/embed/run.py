@@ -44,6 +44,8 @@ from ..data.studies import find_recordings
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 #: images decoded at a time (bounds memory on large stimulus sets)
 CHUNK = 256
+#: which stimuli the embed stage embeds: those the events name, or every image found
+IMAGE_SELECTIONS = ("events", "all")
 FIGURE = "embeddings.png"
 SUMMARY = "embed_summary.json"
 
@@ -60,7 +62,7 @@ def select_stimuli(data, *, images: str) -> tuple[Path, list[str]]:
     images : str
         ``events`` (stimuli named in the recordings' events files) or ``all``.
     """
-    check_option("embed.images", images, ("events", "all"))
+    check_option("embed.images", images, IMAGE_SELECTIONS)
     root = Path(str(data.root))
     stim_root = root / str(data.stim_dir)
     if images == "all":

@@ -37,6 +37,11 @@ from neurorecon.models.common.logging import log_level, logger, progress
 from ..data.events import EventSpec, check_events_within, check_split, read_events
 from .store import Preprocessed, SubjectTrials, average_repeats
 
+GLMS = ("lsa", "lss")
+NOISE_MODELS = ("ar1", "ols")
+DRIFT_MODELS = ("cosine", "polynomial", None)
+#: fMRI inputs: BOLD runs (single-trial GLM here) or precomputed single-trial betas
+FMRI_INPUTS = ("bold", "betas")
 #: fraction of mask voxels that must carry signal; below it the mask and data do not match
 MIN_COVERAGE = 0.5
 DEFAULTS: dict[str, Any] = {
@@ -57,9 +62,9 @@ def _params(params: Mapping[str, Any] | None) -> dict[str, Any]:
     unknown = sorted(set(out) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"unknown preprocess.fmri option(s) {unknown}; known: {list(DEFAULTS)}")
-    check_option("preprocess.fmri.glm", out["glm"], ("lsa", "lss"))
-    check_option("preprocess.fmri.noise_model", out["noise_model"], ("ar1", "ols"))
-    check_option("preprocess.fmri.drift_model", out["drift_model"], ("cosine", "polynomial", None))
+    check_option("preprocess.fmri.glm", out["glm"], GLMS)
+    check_option("preprocess.fmri.noise_model", out["noise_model"], NOISE_MODELS)
+    check_option("preprocess.fmri.drift_model", out["drift_model"], DRIFT_MODELS)
     return out
 
 

@@ -30,6 +30,10 @@ from ..data.events import EventSpec, check_events_within, read_events
 from ..data.studies import Recording
 from .store import Preprocessed, SubjectTrials, average_repeats
 
+#: filter phases: zero-phase FIR (offline) or causal IIR (identical to the streamed form)
+PHASES = ("zero", "causal")
+#: bad-channel sources: BIDS ``channels.tsv`` plus robust variance outliers, or BIDS only
+BAD_CHANNEL_MODES = ("auto", "bids")
 #: head-frame origin used to flatten sensor positions to 2D (MNE's default for MEG)
 LAYOUT_ORIGIN = np.array([0.0, 0.0, 0.04])
 
@@ -52,8 +56,8 @@ class MegParams:
     average_test_repeats: bool = True
 
     def __post_init__(self) -> None:
-        check_option("preprocess.meg.phase", self.phase, ("zero", "causal"))
-        check_option("preprocess.meg.bad_channels", self.bad_channels, ("auto", "bids"))
+        check_option("preprocess.meg.phase", self.phase, PHASES)
+        check_option("preprocess.meg.bad_channels", self.bad_channels, BAD_CHANNEL_MODES)
         if self.tmax <= self.tmin:
             raise ValueError(f"preprocess.meg: tmax ({self.tmax}) must exceed tmin ({self.tmin})")
         if self.h_freq is not None and self.h_freq >= self.sfreq / 2:
