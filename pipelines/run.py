@@ -72,7 +72,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics["bundle"] = {"path": "bundle", "bytes": bundle["bytes"]}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
-    logger.info("report: %s", write_report(out_dir, metrics))
+    report = write_report(out_dir, metrics)
+    figures = ", ".join(sorted(p.name for p in out_dir.glob("*.png")))
+    logger.info("done: %s (figures %s%s)", report, figures,
+                "; decoder bundle/" if (out_dir / "bundle").is_dir() else "")
     return metrics
 
 

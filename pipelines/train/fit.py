@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from neurorecon.models.common.checks import DataError
-from neurorecon.models.common.logging import logger
+from neurorecon.models.common.logging import interactive, logger
 
 
 def prepare_caches(cfg: DictConfig) -> tuple[Path, Path]:
@@ -149,6 +149,8 @@ def fit(cfg: DictConfig, lit, dm, *, out_dir: Path, quiet: bool = False):
         callbacks.append(instantiate(c, **extra))
     loggers = [instantiate(c, save_dir=str(out_dir)) for c in (cfg.get("logger") or {}).values()]
     extra = {"enable_progress_bar": False, "enable_model_summary": False} if quiet else {}
+    if not interactive():  # a log file gets the epoch summaries, not carriage-return bars
+        extra["enable_progress_bar"] = False
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                           default_root_dir=str(out_dir), **extra)
     t0 = time.perf_counter()
@@ -160,6 +162,9 @@ def fit(cfg: DictConfig, lit, dm, *, out_dir: Path, quiet: bool = False):
         ckpt = torch.load(best, map_location="cpu", weights_only=False)
         lit.load_state_dict(ckpt["state_dict"])
         best_epoch = int(ckpt["epoch"])
+    if not quiet:
+        logger.info("train: %d epochs in %.1f s; best epoch %s on validation",
+                    trainer.current_epoch, seconds, best_epoch)
     return trainer, {"train_seconds": round(seconds, 2), "epochs": trainer.current_epoch,
                      "best_checkpoint": best or None, "best_epoch": best_epoch}
 
@@ -184,7 +189,8 @@ def refit(cfg: DictConfig, info: dict[str, Any], *, preproc_dir: Path,
     lit = build_module(cfg, dm, focus=focus)
     trainer = instantiate(cfg.trainer, max_epochs=epochs, min_epochs=epochs, callbacks=[],
                           logger=False, limit_val_batches=0, enable_checkpointing=False,
-                          default_root_dir=str(out_dir))
+                          default_root_dir=str(out_dir),
+                          **({} if interactive() else {"enable_progress_bar": False}))
     t0 = time.perf_counter()
     trainer.fit(lit, datamodule=dm)
     path = out_dir / "checkpoints" / "refit.ckpt"
