@@ -146,6 +146,8 @@ def _generator(cfg: DictConfig, dm, images: list[Image.Image]):
     generator, _ = build_generator(gen_cfg, images=[images[i] for i in fit_rows],
                                    embeddings=emb[fit_rows], cache_dir=cfg.paths.cache_dir)
     desc = {"class": type(generator).__name__, "note": generator.note,
+            "embedding_scale": generator.embedding_scale,
+            "target_norm": float(np.linalg.norm(emb[fit_rows], axis=1).mean()),
             "resolution": int(generator.resolution), "emb_dim": int(generator.emb_dim),
             "defaults": {"head": str(rcfg.head), "strength": float(rcfg.strength),
                          "steps": int(rcfg.steps), "guidance_scale": float(rcfg.guidance_scale),

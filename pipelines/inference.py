@@ -537,12 +537,16 @@ class Decoder:
                     ) -> list[Image.Image]:
         """Embeddings (from :attr:`generation_head`) -> PIL images.
 
+        Embeddings reach the generator in the scale it was trained on (``config.json``
+        ``generator.embedding_scale``: unit rows, or ``raw`` CLIP ``image_embeds`` with the
+        training targets' mean norm ``generator.target_norm``), as in the training run.
+
         ``lowlevel``: the prepared trials the embeddings came from, to start sampling from the
         low-level pathway's image (img2img; needs ``subject``). ``seed``, ``steps``,
         ``guidance`` and ``strength`` default to the training run's. Every image carries the
         generator's stand-in note in ``image.info["neurorecon_note"]``.
         """
-        from neurorecon.models.generators.base import unit_rows
+        from neurorecon.models.generators.base import conditioning
 
         gen_cfg = self.config.get("generator") or {}
         defaults = gen_cfg.get("defaults", {})
@@ -553,8 +557,10 @@ class Decoder:
             inits = self.lowlevel_images(lowlevel, subject=subject)
         emb = np.asarray(embeddings, np.float32)
         emb = emb[None] if emb.ndim == 1 else emb
+        cond = conditioning(emb, scale=gen_cfg.get("embedding_scale", "unit"),
+                            target_norm=float(gen_cfg.get("target_norm", 1.0)))
         images = self.generator.generate(
-            unit_rows(emb), seed=int(defaults.get("seed", 0) if seed is None else seed),
+            cond, seed=int(defaults.get("seed", 0) if seed is None else seed),
             steps=int(defaults.get("steps", 20) if steps is None else steps),
             guidance_scale=float(defaults.get("guidance_scale", 1.5) if guidance is None
                                  else guidance),

@@ -244,6 +244,11 @@ def test_run_with_pretrained_unclip_and_captions(unclip_dir, sample_root, hf_dir
     assert rec["caption_pathway"] and rec["resolution"] == RESOLUTION
     assert rec["generator"].startswith("Stable unCLIP")
     assert rec["generator_training"] is None  # pretrained: nothing trained here
+    # unCLIP takes raw CLIP image_embeds: decoded directions get the training targets' norm
+    norms = rec["embedding_norm"]
+    assert rec["embedding_scale"] == "raw"
+    assert norms["conditioning_mean"] == pytest.approx(norms["training_targets_mean"], rel=1e-3)
+    assert abs(norms["training_targets_mean"] - 1.0) > 0.05  # not unit: the test can tell
     assert set(rec["metrics"]) == {"brain", "floor_retrieved", "ceiling"}
     assert 0 <= rec["metrics"]["brain"]["alexnet2"] <= 1
     report = (Path(cfg.paths.output_dir) / "report.md").read_text()
@@ -254,6 +259,8 @@ def test_run_with_pretrained_unclip_and_captions(unclip_dir, sample_root, hf_dir
 
     decoder = Decoder.from_pretrained(Path(cfg.paths.output_dir) / "bundle")
     assert decoder.config["generator"]["kind"] == "diffusers"
+    assert decoder.config["generator"]["target_norm"] == pytest.approx(
+        norms["training_targets_mean"], rel=1e-3)
     assert not (Path(cfg.paths.output_dir) / "bundle" / "generator").exists()
     assert type(decoder.generator).__name__ == "StableUnclipGenerator"
     emb = decoder.encode(np.zeros((1, *_window_shape(decoder)), np.float32), subject="01",

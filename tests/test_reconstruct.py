@@ -83,6 +83,9 @@ def test_run_with_reconstruction(sample_root, tmp_path):
     metrics = run(cfg)
     rec = metrics["reconstruction"]
     assert rec["n_images"] == metrics["n_test"] and rec["resolution"] == 16
+    # the embedded generator is trained on unit-normalised embeddings and conditioned on them
+    assert rec["embedding_scale"] == "unit"
+    assert rec["embedding_norm"]["conditioning_mean"] == pytest.approx(1.0, abs=1e-4)
     assert set(rec["metrics"]) == {"brain", "floor_retrieved", "ceiling", "lowlevel_only"}
     for name, m in rec["metrics"].items():
         assert -1 <= m["pixcorr"] <= 1 and 0 <= m["alexnet2"] <= 1, name

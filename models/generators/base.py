@@ -23,6 +23,9 @@ class Generator(Protocol):
     emb_dim: int
     resolution: int
     note: str
+    #: the scale of the embeddings it was trained on: "unit" (L2-normalised rows) or "raw"
+    #: (the embedder's own scale, e.g. CLIP ``image_embeds`` for Stable unCLIP)
+    embedding_scale: str
 
     def generate(self, embeddings: np.ndarray, *, seed: int = 0, steps: int = 25,
                  guidance_scale: float = 3.0, init_images: list[Image.Image] | None = None,
@@ -36,6 +39,21 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     unit-normalised embeddings (zero rows stay zero)."""
     x = np.asarray(x, np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def conditioning(embeddings: np.ndarray, *, scale: str, target_norm: float) -> np.ndarray:
+    """Decoded embeddings in the scale a generator was trained on.
+
+    Decoded embeddings carry direction, not a trustworthy norm: rows are unit-normalised, then,
+    for a ``"raw"``-scale generator (Stable unCLIP, IP-Adapter: real CLIP ``image_embeds``),
+    multiplied by ``target_norm``, the mean L2 norm of the training targets.
+    """
+    unit = unit_rows(embeddings)
+    if scale == "unit":
+        return unit
+    if scale == "raw":
+        return unit * np.float32(target_norm)
+    raise ValueError(f"embedding scale must be 'unit' or 'raw', got {scale!r}")
 
 
 def check_embeddings(embeddings: np.ndarray, *, emb_dim: int, what: str) -> np.ndarray:

@@ -76,6 +76,8 @@ class IpAdapterGenerator:
         What model this is.
     """
 
+    embedding_scale = "raw"  # CLIP image_embeds as the CLIP vision model outputs them
+
     def __init__(self, *, path: str | Path, ip_adapter_path: str | Path,
                  ip_adapter_weight_name: str, ip_adapter_subfolder: str = "models",
                  scale: float = 1.0, revision: str | None = None, dtype: str = "float32",

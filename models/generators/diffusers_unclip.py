@@ -253,6 +253,8 @@ class StableUnclipGenerator:
     for the low-level pathway.
     """
 
+    embedding_scale = "raw"  # CLIP image_embeds as the CLIP vision model outputs them
+
     def __init__(self, *, path: str | Path, revision: str | None = None, dtype: str = "float32",
                  device: str = "cpu", noise_level: int = 0):
         from diffusers import StableUnCLIPImg2ImgPipeline

@@ -131,6 +131,7 @@ class EmbeddingDiffusionGenerator:
     """
 
     note = NOTE
+    embedding_scale = "unit"  # trained on unit-normalised embeddings
 
     def __init__(self, *, path: str | Path):
         path = Path(path)

@@ -23,7 +23,7 @@ from PIL import Image
 
 from neurorecon.models.common.checks import DataError
 from neurorecon.models.common.logging import logger
-from neurorecon.models.generators.base import unit_rows
+from neurorecon.models.generators.base import conditioning, unit_rows
 
 from ..inference import predict_split
 from ..reconstruct.generation import build_generator, caption_pathway, lowlevel_inits
@@ -85,7 +85,12 @@ def reconstruct(net, dm, *, cfg: DictConfig, out_dir: str | Path,
     res = generator.resolution
     # the generator is conditioned on the regression head (Benchetrit et al. 2023); the floor
     # retrieves with the contrastive head, as the retrieval evaluation does
-    pred = unit_rows(predict_split(net, dm, "test", head=str(rcfg.head)))
+    # in the scale the generator was trained on (unit rows, or raw CLIP image_embeds whose
+    # norm is the training targets' mean norm)
+    target_norm = float(np.linalg.norm(emb[fit_rows], axis=1).mean())
+    scale = generator.embedding_scale
+    pred = conditioning(predict_split(net, dm, "test", head=str(rcfg.head)), scale=scale,
+                        target_norm=target_norm)
     retrieval_pred = unit_rows(predict_split(net, dm, "test"))
     inits = (lowlevel_inits(dm, stim_images=images, resolution=res)
              if rcfg.lowlevel else None)
@@ -100,8 +105,9 @@ def reconstruct(net, dm, *, cfg: DictConfig, out_dir: str | Path,
                                text_embeddings=text, **kw)
     per_image = (time.perf_counter() - t_gen) / len(recon)
     uniq = np.unique(test.target)
+    true_cond = emb[uniq] if scale == "raw" else unit_rows(emb[uniq])  # the true embeddings
     ceiling = dict(zip(uniq, generator.generate(
-        unit_rows(emb[uniq]), text_embeddings=None if true_text is None else true_text[uniq],
+        true_cond, text_embeddings=None if true_text is None else true_text[uniq],
         **kw), strict=True))
     nearest = fit_rows[(retrieval_pred @ unit_rows(emb[fit_rows]).T).argmax(1)]
     sized = [im.resize((res, res), Image.BICUBIC) for im in images]
@@ -134,6 +140,10 @@ def reconstruct(net, dm, *, cfg: DictConfig, out_dir: str | Path,
            "caption_pathway": bool(rcfg.captions),
            "strength": float(rcfg.strength),
            "steps": int(rcfg.steps), "guidance_scale": float(rcfg.guidance_scale),
+           "embedding_scale": scale,
+           "embedding_norm": {"conditioning_mean": round(float(
+               np.linalg.norm(pred, axis=1).mean()), 4),
+               "training_targets_mean": round(target_norm, 4)},
            "generator_training": train_info, "seconds_per_image": round(per_image, 4),
            "metrics": metrics, "per_subject_brain": per_subject,
            "seconds": round(time.perf_counter() - t0, 1), "grid": "reconstructions.png"}
