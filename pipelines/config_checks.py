@@ -18,7 +18,7 @@ from neurorecon.models.registry import GENERATOR_TYPES
 
 from .data.studies import MODALITIES
 from .embed.run import IMAGE_SELECTIONS
-from .preprocess.fmri import DRIFT_MODELS, FMRI_INPUTS, GLMS, NOISE_MODELS
+from .preprocess.fmri import DRIFT_MODELS, FMRI_INPUTS, GLMS, NOISE_MODELS, ZSCORE_MODES
 from .preprocess.meg import BAD_CHANNEL_MODES, PHASES
 
 #: config key -> allowed values (keys absent from a stage's config are skipped)
@@ -30,6 +30,7 @@ OPTIONS: dict[str, tuple[Any, ...]] = {
     "preprocess.fmri.glm": GLMS,
     "preprocess.fmri.noise_model": NOISE_MODELS,
     "preprocess.fmri.drift_model": DRIFT_MODELS,
+    "preprocess.fmri.zscore": ZSCORE_MODES,
     "embed.images": IMAGE_SELECTIONS,
     "encoder.meg.aggregation": AGGREGATIONS,
     "encoder.fmri.adapter": ADAPTERS,

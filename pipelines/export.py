@@ -106,8 +106,10 @@ def _subjects(dm) -> dict[str, dict[str, Any]]:
                 "grid": {"shape": list(mask.shape[:3]),
                          "affine": np.asarray(mask.affine).round(6).tolist(),
                          "voxel_size": [float(z) for z in mask.header.get_zooms()[:3]]},
-                "normalisation": ("z-score per voxel within each run"
-                                  if dm.recipe.get("zscore_per_run", True) else "none"),
+                "normalisation": {"run": "z-score per voxel within each run",
+                                  "train": "z-score per voxel with the train trials' mean/sd "
+                                           "(normalisation.safetensors)",
+                                  "none": "none"}[dm.recipe.get("zscore", "run")],
                 **{key: rec[key] for key in ("tr", "n_runs", "voxel_size") if key in rec}}
     return out
 
@@ -219,8 +221,11 @@ def export_bundle(net, dm, *, cfg: DictConfig, out: str | Path,
     config = bundle_config(net, dm, cfg=cfg, metrics=metrics, focus=focus, generator=gen_desc)
     masks = ({label: dm.data.subjects[label].mask_img for label in dm.labels}
              if dm.modality == "fmri" else None)
+    voxel_stats = ({label: dm.data.subjects[label].voxel_stats for label in dm.labels
+                    if dm.data.subjects[label].voxel_stats is not None}
+                   if dm.modality == "fmri" else None)
     decoder = Decoder(net=net, config=config, masks=masks, gallery=gallery, lowlevel=lowlevel,
-                      generator_dir=gen_dir)
+                      generator_dir=gen_dir, voxel_stats=voxel_stats)
     path = decoder.save_pretrained(out, overwrite=overwrite)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     seconds = round(time.perf_counter() - t0, 2)

@@ -46,6 +46,7 @@ FORMAT_VERSION = 1
 CONFIG, WEIGHTS, MASKS, GALLERY, GENERATOR = (
     "config.json", "model.safetensors", "masks", "gallery", "generator")
 LOWLEVEL = "lowlevel.safetensors"
+NORMALISATION = "normalisation.safetensors"
 THUMBNAIL_SIZE = 96
 
 
@@ -184,12 +185,14 @@ class Decoder:
     def __init__(self, *, net: torch.nn.Module, config: dict[str, Any],
                  masks: Mapping[str, Any] | None = None, gallery: Gallery | None = None,
                  lowlevel: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
-                 generator_dir: str | Path | None = None, root: str | Path | None = None):
+                 generator_dir: str | Path | None = None, root: str | Path | None = None,
+                 voxel_stats: Mapping[str, np.ndarray] | None = None):
         self.net = net.eval()
         self.config = config
         self.masks = dict(masks or {})
         self.gallery = gallery
         self.lowlevel = dict(lowlevel or {})
+        self.voxel_stats = dict(voxel_stats or {})
         self.generator_dir = None if generator_dir is None else Path(generator_dir)
         self.root = None if root is None else Path(root)
         self._generator = None
@@ -378,7 +381,6 @@ class Decoder:
             load_4d,
             read_tr,
             single_trial_betas,
-            zscore_within,
         )
 
         mask = self.mask(subject)
@@ -404,15 +406,14 @@ class Decoder:
                             f"({n_scans} scans x {tr:g} s)", path=path)
         params = self._fmri_params()
         betas = single_trial_betas(img, table, tr=float(tr), mask_img=mask, params=params)
-        if params.get("zscore_per_run", True):
-            betas = zscore_within(betas, np.zeros(len(betas)))
-        return np.nan_to_num(betas).astype(np.float32)
+        return self._normalise(np.nan_to_num(betas), subject=subject,
+                               runs=np.zeros(len(betas)))
 
     def prepare_betas(self, betas_img, trials=None, *, subject: str) -> np.ndarray:
         """Precomputed single-trial betas (4D, one volume per trial) -> ``(n_trials,
         n_voxels)`` inside the subject's mask, normalised as in training (per ``run`` column
         of ``trials`` when present, else over the whole image)."""
-        from .preprocess.fmri import check_same_grid, load_4d, zscore_within
+        from .preprocess.fmri import check_same_grid, load_4d
 
         mask = self.mask(subject)
         path = None
@@ -429,11 +430,24 @@ class Decoder:
         if table is not None and len(table) != len(X):
             raise DataError(f"{len(table)} trial rows but the betas image has {len(X)} "
                             "volumes", path=path)
-        if self._fmri_params().get("zscore_per_run", True):
-            groups = (table["run"].astype(str).to_numpy() if table is not None
-                      and "run" in table else np.zeros(len(X)))
-            X = zscore_within(X, groups)
-        return X
+        runs = (table["run"].astype(str).to_numpy() if table is not None and "run" in table
+                else np.zeros(len(X)))
+        return self._normalise(X, subject=subject, runs=runs)
+
+    def _normalise(self, X: np.ndarray, *, subject: str, runs: np.ndarray) -> np.ndarray:
+        """The training recipe's per-voxel z-scoring (``preprocessing.zscore``)."""
+        from .preprocess.fmri import apply_voxel_stats, zscore_within
+
+        mode = self._fmri_params().get("zscore", "run")
+        if mode == "run":
+            X = zscore_within(X, runs)
+        elif mode == "train":
+            label = str(subject).removeprefix("sub-")
+            if label not in self.voxel_stats:
+                raise BundleError(f"train normalisation statistics of sub-{label} missing",
+                                  path=None if self.root is None else self.root / NORMALISATION)
+            X = apply_voxel_stats(X, self.voxel_stats[label])
+        return np.asarray(X, np.float32)
 
     # ------------------------------------------------------------------ encode / retrieve
     def _model_inputs(self, subject: str) -> dict[str, torch.Tensor]:
@@ -607,8 +621,9 @@ class Decoder:
         gallery = _load_gallery(root / GALLERY) if (root / GALLERY).is_dir() else None
         lowlevel = _load_lowlevel(root / GENERATOR / LOWLEVEL)
         gen_dir = root / GENERATOR if (root / GENERATOR).is_dir() else None
+        voxel_stats = _load_voxel_stats(root / NORMALISATION)
         return cls(net=net, config=config, masks=masks, gallery=gallery, lowlevel=lowlevel,
-                   generator_dir=gen_dir, root=root)
+                   generator_dir=gen_dir, root=root, voxel_stats=voxel_stats)
 
     def save_pretrained(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the bundle to ``path`` (built in a temporary sibling, then moved in place:
@@ -642,6 +657,9 @@ class Decoder:
                            for lab, (w, b) in self.lowlevel.items()
                            for name, arr in (("weight", w), ("bias", b))},
                           tmp / GENERATOR / LOWLEVEL)
+            if self.voxel_stats:
+                save_file({f"sub-{lab}": torch.from_numpy(np.ascontiguousarray(st, np.float32))
+                           for lab, st in self.voxel_stats.items()}, tmp / NORMALISATION)
             (tmp / CONFIG).write_text(json.dumps(self.config, indent=1))
             (tmp / "README.md").write_text(model_card(self.config))
             if out.exists():
@@ -744,6 +762,18 @@ def _load_lowlevel(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {lab: (arrays[f"sub-{lab}.weight"], arrays[f"sub-{lab}.bias"]) for lab in labels}
 
 
+def _load_voxel_stats(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    if not path.is_file():
+        return {}
+    try:
+        return {k.removeprefix("sub-"): v for k, v in load_file(path).items()}
+    except (SafetensorError, OSError) as exc:
+        raise BundleError(f"unreadable normalisation statistics ({exc})", path=path) from exc
+
+
 def _events_table(events) -> pd.DataFrame:
     if isinstance(events, (str, Path)):
         try:
@@ -786,8 +816,8 @@ def model_card(config: Mapping[str, Any]) -> str:
             lines.append(f"- temporal focus: [{f['tmin']:.3f}, {f['tmax']:.3f}] s "
                          f"({f.get('reason')})")
     else:
-        lines.append(f"- preprocessing: {prep.get('glm')} single-trial GLM, z-scored per run: "
-                     f"{prep.get('zscore_per_run')}; masks in `masks/`")
+        lines.append(f"- preprocessing: {prep.get('glm')} single-trial GLM, per-voxel z-score: "
+                     f"{prep.get('zscore')}; masks in `masks/`")
     retrieval = metrics.get("retrieval")
     if retrieval:
         lines += ["", f"## Test-set retrieval ({metrics.get('n_test')} rows, "

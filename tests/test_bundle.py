@@ -291,3 +291,44 @@ def test_export_stage_round_trips(meg_run, tmp_path):
         export(cfg)
     with pytest.raises(DataError, match="no generator"):
         b.reconstruct(np.zeros((1, a.config["embedder"]["emb_dim"]), np.float32))
+
+
+def test_fmri_train_statistics_normalise_single_trials(sample_root, tmp_path):
+    """zscore=train: per-voxel statistics of the train trials only, stored in the cache and the
+    bundle; one new run is normalised with them exactly as in training."""
+    from neurorecon.pipelines.data.events import EventSpec, read_events
+    from neurorecon.pipelines.data.studies import find_recordings
+    from neurorecon.pipelines.evaluate.stage import run as evaluate
+    from neurorecon.pipelines.inference import NORMALISATION, Decoder
+    from neurorecon.pipelines.preprocess.fmri import as_stim_file
+    from neurorecon.pipelines.run import run
+
+    cfg = compose_stage("train", tmp_path / "t", [
+        "data=bids", f"data.root={sample_root / 'fmri'}", "data.modality=fmri",
+        "preprocess.fmri.zscore=train", "reconstruct.enabled=false", *FAST, *SMALL_FMRI])
+    metrics = run(cfg)
+    bundle = Path(cfg.paths.output_dir) / "bundle"
+    assert (bundle / NORMALISATION).is_file()
+    decoder = Decoder.from_pretrained(bundle)
+    net, dm = _offline(Path(cfg.paths.output_dir), cfg)
+    sub = dm.data.subjects[dm.labels[0]]
+    X, trials = np.asarray(sub.X), sub.trials
+    train = (trials["split"] == "train").to_numpy()
+    np.testing.assert_allclose(X[train].mean(0), 0, atol=1e-4)  # fitted on train trials only
+    np.testing.assert_allclose(X[train].std(0), 1, atol=1e-3)
+    assert abs(X[~train].mean(0)).max() > 1e-3  # the test trials did not shape the statistics
+
+    rec = next(r for r in find_recordings(sample_root / "fmri", modality="fmri")
+               if r.subject == dm.labels[0])
+    events = as_stim_file(read_events(rec.events_path, bids_root=sample_root / "fmri",
+                                      spec=EventSpec()), EventSpec())
+    B = decoder.prepare_fmri(rec.fpath, events, subject=rec.subject)
+    rows = np.flatnonzero(train & (trials["run"].astype(str) == str(rec.run)).to_numpy())
+    onsets = events["onset"].to_numpy()
+    for r in rows:
+        i = int(np.argmin(np.abs(onsets - trials["onset"].iloc[r])))
+        np.testing.assert_allclose(B[i], X[r], atol=1e-4, rtol=0)
+    ev = evaluate(compose_stage("evaluate", tmp_path / "e", [
+        f"bundle={bundle}", "data=bids", f"data.root={sample_root / 'fmri'}",
+        "data.modality=fmri"]))
+    assert ev["retrieval"]["encoder"] == pytest.approx(metrics["retrieval"]["encoder"])

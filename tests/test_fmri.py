@@ -325,7 +325,7 @@ def test_betas_input(fmri_root, single_trials, tmp_path):
     assert [(b[0].name, b[1].name, b[2]) for b in found] == [
         ("sub-02_task-images_betas.nii.gz", "sub-02_task-images_trials.tsv", "02")]
     pre = load_betas(found, bids_root=tmp_path,
-                     params={"zscore_per_run": False, "average_test_repeats": False})
+                     params={"zscore": "none", "average_test_repeats": False})
     ref = single_trials.subjects["02"]
     np.testing.assert_allclose(pre.subjects["02"].X, ref.X, atol=1e-6)
     assert list(pre.subjects["02"].trials["split"]) == list(ref.trials["split"])

@@ -5,7 +5,8 @@ BOLD input: per run, nibabel loads the 4D image and nilearn's
 regressor per trial (``glm: lsa``, least squares all) or, per trial, that trial against all the
 others (``glm: lss``, least squares separate). Betas are effect sizes in percent signal change
 (nilearn's mean scaling), taken inside a mask (default: the MNI152 brain mask resampled to the
-data grid; or an ROI NIfTI), optionally z-scored per voxel within each run. Subjects stay separate
+data grid; or an ROI NIfTI), z-scored per voxel within each run or with the train trials'
+statistics (``zscore: run | train | none``). Subjects stay separate
 (each has its own voxel count); repeats of a test stimulus may be averaged.
 
 Betas input: ``*_betas.nii.gz`` (4D, one volume per trial) with a trial table of the same stem,
@@ -38,6 +39,8 @@ from ..data.events import EventSpec, check_events_within, check_split, read_even
 from .store import Preprocessed, SubjectTrials, average_repeats
 
 GLMS = ("lsa", "lss")
+#: per-voxel z-scoring: within each run | with the train trials' statistics | off
+ZSCORE_MODES = ("run", "train", "none")
 NOISE_MODELS = ("ar1", "ols")
 DRIFT_MODELS = ("cosine", "polynomial", None)
 #: fMRI inputs: BOLD runs (single-trial GLM here) or precomputed single-trial betas
@@ -46,7 +49,7 @@ FMRI_INPUTS = ("bold", "betas")
 MIN_COVERAGE = 0.5
 DEFAULTS: dict[str, Any] = {
     "glm": "lsa", "hrf_model": "glover", "drift_model": "cosine", "high_pass": 0.01,
-    "noise_model": "ar1", "mask": None, "smoothing_fwhm": None, "zscore_per_run": True,
+    "noise_model": "ar1", "mask": None, "smoothing_fwhm": None, "zscore": "run",
     "average_test_repeats": True,
 }
 
@@ -63,6 +66,7 @@ def _params(params: Mapping[str, Any] | None) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown preprocess.fmri option(s) {unknown}; known: {list(DEFAULTS)}")
     check_option("preprocess.fmri.glm", out["glm"], GLMS)
+    check_option("preprocess.fmri.zscore", out["zscore"], ZSCORE_MODES)
     check_option("preprocess.fmri.noise_model", out["noise_model"], NOISE_MODELS)
     check_option("preprocess.fmri.drift_model", out["drift_model"], DRIFT_MODELS)
     return out
@@ -265,6 +269,18 @@ def zscore_within(X: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return X
 
 
+def fit_voxel_stats(X: np.ndarray) -> np.ndarray:
+    """Per-voxel mean and sd of ``(n_trials, n_voxels)`` (the train trials): ``(2, n_voxels)``
+    float32; sd 0 becomes 1 (centred only)."""
+    mean, sd = X.mean(axis=0), X.std(axis=0)
+    return np.stack([mean, np.where(sd > 0, sd, 1.0)]).astype(np.float32)
+
+
+def apply_voxel_stats(X: np.ndarray, stats: np.ndarray) -> np.ndarray:
+    """Z-score ``(..., n_voxels)`` with stored train statistics (:func:`fit_voxel_stats`)."""
+    return ((np.asarray(X, np.float32) - stats[0]) / stats[1]).astype(np.float32)
+
+
 def as_stim_file(table: pd.DataFrame, spec: EventSpec) -> pd.DataFrame:
     if spec.stim_column != "stim_file":
         table = table.assign(stim_file=table[spec.stim_column].astype(str))
@@ -278,9 +294,13 @@ def _finish_subject(label: str, X: np.ndarray, trials: pd.DataFrame, inside: np.
 
     check_split(trials, what=f"sub-{label} fMRI trials")
     trials = trials.reset_index(drop=True)
-    if params["zscore_per_run"]:
+    stats = None
+    if params["zscore"] == "run":
         runs = trials["session"].astype(str) + "/" + trials["run"].astype(str)
         X = zscore_within(X, runs.to_numpy())
+    elif params["zscore"] == "train":
+        stats = fit_voxel_stats(X[(trials["split"] == "train").to_numpy()])
+        X = apply_voxel_stats(X, stats)
     reliability = split_half_reliability(X, trials)
     if params["average_test_repeats"]:
         X, trials = average_repeats(X, trials, stim_column="stim_file")
@@ -293,7 +313,7 @@ def _finish_subject(label: str, X: np.ndarray, trials: pd.DataFrame, inside: np.
         "split_half": reliability, **recipe["subjects"].get(label, {}),
     }
     return SubjectTrials(subject=label, X=np.ascontiguousarray(X, dtype=np.float32),
-                         trials=trials, mask_img=mask_img)
+                         trials=trials, mask_img=mask_img, voxel_stats=stats)
 
 
 def preprocess_fmri(recordings, *, bids_root: str | Path, spec: EventSpec | None = None,
@@ -314,7 +334,7 @@ def preprocess_fmri(recordings, *, bids_root: str | Path, spec: EventSpec | None
         The ``preprocess.fmri`` options: ``glm`` (``lsa`` | ``lss``), ``hrf_model``,
         ``drift_model``, ``high_pass`` (Hz), ``noise_model`` (``ar1`` | ``ols``), ``mask``
         (None: MNI152 brain mask, or an ROI NIfTI path), ``smoothing_fwhm`` (mm),
-        ``zscore_per_run``, ``average_test_repeats``.
+        ``zscore`` (``run`` | ``train`` | ``none``), ``average_test_repeats``.
     verbose : bool | str | int | None
         Log level for this call.
 
@@ -467,7 +487,7 @@ def load_betas(betas: Sequence[tuple[Path, Path, str]], *, bids_root: str | Path
     spec : EventSpec | None
         Stimulus and split columns of the trial tables (None: the BIDS defaults).
     params : mapping
-        ``preprocess.fmri`` options; ``mask``, ``zscore_per_run`` (per ``run`` column when
+        ``preprocess.fmri`` options; ``mask``, ``zscore`` (``run``: per ``run`` column when
         present, else per file) and ``average_test_repeats`` apply.
     verbose : bool | str | int | None
         Log level for this call.

@@ -10,7 +10,8 @@ layout in [0, 1]), ``good`` (False for bad channels, whose rows in ``X`` are zer
 (``mag`` | ``axial`` | ``planar``) and ``ori_x``, ``ori_y`` (planar gradiometers' gradient
 direction in the layout; 0 otherwise).
 fMRI: ``X`` is ``(n_trials, n_voxels)``; ``mask.nii.gz`` (``SubjectTrials.mask_img``) maps
-voxel columns back to the brain.
+voxel columns back to the brain; with ``zscore: train``, ``voxel_stats.npy`` holds the train
+trials' per-voxel mean and sd ``(2, n_voxels)``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class SubjectTrials:
     trials: pd.DataFrame
     channels: pd.DataFrame | None = None  # MEG: name, x, y, good
     mask_img: Any = None  # fMRI: nibabel mask image (voxel columns of X, in order)
+    voxel_stats: np.ndarray | None = None  # fMRI zscore=train: (2, n_voxels) mean, sd
 
     def __post_init__(self) -> None:
         if len(self.X) != len(self.trials):
@@ -69,6 +71,8 @@ def save_preprocessed(data: Preprocessed, out: Path) -> None:
             import nibabel as nib
 
             nib.save(sub.mask_img, d / "mask.nii.gz")
+        if sub.voxel_stats is not None:
+            np.save(d / "voxel_stats.npy", np.asarray(sub.voxel_stats, np.float32))
 
 
 def load_preprocessed(path: str | Path, *, mmap: bool = True) -> Preprocessed:
@@ -92,6 +96,8 @@ def load_preprocessed(path: str | Path, *, mmap: bool = True) -> Preprocessed:
                                dtype={"subject": str, "session": str, "run": str}),
             channels=channels,
             mask_img=_load_nifti(mask) if mask.is_file() else None,
+            voxel_stats=(np.load(d / "voxel_stats.npy") if (d / "voxel_stats.npy").is_file()
+                         else None),
         )
     return Preprocessed(modality=modality, subjects=subjects, recipe=recipe, path=path)
 
