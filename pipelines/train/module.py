@@ -9,6 +9,7 @@ import torch
 from lightning import LightningModule
 from torch import nn
 
+from neurorecon.models.common.logging import logger
 from neurorecon.models.retrieval import retrieval_metrics, retrieval_ranks
 
 #: batch keys that are model inputs besides ``x`` (present depending on modality)
@@ -36,12 +37,17 @@ class ContrastiveLitModule(LightningModule):
         Parameter of the Beta distribution of ``lam``.
     mask_false_negatives : bool
         Rows of one batch that show the same image are not each other's negatives.
+    min_rank_images : int
+        Checkpoints and early stopping follow ``val/select``: the validation retrieval
+        ``val/rank_score`` when the validation split holds at least this many images, else
+        (too few to rank epochs; a warning says so) minus the validation loss.
     """
 
     def __init__(self, *, net: nn.Module, loss: nn.Module,
                  optimizer: Callable[..., torch.optim.Optimizer],
                  scheduler: Callable[..., Any] | None = None, mixco: float = 0.0,
-                 mixco_beta: float = 0.15, mask_false_negatives: bool = True):
+                 mixco_beta: float = 0.15, mask_false_negatives: bool = True,
+                 min_rank_images: int = 8):
         super().__init__()
         if not 0.0 <= mixco <= 1.0:
             raise ValueError(f"mixco must be a fraction of the epochs in [0, 1], got {mixco}")
@@ -50,7 +56,9 @@ class ContrastiveLitModule(LightningModule):
         self.mixco, self.mixco_beta = float(mixco), float(mixco_beta)
         self.mask_false_negatives = bool(mask_false_negatives)
         self.description: dict[str, Any] = {}
-        self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.min_rank_images = int(min_rank_images)
+        self._val: list[tuple[torch.Tensor, torch.Tensor, float, int]] = []
+        self._warned_small_val = False
         self.candidates: torch.Tensor | None = None  # all stimulus embeddings (set by train)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -90,21 +98,31 @@ class ContrastiveLitModule(LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        _, out = self._step(batch, "val")
-        self._val.append((out["clip"].detach().flatten(1).cpu(), batch["target"].cpu()))
+        loss, out = self._step(batch, "val")
+        n = len(batch["x"])
+        self._val.append((out["clip"].detach().flatten(1).cpu(), batch["target"].cpu(),
+                          float(loss) * n, n))
 
     def on_validation_epoch_end(self) -> None:
         if not self._val:
             return
-        pred = torch.cat([p for p, _ in self._val]).numpy()
-        target = torch.cat([t for _, t in self._val]).numpy()
+        pred = torch.cat([v[0] for v in self._val]).numpy()
+        target = torch.cat([v[1] for v in self._val]).numpy()
+        val_loss = sum(v[2] for v in self._val) / sum(v[3] for v in self._val)
         self._val.clear()
         # retrieval among the validation stimuli (single trials against their images)
         stims = sorted(set(target.tolist()))
         cand = (self.candidates[stims].flatten(1).numpy() if self.candidates is not None
                 else None)
-        if cand is None or len(stims) < 2:
-            return
+        if cand is None or len(stims) < max(2, self.min_rank_images):
+            if not self._warned_small_val:
+                logger.warning("validation holds %d image(s), too few to rank epochs by "
+                               "retrieval (min_rank_images=%d): checkpoints and early stopping "
+                               "follow the validation loss", len(stims), self.min_rank_images)
+                self._warned_small_val = True
+            self.log("val/select", -val_loss, prog_bar=False, sync_dist=True)
+            if cand is None or len(stims) < 2:
+                return
         pos = {s: i for i, s in enumerate(stims)}
         true = [pos[t] for t in target]
         m = retrieval_metrics(pred, cand, true)
@@ -113,8 +131,10 @@ class ContrastiveLitModule(LightningModule):
         # continuous and unsaturated even with few validation images (top-5 of 10 images is
         # 1.0 for any decent model): 1 - mean normalised rank, 0.5 = chance, 1 = perfect
         ranks = retrieval_ranks(pred, cand, true)
-        self.log("val/rank_score", float(1 - ((ranks - 1) / (len(stims) - 1)).mean()),
-                 prog_bar=False, sync_dist=True)
+        rank_score = float(1 - ((ranks - 1) / (len(stims) - 1)).mean())
+        self.log("val/rank_score", rank_score, prog_bar=False, sync_dist=True)
+        if len(stims) >= self.min_rank_images:
+            self.log("val/select", rank_score, prog_bar=False, sync_dist=True)
 
     def predict_step(self, batch, batch_idx):
         return {k: v.detach().cpu() for k, v in self(batch).items()}
