@@ -156,12 +156,17 @@ class BrainDataModule(LightningDataModule):
         (new-subject adaptation curves).
     num_workers : int
         DataLoader workers.
+    shuffle_targets : bool
+        Permutation control: the train and validation stimuli are paired with the embeddings
+        of other train stimuli (one seeded permutation, the same for every subject); test
+        rows keep their true images, so a decoder trained this way must score at chance.
     """
 
     def __init__(self, *, preproc_dir: str | Path, embeddings_dir: str | Path,
                  batch_size: int = 64, val_fraction: float = 0.1, seed: int = 0,
                  subjects: list[str] | None = None, fit_subjects: list[str] | None = None,
-                 train_fraction: dict[str, float] | None = None, num_workers: int = 0):
+                 train_fraction: dict[str, float] | None = None, num_workers: int = 0,
+                 shuffle_targets: bool = False):
         super().__init__()
         self.preproc_dir, self.embeddings_dir = Path(preproc_dir), Path(embeddings_dir)
         self.batch_size, self.val_fraction, self.seed = batch_size, val_fraction, seed
@@ -169,6 +174,7 @@ class BrainDataModule(LightningDataModule):
         self.fit_subjects = None if fit_subjects is None else [str(s) for s in fit_subjects]
         self.train_fraction = dict(train_fraction or {})
         self.num_workers = num_workers
+        self.shuffle_targets = bool(shuffle_targets)
         self.data: Preprocessed | None = None
 
     # ------------------------------------------------------------------ setup
@@ -219,9 +225,12 @@ class BrainDataModule(LightningDataModule):
                     f"{len(missing)} stimuli of sub-{label} have no embedding (e.g. {missing[0]})",
                     path=self.embeddings_dir,
                     hint="embed the same dataset (embed.images=events) before training")
-            target = trials["stim_file"].map(row_of).to_numpy()
+            target = trials["stim_file"].map(row_of).to_numpy().copy()
             split = trials["split"].to_numpy().copy()
             split[(split == "train") & trials["stim_file"].isin(val_stims).to_numpy()] = "val"
+            if self.shuffle_targets:
+                fit = split != "test"
+                target[fit] = self._permutation(data, labels, row_of)[target[fit]]
             keep = self._fraction_mask(label, split)
             if self.fit_subjects is not None and label not in self.fit_subjects:
                 keep[:] = False
@@ -247,6 +256,16 @@ class BrainDataModule(LightningDataModule):
             n_val = 1
         rng = np.random.default_rng(self.seed)
         return set(rng.choice(stims, size=n_val, replace=False)) if n_val else set()
+
+    def _permutation(self, data: Preprocessed, labels: list[str],
+                     row_of: dict[str, int]) -> np.ndarray:
+        """Embedding row -> the row it is replaced by (train stimuli permuted, seeded)."""
+        rows = np.array(sorted({row_of[s] for lab in labels for s, sp in zip(
+            data.subjects[lab].trials["stim_file"], data.subjects[lab].trials["split"],
+            strict=True) if sp == "train"}))
+        perm = np.arange(len(row_of))
+        perm[rows] = rows[np.random.default_rng([self.seed, 11]).permutation(len(rows))]
+        return perm
 
     def _fraction_mask(self, label: str, split: np.ndarray) -> np.ndarray:
         keep = np.ones(len(split), bool)
