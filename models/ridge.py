@@ -212,7 +212,7 @@ class RidgeDecoder(RegressorMixin, BaseEstimator):
                 "consider widening `alphas`",
                 np.atleast_1d(self.alpha_)[edge][:3].tolist(), alphas.min(), alphas.max(),
             )
-        logger.info(
+        logger.debug(  # one line per fit: the callers log one summary per subject
             "RidgeDecoder: %d samples x %d features (%s form), alpha=%s",
             flat.shape[0], flat.shape[1], self.solver_, self.alpha_,
         )
