@@ -634,7 +634,8 @@ class Decoder:
         out = Path(path)
         if out.exists() and not overwrite:
             raise DataError("bundle directory exists", path=out,
-                            hint="choose another directory or pass overwrite")
+                            hint="choose another directory, or replace it: export.overwrite=true "
+                                 "(save_pretrained(..., overwrite=True))")
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
         try:
