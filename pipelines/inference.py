@@ -22,6 +22,7 @@ bundle's frozen statistics, so decoding the data a run was trained on gives that
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -197,6 +198,7 @@ class Decoder:
         self.root = None if root is None else Path(root)
         self._generator = None
         self._inputs: dict[str, dict[str, torch.Tensor]] = {}
+        self._stats: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     # ------------------------------------------------------------------ description
     @property
@@ -219,12 +221,16 @@ class Decoder:
         """The encoder head whose output conditions the generator (training's choice)."""
         return (self.config.get("generator") or {}).get("defaults", {}).get("head", "mse")
 
-    def _subject(self, subject: str) -> dict[str, Any]:
-        subject = str(subject).removeprefix("sub-")
-        if subject not in self.config["subjects"]:
-            raise DataError(f"unknown subject {subject!r}; this decoder knows "
+    def _label(self, subject: str) -> str:
+        """The bundle's label for ``subject`` (``"01"`` or ``"sub-01"``), checked."""
+        label = str(subject).removeprefix("sub-")
+        if label not in self.config["subjects"]:
+            raise DataError(f"unknown subject {label!r}; this decoder knows "
                             f"{self.subjects}", hint="pass one of the bundle's subjects")
-        return self.config["subjects"][subject]
+        return label
+
+    def _subject(self, subject: str) -> dict[str, Any]:
+        return self.config["subjects"][self._label(subject)]
 
     def _check_modality(self, modality: str, what: str) -> None:
         if self.modality != modality:
@@ -232,7 +238,7 @@ class Decoder:
                             f"{self.modality.upper()}")
 
     # ------------------------------------------------------------------ MEG
-    @property
+    @functools.cached_property
     def meg_params(self):
         """The MEG recipe (:class:`~.preprocess.meg.MegParams`)."""
         from .preprocess.meg import MegParams
@@ -241,9 +247,15 @@ class Decoder:
         return MegParams.from_mapping(self.config["preprocessing"]["params"])
 
     def _meg_stats(self, subject: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        info = self._subject(subject)
-        return (np.asarray(info["scaler_center"], np.float64),
-                np.asarray(info["scaler_scale"], np.float64), np.asarray(info["good"], bool))
+        """Frozen scaler centre, scale and good-channel mask of ``subject`` (built once: the
+        streaming decoder asks for them every window)."""
+        label = self._label(subject)
+        if label not in self._stats:
+            info = self.config["subjects"][label]
+            self._stats[label] = (np.asarray(info["scaler_center"], np.float64),
+                                  np.asarray(info["scaler_scale"], np.float64),
+                                  np.asarray(info["good"], bool))
+        return self._stats[label]
 
     def prepare_meg(self, raw_or_array, *, subject: str, events=None,
                     sfreq: float | None = None) -> np.ndarray:
@@ -351,8 +363,7 @@ class Decoder:
     def mask(self, subject: str):
         """The voxel mask (NIfTI image) of ``subject``."""
         self._check_modality("fmri", "mask")
-        self._subject(subject)
-        return self.masks[str(subject).removeprefix("sub-")]
+        return self.masks[self._label(subject)]
 
     def _fmri_params(self) -> dict[str, Any]:
         prep = dict(self.config["preprocessing"])
@@ -442,7 +453,7 @@ class Decoder:
         if mode == "run":
             X = zscore_within(X, runs)
         elif mode == "train":
-            label = str(subject).removeprefix("sub-")
+            label = self._label(subject)
             if label not in self.voxel_stats:
                 raise BundleError(f"train normalisation statistics of sub-{label} missing",
                                   path=None if self.root is None else self.root / NORMALISATION)
@@ -471,8 +482,8 @@ class Decoder:
         ``(n_voxels,)`` fMRI, from the ``prepare_*`` methods. ``head``: ``"clip"`` for
         retrieval, ``"mse"`` (:attr:`generation_head`) for generation.
         """
-        subject = str(subject).removeprefix("sub-")
-        info = self._subject(subject)
+        subject = self._label(subject)
+        info = self.config["subjects"][subject]
         x = np.asarray(x, dtype=np.float32)
         per_trial = 2 if self.modality == "meg" else 1
         if x.ndim == per_trial:
@@ -532,8 +543,7 @@ class Decoder:
         """Low-level pathway: prepared trials -> img2img starting images (ridge thumbnails)."""
         from neurorecon.models.generators.base import thumbnails_to_images
 
-        subject = str(subject).removeprefix("sub-")
-        self._subject(subject)
+        subject = self._label(subject)
         if subject not in self.lowlevel:
             raise BundleError(f"no low-level pathway for sub-{subject} in this bundle",
                               path=self.root)

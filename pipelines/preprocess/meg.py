@@ -218,13 +218,12 @@ def scale_epochs(X: np.ndarray, *, center: np.ndarray, scale: np.ndarray, good: 
                  clamp: float | None) -> np.ndarray:
     """The frozen per-channel scaler of a subject applied to ``(..., n_chans, n_times)``.
 
-    Bad channels (``good`` False) are zero before and after scaling, as in training.
+    Bad channels (``good`` False) are zero in the output, as in training. Returns a new
+    float64 array (the input is not modified).
     """
-    X = np.array(X, dtype=np.float64)
-    X[..., ~good, :] = 0.0
-    X = scale_window(X, center=center, scale=scale, clamp=clamp)
-    X[..., ~good, :] = 0.0
-    return X
+    out = scale_window(np.asarray(X, dtype=np.float64), center=center, scale=scale, clamp=clamp)
+    out[..., ~good, :] = 0.0
+    return out
 
 
 def prepare_window(window: np.ndarray, params: MegParams, *, center: np.ndarray,

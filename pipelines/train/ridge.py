@@ -93,8 +93,8 @@ def ridge_predictions(dm, *, targets: np.ndarray | None = None, alphas=None) -> 
     test = dm.splits["test"]
     n_out = (flat_targets(dm) if targets is None else np.asarray(targets)).shape[1]
     pred = np.zeros((len(test), n_out), np.float32)
+    X, s, _ = dm.split_arrays("test")
     for k, model in fit_ridges(dm, targets=targets, alphas=alphas).items():
-        X, s, _ = dm.split_arrays("test")
         rows = np.flatnonzero(s == k)
         pred[rows] = model.predict(np.stack([X[i] for i in rows]))
     return pred
