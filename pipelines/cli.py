@@ -41,25 +41,31 @@ examples:
 """
 
 
-def _usage() -> str:
-    width = max(len(s) for s in STAGES)
-    lines = [f"  {name:<{width}}  {desc}" for name, (_, desc) in STAGES.items()]
+def _usage(stages: dict[str, tuple[str, str]]) -> str:
+    width = max(len(s) for s in stages)
+    lines = [f"  {name:<{width}}  {desc}" for name, (_, desc) in stages.items()]
     return USAGE.format(stages="\n".join(lines))
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Dispatch to a stage; the rest of the command line goes to Hydra."""
+def main(argv: list[str] | None = None, *,
+         stages: dict[str, tuple[str, str]] | None = None) -> None:
+    """Dispatch to a stage; the rest of the command line goes to Hydra.
+
+    ``stages``: the stage table (default :data:`STAGES`; the service layer's command adds
+    its own stages, whose modules the pipelines may not import).
+    """
     import hydra
 
+    stages = STAGES if stages is None else stages
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_usage())
+        print(_usage(stages))
         return
     stage, rest = argv[0], argv[1:]
-    if stage not in STAGES:
-        print(f"neurorecon: unknown stage {stage!r}\n\n{_usage()}", file=sys.stderr)
+    if stage not in stages:
+        print(f"neurorecon: unknown stage {stage!r}\n\n{_usage(stages)}", file=sys.stderr)
         raise SystemExit(2)
-    module = importlib.import_module(STAGES[stage][0])
+    module = importlib.import_module(stages[stage][0])
 
     def task(cfg):
         from neurorecon.models.common.checks import DataError
@@ -92,13 +98,14 @@ def _stage_script(stage: str) -> str:
     return shutil.which(name) or name
 
 
-def stage_main() -> None:
+def stage_main(stages: dict[str, tuple[str, str]] | None = None) -> None:
     """Entry point of the per-stage scripts ``neurorecon-<stage>``."""
+    stages = STAGES if stages is None else stages
     name = Path(sys.argv[0]).name
     stage = name.removeprefix("neurorecon-")
-    if stage not in STAGES:
+    if stage not in stages:
         raise SystemExit(f"{name}: not a neurorecon stage script")
-    main([stage, *sys.argv[1:]])
+    main([stage, *sys.argv[1:]], stages=stages)
 
 
 if __name__ == "__main__":  # pragma: no cover

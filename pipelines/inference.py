@@ -371,6 +371,42 @@ class Decoder:
             prep.pop(key, None)
         return prep
 
+    def check_fmri_run(self, bold_img, events, *, subject: str, tr: float | None = None):
+        """Check one BOLD run and its events against ``subject``'s mask before any GLM; return
+        ``(image, events table, tr)``.
+
+        Raises :class:`DataError` naming the file for an unreadable or truncated image, one
+        that is not 4D or holds NaN/inf, another voxel grid than the mask (both grids named),
+        a missing or non-positive repetition time, a table without ``onset``/``duration``, or
+        events that end after the run. The batch service validates uploads with it before
+        queueing them; :meth:`prepare_fmri` runs it first.
+        """
+        from .preprocess.fmri import check_same_grid, load_4d, read_tr
+
+        mask = self.mask(subject)
+        path = None
+        if isinstance(bold_img, (str, Path)):
+            path = Path(bold_img)
+            tr = read_tr(path) if tr is None else tr
+            img, _ = load_4d(path, what="BOLD image")
+        else:
+            img = bold_img
+            if img.ndim != 4:
+                raise DataError(f"BOLD image must be 4D, got shape {img.shape}")
+            if tr is None:
+                tr = float(img.header.get_zooms()[3])
+        if tr is None or not np.isfinite(tr) or not tr > 0:
+            raise DataError(f"no usable repetition time ({tr!r}): pass tr= (s)", path=path)
+        check_same_grid(img, mask, path=path, what="BOLD image")
+        table = _events_table(events)
+        n_scans = img.shape[3]
+        late = table["onset"].to_numpy() + table["duration"].to_numpy() > n_scans * tr
+        if late.any():
+            raise DataError(f"{int(late.sum())} events end after the run "
+                            f"({n_scans} scans x {tr:g} s = {n_scans * tr:g} s)",
+                            path=events if isinstance(events, (str, Path)) else path)
+        return img, table, float(tr)
+
     def prepare_fmri(self, bold_img, events, *, subject: str, tr: float | None = None
                      ) -> np.ndarray:
         """One BOLD run -> single-trial betas ``(n_trials, n_voxels)`` through the training
@@ -387,43 +423,17 @@ class Decoder:
         tr : float | None
             Repetition time (s); default: the JSON sidecar of a path, else the header.
         """
-        from .preprocess.fmri import (
-            check_same_grid,
-            load_4d,
-            read_tr,
-            single_trial_betas,
-        )
+        from .preprocess.fmri import single_trial_betas
 
-        mask = self.mask(subject)
-        path = None
-        if isinstance(bold_img, (str, Path)):
-            path = Path(bold_img)
-            tr = read_tr(path) if tr is None else tr
-            img, _ = load_4d(path, what="BOLD image")
-        else:
-            img = bold_img
-            if img.ndim != 4:
-                raise DataError(f"BOLD image must be 4D, got shape {img.shape}")
-            if tr is None:
-                tr = float(img.header.get_zooms()[3])
-        if not tr or tr <= 0:
-            raise DataError("no repetition time: pass tr= (s)", path=path)
-        check_same_grid(img, mask, path=path, what="BOLD image")
-        table = _events_table(events)
-        n_scans = img.shape[3]
-        late = table["onset"].to_numpy() + table["duration"].to_numpy() > n_scans * tr
-        if late.any():
-            raise DataError(f"{int(late.sum())} events end after the run "
-                            f"({n_scans} scans x {tr:g} s)", path=path)
-        params = self._fmri_params()
-        betas = single_trial_betas(img, table, tr=float(tr), mask_img=mask, params=params)
+        img, table, tr = self.check_fmri_run(bold_img, events, subject=subject, tr=tr)
+        betas = single_trial_betas(img, table, tr=tr, mask_img=self.mask(subject),
+                                   params=self._fmri_params())
         return self._normalise(np.nan_to_num(betas), subject=subject,
                                runs=np.zeros(len(betas)))
 
-    def prepare_betas(self, betas_img, trials=None, *, subject: str) -> np.ndarray:
-        """Precomputed single-trial betas (4D, one volume per trial) -> ``(n_trials,
-        n_voxels)`` inside the subject's mask, normalised as in training (per ``run`` column
-        of ``trials`` when present, else over the whole image)."""
+    def check_betas(self, betas_img, trials=None, *, subject: str):
+        """Check a 4D single-trial betas image (and its trial table, one row per volume)
+        against ``subject``'s mask; return ``(image, data, table or None)``."""
         from .preprocess.fmri import check_same_grid, load_4d
 
         mask = self.mask(subject)
@@ -434,13 +444,23 @@ class Decoder:
         else:
             img, data = betas_img, np.asarray(betas_img.dataobj, np.float32)
         check_same_grid(img, mask, path=path, what="betas image")
-        inside = np.asarray(mask.dataobj) > 0
+        table = None
+        if trials is not None:
+            table = trials if isinstance(trials, pd.DataFrame) else _read_tsv(trials)
+            if len(table) != data.shape[3]:
+                raise DataError(f"{len(table)} trial rows but the betas image has "
+                                f"{data.shape[3]} volumes",
+                                path=trials if isinstance(trials, (str, Path)) else path,
+                                hint="one row per volume of the betas image, in order")
+        return img, data, table
+
+    def prepare_betas(self, betas_img, trials=None, *, subject: str) -> np.ndarray:
+        """Precomputed single-trial betas (4D, one volume per trial) -> ``(n_trials,
+        n_voxels)`` inside the subject's mask, normalised as in training (per ``run`` column
+        of ``trials`` when present, else over the whole image)."""
+        _, data, table = self.check_betas(betas_img, trials, subject=subject)
+        inside = np.asarray(self.mask(subject).dataobj) > 0
         X = data[inside].T.astype(np.float32)
-        table = None if trials is None else (trials if isinstance(trials, pd.DataFrame) else
-                                             pd.read_csv(trials, sep="\t"))
-        if table is not None and len(table) != len(X):
-            raise DataError(f"{len(table)} trial rows but the betas image has {len(X)} "
-                            "volumes", path=path)
         runs = (table["run"].astype(str).to_numpy() if table is not None and "run" in table
                 else np.zeros(len(X)))
         return self._normalise(X, subject=subject, runs=runs)
@@ -785,13 +805,18 @@ def _load_voxel_stats(path: Path) -> dict[str, np.ndarray]:
         raise BundleError(f"unreadable normalisation statistics ({exc})", path=path) from exc
 
 
+def _read_tsv(path: str | Path) -> pd.DataFrame:
+    """A BIDS TSV (``n/a`` as missing), or :class:`DataError` naming it."""
+    try:
+        return pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError,
+            UnicodeDecodeError) as exc:
+        raise DataError(f"not a readable TSV table ({exc})", path=path) from exc
+
+
 def _events_table(events) -> pd.DataFrame:
     if isinstance(events, (str, Path)):
-        try:
-            table = pd.read_csv(events, sep="\t", na_values=["n/a"], keep_default_na=False)
-        except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-            raise DataError(f"not a readable events table ({exc})", path=events) from exc
-        path = events
+        table, path = _read_tsv(events), events
     else:
         table, path = pd.DataFrame(events), None
     check_columns(table, ["onset", "duration"], path=path)
@@ -799,6 +824,8 @@ def _events_table(events) -> pd.DataFrame:
                          duration=pd.to_numeric(table["duration"], errors="coerce"))
     if table[["onset", "duration"]].isna().any().any() or (table["onset"] < 0).any():
         raise DataError("onset and duration must be non-negative seconds", path=path)
+    if not len(table):
+        raise DataError("the events table has no rows", path=path)
     return table.reset_index(drop=True)
 
 

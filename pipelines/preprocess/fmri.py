@@ -88,7 +88,11 @@ def load_4d(path: Path, *, what: str):
         raise DataError(
             f"{what} must be 4D (x, y, z, {'trial' if 'betas' in what else 'time'}), "
             f"got {img.ndim}D with shape {img.shape}", path=path)
-    data = img.get_fdata(dtype=np.float32)
+    try:  # nibabel reads lazily: a truncated or corrupt (gzip) file fails here
+        data = img.get_fdata(dtype=np.float32)
+    except Exception as exc:
+        raise DataError(f"cannot read the {what}'s voxel data: truncated or corrupt file "
+                        f"({type(exc).__name__}: {exc})", path=path) from exc
     check_finite(data, path=path, what=what)
     return nib.Nifti1Image(data, img.affine, img.header), data
 

@@ -1,0 +1,125 @@
+"""Request and response models of the HTTP API (pydantic; they make the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .store import STATES
+
+
+class JobOptions(BaseModel):
+    """The ``options`` form field of ``POST /v1/fmri/jobs`` (JSON)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int | None = Field(None, ge=1, le=200,
+                              description="diffusion steps (default: the training run's)")
+    guidance: float | None = Field(None, ge=0, le=30,
+                                   description="classifier-free guidance scale")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="sampling seed")
+    lowlevel: bool | None = Field(None, description="start sampling from the low-level "
+                                  "pathway's image (default: the training run's choice)")
+    top_k: int = Field(5, ge=1, le=100, description="retrieved gallery images per trial")
+    trials: Literal["all", "test"] | list[int] = Field(
+        "all", description="'all' events rows, 'test' (trial_type == test) or 0-based rows")
+    reconstruct: bool = Field(True, description="generate images (false: retrieval only)")
+    full_metrics: bool = Field(False, description="with ground truth: also the Inception "
+                               "metric (about 0.5 s per image on CPU)")
+
+
+class Links(BaseModel):
+    self: str
+    result: str
+    page: str
+
+
+class JobCreated(BaseModel):
+    id: str
+    status: Literal[STATES]  # type: ignore[valid-type]
+    links: Links
+
+
+class Progress(BaseModel):
+    stage: str
+    done: int
+    total: int
+
+
+class JobStatus(BaseModel):
+    id: str
+    status: Literal[STATES]  # type: ignore[valid-type]
+    model: str
+    subject: str
+    input: Literal["bold", "betas"]
+    n_trials: int
+    attempts: int
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    error: str | None = None
+    progress: Progress | None = None
+    timings: dict[str, float] | None = None
+    links: Links
+
+
+class JobList(BaseModel):
+    jobs: list[JobStatus]
+
+
+class Hit(BaseModel):
+    id: str = Field(description="gallery image id (the stimulus file, as in events.tsv)")
+    score: float = Field(description="cosine similarity")
+    concept: str | None = None
+    thumbnail: str | None = Field(None, description="URL of the gallery thumbnail")
+
+
+class TrialResult(BaseModel):
+    row: int = Field(description="0-based row of the events (trials) table")
+    onset: float | None = None
+    trial_type: str | None = None
+    stim_file: str | None = None
+    topk: list[Hit]
+    image: str | None = Field(None, description="URL of the reconstruction (PNG)")
+
+
+class JobResult(BaseModel):
+    id: str
+    model: str
+    subject: str
+    note: str = Field(description="what stands in for the models the papers used")
+    trials: list[TrialResult]
+    metrics: dict[str, Any] | None = Field(
+        None, description="with ground truth (stim_file): retrieval and reconstruction")
+
+
+class ModelInfo(BaseModel):
+    id: str
+    modality: str
+    subjects: list[str]
+    model_type: str
+    embedder: dict[str, Any]
+    generator: dict[str, Any] | None
+    gallery_images: int
+    metrics: dict[str, Any] | None
+    note: str
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    ready: bool
+    models: list[str]
+    workers_alive: int
+    queued: int
+
+
+class Problem(BaseModel):
+    detail: str
