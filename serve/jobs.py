@@ -104,6 +104,8 @@ def run_job(decoder: Decoder, job_dir: Path, spec: dict[str, Any], *,
     arrays = decode()
     t_prep = time.perf_counter()
     hits = decoder.retrieve(arrays["clip"], k=min(int(options["top_k"]), len(decoder.gallery)))
+    for stale in job_dir.glob(".result-*"):  # a killed attempt's unfinished result
+        shutil.rmtree(stale, ignore_errors=True)
     result_tmp = Path(tempfile.mkdtemp(prefix=".result-", dir=job_dir))
     try:
         (result_tmp / IMAGES).mkdir()

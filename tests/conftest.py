@@ -68,3 +68,18 @@ def hf_dirs(tmp_path_factory) -> dict[str, Path]:
                       image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
                       ).save_pretrained(root / "dinov2")
     return {"clip": root / "clip", "dinov2": root / "dinov2"}
+
+
+@pytest.fixture(scope="session")
+def fmri_bundle(sample_root, tmp_path_factory) -> Path:
+    """A tiny fMRI bundle with a generator and a low-level pathway (the service's tests)."""
+    from neurorecon.pipelines.run import run
+
+    from .test_bundle import FAST, TINY_GENERATOR
+    from .test_train import SMALL_FMRI
+
+    cfg = compose_stage("train", tmp_path_factory.mktemp("svc-fmri"), [
+        "data=bids", f"data.root={sample_root / 'fmri'}", "data.modality=fmri",
+        *FAST, *SMALL_FMRI, *TINY_GENERATOR, "trainer.max_epochs=6"])
+    run(cfg)
+    return Path(cfg.paths.output_dir) / "bundle"

@@ -15,25 +15,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-
-from .conftest import compose_stage
-from .test_bundle import FAST, TINY_GENERATOR
-from .test_train import SMALL_FMRI
-
-fastapi = pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def fmri_bundle(sample_root, tmp_path_factory) -> Path:
-    """A tiny fMRI bundle with a generator and a low-level pathway."""
-    from neurorecon.pipelines.run import run
-
-    cfg = compose_stage("train", tmp_path_factory.mktemp("svc-fmri"), [
-        "data=bids", f"data.root={sample_root / 'fmri'}", "data.modality=fmri",
-        *FAST, *SMALL_FMRI, *TINY_GENERATOR, "trainer.max_epochs=6"])
-    run(cfg)
-    return Path(cfg.paths.output_dir) / "bundle"
+from fastapi.testclient import TestClient
 
 
 def make_service(bundle: Path, root: Path, **overrides):
@@ -391,7 +373,7 @@ def test_key_file_holds_only_hashes(tmp_path):
 
 def test_openapi_fuzz_has_no_server_errors(fmri_bundle, tmp_path):
     """schemathesis over the OpenAPI schema, authenticated: never a 5xx."""
-    schemathesis = pytest.importorskip("schemathesis")
+    import schemathesis
     from hypothesis import HealthCheck, given, settings
 
     from neurorecon.serve.app import create_app
