@@ -27,6 +27,9 @@ demo: install
 	$(NR) sample
 	$(NR) run data=sample_meg preprocess.meg.phase=causal
 	$(NR) run data=sample_fmri evaluate.adaptation=true
+	@echo "Serve the fMRI bundle over HTTP (README: The HTTP service):"
+	@echo "  $(NR) key key.name=me       # prints a key; its hash goes to serve-data/api_keys.txt"
+	@echo "  $(NR) serve serve.bundles=[$$(ls -d runs/run/*/bundle | tail -1)]"
 
 test: install
 	$(VENV)/bin/pytest -q

@@ -80,8 +80,8 @@ class Service:
 
     def __init__(self, settings: ServeSettings):
         self.settings = settings
-        self.decoders: dict[str, Decoder] = load_bundles(settings.bundles)
         self.keys = KeyRing.load(settings.api_keys_file)
+        self.decoders: dict[str, Decoder] = load_bundles(settings.bundles)
         self.store = JobStore(settings.data_dir)
         self.metrics = Metrics(self.store)
         self.workers: list[subprocess.Popen] = []

@@ -33,8 +33,12 @@ def load_bundles(entries: list[str]) -> dict[str, Decoder]:
         try:
             decoder = Decoder.from_pretrained(path)
         except DataError as exc:
-            raise DataError(f"serve.bundles: cannot load bundle {path}: "
-                            f"{str(exc).splitlines()[0]}") from None
+            where = ""  # the file inside the bundle, when the error names one
+            if exc.path is not None and exc.path != path:
+                inner = exc.path.relative_to(path) if exc.path.is_relative_to(path) else exc.path
+                where = f"{inner}: "
+            raise DataError(f"serve.bundles: cannot load bundle {path}: {where}{exc.problem}"
+                            ) from None
         key = name or bundle_id(path, decoder.modality)
         if key in decoders:
             raise DataError(f"serve.bundles: id {key!r} given twice ({path})")

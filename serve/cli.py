@@ -26,3 +26,7 @@ def main(argv: list[str] | None = None) -> None:
 def stage_main() -> None:
     """``neurorecon-<stage>`` scripts of the service's stages."""
     pipeline_cli.stage_main(STAGES)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

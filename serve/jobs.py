@@ -128,8 +128,8 @@ def run_job(decoder: Decoder, job_dir: Path, spec: dict[str, Any], *,
         t_rec = time.perf_counter()
         table = trials_table(job_dir, spec).iloc[spec["rows"]].reset_index(drop=True)
         report("metrics", n_images, n)
-        metrics = ground_truth_metrics(decoder, table, arrays["clip"], result_tmp / IMAGES,
-                                       options, n_images=n_images)
+        metrics = ground_truth_metrics(decoder, table, arrays["clip"], hits,
+                                       result_tmp / IMAGES, options, n_images=n_images)
         timings = {"prepare_s": round(t_prep - t0, 3), "reconstruct_s": round(t_rec - t_gen, 3),
                    "metrics_s": round(time.perf_counter() - t_rec, 3)}
         timings["total_s"] = round(time.perf_counter() - t0, 3)
@@ -170,7 +170,7 @@ def trial_records(table: pd.DataFrame, rows: Iterable[int], hits, n_images: int
     return out
 
 
-def ground_truth_metrics(decoder: Decoder, table: pd.DataFrame, clip: np.ndarray,
+def ground_truth_metrics(decoder: Decoder, table: pd.DataFrame, clip: np.ndarray, hits,
                          image_dir: Path, options: dict[str, Any], *, n_images: int
                          ) -> dict[str, Any] | None:
     """With a ``stim_file`` column naming gallery images: retrieval among the gallery (with
@@ -197,8 +197,7 @@ def ground_truth_metrics(decoder: Decoder, table: pd.DataFrame, clip: np.ndarray
         size = recon[0].size
         truth = [gallery.thumbnail(row_of[table["stim_file"].iloc[i]]).resize(size)
                  for i in rows]
-        floor_rows = np.argmax(clip[rows] @ _unit(gallery.embeddings).T, axis=1)
-        floor = [gallery.thumbnail(int(r)).resize(size) for r in floor_rows]
+        floor = [gallery.thumbnail(hits[i][0]["row"]).resize(size) for i in rows]
         skip = [] if options.get("full_metrics") else ["inception"]
         metrics = compare_reconstructions({"brain": recon, "floor_retrieved": floor}, truth,
                                           skip=skip)
@@ -206,10 +205,6 @@ def ground_truth_metrics(decoder: Decoder, table: pd.DataFrame, clip: np.ndarray
             **metrics, "truth": f"gallery thumbnails resized to {size[0]} px (the bundle "
                                "keeps no full-size stimuli)"}
     return out
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def check_rows(table: pd.DataFrame | None, n_rows: int, trials, *, what: str) -> list[int]:

@@ -24,7 +24,7 @@ class ServeSettings(BaseSettings):
     bundles: list[str] = Field(min_length=1)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    data_dir: Path = Path("serve")
+    data_dir: Path = Path("serve-data")
     api_keys_file: Path | None = Field(
         None, validation_alias=AliasChoices("api_keys_file", "NEURORECON_API_KEYS_FILE",
                                             "NEURORECON_SERVE_API_KEYS_FILE"))

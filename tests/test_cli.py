@@ -13,7 +13,7 @@ import tomllib
 from hydra import compose, initialize_config_module
 
 REPO = Path(__file__).resolve().parents[1]
-NEURORECON = [sys.executable, "-m", "neurorecon.pipelines.cli"]
+NEURORECON = [sys.executable, "-m", "neurorecon.serve.cli"]  # the installed `neurorecon`
 
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -24,7 +24,7 @@ def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_usage_lists_stages(tmp_path):
     out = _run("--help", cwd=tmp_path)
     assert out.returncode == 0
-    for stage in ("sample", "preprocess", "embed"):
+    for stage in ("sample", "preprocess", "embed", "run", "serve", "key"):
         assert re.search(rf"^\s+{stage}\s", out.stdout, re.M)
     bad = _run("nonsense", cwd=tmp_path)
     assert bad.returncode == 2 and "unknown stage 'nonsense'" in bad.stderr
@@ -83,3 +83,22 @@ def test_multirun_sweep(tmp_path):
     assert len(configs) == 2
     seeds = sorted(json.loads(p.read_text())["config"]["seed"] for p in configs)
     assert seeds == [1, 2]
+
+
+def test_service_commands_fail_in_one_line(tmp_path):
+    """`neurorecon key` prints a key once and keeps its hash; `neurorecon serve` with a bundle
+    that does not load stops with one line naming it."""
+    keys = tmp_path / "keys.txt"
+    out = _run("key", "key.name=lab", f"key.file={keys}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    key = out.stdout.strip().splitlines()[-1]
+    assert key.startswith("nr_") and key not in keys.read_text()
+    again = _run("key", "key.name=lab", f"key.file={keys}", cwd=tmp_path)
+    assert again.returncode == 2 and "exists already" in again.stderr
+    bad = _run("serve", f"serve.bundles=[{tmp_path / 'nope'}]", f"serve.api_keys_file={keys}",
+               cwd=tmp_path)
+    assert bad.returncode == 2 and f"cannot load bundle {tmp_path / 'nope'}" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    nokeys = _run("serve", f"serve.bundles=[{tmp_path}]", cwd=tmp_path)  # default key file
+    assert nokeys.returncode == 2 and "API key file not found" in nokeys.stderr
+    assert "neurorecon key key.name=" in nokeys.stderr
