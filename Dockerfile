@@ -18,11 +18,11 @@ WORKDIR /opt/neurorecon
 #    the torch pinned in pyproject.toml, then every other dependency listed there
 COPY pyproject.toml ./
 RUN python -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; t = [x for x in d if x.startswith('torch=')]; open('/tmp/torch.txt', 'w').write('\n'.join(t)); open('/tmp/requirements.txt', 'w').write('\n'.join(x for x in d if x not in t))"
-# TORCH_WHEELS: a folder holding the CPU wheel (mounted at build time) instead of the index
+# TORCH_WHEELS: a folder holding the CPU wheel (mounted at build time; its "+cpu" version wins)
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG TORCH_WHEELS=""
 RUN if [ -n "$TORCH_WHEELS" ]; then \
-        pip install --no-index --find-links "$TORCH_WHEELS" -r /tmp/torch.txt; \
+        pip install --find-links "$TORCH_WHEELS" -r /tmp/torch.txt; \
     else \
         pip install -r /tmp/torch.txt --index-url "$TORCH_INDEX"; \
     fi \

@@ -19,10 +19,12 @@ def bundle_id(path: Path, modality: str) -> str:
     return f"{modality}-{digest}"
 
 
-def load_bundles(entries: list[str]) -> dict[str, Decoder]:
+def load_bundles(entries: list[str], *, generators: bool = False) -> dict[str, Decoder]:
     """``serve.bundles`` entries (``<dir>`` or ``<id>=<dir>``) -> decoders by id.
 
-    A bundle that does not load, or a repeated id, is a :class:`DataError` naming it.
+    ``generators``: load each bundle's generator now (the processes that generate images),
+    not at the first job. A bundle that does not load, or a repeated id, is a
+    :class:`DataError` naming it.
     """
     decoders: dict[str, Decoder] = {}
     for entry in entries:
@@ -42,5 +44,11 @@ def load_bundles(entries: list[str]) -> dict[str, Decoder]:
         key = name or bundle_id(path, decoder.modality)
         if key in decoders:
             raise DataError(f"serve.bundles: id {key!r} given twice ({path})")
+        if generators and decoder.config.get("generator"):
+            try:
+                decoder.generator  # noqa: B018 - loads it
+            except DataError as exc:
+                raise DataError(f"serve.bundles: cannot load the generator of bundle {path}: "
+                                f"{exc.problem}") from None
         decoders[key] = decoder
     return decoders

@@ -49,7 +49,7 @@ class _Actor:
         from .bundles import load_bundles
 
         torch.set_num_threads(threads)
-        self.decoders = load_bundles(bundles)
+        self.decoders = load_bundles(bundles, generators=True)
 
     def decode(self, model: str, job_dir: str, spec: dict[str, Any]):
         return jobs.decode_inputs(self.decoders[model], Path(job_dir), spec)

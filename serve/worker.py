@@ -50,7 +50,9 @@ class Worker:
         self.id = worker_id
         self.parent_pid = parent_pid
         self.store = JobStore(settings.data_dir)
-        self.decoders = load_bundles(settings.bundles)
+        # the local executor generates here: its generators load now, not in the first job
+        self.decoders = load_bundles(settings.bundles,
+                                     generators=settings.executor == "local")
         if settings.executor == "ray":
             from .executors import RayExecutor
 

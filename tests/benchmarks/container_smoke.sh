@@ -33,7 +33,7 @@ if ls /opt/wheels/torch-*+cpu-*.whl >/dev/null 2>&1; then
   WHEELS=(--volume /opt/wheels:/wheels:ro --build-arg TORCH_WHEELS=/wheels)
 fi
 echo "+ podman build ${BASE[*]} ${WHEELS[*]} -t $TAG ."
-time podman build --network=host "${BASE[@]}" "${WHEELS[@]}" -t "$TAG" .
+time podman build --isolation=chroot --network=host "${BASE[@]}" "${WHEELS[@]}" -t "$TAG" .
 echo "+ image size"
 podman image inspect "$TAG" --format '{{.Size}}' | awk '{printf "%.0f MB\n", $1/1e6}'
 echo "+ podman run $TAG --help"
