@@ -494,13 +494,15 @@ class Decoder:
             }
         return self._inputs[subject]
 
-    def encode(self, x, *, subject: str, head: str = "clip",
-               batch_size: int = 256) -> np.ndarray:
+    def encode(self, x, *, subject: str, head: str = "clip", batch_size: int = 256,
+               mask: np.ndarray | None = None) -> np.ndarray:
         """Prepared trials -> embeddings ``(n, emb_dim)`` (token targets flattened).
 
         ``x``: ``(n, n_chans, n_times)`` / ``(n_chans, n_times)`` MEG, or ``(n, n_voxels)`` /
         ``(n_voxels,)`` fMRI, from the ``prepare_*`` methods. ``head``: ``"clip"`` for
-        retrieval, ``"mse"`` (:attr:`generation_head`) for generation.
+        retrieval, ``"mse"`` (:attr:`generation_head`) for generation. ``mask`` (MEG): a bool
+        per bundle channel, False for channels to leave out of the spatial attention (missing
+        or faulty in a stream); the bundle's bad channels stay out whatever it says.
         """
         subject = self._label(subject)
         info = self.config["subjects"][subject]
@@ -514,9 +516,17 @@ class Decoder:
             raise DataError(f"sub-{subject} trials must have shape (n, {', '.join(map(str, want))})"
                             f", got {x.shape}", hint="prepare them with the decoder's "
                             f"prepare_{self.modality} method")
+        inputs = self._model_inputs(subject)
+        if mask is not None:
+            self._check_modality("meg", "encode(mask=...)")
+            keep = np.asarray(mask, bool)
+            if keep.shape != (want[0],):
+                raise DataError(f"mask must hold one bool per channel ({want[0]}), got shape "
+                                f"{keep.shape}")
+            inputs = {**inputs, "mask": inputs["mask"] & torch.from_numpy(keep)}
         sub = subject if self.modality == "fmri" else int(info["index"])
-        return encode_batches(self.net, x, subject=sub, inputs=self._model_inputs(subject),
-                              head=head, batch_size=batch_size)
+        return encode_batches(self.net, x, subject=sub, inputs=inputs, head=head,
+                              batch_size=batch_size)
 
     def retrieve(self, embeddings: np.ndarray, *, k: int = 5,
                  split: str | None = None) -> list[list[dict[str, Any]]]:

@@ -1,8 +1,8 @@
 """The ``neurorecon`` command of an installation: the pipeline stages plus the service's.
 
 The service layer sits above the pipelines (they never import it), so it owns the command and
-adds its stages to the pipelines' table: ``serve`` (the HTTP service) and ``key`` (create an
-API key).
+adds its stages to the pipelines' table: ``serve`` (the HTTP service and streaming decoder),
+``key`` (create an API key) and ``replay`` (a recording as a live LSL stream).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ STAGES: dict[str, tuple[str, str]] = {
               "HTTP service: batch fMRI-to-image jobs on trained bundles (FastAPI + uvicorn)"),
     "key": ("neurorecon.serve.keys",
             "create an API key for the service: print it once, append its hash to the key file"),
+    "replay": ("neurorecon.serve.replay",
+               "replay a recording as a live LSL stream (+ its events as a marker stream)"),
 }
 
 

@@ -9,17 +9,50 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from neurorecon.models.common.checks import DataError
+
+
+class StreamSettings(BaseModel):
+    """``serve.stream``: the real-time MEG decoder (off while ``source`` is unset); also set
+    per session with ``PUT /v1/meg/stream``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str | None = Field(None, max_length=200, description="LSL stream name")
+    subject: str | None = Field(None, max_length=64, description="subject label of the bundle")
+    markers: str | None = Field(None, max_length=200, description="LSL marker stream name "
+                                "(event mode); without it, the stream's stim channel")
+    model: str | None = Field(None, max_length=80, description="MEG bundle id (optional "
+                              "when one is loaded)")
+    hop: float = Field(0.1, ge=0, le=10, description="s between sliding windows (0: off)")
+    top_k: int = Field(5, ge=1, le=50)
+    preview_every: int = Field(0, ge=0, le=10_000, description="a reconstruction every n "
+                               "messages (0: none)")
+    ring_s: float = Field(10.0, ge=2, le=120, description="s of filtered data kept")
+    warmup_s: float = Field(1.0, ge=0, le=60)
+    stale_s: float = Field(1.0, gt=0, le=60)
+    reconnect_s: float = Field(3.0, gt=0, le=600)
+    outlet: str = Field("neurorecon-decoded", max_length=200)
+    client_queue: int = Field(16, ge=1, le=10_000)
+    embeddings: bool = Field(False, description="include each window's embedding")
+    split: str | None = Field(None, max_length=20, description="gallery split of the "
+                              "candidates (default: all images)")
+
+    @model_validator(mode="after")
+    def _subject_with_source(self):
+        if self.source and not self.subject:
+            raise ValueError("serve.stream.subject is required with serve.stream.source")
+        return self
 
 
 class ServeSettings(BaseSettings):
     """``neurorecon serve`` settings (see ``configs/serve/default.yaml`` for each)."""
 
     model_config = SettingsConfigDict(env_prefix="NEURORECON_SERVE_", extra="forbid",
-                                      populate_by_name=True)
+                                      populate_by_name=True, env_nested_delimiter="__")
 
     bundles: list[str] = Field(min_length=1)
     host: str = "127.0.0.1"
@@ -38,6 +71,7 @@ class ServeSettings(BaseSettings):
     max_attempts: int = Field(3, ge=1)
     max_trials: int = Field(2000, ge=1)
     batch_size: int = Field(8, ge=1, le=256)
+    stream: StreamSettings = StreamSettings()
 
     @field_validator("host")
     @classmethod
@@ -60,6 +94,8 @@ def load_settings(values: dict) -> ServeSettings:
     from pydantic import ValidationError
 
     values = {k: v for k, v in values.items() if v is not None}
+    if isinstance(values.get("stream"), dict):
+        values["stream"] = {k: v for k, v in values["stream"].items() if v is not None}
     try:
         settings = ServeSettings(**values)
     except ValidationError as exc:

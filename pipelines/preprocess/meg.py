@@ -176,6 +176,12 @@ class StreamingMegFilter:
         self._zi = None if self.sos is None else np.zeros((self.sos.shape[0], self.n_chans, 2))
         self._n_seen = 0
 
+    @property
+    def next_offset(self) -> int:
+        """Index, within the next chunk, of its first sample kept by the decimation (the
+        output samples of :meth:`process` are the chunk's samples ``next_offset::factor``)."""
+        return (-self._n_seen) % self.factor
+
     def process(self, chunk: np.ndarray) -> np.ndarray:
         """Filter a ``(n_chans, n_samples)`` chunk; return its decimated output samples."""
         chunk = np.asarray(chunk, dtype=np.float64)
@@ -185,7 +191,7 @@ class StreamingMegFilter:
             )
         if self.sos is not None:
             chunk, self._zi = self._signal.sosfilt(self.sos, chunk, axis=-1, zi=self._zi)
-        first = (-self._n_seen) % self.factor
+        first = self.next_offset
         self._n_seen += chunk.shape[1]
         return chunk[:, first :: self.factor]
 

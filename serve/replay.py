@@ -1,0 +1,137 @@
+"""``neurorecon replay replay.file=<recording.fif> replay.name=<stream> [replay.markers=true]``:
+a recording as a live LSL stream (``mne_lsl.player.PlayerLSL``), to demo and test the
+streaming decoder without hardware.
+
+With ``replay.markers=true`` the recording's events go out as the marker stream
+``<name>-markers`` (strings, irregular rate), each stamped with the LSL time of its onset
+sample: the annotations of the file, or -- without annotations -- its BIDS ``*_events.tsv``
+sidecar (``stim_file`` values, e.g. image ids) when there is one, else its stim-channel events
+(their values).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from neurorecon.models.common.checks import DataError
+from neurorecon.models.common.logging import logger
+
+from .lslconfig import use_loopback_discovery
+
+use_loopback_discovery()  # before liblsl loads
+from mne_lsl.player import PlayerLSL  # noqa: E402
+
+
+class MarkerPlayer(PlayerLSL):
+    """PlayerLSL whose annotations go out as ``<name>-markers`` (descriptions as strings),
+    stamped at their onset sample's LSL time, and which can wait for a first consumer before
+    its first sample (so that a decoder sees the recording from its start)."""
+
+    def __init__(self, raw, *, name: str, chunk_size: int = 10, n_repeat: float = 1,
+                 markers: bool = True, wait_s: float = 0.0):
+        super().__init__(raw, chunk_size=chunk_size, n_repeat=n_repeat, name=name,
+                         annotations=markers and len(raw.annotations) > 0,
+                         annotations_encoding="string")
+        self.wait_s = wait_s
+        self._waited = False
+        if self._annotations:
+            from mne_lsl.lsl import StreamInfo
+
+            info = StreamInfo(name=f"{name}-markers", stype="Markers", n_channels=1,
+                              sfreq=0.0, dtype="string", source_id=f"{name}-markers")
+            info.set_channel_names(["marker"])
+            info.set_channel_types("annotations")
+            self._sinfo_annotations = info
+
+    def _stream(self) -> None:
+        if not self._waited:
+            self._waited = True
+            if self.wait_s > 0 and self._outlet.wait_for_consumers(self.wait_s):
+                logger.info("replay: a consumer connected; streaming")
+            from mne_lsl.lsl import local_clock
+
+            self._target_timestamp = local_clock()
+        super()._stream()
+
+    def _stream_annotations(self, start: int, stop: int, start_timestamp: float) -> None:
+        # PlayerLSL stamps an annotation one sample before its onset sample (the chunk's
+        # first sample has start_timestamp + 1/sfreq); stamp it at the onset sample instead
+        super()._stream_annotations(start, stop, start_timestamp + 1 / self.info["sfreq"])
+
+    @property
+    def finished(self) -> bool:
+        return self._waited and self._outlet is None
+
+
+def with_markers(raw, path: Path | None):
+    """``raw`` with annotations for its events: its own, else the BIDS events sidecar's
+    ``stim_file`` (or ``trial_type``), else its stim channel's values."""
+    import mne
+
+    if len(raw.annotations):
+        return raw, "annotations"
+    events_tsv = None if path is None else path.with_name(
+        path.name.rsplit("_", 1)[0] + "_events.tsv")
+    if events_tsv is not None and events_tsv.is_file():
+        table = pd.read_csv(events_tsv, sep="\t", na_values=["n/a"], keep_default_na=False)
+        column = next((c for c in ("stim_file", "trial_type", "value") if c in table), None)
+        if "onset" in table and column is not None:
+            raw.set_annotations(mne.Annotations(table["onset"].to_numpy(float), 0.0,
+                                                table[column].astype(str).to_numpy()))
+            return raw, f"{events_tsv.name} ({column})"
+    stim = mne.pick_types(raw.info, meg=False, stim=True)
+    if len(stim):
+        events = mne.find_events(raw, stim_channel=raw.ch_names[stim[0]], verbose=False)
+        onsets = (events[:, 0] - raw.first_samp) / raw.info["sfreq"]
+        raw.set_annotations(mne.Annotations(onsets, 0.0, events[:, 2].astype(str)))
+        return raw, f"stim channel {raw.ch_names[stim[0]]}"
+    raise DataError("replay.markers=true, but the recording has no annotations, no BIDS "
+                    "events sidecar and no stim channel", path=path)
+
+
+def replay(file: str | Path, *, name: str, markers: bool = False, chunk_size: int = 10,
+           repeat: float = 1, wait_s: float = 30.0) -> MarkerPlayer:
+    """Start replaying ``file``; returns the running player (``stop()`` ends it)."""
+    import mne
+
+    path = Path(file)
+    if not path.is_file():
+        raise DataError("recording not found", path=path)
+    try:
+        raw = mne.io.read_raw(path, preload=True, verbose=False)
+    except Exception as exc:  # noqa: BLE001 - mne raises many types for unreadable files
+        raise DataError(f"cannot read the recording with MNE ({exc})", path=path) from exc
+    source = None
+    if markers:
+        raw, source = with_markers(raw, path)
+    player = MarkerPlayer(raw, name=name, chunk_size=chunk_size, n_repeat=repeat,
+                          markers=markers, wait_s=wait_s).start()
+    logger.info("replay: %s as LSL stream %r (%d channels, %g Hz, %.1f s%s)%s", path.name,
+                name, len(raw.ch_names), raw.info["sfreq"], raw.times[-1],
+                "" if repeat == 1 else f", {repeat:g} passes",
+                f"; markers {name}-markers from {source}" if markers else "")
+    return player
+
+
+def run(cfg) -> None:
+    """Stage entry point (root config ``replay.yaml``): replay until the end (or Ctrl-C)."""
+    r = cfg.replay
+    repeat = math.inf if str(r.repeat) in ("inf", "-1") else float(r.repeat)
+    player = replay(r.file, name=str(r.name), markers=bool(r.markers),
+                    chunk_size=int(r.chunk_size), repeat=repeat, wait_s=float(r.wait_s))
+    try:
+        while not player.finished:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if not player.finished:
+            player.stop()
+    logger.info("replay: done")
+
+
+

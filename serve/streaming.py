@@ -1,0 +1,308 @@
+"""Real-time MEG decoding, without the LSL plumbing: raw chunks in, decoded messages out.
+
+:class:`OnlineDecoder` is built once per stream connection from a bundle's
+:class:`~neurorecon.pipelines.inference.Decoder` and the stream's channel names, rate and
+units. Each chunk goes through the bundle's causal filter and decimation
+(:class:`~neurorecon.pipelines.preprocess.meg.StreamingMegFilter`, the offline
+``phase=causal`` transform) into a fixed-size ring buffer; windows of the bundle's epoch
+length are then cut every ``hop`` seconds (sliding mode) and around each marker (event mode)
+and go through ``Decoder.meg_window`` (baseline, frozen scaler, clamp) -> ``encode`` ->
+``retrieve``. No second implementation of any of these.
+
+Faults are flagged, not hidden: a gap in the timestamps (dropped chunks) or a clock jump
+resets the filter state (the window is marked ``gap``, then ``warmup`` until the buffer holds
+filtered data again); channels with NaNs, flat or saturated in the window are masked out of the
+spatial attention (``quality`` counts them) and decoding goes on. Memory is fixed: two ring
+buffers sized at connection time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from neurorecon.models.common.checks import DataError
+from neurorecon.pipelines.inference import Decoder
+
+#: |value| at or above which an MEG sample counts as saturated (T for magnetometers and axial
+#: gradiometers, T/m for planar ones): far beyond brain signals (1e-13..1e-11 T)
+SATURATION = {"mag": 1e-8, "axial": 1e-8, "planar": 1e-6}
+#: a channel whose peak-to-peak amplitude in the window is below this is flat (T or T/m)
+FLAT_PTP = 1e-16
+
+
+@dataclass(frozen=True)
+class StreamParams:
+    """What the decoder does with a stream (the ``serve.stream`` settings it needs)."""
+
+    hop: float = 0.1  # s between sliding windows (0: sliding mode off)
+    top_k: int = 5
+    ring_s: float = 10.0  # seconds of decimated data kept
+    warmup_s: float = 1.0  # after a (re)start, windows are flagged while the filter settles
+    gap_tolerance: float = 2.5  # missing samples (in sample periods) before a gap is declared
+    embeddings: bool = False  # include the embedding in each message
+    split: str | None = None  # restrict candidates to one gallery split
+
+
+class OnlineDecoder:
+    """One stream of one subject through a bundle.
+
+    Parameters
+    ----------
+    decoder : Decoder
+        A causal MEG bundle.
+    subject : str
+        The subject whose per-subject statistics (scaler, layout, subject layer) apply.
+    ch_names : sequence of str
+        The stream's channel names, in stream order.
+    sfreq : float
+        The stream's nominal rate (Hz).
+    units : sequence of float | None
+        Per stream channel, the factor that turns stream values into SI (T, T/m); None: SI.
+    params : StreamParams
+    publish : callable
+        Called with each message (a dict, JSON-ready).
+
+    Raises
+    ------
+    DataError
+        When the stream cannot be decoded by this bundle: another rate that the decimation
+        cannot reach, a zero-phase bundle, or fewer than half of the bundle's channels.
+    """
+
+    def __init__(self, decoder: Decoder, *, subject: str, ch_names: Sequence[str],
+                 sfreq: float, units: Sequence[float] | None = None,
+                 params: StreamParams = StreamParams(),
+                 publish: Callable[[dict[str, Any]], None] = lambda m: None):
+        self.decoder, self.params, self.publish = decoder, params, publish
+        self.subject = str(subject).removeprefix("sub-")
+        info = decoder.config["subjects"].get(self.subject)
+        if info is None:
+            raise DataError(f"serve.stream.subject: unknown subject {subject!r}; the bundle "
+                            f"knows {decoder.subjects}")
+        self.recipe = decoder.meg_params
+        self.filter = decoder.streaming_filter(self.subject, sfreq=sfreq)  # checks rate, phase
+        self.sfreq = float(sfreq)
+        names = list(info["ch_names"])
+        position = {name: i for i, name in enumerate(ch_names)}
+        self.present = np.array([n in position for n in names])
+        if self.present.sum() < len(names) / 2:
+            raise DataError(f"the stream lacks {int((~self.present).sum())} of the bundle's "
+                            f"{len(names)} channels (e.g. "
+                            f"{[n for n in names if n not in position][:3]})",
+                            hint="stream the MEG system and channel set the bundle was "
+                                 "trained on")
+        self.missing = [n for n in names if n not in position]
+        self.picks = np.array([position.get(n, 0) for n in names])
+        factor = np.ones(len(ch_names)) if units is None else np.asarray(units, float)
+        self.to_si = np.where(self.present, factor[self.picks], 0.0)
+        kinds = info.get("kinds") or ["mag"] * len(names)
+        self.saturation = np.array([SATURATION.get(k, 1e-8) for k in kinds])
+        self.n_chans, self.n_times = len(names), int(info["n_times"])
+        self.q = self.filter.factor
+        self.sfreq_dec = self.sfreq / self.q
+        self.first = int(round(self.recipe.tmin * self.sfreq_dec))  # onset -> window start
+        # fixed-size rings: decimated filtered data + timestamps, raw data of one window
+        self.cap = max(int(math.ceil(params.ring_s * self.sfreq_dec)), 2 * self.n_times + 2)
+        self.ring = np.zeros((self.n_chans, self.cap))
+        self.ring_ts = np.full(self.cap, np.nan)
+        self.raw_cap = (self.n_times + 1) * self.q
+        self.raw = np.zeros((self.n_chans, self.raw_cap))
+        self.n_raw_total = 0
+        self.seq = 0
+        self.samples = self.gaps = self.dropped = self.clock_jumps = 0
+        self.latencies: deque[float] = deque(maxlen=2000)
+        self.pending: list[tuple[float, str]] = []  # markers waiting for their last sample
+        self.last_quality: dict[str, Any] | None = None
+        self.last_window: tuple[np.ndarray, np.ndarray] | None = None  # (model input, mask)
+        self.last_arrival = None
+        self._reset(None)
+
+    # ------------------------------------------------------------------ state
+    def _reset(self, reason: str | None) -> None:
+        """Forget filter state and buffers (start, gap, clock jump)."""
+        self.filter.reset()
+        self.n_dec = 0  # decimated samples written since the reset
+        self.last_ts: float | None = None
+        self.t0: float | None = None  # timestamp of the first raw sample since the reset
+        self.hold = np.zeros(self.n_chans)  # last finite value per channel (NaN bursts)
+        self.next_slide = None
+        self.gap_pending = reason is not None
+
+    @property
+    def window_s(self) -> float:
+        return self.n_times / self.sfreq_dec
+
+    # ------------------------------------------------------------------ input
+    def add_marker(self, timestamp: float, value: str) -> None:
+        """A marker (event onset, LSL time): its epoch is decoded once its last sample is in."""
+        self.pending.append((float(timestamp), str(value)))
+        self.pending.sort()
+
+    def push(self, chunk: np.ndarray, timestamps: np.ndarray, *,
+             arrival: float | None = None) -> list[dict[str, Any]]:
+        """A ``(n_samples, n_stream_channels)`` chunk with its LSL timestamps; returns (and
+        publishes) the messages it completes."""
+        arrival = time.perf_counter() if arrival is None else arrival
+        timestamps = np.asarray(timestamps, float)
+        if not len(timestamps):
+            return []
+        self.last_arrival = arrival
+        self._check_continuity(timestamps)
+        x = np.asarray(chunk, float)[:, self.picks].T * self.to_si[:, None]
+        n = x.shape[1]
+        self.samples += n
+        if self.t0 is None:
+            self.t0 = float(timestamps[0])
+        self._write_raw(x)
+        bad = ~np.isfinite(x)
+        if bad.any():  # hold the last finite value so the filter state stays finite
+            for c in np.flatnonzero(bad.any(axis=1)):
+                row = x[c]
+                idx = np.where(~bad[c], np.arange(n), -1)
+                np.maximum.accumulate(idx, out=idx)
+                row[:] = np.where(idx >= 0, row[np.maximum(idx, 0)], self.hold[c])
+        self.hold = x[:, -1].copy()
+        offset = self.filter.next_offset
+        out = self.filter.process(x)
+        self._write_ring(out, timestamps[offset::self.q])
+        self.last_ts = float(timestamps[-1])
+        return self._due(arrival)
+
+    def _check_continuity(self, ts: np.ndarray) -> None:
+        if self.last_ts is None:
+            return
+        step = ts[0] - self.last_ts
+        if step < -0.5 / self.sfreq:  # the clock went back
+            self.clock_jumps += 1
+            self.gaps += 1
+            self._reset("clock jump")
+        else:
+            missing = int(round(step * self.sfreq)) - 1
+            if missing > self.params.gap_tolerance:
+                self.gaps += 1
+                self.dropped += missing
+                self._reset("gap")
+
+    def _write_raw(self, x: np.ndarray) -> None:
+        """Circular: the quality checks (peak-to-peak, maximum, NaN) ignore sample order."""
+        n = min(x.shape[1], self.raw_cap)
+        idx = (self.n_raw_total + np.arange(x.shape[1] - n, x.shape[1])) % self.raw_cap
+        self.raw[:, idx] = x[:, -n:]
+        self.n_raw_total += x.shape[1]
+
+    def _write_ring(self, out: np.ndarray, ts: np.ndarray) -> None:
+        m = out.shape[1]
+        if not m:
+            return
+        idx = (self.n_dec + np.arange(m)) % self.cap
+        self.ring[:, idx] = out
+        self.ring_ts[idx] = ts[:m]
+        self.n_dec += m
+
+    # ------------------------------------------------------------------ windows
+    def _window(self, end: int) -> np.ndarray:
+        """Decimated samples ``[end - n_times, end)`` (absolute indices since the reset)."""
+        idx = np.arange(end - self.n_times, end) % self.cap
+        return self.ring[:, idx]
+
+    def _due(self, arrival: float) -> list[dict[str, Any]]:
+        messages = []
+        # event mode: markers whose epoch is complete
+        while self.pending and self.t0 is not None:
+            t_m, value = self.pending[0]
+            onset = int(round((t_m - self.t0) * self.sfreq_dec))
+            start = onset + self.first
+            end = start + self.n_times
+            if end > self.n_dec:
+                break  # not all in yet
+            self.pending.pop(0)
+            if start < max(0, self.n_dec - self.cap):
+                messages.append(self._message("event", None, arrival, marker=value,
+                                              error="marker too old or before a gap: its "
+                                                    "epoch is not in the buffer"))
+                continue
+            messages.append(self._decode(end, "event", arrival, marker=value))
+        # sliding mode: the latest window every hop seconds of stream time
+        if self.params.hop > 0 and self.n_dec >= 1:
+            latest = self.ring_ts[(self.n_dec - 1) % self.cap]
+            if self.next_slide is None:
+                self.next_slide = latest
+            if latest >= self.next_slide:
+                messages.append(self._decode(self.n_dec, "sliding", arrival))
+                self.next_slide = max(self.next_slide + self.params.hop,
+                                      latest - self.params.hop / 2)
+        for message in messages:
+            self.publish(message)
+        return messages
+
+    def _quality(self, end: int) -> tuple[dict[str, Any], np.ndarray]:
+        """Signal quality of the window ending at ``end`` and the channels to mask."""
+        raw = self.raw
+        nan = ~np.isfinite(raw).all(axis=1) & self.present
+        finite = np.where(np.isfinite(raw), raw, 0.0)
+        flat = (np.ptp(finite, axis=1) < FLAT_PTP) & self.present & ~nan
+        saturated = (np.abs(finite).max(axis=1) >= self.saturation) & self.present & ~nan
+        warmup = end < self.n_times or (self.n_dec - self.n_times) < self.params.warmup_s * \
+            self.sfreq_dec
+        quality = {"gap": bool(self.gap_pending), "nan_channels": int(nan.sum()),
+                   "flat_channels": int(flat.sum()),
+                   "saturated_channels": int(saturated.sum()), "warmup": bool(warmup),
+                   "missing_channels": int((~self.present).sum())}
+        return quality, self.present & ~nan & ~flat & ~saturated
+
+    def _decode(self, end: int, mode: str, arrival: float, *,
+                marker: str | None = None) -> dict[str, Any]:
+        quality, keep = self._quality(end)
+        if end < self.n_times:  # not a full window since the reset
+            return self._message(mode, end, arrival, marker=marker, quality=quality,
+                                 error="warm-up: less than one window since the stream "
+                                       "(re)started")
+        x = self.decoder.meg_window(self._window(end), subject=self.subject)
+        x[~keep] = 0.0
+        self.last_window = (x, keep)
+        emb = self.decoder.encode(x, subject=self.subject, mask=keep)
+        hits = self.decoder.retrieve(emb, k=self.params.top_k, split=self.params.split)[0]
+        self.gap_pending = False
+        return self._message(mode, end, arrival, marker=marker, quality=quality, hits=hits,
+                             embedding=emb[0])
+
+    def _message(self, mode: str, end: int | None, arrival: float, *, marker=None,
+                 quality=None, hits=None, embedding=None, error=None) -> dict[str, Any]:
+        self.seq += 1
+        t_lsl = None if end is None or end < 1 else float(self.ring_ts[(end - 1) % self.cap])
+        msg: dict[str, Any] = {"seq": self.seq, "mode": mode, "t_lsl": t_lsl}
+        if marker is not None:
+            msg["marker"] = marker
+        msg["topk"] = [] if hits is None else [
+            {"id": h["image_id"], "score": round(h["score"], 5), "row": h["row"],
+             "concept": h["concept"]} for h in hits]
+        scores = [h["score"] for h in hits or []]
+        msg["confidence"] = (round(scores[0] - scores[1], 5) if len(scores) > 1 else None)
+        msg["quality"] = quality or {"gap": bool(self.gap_pending), "warmup": True}
+        if error:
+            msg["error"] = error
+        if embedding is not None and self.params.embeddings:
+            msg["embedding"] = [float(v) for v in embedding]
+        latency = (time.perf_counter() - arrival) * 1e3
+        msg["latency_ms"] = round(latency, 3)
+        self.latencies.append(latency)
+        self.last_quality = msg["quality"]
+        return msg
+
+    # ------------------------------------------------------------------ status
+    def stats(self) -> dict[str, Any]:
+        lat = np.asarray(self.latencies)
+        return {"samples": self.samples, "gaps": self.gaps, "dropped": self.dropped,
+                "clock_jumps": self.clock_jumps, "messages": self.seq,
+                "latency_p50_ms": round(float(np.percentile(lat, 50)), 3) if len(lat) else None,
+                "latency_p99_ms": round(float(np.percentile(lat, 99)), 3) if len(lat) else None,
+                "quality": self.last_quality, "missing_channels": self.missing[:20],
+                "window_s": round(self.window_s, 4), "sfreq": self.sfreq,
+                "pending_markers": len(self.pending)}
