@@ -159,11 +159,34 @@ def top_k(pred: np.ndarray, candidates: np.ndarray, k: int = 5) -> tuple[np.ndar
     score : ndarray of float, shape (n, k)
         Their cosine similarities.
     """
-    sim = cosine_similarity(pred, candidates)
-    k = _check_ks([k])[0]
-    k = min(k, sim.shape[1])
-    order = np.argsort(-sim, axis=1, kind="stable")[:, :k]
-    return order, np.take_along_axis(sim, order, axis=1)
+    return CandidateIndex(candidates).top_k(pred, k)
+
+
+class CandidateIndex:
+    """Candidates checked and unit-normalised once, for many :meth:`top_k` queries (a served
+    gallery: every streamed window queries the same candidates)."""
+
+    def __init__(self, candidates: np.ndarray):
+        candidates = _as_matrix("candidates", candidates)
+        self.unit = _unit_rows("candidates", candidates)
+
+    def __len__(self) -> int:
+        return self.unit.shape[0]
+
+    def top_k(self, pred: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+        """As :func:`top_k`."""
+        pred = _as_matrix("pred", pred)
+        _check_same_dim("pred", pred, "candidates", self.unit)
+        sim = np.clip(_unit_rows("pred", pred) @ self.unit.T, -1.0, 1.0)
+        k = min(_check_ks([k])[0], sim.shape[1])
+        if k < sim.shape[1]:  # the k best, then ordered: score down, row up (stable)
+            part = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+            part.sort(axis=1)
+            vals = np.take_along_axis(sim, part, axis=1)
+            order = np.take_along_axis(part, np.argsort(-vals, axis=1, kind="stable"), axis=1)
+        else:
+            order = np.argsort(-sim, axis=1, kind="stable")
+        return order, np.take_along_axis(sim, order, axis=1)
 
 
 def candidate_rows(targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -34,6 +34,8 @@ from fastapi import (
     Query,
     Request,
     UploadFile,
+    WebSocket,
+    WebSocketDisconnect,
 )
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
@@ -47,6 +49,8 @@ from neurorecon.pipelines.inference import Decoder
 from . import jobs, pages
 from .bundles import load_bundles
 from .keys import KeyRing
+from .live import live_page
+from .lsl import Hub, StreamService
 from .metrics import Metrics
 from .schemas import (
     Health,
@@ -60,8 +64,9 @@ from .schemas import (
     ModelList,
     Problem,
     Ready,
+    StreamStatus,
 )
-from .settings import ServeSettings
+from .settings import ServeSettings, StreamSettings
 from .store import JOB_ID, Job, JobStore
 from .worker import public_message
 
@@ -83,7 +88,9 @@ class Service:
         self.keys = KeyRing.load(settings.api_keys_file)
         self.decoders: dict[str, Decoder] = load_bundles(settings.bundles)
         self.store = JobStore(settings.data_dir)
-        self.metrics = Metrics(self.store)
+        self.hub = Hub(settings.stream.client_queue)
+        self.streamer = StreamService(self.decoders, settings.stream, self.hub)
+        self.metrics = Metrics(self.store, streamer=lambda: self.streamer)
         self.workers: list[subprocess.Popen] = []
         self._hits: dict[str, deque] = {}
         self._lock = threading.Lock()
@@ -99,6 +106,13 @@ class Service:
                 return max(0.0, 60 - (now - hits[0]))
             hits.append(now)
         return None
+
+    def restart_stream(self, settings: StreamSettings) -> None:
+        """Decode another stream (or none): the old session stops, a new one starts."""
+        old = self.streamer
+        old.stop(wait=0.0)
+        self.streamer = StreamService(self.decoders, settings, self.hub)
+        self.streamer.start()
 
     # ------------------------------------------------------------------ workers
     def n_worker_processes(self) -> int:
@@ -245,8 +259,9 @@ def models(svc: ServiceDep, owner: Owner) -> ModelList:
 
 
 @api.get("/models/{model_id}/gallery/{row}.png", response_class=Response,
-         summary="a gallery thumbnail", responses={404: ERRORS[404]})
-def gallery_thumbnail(svc: ServiceDep, owner: Owner,
+         summary="a gallery thumbnail (key as X-API-Key or ?key=)",
+         responses={404: ERRORS[404]})
+def gallery_thumbnail(svc: ServiceDep, owner: Annotated[str, Depends(page_owner)],
                       model_id: Annotated[str, PathParam(max_length=80)],
                       row: Annotated[int, PathParam(ge=0, le=10**9)]) -> Response:
     decoder = svc.decoders.get(model_id)
@@ -474,6 +489,71 @@ def job_page(svc: ServiceDep, owner: Annotated[str, Depends(page_owner)],
 
 
 # --------------------------------------------------------------------------------------------
+# the real-time MEG decoder
+# --------------------------------------------------------------------------------------------
+meg = APIRouter(prefix="/v1/meg", tags=["MEG stream"], responses={401: ERRORS[401],
+                                                                 429: ERRORS[429]})
+
+
+@meg.get("/status", response_model=StreamStatus, summary="the streaming decoder's state")
+def stream_status(svc: ServiceDep, owner: Owner) -> StreamStatus:
+    return StreamStatus(**svc.streamer.status())
+
+
+@meg.get("/session", response_model=StreamSettings, summary="the stream settings in use")
+def get_session(svc: ServiceDep, owner: Owner) -> StreamSettings:
+    return svc.streamer.settings
+
+
+@meg.put("/session", response_model=StreamStatus, summary="decode another stream (the "
+         "serve.stream settings, for this session)", responses={422: ERRORS[422]})
+def put_session(svc: ServiceDep, owner: Owner, settings: StreamSettings) -> StreamStatus:
+    if not settings.source:
+        raise DataError("source is required (DELETE /v1/meg/session stops decoding)")
+    svc.restart_stream(settings)
+    return StreamStatus(**svc.streamer.status())
+
+
+@meg.delete("/session", response_model=StreamStatus, summary="stop decoding")
+def delete_session(svc: ServiceDep, owner: Owner) -> StreamStatus:
+    svc.restart_stream(svc.streamer.settings.model_copy(update={"source": None}))
+    return StreamStatus(**svc.streamer.status())
+
+
+async def stream_socket(websocket: WebSocket) -> None:
+    """``/v1/meg/stream``: decoded messages as JSON. The key comes as ``?key=`` or as the
+    second WebSocket subprotocol (``["neurorecon", <key>]``), since browsers cannot set
+    headers; the latest message first, then each new one (a slow client skips, newest wins)."""
+    svc: Service = websocket.app.state.service
+    protocols = [p.strip() for p in websocket.headers.get("sec-websocket-protocol",
+                                                          "").split(",") if p.strip()]
+    key = websocket.query_params.get("key") or (protocols[1] if len(protocols) > 1 else None)
+    owner = svc.keys.identify(key)
+    if owner is None:
+        await websocket.close(code=1008, reason="missing or unknown API key")
+        return
+    await websocket.accept(subprotocol="neurorecon" if protocols[:1] == ["neurorecon"]
+                           else None)
+    queue = svc.hub.subscribe()
+    try:
+        if svc.hub.latest is not None:
+            await websocket.send_json(svc.hub.latest)
+        while True:
+            await websocket.send_json(await queue.get())
+    except (WebSocketDisconnect, RuntimeError):
+        pass
+    finally:
+        svc.hub.unsubscribe(queue)
+
+
+@page_router.get("/live", response_class=HTMLResponse,
+                 summary="the live decoding page (key as ?key=)",
+                 responses={401: ERRORS[401], 429: ERRORS[429]})
+def live(svc: ServiceDep, owner: Annotated[str, Depends(page_owner)]) -> HTMLResponse:
+    return HTMLResponse(live_page())
+
+
+# --------------------------------------------------------------------------------------------
 # the app
 # --------------------------------------------------------------------------------------------
 class UploadLimit:
@@ -556,6 +636,8 @@ def create_app(settings: ServeSettings, *, start_workers: bool = True) -> FastAP
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         task = None
+        svc.hub.loop = asyncio.get_running_loop()
+        svc.streamer.start()
         if start_workers:
             svc.workers = [svc.start_worker(k) for k in range(svc.n_worker_processes())]
             task = asyncio.create_task(svc.supervise())
@@ -564,6 +646,7 @@ def create_app(settings: ServeSettings, *, start_workers: bool = True) -> FastAP
         finally:
             if task is not None:
                 task.cancel()
+            svc.streamer.stop(wait=5.0)
             svc.stop_workers()
 
     app = FastAPI(title="neurorecon", version="0.1.0", lifespan=lifespan,
@@ -573,7 +656,9 @@ def create_app(settings: ServeSettings, *, start_workers: bool = True) -> FastAP
     app.state.service = svc
     app.include_router(ops)
     app.include_router(api)
+    app.include_router(meg)
     app.include_router(page_router)
+    app.add_api_websocket_route("/v1/meg/stream", stream_socket)
 
     @app.exception_handler(DataError)
     async def _bad_input(request: Request, exc: DataError):

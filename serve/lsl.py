@@ -108,6 +108,7 @@ class StreamService:
         self.state = "idle"
         self.error: str | None = None
         self.online: OnlineDecoder | None = None
+        self.model: str | None = None
         self.reconnects = 0
         self.connected_since: float | None = None
         self._stop = threading.Event()
@@ -131,12 +132,15 @@ class StreamService:
                                         daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, *, wait: float = 10.0) -> None:
+        """Stop decoding; waits up to ``wait`` s for the thread (a pending LSL resolve ends
+        on its own timeout, then the thread exits)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=wait)
         self._thread = None
         self.state = "idle"
+        self._preview.shutdown(wait=False, cancel_futures=True)
 
     def _decoder(self) -> tuple[str, Decoder]:
         megs = {k: d for k, d in self.decoders.items() if d.modality == "meg"}
@@ -167,12 +171,14 @@ class StreamService:
                 except RuntimeError as exc:
                     raise _NotFound(f"no LSL stream named {self.settings.source!r} on this "
                                     f"machine ({exc})") from None
+                if self._stop.is_set():
+                    break
                 online = self._online(decoder, stream)
                 self._outlet = self._outlet or DecodedOutlet(
                     self.settings.outlet, self.settings.top_k,
                     source_id=f"neurorecon-{model}")
                 with self._lock:
-                    self.online = online
+                    self.online, self.model = online, model
                 self._last_chunk = time.monotonic()
                 stream.add_callback(self._callback)
                 self.state, self.error, backoff = "connected", None, 0.5
@@ -286,7 +292,7 @@ class StreamService:
         return data, timestamps
 
     def _publish(self, message: dict[str, Any]) -> None:
-        message["type"] = "decoded"
+        message["type"], message["model"] = "decoded", self.model
         if self._outlet is not None:
             try:
                 self._outlet.push(message)
@@ -327,7 +333,7 @@ class StreamService:
         online = self.online
         out = {"state": self.state, "error": self.error, "source": self.settings.source,
                "markers": self.settings.markers, "subject": self.settings.subject,
-               "model": self.settings.model, "hop": self.settings.hop,
+               "model": self.model or self.settings.model, "hop": self.settings.hop,
                "reconnects": self.reconnects, "connected_since": self.connected_since,
                "clients": len(self.hub.clients), "client_drops": self.hub.dropped,
                "events_from": ("markers" if self.settings.markers else

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -49,8 +51,43 @@ class _JobCollector:
                                 value=images / gen_s if gen_s > 0 else 0.0)
 
 
+class _StreamCollector:
+    """The streaming decoder's counters, read from its status at scrape time."""
+
+    STATES = ("idle", "connecting", "connected", "stale", "reconnecting", "error")
+
+    def __init__(self, streamer: Callable[[], Any]):
+        self.streamer = streamer
+
+    def collect(self):
+        status = self.streamer().status()
+        state = GaugeMetricFamily("neurorecon_stream_state", "streaming decoder state (1 for "
+                                  "the current one)", labels=["state"])
+        for name in self.STATES:
+            state.add_metric([name], 1.0 if status["state"] == name else 0.0)
+        yield state
+        for key, help_ in (("samples", "input samples received"),
+                           ("gaps", "gaps in the input timestamps (filter reset)"),
+                           ("dropped", "input samples missing (from the timestamps)"),
+                           ("messages", "decoded messages sent"),
+                           ("reconnects", "reconnections to the source"),
+                           ("client_drops", "messages slow WebSocket clients skipped")):
+            yield CounterMetricFamily(f"neurorecon_stream_{key}", help_,
+                                      value=status.get(key) or 0)
+        for q in ("p50", "p99"):
+            value = status.get(f"latency_{q}_ms")
+            yield GaugeMetricFamily(f"neurorecon_stream_latency_{q}_ms", f"decode latency "
+                                    f"{q} (last sample in -> message out)",
+                                    value=float("nan") if value is None else value)
+        quality = status.get("quality") or {}
+        yield GaugeMetricFamily("neurorecon_stream_masked_channels", "channels masked in the "
+                                "last window (NaN, flat, saturated)",
+                                value=sum(quality.get(k, 0) for k in (
+                                    "nan_channels", "flat_channels", "saturated_channels")))
+
+
 class Metrics:
-    def __init__(self, store: JobStore):
+    def __init__(self, store: JobStore, *, streamer: Callable[[], Any] | None = None):
         self.registry = CollectorRegistry()
         self.latency = Histogram("neurorecon_http_request_duration_seconds",
                                  "HTTP request latency", ["method", "route", "status"],
@@ -58,6 +95,8 @@ class Metrics:
                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1,
                                           2.5, 5, 10, 30))
         self.registry.register(_JobCollector(store))
+        if streamer is not None:
+            self.registry.register(_StreamCollector(streamer))
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.latency.labels(method, route, str(status)).observe(seconds)

@@ -31,7 +31,7 @@ class MarkerPlayer(PlayerLSL):
     stamped at their onset sample's LSL time, and which can wait for a first consumer before
     its first sample (so that a decoder sees the recording from its start)."""
 
-    def __init__(self, raw, *, name: str, chunk_size: int = 10, n_repeat: float = 1,
+    def __init__(self, raw, *, name: str, chunk_size: int = 10, n_repeat: int | float = 1,
                  markers: bool = True, wait_s: float = 0.0):
         super().__init__(raw, chunk_size=chunk_size, n_repeat=n_repeat, name=name,
                          annotations=markers and len(raw.annotations) > 0,
@@ -94,7 +94,7 @@ def with_markers(raw, path: Path | None):
 
 
 def replay(file: str | Path, *, name: str, markers: bool = False, chunk_size: int = 10,
-           repeat: float = 1, wait_s: float = 30.0) -> MarkerPlayer:
+           repeat: int | float = 1, wait_s: float = 30.0) -> MarkerPlayer:
     """Start replaying ``file``; returns the running player (``stop()`` ends it)."""
     import mne
 
@@ -120,7 +120,7 @@ def replay(file: str | Path, *, name: str, markers: bool = False, chunk_size: in
 def run(cfg) -> None:
     """Stage entry point (root config ``replay.yaml``): replay until the end (or Ctrl-C)."""
     r = cfg.replay
-    repeat = math.inf if str(r.repeat) in ("inf", "-1") else float(r.repeat)
+    repeat = math.inf if str(r.repeat) in ("inf", "-1") else int(r.repeat)
     player = replay(r.file, name=str(r.name), markers=bool(r.markers),
                     chunk_size=int(r.chunk_size), repeat=repeat, wait_s=float(r.wait_s))
     try:

@@ -123,3 +123,39 @@ class Ready(BaseModel):
 
 class Problem(BaseModel):
     detail: str
+
+
+class StreamQuality(BaseModel):
+    gap: bool = False
+    nan_channels: int = 0
+    flat_channels: int = 0
+    saturated_channels: int = 0
+    warmup: bool = True
+    missing_channels: int = 0
+
+
+class StreamStatus(BaseModel):
+    state: Literal["idle", "connecting", "connected", "stale", "reconnecting", "error"]
+    error: str | None = None
+    source: str | None = None
+    markers: str | None = None
+    subject: str | None = None
+    model: str | None = None
+    hop: float | None = None
+    reconnects: int = 0
+    connected_since: float | None = None
+    clients: int = 0
+    client_drops: int = Field(0, description="messages slow WebSocket clients skipped")
+    events_from: str | None = None
+    samples: int = 0
+    gaps: int = 0
+    dropped: int = Field(0, description="input samples missing (from the timestamps)")
+    clock_jumps: int = 0
+    messages: int = 0
+    latency_p50_ms: float | None = None
+    latency_p99_ms: float | None = None
+    quality: StreamQuality | None = None
+    missing_channels: list[str] = []
+    window_s: float | None = None
+    sfreq: float | None = None
+    pending_markers: int = 0

@@ -99,6 +99,8 @@ class OnlineDecoder:
                             hint="stream the MEG system and channel set the bundle was "
                                  "trained on")
         self.missing = [n for n in names if n not in position]
+        # the channels the model uses: present in the stream and good in training
+        self.used = self.present & np.asarray(info["good"], bool)
         self.picks = np.array([position.get(n, 0) for n in names])
         factor = np.ones(len(ch_names)) if units is None else np.asarray(units, float)
         self.to_si = np.where(self.present, factor[self.picks], 0.0)
@@ -108,13 +110,14 @@ class OnlineDecoder:
         self.q = self.filter.factor
         self.sfreq_dec = self.sfreq / self.q
         self.first = int(round(self.recipe.tmin * self.sfreq_dec))  # onset -> window start
-        # fixed-size rings: decimated filtered data + timestamps, raw data of one window
+        # fixed-size rings, one slot per decimated sample: filtered data and timestamps, and
+        # the raw samples' min / max / any-NaN per slot (signal quality of any window)
         self.cap = max(int(math.ceil(params.ring_s * self.sfreq_dec)), 2 * self.n_times + 2)
         self.ring = np.zeros((self.n_chans, self.cap))
         self.ring_ts = np.full(self.cap, np.nan)
-        self.raw_cap = (self.n_times + 1) * self.q
-        self.raw = np.zeros((self.n_chans, self.raw_cap))
-        self.n_raw_total = 0
+        self.slot_min = np.zeros((self.n_chans, self.cap))
+        self.slot_max = np.zeros((self.n_chans, self.cap))
+        self.slot_nan = np.zeros((self.n_chans, self.cap), bool)
         self.seq = 0
         self.samples = self.gaps = self.dropped = self.clock_jumps = 0
         self.latencies: deque[float] = deque(maxlen=2000)
@@ -129,6 +132,7 @@ class OnlineDecoder:
         """Forget filter state and buffers (start, gap, clock jump)."""
         self.filter.reset()
         self.n_dec = 0  # decimated samples written since the reset
+        self.n_raw = 0  # raw samples since the reset
         self.last_ts: float | None = None
         self.t0: float | None = None  # timestamp of the first raw sample since the reset
         self.hold = np.zeros(self.n_chans)  # last finite value per channel (NaN bursts)
@@ -148,20 +152,34 @@ class OnlineDecoder:
     def push(self, chunk: np.ndarray, timestamps: np.ndarray, *,
              arrival: float | None = None) -> list[dict[str, Any]]:
         """A ``(n_samples, n_stream_channels)`` chunk with its LSL timestamps; returns (and
-        publishes) the messages it completes."""
+        publishes) the messages it completes. A gap or a clock jump, at the chunk's start or
+        inside it, resets the filter there."""
         arrival = time.perf_counter() if arrival is None else arrival
         timestamps = np.asarray(timestamps, float)
         if not len(timestamps):
             return []
         self.last_arrival = arrival
+        data = np.asarray(chunk, float)
+        prev = timestamps[0] - 1 / self.sfreq if self.last_ts is None else self.last_ts
+        steps = np.diff(timestamps, prepend=prev) * self.sfreq
+        breaks = np.flatnonzero((steps < -0.5) | (steps - 1 > self.params.gap_tolerance))
+        messages = []
+        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(timestamps)], strict=True):
+            if hi > lo:
+                messages += self._segment(data[lo:hi], timestamps[lo:hi], arrival)
+        return messages
+
+    def _segment(self, chunk: np.ndarray, timestamps: np.ndarray,
+                 arrival: float) -> list[dict[str, Any]]:
+        """A piece of a chunk without breaks inside (it may start with one)."""
         self._check_continuity(timestamps)
-        x = np.asarray(chunk, float)[:, self.picks].T * self.to_si[:, None]
+        x = chunk[:, self.picks].T * self.to_si[:, None]
         n = x.shape[1]
         self.samples += n
         if self.t0 is None:
             self.t0 = float(timestamps[0])
-        self._write_raw(x)
         bad = ~np.isfinite(x)
+        self._write_slots(x, bad)
         if bad.any():  # hold the last finite value so the filter state stays finite
             for c in np.flatnonzero(bad.any(axis=1)):
                 row = x[c]
@@ -172,6 +190,7 @@ class OnlineDecoder:
         offset = self.filter.next_offset
         out = self.filter.process(x)
         self._write_ring(out, timestamps[offset::self.q])
+        self.n_raw += n
         self.last_ts = float(timestamps[-1])
         return self._due(arrival)
 
@@ -190,12 +209,20 @@ class OnlineDecoder:
                 self.dropped += missing
                 self._reset("gap")
 
-    def _write_raw(self, x: np.ndarray) -> None:
-        """Circular: the quality checks (peak-to-peak, maximum, NaN) ignore sample order."""
-        n = min(x.shape[1], self.raw_cap)
-        idx = (self.n_raw_total + np.arange(x.shape[1] - n, x.shape[1])) % self.raw_cap
-        self.raw[:, idx] = x[:, -n:]
-        self.n_raw_total += x.shape[1]
+    def _write_slots(self, x: np.ndarray, bad: np.ndarray) -> None:
+        """Per slot (the raw samples of one decimated sample): min, max and any NaN."""
+        slots = (self.n_raw + np.arange(x.shape[1])) // self.q
+        starts = np.flatnonzero(np.r_[True, slots[1:] != slots[:-1]])
+        lo = np.minimum.reduceat(np.where(bad, np.inf, x), starts, axis=1)
+        hi = np.maximum.reduceat(np.where(bad, -np.inf, x), starts, axis=1)
+        nan = np.logical_or.reduceat(bad, starts, axis=1)
+        idx = slots[starts] % self.cap
+        if self.n_raw % self.q:  # the first slot continues the previous chunk's last one
+            first = idx[0]
+            lo[:, 0] = np.minimum(lo[:, 0], self.slot_min[:, first])
+            hi[:, 0] = np.maximum(hi[:, 0], self.slot_max[:, first])
+            nan[:, 0] |= self.slot_nan[:, first]
+        self.slot_min[:, idx], self.slot_max[:, idx], self.slot_nan[:, idx] = lo, hi, nan
 
     def _write_ring(self, out: np.ndarray, ts: np.ndarray) -> None:
         m = out.shape[1]
@@ -217,7 +244,9 @@ class OnlineDecoder:
         # event mode: markers whose epoch is complete
         while self.pending and self.t0 is not None:
             t_m, value = self.pending[0]
-            onset = int(round((t_m - self.t0) * self.sfreq_dec))
+            # the nearest input sample, then the decimated one (half to even, as the offline
+            # epochs: a marker on an input sample between two kept ones lands where it does)
+            onset = round(round((t_m - self.t0) * self.sfreq) / self.q)
             start = onset + self.first
             end = start + self.n_times
             if end > self.n_dec:
@@ -244,18 +273,20 @@ class OnlineDecoder:
 
     def _quality(self, end: int) -> tuple[dict[str, Any], np.ndarray]:
         """Signal quality of the window ending at ``end`` and the channels to mask."""
-        raw = self.raw
-        nan = ~np.isfinite(raw).all(axis=1) & self.present
-        finite = np.where(np.isfinite(raw), raw, 0.0)
-        flat = (np.ptp(finite, axis=1) < FLAT_PTP) & self.present & ~nan
-        saturated = (np.abs(finite).max(axis=1) >= self.saturation) & self.present & ~nan
+        idx = np.arange(max(end - self.n_times, 0), max(end, 1)) % self.cap
+        nan = self.slot_nan[:, idx].any(axis=1) & self.used
+        lo, hi = self.slot_min[:, idx].min(axis=1), self.slot_max[:, idx].max(axis=1)
+        saturated = (np.maximum(np.abs(lo), np.abs(hi)) >= self.saturation) & self.used \
+            & ~nan & np.isfinite(lo)
+        flat = ((hi - lo) < FLAT_PTP) & self.used & ~nan & ~saturated  # a railed one is
+        # saturated, not flat
         warmup = end < self.n_times or (self.n_dec - self.n_times) < self.params.warmup_s * \
             self.sfreq_dec
         quality = {"gap": bool(self.gap_pending), "nan_channels": int(nan.sum()),
                    "flat_channels": int(flat.sum()),
                    "saturated_channels": int(saturated.sum()), "warmup": bool(warmup),
                    "missing_channels": int((~self.present).sum())}
-        return quality, self.present & ~nan & ~flat & ~saturated
+        return quality, self.used & ~nan & ~flat & ~saturated
 
     def _decode(self, end: int, mode: str, arrival: float, *,
                 marker: str | None = None) -> dict[str, Any]:

@@ -83,3 +83,18 @@ def fmri_bundle(sample_root, tmp_path_factory) -> Path:
         *FAST, *SMALL_FMRI, *TINY_GENERATOR, "trainer.max_epochs=6"])
     run(cfg)
     return Path(cfg.paths.output_dir) / "bundle"
+
+
+@pytest.fixture(scope="session")
+def meg_run(sample_root, tmp_path_factory):
+    """A causal MEG run with a generator (its bundle streams): directory, config, metrics."""
+    from neurorecon.pipelines.run import run
+
+    from .test_bundle import FAST, TINY_GENERATOR
+    from .test_train import SMALL_MEG
+
+    cfg = compose_stage("train", tmp_path_factory.mktemp("meg"), [
+        "data=bids", f"data.root={sample_root / 'meg'}", "preprocess.meg.phase=causal",
+        *FAST, *SMALL_MEG, *TINY_GENERATOR])
+    metrics = run(cfg)
+    return Path(cfg.paths.output_dir), cfg, metrics

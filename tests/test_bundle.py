@@ -15,7 +15,7 @@ import pytest
 from neurorecon.models.common.checks import DataError
 
 from .conftest import compose_stage
-from .test_train import SMALL_FMRI, SMALL_MEG
+from .test_train import SMALL_FMRI
 
 FAST = ["trainer.max_epochs=3", "trainer.min_epochs=1", "datamodule.batch_size=8",
         "evaluate.time_resolved=false", "trainer.enable_progress_bar=false"]
@@ -24,18 +24,6 @@ TINY_GENERATOR = ["reconstruct.generator.resolution=16", "reconstruct.generator.
                   "reconstruct.generator.block_out_channels=[8,16,16]", "reconstruct.steps=3",
                   "reconstruct.skip_metrics=[inception,alexnet2,alexnet5,effnet,swav]",
                   "reconstruct.grid_rows=2"]
-
-
-@pytest.fixture(scope="module")
-def meg_run(sample_root, tmp_path_factory):
-    """A causal MEG run with a generator: its directory, config and metrics."""
-    from neurorecon.pipelines.run import run
-
-    cfg = compose_stage("train", tmp_path_factory.mktemp("meg"), [
-        "data=bids", f"data.root={sample_root / 'meg'}", "preprocess.meg.phase=causal",
-        *FAST, *SMALL_MEG, *TINY_GENERATOR])
-    metrics = run(cfg)
-    return Path(cfg.paths.output_dir), cfg, metrics
 
 
 @pytest.fixture(scope="module")
