@@ -155,8 +155,10 @@ class StreamService:
         return model, megs[model]
 
     def _run(self) -> None:
+        import torch
         from mne_lsl.stream import StreamLSL
 
+        torch.set_num_threads(self.settings.threads)
         backoff, ever = 0.5, False
         while not self._stop.is_set():
             self.state = "reconnecting" if ever else "connecting"

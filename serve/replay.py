@@ -105,6 +105,10 @@ def replay(file: str | Path, *, name: str, markers: bool = False, chunk_size: in
         raw = mne.io.read_raw(path, preload=True, verbose=False)
     except Exception as exc:  # noqa: BLE001 - mne raises many types for unreadable files
         raise DataError(f"cannot read the recording with MNE ({exc})", path=path) from exc
+    whole = len(raw.times) - len(raw.times) % chunk_size
+    if 0 < whole < len(raw.times):  # PlayerLSL stamps a short last chunk as a full one (a
+        # false gap at the end): end on a whole chunk
+        raw.crop(tmax=raw.times[whole - 1])
     source = None
     if markers:
         raw, source = with_markers(raw, path)

@@ -38,6 +38,8 @@ class StreamSettings(BaseModel):
     outlet: str = Field("neurorecon-decoded", max_length=200)
     client_queue: int = Field(16, ge=1, le=10_000)
     embeddings: bool = Field(False, description="include each window's embedding")
+    threads: int = Field(1, ge=1, le=64, description="torch threads of the decoder (1 "
+                         "leaves a core to acquisition and the API on a 2-core machine)")
     split: str | None = Field(None, max_length=20, description="gallery split of the "
                               "candidates (default: all images)")
 
