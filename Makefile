@@ -29,7 +29,11 @@ demo: install
 	$(NR) run data=sample_fmri evaluate.adaptation=true
 	@echo "Serve the fMRI bundle over HTTP (README: The HTTP service):"
 	@echo "  $(NR) key key.name=me       # prints a key; its hash goes to serve-data/api_keys.txt"
-	@echo "  $(NR) serve serve.bundles=[$$(ls -d runs/run/*/bundle | tail -1)]"
+	@echo "  $(NR) serve serve.bundles=[$$(dirname $$(grep -l '"modality": "fmri"' runs/run/*/bundle/config.json | tail -1))]"
+	@echo "Decode the MEG sample live (README: The real-time MEG decoder), in two shells:"
+	@echo "  $(NR) replay replay.file=$$(ls data/sample/meg/sub-01/*/meg/*_meg.fif | head -1) replay.name=demo-meg replay.markers=true"
+	@echo "  $(NR) serve serve.bundles=[$$(dirname $$(grep -l '"modality": "meg"' runs/run/*/bundle/config.json | tail -1))] serve.stream.source=demo-meg serve.stream.subject=01 serve.stream.markers=demo-meg-markers"
+	@echo "  then open http://127.0.0.1:8000/live?key=<your key>"
 
 test: install
 	$(VENV)/bin/pytest -q
