@@ -105,10 +105,13 @@ def replay(file: str | Path, *, name: str, markers: bool = False, chunk_size: in
         raw = mne.io.read_raw(path, preload=True, verbose=False)
     except Exception as exc:  # noqa: BLE001 - mne raises many types for unreadable files
         raise DataError(f"cannot read the recording with MNE ({exc})", path=path) from exc
-    whole = len(raw.times) - len(raw.times) % chunk_size
-    if 0 < whole < len(raw.times):  # PlayerLSL stamps a short last chunk as a full one (a
-        # false gap at the end): end on a whole chunk
-        raw.crop(tmax=raw.times[whole - 1])
+    n = len(raw.times)
+    # two PlayerLSL (1.14) edge cases: a short last chunk is stamped as a full one (a false
+    # gap at the end), and when looping, a file of whole chunks is re-sent whole at the wrap
+    # (20 s of timestamps back): one pass ends on a whole chunk, a loop never does
+    keep = n - n % chunk_size if repeat == 1 else (n - 1 if n % chunk_size == 0 else n)
+    if 0 < keep < n:
+        raw.crop(tmax=raw.times[keep - 1])
     source = None
     if markers:
         raw, source = with_markers(raw, path)

@@ -124,7 +124,6 @@ class OnlineDecoder:
         self.pending: list[tuple[float, str]] = []  # markers waiting for their last sample
         self.last_quality: dict[str, Any] | None = None
         self.last_window: tuple[np.ndarray, np.ndarray] | None = None  # (model input, mask)
-        self.last_arrival = None
         self._reset(None)
 
     # ------------------------------------------------------------------ state
@@ -158,7 +157,6 @@ class OnlineDecoder:
         timestamps = np.asarray(timestamps, float)
         if not len(timestamps):
             return []
-        self.last_arrival = arrival
         data = np.asarray(chunk, float)
         prev = timestamps[0] - 1 / self.sfreq if self.last_ts is None else self.last_ts
         steps = np.diff(timestamps, prepend=prev) * self.sfreq
