@@ -107,8 +107,12 @@ def main() -> None:
                                          (("p50", 50), ("p99", 99), ("max", 100))}
     stim_test = set(events["stim_file"][test])
     online = [m for m in messages if m["mode"] == "event" and m.get("marker") in stim_test]
-    out["event_top5_test"] = {"online": round(float(np.mean(
-        [m["marker"] in [h["id"] for h in m["topk"]] for m in online])), 4) if online else None,
+    hit = [m["marker"] in [h["id"] for h in m["topk"]] for m in online]
+    # the first pass is the offline recording exactly; later passes start with the filter
+    # state of the previous pass's end (and another decimation phase): not the same windows
+    out["event_top5_test"] = {
+        "online_first_pass": round(float(np.mean(hit[:int(test.sum())])), 4) if hit else None,
+        "online_all_passes": round(float(np.mean(hit)), 4) if hit else None,
         "offline": round(offline_top5, 4), "online_trials": len(online),
         "chance": round(5 / len(decoder.gallery), 4)}
     print(json.dumps(out, indent=2))
