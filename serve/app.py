@@ -67,8 +67,7 @@ from .schemas import (
     StreamStatus,
 )
 from .settings import ServeSettings, StreamSettings
-from .store import JOB_ID, Job, JobStore
-from .worker import public_message
+from .store import JOB_ID, IdempotencyConflict, Job, JobStore
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ERRORS = {401: {"model": Problem, "description": "missing or unknown API key"},
@@ -370,7 +369,8 @@ def submit_job(
             stored[name] = f"{name}{suffix}"
             digest.update(name.encode())
             _save(upload, folder / stored[name], digest)
-        names = {folder / f: f"{n} ({files[n].filename})" for n, f in stored.items()}
+        filenames = {n: f.filename for n, f in files.items()}
+        names = jobs.upload_names(folder, stored, filenames)
         try:
             if kind == "bold":
                 tr_value = tr if tr is not None else _header_tr(folder / stored["bold"])
@@ -387,19 +387,17 @@ def submit_job(
             rows = jobs.check_rows(table, n_rows, opts.trials,
                                    what="events table" if kind == "bold" else "trials table")
         except DataError as exc:
-            raise DataError(public_message(exc, names)) from None
+            raise DataError(jobs.public_message(exc, names)) from None
         if len(rows) > svc.settings.max_trials:
             raise DataError(f"{len(rows)} trials; this service takes at most "
                             f"{svc.settings.max_trials} per job (serve.max_trials)")
         spec = {"kind": kind, "subject": label, "tr": tr_value, "inputs": stored,
-                "filenames": {n: f.filename for n, f in files.items()}, "rows": rows,
+                "filenames": filenames, "rows": rows,
                 "n_rows": n_rows, "options": opts.model_dump()}
         fingerprint = hashlib.sha256(json.dumps(
             {"inputs": digest.hexdigest(), "model": model, "bundle": decoder.config.get(
                 "provenance", {}).get("created"), "subject": label, "tr": tr_value,
              "options": spec["options"]}, sort_keys=True).encode()).hexdigest()
-        from .store import IdempotencyConflict
-
         try:
             job, created = svc.store.submit(
                 job_id=job_id, owner=owner, model=model, subject=label, kind=kind, spec=spec,
@@ -434,10 +432,14 @@ def cancel_job(svc: ServiceDep, owner: Owner, job_id: JobId) -> JobStatus:
     return _status(svc.store.cancel(job_id, owner))
 
 
-def _result(svc: Service, job: Job) -> dict[str, Any]:
+def _succeeded(job: Job) -> None:
     if job.status != "succeeded":
         raise HTTPException(409, f"job is {job.status}" + (f": {job.error}" if job.error
                                                           else "; no result yet"))
+
+
+def _result(svc: Service, job: Job) -> dict[str, Any]:
+    _succeeded(job)
     path = svc.store.job_dir(job.id) / jobs.RESULT / jobs.RESULT_JSON
     return json.loads(path.read_text())
 
@@ -466,9 +468,9 @@ def job_result(svc: ServiceDep, owner: Owner, job_id: JobId) -> JobResult:
 def job_image(svc: ServiceDep, owner: Owner, job_id: JobId,
               n: Annotated[int, PathParam(ge=0, le=10**7)]) -> Response:
     job = _job(svc, job_id, owner)
-    raw = _result(svc, job)
-    if n >= raw["n_images"]:
-        raise HTTPException(404, f"no image {n}: this job has {raw['n_images']}")
+    _succeeded(job)
+    if n >= (job.n_images or 0):  # the job table knows the count: no result.json read
+        raise HTTPException(404, f"no image {n}: this job has {job.n_images or 0}")
     path = svc.store.job_dir(job.id) / jobs.RESULT / jobs.IMAGES / f"{int(n)}.png"
     return Response(path.read_bytes(), media_type="image/png")
 

@@ -71,9 +71,7 @@ class RayExecutor:
                 ray.init(address=address, log_to_driver=False)
             else:
                 ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
-                         _node_ip_address="127.0.0.1",
-                         runtime_env={"env_vars": {"LSLAPICFG": os.environ.get("LSLAPICFG",
-                                                                               "")}})
+                         _node_ip_address="127.0.0.1")
         threads = max(1, (os.cpu_count() or 1) // workers)
         actor = ray.remote(num_cpus=1)(_Actor)
         self.actors = [actor.remote([str(b) for b in bundles], threads)

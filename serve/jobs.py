@@ -35,6 +35,22 @@ def input_paths(job_dir: Path, spec: dict[str, Any]) -> dict[str, Path]:
     return {field: job_dir / "inputs" / name for field, name in spec["inputs"].items()}
 
 
+def upload_names(inputs: Path, stored: dict[str, str], filenames: dict[str, str | None]
+                 ) -> dict[Path, str]:
+    """Stored input path -> how the client knows it: ``"<field> (<uploaded file name>)"``."""
+    return {inputs / name: f"{field} ({filenames.get(field) or name})"
+            for field, name in stored.items()}
+
+
+def public_message(exc: BaseException, names: dict[Path, str]) -> str:
+    """An error message for the client: the service's own file paths replaced by the names of
+    the uploads they hold (:func:`upload_names`)."""
+    msg = str(exc)
+    for path, name in names.items():
+        msg = msg.replace(str(path), name)
+    return msg
+
+
 def trials_table(job_dir: Path, spec: dict[str, Any]) -> pd.DataFrame:
     paths = input_paths(job_dir, spec)
     path = paths["events"] if spec["kind"] == "bold" else paths.get("trials")

@@ -120,7 +120,6 @@ class StreamService:
         self._stim_last = 0.0
         self._preview = ThreadPoolExecutor(max_workers=1)
         self._preview_busy = threading.Event()
-        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -179,8 +178,7 @@ class StreamService:
                 self._outlet = self._outlet or DecodedOutlet(
                     self.settings.outlet, self.settings.top_k,
                     source_id=f"neurorecon-{model}")
-                with self._lock:
-                    self.online, self.model = online, model
+                self.online, self.model = online, model
                 self._last_chunk = time.monotonic()
                 stream.add_callback(self._callback)
                 self.state, self.error, backoff = "connected", None, 0.5

@@ -33,10 +33,8 @@ class _JobCollector:
         yield GaugeMetricFamily("neurorecon_workers_alive", "job workers seen in the last 5 s",
                                 value=self.store.workers_alive(within_s=5.0))
         stats = self.store.finished_stats(since=time.time() - WINDOW_S)
-        buckets, total = [], 0.0
-        for edge in JOB_BUCKETS:
-            buckets.append((str(edge), sum(1 for s, _, _ in stats if s <= edge)))
-        buckets.append(("+Inf", len(stats)))
+        buckets = [(str(edge), sum(1 for s, _, _ in stats if s <= edge))
+                   for edge in JOB_BUCKETS] + [("+Inf", len(stats))]
         total = sum(s for s, _, _ in stats)
         hist = HistogramMetricFamily("neurorecon_job_duration_seconds",
                                      "claim-to-result time of jobs succeeded in the last day")

@@ -139,6 +139,3 @@ def run(cfg) -> None:
         if not player.finished:
             player.stop()
     logger.info("replay: done")
-
-
-

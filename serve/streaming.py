@@ -161,16 +161,27 @@ class OnlineDecoder:
         prev = timestamps[0] - 1 / self.sfreq if self.last_ts is None else self.last_ts
         steps = np.diff(timestamps, prepend=prev) * self.sfreq
         breaks = np.flatnonzero((steps < -0.5) | (steps - 1 > self.params.gap_tolerance))
+        bounds = np.unique(np.r_[0, breaks, len(timestamps)])
         messages = []
-        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(timestamps)], strict=True):
-            if hi > lo:
-                messages += self._segment(data[lo:hi], timestamps[lo:hi], arrival)
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            if lo in breaks:
+                self._break(steps[lo])
+            messages += self._segment(data[lo:hi], timestamps[lo:hi], arrival)
         return messages
+
+    def _break(self, step: float) -> None:
+        """A step of ``step`` sample periods between two samples: a clock jump or a gap."""
+        self.gaps += 1
+        if step < -0.5:  # the clock went back
+            self.clock_jumps += 1
+            self._reset("clock jump")
+        else:
+            self.dropped += int(round(step)) - 1
+            self._reset("gap")
 
     def _segment(self, chunk: np.ndarray, timestamps: np.ndarray,
                  arrival: float) -> list[dict[str, Any]]:
-        """A piece of a chunk without breaks inside (it may start with one)."""
-        self._check_continuity(timestamps)
+        """A piece of a chunk without breaks inside."""
         x = chunk[:, self.picks].T * self.to_si[:, None]
         n = x.shape[1]
         self.samples += n
@@ -191,21 +202,6 @@ class OnlineDecoder:
         self.n_raw += n
         self.last_ts = float(timestamps[-1])
         return self._due(arrival)
-
-    def _check_continuity(self, ts: np.ndarray) -> None:
-        if self.last_ts is None:
-            return
-        step = ts[0] - self.last_ts
-        if step < -0.5 / self.sfreq:  # the clock went back
-            self.clock_jumps += 1
-            self.gaps += 1
-            self._reset("clock jump")
-        else:
-            missing = int(round(step * self.sfreq)) - 1
-            if missing > self.params.gap_tolerance:
-                self.gaps += 1
-                self.dropped += missing
-                self._reset("gap")
 
     def _write_slots(self, x: np.ndarray, bad: np.ndarray) -> None:
         """Per slot (the raw samples of one decimated sample): min, max and any NaN."""

@@ -9,6 +9,7 @@ to ``serve.max_attempts``). A job whose result folder exists is marked done, nev
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -17,7 +18,6 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
 
 from neurorecon.models.common.checks import DataError
 from neurorecon.models.common.logging import logger
@@ -28,20 +28,6 @@ from .settings import ServeSettings
 from .store import Job, JobStore
 
 PURGE_EVERY_S = 600.0
-
-
-def public_message(exc: BaseException, names: dict[Path, str]) -> str:
-    """An error message for the client: the service's own file paths replaced by the names of
-    the uploads they hold."""
-    msg = str(exc)
-    for path, name in names.items():
-        msg = msg.replace(str(path), name)
-    return msg
-
-
-def upload_names(job_dir: Path, spec: dict[str, Any]) -> dict[Path, str]:
-    return {path: f"{field} ({spec['filenames'].get(field, path.name)})"
-            for field, path in jobs.input_paths(job_dir, spec).items()}
 
 
 class Worker:
@@ -95,12 +81,14 @@ class Worker:
             self.stopping.wait(min(1.0, self.settings.lease_s / 3))
 
     # ------------------------------------------------------------------ one job
+    def _names(self, job: Job) -> dict[Path, str]:
+        return jobs.upload_names(self.store.job_dir(job.id) / "inputs", job.spec["inputs"],
+                                 job.spec["filenames"])
+
     def process(self, job: Job) -> None:
         job_dir = self.store.job_dir(job.id)
         done = job_dir / jobs.RESULT / jobs.RESULT_JSON
         if done.is_file():  # finished before a crash: never recompute
-            import json
-
             result = json.loads(done.read_text())
             self.store.succeed(job.id, self.id, timings=result["timings"],
                                n_images=result["n_images"])
@@ -129,13 +117,12 @@ class Worker:
         except jobs.Cancelled:
             logger.info("worker %s: job %s cancelled", self.id, job.id)
         except DataError as exc:
-            self.store.fail(job.id, self.id, public_message(exc, upload_names(job_dir,
-                                                                              job.spec)))
+            self.store.fail(job.id, self.id, jobs.public_message(exc, self._names(job)))
         except Exception as exc:  # noqa: BLE001 - a job's failure must not end the worker
             logger.error("worker %s: job %s failed:\n%s", self.id, job.id,
                          traceback.format_exc())
             self.store.fail(job.id, self.id, "internal error while decoding: "
-                            + public_message(exc, upload_names(job_dir, job.spec)))
+                            + jobs.public_message(exc, self._names(job)))
         else:
             self.store.succeed(job.id, self.id, timings=result["timings"],
                                n_images=result["n_images"])
