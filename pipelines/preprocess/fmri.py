@@ -19,7 +19,9 @@ Output: :class:`~neurorecon.pipelines.preprocess.store.Preprocessed` with ``X`` 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +38,21 @@ from neurorecon.models.common.checks import (
 from neurorecon.models.common.logging import log_level, logger, progress
 
 from ..data.events import EventSpec, check_events_within, check_split, read_events
-from .store import Preprocessed, SubjectTrials, average_repeats
+from .store import (
+    Preprocessed,
+    RowFile,
+    SubjectTrials,
+    TrialAssembler,
+    load_rows,
+    output_folder,
+    repeat_plan,
+    subject_dir,
+)
 
 GLMS = ("lsa", "lss")
-#: per-voxel z-scoring: within each run | with the train trials' statistics | off
-ZSCORE_MODES = ("run", "train", "none")
+#: per-voxel z-scoring: within each run | within each session (NSD) | with the train trials'
+#: statistics | off
+ZSCORE_MODES = ("run", "session", "train", "none")
 NOISE_MODELS = ("ar1", "ols")
 DRIFT_MODELS = ("cosine", "polynomial", None)
 #: fMRI inputs: BOLD runs (single-trial GLM here) or precomputed single-trial betas
@@ -172,17 +184,15 @@ def _brain_mask(ref, params: dict, *, data_path: Path):
     return inside
 
 
-def _coverage(data: np.ndarray, inside: np.ndarray, *, path: Path, mask_name: str,
-              positive: bool) -> np.ndarray:
-    """Voxels of ``inside`` with signal in ``data`` (4D): non-zero variance over volumes, and a
-    positive mean when ``positive`` (BOLD intensities, not betas)."""
-    vox = data[inside]
+def _coverage(vox: np.ndarray, *, path: Path, mask_name: str, positive: bool) -> np.ndarray:
+    """Mask voxels with signal in ``vox`` ``(n_inside, n_volumes)``: non-zero variance over
+    volumes, and a positive mean when ``positive`` (BOLD intensities, not betas)."""
     ok = vox.std(axis=1) > 0
     if positive:
         ok &= vox.mean(axis=1) > 0
     if ok.mean() < MIN_COVERAGE:
         raise DataError(
-            f"mask/data grid mismatch: only {ok.mean():.0%} of the {inside.sum()} voxels of the "
+            f"mask/data grid mismatch: only {ok.mean():.0%} of the {len(ok)} voxels of the "
             f"{mask_name} carry signal in this image", path=path,
             hint="the data must be in MNI space on a grid overlapping the mask "
             "(or set preprocess.fmri.mask to an ROI in the data's space)")
@@ -262,22 +272,48 @@ def single_trial_betas(img, events: pd.DataFrame, *, tr: float, mask_img,
         return np.stack(betas)
 
 
+class Moments:
+    """Per-voxel running count, mean and sum of squared deviations (Chan et al.'s pairwise
+    update, float64): rows may come in blocks, in any number of calls to :meth:`add`."""
+
+    def __init__(self, n_features: int):
+        self.n = 0
+        self.mean = np.zeros(n_features)
+        self.m2 = np.zeros(n_features)
+
+    def add(self, X: np.ndarray) -> Moments:
+        X = np.asarray(X, np.float64)
+        if len(X) == 0:
+            return self
+        n_b, mean_b = len(X), X.mean(axis=0)
+        m2_b = ((X - mean_b) ** 2).sum(axis=0)
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.m2 = self.m2 + m2_b + delta**2 * (self.n * n_b / n)
+        self.n = n
+        return self
+
+    def stats(self) -> np.ndarray:
+        """``(2, n_features)`` float32 mean and sd (ddof 0); sd 0 becomes 1 (centred only)."""
+        sd = np.sqrt(np.maximum(self.m2 / max(self.n, 1), 0.0))
+        return np.stack([self.mean, np.where(sd > 0, sd, 1.0)]).astype(np.float32)
+
+
 def zscore_within(X: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """Z-score each voxel within each group of rows (std 0 -> centred only)."""
-    X = X.copy()
+    X = np.array(X, dtype=np.float32)
+    groups = np.asarray(groups)
     for g in pd.unique(groups):
         rows = groups == g
-        mu = X[rows].mean(axis=0)
-        sd = X[rows].std(axis=0)
-        X[rows] = (X[rows] - mu) / np.where(sd > 0, sd, 1.0)
+        X[rows] = apply_voxel_stats(X[rows], fit_voxel_stats(X[rows]))
     return X
 
 
 def fit_voxel_stats(X: np.ndarray) -> np.ndarray:
     """Per-voxel mean and sd of ``(n_trials, n_voxels)`` (the train trials): ``(2, n_voxels)``
     float32; sd 0 becomes 1 (centred only)."""
-    mean, sd = X.mean(axis=0), X.std(axis=0)
-    return np.stack([mean, np.where(sd > 0, sd, 1.0)]).astype(np.float32)
+    return Moments(np.shape(X)[1]).add(X).stats()
 
 
 def apply_voxel_stats(X: np.ndarray, stats: np.ndarray) -> np.ndarray:
@@ -291,37 +327,216 @@ def as_stim_file(table: pd.DataFrame, spec: EventSpec) -> pd.DataFrame:
     return table
 
 
-def _finish_subject(label: str, X: np.ndarray, trials: pd.DataFrame, inside: np.ndarray, ref,
-                    params: dict, *, recipe: dict) -> SubjectTrials:
-    """Z-score, average repeats, write the mask and fill the per-subject recipe."""
+# ----------------------------------------------------------------------------- per-file tasks
+
+
+@dataclass
+class FmriPart:
+    """One BOLD run's betas, or one betas file, in a part file ``(n_trials, n_inside)``
+    (NaN in voxels without signal in it): what a worker returns."""
+
+    path: Path
+    trials: pd.DataFrame
+    ok: np.ndarray  # (n_inside,) voxels with signal in this file
+    tr: float | None = None
+
+
+def _check_on_grid(img, ref_shape, ref_affine, *, path: Path, first: str) -> None:
+    if img.shape[:3] != tuple(ref_shape) or not np.allclose(img.affine, ref_affine, atol=1e-3):
+        raise DataError(f"grid {img.shape[:3]} / affine differs from the subject's first file "
+                        f"({tuple(ref_shape)}, {first})", path=path,
+                        hint="all runs of a subject must be on one voxel grid")
+
+
+def glm_to_file(recording, *, bids_root: Path, spec: EventSpec, params: dict,
+                inside: np.ndarray, ref_shape, ref_affine, first: str, path: Path) -> FmriPart:
+    """Single-trial betas of one BOLD run (checked against the subject's grid), saved to
+    ``path``: the task a preprocessing worker runs."""
     import nibabel as nib
 
+    tr = read_tr(recording.fpath)
+    img, data = load_4d(recording.fpath, what="BOLD image")
+    _check_on_grid(img, ref_shape, ref_affine, path=recording.fpath, first=first)
+    n_scans = img.shape[3]
+    header_tr = float(img.header.get_zooms()[3])
+    if header_tr > 0 and abs(header_tr - tr) > 1e-3:
+        logger.warning("%s: header TR %.3f s differs from the sidecar's %.3f s; using the "
+                       "sidecar", recording.fpath.name, header_tr, tr)
+    events = as_stim_file(read_events(recording.events_path, bids_root=bids_root, spec=spec),
+                          spec)
+    check_events_within(events, duration=n_scans * tr, tmin=0.0,
+                        tmax=float(events["duration"].max()), path=recording.events_path)
+    ok = _coverage(data[inside], path=recording.fpath,
+                   mask_name=params["mask"] or "MNI152 brain mask", positive=True)
+    del data
+    run_mask = np.zeros(inside.shape, np.uint8)
+    run_mask[inside] = ok
+    betas = np.full((len(events), int(inside.sum())), np.nan, np.float32)
+    betas[:, ok] = single_trial_betas(img, events, tr=tr,
+                                      mask_img=nib.Nifti1Image(run_mask, img.affine),
+                                      params=params, desc=f"{recording.fpath.name} trials")
+    np.save(path, betas)
+    trials = events.assign(subject=recording.subject, session=recording.session or "n/a",
+                           run=recording.run or "n/a")
+    return FmriPart(Path(path), trials, ok, tr)
+
+
+def load_masked_4d(path: Path, inside: np.ndarray, *, what: str) -> tuple[Any, np.ndarray]:
+    """A 4D NIfTI read a block of volumes at a time and masked on the way: ``(image,
+    (n_volumes, n_inside) float32)``; the full 4D volume is never in memory. NaN/inf inside
+    the mask, a truncated file or a non-4D image are :class:`DataError` naming the file."""
+    import nibabel as nib
+
+    from .store import BLOCK_BYTES
+
+    path = check_file(path, what=what)
+    try:
+        img = nib.load(path, keep_file_open=True)
+    except Exception as exc:
+        raise DataError(f"cannot read the {what} with nibabel ({exc})", path=path) from exc
+    if img.ndim != 4:
+        raise DataError(f"{what} must be 4D (x, y, z, trial), got {img.ndim}D with shape "
+                        f"{img.shape}", path=path)
+    if img.shape[:3] != inside.shape:
+        raise DataError(f"{what} grid {img.shape[:3]} differs from the mask's {inside.shape}",
+                        path=path)
+    n_vol = img.shape[3]
+    step = max(1, BLOCK_BYTES // (4 * int(np.prod(img.shape[:3]))))
+    out = np.empty((n_vol, int(inside.sum())), np.float32)
+    try:
+        for k in range(0, n_vol, step):
+            block = np.asarray(img.dataobj[..., k : k + step], dtype=np.float32)
+            out[k : k + step] = block[inside].T
+    except Exception as exc:
+        raise DataError(f"cannot read the {what}'s voxel data: truncated or corrupt file "
+                        f"({type(exc).__name__}: {exc})", path=path) from exc
+    finally:
+        img.dataobj._opener.close() if getattr(img.dataobj, "_opener", None) else None
+    check_finite(out, path=path, what=f"{what} (inside the mask)")
+    return img, out
+
+
+def betas_to_file(img_path: Path, trials_path: Path, *, index: int, subject: str,
+                  bids_root: Path, spec: EventSpec, params: dict, inside: np.ndarray,
+                  ref_shape, ref_affine, first: str, path: Path) -> FmriPart:
+    """One betas file (a session), masked on load and saved to ``path``: a worker's task."""
+    import mne_bids
+
+    img, X = load_masked_4d(Path(img_path), inside, what="betas image")
+    _check_on_grid(img, ref_shape, ref_affine, path=Path(img_path), first=first)
+    trials = as_stim_file(read_trials(Path(trials_path), n_volumes=img.shape[3],
+                                      image=Path(img_path), bids_root=bids_root, spec=spec),
+                          spec)
+    ok = _coverage(X.T, path=Path(img_path), mask_name=params["mask"] or "MNI152 brain mask",
+                   positive=False)
+    X[:, ~ok] = np.nan
+    np.save(path, X)
+    session = mne_bids.get_entities_from_fname(Path(img_path).name,
+                                               on_error="ignore").get("session")
+    defaults = {"subject": subject, "session": session or "n/a", "run": f"file{index + 1}"}
+    trials = trials.assign(**{c: v for c, v in defaults.items() if c not in trials})
+    return FmriPart(Path(path), trials.assign(subject=subject), ok)
+
+
+# ----------------------------------------------------------------------------- per subject
+
+
+def zscore_groups(trials: pd.DataFrame, mode: str) -> np.ndarray | None:
+    """Row groups of per-voxel z-scoring: each run (``session/run``), each session, or None
+    (``train``/``none``)."""
+    if mode == "run":
+        return (trials["session"].astype(str) + "/" + trials["run"].astype(str)).to_numpy()
+    if mode == "session":
+        return trials["session"].astype(str).to_numpy()
+    return None
+
+
+def _assemble_subject(label: str, parts: list[FmriPart], folder: Path, *, inside: np.ndarray,
+                      ref, params: dict, recipe: dict, in_memory: bool) -> SubjectTrials:
+    """A subject's part files -> z-scored, repeat-averaged ``X.npy``, streamed: the
+    per-voxel statistics are accumulated over the parts first, then applied per block."""
+    import nibabel as nib
+
+    keep = np.logical_and.reduce([p.ok for p in parts])
+    if not keep.all():
+        logger.info("sub-%s: %d mask voxels without signal in some run dropped", label,
+                    int((~keep).sum()))
+    trials = pd.concat([p.trials for p in parts], ignore_index=True)
+    first = ["subject", "session", "run", "onset", "stim_file", "split"]
+    trials = trials[[c for c in first if c in trials]
+                    + [c for c in trials.columns if c not in first]]
     check_split(trials, what=f"sub-{label} fMRI trials")
-    trials = trials.reset_index(drop=True)
-    stats = None
-    if params["zscore"] == "run":
-        runs = trials["session"].astype(str) + "/" + trials["run"].astype(str)
-        X = zscore_within(X, runs.to_numpy())
-    elif params["zscore"] == "train":
-        stats = fit_voxel_stats(X[(trials["split"] == "train").to_numpy()])
-        X = apply_voxel_stats(X, stats)
-    reliability = split_half_reliability(X, trials)
-    if params["average_test_repeats"]:
-        X, trials = average_repeats(X, trials, stim_column="stim_file")
-    else:
-        trials = trials.assign(n_repeats=1)
-    mask_img = nib.Nifti1Image(inside.astype(np.uint8), ref.affine)
+    files = [RowFile(p.path) for p in parts]
+    starts = np.cumsum([0] + [len(f) for f in files])
+    mode = params["zscore"]
+    groups = zscore_groups(trials, mode)
+    if mode == "train":
+        groups = np.where(trials["split"] == "train", "train", "")
+    stats: dict[str, np.ndarray] = {}
+    if groups is not None:
+        moments: dict[str, Moments] = {}
+        for f, start in zip(files, starts, strict=False):
+            for rows, block in f.blocks():
+                g_rows = groups[rows + start]
+                for g in pd.unique(g_rows):
+                    if g != "":
+                        moments.setdefault(g, Moments(int(keep.sum()))).add(
+                            block[g_rows == g][:, keep])
+        stats = {g: m.stats() for g, m in moments.items()}
+    plan = repeat_plan(trials, stim_column="stim_file", average=params["average_test_repeats"])
+    target = subject_dir(folder, label) / "X.npy"
+    assembler = TrialAssembler(target, plan, (int(keep.sum()),),
+                               average=params["average_test_repeats"])
+    for f, start in zip(files, starts, strict=False):
+        for rows, block in f.blocks():
+            X = block[:, keep]
+            if mode in ("run", "session"):
+                g_rows = groups[rows + start]
+                for g in pd.unique(g_rows):
+                    X[g_rows == g] = apply_voxel_stats(X[g_rows == g], stats[g])
+            elif mode == "train":
+                X = apply_voxel_stats(X, stats["train"])
+            assembler.add(rows + start, X)
+        f.path.unlink()
+    out_trials = assembler.close()
+    inside_kept = inside.copy()
+    inside_kept[inside] = keep
+    mask_img = nib.Nifti1Image(inside_kept.astype(np.uint8), ref.affine)
     recipe["subjects"][label] = {
-        "n_voxels": int(X.shape[1]), "n_trials": int(len(X)),
+        "n_voxels": int(keep.sum()), "n_trials": int(plan.n_out),
         "voxel_size": [round(float(z), 4) for z in ref.header.get_zooms()[:3]],
-        "split_half": reliability, **recipe["subjects"].get(label, {}),
+        "split_half": split_half_from_halves(*assembler.halves()),
+        **recipe["subjects"].get(label, {}),
     }
-    return SubjectTrials(subject=label, X=np.ascontiguousarray(X, dtype=np.float32),
-                         trials=trials, mask_img=mask_img, voxel_stats=stats)
+    X = load_rows(target, in_memory=in_memory)
+    logger.info("sub-%s: %d trials x %d voxels", label, *X.shape)
+    return SubjectTrials(subject=label, X=X, trials=out_trials, mask_img=mask_img,
+                         voxel_stats=stats.get("train"))
+
+
+def _subject_grid(path: Path, params: dict):
+    """The voxel grid (lazy header) and analysis mask of a subject's first file."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(path)
+    except Exception as exc:
+        raise DataError(f"cannot read the image with nibabel ({exc})", path=path) from exc
+    if img.ndim != 4:
+        raise DataError(f"image must be 4D, got {img.ndim}D with shape {img.shape}", path=path)
+    return _grid(img), _brain_mask(img, params, data_path=path)
+
+
+def _by_subject(items, key) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for item in items:
+        out.setdefault(key(item), []).append(item)
+    return out
 
 
 def preprocess_fmri(recordings, *, bids_root: str | Path, spec: EventSpec | None = None,
-                    params: Mapping[str, Any] | None = None,
+                    params: Mapping[str, Any] | None = None, out: str | Path | None = None,
+                    n_jobs: int = 1, executor: str = "joblib", address: str | None = None,
                     verbose: bool | str | int | None = None) -> Preprocessed:
     """Single-trial voxel patterns from BIDS BOLD runs.
 
@@ -338,7 +553,12 @@ def preprocess_fmri(recordings, *, bids_root: str | Path, spec: EventSpec | None
         The ``preprocess.fmri`` options: ``glm`` (``lsa`` | ``lss``), ``hrf_model``,
         ``drift_model``, ``high_pass`` (Hz), ``noise_model`` (``ar1`` | ``ols``), ``mask``
         (None: MNI152 brain mask, or an ROI NIfTI path), ``smoothing_fwhm`` (mm),
-        ``zscore`` (``run`` | ``train`` | ``none``), ``average_test_repeats``.
+        ``zscore`` (``run`` | ``session`` | ``train`` | ``none``), ``average_test_repeats``.
+    out : path | None
+        Folder to write the arrays into (visible to every worker); None: a temporary one,
+        the arrays are returned in memory.
+    n_jobs, executor, address : int, str, str | None
+        GLM workers over runs (``-1``: every core), ``joblib`` | ``ray``, a Ray address.
     verbose : bool | str | int | None
         Log level for this call.
 
@@ -355,68 +575,37 @@ def preprocess_fmri(recordings, *, bids_root: str | Path, spec: EventSpec | None
         Naming the file: missing sidecar or ``RepetitionTime``, image not 4D, NaNs, events
         outside the run, missing stimulus column or image, mask/data grid mismatch.
     """
-    import nibabel as nib
+    from ..common.parallel import map_tasks
 
     spec = EventSpec() if spec is None else spec
-    with log_level(verbose):
+    bids_root = Path(bids_root)
+    with log_level(verbose), output_folder(out) as (folder, in_memory):
         params = _params(params)
-        by_subject: dict[str, list] = {}
-        for rec in recordings:
-            by_subject.setdefault(rec.subject, []).append(rec)
         recipe: dict[str, Any] = {"input": "bold", "space": "MNI152", **params, "subjects": {}}
+        scratch = folder / ".parts"
+        scratch.mkdir(parents=True, exist_ok=True)
+        grids, items = {}, []
+        for label, recs in _by_subject(recordings, lambda r: r.subject).items():
+            ref, inside = grids[label] = _subject_grid(recs[0].fpath, params)
+            items += [{"recording": rec, "bids_root": bids_root, "spec": spec,
+                       "params": params, "inside": inside, "ref_shape": ref.shape[:3],
+                       "ref_affine": ref.affine, "first": recs[0].fpath.name,
+                       "path": scratch / f"{len(items) + k:05d}.npy"}
+                      for k, rec in enumerate(recs)]
+        done = map_tasks(glm_to_file, items, n_jobs=n_jobs, executor=executor,
+                         address=address, desc="fMRI runs (GLM)")
         subjects = {}
-        for label, recs in by_subject.items():
-            ref, inside, keep, Xs, tables, trs = None, None, None, [], [], set()
-            for rec in progress(recs, desc=f"sub-{label} runs (GLM)", total=len(recs)):
-                tr = read_tr(rec.fpath)
-                img, data = load_4d(rec.fpath, what="BOLD image")
-                n_scans = img.shape[3]
-                header_tr = float(img.header.get_zooms()[3])
-                if header_tr > 0 and abs(header_tr - tr) > 1e-3:
-                    logger.warning("%s: header TR %.3f s differs from the sidecar's %.3f s; "
-                                   "using the sidecar", rec.fpath.name, header_tr, tr)
-                events = as_stim_file(read_events(rec.events_path, bids_root=bids_root,
-                                                   spec=spec), spec)
-                check_events_within(events, duration=n_scans * tr, tmin=0.0,
-                                    tmax=float(events["duration"].max()), path=rec.events_path)
-                if ref is None:
-                    ref = _grid(img)
-                    inside = _brain_mask(img, params, data_path=rec.fpath)
-                    keep = np.ones(int(inside.sum()), bool)
-                elif img.shape[:3] != ref.shape[:3] or not np.allclose(img.affine, ref.affine,
-                                                                        atol=1e-3):
-                    raise DataError(
-                        f"grid {img.shape[:3]} / affine differs from the subject's first run "
-                        f"({ref.shape[:3]}, {recs[0].fpath.name})", path=rec.fpath,
-                        hint="all runs of a subject must be on one voxel grid")
-                ok = _coverage(data, inside, path=rec.fpath,
-                               mask_name=params["mask"] or "MNI152 brain mask", positive=True)
-                keep &= ok
-                run_mask = np.zeros(inside.shape, np.uint8)
-                run_mask[inside] = ok
-                betas = np.full((len(events), int(inside.sum())), np.nan, np.float32)
-                betas[:, ok] = single_trial_betas(
-                    img, events, tr=tr, mask_img=nib.Nifti1Image(run_mask, img.affine),
-                    params=params, desc=f"{rec.fpath.name} trials")
-                del data, img
-                Xs.append(betas)
-                tables.append(events.assign(subject=label, session=rec.session or "n/a",
-                                            run=rec.run or "n/a"))
-                trs.add(tr)
-            if not keep.all():
-                logger.info("sub-%s: %d mask voxels without signal in some run dropped",
-                            label, int((~keep).sum()))
-            inside_kept = inside.copy()
-            inside_kept[inside] = keep
-            X = np.concatenate(Xs)[:, keep]
-            trials = pd.concat(tables, ignore_index=True)
-            first = ["subject", "session", "run", "onset", "stim_file", "split"]
-            trials = trials[first + [c for c in trials.columns if c not in first]]
-            recipe["subjects"][label] = {"tr": sorted(trs)[0] if len(trs) == 1 else sorted(trs),
-                                         "n_runs": len(recs)}
-            subjects[label] = _finish_subject(label, X, trials, inside_kept, ref, params,
-                                              recipe=recipe)
-            logger.info("sub-%s: %d trials x %d voxels", label, *subjects[label].X.shape)
+        for label, pairs in _by_subject(zip(items, done, strict=True),
+                                        lambda p: p[0]["recording"].subject).items():
+            parts = [part for _, part in pairs]
+            trs = sorted({p.tr for p in parts})
+            recipe["subjects"][label] = {"tr": trs[0] if len(trs) == 1 else trs,
+                                         "n_runs": len(parts)}
+            ref, inside = grids[label]
+            subjects[label] = _assemble_subject(label, parts, folder, inside=inside, ref=ref,
+                                                params=params, recipe=recipe,
+                                                in_memory=in_memory)
+        shutil.rmtree(scratch)
         return Preprocessed(modality="fmri", subjects=subjects, recipe=recipe)
 
 
@@ -479,8 +668,15 @@ def read_trials(path: Path, *, n_volumes: int, image: Path, bids_root: Path,
 
 def load_betas(betas: Sequence[tuple[Path, Path, str]], *, bids_root: str | Path,
                spec: EventSpec | None = None, params: Mapping[str, Any] | None = None,
+               out: str | Path | None = None, n_jobs: int = 1, executor: str = "joblib",
+               address: str | None = None,
                verbose: bool | str | int | None = None) -> Preprocessed:
     """Load precomputed single-trial betas (from :func:`find_betas`) into the fMRI contract.
+
+    NSD-shaped input: one 4D file per session (one volume per trial) with its trial table.
+    Each file is read a block of volumes at a time and masked on load
+    (:func:`load_masked_4d`), so no session's full volume, let alone all of them, is held;
+    files are read by ``n_jobs`` workers and streamed into ``X.npy`` per subject.
 
     Parameters
     ----------
@@ -492,7 +688,9 @@ def load_betas(betas: Sequence[tuple[Path, Path, str]], *, bids_root: str | Path
         Stimulus and split columns of the trial tables (None: the BIDS defaults).
     params : mapping
         ``preprocess.fmri`` options; ``mask``, ``zscore`` (``run``: per ``run`` column when
-        present, else per file) and ``average_test_repeats`` apply.
+        present, else per file; ``session``: per ``session`` column, else the file name's
+        ``ses-`` entity; ``train``; ``none``) and ``average_test_repeats`` apply.
+    out, n_jobs, executor, address : see :func:`preprocess_fmri`.
     verbose : bool | str | int | None
         Log level for this call.
 
@@ -501,43 +699,34 @@ def load_betas(betas: Sequence[tuple[Path, Path, str]], *, bids_root: str | Path
     Preprocessed
         As :func:`preprocess_fmri`, with ``recipe["input"] == "betas"``.
     """
+    from ..common.parallel import map_tasks
+
     spec = EventSpec() if spec is None else spec
-    with log_level(verbose):
+    bids_root = Path(bids_root)
+    with log_level(verbose), output_folder(out) as (folder, in_memory):
         params = _params(params)
-        bids_root = Path(bids_root)
         recipe: dict[str, Any] = {"input": "betas", **params, "subjects": {}}
-        by_subject: dict[str, list] = {}
-        for item in betas:
-            by_subject.setdefault(item[2], []).append(item)
+        scratch = folder / ".parts"
+        scratch.mkdir(parents=True, exist_ok=True)
+        grids, items = {}, []
+        for label, files in _by_subject(betas, lambda b: b[2]).items():
+            ref, inside = grids[label] = _subject_grid(Path(files[0][0]), params)
+            items += [{"img_path": Path(img), "trials_path": Path(tsv), "index": k,
+                       "subject": label, "bids_root": bids_root, "spec": spec,
+                       "params": params, "inside": inside, "ref_shape": ref.shape[:3],
+                       "ref_affine": ref.affine, "first": Path(files[0][0]).name,
+                       "path": scratch / f"{len(items) + k:05d}.npy"}
+                      for k, (img, tsv, _) in enumerate(files)]
+        done = map_tasks(betas_to_file, items, n_jobs=n_jobs, executor=executor,
+                         address=address, desc="fMRI betas files")
         subjects = {}
-        for label, items in progress(by_subject.items(), desc="fMRI betas",
-                                     total=len(by_subject)):
-            ref, inside, keep, Xs, tables = None, None, None, [], []
-            for k, (img_path, trials_path, _) in enumerate(items):
-                img, data = load_4d(Path(img_path), what="betas image")
-                trials = as_stim_file(read_trials(
-                    Path(trials_path), n_volumes=img.shape[3], image=Path(img_path),
-                    bids_root=bids_root, spec=spec), spec)
-                if ref is None:
-                    ref, inside = _grid(img), _brain_mask(img, params, data_path=Path(img_path))
-                    keep = np.ones(int(inside.sum()), bool)
-                elif img.shape[:3] != ref.shape[:3] or not np.allclose(img.affine, ref.affine,
-                                                                        atol=1e-3):
-                    raise DataError("voxel grid differs from the subject's first betas image",
-                                    path=img_path)
-                keep &= _coverage(data, inside, path=Path(img_path),
-                                  mask_name=params["mask"] or "MNI152 brain mask",
-                                  positive=False)
-                Xs.append(data[inside].T)
-                defaults = {"subject": label, "session": "n/a", "run": f"file{k + 1}"}
-                tables.append(trials.assign(**{c: v for c, v in defaults.items()
-                                               if c not in trials}))
-            inside_kept = inside.copy()
-            inside_kept[inside] = keep
-            trials = pd.concat(tables, ignore_index=True)
-            trials["subject"] = label
-            subjects[label] = _finish_subject(label, np.concatenate(Xs)[:, keep], trials,
-                                              inside_kept, ref, params, recipe=recipe)
+        for label, pairs in _by_subject(zip(items, done, strict=True),
+                                        lambda p: p[0]["subject"]).items():
+            ref, inside = grids[label]
+            subjects[label] = _assemble_subject(label, [part for _, part in pairs], folder,
+                                                inside=inside, ref=ref, params=params,
+                                                recipe=recipe, in_memory=in_memory)
+        shutil.rmtree(scratch)
         return Preprocessed(modality="fmri", subjects=subjects, recipe=recipe)
 
 
@@ -564,15 +753,21 @@ def split_half_reliability(X: np.ndarray, trials: pd.DataFrame, *,
             idx = g.index.to_numpy()
             halves_a.append(X[idx[0::2]].mean(axis=0))
             halves_b.append(X[idx[1::2]].mean(axis=0))
-    out: dict[str, Any] = {"n_stimuli": len(halves_a), "voxel_r_median": None,
+    return split_half_from_halves(np.asarray(halves_a), np.asarray(halves_b))
+
+
+def split_half_from_halves(A: np.ndarray, B: np.ndarray) -> dict[str, Any]:
+    """:func:`split_half_reliability` from the half means ``(n_stimuli, n_voxels)`` of the
+    test stimuli (as :meth:`~.store.TrialAssembler.halves` accumulates them)."""
+    out: dict[str, Any] = {"n_stimuli": len(A), "voxel_r_median": None,
                            "pattern_r_same": None, "pattern_r_other": None,
                            "identification": None, "chance": None}
-    if len(halves_a) < 3:
+    if len(A) < 3:
         return out
-    A = np.asarray(halves_a, np.float64)
-    B = np.asarray(halves_b, np.float64)
-    A -= A.mean(axis=0)
-    B -= B.mean(axis=0)
+    A = np.asarray(A, np.float64)
+    B = np.asarray(B, np.float64)
+    A = A - A.mean(axis=0)
+    B = B - B.mean(axis=0)
     den = np.sqrt((A**2).sum(0) * (B**2).sum(0))
     voxel_r = np.where(den > 0, (A * B).sum(0) / np.where(den > 0, den, 1), 0.0)
     An = A / (np.linalg.norm(A, axis=1, keepdims=True) + 1e-12)

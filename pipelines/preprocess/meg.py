@@ -14,7 +14,8 @@ offline ``phase="causal"`` path sample for sample.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import shutil
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,20 @@ import numpy as np
 import pandas as pd
 
 from neurorecon.models.common.checks import DataError, check_finite, check_option
-from neurorecon.models.common.logging import logger, progress
+from neurorecon.models.common.logging import logger
 
 from ..data.events import EventSpec, check_events_within, read_events
 from ..data.studies import Recording
-from .store import Preprocessed, SubjectTrials, average_repeats
+from .store import (
+    Preprocessed,
+    RowFile,
+    SubjectTrials,
+    TrialAssembler,
+    load_rows,
+    output_folder,
+    repeat_plan,
+    subject_dir,
+)
 
 #: filter phases: zero-phase FIR (offline) or causal IIR (identical to the streamed form)
 PHASES = ("zero", "causal")
@@ -247,14 +257,81 @@ def prepare_window(window: np.ndarray, params: MegParams, *, center: np.ndarray,
     return scale_epochs(window, center=center, scale=scale, good=good, clamp=params.clamp)
 
 
-def fit_robust_scaler(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel median and inter-quartile range of ``(n_epochs, n_chans, n_times)`` data."""
-    from sklearn.preprocessing import RobustScaler
+#: histogram bins per channel of the streamed quantiles (exact values come from a 3rd pass)
+QUANTILE_BINS = 16384
 
-    flat = np.moveaxis(X, 1, -1).reshape(-1, X.shape[1])
-    scaler = RobustScaler().fit(flat)
-    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
-    return scaler.center_.astype(np.float64), scale.astype(np.float64)
+
+def streamed_quantiles(blocks: Callable[[], Iterable[np.ndarray]], n_chans: int,
+                       q: Sequence[float]) -> np.ndarray:
+    """Exact per-channel quantiles (``np.percentile``'s linear method) of data that come in
+    ``(n_epochs, n_chans, n_times)`` blocks, in memory that does not grow with the data.
+
+    ``blocks()`` yields the blocks and is called three times: per-channel range; a
+    :data:`QUANTILE_BINS`-bin histogram that locates each wanted order statistic; the values
+    of just those bins, sorted. Returns ``(len(q), n_chans)``.
+    """
+    lo, hi, n = np.full(n_chans, np.inf), np.full(n_chans, -np.inf), 0
+    for b in blocks():
+        lo = np.minimum(lo, b.min(axis=(0, 2)))
+        hi = np.maximum(hi, b.max(axis=(0, 2)))
+        n += b.shape[0] * b.shape[2]
+    if n == 0:
+        raise ValueError("no data to fit the scaler on")
+    K = QUANTILE_BINS
+    width = np.where(hi > lo, (hi - lo) / K, 1.0)
+    offsets = (np.arange(n_chans) * K)[:, None]
+
+    def bins(b: np.ndarray) -> np.ndarray:  # (n_chans, n_values) flat bin index
+        x = np.moveaxis(b, 1, 0).reshape(n_chans, -1).astype(np.float64)
+        return np.clip(((x - lo[:, None]) / width[:, None]).astype(np.int64), 0, K - 1), x
+
+    counts = np.zeros(n_chans * K, np.int64)
+    for b in blocks():
+        idx, _ = bins(b)
+        counts += np.bincount((idx + offsets).ravel(), minlength=n_chans * K)
+    cum = counts.reshape(n_chans, K).cumsum(axis=1)
+    pos = (n - 1) * np.asarray(q, float) / 100.0  # fractional rank of each quantile
+    ranks = np.stack([np.floor(pos), np.minimum(np.floor(pos) + 1, n - 1)]).astype(np.int64)
+    # bin of each wanted rank per channel: (2, n_q, n_chans)
+    where = np.stack([[np.searchsorted(cum[c], r, side="right") for c in range(n_chans)]
+                      for r in ranks.ravel()]).reshape(2, len(pos), n_chans)
+    wanted = np.zeros((n_chans, K), bool)
+    for c in range(n_chans):
+        wanted[c, where[..., c].ravel()] = True
+    values = [[] for _ in range(n_chans)]
+    for b in blocks():
+        idx, x = bins(b)
+        sel = wanted[np.arange(n_chans)[:, None], idx]
+        for c in np.flatnonzero(sel.any(axis=1)):
+            values[c].append(np.stack([idx[c, sel[c]], x[c, sel[c]]]))
+    out = np.empty((len(pos), n_chans))
+    for c in range(n_chans):
+        got = np.concatenate(values[c], axis=1)
+        order = np.lexsort((got[1], got[0]))  # by bin, then value: global order within bins
+        b_sorted, v_sorted = got[0, order].astype(np.int64), got[1, order]
+        start = {int(bb): i for i, bb in reversed(list(enumerate(b_sorted)))}
+        before = np.concatenate([[0], cum[c]])
+        val = np.empty(ranks.shape[:1] + (len(pos),))
+        for j in range(2):
+            for k in range(len(pos)):
+                bb = int(where[j, k, c])
+                val[j, k] = v_sorted[start[bb] + ranks[j, k] - before[bb]]
+        frac = pos - np.floor(pos)
+        out[:, c] = val[0] + frac * (val[1] - val[0])
+    return out
+
+
+def fit_robust_scaler(X: np.ndarray | Callable[[], Iterable[np.ndarray]],
+                      n_chans: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel median and inter-quartile range of ``(n_epochs, n_chans, n_times)`` data
+    (sklearn's ``RobustScaler`` statistics; a zero range becomes 1), given as one array or
+    as a function yielding blocks of epochs (:func:`streamed_quantiles`)."""
+    if not callable(X):
+        arr = np.asarray(X)
+        X, n_chans = (lambda: [arr]), arr.shape[1]
+    q25, median, q75 = streamed_quantiles(X, int(n_chans), (25.0, 50.0, 75.0))
+    iqr = q75 - q25
+    return median, np.where(iqr > 0, iqr, 1.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,7 +452,7 @@ def cut_epochs(raw: mne.io.BaseRaw, events: pd.DataFrame, params: MegParams, *,
 class RecordingEpochs:
     """Epochs of one recording before scaling, over *all* its MEG channels."""
 
-    X: np.ndarray  # (n_epochs, n_meg, n_times)
+    X: np.ndarray  # (n_epochs, n_meg, n_times) float32
     trials: pd.DataFrame
     info: mne.Info  # after decimation
     bads: list[str]
@@ -406,10 +483,20 @@ def epoch_recording(
         good = [i for i, ch in enumerate(raw.ch_names) if ch not in bads]
         auto = detect_bad_channels(raw.get_data(picks=good), threshold=params.bad_threshold)
         bads += [raw.ch_names[good[i]] for i in np.flatnonzero(auto)]
-    X = cut_epochs(raw, events, params, path=recording.events_path)
+    X = cut_epochs(raw, events, params, path=recording.events_path).astype(np.float32)
     trials = events.assign(subject=recording.subject, session=recording.session or "n/a",
                            run=recording.run or "n/a", recording=recording.fpath.name)
     return RecordingEpochs(X, trials, raw.info, sorted(set(bads)), sfreq_in)
+
+
+def epoch_to_file(recording: Recording, *, bids_root: str | Path, spec: EventSpec,
+                  params: MegParams, path: str | Path) -> RecordingEpochs:
+    """:func:`epoch_recording`, its epochs saved to ``path`` (``.npy``) instead of returned
+    (``X`` is then a zero-row placeholder): the task a preprocessing worker runs."""
+    part = epoch_recording(recording, bids_root=bids_root, spec=spec, params=params)
+    np.save(path, part.X)
+    part.X = np.empty((0, *part.X.shape[1:]), np.float32)
+    return part
 
 
 def preprocess_meg(
@@ -418,9 +505,18 @@ def preprocess_meg(
     bids_root: str | Path,
     spec: EventSpec,
     params: MegParams,
+    out: str | Path | None = None,
+    n_jobs: int = 1,
+    executor: str = "joblib",
+    address: str | None = None,
     verbose: bool | str | None = None,
 ) -> Preprocessed:
     """Preprocess MEG recordings into per-subject scaled epochs.
+
+    Recordings are epoched independently (``n_jobs`` workers of ``executor``; see
+    :func:`~neurorecon.pipelines.common.parallel.map_tasks`), each into a part file; each
+    subject's parts are then streamed through the scaler into ``out/sub-<label>/X.npy``,
+    so memory does not grow with the number of trials.
 
     Parameters
     ----------
@@ -432,66 +528,97 @@ def preprocess_meg(
         Events columns.
     params : MegParams
         The recipe.
+    out : path | None
+        Folder to write the arrays into (a cache entry being written; it must be visible to
+        every worker); None: a temporary one, the arrays are returned in memory.
+    n_jobs, executor, address : int, str, str | None
+        Workers (``-1``: every core), ``joblib`` | ``ray``, and a Ray cluster's address.
     verbose : bool | str | None
         Log level for this call.
 
     Returns
     -------
     Preprocessed
-        ``X`` per subject is ``(n_trials, n_chans, n_times)``; bad channels are zero and
-        marked ``good=False`` in ``channels``; the recipe holds per-subject scaler statistics.
+        ``X`` per subject is ``(n_trials, n_chans, n_times)`` (memory-mapped from ``out``);
+        bad channels are zero and marked ``good=False`` in ``channels``; the recipe holds
+        per-subject scaler statistics.
     """
     from neurorecon.models.common.logging import log_level
 
-    with log_level(verbose):
-        by_subject: dict[str, list[Recording]] = {}
-        for rec in recordings:
-            by_subject.setdefault(rec.subject, []).append(rec)
+    from ..common.parallel import map_tasks
+
+    with log_level(verbose), output_folder(out) as (folder, in_memory):
+        scratch = folder / ".parts"
+        scratch.mkdir(parents=True, exist_ok=True)
+        items = [{"recording": r, "bids_root": bids_root, "spec": spec, "params": params,
+                  "path": scratch / f"{k:05d}.npy"} for k, r in enumerate(recordings)]
+        done = map_tasks(epoch_to_file, items, n_jobs=n_jobs, executor=executor,
+                         address=address, desc="MEG recordings")
+        by_subject: dict[str, list[tuple[Recording, RecordingEpochs, Path]]] = {}
+        for item, part in zip(items, done, strict=True):
+            by_subject.setdefault(item["recording"].subject, []).append(
+                (item["recording"], part, item["path"]))
         subjects, recipe_subjects = {}, {}
-        for subject, recs in by_subject.items():
-            parts = [epoch_recording(r, bids_root=bids_root, spec=spec, params=params)
-                     for r in progress(recs, desc=f"MEG sub-{subject}")]
-            ch_names = parts[0].info["ch_names"]
-            for part, rec in zip(parts, recs, strict=True):
-                if part.info["ch_names"] != ch_names:
-                    raise DataError(
-                        f"channel names differ from the subject's first recording "
-                        f"({recs[0].fpath.name})", path=rec.fpath,
-                        hint="runs of one subject must share their MEG channel set")
-            bads = sorted(set().union(*(p.bads for p in parts)))
-            good = np.array([ch not in bads for ch in ch_names])
-            X = np.concatenate([p.X for p in parts]).astype(np.float64)
-            trials = pd.concat([p.trials for p in parts], ignore_index=True)
-            X[:, ~good] = 0.0
-            train = (trials["split"] == "train").to_numpy()
-            if not train.any():
-                raise DataError(f"sub-{subject}: no train trials to fit the scaler on",
-                                path=recs[0].events_path)
-            center, scale = fit_robust_scaler(X[train][:, good])
-            full_center = np.zeros(len(ch_names))
-            full_scale = np.ones(len(ch_names))
-            full_center[good], full_scale[good] = center, scale
-            X = scale_epochs(X, center=full_center, scale=full_scale, good=good,
-                             clamp=params.clamp)
-            if params.average_test_repeats:
-                X, trials = average_repeats(X, trials, stim_column=spec.stim_column)
-            else:
-                trials = trials.assign(n_repeats=1)
-            xy = sensor_layout(parts[0].info, range(len(ch_names)))
-            kinds, ori = sensor_kinds(parts[0].info, range(len(ch_names)))
-            channels = pd.DataFrame({"name": ch_names, "x": xy[:, 0], "y": xy[:, 1],
-                                     "good": good, "kind": kinds, "ori_x": ori[:, 0],
-                                     "ori_y": ori[:, 1]})
-            subjects[subject] = SubjectTrials(subject, X.astype(np.float32), trials, channels)
-            recipe_subjects[subject] = {
-                "sfreq_in": parts[0].sfreq_in,
-                "ch_names": ch_names,
-                "bads": bads,
-                "scaler_center": full_center.tolist(),
-                "scaler_scale": full_scale.tolist(),
-                "n_times": X.shape[-1],
-            }
-            logger.info("MEG sub-%s: %d trials x %d channels (%d bad) x %d samples", subject,
-                        X.shape[0], X.shape[1], len(bads), X.shape[2])
+        for subject, entries in by_subject.items():
+            subjects[subject], recipe_subjects[subject] = _assemble_subject(
+                subject, entries, folder, params=params, spec=spec, in_memory=in_memory)
+        shutil.rmtree(scratch)
         recipe = {"params": params.to_dict(), "subjects": recipe_subjects}
         return Preprocessed("meg", subjects, recipe)
+
+
+def _assemble_subject(subject: str, entries, folder: Path, *, params: MegParams,
+                      spec: EventSpec, in_memory: bool) -> tuple[SubjectTrials, dict[str, Any]]:
+    """One subject's part files -> its scaled (and repeat-averaged) ``X.npy``, streamed."""
+    recs = [rec for rec, _, _ in entries]
+    parts = [part for _, part, _ in entries]
+    files = [RowFile(path) for *_, path in entries]
+    ch_names = parts[0].info["ch_names"]
+    for part, rec in zip(parts, recs, strict=True):
+        if part.info["ch_names"] != ch_names:
+            raise DataError(
+                f"channel names differ from the subject's first recording "
+                f"({recs[0].fpath.name})", path=rec.fpath,
+                hint="runs of one subject must share their MEG channel set")
+    bads = sorted(set().union(*(p.bads for p in parts)))
+    good = np.array([ch not in bads for ch in ch_names])
+    splits = [(p.trials["split"] == "train").to_numpy() for p in parts]
+    if not any(s.any() for s in splits):
+        raise DataError(f"sub-{subject}: no train trials to fit the scaler on",
+                        path=recs[0].events_path)
+
+    def train_blocks():
+        for f, train in zip(files, splits, strict=True):
+            for _, block in f.blocks(np.flatnonzero(train)):
+                yield block[:, good]
+
+    center, scale = fit_robust_scaler(train_blocks, int(good.sum()))
+    full_center, full_scale = np.zeros(len(ch_names)), np.ones(len(ch_names))
+    full_center[good], full_scale[good] = center, scale
+    trials = pd.concat([p.trials for p in parts], ignore_index=True)
+    plan = repeat_plan(trials, stim_column=spec.stim_column,
+                       average=params.average_test_repeats)
+    n_times = files[0].row_shape[1]
+    target = subject_dir(folder, subject) / "X.npy"
+    assembler = TrialAssembler(target, plan, (len(ch_names), n_times),
+                               average=params.average_test_repeats)
+    offset = 0
+    for f in files:
+        for rows, block in f.blocks():
+            assembler.add(rows + offset, scale_epochs(block, center=full_center,
+                                                      scale=full_scale, good=good,
+                                                      clamp=params.clamp))
+        offset += len(f)
+        f.path.unlink()
+    trials = assembler.close()
+    xy = sensor_layout(parts[0].info, range(len(ch_names)))
+    kinds, ori = sensor_kinds(parts[0].info, range(len(ch_names)))
+    channels = pd.DataFrame({"name": ch_names, "x": xy[:, 0], "y": xy[:, 1], "good": good,
+                             "kind": kinds, "ori_x": ori[:, 0], "ori_y": ori[:, 1]})
+    X = load_rows(target, in_memory=in_memory)
+    logger.info("MEG sub-%s: %d trials x %d channels (%d bad) x %d samples", subject,
+                X.shape[0], X.shape[1], len(bads), X.shape[2])
+    recipe = {"sfreq_in": parts[0].sfreq_in, "ch_names": ch_names, "bads": bads,
+              "scaler_center": full_center.tolist(), "scaler_scale": full_scale.tolist(),
+              "n_times": n_times}
+    return SubjectTrials(subject, X, trials, channels), recipe

@@ -27,33 +27,38 @@ def preprocess_data(data_cfg: DictConfig, pre_cfg: DictConfig, *, cache_dir: str
     """Preprocess the dataset of ``data_cfg`` with the recipe ``pre_cfg`` (cached).
 
     Returns the cache entry and whether it was reused. The key covers the recipe, the
-    events contract, the subject/session/task selection and every input file.
+    events contract, the subject/session/task selection and every input file, not the
+    workers (``pre_cfg.n_jobs``, ``executor``, ``ray_address``), which do not change it.
     """
     root = Path(data_cfg.root)
     modality = data_cfg.modality
     spec = EventSpec.from_config(data_cfg)
     params = OmegaConf.to_container(pre_cfg[modality], resolve=True)
+    workers = {"n_jobs": int(pre_cfg.get("n_jobs", 1)),
+               "executor": str(pre_cfg.get("executor", "joblib")),
+               "address": pre_cfg.get("ray_address")}
     if modality == "fmri" and data_cfg.fmri_input == "betas":
         from .fmri import find_betas, load_betas
 
         found = find_betas(root, data_cfg.betas_glob)
         inputs = [p for item in found for p in item[:2]]
-        compute = lambda: load_betas(found, bids_root=root, spec=spec, params=params,  # noqa: E731
-                                     verbose=verbose)
+        compute = lambda out: load_betas(found, bids_root=root, spec=spec,  # noqa: E731
+                                         params=params, out=out, verbose=verbose, **workers)
     else:
         recordings = find_recordings(root, modality=modality, **data_selection(data_cfg))
         inputs = [r.fpath for r in recordings] + [r.events_path for r in recordings]
         if modality == "meg":
             from .meg import MegParams, preprocess_meg
 
-            compute = lambda: preprocess_meg(  # noqa: E731
+            compute = lambda out: preprocess_meg(  # noqa: E731
                 recordings, bids_root=root, spec=spec, params=MegParams.from_mapping(params),
-                verbose=verbose)
+                out=out, verbose=verbose, **workers)
         else:
             from .fmri import preprocess_fmri
 
-            compute = lambda: preprocess_fmri(recordings, bids_root=root, spec=spec,  # noqa: E731
-                                              params=params, verbose=verbose)
+            compute = lambda out: preprocess_fmri(  # noqa: E731
+                recordings, bids_root=root, spec=spec, params=params, out=out,
+                verbose=verbose, **workers)
     key_params = {"modality": modality, "recipe": params, "events": spec.__dict__,
                   "selection": data_selection(data_cfg), "fmri_input": data_cfg.get("fmri_input"),
                   "root": str(root.resolve())}
@@ -61,9 +66,8 @@ def preprocess_data(data_cfg: DictConfig, pre_cfg: DictConfig, *, cache_dir: str
     if entry.exists():
         logger.info("preprocess: reusing cache %s", entry.path)
         return entry, True
-    data = compute()
     with entry.writing(key_params, inputs=inputs) as tmp:
-        save_preprocessed(data, tmp)
+        save_preprocessed(compute(tmp), tmp)
     return entry, False
 
 

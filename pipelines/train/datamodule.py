@@ -5,6 +5,10 @@ cache. Splits: the test set is the events' test split (repeats averaged upstream
 validation set is carved out of the *train stimuli* (whole stimuli, seeded), so no image is
 both trained on and used to pick checkpoints. Batches hold one subject each, so subjects may
 differ in channel sets (MEG) or voxel counts (fMRI).
+
+Memory: trials are read from the cache's ``X.npy`` files a row (or a batch of rows) at a time
+(:class:`~neurorecon.pipelines.preprocess.store.RowFile`), so the process holds the
+embeddings and per-trial indices, not the trials; the page cache keeps the hot data.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from neurorecon.models.common.checks import DataError
 
 from ...models.meg.brain_module import sensor_features
 from ..embed.run import load_embeddings
-from ..preprocess.store import Preprocessed, load_preprocessed
+from ..preprocess.store import Preprocessed, RowFile, load_preprocessed, subject_dir
 
 
 @dataclass
@@ -181,7 +185,7 @@ class BrainDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.data is not None:
             return
-        data = load_preprocessed(self.preproc_dir, mmap=False)
+        data = load_preprocessed(self.preproc_dir)  # tables; X stays on disk
         emb, index, spec = load_embeddings(self.embeddings_dir)
         self.embeddings = torch.as_tensor(np.asarray(emb, dtype=np.float32))
         self.embedding_index = index
@@ -195,7 +199,7 @@ class BrainDataModule(LightningDataModule):
         self.modality = data.modality
         self.recipe = data.recipe
         self.subjects: dict[str, SubjectInfo] = {}
-        self._X: list[torch.Tensor] = []
+        self._X: list[RowFile] = []
         # MEG per subject: positions, good mask, sensor features
         self._layout: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         parts = {"train": [], "val": [], "test": []}
@@ -217,7 +221,7 @@ class BrainDataModule(LightningDataModule):
             if self.modality == "meg":
                 self._layout.append((torch.tensor(info.positions), torch.tensor(info.good),
                                      sensor_features(info.kinds, info.orientation)))
-            self._X.append(torch.as_tensor(np.asarray(sub.X, dtype=np.float32)))
+            self._X.append(RowFile(subject_dir(self.preproc_dir, label) / "X.npy"))
             trials = sub.trials.reset_index(drop=True)
             missing = sorted(set(trials["stim_file"]) - set(row_of))
             if missing:
@@ -292,7 +296,8 @@ class BrainDataModule(LightningDataModule):
     # ------------------------------------------------------------------ items and loaders
     def item(self, split: Split, i: int) -> dict[str, Any]:
         k = int(split.subject[i])
-        return {"x": self._X[k][split.row[i]], "y": self.embeddings[split.target[i]],
+        x = torch.from_numpy(self._X[k].rows(int(split.row[i])).astype(np.float32, copy=False))
+        return {"x": x, "y": self.embeddings[split.target[i]],
                 "subject": k, "target": int(split.target[i]), **self.subject_inputs(k)}
 
     def subject_inputs(self, k: int) -> dict[str, torch.Tensor]:
@@ -307,7 +312,8 @@ class BrainDataModule(LightningDataModule):
         """Rows of split ``name`` that belong to subject ``k`` and their brain arrays."""
         split = self.splits[name]
         rows = np.flatnonzero(split.subject == k)
-        return rows, self._X[k][torch.as_tensor(split.row[rows])]
+        return rows, torch.from_numpy(self._X[k].rows(split.row[rows]).astype(np.float32,
+                                                                             copy=False))
 
     @property
     def labels(self) -> list[str]:
@@ -332,7 +338,11 @@ class BrainDataModule(LightningDataModule):
     def split_arrays(self, name: str) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
         """Per-row brain arrays, subject indices and target rows of a split (for baselines)."""
         split = self.splits[name]
-        X = [self._X[k][r].numpy() for k, r in zip(split.subject, split.row, strict=True)]
+        X: list[np.ndarray] = [None] * len(split)  # type: ignore[list-item]
+        for k in np.unique(split.subject):
+            idx = np.flatnonzero(split.subject == k)
+            for i, x in zip(idx, self._X[k].rows(split.row[idx]), strict=True):
+                X[i] = x
         return X, split.subject, split.target
 
     def describe(self) -> dict[str, Any]:
