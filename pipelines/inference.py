@@ -457,21 +457,24 @@ class Decoder:
 
     def prepare_betas(self, betas_img, trials=None, *, subject: str) -> np.ndarray:
         """Precomputed single-trial betas (4D, one volume per trial) -> ``(n_trials,
-        n_voxels)`` inside the subject's mask, normalised as in training (per ``run`` column
-        of ``trials`` when present, else over the whole image)."""
+        n_voxels)`` inside the subject's mask, normalised as in training (per ``run`` or, with
+        ``zscore: session``, per ``session`` column of ``trials`` when present, else over the
+        whole image)."""
         _, data, table = self.check_betas(betas_img, trials, subject=subject)
         inside = np.asarray(self.mask(subject).dataobj) > 0
         X = data[inside].T.astype(np.float32)
-        runs = (table["run"].astype(str).to_numpy() if table is not None and "run" in table
+        column = "session" if self._fmri_params().get("zscore") == "session" else "run"
+        runs = (table[column].astype(str).to_numpy() if table is not None and column in table
                 else np.zeros(len(X)))
         return self._normalise(X, subject=subject, runs=runs)
 
     def _normalise(self, X: np.ndarray, *, subject: str, runs: np.ndarray) -> np.ndarray:
-        """The training recipe's per-voxel z-scoring (``preprocessing.zscore``)."""
+        """The training recipe's per-voxel z-scoring (``preprocessing.zscore``): within each
+        group of ``runs`` (runs, or sessions), with the stored train statistics, or none."""
         from .preprocess.fmri import apply_voxel_stats, zscore_within
 
         mode = self._fmri_params().get("zscore", "run")
-        if mode == "run":
+        if mode in ("run", "session"):
             X = zscore_within(X, runs)
         elif mode == "train":
             label = self._label(subject)

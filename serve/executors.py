@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from neurorecon.models.common.logging import logger
+from neurorecon.pipelines.common.parallel import init_ray
 from neurorecon.pipelines.inference import Decoder
 
 from . import jobs
@@ -66,12 +67,7 @@ class RayExecutor:
     def __init__(self, bundles: list[str], *, workers: int, address: str | None = None):
         import ray
 
-        if not ray.is_initialized():
-            if address:
-                ray.init(address=address, log_to_driver=False)
-            else:
-                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
-                         _node_ip_address="127.0.0.1")
+        init_ray(address, num_cpus=workers)
         threads = max(1, (os.cpu_count() or 1) // workers)
         actor = ray.remote(num_cpus=1)(_Actor)
         self.actors = [actor.remote([str(b) for b in bundles], threads)

@@ -342,3 +342,70 @@ def test_betas_row_mismatch(fmri_root, single_trials, tmp_path):
     with pytest.raises(DataError, match="trial rows but") as info:
         load_betas(found, bids_root=tmp_path, params={})
     assert "sub-01_task-images_trials.tsv" in str(info.value)
+
+
+def _write_sessions(pre, label: str, dest: Path, n_sessions: int = 3) -> list[np.ndarray]:
+    """NSD-shaped betas: one 4D file per session (``ses-<k>`` in the name, no session column),
+    each session with its own per-voxel offset and gain (what per-session z-scoring removes).
+    Returns the rows of each session."""
+    from nilearn.masking import unmask
+
+    sub = pre.subjects[label]
+    rng = np.random.default_rng(5)
+    d = dest / "derivatives" / "betas" / f"sub-{label}"
+    d.mkdir(parents=True)
+    sessions = np.array_split(np.arange(len(sub.X)), n_sessions)
+    for k, rows in enumerate(sessions):
+        X = np.asarray(sub.X)[rows] * rng.uniform(0.5, 2.0) + rng.normal(0, 3, sub.X.shape[1])
+        stem = f"sub-{label}_ses-{k + 1:02d}_task-images"
+        nib.save(unmask(X.astype(np.float32), sub.mask_img), d / f"{stem}_betas.nii.gz")
+        sub.trials[["stim_file", "trial_type"]].iloc[rows].to_csv(
+            d / f"{stem}_trials.tsv", sep="\t", index=False)
+    return sessions
+
+
+def test_nsd_shaped_sessions_masked_on_load_and_zscored_per_session(
+        fmri_root, single_trials, tmp_path, monkeypatch):
+    import neurorecon.pipelines.preprocess.store as store
+
+    shutil.copytree(fmri_root / "stimuli", tmp_path / "stimuli")
+    sessions = _write_sessions(single_trials, "01", tmp_path)
+    found = find_betas(tmp_path, "derivatives/betas/sub-*/*_betas.nii.gz")
+    monkeypatch.setattr(store, "BLOCK_BYTES", 20_000)  # a few volumes per read
+    out = tmp_path / "cache"
+    pre = load_betas(found, bids_root=tmp_path, out=out,
+                     params={"zscore": "session", "average_test_repeats": False})
+    sub = pre.subjects["01"]
+    assert isinstance(sub.X, np.memmap) and Path(sub.X.filename) == out / "sub-01" / "X.npy"
+    assert not (out / ".parts").exists()
+    assert list(sub.trials["session"]) == [f"{k + 1:02d}" for k, r in enumerate(sessions)
+                                           for _ in r]
+    ref = np.asarray(single_trials.subjects["01"].X)
+    for rows in sessions:  # each session z-scored on its own: the session effects are gone
+        X = np.asarray(sub.X)[rows]
+        np.testing.assert_allclose(X.mean(0), 0, atol=1e-4)
+        np.testing.assert_allclose(X.std(0), 1, atol=1e-4)
+        want = (ref[rows] - ref[rows].mean(0)) / ref[rows].std(0)
+        np.testing.assert_allclose(X, want, atol=1e-3)
+    # per file ("run" for files without a run column) is the same grouping here
+    per_file = load_betas(found, bids_root=tmp_path,
+                          params={"zscore": "run", "average_test_repeats": False})
+    np.testing.assert_allclose(per_file.subjects["01"].X, sub.X, atol=1e-5)
+
+
+def test_preprocess_workers_give_the_same_cache(fmri_root, single_trials):
+    recs = find_recordings(fmri_root, modality="fmri")
+    two = preprocess_fmri(recs, bids_root=fmri_root, params={"average_test_repeats": False},
+                          n_jobs=2)
+    for label, sub in single_trials.subjects.items():
+        np.testing.assert_array_equal(two.subjects[label].X, sub.X)
+        pd.testing.assert_frame_equal(two.subjects[label].trials, sub.trials)
+
+
+@pytest.mark.slow
+def test_preprocess_on_local_ray(fmri_root, single_trials):
+    recs = find_recordings(fmri_root, modality="fmri")
+    ray_pre = preprocess_fmri(recs, bids_root=fmri_root, n_jobs=2, executor="ray",
+                              params={"average_test_repeats": False})
+    for label, sub in single_trials.subjects.items():
+        np.testing.assert_array_equal(ray_pre.subjects[label].X, sub.X)

@@ -229,3 +229,18 @@ def test_causal_needs_an_integer_rate_ratio_and_names_one():
     with pytest.raises(DataError, match="the stream's rate 1000 Hz"):
         StreamingMegFilter(sfreq=1000.0, n_chans=2, params=MegParams(phase="causal"))
     assert filter_and_decimate(raw, MegParams(phase="causal", sfreq=125.0)).info["sfreq"] == 125
+
+
+def test_preprocess_meg_workers_and_cache_folder(sample_root, tmp_path):
+    """Two joblib workers writing into a cache folder give the serial in-memory result."""
+    root = sample_root / "meg"
+    recs = find_recordings(root, modality="meg")
+    params = MegParams(h_freq=40.0, l_freq=0.5)
+    serial = preprocess_meg(recs, bids_root=root, spec=EventSpec(), params=params)
+    two = preprocess_meg(recs, bids_root=root, spec=EventSpec(), params=params,
+                         out=tmp_path, n_jobs=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub-01", "sub-02"]  # no parts left
+    for label, sub in serial.subjects.items():
+        assert isinstance(two.subjects[label].X, np.memmap)
+        np.testing.assert_array_equal(two.subjects[label].X, sub.X)
+        assert two.recipe["subjects"][label] == serial.recipe["subjects"][label]
