@@ -16,6 +16,7 @@ from neurorecon.models.fmri.encoder import ADAPTERS
 from neurorecon.models.heads import AGGREGATIONS
 from neurorecon.models.registry import GENERATOR_TYPES
 
+from .common.parallel import EXECUTORS
 from .data.studies import MODALITIES
 from .embed.run import IMAGE_SELECTIONS
 from .preprocess.fmri import DRIFT_MODELS, FMRI_INPUTS, GLMS, NOISE_MODELS, ZSCORE_MODES
@@ -31,6 +32,7 @@ OPTIONS: dict[str, tuple[Any, ...]] = {
     "preprocess.fmri.noise_model": NOISE_MODELS,
     "preprocess.fmri.drift_model": DRIFT_MODELS,
     "preprocess.fmri.zscore": ZSCORE_MODES,
+    "preprocess.executor": EXECUTORS,
     "embed.images": IMAGE_SELECTIONS,
     "encoder.meg.aggregation": AGGREGATIONS,
     "encoder.fmri.adapter": ADAPTERS,

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from neurorecon.models.common.logging import logger
@@ -14,7 +15,7 @@ from neurorecon.models.common.logging import logger
 from ..common.cache import CacheEntry, cache_entry
 from ..data.events import EventSpec
 from ..data.studies import find_recordings
-from .store import Preprocessed, load_preprocessed, save_preprocessed
+from .store import Preprocessed, RowFile, load_preprocessed, save_preprocessed, subject_dir
 
 
 def data_selection(data_cfg: DictConfig) -> dict[str, Any]:
@@ -77,21 +78,21 @@ def plot_preprocessed(data: Preprocessed, path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     subjects = list(data.subjects.values())
     fig, axes = plt.subplots(len(subjects), 2, figsize=(11, 3.4 * len(subjects)), squeeze=False)
     for ax_row, sub in zip(axes, subjects, strict=True):
-        X = np.asarray(sub.X)
+        X = RowFile(subject_dir(data.path, sub.subject) / "X.npy") if data.path else sub.X
         test = (sub.trials["split"] == "test").to_numpy()
         if data.modality == "meg":
             p = data.recipe["params"]
             times = p["tmin"] + np.arange(X.shape[-1]) / p["sfreq"]
             for split, color in (("train", "tab:blue"), ("test", "tab:orange")):
-                sel = (sub.trials["split"] == split).to_numpy()
-                if sel.any():
-                    gfp = X[sel].mean(0).std(0)
-                    ax_row[0].plot(times, gfp, color=color, label=f"{split} (n={sel.sum()})")
+                sel = np.flatnonzero((sub.trials["split"] == split).to_numpy())
+                if len(sel):  # mean epoch, read in blocks (the cache may not fit in memory)
+                    total = sum(b.sum(axis=0, dtype=np.float64) for _, b in _blocks(X, sel))
+                    gfp = (total / len(sel)).std(axis=0)
+                    ax_row[0].plot(times, gfp, color=color, label=f"{split} (n={len(sel)})")
             ax_row[0].axvline(0, color="k", lw=0.5)
             ax_row[0].set(xlabel="time from image onset (s)", ylabel="GFP of mean epoch (a.u.)",
                           title=f"sub-{sub.subject}: evoked response after preprocessing")
@@ -102,15 +103,15 @@ def plot_preprocessed(data: Preprocessed, path: str | Path) -> Path:
             ax_row[1].set(title=f"sensor layout ({(~ch['good']).sum()} bad in red)",
                           aspect="equal", xticks=[], yticks=[])
         else:
-            ax_row[0].imshow(X[np.argsort(~test, kind="stable")][:60], aspect="auto",
+            ax_row[0].imshow(X[np.argsort(~test, kind="stable")[:60]], aspect="auto",
                              cmap="RdBu_r", vmin=-3, vmax=3, interpolation="nearest")
             ax_row[0].set(xlabel="voxel", ylabel="trial (test first)",
                           title=f"sub-{sub.subject}: single-trial betas ({X.shape[1]} voxels)")
             from nilearn import masking, plotting
 
             # across-stimulus spread of the (averaged) test betas: where stimuli are encoded
-            spread = masking.unmask(X[test].std(0) if test.sum() > 1 else X.std(0),
-                                    sub.mask_img)
+            spread = masking.unmask(X[np.flatnonzero(test)].std(0) if test.sum() > 1
+                                    else np.asarray(X).std(0), sub.mask_img)
             rel = data.recipe.get("subjects", {}).get(sub.subject, {}).get("split_half", {})
             title = "spread of test betas across stimuli"
             if isinstance(rel, dict) and rel.get("identification") is not None:
@@ -123,6 +124,14 @@ def plot_preprocessed(data: Preprocessed, path: str | Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def _blocks(X, rows: np.ndarray):
+    """Blocks of ``X[rows]``: read from a :class:`RowFile`, or sliced from an array."""
+    if isinstance(X, RowFile):
+        yield from X.blocks(rows)
+    else:
+        yield rows, np.asarray(X[rows])
 
 
 def run(cfg: DictConfig) -> Path:
