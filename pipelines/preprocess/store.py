@@ -303,7 +303,8 @@ class RowWriter:
                              f"expected {self.row_shape}")
         if self.written + len(block) > self.n_rows:
             raise ValueError(f"{self.path.name}: more than {self.n_rows} rows written")
-        self._f.write(memoryview(block).cast("B"))
+        if block.size:
+            self._f.write(memoryview(block).cast("B"))
         self.written += len(block)
 
     def close(self) -> None:
