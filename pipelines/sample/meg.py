@@ -20,10 +20,21 @@ Noise: 1/f brain background from random sources, bursty posterior alpha (8-12 Hz
 white + 1/f noise, line noise with harmonics, and slow drift. Stimulus identity reaches the
 sensors only through the neural response: the trigger channel carries the same code for every
 image, the noise generator is independent of the stimulus order, and trial order is shuffled.
+
+Generation runs in bounded memory, whatever the run length: every random value of a trial
+(latency jitter, gain) is drawn up front, and the recording is then made in blocks of
+``BLOCK_S`` seconds, each the sum of the evoked responses of the trials that overlap it and of
+the noise. Colored noise (``1/f**exponent``, exponents 0.5, 1 and 2) is a stateful filter of
+white noise (:class:`_ColoredNoise`) that continues from block to block, sinusoids (alpha, line
+noise) are evaluated in absolute time, and every normalisation is the expected variance under
+the model (from the gain matrix and the unit-variance noise), not a statistic of the data, so
+the data do not depend on the block size. Blocks go to a float32 scratch file that a lazily
+read Raw (:class:`_ScratchRaw`) streams into mne-bids, and the scratch file is removed.
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import mne
@@ -49,6 +60,9 @@ SENSOR_NOISE_RMS = 60e-15
 LINE_NOISE_AMP = 150e-15
 DRIFT_RMS = 800e-15
 
+BLOCK_S = 10.0  # s of recording generated at a time: memory does not grow with the run
+COLORED_F_LO = 0.01  # Hz: colored noise is 1/f**exponent above this corner, flat below
+
 
 def _gamma_bump(t: np.ndarray, peak: float, width: float) -> np.ndarray:
     """A smooth unimodal waveform peaking at ``peak`` s (zero before onset)."""
@@ -60,19 +74,80 @@ def _gamma_bump(t: np.ndarray, peak: float, width: float) -> np.ndarray:
     return y / (y.max() + 1e-30)
 
 
-def _pink_noise(rng: np.random.Generator, n_signals: int, n_times: int, exponent=1.0):
-    """Gaussian noise with a 1/f**exponent power spectrum, unit std per row."""
-    from scipy import fft
+class _ColoredNoise:
+    """Gaussian noise with a ``1/f**exponent`` power spectrum, unit variance, made block by block.
 
-    n_fft = fft.next_fast_len(n_times, real=True)
-    n_freq = n_fft // 2 + 1
-    spec = rng.standard_normal((n_signals, n_freq)) + 1j * rng.standard_normal((n_signals, n_freq))
-    f = np.arange(n_freq, dtype=float)
-    f[0] = 1.0
-    spec *= f ** (-exponent / 2)
-    spec[:, 0] = 0
-    x = fft.irfft(spec, n=n_fft, axis=-1, workers=-1)[:, :n_times]
-    return x / x.std(axis=1, keepdims=True)
+    A cascade of first-order pole/zero sections filters white noise (``scipy.signal.sosfilt``,
+    its state carried from one call to the next, so consecutive calls continue one signal).
+    The poles are log-spaced, two per decade, from ``f_lo`` to Nyquist, and each zero sits
+    ``R**(exponent / 2)`` above its pole (``R`` the pole spacing): the spectrum follows
+    ``1/f**exponent`` within 1.5 dB from ``10 * f_lo`` to 300 Hz (up to 4 dB above it near
+    Nyquist) and is flat below ``f_lo``; ``exponent=2`` is one pole. The variance of the
+    cascade and the covariance of its stationary state solve its discrete Lyapunov equation, so
+    the output is normalised analytically and starts in the stationary state (no warm-up).
+
+    Parameters
+    ----------
+    rng : Generator
+        The stream this noise alone draws from.
+    n_signals : int
+        Number of independent signals (rows of each block).
+    exponent : float
+        Spectral exponent, in (0, 2].
+    sfreq : float
+        Sampling rate (Hz).
+    f_lo : float
+        Corner (Hz) below which the spectrum is flat.
+    """
+
+    def __init__(self, rng: np.random.Generator, n_signals: int, exponent: float, sfreq: float,
+                 f_lo: float = COLORED_F_LO):
+        from scipy import linalg
+
+        if not 0 < exponent <= 2:
+            raise ValueError(f"exponent must be in (0, 2], got {exponent}")
+        f_hi = sfreq / 2
+        if exponent == 2:
+            poles, zeros = np.array([f_lo]), np.array([np.inf])
+        else:
+            n_poles = int(np.ceil(2 * np.log10(f_hi / f_lo))) + 1
+            spacing = (f_hi / f_lo) ** (1 / (n_poles - 1))
+            poles = f_lo * spacing ** np.arange(n_poles)
+            zeros = poles * spacing ** (exponent / 2)
+        p, z = np.exp(-2 * np.pi * poles / sfreq), np.exp(-2 * np.pi * zeros / sfreq)
+        n_sec = len(p)
+        # section k: y = x + s_k, s_k <- -z_k x + p_k y (sosfilt's transposed direct form II)
+        self.sos = np.zeros((n_sec, 6))
+        self.sos[:, 0], self.sos[:, 1], self.sos[:, 3], self.sos[:, 4] = 1.0, -z, 1.0, -p
+
+        def step(state, w):
+            new, x = np.empty(n_sec), w
+            for k in range(n_sec):
+                y = x + state[k]
+                new[k] = -z[k] * x + p[k] * y
+                x = y
+            return new, x
+
+        # state space: state <- a @ state + b w, output = c @ state + d w
+        cols, outs = zip(*(step(e, 0.0) for e in np.eye(n_sec)), strict=True)
+        a, c = np.column_stack(cols), np.array(outs)
+        b, d = step(np.zeros(n_sec), 1.0)
+        cov = linalg.solve_discrete_lyapunov(a, np.outer(b, b))  # stationary state covariance
+        self.scale = 1 / np.sqrt(c @ cov @ c + d**2)
+        lam, vec = np.linalg.eigh(cov)
+        state = rng.standard_normal((n_signals, n_sec)) @ (vec * np.sqrt(np.clip(lam, 0, None))).T
+        self.zi = np.zeros((n_sec, n_signals, 2))
+        self.zi[:, :, 0] = state.T
+        self.rng, self.n_signals = rng, n_signals
+
+    def __call__(self, n_times: int) -> np.ndarray:
+        """The next ``n_times`` samples, ``(n_signals, n_times)``."""
+        from scipy import signal
+
+        # time-major draws: the stream does not depend on how the samples are split in blocks
+        white = self.rng.standard_normal((n_times, self.n_signals)).T
+        out, self.zi = signal.sosfilt(self.sos, white, axis=-1, zi=self.zi)
+        return out * self.scale
 
 
 def _sinusoids(amp: np.ndarray, freq: float, phase: np.ndarray, times: np.ndarray) -> np.ndarray:
@@ -127,6 +202,73 @@ def _subject_model(info: mne.Info, rng: np.random.Generator, n_features: int, co
     return model
 
 
+class _ScratchRaw(mne.io.BaseRaw):
+    """A Raw whose samples stay in a scratch file and are read on demand.
+
+    The file holds ``(n_times, n_chans)`` little-endian float32 values in physical units
+    (channel calibrations are 1), sample after sample, as :func:`_simulate_run` writes them.
+    """
+
+    def __init__(self, fname: Path, info: mne.Info, n_times: int):
+        super().__init__(info, preload=False, last_samps=[n_times - 1], filenames=[fname],
+                         raw_extras=[{"n_chans": info["nchan"]}], orig_format="single",
+                         verbose=False)
+
+    def _read_segment_file(self, data, idx, fi, start, stop, cals, mult):
+        n_chans = self._raw_extras[fi]["n_chans"]
+        with open(self.filenames[fi], "rb") as fid:
+            fid.seek(start * n_chans * 4)
+            block = np.fromfile(fid, dtype="<f4", count=(stop - start) * n_chans)
+        block = block.reshape(stop - start, n_chans).T[idx]
+        data[:] = block * cals if mult is None else mult @ block
+
+
+class _Evoked:
+    """Sensor-level evoked responses of one run, evaluated on any block of samples.
+
+    Per trial, the response is three rank-one terms, a sensor topography times a waveform
+    (onset + offset, low-level, concept), scaled by the trial's gain and shifted by its jitter.
+    """
+
+    def __init__(self, model: dict, trials: pd.DataFrame, codes: dict[str, np.ndarray],
+                 onsets: np.ndarray, *, cfg: DictConfig, rng: np.random.Generator):
+        sfreq = float(cfg.sfreq)
+        gain = model["gain"]
+        t_win = np.arange(int(0.9 * sfreq)) / sfreq
+        w_on = _gamma_bump(t_win, 0.095, 0.03) - 0.6 * _gamma_bump(t_win, 0.17, 0.04)
+        w_off = _gamma_bump(t_win - cfg.image_duration, 0.1, 0.03)
+        self.waves = np.stack([
+            w_on + 0.4 * w_off,
+            _gamma_bump(t_win, 0.115, 0.035),
+            _gamma_bump(t_win, float(cfg.concept_peak), float(cfg.concept_width)),
+        ])  # (3, n_win)
+        self.topo_on = gain[:, model["onset_src"]] @ model["onset_w"]
+        self.map_low = cfg.lowlevel_gain * gain[:, model["low_src"]] @ model["low_W"]
+        self.map_con = cfg.concept_gain * gain[:, model["concept_src"]] @ model["concept_U"]
+        # scale so that the mean evoked response peaks at EVOKED_SENSOR_RMS (x snr)
+        peak_rms = np.sqrt(self.topo_on**2).mean()
+        self.scale = cfg.snr * EVOKED_SENSOR_RMS / max(peak_rms, 1e-30)
+        self.feats = trials[[f"ll{j}" for j in range(model["low_W"].shape[1])]].to_numpy()
+        self.codes = np.stack([codes[c] for c in trials["concept"]])
+        # every random value of a trial, drawn up front: blocks do not depend on their size
+        jitter = rng.normal(0.0, float(cfg.latency_jitter), len(trials))
+        self.trial_gain = rng.lognormal(0.0, 0.25, len(trials))
+        self.starts = np.round((onsets + jitter) * sfreq).astype(int)
+
+    def __call__(self, start: int, stop: int) -> np.ndarray:
+        """The evoked responses on samples ``start:stop``, ``(n_meg, stop - start)``."""
+        n_win = self.waves.shape[1]
+        out = np.zeros((len(self.topo_on), stop - start))
+        for i in np.flatnonzero((self.starts < stop) & (self.starts + n_win > start)):
+            lo, hi = max(self.starts[i], start), min(self.starts[i] + n_win, stop)
+            topo = np.column_stack([self.topo_on, self.map_low @ self.feats[i],
+                                    self.map_con @ self.codes[i]])
+            topo *= self.scale * self.trial_gain[i]
+            out[:, lo - start : hi - start] += topo @ self.waves[:, lo - self.starts[i] :
+                                                                   hi - self.starts[i]]
+        return out
+
+
 def _simulate_run(
     info: mne.Info,
     model: dict,
@@ -135,81 +277,73 @@ def _simulate_run(
     *,
     cfg: DictConfig,
     rng: np.random.Generator,
-) -> tuple[mne.io.RawArray, np.ndarray]:
-    """Simulate one run; return the Raw and the onset samples of the trials."""
+    fname: Path,
+    block_s: float = BLOCK_S,
+) -> tuple[_ScratchRaw, np.ndarray]:
+    """Simulate one run into the scratch file ``fname``, ``block_s`` seconds at a time.
+
+    Returns a Raw that reads ``fname`` lazily and the onset samples of the trials. The data do
+    not depend on ``block_s`` (up to float rounding).
+    """
     sfreq = float(cfg.sfreq)
     soa = rng.uniform(cfg.soa[0], cfg.soa[1], len(trials))
     onsets = 2.0 + np.concatenate([[0.0], np.cumsum(soa[:-1])])
     n_times = int(round((onsets[-1] + 3.0) * sfreq))
-    times = np.arange(n_times) / sfreq
+    onset_samples = np.round(onsets * sfreq).astype(int)
     gain = model["gain"]
     n_meg = gain.shape[0]
-    feats = trials[[f"ll{j}" for j in range(model["low_W"].shape[1])]].to_numpy()
+    if info["nchan"] != n_meg + 1 or info["ch_names"][n_meg] != STIM_CHANNEL:
+        raise ValueError(f"info must hold the {n_meg} MEG channels of the gain, then "
+                         f"{STIM_CHANNEL}")
+    evoked = _Evoked(model, trials, codes, onsets, cfg=cfg, rng=rng)
 
-    # --- evoked sources -------------------------------------------------------------------
-    src_idx = np.concatenate([model["onset_src"], model["low_src"], model["concept_src"]])
-    n_on = len(model["onset_src"])
-    src = np.zeros((len(src_idx), n_times))
-    t_win = np.arange(int(0.9 * sfreq)) / sfreq
-    w_on = _gamma_bump(t_win, 0.095, 0.03) - 0.6 * _gamma_bump(t_win, 0.17, 0.04)
-    w_low = _gamma_bump(t_win, 0.115, 0.035)
-    w_con = _gamma_bump(t_win, float(cfg.concept_peak),
-                        float(cfg.concept_width))
-    w_off = _gamma_bump(t_win - cfg.image_duration, 0.1, 0.03)
-    for i, onset in enumerate(onsets):
-        jitter = rng.normal(0.0, float(cfg.latency_jitter))
-        start = int(round((onset + jitter) * sfreq))
-        stop = min(start + len(t_win), n_times)
-        n = stop - start
-        gain_trial = rng.lognormal(0.0, 0.25)
-        amp_on = model["onset_w"][:, None] * (w_on + 0.4 * w_off)[None, :n]
-        amp_low = (model["low_W"] @ feats[i])[:, None] * w_low[None, :n]
-        amp_con = (model["concept_U"] @ codes[trials["concept"].iloc[i]])[:, None] * w_con[None, :n]
-        block = np.concatenate([amp_on, cfg.lowlevel_gain * amp_low,
-                                cfg.concept_gain * amp_con]) * gain_trial
-        src[:, start:stop] += block
-    evoked = gain[:, src_idx] @ src
-    # scale so that the mean evoked response peaks at EVOKED_SENSOR_RMS (x snr)
-    peak_rms = np.sqrt((gain[:, src_idx[:n_on]] @ model["onset_w"][:, None]) ** 2).mean()
-    evoked *= cfg.snr * EVOKED_SENSOR_RMS / max(peak_rms, 1e-30)
-    del src
-
-    # --- noise ----------------------------------------------------------------------------
-    noise_src = _pink_noise(rng, len(model["noise_src"]), n_times)
-    brain = gain[:, model["noise_src"]] @ noise_src
-    brain *= BRAIN_NOISE_RMS / brain.std()
-    del noise_src
-    alpha_env = np.abs(_pink_noise(rng, len(model["alpha_src"]), n_times, exponent=2.0))
+    # noise: fixed parameters, then one random stream per generator (blocks draw in turn)
+    g_noise = gain[:, model["noise_src"]]
+    g_alpha = gain[:, model["alpha_src"]]
+    # expected sensor variance: unit-variance sources; alpha = |envelope| x sine, mean square 1/2
+    brain_scale = BRAIN_NOISE_RMS / np.sqrt((g_noise**2).sum() / n_meg)
+    alpha_scale = ALPHA_RMS / np.sqrt(0.5 * (g_alpha**2).sum() / n_meg)
     alpha_freq = rng.uniform(9.0, 11.5, len(model["alpha_src"]))[:, None]
     alpha_phase = rng.uniform(0, 2 * np.pi, (len(alpha_freq), 1))
-    alpha = alpha_env * np.sin(2 * np.pi * alpha_freq * times + alpha_phase)
-    alpha_sens = gain[:, model["alpha_src"]] @ alpha
-    alpha_sens *= ALPHA_RMS / alpha_sens.std()
-    del alpha, alpha_env
-    sensor = SENSOR_NOISE_RMS * (
-        0.7 * rng.standard_normal((n_meg, n_times)) + 0.7 * _pink_noise(rng, n_meg, n_times)
-    )
     line_phase = rng.uniform(0, 2 * np.pi, (n_meg, 1))
     line_amp = LINE_NOISE_AMP * rng.uniform(0.3, 1.0, (n_meg, 1))
-    line = sum(_sinusoids(line_amp / h, h * cfg.line_freq, h * line_phase, times)
-               for h in (1, 2, 3))
-    drift = DRIFT_RMS * _pink_noise(rng, n_meg, n_times, exponent=2.0)
-    data = evoked + brain + alpha_sens + sensor + line + drift
-    del evoked, brain, alpha_sens, sensor, line, drift
-
     # noisy channels and one dead channel (realistic bad channels; the dead one is declared)
-    n_noisy = int(cfg.n_noisy_channels)
-    *noisy, dead = rng.choice(n_meg, size=n_noisy + 1, replace=False)
-    for ch in noisy:
-        data[ch] += 16 * BRAIN_NOISE_RMS * _pink_noise(rng, 1, n_times, exponent=0.5)[0]
-    data[dead] = 1e-16 * rng.standard_normal(n_times)
+    *noisy, dead = rng.choice(n_meg, size=int(cfg.n_noisy_channels) + 1, replace=False)
+    streams = rng.spawn(7)
+    brain = _ColoredNoise(streams[0], g_noise.shape[1], 1.0, sfreq)
+    alpha_env = _ColoredNoise(streams[1], g_alpha.shape[1], 2.0, sfreq)
+    sensor_white = streams[2]
+    sensor_pink = _ColoredNoise(streams[3], n_meg, 1.0, sfreq)
+    drift = _ColoredNoise(streams[4], n_meg, 2.0, sfreq)
+    noisy_noise = _ColoredNoise(streams[5], len(noisy), 0.5, sfreq) if noisy else None
+    dead_noise = streams[6]
 
-    stim = np.zeros((1, n_times))
-    onset_samples = np.round(onsets * sfreq).astype(int)
-    stim[0, onset_samples] = 1.0  # same trigger code for every image
-    raw = mne.io.RawArray(np.concatenate([data, stim]).astype(np.float32), info, verbose=False)
+    block = max(1, int(round(block_s * sfreq)))
+    with open(fname, "wb") as fid:
+        for start in range(0, n_times, block):
+            stop = min(start + block, n_times)
+            n = stop - start
+            times = np.arange(start, stop) / sfreq
+            data = np.empty((n_meg + 1, n))
+            meg = data[:n_meg]
+            meg[:] = evoked(start, stop)
+            meg += brain_scale * (g_noise @ brain(n))
+            alpha = np.abs(alpha_env(n)) * np.sin(2 * np.pi * alpha_freq * times + alpha_phase)
+            meg += alpha_scale * (g_alpha @ alpha)
+            meg += 0.7 * SENSOR_NOISE_RMS * sensor_white.standard_normal((n, n_meg)).T
+            meg += 0.7 * SENSOR_NOISE_RMS * sensor_pink(n)
+            for h in (1, 2, 3):
+                meg += _sinusoids(line_amp / h, h * cfg.line_freq, h * line_phase, times)
+            meg += DRIFT_RMS * drift(n)
+            if noisy_noise is not None:
+                meg[noisy] += 16 * BRAIN_NOISE_RMS * noisy_noise(n)
+            meg[dead] = 1e-16 * dead_noise.standard_normal(n)
+            data[n_meg] = 0.0
+            in_block = onset_samples[(onset_samples >= start) & (onset_samples < stop)]
+            data[n_meg, in_block - start] = 1.0  # same trigger code for every image
+            np.ascontiguousarray(data.T, dtype="<f4").tofile(fid)
+    raw = _ScratchRaw(fname, info, n_times)
     raw.info["bads"] = [info["ch_names"][dead]]
-    raw.orig_format = "single"  # mne-bids saves FIF in this precision (float32 is plenty)
     return raw, onset_samples
 
 
@@ -243,47 +377,55 @@ def simulate_meg_bids(
     code_rng = np.random.default_rng([seed, 1])  # concept codes: shared by all subjects
     codes = {c: code_rng.standard_normal(N_CODE) for c in sorted(stimuli["concept"].unique())}
     canonical = mne.channels.read_meg_canonical_info(cfg.system)
-    for s in range(cfg.n_subjects):
-        subject = f"{s + 1:02d}"
-        rng = np.random.default_rng([seed, 2, s])
-        info = canonical.copy()
-        with info._unlock():
-            info["sfreq"] = float(cfg.sfreq)
-            info["line_freq"] = float(cfg.line_freq)
-            info["dev_head_t"] = _head_transform(rng)
-            info["lowpass"] = float(cfg.sfreq) / 2
-        info = mne.pick_info(info, mne.pick_types(info, meg=True, ref_meg=False))
-        info = _add_stim(info)
-        model = _subject_model(info, rng, n_features, N_CODE)
-        runs = trial_sequence(stimuli, n_test_repeats=n_test_repeats, n_runs=cfg.n_runs, rng=rng)
-        for r, trials in enumerate(progress(runs, desc=f"MEG sub-{subject}")):
-            raw, onset_samples = _simulate_run(info, model, trials, codes, cfg=cfg, rng=rng)
-            events = np.column_stack([
-                onset_samples,
-                np.zeros(len(onset_samples), int),
-                trials["split"].map(EVENT_ID).to_numpy(),
-            ])
-            # with event_metadata, mne-bids writes trial_type only if it is a metadata column
-            metadata = pd.DataFrame({
-                "trial_type": trials["split"].to_numpy(),
-                "stim_file": trials["stim_file"].to_numpy(),
-                "concept": trials["concept"].to_numpy(),
-                "exemplar": trials["exemplar"].to_numpy(),
-            })
-            bids_path = mne_bids.BIDSPath(subject=subject, session="01", task=TASK,
-                                          run=f"{r + 1:02d}", datatype="meg", root=root)
-            raw.set_meas_date(None)
-            mne_bids.write_raw_bids(
-                raw, bids_path, events=events, event_id=EVENT_ID,
-                event_metadata=metadata,
-                extra_columns_descriptions={
-                    "trial_type": "train: exemplar shown once; test: exemplar shown repeatedly",
-                    "stim_file": "Image shown, relative to the stimuli/ folder",
-                    "concept": "Concept (photo) the image was cropped from",
-                    "exemplar": "Exemplar number within the concept",
-                },
-                format="FIF", allow_preload=True, overwrite=True, verbose=False,
-            )
+    # blocks go to a scratch file per run, removed as soon as the run is in BIDS (or on error)
+    with tempfile.TemporaryDirectory(prefix=".scratch-meg-", dir=root) as scratch:
+        fname = Path(scratch) / "run.f32"
+        for s in range(cfg.n_subjects):
+            subject = f"{s + 1:02d}"
+            rng = np.random.default_rng([seed, 2, s])
+            info = canonical.copy()
+            with info._unlock():
+                info["sfreq"] = float(cfg.sfreq)
+                info["line_freq"] = float(cfg.line_freq)
+                info["dev_head_t"] = _head_transform(rng)
+                info["lowpass"] = float(cfg.sfreq) / 2
+            info = mne.pick_info(info, mne.pick_types(info, meg=True, ref_meg=False))
+            info = _add_stim(info)
+            model = _subject_model(info, rng, n_features, N_CODE)
+            runs = trial_sequence(stimuli, n_test_repeats=n_test_repeats, n_runs=cfg.n_runs,
+                                  rng=rng)
+            for r, trials in enumerate(progress(runs, desc=f"MEG sub-{subject}")):
+                raw, onset_samples = _simulate_run(info, model, trials, codes, cfg=cfg, rng=rng,
+                                                   fname=fname)
+                events = np.column_stack([
+                    onset_samples,
+                    np.zeros(len(onset_samples), int),
+                    trials["split"].map(EVENT_ID).to_numpy(),
+                ])
+                # with event_metadata, mne-bids writes trial_type only if it is a metadata column
+                metadata = pd.DataFrame({
+                    "trial_type": trials["split"].to_numpy(),
+                    "stim_file": trials["stim_file"].to_numpy(),
+                    "concept": trials["concept"].to_numpy(),
+                    "exemplar": trials["exemplar"].to_numpy(),
+                })
+                bids_path = mne_bids.BIDSPath(subject=subject, session="01", task=TASK,
+                                              run=f"{r + 1:02d}", datatype="meg", root=root)
+                raw.set_meas_date(None)
+                # the lazily read raw streams into the FIF in buffers (never loaded whole)
+                mne_bids.write_raw_bids(
+                    raw, bids_path, events=events, event_id=EVENT_ID,
+                    event_metadata=metadata,
+                    extra_columns_descriptions={
+                        "trial_type": "train: exemplar shown once; test: exemplar shown "
+                        "repeatedly",
+                        "stim_file": "Image shown, relative to the stimuli/ folder",
+                        "concept": "Concept (photo) the image was cropped from",
+                        "exemplar": "Exemplar number within the concept",
+                    },
+                    format="FIF", allow_preload=True, overwrite=True, verbose=False,
+                )
+                fname.unlink()
     logger.info("sample MEG: %d subjects written under %s", cfg.n_subjects, root)
 
 
