@@ -146,8 +146,15 @@ def filter_and_decimate(raw: mne.io.BaseRaw, params: MegParams) -> mne.io.BaseRa
     with info._unlock():
         info["sfreq"] = raw.info["sfreq"] / factor
         info["lowpass"] = min(info["lowpass"], info["sfreq"] / 2)
-    data = raw.get_data()[:, ::factor]
+    # in time blocks that start on a kept sample: no second full-rate copy of the recording
+    data = np.concatenate([b[:, ::factor] for b in time_blocks(raw, 4096 * factor)], axis=1)
     return mne.io.RawArray(data, info, first_samp=0, verbose=False)
+
+
+def time_blocks(raw: mne.io.BaseRaw, n_samples: int):
+    """``raw``'s data in consecutive blocks of ``n_samples`` samples (the last may be shorter)."""
+    for start in range(0, raw.n_times, n_samples):
+        yield raw.get_data(start=start, stop=min(start + n_samples, raw.n_times))
 
 
 class StreamingMegFilter:
@@ -474,8 +481,8 @@ def epoch_recording(
     if len(meg_picks) == 0:
         raise DataError("recording has no MEG channels", path=recording.fpath)
     raw.pick(meg_picks).load_data(verbose=False)
-    check_finite(raw.get_data()[:, :: max(1, len(raw.times) // 20000)], path=recording.fpath,
-                 what="MEG data")
+    for block in time_blocks(raw, 40960):
+        check_finite(block, path=recording.fpath, what="MEG data")
     bads = list(raw.info["bads"])
     sfreq_in = raw.info["sfreq"]
     raw = filter_and_decimate(raw, params)
