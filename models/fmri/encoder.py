@@ -64,10 +64,10 @@ class SubspaceProjection(nn.Module):
 
     def fit(self, X: torch.Tensor) -> int:
         """Fit on training trials ``X (n_trials, n_voxels)``; return the components kept."""
-        X = torch.as_tensor(X, dtype=torch.float64)
+        X = torch.as_tensor(X).to(torch.float64, copy=True)  # centred in place below
         k = self.components.shape[0]
         mean = X.mean(0)
-        centred = X - mean
+        centred = X.sub_(mean)
         if min(centred.shape) <= 2 * k:
             _, svals, vt = torch.linalg.svd(centred, full_matrices=False)
         else:  # many trials: randomized SVD (Halko et al.), same span up to rounding
@@ -75,7 +75,7 @@ class SubspaceProjection(nn.Module):
             vt = v.T
         keep = min(k, int((svals > svals[0] * 1e-6).sum()) if len(svals) else 0)
         comps = torch.zeros_like(self.components, dtype=torch.float64)
-        comps[:keep] = vt[:keep] / math.sqrt(X.shape[1])
+        comps[:keep] = vt[:keep] / math.sqrt(centred.shape[1])
         self.mean.copy_(mean.to(self.mean.dtype))
         self.components.copy_(comps.to(self.components.dtype))
         self.fitted.fill_(True)

@@ -147,7 +147,7 @@ def filter_and_decimate(raw: mne.io.BaseRaw, params: MegParams) -> mne.io.BaseRa
         info["sfreq"] = raw.info["sfreq"] / factor
         info["lowpass"] = min(info["lowpass"], info["sfreq"] / 2)
     # in time blocks that start on a kept sample: no second full-rate copy of the recording
-    data = np.concatenate([b[:, ::factor] for b in time_blocks(raw, 4096 * factor)], axis=1)
+    data = np.concatenate([b[:, ::factor] for b in time_blocks(raw, 1024 * factor)], axis=1)
     return mne.io.RawArray(data, info, first_samp=0, verbose=False)
 
 
@@ -481,7 +481,7 @@ def epoch_recording(
     if len(meg_picks) == 0:
         raise DataError("recording has no MEG channels", path=recording.fpath)
     raw.pick(meg_picks).load_data(verbose=False)
-    for block in time_blocks(raw, 40960):
+    for block in time_blocks(raw, 8192):
         check_finite(block, path=recording.fpath, what="MEG data")
     bads = list(raw.info["bads"])
     sfreq_in = raw.info["sfreq"]

@@ -88,17 +88,15 @@ def resolve_focus(cfg: DictConfig, dm) -> dict[str, Any] | None:
 
 def fit_subspaces(net, dm, labels=None) -> None:
     """Fit the fMRI encoder's subspace adapters on each subject's *train* rows only."""
-    import numpy as np
 
     if not hasattr(net, "fit_subspace"):
         return
-    X, subj, _ = dm.split_arrays("train")
     for k, label in enumerate(dm.labels):
         if labels is not None and label not in labels:
             continue
-        rows = [x for x, s in zip(X, subj, strict=True) if s == k]
-        if rows:
-            kept = net.fit_subspace(label, np.stack(rows))
+        rows, X = dm.subject_rows("train", k)  # one subject's train trials, read at once
+        if len(rows):
+            kept = net.fit_subspace(label, X)
             if kept is not None:
                 logger.info("fMRI sub-%s: subspace adapter on %d principal axes of %d train "
                             "trials", label, kept, len(rows))
