@@ -341,3 +341,29 @@ def test_generator_registry_resolves_every_backend():
         assert getattr(importlib.import_module(module), name).__name__ == name
     with pytest.raises(ValueError, match="known"):
         build_generator("NoSuchGenerator", {})
+
+
+def test_subspace_fit_streamed_in_blocks():
+    """The subspace adapter fitted from row blocks (trials that need not fit in memory) equals
+    the in-memory fit, and its randomized SVD (many trials) finds the exact principal axes."""
+    from neurorecon.models.fmri.encoder import SubspaceProjection
+
+    g = torch.Generator().manual_seed(0)
+    n, v, k = 700, 600, 256  # n, v > 2k: the randomized branch
+    signal = torch.randn(n, 8, generator=g) @ (torch.randn(8, v, generator=g) * 5)
+    X = (signal + torch.randn(n, v, generator=g) + 3.0).numpy().astype(np.float32)
+    fits = []
+    for source in (X, lambda: (X[i : i + 64] for i in range(0, n, 64))):
+        torch.manual_seed(1)
+        proj = SubspaceProjection(v, k)
+        assert proj.fit(source) == k
+        fits.append(proj)
+    torch.testing.assert_close(fits[0].mean, fits[1].mean)
+    a, b = (f.components[:8].double() * np.sqrt(v) for f in fits)  # the signal axes (the rest
+    assert torch.linalg.svdvals(a @ b.T).min() > 0.9999  # are noise, equal up to rotation)
+    centred = torch.as_tensor(X, dtype=torch.float64) - torch.as_tensor(X, dtype=torch.float64
+                                                                         ).mean(0)
+    exact = torch.linalg.svd(centred, full_matrices=False)[2][:8]
+    top = fits[1].components[:8].double() * np.sqrt(v)
+    cosines = torch.linalg.svdvals(exact @ top.T)  # principal angles of the top-8 spans
+    assert cosines.min() > 0.999

@@ -39,6 +39,32 @@ from ..heads import ProjectionHead
 ADAPTERS = ("subspace", "linear", "mlp")
 
 
+def _streamed_svd_lowrank(blocks, mean: torch.Tensor, *, q: int, niter: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top singular values and right vectors ``(q,), (q, n_cols)`` of the row-centred matrix
+    whose rows ``blocks()`` yields (each call a new pass), by the randomized range finder with
+    ``niter`` power iterations (the algorithm of :func:`torch.svd_lowrank`)."""
+    as64 = lambda b: torch.as_tensor(b).to(torch.float64) - mean  # noqa: E731
+
+    def times(M: torch.Tensor) -> torch.Tensor:  # A @ M, (n_rows, q)
+        return torch.cat([as64(b) @ M for b in blocks()])
+
+    def t_times(Q: torch.Tensor) -> torch.Tensor:  # A.T @ Q, (n_cols, q)
+        out, start = torch.zeros(len(mean), Q.shape[1], dtype=torch.float64), 0
+        for b in blocks():
+            b = as64(b)
+            out += b.T @ Q[start : start + len(b)]
+            start += len(b)
+        return out
+
+    Q = torch.linalg.qr(times(torch.randn(len(mean), q, dtype=torch.float64))).Q
+    for _ in range(niter):
+        Q = torch.linalg.qr(t_times(Q)).Q
+        Q = torch.linalg.qr(times(Q)).Q
+    _, svals, vt = torch.linalg.svd(t_times(Q).T, full_matrices=False)
+    return svals, vt
+
+
 class SubspaceProjection(nn.Module):
     """Fixed projection of voxels onto the principal subspace of a subject's training trials.
 
@@ -62,20 +88,30 @@ class SubspaceProjection(nn.Module):
         self.register_buffer("components", torch.zeros(n_components, n_voxels))
         self.register_buffer("fitted", torch.tensor(False))
 
-    def fit(self, X: torch.Tensor) -> int:
-        """Fit on training trials ``X (n_trials, n_voxels)``; return the components kept."""
-        X = torch.as_tensor(X).to(torch.float64, copy=True)  # centred in place below
+    def fit(self, X) -> int:
+        """Fit on training trials ``X (n_trials, n_voxels)``; return the components kept.
+
+        ``X`` may also be a function returning an iterable of row blocks (tensors or arrays),
+        read several times: the fit then holds at most ``2 * n_components`` rows (exact SVD)
+        or, with more trials, the ``(n_trials + n_voxels) x (n_components + 10)`` matrices of
+        the randomized SVD (Halko et al., :func:`torch.svd_lowrank`'s algorithm, streamed).
+        """
+        blocks = X if callable(X) else (lambda: [X])
+        as64 = lambda b: torch.as_tensor(b).to(torch.float64)  # noqa: E731
         k = self.components.shape[0]
-        mean = X.mean(0)
-        centred = X.sub_(mean)
-        if min(centred.shape) <= 2 * k:
+        n, total = 0, torch.zeros(self.mean.shape[0], dtype=torch.float64)
+        for b in blocks():
+            total += as64(b).sum(0)
+            n += len(b)
+        mean = total / max(n, 1)
+        if min(n, len(mean)) <= 2 * k:
+            centred = torch.cat([as64(b) - mean for b in blocks()])
             _, svals, vt = torch.linalg.svd(centred, full_matrices=False)
-        else:  # many trials: randomized SVD (Halko et al.), same span up to rounding
-            _, svals, v = torch.svd_lowrank(centred, q=k + 10, niter=4)
-            vt = v.T
+        else:  # many trials: randomized SVD over the blocks, same span up to rounding
+            svals, vt = _streamed_svd_lowrank(blocks, mean, q=k + 10, niter=4)
         keep = min(k, int((svals > svals[0] * 1e-6).sum()) if len(svals) else 0)
         comps = torch.zeros_like(self.components, dtype=torch.float64)
-        comps[:keep] = vt[:keep] / math.sqrt(centred.shape[1])
+        comps[:keep] = vt[:keep] / math.sqrt(len(mean))
         self.mean.copy_(mean.to(self.mean.dtype))
         self.components.copy_(comps.to(self.components.dtype))
         self.fitted.fill_(True)
@@ -210,7 +246,9 @@ class FmriEncoder(BrainModuleMixin, nn.Module):
 
     def fit_subspace(self, label: str, X) -> int | None:
         """Fit subject ``label``'s :class:`SubspaceProjection` on its training trials
-        ``X (n_trials, n_voxels)``; return the components kept (None: no subspace adapter)."""
+        ``X (n_trials, n_voxels)`` (an array, or a callable yielding row blocks with a
+        ``shape``: see :meth:`SubspaceProjection.fit`); return the components kept (None: no
+        subspace adapter)."""
         label = _check_label(label)
         proj = self.adapters[label][0]
         if not isinstance(proj, SubspaceProjection):

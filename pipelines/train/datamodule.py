@@ -82,6 +82,24 @@ class _TrialDataset(Dataset):
         return self.dm.item(self.split, i)
 
 
+@dataclass
+class RowBlocks:
+    """Rows of a cache file, re-read in blocks on every call (``len`` = number of rows)."""
+
+    file: RowFile
+    rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.file.row_shape)
+
+    def __call__(self):
+        return (block for _, block in self.file.blocks(self.rows))
+
+
 class SubjectBatchSampler(Sampler[list[int]]):
     """Batches that each hold the trials of a single subject (shuffled per epoch if asked).
 
@@ -314,6 +332,12 @@ class BrainDataModule(LightningDataModule):
         rows = np.flatnonzero(split.subject == k)
         return rows, torch.from_numpy(self._X[k].rows(split.row[rows]).astype(np.float32,
                                                                              copy=False))
+
+    def subject_row_blocks(self, name: str, k: int) -> RowBlocks:
+        """Subject ``k``'s rows of split ``name`` as a re-readable source of blocks (a
+        streamed fit over trials that need not fit in memory)."""
+        split = self.splits[name]
+        return RowBlocks(self._X[k], split.row[split.subject == k])
 
     @property
     def labels(self) -> list[str]:

@@ -94,9 +94,9 @@ def fit_subspaces(net, dm, labels=None) -> None:
     for k, label in enumerate(dm.labels):
         if labels is not None and label not in labels:
             continue
-        rows, X = dm.subject_rows("train", k)  # one subject's train trials, read at once
+        rows = dm.subject_row_blocks("train", k)  # streamed from the cache, read per pass
         if len(rows):
-            kept = net.fit_subspace(label, X)
+            kept = net.fit_subspace(label, rows)
             if kept is not None:
                 logger.info("fMRI sub-%s: subspace adapter on %d principal axes of %d train "
                             "trials", label, kept, len(rows))
