@@ -409,3 +409,14 @@ def test_preprocess_on_local_ray(fmri_root, single_trials):
                               params={"average_test_repeats": False})
     for label, sub in single_trials.subjects.items():
         np.testing.assert_array_equal(ray_pre.subjects[label].X, sub.X)
+
+
+def test_truncated_session_file_is_named(fmri_root, single_trials, tmp_path):
+    shutil.copytree(fmri_root / "stimuli", tmp_path / "stimuli")
+    _write_sessions(single_trials, "01", tmp_path)
+    found = find_betas(tmp_path, "derivatives/betas/sub-*/*_betas.nii.gz")
+    bad = found[1][0]
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    with pytest.raises(DataError, match="truncated or corrupt") as info:
+        load_betas(found, bids_root=tmp_path, params={"zscore": "session"})
+    assert bad.name in str(info.value)

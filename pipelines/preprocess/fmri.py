@@ -407,11 +407,9 @@ def load_masked_4d(path: Path, inside: np.ndarray, *, what: str) -> tuple[Any, n
         for k in range(0, n_vol, step):
             block = np.asarray(img.dataobj[..., k : k + step], dtype=np.float32)
             out[k : k + step] = block[inside].T
-    except Exception as exc:
+    except Exception as exc:  # the kept-open file closes with the image's data proxy
         raise DataError(f"cannot read the {what}'s voxel data: truncated or corrupt file "
                         f"({type(exc).__name__}: {exc})", path=path) from exc
-    finally:
-        img.dataobj._opener.close() if getattr(img.dataobj, "_opener", None) else None
     check_finite(out, path=path, what=f"{what} (inside the mask)")
     return img, out
 

@@ -255,8 +255,9 @@ class RowFile:
             return self._read(int(index), int(index) + 1)[0]
         if isinstance(index, slice):
             start, stop, step = index.indices(len(self))
-            return self._read(start, max(start, stop))[::step] if step > 0 else \
-                self.rows(np.arange(start, stop, step))
+            if step == 1:
+                return self._read(start, max(start, stop))
+            return self.rows(np.arange(start, stop, step))
         index = np.asarray(index, dtype=np.int64)
         out = np.empty((len(index), *self.row_shape), self.dtype)
         if len(index) == 0:
