@@ -22,7 +22,7 @@ EXECUTORS = ("joblib", "ray")
 
 def n_workers(n_jobs: int, n_items: int) -> int:
     """Workers worth starting: ``n_jobs`` (``-1``: every core), at most one per item."""
-    n = (os.cpu_count() or 1) if n_jobs in (-1, 0, None) else int(n_jobs)
+    n = (os.cpu_count() or 1) if n_jobs in (-1, None) else int(n_jobs)
     if n < 1:
         raise ValueError(f"n_jobs must be a positive number of workers or -1, got {n_jobs}")
     return max(1, min(n, n_items))

@@ -349,14 +349,14 @@ def _check_on_grid(img, ref_shape, ref_affine, *, path: Path, first: str) -> Non
 
 
 def glm_to_file(recording, *, bids_root: Path, spec: EventSpec, params: dict,
-                inside: np.ndarray, ref_shape, ref_affine, first: str, path: Path) -> FmriPart:
+                inside: np.ndarray, ref_affine, first: str, path: Path) -> FmriPart:
     """Single-trial betas of one BOLD run (checked against the subject's grid), saved to
     ``path``: the task a preprocessing worker runs."""
     import nibabel as nib
 
     tr = read_tr(recording.fpath)
     img, data = load_4d(recording.fpath, what="BOLD image")
-    _check_on_grid(img, ref_shape, ref_affine, path=recording.fpath, first=first)
+    _check_on_grid(img, inside.shape, ref_affine, path=recording.fpath, first=first)
     n_scans = img.shape[3]
     header_tr = float(img.header.get_zooms()[3])
     if header_tr > 0 and abs(header_tr - tr) > 1e-3:
@@ -381,10 +381,13 @@ def glm_to_file(recording, *, bids_root: Path, spec: EventSpec, params: dict,
     return FmriPart(Path(path), trials, ok, tr)
 
 
-def load_masked_4d(path: Path, inside: np.ndarray, *, what: str) -> tuple[Any, np.ndarray]:
-    """A 4D NIfTI read a block of volumes at a time and masked on the way: ``(image,
-    (n_volumes, n_inside) float32)``; the full 4D volume is never in memory. NaN/inf inside
-    the mask, a truncated file or a non-4D image are :class:`DataError` naming the file."""
+def load_masked_4d(path: Path, inside: np.ndarray, affine: np.ndarray, *, what: str,
+                   first: str) -> tuple[Any, np.ndarray]:
+    """A 4D NIfTI on the grid of ``inside`` (shape) and ``affine`` (that of ``first``, the
+    subject's first file), read a block of volumes at a time and masked on the way:
+    ``(image, (n_volumes, n_inside) float32)``; the full 4D volume is never in memory.
+    NaN/inf inside the mask, a truncated file, a non-4D image or another grid are
+    :class:`DataError` naming the file."""
     import nibabel as nib
 
     from .store import BLOCK_BYTES
@@ -397,9 +400,7 @@ def load_masked_4d(path: Path, inside: np.ndarray, *, what: str) -> tuple[Any, n
     if img.ndim != 4:
         raise DataError(f"{what} must be 4D (x, y, z, trial), got {img.ndim}D with shape "
                         f"{img.shape}", path=path)
-    if img.shape[:3] != inside.shape:
-        raise DataError(f"{what} grid {img.shape[:3]} differs from the mask's {inside.shape}",
-                        path=path)
+    _check_on_grid(img, inside.shape, affine, path=path, first=first)
     n_vol = img.shape[3]
     step = max(1, BLOCK_BYTES // (4 * int(np.prod(img.shape[:3]))))
     out = np.empty((n_vol, int(inside.sum())), np.float32)
@@ -416,12 +417,12 @@ def load_masked_4d(path: Path, inside: np.ndarray, *, what: str) -> tuple[Any, n
 
 def betas_to_file(img_path: Path, trials_path: Path, *, index: int, subject: str,
                   bids_root: Path, spec: EventSpec, params: dict, inside: np.ndarray,
-                  ref_shape, ref_affine, first: str, path: Path) -> FmriPart:
+                  ref_affine, first: str, path: Path) -> FmriPart:
     """One betas file (a session), masked on load and saved to ``path``: a worker's task."""
     import mne_bids
 
-    img, X = load_masked_4d(Path(img_path), inside, what="betas image")
-    _check_on_grid(img, ref_shape, ref_affine, path=Path(img_path), first=first)
+    img, X = load_masked_4d(Path(img_path), inside, ref_affine, what="betas image",
+                            first=first)
     trials = as_stim_file(read_trials(Path(trials_path), n_volumes=img.shape[3],
                                       image=Path(img_path), bids_root=bids_root, spec=spec),
                           spec)
@@ -586,7 +587,7 @@ def preprocess_fmri(recordings, *, bids_root: str | Path, spec: EventSpec | None
         for label, recs in _by_subject(recordings, lambda r: r.subject).items():
             ref, inside = grids[label] = _subject_grid(recs[0].fpath, params)
             items += [{"recording": rec, "bids_root": bids_root, "spec": spec,
-                       "params": params, "inside": inside, "ref_shape": ref.shape[:3],
+                       "params": params, "inside": inside,
                        "ref_affine": ref.affine, "first": recs[0].fpath.name,
                        "path": scratch / f"{len(items) + k:05d}.npy"}
                       for k, rec in enumerate(recs)]
@@ -711,7 +712,7 @@ def load_betas(betas: Sequence[tuple[Path, Path, str]], *, bids_root: str | Path
             ref, inside = grids[label] = _subject_grid(Path(files[0][0]), params)
             items += [{"img_path": Path(img), "trials_path": Path(tsv), "index": k,
                        "subject": label, "bids_root": bids_root, "spec": spec,
-                       "params": params, "inside": inside, "ref_shape": ref.shape[:3],
+                       "params": params, "inside": inside,
                        "ref_affine": ref.affine, "first": Path(files[0][0]).name,
                        "path": scratch / f"{len(items) + k:05d}.npy"}
                       for k, (img, tsv, _) in enumerate(files)]

@@ -288,7 +288,7 @@ def streamed_quantiles(blocks: Callable[[], Iterable[np.ndarray]], n_chans: int,
     width = np.where(hi > lo, (hi - lo) / K, 1.0)
     offsets = (np.arange(n_chans) * K)[:, None]
 
-    def bins(b: np.ndarray) -> np.ndarray:  # (n_chans, n_values) flat bin index
+    def bins(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # bin index, values (float64)
         x = np.moveaxis(b, 1, 0).reshape(n_chans, -1).astype(np.float64)
         return np.clip(((x - lo[:, None]) / width[:, None]).astype(np.int64), 0, K - 1), x
 
@@ -299,12 +299,10 @@ def streamed_quantiles(blocks: Callable[[], Iterable[np.ndarray]], n_chans: int,
     cum = counts.reshape(n_chans, K).cumsum(axis=1)
     pos = (n - 1) * np.asarray(q, float) / 100.0  # fractional rank of each quantile
     ranks = np.stack([np.floor(pos), np.minimum(np.floor(pos) + 1, n - 1)]).astype(np.int64)
-    # bin of each wanted rank per channel: (2, n_q, n_chans)
-    where = np.stack([[np.searchsorted(cum[c], r, side="right") for c in range(n_chans)]
-                      for r in ranks.ravel()]).reshape(2, len(pos), n_chans)
+    # bin holding each wanted rank, per channel: (n_chans, 2, n_q)
+    where = np.stack([np.searchsorted(cum[c], ranks, side="right") for c in range(n_chans)])
     wanted = np.zeros((n_chans, K), bool)
-    for c in range(n_chans):
-        wanted[c, where[..., c].ravel()] = True
+    wanted[np.arange(n_chans)[:, None], where.reshape(n_chans, -1)] = True
     values = [[] for _ in range(n_chans)]
     for b in blocks():
         idx, x = bins(b)
@@ -312,18 +310,14 @@ def streamed_quantiles(blocks: Callable[[], Iterable[np.ndarray]], n_chans: int,
         for c in np.flatnonzero(sel.any(axis=1)):
             values[c].append(np.stack([idx[c, sel[c]], x[c, sel[c]]]))
     out = np.empty((len(pos), n_chans))
+    frac = pos - np.floor(pos)
     for c in range(n_chans):
         got = np.concatenate(values[c], axis=1)
         order = np.lexsort((got[1], got[0]))  # by bin, then value: global order within bins
-        b_sorted, v_sorted = got[0, order].astype(np.int64), got[1, order]
-        start = {int(bb): i for i, bb in reversed(list(enumerate(b_sorted)))}
-        before = np.concatenate([[0], cum[c]])
-        val = np.empty(ranks.shape[:1] + (len(pos),))
-        for j in range(2):
-            for k in range(len(pos)):
-                bb = int(where[j, k, c])
-                val[j, k] = v_sorted[start[bb] + ranks[j, k] - before[bb]]
-        frac = pos - np.floor(pos)
+        b_sorted, v_sorted = got[0, order], got[1, order]
+        # rank r lies in bin where[c]: it is that bin's (r - values below the bin)-th value
+        below = np.concatenate([[0], cum[c]])[where[c]]
+        val = v_sorted[np.searchsorted(b_sorted, where[c]) + ranks - below]
         out[:, c] = val[0] + frac * (val[1] - val[0])
     return out
 

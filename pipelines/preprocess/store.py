@@ -332,8 +332,8 @@ class TrialAssembler:
         for g, rows in enumerate(plan.groups):
             self._group[rows] = g
             self._half[rows] = np.arange(len(rows)) % 2
-        self._out_of = np.full(len(self._group), -1)
-        self._out_of[plan.kept] = np.arange(len(plan.kept))
+        self._kept = np.zeros(plan.n_in, bool)
+        self._kept[plan.kept] = True
         self.sums = np.zeros((2, len(plan.groups), *row_shape))
         self.counts = np.zeros((2, len(plan.groups)), int)
         self._next = 0
@@ -344,7 +344,7 @@ class TrialAssembler:
         if len(rows) and (rows[0] != self._next or np.any(np.diff(rows) != 1)):
             raise ValueError(f"rows must come in order: expected {self._next}, got {rows[0]}")
         self._next += len(rows)
-        write = self._out_of[rows] >= 0
+        write = self._kept[rows]
         if write.any():
             self.writer.write(block[write])
         grouped = np.flatnonzero(self._group[rows] >= 0)
