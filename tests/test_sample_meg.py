@@ -44,6 +44,7 @@ def test_blocks_do_not_change_the_data_and_noise_is_one_over_f(tmp_path):
     model = meg._subject_model(info, rng, 10, meg.N_CODE)
     trials = pd.DataFrame(rng.standard_normal((16, 10)), columns=[f"ll{j}" for j in range(10)])
     trials["concept"] = np.array(["a", "b"])[np.arange(16) % 2]
+    trials["stim_file"] = trials["concept"]  # codes are per image; here one per concept
     codes = {c: rng.standard_normal(meg.N_CODE) for c in "ab"}
 
     data = []

@@ -103,23 +103,36 @@ def evaluate(net, dm, *, out_dir: str | Path, stim_root: str | Path | None = Non
 
 def _time_resolved(dm, cand, cand_rows, true_idx, out_dir, *, note, alphas, encoder,
                    focus=None) -> dict[str, Any]:
-    """Ridge decoders refitted on sliding 250 ms windows (first subject with test data), beside
-    the deep encoder's full-window score on the same subject."""
-    k = int(dm.splits["test"].subject[0])
-    res, rows = window_ridge(dm, k, cand, true_idx, alphas=alphas)
+    """Ridge decoders refitted on sliding 250 ms windows of every subject with test data,
+    pooled over the test rows of all subjects (as the encoder's score is), beside the deep
+    encoder's score on the same rows; each subject's curve is kept too."""
+    test = dm.splits["test"]
+    per_subject, n_rows, times = {}, {}, None
+    for k in np.unique(test.subject):
+        res, rows = window_ridge(dm, int(k), cand, true_idx, alphas=alphas)
+        per_subject[dm.labels[int(k)]] = res
+        n_rows[dm.labels[int(k)]] = len(rows)
+        times = res["times"]
+    weights = np.array(list(n_rows.values()), float) / sum(n_rows.values())
+    pooled = {key: sum(w * r[key] for w, r in zip(weights, per_subject.values(), strict=True))
+              for key in ("top1", "top5")}
     chance = chance_metrics(len(cand))["top5"]
-    deep = retrieval_metrics(encoder[rows], cand, true_idx[rows])["top5"]
-    best = int(np.argmax(res["top5"]))
-    plot_time_resolved(res["times"], {f"ridge on 250 ms windows, sub-{dm.labels[k]}":
-                                      res["top5"]}, chance,
-                       Path(out_dir) / "time_resolved.png", note=note,
-                       levels={f"deep encoder, whole window, sub-{dm.labels[k]}": deep},
+    deep = retrieval_metrics(encoder, cand, true_idx)["top5"]
+    best = int(np.argmax(pooled["top5"]))
+    curves = {f"ridge on 250 ms windows, {len(per_subject)} subject(s)": pooled["top5"]}
+    if len(per_subject) > 1:
+        curves.update({f"  sub-{lab}": r["top5"] for lab, r in per_subject.items()})
+    plot_time_resolved(times, curves, chance, Path(out_dir) / "time_resolved.png", note=note,
+                       levels={"deep encoder": deep},
                        span=None if focus is None else (focus["tmin"], focus["tmax"]))
-    return {"subject": dm.labels[k], "times": np.round(res["times"], 4).tolist(),
-            "top5": np.round(res["top5"], 4).tolist(), "top1": np.round(res["top1"], 4).tolist(),
+    return {"subjects": list(per_subject), "times": np.round(times, 4).tolist(),
+            "top5": np.round(pooled["top5"], 4).tolist(),
+            "top1": np.round(pooled["top1"], 4).tolist(),
+            "per_subject_top5": {lab: np.round(r["top5"], 4).tolist()
+                                 for lab, r in per_subject.items()},
             "chance_top5": chance, "encoder_top5": round(float(deep), 4),
-            "peak": {"time": round(float(res["times"][best]), 4),
-                     "top5": round(float(res["top5"][best]), 4)}}
+            "peak": {"time": round(float(times[best]), 4),
+                     "top5": round(float(pooled["top5"][best]), 4)}}
 
 
 def _log_table(metrics: dict[str, Any]) -> None:

@@ -130,9 +130,10 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any] | None = None) -> 
                       f"s ({focus['reason']}).", ""]
     tr = metrics.get("time_resolved") or {}
     if tr.get("peak"):
-        lines += [f"Sliding 250 ms-window ridge (sub-{tr['subject']}): peak top-5 "
-                  f"{tr['peak']['top5']:.3f} at {tr['peak']['time']:.3f} s; deep encoder on the "
-                  f"whole window: {tr['encoder_top5']:.3f} (chance {tr['chance_top5']:.3f}).",
+        who = ", ".join(f"sub-{s}" for s in tr.get("subjects", []))
+        lines += [f"Sliding 250 ms-window ridge ({who}, pooled): peak top-5 "
+                  f"{tr['peak']['top5']:.3f} at {tr['peak']['time']:.3f} s; deep encoder: "
+                  f"{tr['encoder_top5']:.3f} (chance {tr['chance_top5']:.3f}).",
                   ""]
     if metrics.get("reconstruction"):
         lines += _reconstruction(metrics["reconstruction"])

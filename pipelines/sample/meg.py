@@ -9,10 +9,12 @@ gain is ``G[:, s] = G_free[:, s] @ ori[s]``. Sensor data = gain @ source time co
 Neural model per trial (image onset at t=0):
 
 * an onset response in posterior (occipital) sources, the same for every image;
-* an early component (peak ~110 ms) in posterior sources whose amplitude is a subject-specific
-  linear map of the image's low-level statistics (``ll0..ll9`` from :mod:`.stimuli`);
-* a later, sustained component (~180-450 ms) in ventral temporal sources driven by a concept
-  code shared across subjects through subject-specific source weights;
+* an early component (peak ``lowlevel_peak``, ~110 ms) in posterior sources whose amplitude is
+  a subject-specific linear map of the image's low-level statistics (``ll0..ll9``, see
+  :mod:`.stimuli`);
+* a later, sustained component (peak ``concept_peak``) in ventral temporal sources driven by an
+  image code shared across subjects (a concept code, mixed with a projection of the image's
+  own pixels when ``concept_share < 1``) through subject-specific source weights;
 * an offset response when the image disappears;
 * trial-to-trial latency jitter and amplitude variability.
 
@@ -156,14 +158,16 @@ def _sinusoids(amp: np.ndarray, freq: float, phase: np.ndarray, times: np.ndarra
     return (amp * np.cos(phase)) * np.sin(w)[None] + (amp * np.sin(phase)) * np.cos(w)[None]
 
 
-def _head_transform(rng: np.random.Generator) -> mne.transforms.Transform:
-    """A plausible device->head transform: a few mm shift and a few degrees of rotation."""
+def _head_transform(rng: np.random.Generator, *, shift: float = 0.003,
+                    rotation: float = 3.0) -> mne.transforms.Transform:
+    """A plausible device->head transform: a random shift (sd ``shift`` m) and rotation (sd
+    ``rotation`` degrees per axis)."""
     from scipy.spatial.transform import Rotation
 
-    rot = Rotation.from_euler("xyz", rng.normal(0, 3, 3), degrees=True).as_matrix()
+    rot = Rotation.from_euler("xyz", rng.normal(0, rotation, 3), degrees=True).as_matrix()
     trans = np.eye(4)
     trans[:3, :3] = rot
-    trans[:3, 3] = rng.normal(0, 0.003, 3) + np.array([0.0, 0.0, 0.006])
+    trans[:3, 3] = rng.normal(0, shift, 3) + np.array([0.0, 0.0, 0.006])
     return mne.transforms.Transform("meg", "head", trans)
 
 
@@ -234,13 +238,16 @@ class _Evoked:
                  onsets: np.ndarray, *, cfg: DictConfig, rng: np.random.Generator):
         sfreq = float(cfg.sfreq)
         gain = model["gain"]
-        t_win = np.arange(int(0.9 * sfreq)) / sfreq
+        low = (float(cfg.lowlevel_peak), float(cfg.lowlevel_width))
+        concept = (float(cfg.concept_peak), float(cfg.concept_width))
+        # long enough for the slowest response to decay (0.9 s for the fixed presets)
+        t_win = np.arange(int(max(0.9, concept[0] + 5 * concept[1]) * sfreq)) / sfreq
         w_on = _gamma_bump(t_win, 0.095, 0.03) - 0.6 * _gamma_bump(t_win, 0.17, 0.04)
         w_off = _gamma_bump(t_win - cfg.image_duration, 0.1, 0.03)
         self.waves = np.stack([
             w_on + 0.4 * w_off,
-            _gamma_bump(t_win, 0.115, 0.035),
-            _gamma_bump(t_win, float(cfg.concept_peak), float(cfg.concept_width)),
+            _gamma_bump(t_win, *low),
+            _gamma_bump(t_win, *concept),
         ])  # (3, n_win)
         self.topo_on = gain[:, model["onset_src"]] @ model["onset_w"]
         self.map_low = cfg.lowlevel_gain * gain[:, model["low_src"]] @ model["low_W"]
@@ -249,7 +256,7 @@ class _Evoked:
         peak_rms = np.sqrt(self.topo_on**2).mean()
         self.scale = cfg.snr * EVOKED_SENSOR_RMS / max(peak_rms, 1e-30)
         self.feats = trials[[f"ll{j}" for j in range(model["low_W"].shape[1])]].to_numpy()
-        self.codes = np.stack([codes[c] for c in trials["concept"]])
+        self.codes = np.stack([codes[f] for f in trials["stim_file"]])
         # every random value of a trial, drawn up front: blocks do not depend on their size
         jitter = rng.normal(0.0, float(cfg.latency_jitter), len(trials))
         self.trial_gain = rng.lognormal(0.0, 0.25, len(trials))
@@ -354,6 +361,7 @@ def simulate_meg_bids(
     cfg: DictConfig,
     seed: int,
     n_test_repeats: int,
+    draw: dict | None = None,
 ) -> None:
     """Simulate MEG for ``cfg.n_subjects`` subjects and write it as BIDS under ``root``.
 
@@ -365,17 +373,20 @@ def simulate_meg_bids(
         Stimulus table from :func:`.stimuli.make_stimuli`.
     cfg : DictConfig
         The ``sample.meg`` config (n_subjects, n_runs, sfreq, system, line_freq, soa,
-        image_duration, snr, lowlevel_gain, concept_gain, concept_peak, concept_width,
-        latency_jitter, n_noisy_channels).
+        image_duration, snr, lowlevel_gain, lowlevel_peak, lowlevel_width, concept_gain,
+        concept_peak, concept_width, latency_jitter, n_noisy_channels, head_shift,
+        head_rotation).
     seed : int
         Seed of the whole sample dataset.
     n_test_repeats : int
         How often each test exemplar is shown.
+    draw : dict | None
+        The parameters of a random draw (:mod:`.family`), recorded in the dataset description.
     """
     root = Path(root)
     n_features = sum(c.startswith("ll") for c in stimuli.columns)
-    code_rng = np.random.default_rng([seed, 1])  # concept codes: shared by all subjects
-    codes = {c: code_rng.standard_normal(N_CODE) for c in sorted(stimuli["concept"].unique())}
+    codes = _image_codes(root / "stimuli", stimuli, seed=seed,
+                         concept_share=float(cfg.get("concept_share", 1.0)))
     canonical = mne.channels.read_meg_canonical_info(cfg.system)
     # blocks go to a scratch file per run, removed as soon as the run is in BIDS (or on error)
     with tempfile.TemporaryDirectory(prefix=".scratch-meg-", dir=root) as scratch:
@@ -387,7 +398,8 @@ def simulate_meg_bids(
             with info._unlock():
                 info["sfreq"] = float(cfg.sfreq)
                 info["line_freq"] = float(cfg.line_freq)
-                info["dev_head_t"] = _head_transform(rng)
+                info["dev_head_t"] = _head_transform(rng, shift=float(cfg.head_shift),
+                                                     rotation=float(cfg.head_rotation))
                 info["lowpass"] = float(cfg.sfreq) / 2
             info = mne.pick_info(info, mne.pick_types(info, meg=True, ref_meg=False))
             info = _add_stim(info)
@@ -426,6 +438,7 @@ def simulate_meg_bids(
                     format="FIF", allow_preload=True, overwrite=True, verbose=False,
                 )
                 fname.unlink()
+    _describe_dataset(root, cfg=cfg, seed=seed, draw=draw)
     logger.info("sample MEG: %d subjects written under %s", cfg.n_subjects, root)
 
 
@@ -439,3 +452,51 @@ def _add_stim(info: mne.Info) -> mne.Info:
         stim.info["line_freq"] = info["line_freq"]
     raw.add_channels([stim], force_update_info=True)
     return raw.info
+
+
+def _image_codes(stim_dir: Path, stimuli: pd.DataFrame, *, seed: int,
+                 concept_share: float) -> dict[str, np.ndarray]:
+    """The code (``N_CODE``) driving each image's later response, shared by all subjects.
+
+    ``sqrt(concept_share)`` x a random code per concept + ``sqrt(1 - concept_share)`` x a fixed
+    random projection of the image's own content (its 8 x 8 RGB thumbnail, z-scored over the
+    set): 1 makes all exemplars of a concept evoke the same response; lower values make each
+    image's response its own, related to its pixels rather than to a category.
+    """
+    if not 0.0 <= concept_share <= 1.0:
+        raise ValueError(f"concept_share must be in [0, 1], got {concept_share}")
+    code_rng = np.random.default_rng([seed, 1])  # concept codes: shared by all subjects
+    concept = {c: code_rng.standard_normal(N_CODE) for c in sorted(stimuli["concept"].unique())}
+    codes = {f: concept[c] for f, c in zip(stimuli["stim_file"], stimuli["concept"],
+                                           strict=True)}
+    if concept_share >= 1.0:
+        return codes
+    from PIL import Image
+
+    thumbs = np.stack([np.asarray(Image.open(stim_dir / f).convert("RGB").resize((8, 8)),
+                                  np.float64).ravel() for f in stimuli["stim_file"]])
+    thumbs = (thumbs - thumbs.mean(0)) / (thumbs.std(0) + 1e-9)
+    proj = np.random.default_rng([seed, 3]).standard_normal((thumbs.shape[1], N_CODE))
+    own = thumbs @ proj
+    own /= own.std(0, keepdims=True) + 1e-12
+    a, b = np.sqrt(concept_share), np.sqrt(1.0 - concept_share)
+    return {f: a * codes[f] + b * own[i] for i, f in enumerate(stimuli["stim_file"])}
+
+
+def _describe_dataset(root: Path, *, cfg: DictConfig, seed: int, draw: dict | None) -> None:
+    """``dataset_description.json``: what the dataset is and, for a random draw, its
+    parameters (``GeneratedBy[0].Description``)."""
+    import json
+    from importlib.metadata import version
+
+    from omegaconf import OmegaConf
+
+    params = draw if draw is not None else {"meg": OmegaConf.to_container(cfg, resolve=True)}
+    kind = f"random draw {seed}" if draw is not None else f"seed {seed}"
+    mne_bids.make_dataset_description(
+        path=root, name=f"neurorecon simulated MEG ({cfg.system}, {cfg.sfreq:g} Hz, {kind})",
+        dataset_type="raw", data_license="CC0", authors=["neurorecon sample generator"],
+        generated_by=[{"Name": "neurorecon", "Version": version("neurorecon"),
+                       "Description": "Simulated with neurorecon sample (seed "
+                       f"{seed}); parameters: {json.dumps(params, sort_keys=True)}"}],
+        overwrite=True, verbose=False)

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from neurorecon.models.common.checks import DataError
 from neurorecon.models.common.logging import logger
 
+from .family import resolve_draw
 from .stimuli import make_stimuli
 
 STIM_TABLE = "stimuli.tsv"
@@ -41,6 +42,9 @@ def make_sample(cfg: DictConfig, out_dir: str | Path) -> Path:
     from .meg import simulate_meg_bids
 
     out_dir = Path(out_dir)
+    cfg, drawn = resolve_draw(cfg)
+    if drawn is not None:
+        logger.info("sample: random draw %d: %s", cfg.seed, json.dumps(drawn))
     wanted = OmegaConf.to_container(cfg, resolve=True)
     wanted.pop("overwrite", None)
     if out_dir.exists() and not cfg.overwrite:
@@ -74,7 +78,7 @@ def make_sample(cfg: DictConfig, out_dir: str | Path) -> Path:
         if cfg.meg.enabled:
             t0 = time.perf_counter()
             simulate_meg_bids(tmp / "meg", stimuli, cfg=cfg.meg, seed=cfg.seed,
-                              n_test_repeats=s.n_test_repeats)
+                              n_test_repeats=s.n_test_repeats, draw=drawn)
             timings["meg_s"] = round(time.perf_counter() - t0, 2)
             logger.info("sample: MEG written (%.1f s)", timings["meg_s"])
         if cfg.fmri.enabled:
@@ -87,7 +91,7 @@ def make_sample(cfg: DictConfig, out_dir: str | Path) -> Path:
         if not cfg.meg.enabled:
             shutil.rmtree(tmp / "meg")
         (tmp / SAMPLE_CONFIG).write_text(
-            json.dumps({"config": wanted, "timings": timings}, indent=2)
+            json.dumps({"config": wanted, "draw": drawn, "timings": timings}, indent=2)
         )
         if out_dir.exists():
             shutil.rmtree(out_dir)

@@ -1,0 +1,98 @@
+"""A randomized family of simulated MEG datasets (``neurorecon sample sample=random``).
+
+Decoder defaults tuned on one simulated dataset do not transfer to a lab's recording: the
+informative latencies, the sensor system, the rate, the number of trials and the noise all
+move. ``sample=random`` therefore draws a whole dataset's physics from wide ranges (the
+``random`` block of the ``sample`` config) with ``sample.seed``: sensor system, sampling rate,
+mains frequency, early and concept response latencies and widths, how much of the later
+response a concept shares and how much is specific to each image, trial jitter, SNR, number
+of subjects, train trials per subject, test images and repeats, head position, noisy channels.
+The concrete values of a draw are a plain sample config (the same code writes every preset),
+logged, stored in ``sample_config.json`` and in the MEG root's ``dataset_description.json``
+(``GeneratedBy[0].Description``).
+
+Develop and compare decoders on many draws (``tests/benchmarks/bench_decoding.py``), never on
+one draw or preset.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from neurorecon.models.common.checks import DataError
+
+#: trials per MEG run of a drawn dataset (runs of ~5-8 minutes, as in THINGS-MEG)
+TRIALS_PER_RUN = 320
+
+
+def _uniform(rng: np.random.Generator, bounds, *, log: bool = False) -> float:
+    lo, hi = (float(b) for b in bounds)
+    if not lo <= hi or (log and lo <= 0):
+        raise DataError(f"sample.random: bounds {[lo, hi]} must be increasing"
+                        + (" and > 0 (log-uniform)" if log else ""))
+    if log:
+        return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+    return float(rng.uniform(lo, hi))
+
+
+def _integer(rng: np.random.Generator, bounds) -> int:
+    lo, hi = (int(b) for b in bounds)
+    if lo > hi:
+        raise DataError(f"sample.random: integer bounds {[lo, hi]} must be increasing")
+    return int(rng.integers(lo, hi + 1))
+
+
+def draw_parameters(ranges: DictConfig | dict, seed: int) -> dict[str, Any]:
+    """The concrete dataset parameters of draw ``seed`` from ``ranges`` (``sample.random``).
+
+    Returns ``{"stimuli": {...}, "meg": {...}}``: values for the ``sample.stimuli`` and
+    ``sample.meg`` config blocks. The same seed always gives the same draw.
+    """
+    r = OmegaConf.create(ranges) if isinstance(ranges, dict) else ranges
+    rng = np.random.default_rng([int(seed), 20261204])
+    n_concepts = int(r.n_concepts)
+    train_trials = _integer(rng, r.train_trials)
+    n_train_exemplars = max(1, round(train_trials / n_concepts))
+    n_test_exemplars = _integer(rng, r.n_test_exemplars)
+    n_test_repeats = _integer(rng, r.n_test_repeats)
+    n_trials = n_concepts * (n_train_exemplars + n_test_exemplars * n_test_repeats)
+    concept_peak = _uniform(rng, r.concept_peak)
+    lowlevel_peak = _uniform(rng, r.lowlevel_peak)
+    meg = {
+        "n_subjects": _integer(rng, r.n_subjects),
+        "n_runs": max(1, round(n_trials / TRIALS_PER_RUN)),
+        "system": str(rng.choice(list(r.systems))),
+        "sfreq": float(rng.choice(list(r.sfreqs))),
+        "line_freq": float(rng.choice(list(r.line_freqs))),
+        "snr": _uniform(rng, r.snr, log=True),
+        "lowlevel_gain": _uniform(rng, r.lowlevel_gain, log=True),
+        "lowlevel_peak": lowlevel_peak,
+        "lowlevel_width": _uniform(rng, r.lowlevel_width) * lowlevel_peak,
+        "concept_gain": _uniform(rng, r.concept_gain, log=True),
+        "concept_peak": concept_peak,
+        "concept_width": _uniform(rng, r.concept_width) * concept_peak,
+        "latency_jitter": _uniform(rng, r.latency_jitter),
+        "n_noisy_channels": _integer(rng, r.n_noisy_channels),
+        "head_shift": _uniform(rng, r.head_shift),
+        "head_rotation": _uniform(rng, r.head_rotation),
+        "concept_share": _uniform(rng, r.concept_share),
+    }
+    stimuli = {"n_concepts": n_concepts, "n_train_exemplars": n_train_exemplars,
+               "n_test_exemplars": n_test_exemplars, "n_test_repeats": n_test_repeats}
+    return {"stimuli": stimuli, "meg": meg}
+
+
+def resolve_draw(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any] | None]:
+    """``cfg`` (the ``sample`` group) with a random draw applied, and the drawn values.
+
+    Without a ``random`` block (every fixed preset) ``cfg`` comes back as it is, with None.
+    """
+    ranges = cfg.get("random")
+    if not ranges:
+        return cfg, None
+    drawn = draw_parameters(ranges, int(cfg.seed))
+    return OmegaConf.merge(cfg, drawn), drawn

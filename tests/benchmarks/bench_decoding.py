@@ -1,0 +1,148 @@
+"""Benchmark: MEG decoding with the defaults on draws of the randomized family (prints a table).
+
+For each draw ``K`` of ``neurorecon sample sample=random sample.seed=K`` (sensor system, rate,
+latencies, SNR, subjects, trials... drawn from wide ranges), ``neurorecon train`` runs with
+the defaults over ``--seeds`` training seeds; one row per draw gives the deep encoder's top-5
+among the test images (mean ± sd over seeds), the full-window ridge and the best sliding
+250 ms-window ridge of the same run (its time-resolved curve pooled over subjects, the window
+picked on the test set: an optimistic baseline), then the count of draws where the deep
+encoder reaches the best window. A default is judged on this table, never on one draw.
+
+Not a test (no assertions); run it::
+
+    .venv/bin/python tests/benchmarks/bench_decoding.py --draws 8 --seeds 3 \\
+        [--first 0] [--max-subjects 2] [--max-train-trials 600] [--out bench-decoding] \\
+        [-- extra train overrides, e.g. focus.meg=null]
+
+``--max-subjects`` / ``--max-train-trials`` narrow the family's ranges (for a quicker pass on
+2 cores; the table says so). Datasets and runs stay under ``--out`` (reused when rerun).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+NR = [sys.executable, "-m", "neurorecon.pipelines.cli"]
+
+
+def _run(args: list[str], log: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with open(log, "a") as fid:
+        proc = subprocess.run([*NR, *args], stdout=fid, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode:
+        raise SystemExit(f"failed ({proc.returncode}): neurorecon {' '.join(args)}; see {log}")
+
+
+def ranges(args) -> list[str]:
+    """Overrides that narrow the family's ranges (empty: the full family)."""
+    out = []
+    if args.max_subjects:
+        out.append(f"sample.random.n_subjects=[1,{args.max_subjects}]")
+    if args.max_train_trials:
+        out.append(f"sample.random.train_trials=[200,{args.max_train_trials}]")
+    return out
+
+
+def draw(k: int, args, out: Path) -> tuple[Path, dict]:
+    root = out / "data" / f"draw-{k}"
+    _run(["sample", "sample=random", f"sample.seed={k}", f"sample.out_dir={root}",
+          *ranges(args)], out / f"draw-{k}.log")
+    return root / "meg", json.loads((root / "sample_config.json").read_text())
+
+
+def train(k: int, root: Path, args, out: Path) -> dict:
+    run_dir = out / "runs" / f"draw-{k}"
+    metrics = run_dir / "metrics.json"
+    if not metrics.is_file() or args.retrain:
+        seeds = ",".join(str(s) for s in range(args.seeds))
+        _run(["train", "data=bids", f"data.root={root}", f"seeds=[{seeds}]",
+              f"paths.output_dir={run_dir}", f"paths.cache_dir={out / 'cache'}",
+              "reconstruct.enabled=false", "export.bundle=false", *args.overrides],
+             out / f"draw-{k}.log")
+    return json.loads(metrics.read_text())
+
+
+def row(k: int, params: dict, m: dict) -> dict:
+    spread = m.get("over_seeds") or {}
+    deep = spread.get("retrieval", {}).get("encoder", {}).get("top5")
+    deep_vals = deep["values"] if deep else [m["retrieval"]["encoder"]["top5"]]
+    tr = m.get("time_resolved") or {}
+    peak = tr.get("peak", {})
+    meg, stim = params["draw"]["meg"], params["draw"]["stimuli"]
+    seconds = (spread.get("train_seconds") or {}).get("values") or [
+        m["training"]["train_seconds"]]
+    return {
+        "draw": k, "system": meg["system"], "sfreq": meg["sfreq"],
+        "subjects": meg["n_subjects"],
+        "train_trials": stim["n_concepts"] * stim["n_train_exemplars"],
+        "test": f"{stim['n_concepts'] * stim['n_test_exemplars']}x{stim['n_test_repeats']}",
+        "snr": meg["snr"], "concept_peak": meg["concept_peak"],
+        "deep": float(np.mean(deep_vals)), "deep_sd": float(np.std(deep_vals, ddof=1))
+        if len(deep_vals) > 1 else 0.0, "deep_values": deep_vals,
+        "ridge": m["retrieval"]["ridge"]["top5"], "window": peak.get("top5"),
+        "window_time": peak.get("time"), "chance": m["retrieval"]["chance"]["top5"],
+        "train_s": float(np.mean(seconds)), "focus": (m.get("training") or {}).get("focus"),
+    }
+
+
+def print_table(rows: list[dict], args) -> None:
+    narrowed = ranges(args)
+    print(f"\nMEG decoding on draws of sample=random ({len(rows)} draws, {args.seeds} seeds"
+          + (f"; ranges narrowed: {' '.join(narrowed)}" if narrowed else "") + ")")
+    if args.overrides:
+        print("train overrides:", " ".join(args.overrides))
+    print("| draw | system | Hz | subj | train/subj | test | snr | concept peak | deep top-5 "
+          "(mean ± sd) | full-window ridge | best 250 ms window (s) | chance | deep ≥ window "
+          "| train s/seed |")
+    print("|" + "---|" * 14)
+    wins = 0
+    for r in rows:
+        win = r["window"] is not None and r["deep"] >= r["window"]
+        wins += win
+        print(f"| {r['draw']} | {r['system']} | {r['sfreq']:g} | {r['subjects']} | "
+              f"{r['train_trials']} | {r['test']} | {r['snr']:.2f} | {r['concept_peak']:.2f} | "
+              f"{r['deep']:.3f} ± {r['deep_sd']:.3f} | {r['ridge']:.3f} | "
+              f"{r['window']:.3f} ({r['window_time']:.2f}) | {r['chance']:.3f} | "
+              f"{'yes' if win else 'no'} | {r['train_s']:.0f} |")
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in ("deep", "ridge", "window")}
+    print(f"\nmean top-5: deep {mean['deep']:.3f}, full-window ridge {mean['ridge']:.3f}, "
+          f"best window {mean['window']:.3f}; deep >= best window on {wins}/{len(rows)} draws; "
+          f"deep >= full-window ridge on {sum(r['deep'] >= r['ridge'] for r in rows)}/"
+          f"{len(rows)}; max seed sd {max(r['deep_sd'] for r in rows):.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--draws", type=int, default=8)
+    parser.add_argument("--first", type=int, default=0, help="first draw (seed of the family)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--max-subjects", type=int, default=None)
+    parser.add_argument("--max-train-trials", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=Path("bench-decoding"))
+    parser.add_argument("--retrain", action="store_true", help="retrain even if a run exists")
+    parser.add_argument("overrides", nargs="*", help="extra overrides for neurorecon train")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k in range(args.first, args.first + args.draws):
+        t0 = time.perf_counter()
+        root, params = draw(k, args, args.out)
+        t1 = time.perf_counter()
+        rows.append(row(k, params, train(k, root, args, args.out)))
+        print(f"draw {k}: data {t1 - t0:.0f} s, train + evaluate {time.perf_counter() - t1:.0f} s;"
+              f" deep {rows[-1]['deep']:.3f} ridge {rows[-1]['ridge']:.3f} window "
+              f"{rows[-1]['window']:.3f}", flush=True)
+        (args.out / "rows.json").write_text(json.dumps(rows, indent=2))
+    print_table(rows, args)
+
+
+if __name__ == "__main__":
+    main()

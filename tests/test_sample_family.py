@@ -1,0 +1,87 @@
+"""The randomized family of MEG datasets (``sample=random``): draws and what a draw writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mne_bids
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from neurorecon.pipelines.sample import meg
+from neurorecon.pipelines.sample.family import draw_parameters
+
+from .conftest import compose_stage
+
+RANGES = OmegaConf.load(Path(__file__).parents[1] / "configs" / "sample" / "random.yaml").random
+
+
+def test_draws_are_reproducible_varied_and_inside_the_ranges():
+    draws = [draw_parameters(RANGES, k) for k in range(24)]
+    assert draw_parameters(RANGES, 5) == draws[5]
+    megs = [d["meg"] for d in draws]
+    for key, bounds in (("concept_peak", RANGES.concept_peak), ("snr", RANGES.snr),
+                        ("latency_jitter", RANGES.latency_jitter),
+                        ("lowlevel_peak", RANGES.lowlevel_peak)):
+        values = np.array([m[key] for m in megs])
+        assert values.min() >= bounds[0] and values.max() <= bounds[1], key
+        assert values.max() - values.min() > 0.5 * (bounds[1] - bounds[0]), key  # spread out
+    assert {m["system"] for m in megs} == set(RANGES.systems)
+    assert {m["sfreq"] for m in megs} == set(RANGES.sfreqs)
+    assert {m["n_subjects"] for m in megs} == set(range(RANGES.n_subjects[0],
+                                                        RANGES.n_subjects[1] + 1))
+    trials = [d["stimuli"]["n_train_exemplars"] * RANGES.n_concepts for d in draws]
+    assert min(trials) < 600 and max(trials) > 1400
+
+
+def test_image_codes_are_per_concept_or_per_image(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = []
+    for concept in ("a", "b"):
+        for k in range(3):
+            f = f"{concept}{k}.png"
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / f)
+            rows.append({"stim_file": f, "concept": concept})
+    stimuli = pd.DataFrame(rows)
+    shared = meg._image_codes(tmp_path, stimuli, seed=1, concept_share=1.0)
+    np.testing.assert_array_equal(shared["a0.png"], shared["a2.png"])
+    assert not np.allclose(shared["a0.png"], shared["b0.png"])
+    mixed = meg._image_codes(tmp_path, stimuli, seed=1, concept_share=0.3)
+    assert not np.allclose(mixed["a0.png"], mixed["a2.png"])
+    # the concept part is still there: same-concept codes correlate more than across concepts
+    corr = np.corrcoef(np.stack([mixed[f] for f in stimuli["stim_file"]]))
+    same = np.mean([corr[i, j] for i in range(6) for j in range(6)
+                    if i < j and i // 3 == j // 3])
+    other = np.mean([corr[i, j] for i in range(3) for j in range(3, 6)])
+    assert same > other + 0.2
+
+
+def test_a_draw_writes_its_physics_and_records_its_parameters(tmp_path):
+    from neurorecon.pipelines.sample.run import make_sample
+
+    cfg = compose_stage("sample", tmp_path, [
+        "sample=random", "sample.seed=3", "sample.random.n_concepts=4",
+        "sample.random.train_trials=[16,16]", "sample.random.n_test_exemplars=[1,1]",
+        "sample.random.n_test_repeats=[1,1]", "sample.random.n_subjects=[1,1]",
+        "sample.random.sfreqs=[600.614]", "sample.random.systems=[ctf151]",
+        "sample.random.concept_share=[0.5,0.5]"])
+    out = make_sample(cfg.sample, tmp_path / "draw")
+    drawn = json.loads((out / "sample_config.json").read_text())["draw"]
+    assert drawn == draw_parameters(cfg.sample.random, 3)
+    assert drawn["meg"]["sfreq"] == 600.614 and drawn["meg"]["concept_share"] == 0.5
+    description = json.loads((out / "meg" / "dataset_description.json").read_text())
+    params = description["GeneratedBy"][0]["Description"].split("parameters: ", 1)[1]
+    assert json.loads(params) == json.loads(json.dumps(drawn, sort_keys=True))
+    assert not (out / "fmri").exists()
+    path = mne_bids.BIDSPath(subject="01", session="01", task="images", run="01",
+                             datatype="meg", root=out / "meg")
+    raw = mne_bids.read_raw_bids(path, verbose=False)
+    assert raw.info["sfreq"] == pytest.approx(600.614)
+    assert len(mne_bids_picks := raw.copy().pick("meg").ch_names) in (151, 152)
+    assert all(name.startswith("M") for name in mne_bids_picks)
+    events = pd.read_csv(str(path.copy().update(suffix="events", extension=".tsv")), sep="\t")
+    assert (events["trial_type"] == "train").sum() == 16
