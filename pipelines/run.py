@@ -23,7 +23,9 @@ from .evaluate.reconstruction import reconstruct
 from .evaluate.report import evaluate
 from .evaluate.summary import write_report
 from .export import export_bundle
+from .inference import predict_split
 from .train.fit import build_datamodule, build_module, fit, prepare_caches, refit, resolve_focus
+from .train.readout import attach_readout, choose_readout
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -43,6 +45,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         info["focus"] = focus
     if trainer.global_rank != 0:
         return {}
+    readout = choose_meg_readout(cfg, lit.net, dm, focus)
     if (cfg.get("refit") or {}).get(dm.modality) and trainer.world_size > 1:
         logger.warning("refit on train + validation trials is skipped in multi-process "
                        "training (%d processes); the validation-selected model is used",
@@ -52,6 +55,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                          out_dir=out_dir, focus=focus)
         if refitted is not None:
             lit, dm = refitted
+    if readout is not None:
+        attach_readout(lit.net, dm, readout, alphas=cfg.evaluate.get("ridge_alphas"))
+        info["readout"] = readout
     metrics = evaluate(lit.net, dm, out_dir=out_dir,
                        stim_root=Path(cfg.data.root) / cfg.data.stim_dir,
                        ridge=bool(cfg.evaluate.ridge),
@@ -77,6 +83,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     logger.info("done: %s (figures %s%s)", report, figures,
                 "; decoder bundle/" if (out_dir / "bundle").is_dir() else "")
     return metrics
+
+
+def choose_meg_readout(cfg: DictConfig, net, dm, focus: dict[str, Any] | None
+                       ) -> dict[str, Any] | None:
+    """The MEG read-out's bin width and mix (``readout.meg``), chosen on validation trials
+    with the deep encoder trained without them (:mod:`.train.readout`); None when off."""
+    spec = (cfg.get("readout") or {}).get(dm.modality) if dm.modality == "meg" else None
+    if not spec or not spec.get("enabled") or not len(dm.splits["val"]):
+        return None
+    n_times = int(next(iter(dm.subjects.values())).n_times)
+    span = tuple(focus["samples"]) if focus else (0, n_times)
+    deep_val = predict_split(net, dm, "val")
+    return choose_readout(dm, span=span, deep_val=deep_val,
+                          bin_widths=list(spec.bin_widths),
+                          alphas=cfg.evaluate.get("ridge_alphas"))
 
 
 def over_seeds(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:

@@ -367,3 +367,40 @@ def test_subspace_fit_streamed_in_blocks():
     top = fits[1].components[:8].double() * np.sqrt(v)
     cosines = torch.linalg.svdvals(exact @ top.T)  # principal angles of the top-8 spans
     assert cosines.min() > 0.999
+
+
+def test_meg_linear_readout_mixes_with_the_deep_embedding_and_round_trips():
+    torch.manual_seed(0)
+    net = MegBrainModule(**MegBrainModule.example_config())
+    x, inputs = net.example_inputs(batch_size=4)
+    inputs["mask"][:, 3] = False  # a bad channel counts as 0 in the read-out
+    net.eval()
+    with torch.no_grad():
+        deep = net(x, **inputs)
+    bins = [[5, 10], [10, 20]]
+    net.add_readout(bins=bins, n_chans=x.shape[1])
+    c = x.shape[1]
+    weight = torch.randn(2, 8, c * len(bins))
+    for s in range(2):
+        net.set_readout(s, weight[s], torch.full((8,), float(s)))
+    feats = torch.stack([x[..., a:b].mean(-1) for a, b in bins], -1) * inputs["mask"][..., None]
+    linear = torch.stack([feats[i].flatten() @ weight[int(s)].T + float(s)
+                          for i, s in enumerate(inputs["subject"])])
+    with torch.no_grad():
+        assert torch.allclose(net(x, **inputs)["mse"], deep["mse"])  # mix 1: deep alone
+        net.readout_mix.fill_(0.0)
+        out = net(x, **inputs)
+        assert torch.allclose(out["mse"], linear, atol=1e-5)
+        assert torch.allclose(out["clip"], torch.nn.functional.normalize(linear, dim=-1),
+                              atol=1e-5)
+        net.readout_mix.fill_(0.25)
+        mixed = net(x, **inputs)
+    assert torch.allclose(mixed["mse"], 0.25 * deep["mse"] + 0.75 * linear, atol=1e-5)
+    # the config records the read-out: a rebuilt model with the state dict gives the same
+    rebuilt = build("MegBrainModule", json.loads(json.dumps(net.get_config())))
+    rebuilt.load_state_dict(net.state_dict())
+    rebuilt.eval()
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(x, **inputs)["clip"], mixed["clip"], atol=1e-6)
+    with pytest.raises(ValueError, match="does not fit"):
+        net.set_readout(0, torch.zeros(8, c * len(bins) + 1), torch.zeros(8))

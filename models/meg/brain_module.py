@@ -325,6 +325,14 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
         Temporal focus: only samples ``[start, stop)`` of each input window enter the network
         (inputs keep the full ``n_times``); None uses the whole window. Training picks it on
         validation trials (``neurorecon.pipelines.train.focus``).
+    readout : dict | None
+        A linear read-out combined with the deep embedding: ``{"bins": [[start, stop), ...],
+        "n_chans": C}``. Each bin's samples are averaged per channel (masked channels count
+        as 0) and a per-subject affine map (buffers ``readout_weight (n_subjects, n_outputs,
+        C * n_bins)``, ``readout_bias``) predicts the embedding from them; both heads return
+        ``mix * deep + (1 - mix) * read-out`` (the clip head on unit vectors), ``mix`` the
+        buffer ``readout_mix``. Fitted after training (``neurorecon.pipelines.train.readout``,
+        :meth:`set_readout`); None: the deep embedding alone.
 
     Notes
     -----
@@ -346,7 +354,7 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
                  sensor_aware: bool = False, aggregation: str = "affine",
                  head_dim: int | None = None,
                  head_hidden_dim: int | None = None, n_tokens: int | None = None,
-                 focus: list[int] | None = None):
+                 focus: list[int] | None = None, readout: dict[str, Any] | None = None):
         super().__init__()
         focus = None if focus is None else [int(v) for v in focus]
         self._record_config(locals())
@@ -395,11 +403,66 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
                                         hidden_dim=head_hidden_dim, dropout=dropout)
         self.mse_head = ProjectionHead(in_dim=head_dim, out_dim=n_outputs,
                                        hidden_dim=head_hidden_dim, dropout=dropout)
+        self.readout_bins: list[tuple[int, int]] = []
+        if readout is not None:
+            self._build_readout(readout, n_outputs=n_outputs)
 
     @property
     def input_window_seconds(self) -> float | None:
         """Window length (s), when ``sfreq`` is known."""
         return None if self.sfreq is None else self.n_times / self.sfreq
+
+    # ------------------------------------------------------------------ linear read-out
+    def _build_readout(self, readout: dict[str, Any], *, n_outputs: int) -> None:
+        name = type(self).__name__
+        bins = [(int(a), int(b)) for a, b in readout["bins"]]
+        n_chans = int(readout["n_chans"])
+        if not bins or any(not 0 <= a < b <= self.n_times for a, b in bins) or n_chans < 1:
+            raise ValueError(f"{name}: readout needs bins [start, stop) inside the window of "
+                             f"{self.n_times} samples and n_chans >= 1, got {readout}")
+        if self.n_tokens is not None:
+            raise ValueError(f"{name}: the linear read-out predicts one embedding per window; "
+                             "it does not combine with n_tokens")
+        self.readout_bins = bins
+        self.readout_chans = n_chans
+        n_feat = n_chans * len(bins)
+        self.register_buffer("readout_weight", torch.zeros(self.n_subjects, n_outputs, n_feat))
+        self.register_buffer("readout_bias", torch.zeros(self.n_subjects, n_outputs))
+        self.register_buffer("readout_mix", torch.ones(()))
+
+    def add_readout(self, *, bins: list[list[int]], n_chans: int) -> None:
+        """Add an empty linear read-out (``readout`` of the constructor; mix 1: deep alone
+        until :meth:`set_readout` and ``readout_mix`` are set). Recorded in the config."""
+        config = {"bins": [[int(a), int(b)] for a, b in bins], "n_chans": int(n_chans)}
+        self._build_readout(config, n_outputs=int(self._config["n_outputs"]))
+        self._config["readout"] = config
+
+    def readout_features(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Bin means of every channel, masked channels 0: ``(batch, n_chans * n_bins)``,
+        channel-major (the layout of ``readout_weight``'s columns)."""
+        feats = torch.stack([x[..., a:b].mean(-1) for a, b in self.readout_bins], dim=-1)
+        return (feats * mask[..., None].to(feats.dtype)).flatten(1)
+
+    def set_readout(self, subject: int, weight, bias) -> None:
+        """Set subject ``subject``'s read-out: ``weight (n_outputs, n_chans_s * n_bins)`` (its
+        channels, channel-major; fewer than ``n_chans`` leave the rest 0), ``bias``."""
+        weight = torch.as_tensor(weight, dtype=torch.float32)
+        n_bins = len(self.readout_bins)
+        if weight.shape[1] % n_bins or weight.shape[1] > self.readout_weight.shape[2]:
+            raise ValueError(f"read-out weight of shape {tuple(weight.shape)} does not fit "
+                             f"{n_bins} bins of at most {self.readout_chans} channels")
+        with torch.no_grad():
+            self.readout_weight[subject].zero_()
+            self.readout_weight[subject, :, :weight.shape[1]] = weight
+            self.readout_bias[subject] = torch.as_tensor(bias, dtype=torch.float32)
+
+    def _readout(self, x: torch.Tensor, mask: torch.Tensor,
+                 subject: torch.Tensor) -> torch.Tensor:
+        feats = self.readout_features(x, mask)  # (B, C_s * n_bins)
+        weight = self.readout_weight[:, :, :feats.shape[1]]
+        if bool((subject == subject[0]).all()):
+            return feats @ weight[subject[0]].T + self.readout_bias[subject[0]]
+        return torch.einsum("bf,bof->bo", feats, weight[subject]) + self.readout_bias[subject]
 
     # ------------------------------------------------------------------ checks
     def check_inputs(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
@@ -463,6 +526,7 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
             ``(batch, n_tokens, n_outputs)`` when ``n_tokens`` is set.
         """
         mask, subject = self.check_inputs(x, positions, mask, subject)
+        linear = self._readout(x, mask, subject) if self.readout_bins else None
         if self.focus != (0, self.n_times):
             x = x[..., self.focus[0]:self.focus[1]]
         h = self.spatial(x, positions.to(x.dtype), mask,
@@ -475,6 +539,10 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
         clip, mse = self.clip_head(z), self.mse_head(z)
         if self.n_tokens is None:
             clip, mse = clip[:, 0], mse[:, 0]
+        if linear is not None:
+            w = self.readout_mix
+            clip = w * F.normalize(clip, dim=-1) + (1 - w) * F.normalize(linear, dim=-1)
+            mse = w * mse + (1 - w) * linear
         return {"clip": clip, "mse": mse}
 
     # ------------------------------------------------------------------ examples

@@ -55,6 +55,22 @@ def retrieval_blocks(preds: dict[str, np.ndarray], embeddings: np.ndarray,
             "retrieval_per_subject": per_subject}
 
 
+def readout_parts(net, dm) -> dict[str, np.ndarray]:
+    """For an encoder with a linear read-out, the test predictions of its two parts alone:
+    ``deep`` (mix 1) and ``linear_readout`` (mix 0); empty otherwise."""
+    if not getattr(net, "readout_bins", None):
+        return {}
+    mix = float(net.readout_mix)
+    out = {}
+    try:
+        for name, value in (("deep", 1.0), ("linear_readout", 0.0)):
+            net.readout_mix.fill_(value)
+            out[name] = predict_split(net, dm, "test")
+    finally:
+        net.readout_mix.fill_(mix)
+    return out
+
+
 def evaluate(net, dm, *, out_dir: str | Path, stim_root: str | Path | None = None,
              ridge: bool = True, time_resolved: bool = True,
              ridge_alphas=None, focus: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -71,6 +87,7 @@ def evaluate(net, dm, *, out_dir: str | Path, stim_root: str | Path | None = Non
     emb = flat_targets(dm)
     cand = emb[cand_rows]
     preds = {"encoder": predict_split(net, dm, "test")}
+    preds.update(readout_parts(net, dm))
     if ridge:
         preds["ridge"] = ridge_predictions(dm, alphas=ridge_alphas)
     blocks = retrieval_blocks(preds, emb, targets, np.asarray(dm.labels)[test.subject])

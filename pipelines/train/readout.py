@@ -1,0 +1,142 @@
+"""The MEG encoder's linear read-out, fitted and weighed against the deep embedding on
+validation trials (never the test set).
+
+A deep encoder trained on a few hundred trials per subject can fall far below a linear model
+of the informative part of the epoch, and where that part lies moves from lab to lab. After
+the deep encoder is trained, a per-subject ridge (:class:`~neurorecon.models.ridge.RidgeDecoder`)
+is fitted on the sensor data of the temporal focus averaged in time bins (the bin width chosen
+among ``bin_widths`` on validation trials), and the encoder's output becomes ``mix * deep +
+(1 - mix) * read-out`` with ``mix`` chosen on the same validation trials (1: the deep
+embedding alone, 0: the read-out alone). With refitting, the read-out is then refitted on
+train + validation trials, as the deep encoder is. Both live in the encoder
+(:meth:`MegBrainModule.set_readout`), so the bundle, the ``Decoder`` and the streamer use
+them unchanged.
+
+Memory: binned features are accumulated a block of trials at a time, so a subject's trials
+are never held whole (``n_trials x n_chans x n_bins`` values are).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from neurorecon.models.common.logging import logger
+from neurorecon.models.retrieval import candidate_rows, retrieval_ranks
+from neurorecon.models.ridge import RidgeDecoder
+
+from .ridge import flat_targets
+
+#: mixing weights tried on validation (deep share)
+MIX_GRID = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
+
+
+def readout_bins(span: tuple[int, int], *, width: int) -> list[list[int]]:
+    """``[start, stop)`` bins of ``width`` samples tiling ``span`` (the last may be shorter)."""
+    start, stop = span
+    return [[a, min(a + width, stop)] for a in range(start, stop, max(1, width))]
+
+
+def binned_features(dm, split: str, k: int, bins: list[list[int]]) -> tuple[np.ndarray,
+                                                                             np.ndarray]:
+    """Subject ``k``'s rows of ``split`` as bin means ``(n, n_chans * n_bins)`` (bad channels
+    0, channel-major as :meth:`MegBrainModule.readout_features`) and their row indices."""
+    split_rows = dm.splits[split]
+    rows = np.flatnonzero(split_rows.subject == k)
+    good = dm.subject_inputs(k)["mask"].numpy()
+    blocks = dm.subject_row_blocks(split, k)
+    feats = np.concatenate([
+        (np.stack([b[..., lo:hi].mean(-1) for lo, hi in bins], -1) * good[:, None]
+         ).reshape(len(b), -1) for b in blocks()]) if len(rows) else np.zeros((0, 0))
+    return feats.astype(np.float64), rows
+
+
+def _rank_score(pred: np.ndarray, candidates: np.ndarray, true: np.ndarray) -> float:
+    """1 - mean normalised rank of the true candidate (0.5 chance, 1 perfect)."""
+    ranks = retrieval_ranks(pred, candidates, true)
+    return float(1 - ((ranks - 1) / max(len(candidates) - 1, 1)).mean())
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    return a / (np.linalg.norm(a, axis=1, keepdims=True) + 1e-12)
+
+
+def choose_readout(dm, *, span: tuple[int, int], deep_val: np.ndarray | None,
+                   bin_widths: list[float], alphas=None) -> dict[str, Any] | None:
+    """Bin width and mixing weight of the read-out, chosen on ``dm``'s validation trials.
+
+    ``deep_val``: the deep encoder's clip-head predictions for the validation rows (row order
+    of the split), from a model trained without them. Returns None without validation trials.
+    """
+    val = dm.splits["val"]
+    if len(val) == 0:
+        return None
+    stims, true = candidate_rows(val.target)
+    if len(stims) < 2:
+        return None
+    emb = flat_targets(dm)
+    cand = emb[stims]
+    sfreq = float(dm.recipe["params"]["sfreq"])
+    kwargs = {} if alphas is None else {"alphas": tuple(alphas)}
+    scores, preds = {}, {}
+    for width_s in bin_widths:
+        width = max(1, int(round(float(width_s) * sfreq)))
+        bins = readout_bins(span, width=width)
+        pred = np.zeros((len(val), emb.shape[1]))
+        for k in np.unique(val.subject):
+            X, rows = binned_features(dm, "train", int(k), bins)
+            Xv, vrows = binned_features(dm, "val", int(k), bins)
+            model = RidgeDecoder(**kwargs).fit(X, emb[dm.splits["train"].target[rows]])
+            pred[vrows] = model.predict(Xv)
+        scores[float(width_s)] = _rank_score(pred, cand, true)
+        preds[float(width_s)] = pred
+    width_s = max(scores, key=scores.get)
+    linear = _unit(preds[width_s])
+    if deep_val is None:
+        mix_scores = {0.0: scores[width_s]}
+    else:
+        deep = _unit(deep_val)
+        mix_scores = {float(w): _rank_score(w * deep + (1 - w) * linear, cand, true)
+                      for w in MIX_GRID}
+    mix = max(mix_scores, key=lambda w: (round(mix_scores[w], 6), w))  # ties: the deeper
+    logger.info("read-out: %g ms bins over %.3f-%.3f s; validation rank score deep %.3f, "
+                "read-out %.3f, combined %.3f at deep share %.1f",
+                1000 * width_s, *(float(dm.recipe["params"]["tmin"]) + np.array(span) / sfreq),
+                mix_scores.get(1.0, float("nan")), scores[width_s], mix_scores[mix], mix)
+    return {"bin_width": width_s, "mix": mix, "span": [int(v) for v in span],
+            "val_rank_score": {"bins": {f"{1000 * w:g} ms": round(v, 4)
+                                        for w, v in scores.items()},
+                               "mix": {f"{w:g}": round(v, 4) for w, v in mix_scores.items()}}}
+
+
+def attach_readout(net, dm, choice: dict[str, Any], *, fit_splits=("train", "val"),
+                   alphas=None) -> None:
+    """Fit the chosen read-out on ``fit_splits`` of ``dm`` and put it into ``net`` (a
+    :class:`MegBrainModule`), with the chosen mix."""
+    sfreq = float(dm.recipe["params"]["sfreq"])
+    bins = readout_bins(tuple(choice["span"]),
+                        width=max(1, int(round(choice["bin_width"] * sfreq))))
+    n_chans = max(info.n_chans for info in dm.subjects.values())
+    net.add_readout(bins=bins, n_chans=n_chans)
+    emb = flat_targets(dm)
+    kwargs = {} if alphas is None else {"alphas": tuple(alphas)}
+    alphas_used = {}
+    for k in range(len(dm.labels)):
+        X, Y = [], []
+        for name in fit_splits:
+            if not len(dm.splits[name]):
+                continue
+            Xs, rows = binned_features(dm, name, k, bins)
+            X.append(Xs)
+            Y.append(emb[dm.splits[name].target[rows]])
+        if not sum(len(x) for x in X):
+            continue
+        model = RidgeDecoder(**kwargs).fit(np.concatenate(X), np.concatenate(Y))
+        weight, bias = model.linear_map()
+        net.set_readout(k, weight, bias)
+        alphas_used[dm.labels[k]] = float(model.alpha_)
+    with torch.no_grad():
+        net.readout_mix.fill_(float(choice["mix"]))
+    choice["alpha"] = alphas_used
