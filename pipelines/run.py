@@ -24,8 +24,17 @@ from .evaluate.report import evaluate
 from .evaluate.summary import write_report
 from .export import export_bundle
 from .inference import predict_split
-from .train.fit import build_datamodule, build_module, fit, prepare_caches, refit, resolve_focus
+from .train.fit import (
+    build_datamodule,
+    build_module,
+    fit,
+    prepare_caches,
+    refit,
+    resolve_focus,
+    update_checkpoint,
+)
 from .train.readout import attach_readout, choose_readout
+from .train.time_resolved import deep_time_resolved
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -46,6 +55,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.global_rank != 0:
         return {}
     readout = choose_meg_readout(cfg, lit.net, dm, focus)
+    deep_curve = None
+    if cfg.evaluate.get("time_resolved_deep") and dm.modality == "meg":
+        deep_curve = deep_time_resolved(cfg, dm, out_dir=out_dir,
+                                        step=float(cfg.evaluate.get("time_resolved_deep_step",
+                                                                    0.1)))
     if (cfg.get("refit") or {}).get(dm.modality) and trainer.world_size > 1:
         logger.warning("refit on train + validation trials is skipped in multi-process "
                        "training (%d processes); the validation-selected model is used",
@@ -57,12 +71,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             lit, dm = refitted
     if readout is not None:
         attach_readout(lit.net, dm, readout, alphas=cfg.evaluate.get("ridge_alphas"))
+        update_checkpoint(lit, info)
         info["readout"] = readout
     metrics = evaluate(lit.net, dm, out_dir=out_dir,
                        stim_root=Path(cfg.data.root) / cfg.data.stim_dir,
                        ridge=bool(cfg.evaluate.ridge),
                        time_resolved=bool(cfg.evaluate.time_resolved),
-                       ridge_alphas=cfg.evaluate.get("ridge_alphas"), focus=focus)
+                       ridge_alphas=cfg.evaluate.get("ridge_alphas"), focus=focus,
+                       deep_curve=deep_curve)
     metrics["training"] = info
     if cfg.get("reconstruct") and cfg.reconstruct.enabled:
         metrics["reconstruction"] = reconstruct(

@@ -42,8 +42,10 @@ def test_run_contract_on_sample(sample_root, tmp_path, modality):
     from neurorecon.pipelines.run import run
 
     small = SMALL_MEG if modality == "meg" else SMALL_FMRI
+    extra = (["evaluate.time_resolved=true", "evaluate.time_resolved_deep=true",
+              "evaluate.time_resolved_deep_step=0.5"] if modality == "meg" else [])
     cfg = compose_stage("run", tmp_path, ["data=bids", f"data.root={sample_root / modality}",
-                                          f"data.modality={modality}", *FAST, *small])
+                                          f"data.modality={modality}", *FAST, *small, *extra])
     metrics = run(cfg)
     out = Path(cfg.paths.output_dir)
     on_disk = json.loads((out / "metrics.json").read_text())
@@ -69,6 +71,19 @@ def test_run_contract_on_sample(sample_root, tmp_path, modality):
         focus = metrics["training"]["focus"]
         assert desc["model_config"]["focus"] == focus["samples"]
         assert focus["tmin"] >= -0.5 and focus["tmax"] <= 1.0 + 1 / 120 + 1e-6
+        # so is the linear read-out over the focus, with its mix chosen on validation
+        readout = metrics["training"]["readout"]
+        assert 0.0 <= readout["mix"] <= 1.0 and readout["bin_width"] in (0.025, 0.05, 0.1)
+        bins = desc["model_config"]["readout"]["bins"]
+        assert bins[0][0] == focus["samples"][0] and bins[-1][1] == focus["samples"][1]
+        assert float(ckpt["state_dict"]["net.readout_mix"]) == pytest.approx(readout["mix"])
+        assert {"deep", "linear_readout"} <= set(metrics["retrieval"])
+        # the deep encoder's own time-resolved curve: one training per window (0.5 s steps)
+        tr = metrics["time_resolved"]
+        assert len(tr["deep"]["times"]) == len(tr["deep"]["top5"]) == 3
+        assert tr["times"][0] == pytest.approx(tr["deep"]["times"][0])
+        assert (out / "time_resolved_deep" / "window-02").is_dir()
+        assert "Deep encoder trained on each 250 ms window" in (out / "report.md").read_text()
 
 
 def test_train_errors_are_clear(sample_root, tmp_path):

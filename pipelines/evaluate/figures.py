@@ -196,8 +196,12 @@ def plot_time_resolved(
     note: str | None = None,
     levels: Mapping[str, float] | None = None,
     span: tuple[float, float] | None = None,
+    own_times: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
 ) -> Path:
     """Retrieval score against time (window centre), one line per decoder, chance dashed.
+
+    ``own_times`` adds curves sampled at their own window centres, ``{name: (times, values)}``
+    (e.g. deep encoders trained on coarser steps).
 
     ``levels`` adds horizontal lines for whole-window decoders (e.g. the deep encoder's
     full-window score, for comparison at a glance); ``span`` shades a time range (e.g. the
@@ -229,6 +233,8 @@ def plot_time_resolved(
     ax = fig.subplots()
     for name, values in curves.items():
         ax.plot(times, values, marker="o", markersize=3, linewidth=1.8, label=name)
+    for name, (t, values) in (own_times or {}).items():
+        ax.plot(t, values, marker="s", markersize=4, linewidth=2.2, label=name)
     if chance is not None:
         ax.axhline(
             chance, color="gray", linestyle="--", linewidth=1, label=f"chance ({chance:.3g})"

@@ -73,11 +73,14 @@ def readout_parts(net, dm) -> dict[str, np.ndarray]:
 
 def evaluate(net, dm, *, out_dir: str | Path, stim_root: str | Path | None = None,
              ridge: bool = True, time_resolved: bool = True,
-             ridge_alphas=None, focus: dict[str, Any] | None = None) -> dict[str, Any]:
+             ridge_alphas=None, focus: dict[str, Any] | None = None,
+             deep_curve: dict[str, Any] | None = None) -> dict[str, Any]:
     """Score encoder and baseline on the test split; write ``metrics.json`` and figures.
 
     ``stim_root`` (the stimulus folder) enables the retrieval-examples figure; ``focus`` (the
-    MEG encoder's temporal focus) is shaded in the time-resolved figure.
+    MEG encoder's temporal focus) is shaded in the time-resolved figure, where ``deep_curve``
+    (:func:`~neurorecon.pipelines.train.time_resolved.deep_time_resolved`) is drawn beside
+    the ridge curve.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -112,14 +115,15 @@ def evaluate(net, dm, *, out_dir: str | Path, stim_root: str | Path | None = Non
     if time_resolved and dm.modality == "meg":
         metrics["time_resolved"] = _time_resolved(dm, cand, cand_rows, true_idx, out_dir,
                                                   note=note, alphas=ridge_alphas,
-                                                  encoder=preds["encoder"], focus=focus)
+                                                  encoder=preds["encoder"], focus=focus,
+                                                  deep_curve=deep_curve)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _log_table(metrics)
     return metrics
 
 
 def _time_resolved(dm, cand, cand_rows, true_idx, out_dir, *, note, alphas, encoder,
-                   focus=None) -> dict[str, Any]:
+                   focus=None, deep_curve=None) -> dict[str, Any]:
     """Ridge decoders refitted on sliding 250 ms windows of every subject with test data,
     pooled over the test rows of all subjects (as the encoder's score is), beside the deep
     encoder's score on the same rows; each subject's curve is kept too."""
@@ -139,7 +143,11 @@ def _time_resolved(dm, cand, cand_rows, true_idx, out_dir, *, note, alphas, enco
     curves = {f"ridge on 250 ms windows, {len(per_subject)} subject(s)": pooled["top5"]}
     if len(per_subject) > 1:
         curves.update({f"  sub-{lab}": r["top5"] for lab, r in per_subject.items()})
+    own = ({"deep encoder trained on each 250 ms window": (deep_curve["times"],
+                                                            deep_curve["top5"])}
+           if deep_curve is not None else None)
     plot_time_resolved(times, curves, chance, Path(out_dir) / "time_resolved.png", note=note,
+                       own_times=own,
                        levels={"deep encoder": deep},
                        span=None if focus is None else (focus["tmin"], focus["tmax"]))
     return {"subjects": list(per_subject), "times": np.round(times, 4).tolist(),
@@ -147,6 +155,7 @@ def _time_resolved(dm, cand, cand_rows, true_idx, out_dir, *, note, alphas, enco
             "top1": np.round(pooled["top1"], 4).tolist(),
             "per_subject_top5": {lab: np.round(r["top5"], 4).tolist()
                                  for lab, r in per_subject.items()},
+            **({"deep": deep_curve} if deep_curve is not None else {}),
             "chance_top5": chance, "encoder_top5": round(float(deep), 4),
             "peak": {"time": round(float(times[best]), 4),
                      "top5": round(float(pooled["top5"][best]), 4)}}

@@ -135,6 +135,11 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any] | None = None) -> 
                   f"{tr['peak']['top5']:.3f} at {tr['peak']['time']:.3f} s; deep encoder: "
                   f"{tr['encoder_top5']:.3f} (chance {tr['chance_top5']:.3f}).",
                   ""]
+        if tr.get("deep"):
+            d = tr["deep"]
+            best = int(max(range(len(d["top5"])), key=d["top5"].__getitem__))
+            lines += [f"Deep encoder trained on each 250 ms window (every {d['step']:g} s): "
+                      f"peak top-5 {d['top5'][best]:.3f} at {d['times'][best]:.3f} s.", ""]
     if metrics.get("reconstruction"):
         lines += _reconstruction(metrics["reconstruction"])
     adapt = metrics.get("adaptation")

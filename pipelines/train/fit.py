@@ -198,3 +198,23 @@ def refit(cfg: DictConfig, info: dict[str, Any], *, preproc_dir: Path,
     logger.info("refit on train + validation trials: %d epochs (chosen on validation) in "
                 "%.1f s -> %s", epochs, info["refit_seconds"], path)
     return lit, dm
+
+
+def update_checkpoint(lit, info: dict[str, Any]) -> None:
+    """Rewrite the selected checkpoint (``info["best_checkpoint"]``) with ``lit``'s current
+    weights and encoder config: what was fitted after training (the MEG read-out) is then part
+    of it, as of the bundle. Written to a temporary file, then renamed."""
+    import os
+
+    import torch
+
+    path = info.get("best_checkpoint")
+    if not path:
+        return
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt["state_dict"] = lit.state_dict()
+    lit.description["model_config"] = lit.net.get_config()
+    ckpt["neurorecon"] = lit.description
+    tmp = Path(f"{path}.tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)

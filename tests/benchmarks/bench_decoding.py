@@ -5,8 +5,10 @@ latencies, SNR, subjects, trials... drawn from wide ranges), ``neurorecon train`
 the defaults over ``--seeds`` training seeds; one row per draw gives the deep encoder's top-5
 among the test images (mean ± sd over seeds), the full-window ridge and the best sliding
 250 ms-window ridge of the same run (its time-resolved curve pooled over subjects, the window
-picked on the test set: an optimistic baseline), then the count of draws where the deep
-encoder reaches the best window. A default is judged on this table, never on one draw.
+picked on the test set: an optimistic baseline), then the count of draws where the encoder
+reaches the best window. The encoder's two parts are reported alone too: the deep network
+(what the encoder was before the linear read-out) and the read-out, with the deep share of
+the mix chosen on validation per seed. A default is judged on this table, never on one draw.
 
 Not a test (no assertions); run it::
 
@@ -70,7 +72,7 @@ def train(k: int, root: Path, args, out: Path) -> dict:
     return json.loads(metrics.read_text())
 
 
-def row(k: int, params: dict, m: dict) -> dict:
+def row(k: int, params: dict, m: dict, run_dir: Path) -> dict:
     spread = m.get("over_seeds") or {}
     deep = spread.get("retrieval", {}).get("encoder", {}).get("top5")
     deep_vals = deep["values"] if deep else [m["retrieval"]["encoder"]["top5"]]
@@ -79,7 +81,13 @@ def row(k: int, params: dict, m: dict) -> dict:
     meg, stim = params["draw"]["meg"], params["draw"]["stimuli"]
     seconds = (spread.get("train_seconds") or {}).get("values") or [
         m["training"]["train_seconds"]]
+    parts = {name: (spread.get("retrieval", {}).get(name, {}).get("top5") or {}).get("mean",
+                    m["retrieval"].get(name, {}).get("top5"))
+             for name in ("deep", "linear_readout")}
     return {
+        "deep_part": parts["deep"], "linear_readout": parts["linear_readout"],
+        "mix": [((json.loads(p.read_text()).get("training") or {}).get("readout") or {}
+                 ).get("mix") for p in sorted(run_dir.glob("seed-*/metrics.json"))],
         "draw": k, "system": meg["system"], "sfreq": meg["sfreq"],
         "subjects": meg["n_subjects"],
         "train_trials": stim["n_concepts"] * stim["n_train_exemplars"],
@@ -99,19 +107,22 @@ def print_table(rows: list[dict], args) -> None:
           + (f"; ranges narrowed: {' '.join(narrowed)}" if narrowed else "") + ")")
     if args.overrides:
         print("train overrides:", " ".join(args.overrides))
-    print("| draw | system | Hz | subj | train/subj | test | snr | concept peak | deep top-5 "
-          "(mean ± sd) | full-window ridge | best 250 ms window (s) | chance | deep ≥ window "
-          "| train s/seed |")
-    print("|" + "---|" * 14)
+    print("| draw | system | Hz | subj | train/subj | test | snr | concept peak | encoder top-5 "
+          "(mean ± sd) | deep part alone | read-out alone | full-window ridge | best 250 ms "
+          "window (s) | chance | encoder ≥ window | deep share | train s/seed |")
+    print("|" + "---|" * 17)
+    fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
     wins = 0
     for r in rows:
         win = r["window"] is not None and r["deep"] >= r["window"]
         wins += win
         print(f"| {r['draw']} | {r['system']} | {r['sfreq']:g} | {r['subjects']} | "
               f"{r['train_trials']} | {r['test']} | {r['snr']:.2f} | {r['concept_peak']:.2f} | "
-              f"{r['deep']:.3f} ± {r['deep_sd']:.3f} | {r['ridge']:.3f} | "
+              f"{r['deep']:.3f} ± {r['deep_sd']:.3f} | {fmt(r.get('deep_part'))} | "
+              f"{fmt(r.get('linear_readout'))} | {r['ridge']:.3f} | "
               f"{r['window']:.3f} ({r['window_time']:.2f}) | {r['chance']:.3f} | "
-              f"{'yes' if win else 'no'} | {r['train_s']:.0f} |")
+              f"{'yes' if win else 'no'} | {', '.join(f'{v:g}' for v in r['mix'] if v is not None)}"
+              f" | {r['train_s']:.0f} |")
     mean = {k: float(np.mean([r[k] for r in rows])) for k in ("deep", "ridge", "window")}
     print(f"\nmean top-5: deep {mean['deep']:.3f}, full-window ridge {mean['ridge']:.3f}, "
           f"best window {mean['window']:.3f}; deep >= best window on {wins}/{len(rows)} draws; "
@@ -128,15 +139,27 @@ def main() -> None:
     parser.add_argument("--max-train-trials", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("bench-decoding"))
     parser.add_argument("--retrain", action="store_true", help="retrain even if a run exists")
+    parser.add_argument("--table-only", action="store_true",
+                        help="print the table of the runs already under --out")
     parser.add_argument("overrides", nargs="*", help="extra overrides for neurorecon train")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
+    if args.table_only:
+        for k in range(args.first, args.first + args.draws):
+            metrics = args.out / "runs" / f"draw-{k}" / "metrics.json"
+            config = args.out / "data" / f"draw-{k}" / "sample_config.json"
+            if metrics.is_file():
+                rows.append(row(k, json.loads(config.read_text()),
+                                json.loads(metrics.read_text()), metrics.parent))
+        print_table(rows, args)
+        return
     for k in range(args.first, args.first + args.draws):
         t0 = time.perf_counter()
         root, params = draw(k, args, args.out)
         t1 = time.perf_counter()
-        rows.append(row(k, params, train(k, root, args, args.out)))
+        rows.append(row(k, params, train(k, root, args, args.out),
+                        args.out / "runs" / f"draw-{k}"))
         print(f"draw {k}: data {t1 - t0:.0f} s, train + evaluate {time.perf_counter() - t1:.0f} s;"
               f" deep {rows[-1]['deep']:.3f} ridge {rows[-1]['ridge']:.3f} window "
               f"{rows[-1]['window']:.3f}", flush=True)
