@@ -27,6 +27,7 @@ __all__ = [
     "retrieval_metrics",
     "retrieval_ranks",
     "sliding_windows",
+    "sliding_retrieval",
     "time_resolved_retrieval",
     "two_way_identification",
 ]
@@ -477,20 +478,41 @@ def time_resolved_retrieval(
             f"epochs_train (n_chans, n_times)={epochs_train.shape[1:]} differs from epochs_test "
             f"{epochs_test.shape[1:]}: both must share channels and time axis"
         )
+    return sliding_retrieval(
+        lambda sl: fit_predict(epochs_train[:, :, sl], epochs_test[:, :, sl]),
+        epochs_train.shape[2], candidates, true_index, sfreq=sfreq, tmin=tmin, width=width,
+        step=step, ks=ks, verbose=verbose)
+
+
+def sliding_retrieval(
+    predict_window: Callable[[slice], np.ndarray],
+    n_times: int,
+    candidates: np.ndarray,
+    true_index: Sequence[int] | np.ndarray,
+    *,
+    sfreq: float,
+    tmin: float,
+    width: float = 0.25,
+    step: float = 0.05,
+    ks: Sequence[int] = (1, 5),
+    verbose: bool | str | int | None = None,
+) -> dict[str, np.ndarray]:
+    """:func:`time_resolved_retrieval` for a decoder that reads its own data:
+    ``predict_window(slice)`` fits on the window ``slice`` of the epochs' time axis
+    (``n_times`` samples) and returns ``(len(true_index), emb_dim)`` predictions. Same result
+    dictionary."""
     ks = _check_ks(ks)
-    starts, times = sliding_windows(
-        epochs_train.shape[2], sfreq=sfreq, tmin=tmin, width=width, step=step
-    )
+    starts, times = sliding_windows(n_times, sfreq=sfreq, tmin=tmin, width=width, step=step)
     n_win = max(1, int(round(width * sfreq)))
+    n_test = len(true_index)
     rows: list[dict[str, float | int]] = []
     with log_level(verbose):
         for start in progress(starts, desc="time windows", total=len(starts)):
-            sl = slice(int(start), int(start) + n_win)
-            pred = np.asarray(fit_predict(epochs_train[:, :, sl], epochs_test[:, :, sl]))
-            if pred.ndim != 2 or pred.shape[0] != epochs_test.shape[0]:
+            pred = np.asarray(predict_window(slice(int(start), int(start) + n_win)))
+            if pred.ndim != 2 or pred.shape[0] != n_test:
                 raise ValueError(
                     f"fit_predict returned shape {pred.shape}; expected "
-                    f"({epochs_test.shape[0]}, emb_dim) -- one prediction per test epoch"
+                    f"({n_test}, emb_dim) -- one prediction per test epoch"
                 )
             rows.append(retrieval_metrics(pred, candidates, true_index, ks=ks))
     out = {

@@ -33,7 +33,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from neurorecon.models.common.logging import logger
 
-__all__ = ["DEFAULT_ALPHAS", "RidgeDecoder"]
+__all__ = ["DEFAULT_ALPHAS", "RidgeDecoder", "StandardGram", "gram_ridge_predict"]
 
 #: default regularization grid: 15 values log-spaced from 1e-1 to 1e6
 DEFAULT_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(-1, 6, 15))
@@ -255,3 +255,83 @@ class RidgeDecoder(RegressorMixin, BaseEstimator):
             weight = weight * out.scale_[:, None]
             bias = bias * out.scale_ + out.mean_
         return weight.astype(np.float32), bias.astype(np.float32)
+
+
+class StandardGram:
+    """Linear-kernel (Gram) matrices of standardized features, accumulated over feature chunks.
+
+    The dual form of :class:`RidgeDecoder` (``StandardScaler`` then ``RidgeCV`` with
+    leave-one-out) needs only ``K = Z Zᵀ`` over the fit rows and ``K_eval = Z_eval Zᵀ``,
+    ``Z`` the features standardized with the fit rows' mean and standard deviation. Both are
+    sums over any partition of the features, so a caller can add one chunk of features at a
+    time (e.g. a time slice of every trial) and never hold all of them: memory is one chunk
+    plus the ``(n_fit, n_fit)`` Gram.
+
+    Parameters
+    ----------
+    n_fit, n_eval : int
+        Rows of the fit and evaluation sets.
+    """
+
+    def __init__(self, n_fit: int, n_eval: int):
+        self.K = np.zeros((n_fit, n_fit))
+        self.K_eval = np.zeros((n_eval, n_fit))
+        self.n_features = 0
+
+    def add(self, fit: np.ndarray, evaluate: np.ndarray) -> None:
+        """Add a chunk of features: ``fit (n_fit, n_chunk)``, ``evaluate (n_eval, n_chunk)``.
+
+        Standardized like ``StandardScaler`` (population sd; constant features scaled by 1)
+        with statistics of ``fit``; the arrays are modified in place (pass copies to keep
+        them)."""
+        mean = fit.mean(0, dtype=np.float64)
+        scale = fit.std(0, dtype=np.float64)
+        scale[scale < 10 * np.finfo(np.float64).eps * np.maximum(np.abs(mean), 1.0)] = 1.0
+        for a in (fit, evaluate):
+            a -= mean.astype(a.dtype)
+            a /= scale.astype(a.dtype)
+        self.K += fit @ fit.T
+        if len(evaluate):
+            self.K_eval += evaluate @ fit.T
+        self.n_features += fit.shape[1]
+
+
+def gram_ridge_predict(gram: StandardGram, Y: np.ndarray, *,
+                       alphas: Sequence[float] = DEFAULT_ALPHAS) -> tuple[np.ndarray, float]:
+    """Ridge on standardized features from their Gram matrices: predictions for the
+    evaluation rows and the alpha chosen by exact leave-one-out over the fit rows.
+
+    The same model as :class:`RidgeDecoder` with its defaults (intercept unpenalized, one alpha
+    for all targets, mean squared LOO error): with ``K = Q diag(l) Qᵀ``, the fitted values are
+    ``ȳ + Q diag(l / (l + a)) Qᵀ (Y - ȳ)``, the hat diagonal ``1/n + Σ Q² l / (l + a)`` and the
+    LOO residuals ``(y - ŷ) / (1 - h)``.
+
+    Returns
+    -------
+    pred : ndarray, shape (n_eval, n_targets)
+    alpha : float
+    """
+    Y = np.asarray(Y, np.float64).reshape(len(gram.K), -1)
+    alphas = np.asarray(alphas, dtype=float)
+    if alphas.ndim != 1 or not alphas.size or np.any(alphas <= 0):
+        raise ValueError(f"alphas must be a non-empty 1-D sequence of values > 0, got {alphas}")
+    n = len(Y)
+    if n < 3:
+        raise ValueError(f"need at least 3 samples to cross-validate alpha, got {n}")
+    y_mean = Y.mean(0)
+    Yc = Y - y_mean
+    lam, Q = np.linalg.eigh(gram.K)
+    lam = np.clip(lam, 0.0, None)
+    QtY = Q.T @ Yc
+    Q2 = Q**2
+    errors = []
+    for a in alphas:
+        shrink = lam / (lam + a)
+        fitted = Q @ (shrink[:, None] * QtY)
+        hat = 1.0 / n + Q2 @ shrink
+        errors.append(float(np.mean(((Yc - fitted) / (1.0 - hat)[:, None]) ** 2)))
+    best = int(np.argmin(errors))
+    alpha = float(alphas[best])
+    logger.debug("gram ridge: %d samples x %d features, alpha=%g", n, gram.n_features, alpha)
+    pred = y_mean + gram.K_eval @ (Q @ (QtY / (lam + alpha)[:, None]))
+    return pred, alpha

@@ -312,3 +312,63 @@ def test_plot_curves(tmp_path):
     assert out.is_file() and out.stat().st_size > 5000
     with pytest.raises(ValueError, match=r"curve 'ridge' has shape \(2,\)"):
         F.plot_time_resolved(times, {"ridge": [0.1, 0.2]}, None, tmp_path / "bad.png")
+
+
+def test_streamed_gram_ridge_equals_ridge_decoder():
+    """Ridge from Gram matrices summed over feature chunks == RidgeDecoder on all features
+    (the same alpha by leave-one-out, the same predictions), in the dual and primal regimes."""
+    from neurorecon.models.ridge import StandardGram, gram_ridge_predict
+
+    rng = np.random.default_rng(0)
+    for n, p in ((60, 400), (150, 40)):
+        X = (rng.standard_normal((n + 12, p)) * rng.uniform(0.5, 3, p)
+             + rng.uniform(-2, 2, p)).astype(np.float32)
+        X[:, 5] = 1.5  # a constant feature
+        Y = X @ rng.standard_normal((p, 6)) * 0.1 + 3 * rng.standard_normal((n + 12, 6))
+        ref = RidgeDecoder().fit(X[:n], Y[:n])
+        gram = StandardGram(n, 12)
+        for cols in np.array_split(np.arange(p), 5):
+            gram.add(X[:n, cols].copy(), X[n:, cols].copy())
+        pred, alpha = gram_ridge_predict(gram, Y[:n])
+        assert alpha == ref.alpha_
+        np.testing.assert_allclose(pred, ref.predict(X[n:]), rtol=1e-4, atol=1e-4)
+
+
+def test_streamed_baselines_equal_in_memory_ridge(sample_root, tmp_path):
+    """The run's ridge baseline and window ridge (read from the cache a slice at a time) give
+    what RidgeDecoder gives on the stacked trials."""
+    from neurorecon.pipelines.train.fit import build_datamodule, prepare_caches
+    from neurorecon.pipelines.train.ridge import (
+        flat_targets,
+        ridge_predictions,
+        streamed_ridge,
+        subject_arrays,
+        window_ridge,
+    )
+
+    from .conftest import compose_stage
+
+    cfg = compose_stage("train", tmp_path, ["data=bids", f"data.root={sample_root / 'meg'}"])
+    dm = build_datamodule(cfg, *prepare_caches(cfg))
+    test = dm.splits["test"]
+    pred = ridge_predictions(dm)
+    targets = flat_targets(dm)
+    for k in np.unique(test.subject):
+        fit_X, fit_Y, eval_X, rows = subject_arrays(dm, int(k))
+        ref = RidgeDecoder().fit(fit_X, fit_Y).predict(eval_X)
+        np.testing.assert_allclose(pred[rows], ref, rtol=1e-3, atol=1e-3)
+    cand = targets[np.unique(test.target)]
+    true = np.searchsorted(np.unique(test.target), test.target)
+    res, rows = window_ridge(dm, 0, cand, true, step=0.25)
+    fit_X, fit_Y, eval_X, _ = subject_arrays(dm, 0)
+    windows = []
+    ref = time_resolved_retrieval(
+        lambda a, b: windows.append(RidgeDecoder().fit(a, fit_Y).predict(b)) or windows[-1],
+        fit_X, eval_X, cand, true[rows], sfreq=dm.recipe["params"]["sfreq"],
+        tmin=dm.recipe["params"]["tmin"], step=0.25)
+    np.testing.assert_allclose(res["times"], ref["times"])
+    n_win = int(round(0.25 * dm.recipe["params"]["sfreq"]))
+    for start, expected in zip((0, 60), (windows[0], windows[2]), strict=True):
+        got, _ = streamed_ridge(dm, 0, targets, fit_splits=("train", "val"), eval_split="test",
+                                slices=[slice(start, start + n_win)])
+        np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from neurorecon.models.common.logging import logger
-from neurorecon.models.retrieval import time_resolved_retrieval
-from neurorecon.models.ridge import RidgeDecoder
+from neurorecon.models.retrieval import sliding_retrieval
+from neurorecon.models.ridge import RidgeDecoder, StandardGram, gram_ridge_predict
 
 
 def flat_targets(dm) -> np.ndarray:
@@ -41,26 +41,58 @@ def subject_arrays(dm, k: int, targets: np.ndarray | None = None, *,
     return np.stack(fit_X), np.concatenate(fit_Y), eval_X, rows
 
 
+#: feature values per trial in one chunk of a streamed Gram (32 kB of float32 per trial: one
+#: 250 ms window of 270 channels at 120 Hz, or 8192 voxels)
+CHUNK_VALUES = 8192
+
+
+def _rows(dm, k: int, splits: tuple[str, ...], sl: slice) -> np.ndarray:
+    """Subject ``k``'s rows of ``splits`` (in split order), cut to ``sl`` on the last axis and
+    flattened: ``(n, n_features)`` float32, read a block of trials at a time."""
+    parts = [np.ascontiguousarray(block[..., sl]).reshape(len(block), -1)
+             for name in splits for block in dm.subject_row_blocks(name, k)()]
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def _fit_targets(dm, k: int, splits: tuple[str, ...], Y: np.ndarray) -> np.ndarray:
+    return np.concatenate([Y[dm.splits[n].target[dm.splits[n].subject == k]] for n in splits])
+
+
+def streamed_ridge(dm, k: int, Y: np.ndarray, *, fit_splits: tuple[str, ...],
+                   eval_split: str, slices: list[slice], alphas=None
+                   ) -> tuple[np.ndarray, float]:
+    """Ridge (as :class:`~neurorecon.models.ridge.RidgeDecoder`: standardized features,
+    leave-one-out alpha) from subject ``k``'s ``fit_splits`` rows to ``Y`` (per-stimulus
+    targets), predicting its ``eval_split`` rows; the features are the union of ``slices`` of
+    the last axis, added to a :class:`~neurorecon.models.ridge.StandardGram` one slice at a
+    time, so memory holds one slice of the trials, not the trials."""
+    fit_Y = _fit_targets(dm, k, fit_splits, Y)
+    n_eval = int((dm.splits[eval_split].subject == k).sum())
+    gram = StandardGram(len(fit_Y), n_eval)
+    for sl in slices:
+        gram.add(_rows(dm, k, fit_splits, sl), _rows(dm, k, (eval_split,), sl))
+    return gram_ridge_predict(gram, fit_Y, **({} if alphas is None else
+                                              {"alphas": tuple(alphas)}))
+
+
 def window_ridge(dm, k: int, candidates: np.ndarray, true_index: np.ndarray, *,
                  fit_splits: tuple[str, ...] = ("train", "val"), eval_split: str = "test",
                  alphas=None, step: float = 0.05) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Ridge refitted on sliding 250 ms windows of subject ``k``'s ``fit_splits`` rows, scored
     on its ``eval_split`` rows; ``true_index`` has one entry per row of ``eval_split``.
 
-    Returns the :func:`~neurorecon.models.retrieval.time_resolved_retrieval` result and the
-    scored rows.
+    Returns the :func:`~neurorecon.models.retrieval.sliding_retrieval` result and the scored
+    rows. Each window is read from the cache on its own (:func:`streamed_ridge`).
     """
-    fit_X, fit_Y, eval_X, rows = subject_arrays(dm, k, fit_splits=fit_splits,
-                                                eval_split=eval_split)
-    kwargs = {} if alphas is None else {"alphas": tuple(alphas)}
-
-    def fit_predict(a, b):
-        return RidgeDecoder(**kwargs).fit(a, fit_Y).predict(b)
-
+    Y = flat_targets(dm)
+    rows = np.flatnonzero(dm.splits[eval_split].subject == k)
     params = dm.recipe["params"]
-    res = time_resolved_retrieval(fit_predict, fit_X, eval_X, candidates,
-                                  np.asarray(true_index)[rows], sfreq=params["sfreq"],
-                                  tmin=params["tmin"], step=step)
+    n_times = int(next(iter(dm.subjects.values())).n_times)
+    res = sliding_retrieval(
+        lambda sl: streamed_ridge(dm, k, Y, fit_splits=fit_splits, eval_split=eval_split,
+                                  slices=[sl], alphas=alphas)[0],
+        n_times, candidates, np.asarray(true_index)[rows], sfreq=params["sfreq"],
+        tmin=params["tmin"], step=step)
     return res, rows
 
 
@@ -88,13 +120,20 @@ def ridge_predictions(dm, *, targets: np.ndarray | None = None, alphas=None) -> 
     """Per-subject ridge fitted on the train + val rows, predicting the test rows (row order).
 
     ``targets`` as in :func:`fit_ridges`; reconstruction passes thumbnails and caption
-    embeddings (its low-level and caption pathways).
+    embeddings (its low-level and caption pathways). The same model as :func:`fit_ridges`
+    (RidgeDecoder), computed from Gram matrices accumulated over chunks of the features
+    (:func:`streamed_ridge`): memory grows by ``CHUNK_VALUES`` float32 per trial.
     """
     test = dm.splits["test"]
-    n_out = (flat_targets(dm) if targets is None else np.asarray(targets)).shape[1]
-    pred = np.zeros((len(test), n_out), np.float32)
-    X, s, _ = dm.split_arrays("test")
-    for k, model in fit_ridges(dm, targets=targets, alphas=alphas).items():
-        rows = np.flatnonzero(s == k)
-        pred[rows] = model.predict(np.stack([X[i] for i in rows]))
+    Y = flat_targets(dm) if targets is None else np.asarray(targets, np.float32)
+    pred = np.zeros((len(test), Y.shape[1]), np.float32)
+    for k in np.unique(test.subject):
+        k = int(k)
+        row_shape = dm.subject_row_blocks("test", k).file.row_shape
+        width = max(1, CHUNK_VALUES // max(1, int(np.prod(row_shape[:-1]))))
+        slices = [slice(a, a + width) for a in range(0, row_shape[-1], width)]
+        pred[test.subject == k], alpha = streamed_ridge(
+            dm, k, Y, fit_splits=("train", "val"), eval_split="test", slices=slices,
+            alphas=alphas)
+        logger.info("ridge sub-%s: alpha=%g", dm.labels[k], alpha)
     return pred
