@@ -120,11 +120,26 @@ class _FakeDm:
         self.labels = ["01"]
         self.subjects = {"01": type("Info", (), {"n_times": n_times})()}
         self.embeddings = torch.as_tensor(self.emb)
-        self.splits = {"val": np.flatnonzero(self.val)}
+        self.splits = {name: _FakeSplit(self.target[self._rows(name)])
+                       for name in ("train", "val")}
+
+    def _rows(self, name):
+        return np.flatnonzero(self.val if name == "val" else ~self.val)
 
     def split_arrays(self, name):
-        rows = np.flatnonzero(self.val if name == "val" else ~self.val)
+        rows = self._rows(name)
         return list(self.X[rows]), np.zeros(len(rows), int), self.target[rows]
+
+    def subject_row_blocks(self, name, k):
+        return lambda: iter([self.X[self._rows(name)]])
+
+
+class _FakeSplit:
+    def __init__(self, target):
+        self.target, self.subject = target, np.zeros(len(target), int)
+
+    def __len__(self):
+        return len(self.target)
 
 
 def test_focus_is_chosen_where_validation_trials_decode():

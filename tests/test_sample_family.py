@@ -36,6 +36,12 @@ def test_draws_are_reproducible_varied_and_inside_the_ranges():
                                                         RANGES.n_subjects[1] + 1))
     trials = [d["stimuli"]["n_train_exemplars"] * RANGES.n_concepts for d in draws]
     assert min(trials) < 600 and max(trials) > 1400
+    # narrowing one range changes that parameter only
+    narrow = OmegaConf.merge(RANGES, {"n_subjects": [1, 1]})
+    for k in range(3):
+        a, b = draws[k], draw_parameters(narrow, k)
+        assert b["meg"]["n_subjects"] == 1
+        assert {**a["meg"], "n_subjects": 1} == b["meg"] and a["stimuli"] == b["stimuli"]
 
 
 def test_image_codes_are_per_concept_or_per_image(tmp_path):

@@ -18,6 +18,7 @@ one draw or preset.
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Any
 
 import numpy as np
@@ -50,36 +51,47 @@ def draw_parameters(ranges: DictConfig | dict, seed: int) -> dict[str, Any]:
     """The concrete dataset parameters of draw ``seed`` from ``ranges`` (``sample.random``).
 
     Returns ``{"stimuli": {...}, "meg": {...}}``: values for the ``sample.stimuli`` and
-    ``sample.meg`` config blocks. The same seed always gives the same draw.
+    ``sample.meg`` config blocks. The same seed always gives the same draw, and each parameter
+    has its own random stream: narrowing one range (e.g. ``n_subjects``) leaves the others of
+    the draw as they were.
     """
     r = OmegaConf.create(ranges) if isinstance(ranges, dict) else ranges
-    rng = np.random.default_rng([int(seed), 20261204])
+
+    def rng(name: str) -> np.random.Generator:
+        return np.random.default_rng([int(seed), 20261204, zlib.crc32(name.encode())])
+
+    def uniform(name: str, *, log: bool = False) -> float:
+        return _uniform(rng(name), r[name], log=log)
+
+    def choice(name: str, values) -> Any:
+        return rng(name).choice(list(values)).item()
+
     n_concepts = int(r.n_concepts)
-    train_trials = _integer(rng, r.train_trials)
+    train_trials = _integer(rng("train_trials"), r.train_trials)
     n_train_exemplars = max(1, round(train_trials / n_concepts))
-    n_test_exemplars = _integer(rng, r.n_test_exemplars)
-    n_test_repeats = _integer(rng, r.n_test_repeats)
+    n_test_exemplars = _integer(rng("n_test_exemplars"), r.n_test_exemplars)
+    n_test_repeats = _integer(rng("n_test_repeats"), r.n_test_repeats)
     n_trials = n_concepts * (n_train_exemplars + n_test_exemplars * n_test_repeats)
-    concept_peak = _uniform(rng, r.concept_peak)
-    lowlevel_peak = _uniform(rng, r.lowlevel_peak)
+    concept_peak = uniform("concept_peak")
+    lowlevel_peak = uniform("lowlevel_peak")
     meg = {
-        "n_subjects": _integer(rng, r.n_subjects),
+        "n_subjects": _integer(rng("n_subjects"), r.n_subjects),
         "n_runs": max(1, round(n_trials / TRIALS_PER_RUN)),
-        "system": str(rng.choice(list(r.systems))),
-        "sfreq": float(rng.choice(list(r.sfreqs))),
-        "line_freq": float(rng.choice(list(r.line_freqs))),
-        "snr": _uniform(rng, r.snr, log=True),
-        "lowlevel_gain": _uniform(rng, r.lowlevel_gain, log=True),
+        "system": str(choice("systems", r.systems)),
+        "sfreq": float(choice("sfreqs", r.sfreqs)),
+        "line_freq": float(choice("line_freqs", r.line_freqs)),
+        "snr": uniform("snr", log=True),
+        "lowlevel_gain": uniform("lowlevel_gain", log=True),
         "lowlevel_peak": lowlevel_peak,
-        "lowlevel_width": _uniform(rng, r.lowlevel_width) * lowlevel_peak,
-        "concept_gain": _uniform(rng, r.concept_gain, log=True),
+        "lowlevel_width": uniform("lowlevel_width") * lowlevel_peak,
+        "concept_gain": uniform("concept_gain", log=True),
         "concept_peak": concept_peak,
-        "concept_width": _uniform(rng, r.concept_width) * concept_peak,
-        "latency_jitter": _uniform(rng, r.latency_jitter),
-        "n_noisy_channels": _integer(rng, r.n_noisy_channels),
-        "head_shift": _uniform(rng, r.head_shift),
-        "head_rotation": _uniform(rng, r.head_rotation),
-        "concept_share": _uniform(rng, r.concept_share),
+        "concept_width": uniform("concept_width") * concept_peak,
+        "latency_jitter": uniform("latency_jitter"),
+        "n_noisy_channels": _integer(rng("n_noisy_channels"), r.n_noisy_channels),
+        "head_shift": uniform("head_shift"),
+        "head_rotation": uniform("head_rotation"),
+        "concept_share": uniform("concept_share"),
     }
     stimuli = {"n_concepts": n_concepts, "n_train_exemplars": n_train_exemplars,
                "n_test_exemplars": n_test_exemplars, "n_test_repeats": n_test_repeats}
