@@ -323,13 +323,14 @@ def gram_ridge_predict(gram: StandardGram, Y: np.ndarray, *,
     lam, Q = np.linalg.eigh(gram.K)
     lam = np.clip(lam, 0.0, None)
     QtY = Q.T @ Yc
-    Q2 = Q**2
-    errors = []
-    for a in alphas:
-        shrink = lam / (lam + a)
-        fitted = Q @ (shrink[:, None] * QtY)
-        hat = 1.0 / n + Q2 @ shrink
-        errors.append(float(np.mean(((Yc - fitted) / (1.0 - hat)[:, None]) ** 2)))
+    # residuals Yc - fitted = Q diag(a / (l + a)) QᵀYc, scored in row blocks (bounded memory)
+    errors = np.zeros(len(alphas))
+    for start in range(0, n, 256):
+        q = Q[start:start + 256]
+        for i, a in enumerate(alphas):
+            resid = q @ ((a / (lam + a))[:, None] * QtY)
+            hat = 1.0 / n + (q**2) @ (lam / (lam + a))
+            errors[i] += float(((resid / (1.0 - hat)[:, None]) ** 2).sum())
     best = int(np.argmin(errors))
     alpha = float(alphas[best])
     logger.debug("gram ridge: %d samples x %d features, alpha=%g", n, gram.n_features, alpha)

@@ -125,7 +125,7 @@ def evaluate(net, dm, *, out_dir: str | Path, stim_root: str | Path | None = Non
 def _time_resolved(dm, cand, cand_rows, true_idx, out_dir, *, note, alphas, encoder,
                    focus=None, deep_curve=None) -> dict[str, Any]:
     """Ridge decoders refitted on sliding 250 ms windows of every subject with test data,
-    pooled over the test rows of all subjects (as the encoder's score is), beside the deep
+    pooled over the test rows of all subjects (as the encoder's score is), beside the
     encoder's score on the same rows; each subject's curve is kept too."""
     test = dm.splits["test"]
     per_subject, n_rows, times = {}, {}, None
@@ -138,7 +138,7 @@ def _time_resolved(dm, cand, cand_rows, true_idx, out_dir, *, note, alphas, enco
     pooled = {key: sum(w * r[key] for w, r in zip(weights, per_subject.values(), strict=True))
               for key in ("top1", "top5")}
     chance = chance_metrics(len(cand))["top5"]
-    deep = retrieval_metrics(encoder, cand, true_idx)["top5"]
+    enc = retrieval_metrics(encoder, cand, true_idx)["top5"]
     best = int(np.argmax(pooled["top5"]))
     curves = {f"ridge on 250 ms windows, {len(per_subject)} subject(s)": pooled["top5"]}
     if len(per_subject) > 1:
@@ -148,7 +148,7 @@ def _time_resolved(dm, cand, cand_rows, true_idx, out_dir, *, note, alphas, enco
            if deep_curve is not None else None)
     plot_time_resolved(times, curves, chance, Path(out_dir) / "time_resolved.png", note=note,
                        own_times=own,
-                       levels={"deep encoder": deep},
+                       levels={"encoder": enc},
                        span=None if focus is None else (focus["tmin"], focus["tmax"]))
     return {"subjects": list(per_subject), "times": np.round(times, 4).tolist(),
             "top5": np.round(pooled["top5"], 4).tolist(),
@@ -156,7 +156,7 @@ def _time_resolved(dm, cand, cand_rows, true_idx, out_dir, *, note, alphas, enco
             "per_subject_top5": {lab: np.round(r["top5"], 4).tolist()
                                  for lab, r in per_subject.items()},
             **({"deep": deep_curve} if deep_curve is not None else {}),
-            "chance_top5": chance, "encoder_top5": round(float(deep), 4),
+            "chance_top5": chance, "encoder_top5": round(float(enc), 4),
             "peak": {"time": round(float(times[best]), 4),
                      "top5": round(float(pooled["top5"][best]), 4)}}
 

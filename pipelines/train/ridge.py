@@ -48,10 +48,19 @@ CHUNK_VALUES = 8192
 
 def _rows(dm, k: int, splits: tuple[str, ...], sl: slice) -> np.ndarray:
     """Subject ``k``'s rows of ``splits`` (in split order), cut to ``sl`` on the last axis and
-    flattened: ``(n, n_features)`` float32, read a block of trials at a time."""
-    parts = [np.ascontiguousarray(block[..., sl]).reshape(len(block), -1)
-             for name in splits for block in dm.subject_row_blocks(name, k)()]
-    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+    flattened: ``(n, n_features)`` float32, read a block of trials at a time into one array."""
+    sources = [dm.subject_row_blocks(name, k) for name in splits]
+    n = sum(len(src) for src in sources)
+    out = None
+    i = 0
+    for src in sources:
+        for block in src():
+            cut = block[..., sl].reshape(len(block), -1)
+            if out is None:
+                out = np.empty((n, cut.shape[1]), np.float32)
+            out[i:i + len(cut)] = cut
+            i += len(cut)
+    return np.zeros((0, 0), np.float32) if out is None else out
 
 
 def _fit_targets(dm, k: int, splits: tuple[str, ...], Y: np.ndarray) -> np.ndarray:
