@@ -285,10 +285,15 @@ class StandardGram:
         with statistics of ``fit``; the arrays are modified in place (pass copies to keep
         them)."""
         mean = fit.mean(0, dtype=np.float64)
-        scale = fit.std(0, dtype=np.float64)
-        scale[scale < 10 * np.finfo(np.float64).eps * np.maximum(np.abs(mean), 1.0)] = 1.0
         for a in (fit, evaluate):
             a -= mean.astype(a.dtype)
+        squares = np.zeros(fit.shape[1])
+        for start in range(0, len(fit), 256):  # float64 sums without a float64 copy of fit
+            block = fit[start:start + 256].astype(np.float64)
+            squares += np.einsum("ij,ij->j", block, block)
+        scale = np.sqrt(squares / len(fit))
+        scale[scale < 10 * np.finfo(np.float64).eps * np.maximum(np.abs(mean), 1.0)] = 1.0
+        for a in (fit, evaluate):
             a /= scale.astype(a.dtype)
         self.K += fit @ fit.T
         if len(evaluate):
@@ -306,21 +311,29 @@ def gram_ridge_predict(gram: StandardGram, Y: np.ndarray, *,
     ``ȳ + Q diag(l / (l + a)) Qᵀ (Y - ȳ)``, the hat diagonal ``1/n + Σ Q² l / (l + a)`` and the
     LOO residuals ``(y - ŷ) / (1 - h)``.
 
+    The Gram matrix is decomposed in place: ``gram`` cannot be used again.
+
     Returns
     -------
     pred : ndarray, shape (n_eval, n_targets)
     alpha : float
     """
-    Y = np.asarray(Y, np.float64).reshape(len(gram.K), -1)
+    if gram.K is None:
+        raise ValueError("this StandardGram was already used by gram_ridge_predict")
+    Y = np.asarray(Y).reshape(len(gram.K), -1)
     alphas = np.asarray(alphas, dtype=float)
     if alphas.ndim != 1 or not alphas.size or np.any(alphas <= 0):
         raise ValueError(f"alphas must be a non-empty 1-D sequence of values > 0, got {alphas}")
     n = len(Y)
     if n < 3:
         raise ValueError(f"need at least 3 samples to cross-validate alpha, got {n}")
-    y_mean = Y.mean(0)
-    Yc = Y - y_mean
-    lam, Q = np.linalg.eigh(gram.K)
+    y_mean = Y.mean(0, dtype=np.float64)
+    Yc = Y - y_mean  # float64
+    from scipy import linalg
+
+    # the Gram is not needed afterwards: decomposed in place (one n x n matrix less)
+    lam, Q = linalg.eigh(gram.K, overwrite_a=True, check_finite=False)
+    gram.K = None
     lam = np.clip(lam, 0.0, None)
     QtY = Q.T @ Yc
     # residuals Yc - fitted = Q diag(a / (l + a)) QᵀYc, scored in row blocks (bounded memory)

@@ -62,12 +62,14 @@ def test_encoder_decodes_and_a_shuffled_control_does_not(decoding_root, tmp_path
 def test_validation_gives_the_read_out_the_weight_when_the_deep_part_cannot_learn(
         decoding_root, tmp_path):
     """A deep part left at its initial weights (learning rate ~0) decodes at chance; the mix
-    chosen on validation trials then leans on the linear read-out, and the encoder decodes."""
+    chosen on validation trials then brings in the linear read-out, and the encoder decodes.
+    (An untrained net's output barely varies across trials, so how much of it is mixed in
+    hardly changes the ranking: only "not the deep part alone" is asserted of the mix.)"""
     m = _run(decoding_root, tmp_path, "meg", "optimizer.lr=1e-12", "trainer.max_epochs=2",
              "trainer.min_epochs=2")
     chance = m["retrieval"]["chance"]
     readout = m["training"]["readout"]
-    assert readout["mix"] <= 0.5, readout
+    assert readout["mix"] < 1.0, readout
     assert m["retrieval"]["deep"]["top5"] <= chance["top5"] + 0.2, m["retrieval"]["deep"]
     for decoder in ("encoder", "linear_readout"):
         assert m["retrieval"][decoder]["top5"] >= chance["top5"] + 0.2, (decoder, m["retrieval"])

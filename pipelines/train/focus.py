@@ -7,7 +7,9 @@ of the uninformative samples. Before training, a ridge decoder is refitted on sl
 windows of the *train* trials and scored on the *validation* trials (held-out train stimuli);
 the encoder then sees the span covered by the windows that decode at least half as well as the
 best one (from the first sample of the first such window to the last sample of the last).
-When no window decodes above chance the whole epoch is kept and a warning says so.
+A best window within the binomial noise of chance still sets the span (a warning says so):
+on weak data the whole epoch, baseline included, trains far worse than the best guess. Only
+when no window decodes above chance at all is the whole epoch kept.
 """
 
 from __future__ import annotations
@@ -57,11 +59,18 @@ def choose_focus(dm, *, alphas=None) -> dict[str, Any]:
     noise = 2 * np.sqrt(chance * (1 - chance) / max(n_trials, 1))
     out = {"times": np.round(times, 4).tolist(), "val_top5": np.round(score, 4).tolist(),
            "chance": round(chance, 4)}
-    if smooth[best] <= chance + noise:
+    if smooth[best] <= chance:
         logger.warning("temporal focus: no window decodes above chance on the validation "
                        "trials (best %.3f, chance %.3f); the encoder sees the whole epoch",
                        smooth[best], chance)
         return {**whole, **out, "reason": "no window above chance: whole epoch"}
+    # a peak within the binomial noise of chance is still the best guess of where the
+    # information is: the whole epoch (baseline and 1 s of noise) trains far worse on weak data
+    weak = smooth[best] <= chance + noise
+    if weak:
+        logger.warning("temporal focus: the best validation window (%.3f at %.3f s) is within "
+                       "the noise of chance (%.3f + %.3f); its span is kept, as the best guess",
+                       smooth[best], times[best], chance, noise)
     above = smooth >= chance + 0.5 * (smooth[best] - chance)
     lo = hi = best
     while lo > 0 and above[lo - 1]:
@@ -75,4 +84,6 @@ def choose_focus(dm, *, alphas=None) -> dict[str, Any]:
                 "s: %.3f, chance %.3f)", tmin + start / sfreq, tmin + stop / sfreq,
                 times[best], smooth[best], chance)
     return {"tmin": round(tmin + start / sfreq, 4), "tmax": round(tmin + stop / sfreq, 4),
-            "samples": [start, stop], **out, "reason": "validation window ridge"}
+            "samples": [start, stop], **out,
+            "reason": "validation window ridge" + (" (within the noise of chance)" if weak
+                                                   else "")}
