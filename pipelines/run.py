@@ -108,6 +108,10 @@ def choose_meg_readout(cfg: DictConfig, net, dm, focus: dict[str, Any] | None
     spec = (cfg.get("readout") or {}).get(dm.modality) if dm.modality == "meg" else None
     if not spec or not spec.get("enabled") or not len(dm.splits["val"]):
         return None
+    if dm.n_tokens:
+        logger.info("read-out: off for token-level targets (%d tokens per image); the deep "
+                    "encoder alone", dm.n_tokens)
+        return None
     n_times = int(next(iter(dm.subjects.values())).n_times)
     span = tuple(focus["samples"]) if focus else (0, n_times)
     deep_val = predict_split(net, dm, "val")
