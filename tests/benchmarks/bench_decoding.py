@@ -60,14 +60,17 @@ def draw(k: int, args, out: Path) -> tuple[Path, dict]:
     return root / "meg", json.loads((root / "sample_config.json").read_text())
 
 
-def train(k: int, root: Path, args, out: Path) -> dict:
+def train(k: int, root: Path, params: dict, args, out: Path) -> dict:
     run_dir = out / "runs" / f"draw-{k}"
     metrics = run_dir / "metrics.json"
     if not metrics.is_file() or args.retrain:
         seeds = ",".join(str(s) for s in range(args.seeds))
+        # test images shown once: nothing to average (the default refuses such a test split)
+        single = (["preprocess.meg.average_test_repeats=false"]
+                  if params["draw"]["stimuli"]["n_test_repeats"] == 1 else [])
         _run(["train", "data=bids", f"data.root={root}", f"seeds=[{seeds}]",
               f"paths.output_dir={run_dir}", f"paths.cache_dir={out / 'cache'}",
-              "reconstruct.enabled=false", "export.bundle=false", *args.overrides],
+              "reconstruct.enabled=false", "export.bundle=false", *single, *args.overrides],
              out / f"draw-{k}.log")
     return json.loads(metrics.read_text())
 
@@ -158,7 +161,7 @@ def main() -> None:
         t0 = time.perf_counter()
         root, params = draw(k, args, args.out)
         t1 = time.perf_counter()
-        rows.append(row(k, params, train(k, root, args, args.out),
+        rows.append(row(k, params, train(k, root, params, args, args.out),
                         args.out / "runs" / f"draw-{k}"))
         print(f"draw {k}: data {t1 - t0:.0f} s, train + evaluate {time.perf_counter() - t1:.0f} s;"
               f" deep {rows[-1]['deep']:.3f} ridge {rows[-1]['ridge']:.3f} window "
