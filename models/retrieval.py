@@ -23,6 +23,7 @@ from neurorecon.models.common.logging import log_level, progress
 
 __all__ = [
     "chance_metrics",
+    "rank_score",
     "cosine_similarity",
     "retrieval_metrics",
     "retrieval_ranks",
@@ -282,6 +283,14 @@ def retrieval_metrics(
     out["n_candidates"] = n_candidates
     out["n_queries"] = int(ranks.shape[0])
     return out
+
+
+def rank_score(pred: np.ndarray, candidates: np.ndarray, true_index: Sequence[int] | np.ndarray
+               ) -> float:
+    """1 - the mean normalised rank of the true candidate (0.5 chance, 1 perfect): a retrieval
+    score that stays continuous and unsaturated with few candidates (where top-5 is not)."""
+    ranks = retrieval_ranks(pred, candidates, true_index)
+    return float(1 - ((ranks - 1) / max(len(candidates) - 1, 1)).mean())
 
 
 def chance_metrics(n_candidates: int, ks: Sequence[int] = (1, 5)) -> dict[str, float | int]:

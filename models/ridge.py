@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from scipy import linalg
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.compose import TransformedTargetRegressor
 from sklearn.linear_model import RidgeCV
@@ -329,8 +330,6 @@ def gram_ridge_predict(gram: StandardGram, Y: np.ndarray, *,
         raise ValueError(f"need at least 3 samples to cross-validate alpha, got {n}")
     y_mean = Y.mean(0, dtype=np.float64)
     Yc = Y - y_mean  # float64
-    from scipy import linalg
-
     # the Gram is not needed afterwards: decomposed in place (one n x n matrix less)
     lam, Q = linalg.eigh(gram.K, overwrite_a=True, check_finite=False)
     gram.K = None

@@ -77,6 +77,14 @@ def sensor_features(kinds, orientation) -> torch.Tensor:
     return torch.cat([onehot, planar * ori], dim=1)
 
 
+def bin_means(x: torch.Tensor, bins, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of each channel over each ``[start, stop)`` bin of samples, masked channels 0:
+    ``x (batch, n_chans, n_times)``, ``mask (n_chans,)`` or ``(batch, n_chans)`` bool ->
+    ``(batch, n_chans * n_bins)``, channel-major (the features of the linear read-out)."""
+    feats = torch.stack([x[..., a:b].mean(-1) for a, b in bins], dim=-1)
+    return (feats * mask[..., None].to(feats.dtype)).flatten(1)
+
+
 class SpatialAttention(nn.Module):
     """Sensor-position-based spatial attention (Défossez et al. 2023).
 
@@ -424,7 +432,6 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
             raise ValueError(f"{name}: the linear read-out predicts one embedding per window; "
                              "it does not combine with n_tokens")
         self.readout_bins = bins
-        self.readout_chans = n_chans
         n_feat = n_chans * len(bins)
         self.register_buffer("readout_weight", torch.zeros(self.n_subjects, n_outputs, n_feat))
         self.register_buffer("readout_bias", torch.zeros(self.n_subjects, n_outputs))
@@ -437,12 +444,6 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
         self._build_readout(config, n_outputs=int(self._config["n_outputs"]))
         self._config["readout"] = config
 
-    def readout_features(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Bin means of every channel, masked channels 0: ``(batch, n_chans * n_bins)``,
-        channel-major (the layout of ``readout_weight``'s columns)."""
-        feats = torch.stack([x[..., a:b].mean(-1) for a, b in self.readout_bins], dim=-1)
-        return (feats * mask[..., None].to(feats.dtype)).flatten(1)
-
     def set_readout(self, subject: int, weight, bias) -> None:
         """Set subject ``subject``'s read-out: ``weight (n_outputs, n_chans_s * n_bins)`` (its
         channels, channel-major; fewer than ``n_chans`` leave the rest 0), ``bias``."""
@@ -450,7 +451,8 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
         n_bins = len(self.readout_bins)
         if weight.shape[1] % n_bins or weight.shape[1] > self.readout_weight.shape[2]:
             raise ValueError(f"read-out weight of shape {tuple(weight.shape)} does not fit "
-                             f"{n_bins} bins of at most {self.readout_chans} channels")
+                             f"{n_bins} bins of at most "
+                             f"{self.readout_weight.shape[2] // n_bins} channels")
         with torch.no_grad():
             self.readout_weight[subject].zero_()
             self.readout_weight[subject, :, :weight.shape[1]] = weight
@@ -458,7 +460,7 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
 
     def _readout(self, x: torch.Tensor, mask: torch.Tensor,
                  subject: torch.Tensor) -> torch.Tensor:
-        feats = self.readout_features(x, mask)  # (B, C_s * n_bins)
+        feats = bin_means(x, self.readout_bins, mask)  # (B, C_s * n_bins)
         weight = self.readout_weight[:, :, :feats.shape[1]]
         if bool((subject == subject[0]).all()):
             return feats @ weight[subject[0]].T + self.readout_bias[subject[0]]

@@ -36,14 +36,17 @@ read Raw (:class:`_ScratchRaw`) streams into mne-bids, and the scratch file is r
 
 from __future__ import annotations
 
+import json
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 
 import mne
 import mne_bids
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 
 from neurorecon.models.common.logging import logger, progress
 
@@ -386,7 +389,7 @@ def simulate_meg_bids(
     root = Path(root)
     n_features = sum(c.startswith("ll") for c in stimuli.columns)
     codes = _image_codes(root / "stimuli", stimuli, seed=seed,
-                         concept_share=float(cfg.get("concept_share", 1.0)))
+                         concept_share=float(cfg.concept_share))
     canonical = mne.channels.read_meg_canonical_info(cfg.system)
     # blocks go to a scratch file per run, removed as soon as the run is in BIDS (or on error)
     with tempfile.TemporaryDirectory(prefix=".scratch-meg-", dir=root) as scratch:
@@ -471,8 +474,6 @@ def _image_codes(stim_dir: Path, stimuli: pd.DataFrame, *, seed: int,
                                            strict=True)}
     if concept_share >= 1.0:
         return codes
-    from PIL import Image
-
     thumbs = np.stack([np.asarray(Image.open(stim_dir / f).convert("RGB").resize((8, 8)),
                                   np.float64).ravel() for f in stimuli["stim_file"]])
     thumbs = (thumbs - thumbs.mean(0)) / (thumbs.std(0) + 1e-9)
@@ -486,11 +487,6 @@ def _image_codes(stim_dir: Path, stimuli: pd.DataFrame, *, seed: int,
 def _describe_dataset(root: Path, *, cfg: DictConfig, seed: int, draw: dict | None) -> None:
     """``dataset_description.json``: what the dataset is and, for a random draw, its
     parameters (``GeneratedBy[0].Description``)."""
-    import json
-    from importlib.metadata import version
-
-    from omegaconf import OmegaConf
-
     params = draw if draw is not None else {"meg": OmegaConf.to_container(cfg, resolve=True)}
     kind = f"random draw {seed}" if draw is not None else f"seed {seed}"
     mne_bids.make_dataset_description(

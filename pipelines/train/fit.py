@@ -9,6 +9,7 @@ after ``setup()``.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -204,8 +205,6 @@ def update_checkpoint(lit, info: dict[str, Any]) -> None:
     """Rewrite the selected checkpoint (``info["best_checkpoint"]``) with ``lit``'s current
     weights and encoder config: what was fitted after training (the MEG read-out) is then part
     of it, as of the bundle. Written to a temporary file, then renamed."""
-    import os
-
     import torch
 
     path = info.get("best_checkpoint")

@@ -10,7 +10,7 @@ from lightning import LightningModule
 from torch import nn
 
 from neurorecon.models.common.logging import logger
-from neurorecon.models.retrieval import retrieval_metrics, retrieval_ranks
+from neurorecon.models.retrieval import rank_score, retrieval_metrics
 
 #: batch keys that are model inputs besides ``x`` (present depending on modality)
 EXTRA_INPUTS = ("positions", "mask", "subject", "sensors")
@@ -130,11 +130,10 @@ class ContrastiveLitModule(LightningModule):
         self.log("val/top5", m["top5"], prog_bar=True, sync_dist=True)
         # continuous and unsaturated even with few validation images (top-5 of 10 images is
         # 1.0 for any decent model): 1 - mean normalised rank, 0.5 = chance, 1 = perfect
-        ranks = retrieval_ranks(pred, cand, true)
-        rank_score = float(1 - ((ranks - 1) / (len(stims) - 1)).mean())
-        self.log("val/rank_score", rank_score, prog_bar=False, sync_dist=True)
+        score = rank_score(pred, cand, true)
+        self.log("val/rank_score", score, prog_bar=False, sync_dist=True)
         if len(stims) >= self.min_rank_images:
-            self.log("val/select", rank_score, prog_bar=False, sync_dist=True)
+            self.log("val/select", score, prog_bar=False, sync_dist=True)
 
     def predict_step(self, batch, batch_idx):
         return {k: v.detach().cpu() for k, v in self(batch).items()}

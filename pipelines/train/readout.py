@@ -24,10 +24,11 @@ import numpy as np
 import torch
 
 from neurorecon.models.common.logging import logger
-from neurorecon.models.retrieval import candidate_rows, retrieval_ranks
+from neurorecon.models.meg.brain_module import bin_means
+from neurorecon.models.retrieval import candidate_rows, rank_score
 from neurorecon.models.ridge import RidgeDecoder
 
-from .ridge import flat_targets
+from .ridge import flat_targets, stream_rows
 
 #: mixing weights tried on validation (deep share)
 MIX_GRID = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
@@ -42,21 +43,13 @@ def readout_bins(span: tuple[int, int], *, width: int) -> list[list[int]]:
 def binned_features(dm, split: str, k: int, bins: list[list[int]]) -> tuple[np.ndarray,
                                                                              np.ndarray]:
     """Subject ``k``'s rows of ``split`` as bin means ``(n, n_chans * n_bins)`` (bad channels
-    0, channel-major as :meth:`MegBrainModule.readout_features`) and their row indices."""
-    split_rows = dm.splits[split]
-    rows = np.flatnonzero(split_rows.subject == k)
-    good = dm.subject_inputs(k)["mask"].numpy()
-    blocks = dm.subject_row_blocks(split, k)
-    feats = np.concatenate([
-        (np.stack([b[..., lo:hi].mean(-1) for lo, hi in bins], -1) * good[:, None]
-         ).reshape(len(b), -1) for b in blocks()]) if len(rows) else np.zeros((0, 0))
+    0, channel-major: :func:`~neurorecon.models.meg.brain_module.bin_means`, the transform
+    the encoder applies) and their row indices."""
+    rows = np.flatnonzero(dm.splits[split].subject == k)
+    good = dm.subject_inputs(k)["mask"]
+    feats = stream_rows(dm, k, (split,),
+                        lambda block: bin_means(torch.from_numpy(block), bins, good).numpy())
     return feats.astype(np.float64), rows
-
-
-def _rank_score(pred: np.ndarray, candidates: np.ndarray, true: np.ndarray) -> float:
-    """1 - mean normalised rank of the true candidate (0.5 chance, 1 perfect)."""
-    ranks = retrieval_ranks(pred, candidates, true)
-    return float(1 - ((ranks - 1) / max(len(candidates) - 1, 1)).mean())
 
 
 def _unit(a: np.ndarray) -> np.ndarray:
@@ -90,7 +83,7 @@ def choose_readout(dm, *, span: tuple[int, int], deep_val: np.ndarray | None,
             Xv, vrows = binned_features(dm, "val", int(k), bins)
             model = RidgeDecoder(**kwargs).fit(X, emb[dm.splits["train"].target[rows]])
             pred[vrows] = model.predict(Xv)
-        scores[float(width_s)] = _rank_score(pred, cand, true)
+        scores[float(width_s)] = rank_score(pred, cand, true)
         preds[float(width_s)] = pred
     width_s = max(scores, key=scores.get)
     linear = _unit(preds[width_s])
@@ -98,7 +91,7 @@ def choose_readout(dm, *, span: tuple[int, int], deep_val: np.ndarray | None,
         mix_scores = {0.0: scores[width_s]}
     else:
         deep = _unit(deep_val)
-        mix_scores = {float(w): _rank_score(w * deep + (1 - w) * linear, cand, true)
+        mix_scores = {float(w): rank_score(w * deep + (1 - w) * linear, cand, true)
                       for w in MIX_GRID}
     mix = max(mix_scores, key=lambda w: (round(mix_scores[w], 6), w))  # ties: the deeper
     logger.info("read-out: %g ms bins over %.3f-%.3f s; validation rank score deep %.3f, "

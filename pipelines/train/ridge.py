@@ -46,21 +46,27 @@ def subject_arrays(dm, k: int, targets: np.ndarray | None = None, *,
 CHUNK_VALUES = 8192
 
 
-def _rows(dm, k: int, splits: tuple[str, ...], sl: slice) -> np.ndarray:
-    """Subject ``k``'s rows of ``splits`` (in split order), cut to ``sl`` on the last axis and
-    flattened: ``(n, n_features)`` float32, read a block of trials at a time into one array."""
+def stream_rows(dm, k: int, splits: tuple[str, ...], features) -> np.ndarray:
+    """``features(block)`` of subject ``k``'s rows of ``splits`` (in split order), the cache
+    read a block of trials at a time: ``(n, n_features)`` float32 in one array, never the
+    trials themselves. ``features`` maps ``(b, *row_shape)`` to ``(b, n_features)``."""
     sources = [dm.subject_row_blocks(name, k) for name in splits]
     n = sum(len(src) for src in sources)
     out = None
     i = 0
     for src in sources:
         for block in src():
-            cut = block[..., sl].reshape(len(block), -1)
+            cut = features(block)
             if out is None:
                 out = np.empty((n, cut.shape[1]), np.float32)
             out[i:i + len(cut)] = cut
             i += len(cut)
     return np.zeros((0, 0), np.float32) if out is None else out
+
+
+def _rows(dm, k: int, splits: tuple[str, ...], sl: slice) -> np.ndarray:
+    """Subject ``k``'s rows of ``splits`` cut to ``sl`` on the last axis, flattened."""
+    return stream_rows(dm, k, splits, lambda block: block[..., sl].reshape(len(block), -1))
 
 
 def _fit_targets(dm, k: int, splits: tuple[str, ...], Y: np.ndarray) -> np.ndarray:
