@@ -40,6 +40,9 @@ __all__ = ["DEFAULT_ALPHAS", "RidgeDecoder", "StandardGram", "gram_ridge_predict
 DEFAULT_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(-1, 6, 15))
 
 
+_EDGE_WARNED: set[tuple] = set()  # alpha-on-the-edge warnings already given
+
+
 class RidgeDecoder(RegressorMixin, BaseEstimator):
     """Cross-validated ridge regression from brain data to embeddings (the linear baseline).
 
@@ -208,11 +211,15 @@ class RidgeDecoder(RegressorMixin, BaseEstimator):
         self.alpha_ = fitted.named_steps["ridge"].alpha_
         edge = np.isin(np.atleast_1d(self.alpha_), [alphas.min(), alphas.max()])
         if edge.any():
-            logger.warning(
-                "RidgeDecoder: selected alpha %s lies on the edge of the grid [%g, %g]; "
-                "consider widening `alphas`",
-                np.atleast_1d(self.alpha_)[edge][:3].tolist(), alphas.min(), alphas.max(),
-            )
+            # once per process and edge: a run fits many ridges (windows, subjects, read-outs)
+            key = (tuple(np.unique(np.atleast_1d(self.alpha_)[edge]).tolist()), alphas.min(),
+                   alphas.max())
+            if key not in _EDGE_WARNED:
+                _EDGE_WARNED.add(key)
+                logger.warning(
+                    "RidgeDecoder: selected alpha %s lies on the edge of the grid [%g, %g]; "
+                    "consider widening `alphas` (said once)", list(key[0])[:3], alphas.min(),
+                    alphas.max())
         logger.debug(  # one line per fit: the callers log one summary per subject
             "RidgeDecoder: %d samples x %d features (%s form), alpha=%s",
             flat.shape[0], flat.shape[1], self.solver_, self.alpha_,

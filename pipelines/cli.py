@@ -7,6 +7,7 @@ handles overrides, ``--help``, ``--cfg job`` and ``--multirun``.
 from __future__ import annotations
 
 import importlib
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 #: stage name -> (module with ``run(cfg)``, one-line description)
 STAGES: dict[str, tuple[str, str]] = {
     "sample": ("neurorecon.pipelines.sample.run", "write the embedded sample BIDS datasets"),
+    "validate": ("neurorecon.pipelines.data.validate",
+                 "the official BIDS validator on data.root, before a long run"),
     "preprocess": ("neurorecon.pipelines.preprocess.run", "BIDS MEG/fMRI -> trial arrays cache"),
     "embed": ("neurorecon.pipelines.embed.run", "stimulus images -> embeddings cache"),
     "train": ("neurorecon.pipelines.run",
@@ -55,6 +58,9 @@ def main(argv: list[str] | None = None, *,
     its own stages, whose modules the pipelines may not import).
     """
     import hydra
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    from neurorecon.models.common.logging import configure_cli_logging, logger
 
     stages = STAGES if stages is None else stages
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -66,13 +72,19 @@ def main(argv: list[str] | None = None, *,
         print(f"neurorecon: unknown stage {stage!r}\n\n{_usage(stages)}", file=sys.stderr)
         raise SystemExit(2)
     module = importlib.import_module(stages[stage][0])
+    # Hydra prints its own errors and exits 1 unless HYDRA_FULL_ERROR is set: it is set while
+    # the config is composed, so that a mistyped key or option reaches the handler below in
+    # one line (a user who set it gets Hydra's full report); the task unsets it, so that its
+    # own errors are reported as they were
+    ours = "HYDRA_FULL_ERROR" not in os.environ
 
     def task(cfg):
         from neurorecon.models.common.checks import DataError
-        from neurorecon.models.common.logging import configure_cli_logging, logger
 
         from .config_checks import check_config
 
+        if ours:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
         configure_cli_logging()
         try:
             check_config(cfg)
@@ -84,9 +96,57 @@ def main(argv: list[str] | None = None, *,
     # argv[0] names the stage by itself (the per-stage script), so that processes re-launched
     # from sys.argv (Lightning's DDP launcher) run the same stage
     sys.argv = [_stage_script(stage), *rest]
-    hydra.main(config_path="pkg://neurorecon.configs", config_name=stage, version_base="1.3")(
-        task
-    )()
+    if ours:
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        hydra.main(config_path="pkg://neurorecon.configs", config_name=stage,
+                   version_base="1.3")(task)()
+    except (ConfigCompositionException, OverrideParseException) as exc:
+        if not ours:
+            raise
+        configure_cli_logging()
+        logger.error("error: %s", composition_error(exc))
+        raise SystemExit(2) from None
+
+
+def composition_error(exc: Exception) -> str:
+    """One line for an error Hydra raises while composing the config from the command line.
+
+    A config group option that does not exist lists the group's options; a key that does not
+    exist suggests the close matches among the keys at its level (:mod:`difflib`); anything
+    else is Hydra's message without its config search path.
+    """
+    import difflib
+
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf import DictConfig
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    if isinstance(exc, MissingConfigException) and exc.options and exc.missing_cfg_file:
+        group, _, option = exc.missing_cfg_file.rpartition("/")
+        close = difflib.get_close_matches(option, exc.options, n=1)
+        return (f"config group {group!r} has no option {option!r}"
+                + (f" (did you mean {close[0]!r}?)" if close else "")
+                + f"; available: {', '.join(exc.options)}")
+    cause = exc.__cause__
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key:
+        key = str(cause.full_key)
+        prefix, _, leaf = key.rpartition(".")
+        parent = cause.parent_node
+        keys = [str(k) for k in parent.keys() if k != "hydra"] if isinstance(
+            parent, DictConfig) else []
+        close = [f"{prefix}.{k}" if prefix else k
+                 for k in difflib.get_close_matches(leaf, keys, n=1)]
+        if close:
+            return f"no config key {key!r}; did you mean {close[0]}?"
+        level = f"under {prefix!r}" if prefix else "at the top level"
+        known = f"; the keys {level}: {', '.join(keys)}" if keys else ""
+        return f"no config key {key!r}{known} (+{key}=<value> adds a new key)"
+    lines = str(exc).split("\nConfig search path:")[0].splitlines()
+    message = " ".join(line.strip() for line in lines if line.strip())
+    if isinstance(exc, OverrideParseException):
+        return f"cannot parse the override {exc.override!r}: {message}"
+    return message
 
 
 def _stage_script(stage: str) -> str:

@@ -58,11 +58,11 @@ class BundleError(DataError):
 # --------------------------------------------------------------------------------------------
 # batched encoding (one implementation for training runs, evaluation, serving, streaming)
 # --------------------------------------------------------------------------------------------
-@torch.no_grad()
+@torch.inference_mode()
 def encode_batches(net: torch.nn.Module, x: np.ndarray | torch.Tensor, *, subject: int | str,
                    inputs: Mapping[str, torch.Tensor] | None = None, head: str = "clip",
                    batch_size: int = 256) -> np.ndarray:
-    """Run ``net`` (eval mode, no gradients) on one subject's trials; ``(n, n_outputs)``.
+    """Run ``net`` (eval mode, inference mode) on one subject's trials; ``(n, n_outputs)``.
 
     Parameters
     ----------
@@ -81,7 +81,8 @@ def encode_batches(net: torch.nn.Module, x: np.ndarray | torch.Tensor, *, subjec
     """
     if head not in ("clip", "mse"):
         raise ValueError(f"head must be 'clip' or 'mse', got {head!r}")
-    net.eval()
+    if any(m.training for m in net.modules()):  # eval() walks every module: not per window
+        net.eval()
     x = torch.as_tensor(np.asarray(x, dtype=np.float32) if not torch.is_tensor(x) else x,
                         dtype=torch.float32)
     device = next(net.parameters()).device
@@ -324,6 +325,16 @@ class Decoder:
         return scale_epochs(X, center=center, scale=scale, good=good,
                             clamp=params.clamp).astype(np.float32)
 
+    def warm_up(self, subject: str) -> None:
+        """Decode one empty window of ``subject`` (MEG): the model's caches (spatial attention,
+        read-out factors) and the gallery index are built now, not in the first live window."""
+        self._check_modality("meg", "warm_up")
+        info = self._subject(subject)
+        emb = self.encode(np.zeros((len(info["ch_names"]), int(info["n_times"])), np.float32),
+                          subject=subject)
+        if self.gallery is not None:
+            self.retrieve(emb)
+
     def streaming_filter(self, subject: str, *, sfreq: float | None = None):
         """The causal filter state for one stream of ``subject`` (chunks in, decimated out).
 
@@ -544,7 +555,8 @@ class Decoder:
             raise BundleError("this decoder has no gallery", path=self.root)
         if split not in self._candidates:  # normalised once per split (streams query often)
             rows = self.gallery.rows(split)
-            self._candidates[split] = (rows, CandidateIndex(self.gallery.embeddings[rows]))
+            self._candidates[split] = (rows, CandidateIndex(self.gallery.embeddings[rows],
+                                                            dtype=np.float32))
         rows, index = self._candidates[split]
         emb = np.asarray(embeddings, np.float32)
         emb = emb[None] if emb.ndim == 1 else emb

@@ -24,6 +24,7 @@ from .evaluate.report import evaluate
 from .evaluate.summary import write_report
 from .export import export_bundle
 from .inference import predict_split
+from .preprocess.run import skipped_runs
 from .train.fit import (
     build_datamodule,
     build_module,
@@ -45,7 +46,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     preproc_dir, emb_dir = prepare_caches(cfg)
     # seeded after the caches: computing them (cold) or reading them (warm) must not change
     # the random state that training starts from
-    seed_everything(int(cfg.seed), workers=True)
+    seed_everything(int(cfg.seed), workers=True, verbose=False)  # the seed is in the config
     dm = build_datamodule(cfg, preproc_dir, emb_dir)
     focus = resolve_focus(cfg, dm)
     lit = build_module(cfg, dm, focus=focus)
@@ -80,6 +81,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                        ridge_alphas=cfg.evaluate.get("ridge_alphas"), focus=focus,
                        deep_curve=deep_curve)
     metrics["training"] = info
+    metrics["data"] = {"skipped_runs": skipped_runs(cfg.data)}
     if cfg.get("reconstruct") and cfg.reconstruct.enabled:
         metrics["reconstruction"] = reconstruct(
             lit.net, dm, cfg=cfg, out_dir=out_dir,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import io
 import threading
 import time
@@ -34,6 +35,11 @@ use_loopback_discovery()  # before liblsl loads (mne_lsl is imported where it is
 #: FIFF unit codes the bundle's MEG channels are in (T, T/m)
 SI_UNITS = {112: "T", 201: "T/m"}
 OUTLET_TYPE = "neurorecon"
+#: s of StreamLSL's buffer, and of liblsl's backlog behind it (with 1 s, a replayed stream lost
+#: its first samples in the tests, and the causal filter's state with them)
+ACQUIRE_BUFFER_S = 2.0
+#: markers taken per pull: mne-lsl frees one string per slot of the pull, used or not
+MARKERS_PER_PULL = 16
 
 
 class Hub:
@@ -164,10 +170,18 @@ class StreamService:
             stream = None
             try:
                 model, decoder = self._decoder()
+                subject = str(self.settings.subject).removeprefix("sub-")
+                if subject in decoder.config["subjects"]:
+                    decoder.warm_up(subject)  # before the stream's samples start to queue
+                # what is loaded now stays: later collections skip it (no long gen-2 pauses
+                # in the decoding thread); before connecting, as the collection takes a while
+                gc.collect()
+                gc.freeze()
                 self._markers = self._open_markers()  # before the data: no marker missed
                 try:  # acquisition driven by _watch (acquire()), so no chunk precedes the
                     # callback: the filter sees the stream from its first sample
-                    stream = StreamLSL(bufsize=2.0, name=self.settings.source).connect(
+                    stream = StreamLSL(bufsize=ACQUIRE_BUFFER_S,
+                                       name=self.settings.source).connect(
                         acquisition_delay=None, processing_flags=["clocksync"], timeout=2)
                 except RuntimeError as exc:
                     raise _NotFound(f"no LSL stream named {self.settings.source!r} on this "
@@ -276,7 +290,8 @@ class StreamService:
             return data, timestamps
         try:
             if self._markers is not None:
-                values, ts = self._markers.pull_chunk(timeout=0.0)
+                values, ts = self._markers.pull_chunk(timeout=0.0,
+                                                      max_samples=MARKERS_PER_PULL)
                 for value, t in zip(values, ts, strict=False):
                     online.add_marker(float(t), str(np.ravel(value)[0]))
             elif self._stim is not None:

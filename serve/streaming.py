@@ -107,8 +107,8 @@ class OnlineDecoder:
         kinds = info.get("kinds") or ["mag"] * len(names)
         self.saturation = np.array([SATURATION.get(k, 1e-8) for k in kinds])
         self.n_chans, self.n_times = len(names), int(info["n_times"])
-        self.q = self.filter.factor
-        self.sfreq_dec = self.sfreq / self.q
+        self.ratio = self.filter.rate.ratio  # stream samples per output sample
+        self.sfreq_dec = self.sfreq / self.ratio
         self.first = int(round(self.recipe.tmin * self.sfreq_dec))  # onset -> window start
         # fixed-size rings, one slot per decimated sample: filtered data and timestamps, and
         # the raw samples' min / max / any-NaN per slot (signal quality of any window)
@@ -121,10 +121,19 @@ class OnlineDecoder:
         self.seq = 0
         self.samples = self.gaps = self.dropped = self.clock_jumps = 0
         self.latencies: deque[float] = deque(maxlen=2000)
+        #: where the time goes (ms, the last 2000 of each): per chunk the filter and rate
+        #: conversion, per decoded window its preparation, the encoder and the retrieval
+        self.timings: dict[str, deque[float]] = {
+            stage: deque(maxlen=2000) for stage in ("filter", "window", "encode", "retrieve")}
         self.pending: list[tuple[float, str]] = []  # markers waiting for their last sample
         self.last_quality: dict[str, Any] | None = None
         self.last_window: tuple[np.ndarray, np.ndarray] | None = None  # (model input, mask)
         self._reset(None)
+        # one decoding of an empty window now: the model's caches (spatial attention, read-out
+        # factors) and the gallery index are built here, not in the first live window
+        emb = decoder.encode(np.zeros((self.n_chans, self.n_times), np.float32),
+                             subject=self.subject, mask=self.used)
+        decoder.retrieve(emb, k=params.top_k, split=params.split)
 
     # ------------------------------------------------------------------ state
     def _reset(self, reason: str | None) -> None:
@@ -182,6 +191,7 @@ class OnlineDecoder:
     def _segment(self, chunk: np.ndarray, timestamps: np.ndarray,
                  arrival: float) -> list[dict[str, Any]]:
         """A piece of a chunk without breaks inside."""
+        t_filter = time.perf_counter()
         x = chunk[:, self.picks].T * self.to_si[:, None]
         n = x.shape[1]
         self.samples += n
@@ -196,22 +206,29 @@ class OnlineDecoder:
                 np.maximum.accumulate(idx, out=idx)
                 row[:] = np.where(idx >= 0, row[np.maximum(idx, 0)], self.hold[c])
         self.hold = x[:, -1].copy()
-        offset = self.filter.next_offset
+        rate = self.filter.rate
+        n_in, n_out = rate.n_in, rate.n_out
         out = self.filter.process(x)
-        self._write_ring(out, timestamps[offset::self.q])
+        # each output sample's time: its position between the stream samples around it (the
+        # first may lie between the previous chunk's last sample and this chunk's first)
+        pos = rate.positions(n_out, rate.n_out) - n_in
+        prev = timestamps[0] - 1 / self.sfreq if self.last_ts is None else self.last_ts
+        self._write_ring(out, np.interp(pos, np.arange(-1, n), np.r_[prev, timestamps]))
+        self.timings["filter"].append((time.perf_counter() - t_filter) * 1e3)
         self.n_raw += n
         self.last_ts = float(timestamps[-1])
         return self._due(arrival)
 
     def _write_slots(self, x: np.ndarray, bad: np.ndarray) -> None:
         """Per slot (the raw samples of one decimated sample): min, max and any NaN."""
-        slots = (self.n_raw + np.arange(x.shape[1])) // self.q
+        slots = np.floor((self.n_raw + np.arange(x.shape[1])) / self.ratio).astype(np.int64)
         starts = np.flatnonzero(np.r_[True, slots[1:] != slots[:-1]])
         lo = np.minimum.reduceat(np.where(bad, np.inf, x), starts, axis=1)
         hi = np.maximum.reduceat(np.where(bad, -np.inf, x), starts, axis=1)
         nan = np.logical_or.reduceat(bad, starts, axis=1)
         idx = slots[starts] % self.cap
-        if self.n_raw % self.q:  # the first slot continues the previous chunk's last one
+        # the first slot continues the previous chunk's last one
+        if self.n_raw and slots[0] == np.floor((self.n_raw - 1) / self.ratio):
             first = idx[0]
             lo[:, 0] = np.minimum(lo[:, 0], self.slot_min[:, first])
             hi[:, 0] = np.maximum(hi[:, 0], self.slot_max[:, first])
@@ -228,10 +245,15 @@ class OnlineDecoder:
         self.n_dec += m
 
     # ------------------------------------------------------------------ windows
+    def _ring(self, start: int, stop: int) -> slice | np.ndarray:
+        """Ring slots of the output samples ``[start, stop)`` (absolute indices since the
+        reset): a slice (a view, no copy) unless they wrap around the ring's end."""
+        a, b = start % self.cap, (stop - 1) % self.cap + 1
+        return slice(a, b) if a < b else np.arange(start, stop) % self.cap
+
     def _window(self, end: int) -> np.ndarray:
-        """Decimated samples ``[end - n_times, end)`` (absolute indices since the reset)."""
-        idx = np.arange(end - self.n_times, end) % self.cap
-        return self.ring[:, idx]
+        """Output samples ``[end - n_times, end)``."""
+        return self.ring[:, self._ring(end - self.n_times, end)]
 
     def _due(self, arrival: float) -> list[dict[str, Any]]:
         messages = []
@@ -240,7 +262,7 @@ class OnlineDecoder:
             t_m, value = self.pending[0]
             # the nearest input sample, then the decimated one (half to even, as the offline
             # epochs: a marker on an input sample between two kept ones lands where it does)
-            onset = round(round((t_m - self.t0) * self.sfreq) / self.q)
+            onset = round(round((t_m - self.t0) * self.sfreq) / self.ratio)
             start = onset + self.first
             end = start + self.n_times
             if end > self.n_dec:
@@ -252,8 +274,9 @@ class OnlineDecoder:
                                                     "epoch is not in the buffer"))
                 continue
             messages.append(self._decode(end, "event", arrival, marker=value))
-        # sliding mode: the latest window every hop seconds of stream time
-        if self.params.hop > 0 and self.n_dec >= 1:
+        # sliding mode: the latest window every hop seconds of stream time; after an event's
+        # decoding it waits for the next chunk, so that neither waits for the other
+        if self.params.hop > 0 and self.n_dec >= 1 and not messages:
             latest = self.ring_ts[(self.n_dec - 1) % self.cap]
             if self.next_slide is None:
                 self.next_slide = latest
@@ -267,7 +290,7 @@ class OnlineDecoder:
 
     def _quality(self, end: int) -> tuple[dict[str, Any], np.ndarray]:
         """Signal quality of the window ending at ``end`` and the channels to mask."""
-        idx = np.arange(max(end - self.n_times, 0), max(end, 1)) % self.cap
+        idx = self._ring(max(end - self.n_times, 0), max(end, 1))
         nan = self.slot_nan[:, idx].any(axis=1) & self.used
         lo, hi = self.slot_min[:, idx].min(axis=1), self.slot_max[:, idx].max(axis=1)
         saturated = (np.maximum(np.abs(lo), np.abs(hi)) >= self.saturation) & self.used \
@@ -284,6 +307,7 @@ class OnlineDecoder:
 
     def _decode(self, end: int, mode: str, arrival: float, *,
                 marker: str | None = None) -> dict[str, Any]:
+        t0 = time.perf_counter()
         quality, keep = self._quality(end)
         if end < self.n_times:  # not a full window since the reset
             return self._message(mode, end, arrival, marker=marker, quality=quality,
@@ -292,8 +316,13 @@ class OnlineDecoder:
         x = self.decoder.meg_window(self._window(end), subject=self.subject)
         x[~keep] = 0.0
         self.last_window = (x, keep)
+        t1 = time.perf_counter()
         emb = self.decoder.encode(x, subject=self.subject, mask=keep)
+        t2 = time.perf_counter()
         hits = self.decoder.retrieve(emb, k=self.params.top_k, split=self.params.split)[0]
+        t3 = time.perf_counter()
+        for stage, dt in (("window", t1 - t0), ("encode", t2 - t1), ("retrieve", t3 - t2)):
+            self.timings[stage].append(dt * 1e3)
         self.gap_pending = False
         return self._message(mode, end, arrival, marker=marker, quality=quality, hits=hits,
                              embedding=emb[0])
@@ -324,10 +353,13 @@ class OnlineDecoder:
     # ------------------------------------------------------------------ status
     def stats(self) -> dict[str, Any]:
         lat = np.asarray(self.latencies)
+        timing = {stage: {"p50": round(float(np.percentile(v, 50)), 3),
+                          "p99": round(float(np.percentile(v, 99)), 3)}
+                  for stage, v in self.timings.items() if len(v)}
         return {"samples": self.samples, "gaps": self.gaps, "dropped": self.dropped,
                 "clock_jumps": self.clock_jumps, "messages": self.seq,
                 "latency_p50_ms": round(float(np.percentile(lat, 50)), 3) if len(lat) else None,
                 "latency_p99_ms": round(float(np.percentile(lat, 99)), 3) if len(lat) else None,
                 "quality": self.last_quality, "missing_channels": self.missing[:20],
                 "window_s": round(self.window_s, 4), "sfreq": self.sfreq,
-                "pending_markers": len(self.pending)}
+                "pending_markers": len(self.pending), "timing_ms": timing}

@@ -58,6 +58,21 @@ def test_bad_input_reaches_the_user_without_traceback(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["train", "trainer.max_epoch=2"],
+     "no config key 'trainer.max_epoch'; did you mean trainer.max_epochs?"),
+    (["run", "data=bidz"], "config group 'data' has no option 'bidz' (did you mean 'bids'?); "
+     "available: bids, sample_fmri, sample_meg"),
+], ids=["key", "group-option"])
+def test_config_typos_in_one_line(tmp_path, args, message):
+    """A mistyped key or config group option stops Hydra's composition with one line (exit
+    2) that names it and what exists, before any run directory is made."""
+    out = _run(*args, f"paths.root_dir={tmp_path}", cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.splitlines() == [f"[neurorecon] error: {message}"]
+    assert not (tmp_path / "runs").exists()
+
+
 def test_every_subpackage_is_packaged():
     """A folder with an __init__.py that pyproject does not list would be missing once installed."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]

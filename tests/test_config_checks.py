@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from neurorecon.models.common.checks import DataError
-from neurorecon.pipelines.config_checks import OPTIONS, check_config
+from neurorecon.pipelines.config_checks import NUMBERS, OPTIONS, check_config
 
 from .conftest import compose_stage
 
@@ -39,13 +39,59 @@ def test_every_option_is_checked(tmp_path):
         check_config(bad_gen)
 
 
-def test_cli_stops_before_any_work_with_one_line(tmp_path):
+def test_every_number_is_checked(tmp_path):
+    """A number out of range stops with one line naming the key, the value and the range."""
+    for key in NUMBERS:
+        cfg = compose_stage("run", tmp_path, [f"{key}=-5"])
+        with pytest.raises(DataError) as err:
+            check_config(cfg)
+        msg = str(err.value)
+        assert "\n" not in msg and msg.startswith(f"Invalid value for '{key}': -5. "), msg
+    bad_item = compose_stage("run", tmp_path, ["readout.meg.bin_widths=[0.05,0]"])
+    with pytest.raises(DataError, match=r"'readout\.meg\.bin_widths\[1\]': 0\. Allowed values: "
+                       r"a number > 0\."):
+        check_config(bad_item)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["preprocess.meg.tmax=-1"], "'preprocess.meg.tmax': -1. Allowed values: a number > -0.5 "
+     "(preprocess.meg.tmin is -0.5 s)."),
+    (["preprocess.meg.sfreq=0"], "'preprocess.meg.sfreq': 0. Allowed values: a number > 0."),
+    (["preprocess.meg.l_freq=30", "preprocess.meg.h_freq=20"],
+     "'preprocess.meg.h_freq': 20. Allowed values: null or a number in (30, 60) (above "
+     "preprocess.meg.l_freq and below the Nyquist frequency of preprocess.meg.sfreq=120 Hz"),
+    (["preprocess.meg.h_freq=100"], "'preprocess.meg.h_freq': 100. Allowed values: null or a "
+     "number in (0.1, 60)"),
+    (["preprocess.meg.l_freq=-1"], "'preprocess.meg.l_freq': -1."),
+    (["preprocess.meg.baseline=[0.2,0.1]"], "'preprocess.meg.baseline[1]': 0.1. Allowed "
+     "values: null or a number in [0.2, 1]"),
+    (["preprocess.meg.iir_order=2.5"], "'preprocess.meg.iir_order': 2.5. Allowed values: an "
+     "integer >= 1."),
+    (["preprocess.meg.clamp=0"], "'preprocess.meg.clamp': 0. Allowed values: null or a "
+     "number > 0."),
+    (["preprocess.fmri.high_pass=0"], "'preprocess.fmri.high_pass': 0. Allowed values: a "
+     "number > 0."),
+    (["preprocess.fmri.smoothing_fwhm=-4"], "'preprocess.fmri.smoothing_fwhm': -4."),
+])
+def test_recipe_values_are_checked(tmp_path, overrides, message):
+    """The preprocessing recipes are checked by the code that reads them, before any work."""
+    with pytest.raises(DataError) as err:
+        check_config(compose_stage("run", tmp_path, overrides))
+    assert str(err.value).startswith(f"Invalid value for {message}"), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "data=bids", "data.modality=eeg"],
+     "Invalid value for 'data.modality': 'eeg'. Allowed values: ['meg', 'fmri']."),
+    (["preprocess", "data=bids", "preprocess.meg.tmax=-1"],
+     "Invalid value for 'preprocess.meg.tmax': -1. Allowed values: a number > -0.5 "
+     "(preprocess.meg.tmin is -0.5 s)."),
+], ids=["option", "number"])
+def test_cli_stops_before_any_work_with_one_line(tmp_path, args, message):
     exe = Path(sys.executable).parent / "neurorecon"
-    out = subprocess.run([str(exe), "run", "data=bids", f"data.root={tmp_path}",
-                          "data.modality=eeg", f"paths.root_dir={tmp_path}"],
+    out = subprocess.run([str(exe), *args, f"data.root={tmp_path}", f"paths.root_dir={tmp_path}"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr[-2000:]
-    assert "Traceback" not in out.stderr
-    assert "Invalid value for 'data.modality': 'eeg'. Allowed values: ['meg', 'fmri']" in \
-        out.stderr
+    assert out.stderr.splitlines() == [f"[neurorecon] error: {message}"]
     assert not (tmp_path / "cache").exists()  # nothing was computed

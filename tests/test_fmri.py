@@ -420,3 +420,38 @@ def test_truncated_session_file_is_named(fmri_root, single_trials, tmp_path):
     with pytest.raises(DataError, match="truncated or corrupt") as info:
         load_betas(found, bids_root=tmp_path, params={"zscore": "session"})
     assert bad.name in str(info.value)
+
+
+def test_missing_bold_run_is_an_error_or_a_recorded_skip(fmri_root, tmp_path, caplog):
+    """A run whose events and sidecar exist but whose BOLD file does not stops preprocessing
+    with an error naming the file (it used to be skipped silently); ``data.missing_runs=warn``
+    leaves it out with a warning naming it, and the run records it (metrics.json
+    ``data.skipped_runs``, the report)."""
+    from neurorecon.pipelines.evaluate.summary import write_report
+    from neurorecon.pipelines.preprocess.run import preprocess_data, skipped_runs
+
+    from .conftest import compose_stage
+
+    root = Path(shutil.copytree(fmri_root, tmp_path / "fmri"))
+    missing = "sub-02/func/sub-02_task-images_run-02_bold.nii.gz"
+    (root / missing).unlink()
+    cfg = compose_stage("preprocess", tmp_path, ["data=bids", f"data.root={root}",
+                                                 "data.modality=fmri"])
+    with pytest.raises(DataError) as err:
+        preprocess_data(cfg.data, cfg.preprocess, cache_dir=cfg.paths.cache_dir)
+    assert str(err.value).splitlines() == [
+        f"{root}: 1 run(s) have an events file but no recording: {missing}",
+        "  -> restore the recording(s), or set data.missing_runs=warn to leave these runs out"]
+    assert not Path(cfg.paths.cache_dir).exists()  # stopped before any work
+
+    warn = compose_stage("run", tmp_path, ["data=bids", f"data.root={root}",
+                                           "data.modality=fmri", "data.missing_runs=warn"])
+    with caplog.at_level("WARNING", logger="neurorecon"):
+        recordings = find_recordings(root, modality="fmri", missing_runs="warn")
+    assert len(recordings) == 3
+    assert f"1 run(s) left out, their events file has no recording: {missing}" in caplog.text
+    assert skipped_runs(warn.data) == [missing]
+    report = write_report(tmp_path, {"modality": "fmri", "n_test": 1,
+                                     "data": {"skipped_runs": skipped_runs(warn.data)}})
+    assert f"**1 run(s) left out** (events file without recording, `data.missing_runs=warn`): " \
+        f"`{missing}`" in report.read_text()

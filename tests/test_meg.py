@@ -219,16 +219,41 @@ def test_streamed_windows_equal_offline_causal_epochs(sample_root):
         np.testing.assert_allclose(win, sub.X[row], rtol=1e-4, atol=1e-4)
 
 
-def test_causal_needs_an_integer_rate_ratio_and_names_one():
-    """1000 Hz -> 120 Hz cannot be decimated causally; the error says which rate can."""
+@pytest.mark.parametrize("sfreq", [1000.0, 600.614, 2000.0])
+def test_causal_preprocessing_at_any_rate_streams_identically(sample_root, sfreq):
+    """Causal filtering reaches 120 Hz from any input rate (a Neuromag's 600.614 Hz too): the
+    streamed form in random chunks equals the offline one, and the interpolated samples are
+    the signal at the output times."""
     from neurorecon.pipelines.preprocess.meg import filter_and_decimate
 
-    raw = mne.io.RawArray(np.zeros((2, 2000)), mne.create_info(2, 1000.0, "mag"), verbose=False)
-    with pytest.raises(DataError, match=r"preprocess\.meg\.sfreq=125"):
+    rec = _first_recording(sample_root / "meg")
+    raw = mne_bids.read_raw_bids(rec.bids_path, verbose=False)
+    data = raw.pick("meg", exclude=[]).crop(0, 10).load_data(verbose=False).get_data()[:40]
+    raw = mne.io.RawArray(data, mne.create_info(40, sfreq, "mag"), verbose=False)
+    params = MegParams(phase="causal", sfreq=120.0)
+    offline = filter_and_decimate(raw.copy(), params)
+    assert offline.info["sfreq"] == pytest.approx(120.0)
+    stream = StreamingMegFilter(sfreq=sfreq, n_chans=40, params=params)
+    streamed = _stream_in_chunks(stream, data, max_chunk=97, seed=2)
+    assert streamed.shape == offline.get_data().shape
+    np.testing.assert_allclose(streamed, offline.get_data(), rtol=1e-9,
+                               atol=1e-12 * np.abs(streamed).max())
+    # a 10 Hz sine (in the pass band, after the filter's onset) lands on the output times
+    t = np.arange(int(20 * sfreq)) / sfreq
+    sine = mne.io.RawArray(np.sin(2 * np.pi * 10 * t)[None], mne.create_info(1, sfreq, "mag"),
+                           verbose=False)
+    out = filter_and_decimate(sine, MegParams(phase="causal", sfreq=120.0, l_freq=None,
+                                              h_freq=None))
+    expected = np.sin(2 * np.pi * 10 * np.arange(out.n_times) / 120.0)
+    np.testing.assert_allclose(out.get_data()[0], expected, atol=0.003)
+
+
+def test_causal_refuses_to_raise_the_rate():
+    from neurorecon.pipelines.preprocess.meg import filter_and_decimate
+
+    raw = mne.io.RawArray(np.zeros((2, 200)), mne.create_info(2, 100.0, "mag"), verbose=False)
+    with pytest.raises(DataError, match=r"100 Hz .*preprocess\.meg\.sfreq=120"):
         filter_and_decimate(raw, MegParams(phase="causal", sfreq=120.0))
-    with pytest.raises(DataError, match="the stream's rate 1000 Hz"):
-        StreamingMegFilter(sfreq=1000.0, n_chans=2, params=MegParams(phase="causal"))
-    assert filter_and_decimate(raw, MegParams(phase="causal", sfreq=125.0)).info["sfreq"] == 125
 
 
 def test_preprocess_meg_workers_and_cache_folder(sample_root, tmp_path):
@@ -244,3 +269,71 @@ def test_preprocess_meg_workers_and_cache_folder(sample_root, tmp_path):
         assert isinstance(two.subjects[label].X, np.memmap)
         np.testing.assert_array_equal(two.subjects[label].X, sub.X)
         assert two.recipe["subjects"][label] == serial.recipe["subjects"][label]
+
+
+def _broken_copy(sample_root: Path, dest: Path, *, recordings: bool) -> Path:
+    """A copy of the sample MEG dataset that a test may break (its recordings, 45 MB each,
+    as empty placeholders unless ``recordings``)."""
+    skip = () if recordings else ("*_meg.fif",)
+    root = Path(shutil.copytree(sample_root / "meg", dest, ignore=shutil.ignore_patterns(*skip)))
+    if not recordings:
+        for sidecar in root.rglob("*_meg.json"):
+            sidecar.with_suffix(".fif").touch()
+    return root
+
+
+def test_broken_recording_is_named_not_its_events(sample_root, tmp_path, caplog, recwarn):
+    """An empty or truncated FIF stops preprocessing with one error naming the file (the
+    truncated one with the duration read and the sidecar's), not with a traceback or an
+    error blaming the events; MNE's warnings about the broken file stay out of the way, and
+    the cache keeps what it held."""
+    import json
+    import re
+
+    from neurorecon.pipelines.preprocess.run import preprocess_data
+
+    from .conftest import compose_stage
+
+    root = _broken_copy(sample_root, tmp_path / "meg", recordings=True)
+    fif = find_recordings(root, modality="meg")[0].fpath
+    expected = json.loads(fif.with_suffix(".json").read_text())["RecordingDuration"]
+    cfg = compose_stage("preprocess", tmp_path, ["data=bids", f"data.root={root}"])
+    earlier = Path(cfg.paths.cache_dir) / "preproc" / "earlier-entry"
+    earlier.mkdir(parents=True)
+    (earlier / "X.npy").write_bytes(b"kept")
+
+    whole = fif.read_bytes()
+    fif.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError) as err:
+        preprocess_data(cfg.data, cfg.preprocess, cache_dir=cfg.paths.cache_dir)
+    first = str(err.value).splitlines()[0]
+    read = re.fullmatch(rf"{re.escape(str(fif))}: truncated recording: (\d+\.\d\d) s read, but "
+                        rf"{fif.stem}\.json gives RecordingDuration {expected:.2f} s", first)
+    assert read and 0 < float(read[1]) < expected - 10, first
+    assert not [w for w in recwarn if "Invalid tag" in str(w.message)]
+    assert not [r for r in caplog.records if r.name == "neurorecon"]
+
+    fif.write_bytes(b"")
+    with pytest.raises(DataError) as err:
+        preprocess_data(cfg.data, cfg.preprocess, cache_dir=cfg.paths.cache_dir)
+    assert str(err.value) == f"{fif}: empty MEG recording (0 bytes)"
+    # nothing written before is lost, nothing half-written is left
+    assert (earlier / "X.npy").read_bytes() == b"kept"
+    assert [p.name for p in earlier.parent.iterdir()] == ["earlier-entry"]
+
+
+def test_missing_recording_is_an_error_or_a_listed_skip(sample_root, tmp_path, caplog):
+    """A run whose events file exists but whose recording does not is an error naming the
+    missing file; with ``missing_runs="warn"`` the run is left out with a warning naming it."""
+    root = _broken_copy(sample_root, tmp_path / "meg", recordings=False)
+    missing = "sub-02/ses-01/meg/sub-02_ses-01_task-images_run-01_meg.*"
+    (root / missing).with_suffix(".fif").unlink()
+    with pytest.raises(DataError) as err:
+        find_recordings(root, modality="meg")
+    assert str(err.value).splitlines() == [
+        f"{root}: 1 run(s) have an events file but no recording: {missing}",
+        "  -> restore the recording(s), or set data.missing_runs=warn to leave these runs out"]
+    with caplog.at_level("WARNING", logger="neurorecon"):
+        recordings = find_recordings(root, modality="meg", missing_runs="warn")
+    assert [r.subject for r in recordings] == ["01"]
+    assert f"1 run(s) left out, their events file has no recording: {missing}" in caplog.text

@@ -51,6 +51,27 @@ def _feed(online, data, ts, sizes=(7, 13, 10, 1, 29)):
         start, k = start + n, k + 1
 
 
+def test_online_event_mode_equals_offline_at_another_rate(meg):
+    """A 1000 Hz stream into a bundle trained on 1200 Hz recordings at 120 Hz (a non-integer
+    ratio: causal interpolation): each marked trial's embedding equals the offline decoding of
+    the same 1000 Hz recording."""
+    decoder, raw, events, _, subject = meg
+    raw = raw.copy().resample(1000.0, verbose=False)
+    # a 1000 Hz recording's events lie on its samples
+    events = events.assign(onset=np.round(events["onset"] * 1000.0) / 1000.0)
+    offline = decoder.encode(decoder.prepare_meg(raw.copy(), subject=subject, events=events),
+                             subject=subject)
+    online, messages = _online((decoder, raw, events, offline, subject), hop=0, embeddings=True)
+    t0 = 20.0
+    for onset, stim in zip(events["onset"], events["stim_file"], strict=True):
+        online.add_marker(t0 + onset, stim)
+    data = raw.get_data().T
+    _feed(online, data, t0 + np.arange(len(data)) / 1000.0, sizes=(17, 3, 40, 1, 9))
+    decoded = [m for m in messages if m["mode"] == "event"]
+    assert [m["marker"] for m in decoded] == list(events["stim_file"])
+    np.testing.assert_allclose([m["embedding"] for m in decoded], offline, atol=1e-4, rtol=0)
+
+
 def test_online_event_mode_equals_offline(meg):
     """Chunks of any size through the causal filter, ring buffer and the bundle: each marked
     trial's embedding equals the offline decoding of the same trial (phase=causal bundle)."""
@@ -117,8 +138,8 @@ def test_streams_the_bundle_cannot_decode_are_clear_errors(meg):
     from neurorecon.serve.streaming import OnlineDecoder
 
     decoder, raw, _, _, subject = meg
-    with pytest.raises(DataError, match="1000"):  # 1000 Hz cannot be decimated to the recipe
-        OnlineDecoder(decoder, subject=subject, ch_names=raw.ch_names, sfreq=1000.0)
+    with pytest.raises(DataError, match="100 Hz"):  # below the recipe's rate
+        OnlineDecoder(decoder, subject=subject, ch_names=raw.ch_names, sfreq=100.0)
     with pytest.raises(DataError, match="lacks"):
         OnlineDecoder(decoder, subject=subject, ch_names=[f"EEG{i:03d}" for i in range(64)],
                       sfreq=raw.info["sfreq"])
@@ -233,7 +254,7 @@ def test_wrong_rate_stream_is_a_status_error(meg, short_recording, tmp_path):
     decoder, _, _, _, subject = meg
     raw = mne.io.read_raw_fif(short_recording, preload=True, verbose=False)
     path = tmp_path / "resampled_meg.fif"
-    raw.crop(0, 4).resample(1000.0, verbose=False).save(path, verbose=False)
+    raw.crop(0, 4).resample(100.0, verbose=False).save(path, verbose=False)
     name = f"nr-rate-{time.time_ns() % 10**8}"
     player = replay(path, name=name, wait_s=10)
     service = StreamService({"meg": decoder}, StreamSettings(source=name, subject=subject),
@@ -241,7 +262,7 @@ def test_wrong_rate_stream_is_a_status_error(meg, short_recording, tmp_path):
     service.start()
     try:
         assert _wait(lambda: service.state == "error", timeout=20), service.status()
-        assert "1000" in service.status()["error"]
+        assert "100 Hz" in service.status()["error"]
     finally:
         service.stop()
         if not player.finished:

@@ -35,6 +35,54 @@ def check_option(name: str, value: Any, allowed: Iterable[Any]) -> Any:
     return value
 
 
+def check_number(name: str, value: Any, *, low: float | None = None,
+                 high: float | None = None, low_open: bool = False, high_open: bool = False,
+                 integer: bool = False, none: bool = False, also: Iterable[Any] = (),
+                 why: str | None = None) -> Any:
+    """Return ``value`` if it is a number within the bounds, else raise a :class:`DataError`
+    (one line) naming ``name``, the value and what is allowed.
+
+    Parameters
+    ----------
+    name : str
+        The config key (or argument) the value comes from.
+    value : object
+        The value to check (booleans are not numbers here).
+    low, high : float | None
+        Bounds (None: unbounded), inclusive unless ``low_open`` / ``high_open``.
+    integer : bool
+        Whether only whole numbers are allowed.
+    none : bool
+        Whether None (``null``) is allowed too.
+    also : iterable
+        Further allowed values outside the bounds (e.g. ``-1`` for "every core").
+    why : str | None
+        Where the bounds come from, appended to the message.
+    """
+    also = list(also)
+    if (value is None and none) or (value in also and not isinstance(value, bool)):
+        return value
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if number and integer and not float(value).is_integer():
+        number = False
+    if number and value == value and (  # NaN fails every bound
+            (low is None or (value > low if low_open else value >= low))
+            and (high is None or (value < high if high_open else value <= high))):
+        return value
+    kind = "an integer" if integer else "a number"
+    if low is not None and high is not None:
+        bounds = f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        bounds = f" {'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        bounds = f" {'<' if high_open else '<='} {high:g}"
+    else:
+        bounds = ""
+    allowed = " or ".join([*(["null"] if none else []), *map(repr, also), kind + bounds])
+    raise DataError(f"Invalid value for {name!r}: {value!r}. Allowed values: {allowed}"
+                    + (f" ({why})." if why else "."))
+
+
 def check_file(path: str | Path, *, what: str = "file") -> Path:
     """Return ``path`` as a Path if it exists as a file, else raise :class:`DataError`."""
     path = Path(path)

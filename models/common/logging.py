@@ -44,18 +44,38 @@ def log_level(verbose: bool | str | int | None) -> Iterator[None]:
         logger.setLevel(old)
 
 
-def _no_tips(record: logging.LogRecord) -> bool:
-    """Drop Lightning's product tips ("💡 Tip: ... install litlogger")."""
-    return "Tip:" not in str(record.msg)
+#: Lightning's routine status lines, dropped from the console: product tips ("💡 Tip: ...
+#: install litlogger"), the device inventory ("GPU available: False, used: False"; the
+#: project's ``train:`` line names the device) and why ``fit`` stopped (the ``train:`` line
+#: gives the epochs). Its warnings ("GPU available but not used", ...) go through
+#: :mod:`warnings` and stay.
+_LIGHTNING_CHATTER = ("Tip:", "GPU available:", "TPU available:", "HPU available:",
+                      "LOCAL_RANK:", "`Trainer.fit` stopped:")
+#: the loggers that emit them
+_LIGHTNING_EMITTERS = ("lightning.pytorch.utilities.rank_zero",
+                       "lightning.fabric.utilities.rank_zero",
+                       "lightning.pytorch.accelerators.cuda")
+
+
+def _no_chatter(record: logging.LogRecord) -> bool:
+    """Whether ``record`` is not one of Lightning's routine status lines."""
+    message = str(record.msg)
+    return not any(part in message for part in _LIGHTNING_CHATTER)
 
 
 def configure_cli_logging(level: str = "INFO") -> None:
     """Console and log-file output of a CLI run (entry points only; library code never calls
-    this): each line once, no Lightning tips.
+    this): each line once, the project's lines and real warnings only.
 
     The package logger gets one stderr handler (``[neurorecon] message``) and writes to the
     run's log file (the file handler Hydra put on the root logger) too; Lightning's own console
-    handler stays its only output (no second copy through the root logger), without tips.
+    handler stays its only output (no second copy through the root logger), without its
+    routine status lines (tips, device inventory, why ``fit`` stopped).
+
+    This is the one place where third-party output is silenced; everything else is fixed
+    where it is caused (explicit ``weights_only``, no diffusers bars or ``accelerate`` notice
+    in :func:`neurorecon.models.generators.base.load_quietly`, a logging interval that fits
+    the epoch, figures laid out without warnings).
     """
     if not any(getattr(h, "_neurorecon", False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)
@@ -70,10 +90,10 @@ def configure_cli_logging(level: str = "INFO") -> None:
     logging.getLogger("lightning").propagate = False
     # one known third-party deprecation notice per process start, not ours to fix
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    for name in _LIGHTNING_EMITTERS:
         emitter = logging.getLogger(name)
-        if _no_tips not in emitter.filters:
-            emitter.addFilter(_no_tips)
+        if _no_chatter not in emitter.filters:
+            emitter.addFilter(_no_chatter)
 
 
 def interactive() -> bool:

@@ -8,7 +8,8 @@ paper used; every output that uses it carries the note.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -54,6 +55,29 @@ def conditioning(embeddings: np.ndarray, *, scale: str, target_norm: float) -> n
     if scale == "raw":
         return unit * np.float32(target_norm)
     raise ValueError(f"embedding scale must be 'unit' or 'raw', got {scale!r}")
+
+
+def load_quietly(pipeline_cls: type, path: str | Path, **kwargs: Any):
+    """``pipeline_cls.from_pretrained(path, local_files_only=True, **kwargs)`` without diffusers'
+    console output: no "Loading pipeline components" bar (the caller logs what it loaded) and no
+    bar when the pipeline is called (``logging.progress`` draws one over batches instead).
+
+    Low-memory loading is asked for only where ``accelerate`` is installed: diffusers defaults to
+    it and, without ``accelerate``, warns on every load before falling back to normal loading.
+    """
+    from diffusers.utils import is_accelerate_available
+    from diffusers.utils import logging as diffusers_logging
+
+    kwargs.setdefault("low_cpu_mem_usage", is_accelerate_available())
+    bars = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    try:
+        pipe = pipeline_cls.from_pretrained(path, local_files_only=True, **kwargs)
+    finally:
+        if bars:
+            diffusers_logging.enable_progress_bar()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def check_embeddings(embeddings: np.ndarray, *, emb_dim: int, what: str) -> np.ndarray:

@@ -84,6 +84,7 @@ class IpAdapterGenerator:
                  device: str = "cpu"):
         from diffusers import StableDiffusionPipeline
         from diffusers.models.embeddings import ImageProjection
+        from diffusers.utils import is_accelerate_available
 
         what = "Stable Diffusion weights"
         self.path = resolve_model_dir(path, revision=revision, what=what)
@@ -104,7 +105,8 @@ class IpAdapterGenerator:
             _check_adapter_file(weight_file, cross_attention_dim=cross_dim)
         self.pipe.load_ip_adapter(str(adapter_dir), subfolder=ip_adapter_subfolder,
                                   weight_name=ip_adapter_weight_name, image_encoder_folder=None,
-                                  local_files_only=True)
+                                  local_files_only=True,
+                                  low_cpu_mem_usage=is_accelerate_available())  # see load_quietly
         self.pipe.set_ip_adapter_scale(self.scale)
         projection = self.pipe.unet.encoder_hid_proj.image_projection_layers[0]
         if not isinstance(projection, ImageProjection):

@@ -28,7 +28,7 @@ from PIL import Image
 from neurorecon.models.common.checks import DataError, check_option
 from neurorecon.models.common.logging import logger, progress
 
-from .base import check_embeddings
+from .base import check_embeddings, load_quietly
 
 if TYPE_CHECKING:  # heavy imports stay lazy
     import torch
@@ -202,19 +202,18 @@ def check_text_embeddings(text_embeddings: np.ndarray | None, *, n: int, hidden_
 
 
 def load_pipeline(pipeline_cls: type, path: Path, *, dtype: str, device: str, what: str):
-    """``pipeline_cls.from_pretrained(path, local_files_only=True)`` moved to ``device``.
+    """``pipeline_cls.from_pretrained(path, local_files_only=True)`` moved to ``device``
+    (:func:`.base.load_quietly`: no diffusers bars; a bar over batches via ``logging.progress``).
 
     A missing weight file inside a component folder (OSError from the loaders) becomes a
     :class:`DataError` naming the directory.
     """
     try:
-        pipe = pipeline_cls.from_pretrained(path, local_files_only=True, dtype=torch_dtype(dtype))
+        pipe = load_quietly(pipeline_cls, path, dtype=torch_dtype(dtype))
     except OSError as err:
         raise DataError(f"{what}: could not load the pipeline ({err})", path=path,
                         hint="the directory is incomplete; copy it again from its source") from err
-    pipe = pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)  # one bar over batches instead (logging.progress)
-    return pipe
+    return pipe.to(device)
 
 
 class StableUnclipGenerator:

@@ -24,7 +24,7 @@ from PIL import Image
 from neurorecon.models.common.checks import DataError
 from neurorecon.models.common.logging import progress
 
-from .base import check_embeddings, check_images
+from .base import check_embeddings, check_images, load_quietly
 
 NOTE = ("embedded conditional diffusion model trained by neurorecon on the training-split "
         "stimulus images and their embeddings (a low-resolution stand-in for Stable unCLIP / "
@@ -139,8 +139,7 @@ class EmbeddingDiffusionGenerator:
             raise DataError("no trained generator here (model_index.json missing)", path=path,
                             hint="train one with `neurorecon reconstruct` (generator=embedded)")
         self.path = path
-        self.pipe = EmbeddingDiffusionPipeline.from_pretrained(path, local_files_only=True)
-        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe = load_quietly(EmbeddingDiffusionPipeline, path)
         self.emb_dim, self.resolution = self.pipe.emb_dim, self.pipe.resolution
 
     def generate(self, embeddings: np.ndarray, *, seed: int = 0, steps: int = 25,

@@ -412,6 +412,7 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
         self.mse_head = ProjectionHead(in_dim=head_dim, out_dim=n_outputs,
                                        hidden_dim=head_hidden_dim, dropout=dropout)
         self.readout_bins: list[tuple[int, int]] = []
+        self._readout_factors_cache: dict[int, tuple] = {}  # single-window fast path (no state)
         if readout is not None:
             self._build_readout(readout, n_outputs=n_outputs)
 
@@ -463,8 +464,37 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
         feats = bin_means(x, self.readout_bins, mask)  # (B, C_s * n_bins)
         weight = self.readout_weight[:, :, :feats.shape[1]]
         if bool((subject == subject[0]).all()):
-            return feats @ weight[subject[0]].T + self.readout_bias[subject[0]]
+            s = int(subject[0])
+            factors = (self._readout_factors(s, feats.shape[1]) if len(x) == 1
+                       and not self.training and not torch.is_grad_enabled() else None)
+            if factors is not None:
+                return (feats @ factors[1].T) @ factors[0].T + self.readout_bias[s]
+            return feats @ weight[s].T + self.readout_bias[s]
         return torch.einsum("bf,bof->bo", feats, weight[subject]) + self.readout_bias[subject]
+
+    def _readout_factors(self, subject: int,
+                         n_feat: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Subject ``subject``'s read-out weights ``W (n_outputs, n_feat)`` as ``A @ B``,
+        ``A (n_outputs, r)``, ``B (r, n_feat)``, ``r`` the numerical rank of ``W``; None when
+        that is not smaller.
+
+        A ridge fitted on n trials has rank below n, so a single window (the real-time
+        decoder's case, where reading ``W`` is most of the read-out's time) multiplies by far
+        fewer weights. Computed once per weights (an SVD), kept outside the state.
+        """
+        key = (n_feat, self.readout_weight._version, self.readout_weight.data_ptr())
+        cached = self._readout_factors_cache.get(subject)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        w = self.readout_weight[subject, :, :n_feat].double()
+        u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+        rank = int((sv > sv[0] * 1e-7).sum()) if len(sv) and sv[0] > 0 else 0
+        factors = None
+        if rank * sum(w.shape) < w.numel():
+            factors = ((u[:, :rank] * sv[:rank]).float().contiguous(),
+                       vh[:rank].float().contiguous())
+        self._readout_factors_cache[subject] = (key, factors)
+        return factors
 
     # ------------------------------------------------------------------ checks
     def check_inputs(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,

@@ -58,7 +58,7 @@ def select_stimuli(data, *, images: str) -> tuple[Path, list[str]]:
     ----------
     data : DictConfig
         The ``data`` config (``root``, ``modality``, ``subjects``, ``sessions``, ``tasks``,
-        ``stim_dir``, ``stim_column``, ``split_column``, ``test_value``).
+        ``missing_runs``, ``stim_dir``, ``stim_column``, ``split_column``, ``test_value``).
     images : str
         ``events`` (stimuli named in the recordings' events files) or ``all``.
     """
@@ -82,7 +82,8 @@ def select_stimuli(data, *, images: str) -> tuple[Path, list[str]]:
     spec = EventSpec.from_config(data)
     recordings = find_recordings(
         root, modality=str(data.modality), subjects=_list(data.get("subjects")),
-        sessions=_list(data.get("sessions")), tasks=_list(data.get("tasks")))
+        sessions=_list(data.get("sessions")), tasks=_list(data.get("tasks")),
+        missing_runs=str(data.get("missing_runs", "error")))  # older saved configs lack it
     stims: set[str] = set()
     for rec in recordings:
         stims.update(read_events(rec.events_path, bids_root=root, spec=spec)[spec.stim_column])

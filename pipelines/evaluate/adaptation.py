@@ -38,7 +38,7 @@ def adaptation_curve(cfg: DictConfig, *, preproc_dir: Path, embeddings_dir: Path
     from lightning import seed_everything
 
     # seeded here: what ran before (reconstruction, a cold generator cache) must not change it
-    seed_everything(int(cfg.seed), workers=True)
+    seed_everything(int(cfg.seed), workers=True, verbose=False)  # the seed is in the config
     out_dir = Path(out_dir) / "adaptation"
     full = build_datamodule(cfg, preproc_dir, embeddings_dir)
     labels = full.labels

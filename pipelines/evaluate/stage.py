@@ -65,6 +65,7 @@ def prepare_dataset(decoder: Decoder, data_cfg: DictConfig
             parts.setdefault(subject, []).append((X, trials))
     else:
         recordings = find_recordings(root, modality=decoder.modality,
+                                     missing_runs=str(data_cfg.missing_runs),
                                      **data_selection(data_cfg))
         for rec in progress(recordings, desc=f"{decoder.modality.upper()} recordings"):
             _known(decoder, rec.subject, rec.fpath)

@@ -95,6 +95,10 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any] | None = None) -> 
         lines += ["", f"Checkpoint: `{metrics['checkpoint']}`."]
     if metrics.get("embedder_note"):
         lines += ["", f"> {metrics['embedder_note']}"]
+    skipped = (metrics.get("data") or {}).get("skipped_runs")
+    if skipped:
+        lines += ["", f"> **{len(skipped)} run(s) left out** (events file without recording, "
+                  f"`data.missing_runs=warn`): {', '.join(f'`{s}`' for s in skipped)}"]
     if "retrieval" in metrics:
         lines += ["", "## Retrieval", ""]
         lines += _retrieval("Among the test images (metrics.json `retrieval`)",

@@ -33,6 +33,7 @@ from neurorecon.models.common.checks import (
     check_columns,
     check_file,
     check_finite,
+    check_number,
     check_option,
 )
 from neurorecon.models.common.logging import log_level, logger, progress
@@ -66,8 +67,10 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _params(params: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Plain dict of the ``preprocess.fmri`` options (DictConfig or mapping), checked."""
+def fmri_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Plain dict of the ``preprocess.fmri`` options (DictConfig or mapping) over
+    :data:`DEFAULTS`, checked: an unknown key or a value out of range is a
+    :class:`DataError` naming the key (the config is checked with this before any work)."""
     if params is not None and not isinstance(params, dict):
         from omegaconf import DictConfig, OmegaConf
 
@@ -76,11 +79,14 @@ def _params(params: Mapping[str, Any] | None) -> dict[str, Any]:
     out = {**DEFAULTS, **dict(params or {})}
     unknown = sorted(set(out) - set(DEFAULTS))
     if unknown:
-        raise ValueError(f"unknown preprocess.fmri option(s) {unknown}; known: {list(DEFAULTS)}")
+        raise DataError(f"unknown preprocess.fmri option(s) {unknown}; known: {list(DEFAULTS)}")
     check_option("preprocess.fmri.glm", out["glm"], GLMS)
     check_option("preprocess.fmri.zscore", out["zscore"], ZSCORE_MODES)
     check_option("preprocess.fmri.noise_model", out["noise_model"], NOISE_MODELS)
     check_option("preprocess.fmri.drift_model", out["drift_model"], DRIFT_MODELS)
+    check_number("preprocess.fmri.high_pass", out["high_pass"], low=0, low_open=True)
+    check_number("preprocess.fmri.smoothing_fwhm", out["smoothing_fwhm"], low=0,
+                 low_open=True, none=True)
     return out
 
 
@@ -248,7 +254,7 @@ def single_trial_betas(img, events: pd.DataFrame, *, tr: float, mask_img,
     from nilearn.maskers import NiftiMasker
     from threadpoolctl import threadpool_limits
 
-    params = _params(params)
+    params = fmri_params(params)
     n_scans = img.shape[3]
     frame_times = np.arange(n_scans) * tr
     n = len(events)
@@ -579,7 +585,7 @@ def preprocess_fmri(recordings, *, bids_root: str | Path, spec: EventSpec | None
     spec = EventSpec() if spec is None else spec
     bids_root = Path(bids_root)
     with log_level(verbose), output_folder(out) as (folder, in_memory):
-        params = _params(params)
+        params = fmri_params(params)
         recipe: dict[str, Any] = {"input": "bold", "space": "MNI152", **params, "subjects": {}}
         scratch = folder / ".parts"
         scratch.mkdir(parents=True, exist_ok=True)
@@ -703,7 +709,7 @@ def load_betas(betas: Sequence[tuple[Path, Path, str]], *, bids_root: str | Path
     spec = EventSpec() if spec is None else spec
     bids_root = Path(bids_root)
     with log_level(verbose), output_folder(out) as (folder, in_memory):
-        params = _params(params)
+        params = fmri_params(params)
         recipe: dict[str, Any] = {"input": "betas", **params, "subjects": {}}
         scratch = folder / ".parts"
         scratch.mkdir(parents=True, exist_ok=True)

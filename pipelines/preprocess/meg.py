@@ -7,16 +7,19 @@ channel (median / IQR fitted on *train* epochs only) -> clamp at ``±clamp`` -> 
 averaging of test repeats.
 
 The same transform exists in a causal, chunk-by-chunk form for the real-time decoder:
-:class:`StreamingMegFilter` (IIR state carried across chunks, decimation phase tracked) plus
+:class:`StreamingMegFilter` (IIR state carried across chunks, the output rate reached at any
+input rate by :class:`RateConverter`) plus
 :func:`scale_window` with scaler statistics frozen from calibration data. Its output equals the
 offline ``phase="causal"`` path sample for sample.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,12 @@ import mne
 import numpy as np
 import pandas as pd
 
-from neurorecon.models.common.checks import DataError, check_finite, check_option
+from neurorecon.models.common.checks import (
+    DataError,
+    check_finite,
+    check_number,
+    check_option,
+)
 from neurorecon.models.common.logging import logger
 
 from ..data.events import EventSpec, check_events_within, read_events
@@ -66,20 +74,47 @@ class MegParams:
     average_test_repeats: bool = True
 
     def __post_init__(self) -> None:
-        check_option("preprocess.meg.phase", self.phase, PHASES)
-        check_option("preprocess.meg.bad_channels", self.bad_channels, BAD_CHANNEL_MODES)
-        if self.tmax <= self.tmin:
-            raise ValueError(f"preprocess.meg: tmax ({self.tmax}) must exceed tmin ({self.tmin})")
-        if self.h_freq is not None and self.h_freq >= self.sfreq / 2:
-            raise ValueError(
-                f"preprocess.meg: h_freq={self.h_freq} Hz must be below the Nyquist frequency "
-                f"of the output rate sfreq={self.sfreq} Hz, or the decimation aliases"
-            )
+        """Raise :class:`DataError` naming the ``preprocess.meg`` key of the first value out
+        of its range (the config is checked with this before any work)."""
+        key = "preprocess.meg."
+        check_option(key + "phase", self.phase, PHASES)
+        check_option(key + "bad_channels", self.bad_channels, BAD_CHANNEL_MODES)
+        check_number(key + "sfreq", self.sfreq, low=0, low_open=True)
+        nyquist = self.sfreq / 2
+        check_number(key + "l_freq", self.l_freq, low=0, high=nyquist, low_open=True,
+                     high_open=True, none=True,
+                     why=f"below the Nyquist frequency of {key}sfreq={self.sfreq:g} Hz")
+        check_number(key + "h_freq", self.h_freq, low=self.l_freq or 0, high=nyquist,
+                     low_open=True, high_open=True, none=True,
+                     why=f"above {key}l_freq and below the Nyquist frequency of "
+                     f"{key}sfreq={self.sfreq:g} Hz, or the decimation aliases")
+        check_number(key + "iir_order", self.iir_order, low=1, integer=True)
+        check_number(key + "tmin", self.tmin)
+        check_number(key + "tmax", self.tmax, low=self.tmin, low_open=True,
+                     why=f"{key}tmin is {self.tmin:g} s")
+        if self.baseline is not None:
+            if not isinstance(self.baseline, tuple) or len(self.baseline) != 2:
+                raise DataError(f"Invalid value for {key + 'baseline'!r}: {self.baseline!r}. "
+                                "Allowed values: null or [start, end] (s, inside [tmin, tmax]; "
+                                "a null start is the epoch start).")
+            start = check_number(key + "baseline[0]", self.baseline[0], low=self.tmin,
+                                 high=self.tmax, none=True, why="inside the epoch [tmin, tmax]")
+            check_number(key + "baseline[1]", self.baseline[1],
+                         low=self.tmin if start is None else start, high=self.tmax,
+                         none=True, why="inside the epoch, from the baseline start on")
+        check_number(key + "clamp", self.clamp, low=0, low_open=True, none=True)
+        check_number(key + "bad_threshold", self.bad_threshold, low=0, low_open=True)
 
     @classmethod
     def from_mapping(cls, params: Mapping[str, Any]) -> MegParams:
+        """The recipe from a ``preprocess.meg`` mapping (config or stored recipe); unknown
+        keys are a :class:`DataError` listing the known ones."""
         values = dict(params)
-        if values.get("baseline") is not None:
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise DataError(f"unknown preprocess.meg option(s) {unknown}; known: {known}")
+        if isinstance(values.get("baseline"), list):
             values["baseline"] = tuple(values["baseline"])
         return cls(**values)
 
@@ -98,18 +133,6 @@ def decimation_factor(sfreq_in: float, sfreq_out: float) -> int | None:
     return int(round(ratio)) if abs(ratio - round(ratio)) < 1e-6 and ratio >= 1 else None
 
 
-def non_integer_rate(sfreq_in: float, sfreq: float, *, what: str,
-                     path: str | Path | None = None) -> DataError:
-    """The error for causal filtering at a rate that ``sfreq_in`` does not divide: a causal
-    decoder decimates by an integer factor (resampling is not causal); names the nearest
-    rate that works."""
-    factor = max(1, int(round(sfreq_in / sfreq)))
-    return DataError(
-        f"causal preprocessing needs an integer ratio between {what}'s rate {sfreq_in:g} Hz and "
-        f"preprocess.meg.sfreq={sfreq:g} Hz (set preprocess.meg.sfreq={sfreq_in / factor:g}, "
-        f"{sfreq_in:g}/{factor})", path=path)
-
-
 def causal_sos(sfreq: float, params: MegParams) -> np.ndarray:
     """Second-order sections of the causal Butterworth band-pass (designed by MNE)."""
     filt = mne.filter.create_filter(
@@ -120,34 +143,93 @@ def causal_sos(sfreq: float, params: MegParams) -> np.ndarray:
     return filt["sos"]
 
 
+class RateConverter:
+    """Brings band-limited samples from ``sfreq_in`` to ``sfreq_out`` chunk by chunk, causally.
+
+    Output sample ``k`` is the input at time ``k / sfreq_out`` from the first input sample:
+
+    * integer ratios keep every ``factor``-th sample (decimation);
+    * other ratios (1000 -> 120 Hz, a Neuromag's 600.614 Hz) interpolate linearly between the
+      two input samples around that time, so the output exists as soon as the later one has
+      arrived (less than one input period later). The band-pass below ``sfreq_out / 2`` is
+      the anti-alias filter; at the input rates of MEG systems (>= 5x the band-pass edge)
+      linear interpolation changes a 40 Hz component by < 3 % and a 10 Hz one by < 0.2 %.
+
+    Feeding the same samples in chunks of any size gives the same output, so the offline
+    causal path (:func:`filter_and_decimate`) and the streamed one
+    (:class:`StreamingMegFilter`) are equal.
+    """
+
+    def __init__(self, sfreq_in: float, sfreq_out: float):
+        if not sfreq_out <= sfreq_in:
+            raise DataError(f"cannot bring {sfreq_in:g} Hz data up to preprocess.meg.sfreq="
+                            f"{sfreq_out:g} Hz", hint=f"set preprocess.meg.sfreq <= {sfreq_in:g}")
+        self.sfreq_in, self.sfreq_out = float(sfreq_in), float(sfreq_out)
+        self.factor = decimation_factor(sfreq_in, sfreq_out)
+        #: input samples per output sample
+        self.ratio = float(self.factor) if self.factor else self.sfreq_in / self.sfreq_out
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new stream: the next input sample is sample 0."""
+        self.n_in = 0  # input samples seen
+        self.n_out = 0  # output samples produced
+        self._last: np.ndarray | None = None  # the previous chunk's last sample
+
+    def positions(self, start: int, stop: int) -> np.ndarray:
+        """Input positions (fractional sample indices) of output samples ``start..stop-1``."""
+        return np.arange(start, stop) * self.ratio
+
+    def process(self, chunk: np.ndarray) -> np.ndarray:
+        """The output samples that ``chunk`` (``(n_chans, n_samples)``) completes."""
+        n, first = chunk.shape[1], self.n_in
+        if self.factor is not None:
+            out = chunk[:, (-first) % self.factor :: self.factor]
+        else:
+            pos = self.positions(self.n_out, self.n_out + int(n / self.ratio) + 2)
+            pos = pos[pos < first + n - 1]  # both neighbours are in
+            if self._last is not None:
+                chunk_ = np.concatenate([self._last, chunk], axis=1)
+                first -= 1
+            else:
+                chunk_ = chunk
+            i = np.floor(pos).astype(np.int64)
+            frac = pos - i
+            i -= first
+            out = chunk_[:, i] * (1.0 - frac) + chunk_[:, i + 1] * frac
+            if n:
+                self._last = chunk[:, -1:].copy()
+        self.n_in += n
+        self.n_out += out.shape[1]
+        return out
+
+
 def filter_and_decimate(raw: mne.io.BaseRaw, params: MegParams) -> mne.io.BaseRaw:
     """Band-pass ``raw`` (in place) and bring it to ``params.sfreq``; return the new Raw.
 
-    Integer rate ratios decimate by keeping every ``factor``-th sample from the first one
-    (the anti-alias low-pass is the band-pass itself); other ratios use MNE's resampling,
-    which is not causal and so is refused with ``phase="causal"``.
+    The rate goes down by :class:`RateConverter` (decimation, or causal interpolation for
+    a non-integer ratio), whose anti-alias low-pass is the band-pass itself; zero-phase
+    filtering at a non-integer ratio uses MNE's resampling (not causal) instead.
     """
-    factor = decimation_factor(raw.info["sfreq"], params.sfreq)
-    if factor is None and params.phase == "causal":
-        raise non_integer_rate(raw.info["sfreq"], params.sfreq, what="the recording",
-                               path=(raw.filenames or [None])[0])
+    sfreq_in = raw.info["sfreq"]
     if params.l_freq is not None or params.h_freq is not None:
         if params.phase == "zero":
             raw.filter(params.l_freq, params.h_freq, picks="data", verbose=False)
         else:
             raw.filter(params.l_freq, params.h_freq, picks="data", method="iir",
-                       iir_params=dict(sos=causal_sos(raw.info["sfreq"], params)),
+                       iir_params=dict(sos=causal_sos(sfreq_in, params)),
                        phase="forward", verbose=False)
-    if factor is None:
+    converter = RateConverter(sfreq_in, params.sfreq)
+    if converter.factor is None and params.phase == "zero":
         return raw.resample(params.sfreq, verbose=False)
-    if factor == 1:
+    if converter.factor == 1:
         return raw
     info = raw.info.copy()
     with info._unlock():
-        info["sfreq"] = raw.info["sfreq"] / factor
+        info["sfreq"] = sfreq_in / converter.ratio
         info["lowpass"] = min(info["lowpass"], info["sfreq"] / 2)
-    # in time blocks that start on a kept sample: no second full-rate copy of the recording
-    data = np.concatenate([b[:, ::factor] for b in time_blocks(raw, 1024 * factor)], axis=1)
+    # in time blocks: no second full-rate copy of the recording
+    data = np.concatenate([converter.process(b) for b in time_blocks(raw, 8192)], axis=1)
     return mne.io.RawArray(data, info, first_samp=0, verbose=False)
 
 
@@ -158,10 +240,11 @@ def time_blocks(raw: mne.io.BaseRaw, n_samples: int):
 
 
 class StreamingMegFilter:
-    """Causal band-pass + decimation applied chunk by chunk (real-time form).
+    """Causal band-pass + rate conversion applied chunk by chunk (real-time form).
 
     Feeding a recording in chunks of any size gives, concatenated, exactly the output of
-    :func:`filter_and_decimate` with ``phase="causal"`` on the whole recording.
+    :func:`filter_and_decimate` with ``phase="causal"`` on the whole recording, at any input
+    rate (:class:`RateConverter`).
 
     Parameters
     ----------
@@ -178,9 +261,7 @@ class StreamingMegFilter:
 
         self._signal = signal
         self.sfreq_in = float(sfreq)
-        self.factor = decimation_factor(self.sfreq_in, params.sfreq)
-        if self.factor is None:
-            raise non_integer_rate(self.sfreq_in, params.sfreq, what="the stream")
+        self.rate = RateConverter(self.sfreq_in, params.sfreq)
         self.n_chans = n_chans
         self.sos = (
             causal_sos(self.sfreq_in, params)
@@ -189,18 +270,12 @@ class StreamingMegFilter:
         self.reset()
 
     def reset(self) -> None:
-        """Forget the filter state and the decimation phase (start of a new stream)."""
+        """Forget the filter state and the output phase (start of a new stream)."""
         self._zi = None if self.sos is None else np.zeros((self.sos.shape[0], self.n_chans, 2))
-        self._n_seen = 0
-
-    @property
-    def next_offset(self) -> int:
-        """Index, within the next chunk, of its first sample kept by the decimation (the
-        output samples of :meth:`process` are the chunk's samples ``next_offset::factor``)."""
-        return (-self._n_seen) % self.factor
+        self.rate.reset()
 
     def process(self, chunk: np.ndarray) -> np.ndarray:
-        """Filter a ``(n_chans, n_samples)`` chunk; return its decimated output samples."""
+        """Filter a ``(n_chans, n_samples)`` chunk; return its output samples."""
         chunk = np.asarray(chunk, dtype=np.float64)
         if chunk.ndim != 2 or chunk.shape[0] != self.n_chans:
             raise ValueError(
@@ -208,9 +283,7 @@ class StreamingMegFilter:
             )
         if self.sos is not None:
             chunk, self._zi = self._signal.sosfilt(self.sos, chunk, axis=-1, zi=self._zi)
-        first = self.next_offset
-        self._n_seen += chunk.shape[1]
-        return chunk[:, first :: self.factor]
+        return self.rate.process(chunk)
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,13 +494,58 @@ def detect_bad_channels(data: np.ndarray, *, threshold: float) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # offline pipeline
 # --------------------------------------------------------------------------------------------
+#: s a recording may fall short of its sidecar's ``RecordingDuration`` (which may be rounded)
+DURATION_TOLERANCE = 1.0
+
+
 def read_raw(recording: Recording) -> mne.io.BaseRaw:
+    """Read a recording with mne-bids and check that it is whole.
+
+    MNE's warnings while reading (an invalid tag at the end of a truncated file, annotations
+    beyond the data) are held back: they are logged once the recording passed the checks,
+    and dropped when a clearer error follows.
+
+    Parameters
+    ----------
+    recording : Recording
+        From :func:`~neurorecon.pipelines.data.studies.find_recordings`.
+
+    Returns
+    -------
+    mne.io.BaseRaw
+        The recording, not preloaded.
+
+    Raises
+    ------
+    DataError
+        Naming the file: empty, unreadable, or shorter than the ``RecordingDuration`` of
+        its ``*_meg.json`` sidecar (a truncated file, of which MNE reads what is there).
+    """
     import mne_bids
 
-    try:
-        raw = mne_bids.read_raw_bids(recording.bids_path, verbose=False)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise DataError(f"cannot read MEG recording ({exc})", path=recording.fpath) from exc
+    fpath = recording.fpath
+    if fpath.is_file() and fpath.stat().st_size == 0:
+        raise DataError("empty MEG recording (0 bytes)", path=fpath)
+    with warnings.catch_warnings(record=True) as held:
+        warnings.simplefilter("always")
+        try:
+            raw = mne_bids.read_raw_bids(recording.bids_path, verbose=False)
+        # MNE fails with an AttributeError on a file cut inside its first tag
+        except (OSError, ValueError, RuntimeError, AttributeError) as exc:
+            raise DataError(f"cannot read MEG recording: corrupt or truncated file "
+                            f"({type(exc).__name__}: {exc})", path=fpath) from exc
+    sidecar = Path(recording.bids_path.copy().update(extension=".json", split=None).fpath)
+    if sidecar.is_file():
+        expected = json.loads(sidecar.read_text()).get("RecordingDuration")
+        duration = float(raw.times[-1])
+        if isinstance(expected, (int, float)) and duration < expected - DURATION_TOLERANCE:
+            raise DataError(
+                f"truncated recording: {duration:.2f} s read, but {sidecar.name} gives "
+                f"RecordingDuration {expected:.2f} s", path=fpath,
+                hint="copy the file again (an interrupted transfer?), or correct "
+                "RecordingDuration if the recording was shortened on purpose")
+    for warning in held:
+        logger.warning("%s: %s", fpath.name, warning.message)
     return raw
 
 

@@ -14,13 +14,24 @@ from neurorecon.models.common.logging import logger
 
 from ..common.cache import CacheEntry, cache_entry
 from ..data.events import EventSpec
-from ..data.studies import find_recordings
+from ..data.studies import find_recordings, missing_recordings
 from .store import Preprocessed, RowFile, load_preprocessed, save_preprocessed, subject_dir
 
 
 def data_selection(data_cfg: DictConfig) -> dict[str, Any]:
     return {k: OmegaConf.to_container(data_cfg[k]) if OmegaConf.is_config(data_cfg[k])
             else data_cfg[k] for k in ("subjects", "sessions", "tasks")}
+
+
+def skipped_runs(data_cfg: DictConfig) -> list[str]:
+    """The runs of ``data_cfg``'s dataset left out for a missing recording
+    (``data.missing_runs=warn``): their recordings' expected paths, relative to the root
+    (none for precomputed betas, which have no runs)."""
+    if data_cfg.modality == "fmri" and data_cfg.fmri_input == "betas":
+        return []
+    root = Path(data_cfg.root)
+    return [p.relative_to(root).as_posix() for p in missing_recordings(
+        root, modality=data_cfg.modality, **data_selection(data_cfg))]
 
 
 def preprocess_data(data_cfg: DictConfig, pre_cfg: DictConfig, *, cache_dir: str | Path,
@@ -46,7 +57,10 @@ def preprocess_data(data_cfg: DictConfig, pre_cfg: DictConfig, *, cache_dir: str
         compute = lambda out: load_betas(found, bids_root=root, spec=spec,  # noqa: E731
                                          params=params, out=out, verbose=verbose, **workers)
     else:
-        recordings = find_recordings(root, modality=modality, **data_selection(data_cfg))
+        # (older configs saved with checkpoints lack data.missing_runs)
+        recordings = find_recordings(root, modality=modality,
+                                     missing_runs=str(data_cfg.get("missing_runs", "error")),
+                                     **data_selection(data_cfg))
         inputs = [r.fpath for r in recordings] + [r.events_path for r in recordings]
         if modality == "meg":
             from .meg import MegParams, preprocess_meg
@@ -81,6 +95,7 @@ def plot_preprocessed(data: Preprocessed, path: str | Path) -> Path:
 
     subjects = list(data.subjects.values())
     fig, axes = plt.subplots(len(subjects), 2, figsize=(11, 3.4 * len(subjects)), squeeze=False)
+    brain_maps = []  # (axes, image) of the fMRI spread maps, drawn after the layout
     for ax_row, sub in zip(axes, subjects, strict=True):
         X = RowFile(subject_dir(data.path, sub.subject) / "X.npy") if data.path else sub.X
         test = (sub.trials["split"] == "test").to_numpy()
@@ -107,7 +122,7 @@ def plot_preprocessed(data: Preprocessed, path: str | Path) -> Path:
                              cmap="RdBu_r", vmin=-3, vmax=3, interpolation="nearest")
             ax_row[0].set(xlabel="voxel", ylabel="trial (test first)",
                           title=f"sub-{sub.subject}: single-trial betas ({X.shape[1]} voxels)")
-            from nilearn import masking, plotting
+            from nilearn import masking
 
             # across-stimulus spread of the (averaged) test betas: where stimuli are encoded
             spread = masking.unmask(X[np.flatnonzero(test)].std(0) if test.sum() > 1
@@ -117,10 +132,18 @@ def plot_preprocessed(data: Preprocessed, path: str | Path) -> Path:
             if isinstance(rel, dict) and rel.get("identification") is not None:
                 title += (f"\nsplit-half identification {rel['identification']:.2f} "
                           f"(chance {rel['chance']:.2f})")
-            plotting.plot_stat_map(spread, display_mode="z", cut_coords=4, axes=ax_row[1],
-                                   colorbar=True, annotate=False, draw_cross=False)
+            ax_row[1].set_axis_off()  # nilearn draws its slices inside this box
             ax_row[1].set_title(title, fontsize=9)
+            brain_maps.append((ax_row[1], spread))
+    # lay out the plain axes first, then let nilearn fill the boxes it is given: its slice and
+    # colorbar axes are placed by hand, which tight_layout cannot arrange
     fig.tight_layout()
+    if brain_maps:
+        from nilearn import plotting
+
+        for ax, img in brain_maps:
+            plotting.plot_stat_map(img, display_mode="z", cut_coords=4, axes=ax,
+                                   colorbar=True, annotate=False, draw_cross=False)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)

@@ -27,9 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from omegaconf import OmegaConf
 
 from neurorecon.models.common.logging import logger, progress
 
+from .bids_meta import describe_dataset, events_sidecar, fmri_sidecar
 from .stimuli import trial_sequence
 
 TASK = "images"
@@ -106,12 +108,11 @@ def _write_run(bids_path, data: np.ndarray, mask, *, tr: float, events: pd.DataF
     bids_path.mkdir()
     nib.save(img, bids_path.fpath)
     sidecar = bids_path.copy().update(extension=".json")
-    sidecar.fpath.write_text(json.dumps({
-        "TaskName": TASK, "RepetitionTime": tr, "SkullStripped": True,
-        "Description": "simulated BOLD in MNI152 space (neurorecon sample dataset)",
-    }, indent=2))
-    events.to_csv(bids_path.copy().update(suffix="events", extension=".tsv").fpath,
-                  sep="\t", index=False, float_format="%.3f")
+    sidecar.fpath.write_text(json.dumps(fmri_sidecar(tr=tr, task=TASK), indent=2))
+    events_path = bids_path.copy().update(suffix="events", extension=".tsv")
+    events.to_csv(events_path.fpath, sep="\t", index=False, float_format="%.3f")
+    events_path.update(extension=".json").fpath.write_text(json.dumps(events_sidecar(),
+                                                                      indent=2))
 
 
 def simulate_fmri_bids(root: str | Path, stimuli: pd.DataFrame, *, cfg, seed: int,
@@ -203,11 +204,17 @@ def simulate_fmri_bids(root: str | Path, stimuli: pd.DataFrame, *, cfg, seed: in
                              "n_voxels": int(len(baseline))})
         logger.info("sample fMRI: sub-%s, %d runs, %d voxels of %g mm", subject, len(runs),
                     len(baseline), voxel_size)
-    mne_bids.make_dataset_description(
-        path=root, name="neurorecon sample fMRI (simulated)", dataset_type="raw",
-        authors=["neurorecon"], overwrite=True, verbose=False,
-    )
+    params = {"fmri": OmegaConf.to_container(cfg, resolve=True)}
+    describe_dataset(root, name="neurorecon sample fMRI (simulated)",
+                     description=f"Simulated with neurorecon sample (seed {seed}); parameters: "
+                     f"{json.dumps(params, sort_keys=True)}")
     pd.DataFrame(participants).to_csv(root / "participants.tsv", sep="\t", index=False)
+    (root / "participants.json").write_text(json.dumps({
+        "participant_id": {"Description": "Unique participant identifier"},
+        "voxel_size_mm": {"Description": "Isotropic voxel size of the subject's scans",
+                          "Units": "mm"},
+        "n_voxels": {"Description": "Brain voxels (MNI152 mask at that voxel size)"},
+    }, indent=2))
 
 
 def _drift_regressors(frame_times: np.ndarray) -> np.ndarray:

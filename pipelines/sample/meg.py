@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-from importlib.metadata import version
 from pathlib import Path
 
 import mne
@@ -50,6 +49,7 @@ from PIL import Image
 
 from neurorecon.models.common.logging import logger, progress
 
+from .bids_meta import EVENT_COLUMNS, describe_dataset, describe_meg_run, meg_digitization
 from .stimuli import trial_sequence
 
 TASK = "images"
@@ -406,6 +406,8 @@ def simulate_meg_bids(
                 info["lowpass"] = float(cfg.sfreq) / 2
             info = mne.pick_info(info, mne.pick_types(info, meg=True, ref_meg=False))
             info = _add_stim(info)
+            # own stream: the digitization leaves every other draw of the subject as it was
+            info.set_montage(meg_digitization(np.random.default_rng([seed, 4, s]), cfg.system))
             model = _subject_model(info, rng, n_features, N_CODE)
             runs = trial_sequence(stimuli, n_test_repeats=n_test_repeats, n_runs=cfg.n_runs,
                                   rng=rng)
@@ -432,17 +434,16 @@ def simulate_meg_bids(
                     raw, bids_path, events=events, event_id=EVENT_ID,
                     event_metadata=metadata,
                     extra_columns_descriptions={
-                        "trial_type": "train: exemplar shown once; test: exemplar shown "
-                        "repeatedly",
-                        "stim_file": "Image shown, relative to the stimuli/ folder",
+                        **EVENT_COLUMNS,
                         "concept": "Concept (photo) the image was cropped from",
                         "exemplar": "Exemplar number within the concept",
                     },
                     format="FIF", allow_preload=True, overwrite=True, verbose=False,
                 )
+                describe_meg_run(bids_path, cfg.system)
                 fname.unlink()
     _describe_dataset(root, cfg=cfg, seed=seed, draw=draw)
-    logger.info("sample MEG: %d subjects written under %s", cfg.n_subjects, root)
+    logger.info("sample MEG: %d subjects written", cfg.n_subjects)
 
 
 def _add_stim(info: mne.Info) -> mne.Info:
@@ -485,14 +486,11 @@ def _image_codes(stim_dir: Path, stimuli: pd.DataFrame, *, seed: int,
 
 
 def _describe_dataset(root: Path, *, cfg: DictConfig, seed: int, draw: dict | None) -> None:
-    """``dataset_description.json``: what the dataset is and, for a random draw, its
-    parameters (``GeneratedBy[0].Description``)."""
+    """``dataset_description.json`` and README: what the dataset is and, for a random draw,
+    its parameters (``GeneratedBy[0].Description``)."""
     params = draw if draw is not None else {"meg": OmegaConf.to_container(cfg, resolve=True)}
     kind = f"random draw {seed}" if draw is not None else f"seed {seed}"
-    mne_bids.make_dataset_description(
-        path=root, name=f"neurorecon simulated MEG ({cfg.system}, {cfg.sfreq:g} Hz, {kind})",
-        dataset_type="raw", data_license="CC0", authors=["neurorecon sample generator"],
-        generated_by=[{"Name": "neurorecon", "Version": version("neurorecon"),
-                       "Description": "Simulated with neurorecon sample (seed "
-                       f"{seed}); parameters: {json.dumps(params, sort_keys=True)}"}],
-        overwrite=True, verbose=False)
+    describe_dataset(
+        root, name=f"neurorecon simulated MEG ({cfg.system}, {cfg.sfreq:g} Hz, {kind})",
+        description=f"Simulated with neurorecon sample (seed {seed}); parameters: "
+        f"{json.dumps(params, sort_keys=True)}")

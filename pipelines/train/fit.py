@@ -152,6 +152,11 @@ def fit(cfg: DictConfig, lit, dm, *, out_dir: Path, quiet: bool = False):
         extra["enable_progress_bar"] = False
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                           default_root_dir=str(out_dir), **extra)
+    # an epoch shorter than the logging interval would log no training step (Lightning warns):
+    # log at least once an epoch, each process stepping through its share of the batches
+    per_process = -(-len(dm.train_dataloader()) // max(trainer.world_size, 1))
+    if 0 < per_process < trainer.log_every_n_steps:
+        trainer.log_every_n_steps = per_process
     t0 = time.perf_counter()
     trainer.fit(lit, datamodule=dm)
     seconds = time.perf_counter() - t0
@@ -161,11 +166,17 @@ def fit(cfg: DictConfig, lit, dm, *, out_dir: Path, quiet: bool = False):
         ckpt = torch.load(best, map_location="cpu", weights_only=False)
         lit.load_state_dict(ckpt["state_dict"])
         best_epoch = int(ckpt["epoch"])
-    if not quiet:
-        logger.info("train: %d epochs in %.1f s; best epoch %s on validation",
-                    trainer.current_epoch, seconds, best_epoch)
+    if not quiet:  # the device here, not Lightning's "GPU available" lines
+        logger.info("train: %d epochs in %.1f s on %s; best epoch %s on validation",
+                    trainer.current_epoch, seconds, _device(trainer), best_epoch)
     return trainer, {"train_seconds": round(seconds, 2), "epochs": trainer.current_epoch,
                      "best_checkpoint": best or None, "best_epoch": best_epoch}
+
+
+def _device(trainer) -> str:
+    """Where ``trainer`` ran, e.g. ``cpu``, ``cuda`` or ``2 x cuda`` (processes)."""
+    kind = trainer.strategy.root_device.type
+    return f"{trainer.world_size} x {kind}" if trainer.world_size > 1 else kind
 
 
 def refit(cfg: DictConfig, info: dict[str, Any], *, preproc_dir: Path,
@@ -183,7 +194,7 @@ def refit(cfg: DictConfig, info: dict[str, Any], *, preproc_dir: Path,
     if not best:
         return None
     epochs = info["best_epoch"] + 1
-    seed_everything(int(cfg.seed), workers=True)
+    seed_everything(int(cfg.seed), workers=True, verbose=False)  # the seed is in the config
     dm = build_datamodule(cfg, preproc_dir, emb_dir, val_fraction=0.0)
     lit = build_module(cfg, dm, focus=focus)
     trainer = instantiate(cfg.trainer, max_epochs=epochs, min_epochs=epochs, callbacks=[],
@@ -193,7 +204,7 @@ def refit(cfg: DictConfig, info: dict[str, Any], *, preproc_dir: Path,
     t0 = time.perf_counter()
     trainer.fit(lit, datamodule=dm)
     path = out_dir / "checkpoints" / "refit.ckpt"
-    trainer.save_checkpoint(path)
+    trainer.save_checkpoint(path, weights_only=False)  # a full checkpoint, like the best one
     info.update(selected_checkpoint=best, best_checkpoint=str(path), refit_epochs=epochs,
                 refit_seconds=round(time.perf_counter() - t0, 2))
     logger.info("refit on train + validation trials: %d epochs (chosen on validation) in "
