@@ -238,14 +238,17 @@ def metrics(svc: ServiceDep) -> Response:
     return Response(body, media_type=content_type)
 
 
+#: the bundle's embedder fields a client sees (``pipelines/export.py`` writes them)
+EMBEDDER_FIELDS = ("name", "weights", "revision", "emb_dim", "n_tokens", "substitute_note")
+
+
 def _model_info(model_id: str, decoder: Decoder) -> ModelInfo:
     cfg = decoder.config
     gen = cfg.get("generator")
     return ModelInfo(
         id=model_id, modality=decoder.modality, subjects=decoder.subjects,
         model_type=cfg["model_type"],
-        embedder={k: v for k, v in cfg["embedder"].items() if k in (
-            "name", "dim", "weights_sha256", "substitute_note")},
+        embedder={k: v for k, v in cfg["embedder"].items() if k in EMBEDDER_FIELDS},
         generator=None if not gen else {k: gen.get(k) for k in (
             "class", "note", "resolution", "embedding_scale", "defaults")},
         gallery_images=0 if decoder.gallery is None else len(decoder.gallery),

@@ -17,7 +17,7 @@ from neurorecon.models.common.checks import DataError
 
 class StreamSettings(BaseModel):
     """``serve.stream``: the real-time MEG decoder (off while ``source`` is unset); also set
-    per session with ``PUT /v1/meg/stream``."""
+    per session with ``PUT /v1/meg/session``."""
 
     model_config = ConfigDict(extra="forbid")
 

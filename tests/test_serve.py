@@ -97,6 +97,8 @@ def test_fmri_job_end_to_end_decodes(service, fmri_bundle, sample_root):
     models = client.get("/v1/models", headers={"X-API-Key": alice}).json()["models"]
     assert len(models) == 1 and models[0]["modality"] == "fmri"
     assert models[0]["subjects"] == ["01", "02"] and "stand-in" in models[0]["note"]
+    embedder = models[0]["embedder"]  # the fields the bundle holds, not names it lacks
+    assert embedder["emb_dim"] > 0 and embedder["name"] and "weights" in embedder
 
     r = post_job(client, alice, run_files(sample_root), subject="sub-01",
                  options={"top_k": 3, "steps": 2})

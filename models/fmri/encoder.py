@@ -279,11 +279,6 @@ class FmriEncoder(BrainModuleMixin, nn.Module):
             p.requires_grad_(True)
         return trainable
 
-    def unfreeze(self) -> None:
-        """Make every parameter trainable again."""
-        for p in self.parameters():
-            p.requires_grad_(True)
-
     # ------------------------------------------------------------------ forward
     def _subject_label(self, subject: Any, batch_size: int) -> str:
         labels = list(self._config["subjects"])

@@ -32,8 +32,9 @@ Where we knowingly depart from MindEye
 - Before its metric cells, MindEye's notebook resizes both sets to 256 x 256 for a display
   grid. Its published numbers therefore come from 256 px images, upsampled again to 425 px
   for PixCorr and SSIM. Here each image is used at its own size.
-- Two-way identification uses :func:`~.metrics.two_way_identification`, which counts exact
-  ties as half; MindEye counts them as failures. Ties only occur for duplicate images.
+- Two-way identification uses
+  :func:`neurorecon.models.retrieval.two_way_identification`, which counts exact ties as
+  half; MindEye counts them as failures. Ties only occur for duplicate images.
 - The Inception, EfficientNet and CLIP preprocessing is that of our substitute networks (see
   the notes).
 """

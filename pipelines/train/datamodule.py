@@ -356,9 +356,6 @@ class BrainDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader("val" if len(self.splits["val"]) else "train", shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
     def split_arrays(self, name: str) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
         """Per-row brain arrays, subject indices and target rows of a split (for baselines)."""
         split = self.splits[name]

@@ -135,9 +135,6 @@ class ContrastiveLitModule(LightningModule):
         if len(stims) >= self.min_rank_images:
             self.log("val/select", score, prog_bar=False, sync_dist=True)
 
-    def predict_step(self, batch, batch_idx):
-        return {k: v.detach().cpu() for k, v in self(batch).items()}
-
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         opt = self._optimizer(params)
