@@ -273,9 +273,19 @@ def photo_paths(tmp_path_factory) -> list:
     return paths
 
 
-def _green_pixels(path) -> int:
+def _pixels_of(path, color: str) -> int:
+    """Pixels of ``path`` within a small distance of ``color`` (``#rrggbb``)."""
     rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
-    return int((np.abs(rgb - [0x1A, 0x98, 0x50]).sum(axis=-1) < 30).sum())
+    target = [int(color[i:i + 2], 16) for i in (1, 3, 5)]
+    return int((np.abs(rgb - target).sum(axis=-1) < 30).sum())
+
+
+def _green_pixels(path) -> int:
+    return _pixels_of(path, "#1a9850")
+
+
+#: matplotlib's first two cycle colours: the first two curves of a figure
+_C0, _C1 = "#1f77b4", "#ff7f0e"
 
 
 def test_plot_retrieval_examples(tmp_path, photo_paths):
@@ -288,7 +298,6 @@ def test_plot_retrieval_examples(tmp_path, photo_paths):
         n_examples=3, path=tmp_path / "fig" / "retrieval.png",
         note="embedder: EfficientNet-Lite0 (substitute for CLIP)",
     )
-    assert out.is_file() and out.stat().st_size > 5000
     w, h = Image.open(out).size
     assert w > h > 200  # 3 rows x 6 columns
     assert _green_pixels(out) > 100  # the true stimuli are outlined
@@ -304,12 +313,12 @@ def test_plot_curves(tmp_path):
         times, {"encoder": np.linspace(0.02, 0.4, 9), "ridge": np.linspace(0.02, 0.2, 9)},
         0.025, tmp_path / "time.png", note="embedder: EfficientNet-Lite0 (substitute)",
     )
-    assert out.is_file() and out.stat().st_size > 5000
+    assert _pixels_of(out, _C0) > 200 and _pixels_of(out, _C1) > 200  # both curves drawn
     out = F.plot_adaptation_curve(
         [0.1, 0.25, 1.0], {"adapter": [0.3, 0.45, 0.6], "from scratch": [0.05, 0.15, 0.5]},
         0.05, tmp_path / "adapt.png",
     )
-    assert out.is_file() and out.stat().st_size > 5000
+    assert _pixels_of(out, _C0) > 100 and _pixels_of(out, _C1) > 100
     with pytest.raises(ValueError, match=r"curve 'ridge' has shape \(2,\)"):
         F.plot_time_resolved(times, {"ridge": [0.1, 0.2]}, None, tmp_path / "bad.png")
 
