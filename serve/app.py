@@ -33,14 +33,19 @@ from fastapi import (
     HTTPException,
     Query,
     Request,
+    Security,
     UploadFile,
     WebSocket,
     WebSocketDisconnect,
 )
 from fastapi import Path as PathParam
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import APIKeyHeader, APIKeyQuery
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from neurorecon.models.common.checks import DataError
 from neurorecon.models.common.logging import logger
@@ -64,16 +69,49 @@ from .schemas import (
     ModelList,
     Problem,
     Ready,
+    StreamSession,
     StreamStatus,
 )
 from .settings import ServeSettings, StreamSettings
 from .store import JOB_ID, IdempotencyConflict, Job, JobStore
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-ERRORS = {401: {"model": Problem, "description": "missing or unknown API key"},
-          404: {"model": Problem, "description": "no such job for this key"},
-          422: {"model": Problem, "description": "invalid input (the message names it)"},
-          429: {"model": Problem, "description": "too many requests for this key"}}
+#: the documented error answers: every 4xx body is a ``Problem`` (``{"detail": "<text>"}``),
+#: validation errors included (``loc: msg; ...``, not FastAPI's list form)
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": Problem, "description": "malformed request body (multipart or JSON)"},
+    401: {"model": Problem, "description": "missing or unknown API key",
+          "headers": {"WWW-Authenticate": {"description": "names the header: X-API-Key",
+                                           "schema": {"type": "string"}}}},
+    404: {"model": Problem, "description": "no such job for this key"},
+    409: {"model": Problem, "description": "the job has not succeeded (yet)"},
+    413: {"model": Problem, "description": "request body over serve.max_upload_mb"},
+    422: {"model": Problem, "description": "invalid input (the message names it)"},
+    429: {"model": Problem, "description": "too many requests for this key",
+          "headers": {"Retry-After": {"description": "seconds to wait",
+                                      "schema": {"type": "integer"}}}},
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses=`` entry documenting these error codes."""
+    return {code: ERRORS[code] for code in codes}
+
+
+def page_errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The same for an HTML page: its errors are JSON all the same (FastAPI would file a
+    ``model`` under the page's ``text/html``)."""
+    problem = {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    return {code: {**{k: v for k, v in ERRORS[code].items() if k != "model"},
+                   "content": problem} for code in codes}
+
+
+#: the API key: the ``X-API-Key`` header (pages and thumbnails also take ``?key=``, since
+#: browsers cannot set headers); checked by :func:`_owner`, which answers 401 itself
+API_KEY = APIKeyHeader(name="X-API-Key", scheme_name="ApiKey", auto_error=False,
+                       description="API key (`neurorecon key key.name=...` makes one)")
+API_KEY_QUERY = APIKeyQuery(name="key", scheme_name="ApiKeyQuery", auto_error=False,
+                            description="the API key as ?key= (pages and gallery thumbnails)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,14 +213,13 @@ def _owner(svc: Service, key: str | None) -> str:
 
 
 def api_owner(svc: ServiceDep,
-              x_api_key: Annotated[str | None, Header(description="API key")] = None) -> str:
+              x_api_key: Annotated[str | None, Security(API_KEY)] = None) -> str:
     return _owner(svc, x_api_key)
 
 
 def page_owner(svc: ServiceDep,
-               x_api_key: Annotated[str | None, Header(description="API key")] = None,
-               key: Annotated[str | None, Query(description="API key (browsers cannot set "
-                                                "headers)")] = None) -> str:
+               x_api_key: Annotated[str | None, Security(API_KEY)] = None,
+               key: Annotated[str | None, Security(API_KEY_QUERY)] = None) -> str:
     return _owner(svc, x_api_key or key)
 
 
@@ -214,8 +251,7 @@ def _status(job: Job) -> JobStatus:
 # routes
 # --------------------------------------------------------------------------------------------
 ops = APIRouter(tags=["operations"])
-api = APIRouter(prefix="/v1", tags=["fMRI jobs"], responses={401: ERRORS[401],
-                                                             429: ERRORS[429]})
+api = APIRouter(prefix="/v1", tags=["fMRI jobs"], responses=errors(401, 422, 429))
 
 
 @ops.get("/health", response_model=Health, summary="liveness (no key)")
@@ -262,7 +298,7 @@ def models(svc: ServiceDep, owner: Owner) -> ModelList:
 
 @api.get("/models/{model_id}/gallery/{row}.png", response_class=Response,
          summary="a gallery thumbnail (key as X-API-Key or ?key=)",
-         responses={404: ERRORS[404]})
+         responses=errors(404))
 def gallery_thumbnail(svc: ServiceDep, owner: Annotated[str, Depends(page_owner)],
                       model_id: Annotated[str, PathParam(max_length=80)],
                       row: Annotated[int, PathParam(ge=0, le=10**9)]) -> Response:
@@ -312,8 +348,7 @@ def _options(text: str | None) -> JobOptions:
 
 @api.post("/fmri/jobs", status_code=202, response_model=JobCreated,
           summary="queue an fMRI run (or betas) for decoding",
-          responses={413: {"model": Problem, "description": "upload too large"},
-                     422: ERRORS[422]})
+          responses=errors(400, 413))
 def submit_job(
     svc: ServiceDep, owner: Owner,
     subject: Annotated[str, Form(max_length=64, description="subject label known to the "
@@ -423,13 +458,13 @@ def list_jobs(svc: ServiceDep, owner: Owner,
 
 
 @api.get("/fmri/jobs/{job_id}", response_model=JobStatus, summary="a job's state",
-         responses={404: ERRORS[404]})
+         responses=errors(404))
 def job_status(svc: ServiceDep, owner: Owner, job_id: JobId) -> JobStatus:
     return _status(_job(svc, job_id, owner))
 
 
 @api.delete("/fmri/jobs/{job_id}", response_model=JobStatus, summary="cancel a job",
-            responses={404: ERRORS[404]})
+            responses=errors(404))
 def cancel_job(svc: ServiceDep, owner: Owner, job_id: JobId) -> JobStatus:
     _job(svc, job_id, owner)
     return _status(svc.store.cancel(job_id, owner))
@@ -449,7 +484,7 @@ def _result(svc: Service, job: Job) -> dict[str, Any]:
 
 @api.get("/fmri/jobs/{job_id}/result", response_model=JobResult,
          summary="retrieval, reconstructions and (with ground truth) metrics",
-         responses={404: ERRORS[404], 409: {"model": Problem, "description": "not finished"}})
+         responses=errors(404, 409))
 def job_result(svc: ServiceDep, owner: Owner, job_id: JobId) -> JobResult:
     job = _job(svc, job_id, owner)
     raw = _result(svc, job)
@@ -467,7 +502,7 @@ def job_result(svc: ServiceDep, owner: Owner, job_id: JobId) -> JobResult:
 
 
 @api.get("/fmri/jobs/{job_id}/images/{n}.png", response_class=Response,
-         summary="one reconstruction (PNG)", responses={404: ERRORS[404]})
+         summary="one reconstruction (PNG)", responses=errors(404, 409))
 def job_image(svc: ServiceDep, owner: Owner, job_id: JobId,
               n: Annotated[int, PathParam(ge=0, le=10**7)]) -> Response:
     job = _job(svc, job_id, owner)
@@ -478,12 +513,12 @@ def job_image(svc: ServiceDep, owner: Owner, job_id: JobId,
     return Response(path.read_bytes(), media_type="image/png")
 
 
-page_router = APIRouter(tags=["pages"])
+page_router = APIRouter(tags=["pages"], responses=page_errors(401, 422, 429))
 
 
 @page_router.get("/jobs/{job_id}", response_class=HTMLResponse,
                  summary="a job's results page (key as X-API-Key or ?key=)",
-                 responses={401: ERRORS[401], 404: ERRORS[404], 429: ERRORS[429]})
+                 responses=page_errors(404))
 def job_page(svc: ServiceDep, owner: Annotated[str, Depends(page_owner)],
              job_id: JobId) -> HTMLResponse:
     job = _job(svc, job_id, owner)
@@ -496,8 +531,7 @@ def job_page(svc: ServiceDep, owner: Annotated[str, Depends(page_owner)],
 # --------------------------------------------------------------------------------------------
 # the real-time MEG decoder
 # --------------------------------------------------------------------------------------------
-meg = APIRouter(prefix="/v1/meg", tags=["MEG stream"], responses={401: ERRORS[401],
-                                                                 429: ERRORS[429]})
+meg = APIRouter(prefix="/v1/meg", tags=["MEG stream"], responses=errors(401, 422, 429))
 
 
 @meg.get("/status", response_model=StreamStatus, summary="the streaming decoder's state")
@@ -511,11 +545,9 @@ def get_session(svc: ServiceDep, owner: Owner) -> StreamSettings:
 
 
 @meg.put("/session", response_model=StreamStatus, summary="decode another stream (the "
-         "serve.stream settings, for this session)", responses={422: ERRORS[422]})
-def put_session(svc: ServiceDep, owner: Owner, settings: StreamSettings) -> StreamStatus:
-    if not settings.source:
-        raise DataError("source is required (DELETE /v1/meg/session stops decoding)")
-    svc.restart_stream(settings)
+         "serve.stream settings, for this session)", responses=errors(400, 413))
+def put_session(svc: ServiceDep, owner: Owner, settings: StreamSession) -> StreamStatus:
+    svc.restart_stream(StreamSettings(**settings.model_dump()))
     return StreamStatus(**svc.streamer.status())
 
 
@@ -552,8 +584,7 @@ async def stream_socket(websocket: WebSocket) -> None:
 
 
 @page_router.get("/live", response_class=HTMLResponse,
-                 summary="the live decoding page (key as ?key=)",
-                 responses={401: ERRORS[401], 429: ERRORS[429]})
+                 summary="the live decoding page (key as ?key=)")
 def live(svc: ServiceDep, owner: Annotated[str, Depends(page_owner)]) -> HTMLResponse:
     return HTMLResponse(live_page())
 
@@ -634,6 +665,14 @@ class Timed:
                                          status, time.perf_counter() - t0)
 
 
+def _allowed(request: Request) -> list[str]:
+    """The methods some route of the app answers at this request's path (asked of the
+    router per method: included routers nest their routes)."""
+    return [method for method in ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+            if any(route.matches({**request.scope, "method": method})[0] == Match.FULL
+                   for route in request.app.router.routes)]
+
+
 def create_app(settings: ServeSettings, *, start_workers: bool = True) -> FastAPI:
     """Build the service (bundles, keys and job table loaded now; workers at start-up)."""
     svc = Service(settings)
@@ -673,6 +712,12 @@ def create_app(settings: ServeSettings, *, start_workers: bool = True) -> FastAP
     async def _invalid(request: Request, exc: RequestValidationError):
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         return JSONResponse({"detail": problems}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 405:  # Allow: every method of the path, not the first route's
+            exc.headers = {**(exc.headers or {}), "Allow": ", ".join(_allowed(request))}
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):  # logged, never sent

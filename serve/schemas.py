@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from .settings import StreamSettings
 from .store import STATES
 
 
@@ -122,7 +123,30 @@ class Ready(BaseModel):
 
 
 class Problem(BaseModel):
-    detail: str
+    """Every 4xx/5xx body: one line of text (validation errors too, as ``loc: msg; ...``)."""
+
+    detail: str = Field(description="what is wrong, in words")
+
+
+class StreamSession(StreamSettings):
+    """The body of ``PUT /v1/meg/session``: the ``serve.stream`` settings with the stream
+    named (``DELETE /v1/meg/session`` stops decoding). Strict, as its JSON schema reads: a
+    value of another JSON type (``true`` for a number, ``"1"`` for a boolean) is refused, not
+    coerced; a whole number written ``4.0`` is an integer (JSON Schema's rule)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    source: str = Field(min_length=1, max_length=200, description="LSL stream name")
+    subject: str = Field(min_length=1, max_length=64, description="subject label of the "
+                         "bundle")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _whole_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if (cls.model_fields[info.field_name].annotation is int and isinstance(value, float)
+                and value.is_integer()):
+            return int(value)
+        return value
 
 
 class StreamQuality(BaseModel):
