@@ -423,8 +423,8 @@ SCHEMATHESIS_EXCEPTIONS = [
 ]
 
 
-def schemathesis_failures(app, key: str, *, max_examples: int = 10, seed: int = 1,
-                          verbose: bool = False) -> dict[str, list[str]]:
+def schemathesis_failures(app, key: str, *, max_examples: int = 10,
+                          seed: int = 1) -> dict[str, list[str]]:
     """Run schemathesis over ``app`` as its CLI would (``st run --checks all``, every phase,
     authenticated with ``key``; one round of the fuzzing and stateful phases, as without
     ``--max-time``); the distinct failures per operation."""
@@ -439,16 +439,12 @@ def schemathesis_failures(app, key: str, *, max_examples: int = 10, seed: int = 
     schema = from_asgi("/openapi.json", app, config=config)
     found: dict[str, set[str]] = {}
     for event in from_schema(schema).execute():
-        if verbose and isinstance(event, events.PhaseStarted | events.PhaseFinished):
-            print(f"{time.monotonic():.1f}", type(event).__name__, event.phase.name)
         if isinstance(event, events.ScenarioFinished | events.FuzzScenarioFinished):
             for nodes in event.recorder.checks.values():
                 for node in nodes:
                     if node.failure_info is not None:
                         failure = node.failure_info.failure
-                        text = f"{node.name}: {failure.title}"
-                        if verbose:
-                            text += f" | {failure.message[:200]} | {node.failure_info.code_sample}"
+                        text = f"{node.name}: {failure.title} | {failure.message[:200]}"
                         found.setdefault(failure.operation or event.recorder.label,
                                          set()).add(text)
         elif isinstance(event, events.NonFatalError | events.FatalError):
