@@ -325,15 +325,17 @@ class Decoder:
         return scale_epochs(X, center=center, scale=scale, good=good,
                             clamp=params.clamp).astype(np.float32)
 
-    def warm_up(self, subject: str) -> None:
-        """Decode one empty window of ``subject`` (MEG): the model's caches (spatial attention,
-        read-out factors) and the gallery index are built now, not in the first live window."""
+    def warm_up(self, subject: str, *, mask: np.ndarray | None = None,
+                split: str | None = None) -> None:
+        """Decode one empty window of ``subject`` (MEG) as :meth:`encode` and :meth:`retrieve`
+        would with ``mask`` and ``split``: the model's caches (spatial attention, read-out
+        factors) and the gallery index are built now, not in the first live window."""
         self._check_modality("meg", "warm_up")
         info = self._subject(subject)
         emb = self.encode(np.zeros((len(info["ch_names"]), int(info["n_times"])), np.float32),
-                          subject=subject)
+                          subject=subject, mask=mask)
         if self.gallery is not None:
-            self.retrieve(emb)
+            self.retrieve(emb, split=split)
 
     def streaming_filter(self, subject: str, *, sfreq: float | None = None):
         """The causal filter state for one stream of ``subject`` (chunks in, decimated out).

@@ -172,7 +172,8 @@ class StreamService:
                 model, decoder = self._decoder()
                 subject = str(self.settings.subject).removeprefix("sub-")
                 if subject in decoder.config["subjects"]:
-                    decoder.warm_up(subject)  # before the stream's samples start to queue
+                    # before the stream's samples start to queue
+                    decoder.warm_up(subject, split=self.settings.split)
                 # what is loaded now stays: later collections skip it (no long gen-2 pauses
                 # in the decoding thread); before connecting, as the collection takes a while
                 gc.collect()

@@ -129,11 +129,7 @@ class OnlineDecoder:
         self.last_quality: dict[str, Any] | None = None
         self.last_window: tuple[np.ndarray, np.ndarray] | None = None  # (model input, mask)
         self._reset(None)
-        # one decoding of an empty window now: the model's caches (spatial attention, read-out
-        # factors) and the gallery index are built here, not in the first live window
-        emb = decoder.encode(np.zeros((self.n_chans, self.n_times), np.float32),
-                             subject=self.subject, mask=self.used)
-        decoder.retrieve(emb, k=params.top_k, split=params.split)
+        decoder.warm_up(self.subject, mask=self.used, split=params.split)  # caches, this mask
 
     # ------------------------------------------------------------------ state
     def _reset(self, reason: str | None) -> None:
@@ -352,14 +348,15 @@ class OnlineDecoder:
 
     # ------------------------------------------------------------------ status
     def stats(self) -> dict[str, Any]:
-        lat = np.asarray(self.latencies)
-        timing = {stage: {"p50": round(float(np.percentile(v, 50)), 3),
-                          "p99": round(float(np.percentile(v, 99)), 3)}
+        def pct(values, q: float) -> float | None:
+            return round(float(np.percentile(values, q)), 3) if len(values) else None
+
+        timing = {stage: {"p50": pct(v, 50), "p99": pct(v, 99)}
                   for stage, v in self.timings.items() if len(v)}
         return {"samples": self.samples, "gaps": self.gaps, "dropped": self.dropped,
                 "clock_jumps": self.clock_jumps, "messages": self.seq,
-                "latency_p50_ms": round(float(np.percentile(lat, 50)), 3) if len(lat) else None,
-                "latency_p99_ms": round(float(np.percentile(lat, 99)), 3) if len(lat) else None,
+                "latency_p50_ms": pct(self.latencies, 50),
+                "latency_p99_ms": pct(self.latencies, 99),
                 "quality": self.last_quality, "missing_channels": self.missing[:20],
                 "window_s": round(self.window_s, 4), "sfreq": self.sfreq,
                 "pending_markers": len(self.pending), "timing_ms": timing}

@@ -164,10 +164,9 @@ class RateConverter:
         if not sfreq_out <= sfreq_in:
             raise DataError(f"cannot bring {sfreq_in:g} Hz data up to preprocess.meg.sfreq="
                             f"{sfreq_out:g} Hz", hint=f"set preprocess.meg.sfreq <= {sfreq_in:g}")
-        self.sfreq_in, self.sfreq_out = float(sfreq_in), float(sfreq_out)
         self.factor = decimation_factor(sfreq_in, sfreq_out)
         #: input samples per output sample
-        self.ratio = float(self.factor) if self.factor else self.sfreq_in / self.sfreq_out
+        self.ratio = float(self.factor) if self.factor else float(sfreq_in) / float(sfreq_out)
         self.reset()
 
     def reset(self) -> None:

@@ -89,12 +89,14 @@ def events_sidecar() -> dict:
     }
 
 
-def describe_dataset(root: Path, *, name: str, description: str) -> None:
+def describe_dataset(root: Path, *, name: str, seed: int, params: dict) -> None:
     """``dataset_description.json`` (with provenance) and ``README`` of a simulated dataset.
 
-    ``description`` says how it was generated (seed, parameters) and goes to
+    How it was generated (``seed`` and the simulator's ``params``) goes to
     ``GeneratedBy[0].Description`` and to the README.
     """
+    description = (f"Simulated with neurorecon sample (seed {seed}); parameters: "
+                   f"{json.dumps(params, sort_keys=True)}")
     mne_bids.make_dataset_description(
         path=root, name=name, dataset_type="raw", data_license=LICENSE, authors=AUTHORS,
         generated_by=[{"Name": "neurorecon", "Version": version("neurorecon"),

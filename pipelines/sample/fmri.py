@@ -204,10 +204,8 @@ def simulate_fmri_bids(root: str | Path, stimuli: pd.DataFrame, *, cfg, seed: in
                              "n_voxels": int(len(baseline))})
         logger.info("sample fMRI: sub-%s, %d runs, %d voxels of %g mm", subject, len(runs),
                     len(baseline), voxel_size)
-    params = {"fmri": OmegaConf.to_container(cfg, resolve=True)}
-    describe_dataset(root, name="neurorecon sample fMRI (simulated)",
-                     description=f"Simulated with neurorecon sample (seed {seed}); parameters: "
-                     f"{json.dumps(params, sort_keys=True)}")
+    describe_dataset(root, name="neurorecon sample fMRI (simulated)", seed=seed,
+                     params={"fmri": OmegaConf.to_container(cfg, resolve=True)})
     pd.DataFrame(participants).to_csv(root / "participants.tsv", sep="\t", index=False)
     (root / "participants.json").write_text(json.dumps({
         "participant_id": {"Description": "Unique participant identifier"},

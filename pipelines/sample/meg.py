@@ -36,7 +36,6 @@ read Raw (:class:`_ScratchRaw`) streams into mne-bids, and the scratch file is r
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -492,5 +491,4 @@ def _describe_dataset(root: Path, *, cfg: DictConfig, seed: int, draw: dict | No
     kind = f"random draw {seed}" if draw is not None else f"seed {seed}"
     describe_dataset(
         root, name=f"neurorecon simulated MEG ({cfg.system}, {cfg.sfreq:g} Hz, {kind})",
-        description=f"Simulated with neurorecon sample (seed {seed}); parameters: "
-        f"{json.dumps(params, sort_keys=True)}")
+        seed=seed, params=params)
