@@ -20,6 +20,7 @@ kernel form when features outnumber samples. The form used is recorded in ``solv
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from neurorecon.models.common.logging import logger
 
-__all__ = ["DEFAULT_ALPHAS", "RidgeDecoder", "StandardGram", "gram_ridge_predict"]
+__all__ = ["DEFAULT_ALPHAS", "GramRidge", "RidgeDecoder", "StandardGram", "gram_ridge_predict",
+           "gram_ridge_solve"]
 
 #: default regularization grid: 15 values log-spaced from 1e-1 to 1e6
 DEFAULT_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(-1, 6, 15))
@@ -285,6 +287,7 @@ class StandardGram:
         self.K = np.zeros((n_fit, n_fit))
         self.K_eval = np.zeros((n_eval, n_fit))
         self.n_features = 0
+        self.stats: list[tuple[np.ndarray, np.ndarray]] = []  # (mean, scale) of each chunk
 
     def add(self, fit: np.ndarray, evaluate: np.ndarray) -> None:
         """Add a chunk of features: ``fit (n_fit, n_chunk)``, ``evaluate (n_eval, n_chunk)``.
@@ -303,28 +306,77 @@ class StandardGram:
         scale[scale < 10 * np.finfo(np.float64).eps * np.maximum(np.abs(mean), 1.0)] = 1.0
         for a in (fit, evaluate):
             a /= scale.astype(a.dtype)
+        self.stats.append((mean, scale))
         self.K += fit @ fit.T
         if len(evaluate):
             self.K_eval += evaluate @ fit.T
         self.n_features += fit.shape[1]
 
 
+    def folds(self, fit: np.ndarray, evaluate: np.ndarray) -> StandardGram:
+        """The Gram matrices of a fold: ``fit`` and ``evaluate`` index this Gram's fit rows
+        (a :class:`StandardGram` built with ``n_eval=0`` over all rows of a cross-validation).
+
+        Features stay standardized with all rows' statistics (no target is involved); the
+        linear kernel is re-centred on the fold's fit rows, so the unpenalized intercept of
+        :func:`gram_ridge_predict` is that of a ridge fitted on those rows alone."""
+        out = StandardGram(0, 0)
+        out.K = self.K[np.ix_(fit, fit)]  # copies, centred in place
+        out.K_eval = self.K[np.ix_(evaluate, fit)]
+        col = out.K.mean(0)
+        grand = col.mean()
+        out.K_eval -= out.K_eval.mean(1, keepdims=True)
+        out.K_eval -= col[None, :] - grand
+        out.K -= col[None, :]
+        out.K -= col[:, None] - grand
+        out.n_features = self.n_features
+        return out
+
+    def linear_map(self, chunks, solution: GramRidge) -> tuple[np.ndarray, np.ndarray]:
+        """The fitted ridge as one affine map on the raw features, ``predict(x) = x @ weight.T
+        + bias`` (as :meth:`RidgeDecoder.linear_map`): ``chunks`` yields the fit rows' chunks
+        again, unstandardized and in the order they were added; each gives its columns of
+        ``weight = Zᵀ dual / scale``, so the features are never held whole here either."""
+        weights, bias = [], solution.y_mean.copy()
+        for (mean, scale), chunk in zip(self.stats, chunks, strict=True):
+            z = (np.asarray(chunk, np.float64) - mean) / scale
+            w = (z.T @ solution.dual) / scale[:, None]  # (n_chunk, n_targets)
+            weights.append(w.T)
+            bias -= mean @ w
+        return (np.concatenate(weights, axis=1).astype(np.float32),
+                bias.astype(np.float32))
+
+
+@dataclass
+class GramRidge:
+    """A ridge fitted in dual form: ``fitted = y_mean + K @ dual``; ``alpha`` chosen by
+    leave-one-out (:func:`gram_ridge_solve`)."""
+
+    dual: np.ndarray
+    y_mean: np.ndarray
+    alpha: float
+
+
 def gram_ridge_predict(gram: StandardGram, Y: np.ndarray, *,
                        alphas: Sequence[float] = DEFAULT_ALPHAS) -> tuple[np.ndarray, float]:
-    """Ridge on standardized features from their Gram matrices: predictions for the
-    evaluation rows and the alpha chosen by exact leave-one-out over the fit rows.
+    """Predictions for ``gram``'s evaluation rows and the alpha of :func:`gram_ridge_solve`."""
+    fit = gram_ridge_solve(gram, Y, alphas=alphas)
+    return fit.y_mean + gram.K_eval @ fit.dual, fit.alpha
+
+
+def gram_ridge_solve(gram: StandardGram, Y: np.ndarray, *,
+                     alphas: Sequence[float] = DEFAULT_ALPHAS) -> GramRidge:
+    """Ridge on standardized features from their Gram matrices: the dual coefficients and the
+    alpha chosen by exact leave-one-out over the fit rows.
 
     The same model as :class:`RidgeDecoder` with its defaults (intercept unpenalized, one alpha
     for all targets, mean squared LOO error): with ``K = Q diag(l) Qᵀ``, the fitted values are
     ``ȳ + Q diag(l / (l + a)) Qᵀ (Y - ȳ)``, the hat diagonal ``1/n + Σ Q² l / (l + a)`` and the
     LOO residuals ``(y - ŷ) / (1 - h)``.
 
-    The Gram matrix is decomposed in place: ``gram`` cannot be used again.
-
-    Returns
-    -------
-    pred : ndarray, shape (n_eval, n_targets)
-    alpha : float
+    The Gram matrix is decomposed in place: ``gram`` cannot be used again for another fit
+    (its ``K_eval`` and chunk statistics stay, for predictions and
+    :meth:`~StandardGram.linear_map`).
     """
     if gram.K is None:
         raise ValueError("this StandardGram was already used by gram_ridge_predict")
@@ -353,5 +405,4 @@ def gram_ridge_predict(gram: StandardGram, Y: np.ndarray, *,
     best = int(np.argmin(errors))
     alpha = float(alphas[best])
     logger.debug("gram ridge: %d samples x %d features, alpha=%g", n, gram.n_features, alpha)
-    pred = y_mean + gram.K_eval @ (Q @ (QtY / (lam + alpha)[:, None]))
-    return pred, alpha
+    return GramRidge(dual=Q @ (QtY / (lam + alpha)[:, None]), y_mean=y_mean, alpha=alpha)

@@ -154,7 +154,7 @@ def test_focus_is_chosen_where_validation_trials_decode():
     from neurorecon.pipelines.train.focus import choose_focus
 
     focus = choose_focus(_FakeDm(signal=True))
-    assert focus["reason"] == "validation window ridge"
+    assert focus["reason"] == "cross-validated window ridge"
     assert focus["tmin"] <= 0.3 and focus["tmax"] >= 0.5  # the informative span is kept
     assert focus["tmin"] >= 0.0 and focus["tmax"] <= 0.8  # the noise around it is not
     start, stop = focus["samples"]

@@ -343,6 +343,51 @@ def test_streamed_gram_ridge_equals_ridge_decoder():
         np.testing.assert_allclose(pred, ref.predict(X[n:]), rtol=1e-4, atol=1e-4)
 
 
+def test_gram_folds_equal_ridge_fitted_on_the_fold():
+    """A fold cut from one Gram over all rows (features standardized with all rows'
+    statistics) predicts what a ridge with intercept fitted on the fold's rows alone does."""
+    from sklearn.linear_model import Ridge
+
+    from neurorecon.models.ridge import StandardGram, gram_ridge_predict
+
+    rng = np.random.default_rng(1)
+    n, p = 80, 300
+    X = (rng.standard_normal((n, p)) * rng.uniform(0.5, 3, p) + rng.uniform(-2, 2, p))
+    Y = X @ rng.standard_normal((p, 4)) * 0.1 + rng.standard_normal((n, 4))
+    Z = (X - X.mean(0)) / X.std(0)
+    gram = StandardGram(n, 0)
+    gram.add(X.copy(), X[:0].copy())
+    held = np.arange(0, n, 5)
+    fit = np.setdiff1d(np.arange(n), held)
+    pred, alpha = gram_ridge_predict(gram.folds(fit, held), Y[fit], alphas=[30.0])
+    ref = Ridge(alpha=30.0).fit(Z[fit], Y[fit]).predict(Z[held])
+    np.testing.assert_allclose(pred, ref, rtol=1e-6, atol=1e-8)
+    assert gram.K is not None  # the full Gram is left for the other folds
+
+
+def test_gram_linear_map_equals_ridge_decoder():
+    """The dual-form ridge's weights, recovered chunk by chunk from the raw features, are
+    RidgeDecoder's affine map (same alpha, scalers folded in)."""
+    from neurorecon.models.ridge import StandardGram, gram_ridge_solve
+
+    rng = np.random.default_rng(2)
+    n, p = 70, 250
+    X = (rng.standard_normal((n, p)) * rng.uniform(0.5, 3, p) + rng.uniform(-2, 2, p)
+         ).astype(np.float32)
+    Y = X @ rng.standard_normal((p, 5)) * 0.1 + rng.standard_normal((n, 5))
+    ref = RidgeDecoder().fit(X, Y)
+    chunks = np.array_split(np.arange(p), 4)
+    gram = StandardGram(n, 0)
+    for cols in chunks:
+        gram.add(X[:, cols].copy(), X[:0, cols].copy())
+    solution = gram_ridge_solve(gram, Y)
+    assert solution.alpha == ref.alpha_
+    weight, bias = gram.linear_map((X[:, cols] for cols in chunks), solution)
+    w_ref, b_ref = ref.linear_map()
+    np.testing.assert_allclose(weight, w_ref, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(X @ weight.T + bias, ref.predict(X), rtol=1e-3, atol=1e-3)
+
+
 def test_streamed_baselines_equal_in_memory_ridge(sample_root, tmp_path):
     """The run's ridge baseline and window ridge (read from the cache a slice at a time) give
     what RidgeDecoder gives on the stacked trials."""

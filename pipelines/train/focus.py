@@ -1,15 +1,20 @@
-"""Temporal focus of the MEG encoder, chosen on validation trials (never the test set).
+"""Temporal focus of the MEG encoder, chosen by cross-validation on the train trials (never the
+validation or test trials).
 
 Visual information in MEG is carried by a short part of the epoch (Benchetrit et al. 2023,
 Fig. 2: decoding rises ~80 ms after onset and fades after ~0.5 s; other recordings peak later).
 With a few hundred trials per subject, a deep encoder that sees the whole epoch fits the noise
-of the uninformative samples. Before training, a ridge decoder is refitted on sliding 250 ms
-windows of the *train* trials and scored on the *validation* trials (held-out train stimuli);
-the encoder then sees the span covered by the windows that decode at least half as well as the
-best one (from the first sample of the first such window to the last sample of the last).
-A best window within the binomial noise of chance still sets the span (a warning says so):
-on weak data the whole epoch, baseline included, trains far worse than the best guess. Only
-when no window decodes above chance at all is the whole epoch kept.
+of the uninformative samples. Before training, a ridge decoder is fitted on sliding 250 ms
+windows and scored by grouped k-fold over the *train* trials (folds by stimulus, so a scored
+stimulus was never fitted; the rank score of each fold's trials among that fold's stimuli):
+every train trial is scored once, several times more trials than the validation split holds,
+so the choice does not move with the split's seed on weak data. The encoder then sees the span
+covered by the windows that decode at least half as well as the best one (from the first
+sample of the first such window to the last sample of the last). A best window within the
+noise of chance still sets the span (a warning says so): on weak data the whole epoch,
+baseline included, trains far worse than the best guess. Only when no window decodes above
+chance at all is the whole epoch kept. The validation trials stay unseen for the choices made
+after training (epochs, read-out).
 """
 
 from __future__ import annotations
@@ -19,56 +24,87 @@ from typing import Any
 import numpy as np
 
 from neurorecon.models.common.logging import logger
-from neurorecon.models.retrieval import candidate_rows
+from neurorecon.models.retrieval import candidate_rows, rank_score, sliding_windows
+from neurorecon.models.ridge import StandardGram, gram_ridge_predict
 
 #: sliding-window width (that of the time-resolved figure) and step (s) of the focus search
 WIDTH, STEP = 0.25, 0.1
+#: folds of the cross-validation over train trials (grouped by stimulus)
+FOLDS = 5
+
+
+def cv_window_scores(dm, k: int, starts: np.ndarray, n_win: int, *, alphas=None
+                     ) -> tuple[np.ndarray, int]:
+    """Grouped k-fold rank score of a ridge on each window ``[start, start + n_win)`` of
+    subject ``k``'s train trials, and the number of trials scored (0: too few stimuli).
+
+    One Gram matrix per window over all train trials (:class:`StandardGram`, read from the
+    cache a chunk of the window at a time); each fold is a re-centred sub-block of it."""
+    from sklearn.model_selection import GroupKFold
+
+    from .ridge import _rows, flat_targets, time_chunks
+
+    targets = dm.splits["train"].target[dm.splits["train"].subject == k]
+    n_groups = len(np.unique(targets))
+    if n_groups < 2 * FOLDS or len(targets) < 4 * FOLDS:
+        return np.full(len(starts), 0.5), 0
+    emb = flat_targets(dm)
+    folds = list(GroupKFold(n_splits=FOLDS).split(targets, groups=targets))
+    kwargs = {} if alphas is None else {"alphas": tuple(alphas)}
+    scores = np.zeros(len(starts))
+    for i, start in enumerate(starts):
+        gram = StandardGram(len(targets), 0)
+        for sl in time_chunks(dm, k, slice(int(start), int(start) + n_win)):
+            X = _rows(dm, k, ("train",), sl)
+            gram.add(X, X[:0])
+        for fit, held in folds:
+            pred, _ = gram_ridge_predict(gram.folds(fit, held), emb[targets[fit]], **kwargs)
+            stims, true = candidate_rows(targets[held])
+            scores[i] += rank_score(pred, emb[stims], true) * len(held)
+    return scores / len(targets), len(targets)
 
 
 def choose_focus(dm, *, alphas=None) -> dict[str, Any]:
-    """Pick the encoder's temporal focus from validation decoding (see the module docstring).
+    """Pick the encoder's temporal focus from cross-validated window decoding of the train
+    trials (see the module docstring).
 
     Returns
     -------
     dict
         ``tmin``/``tmax`` (s from image onset), ``samples`` (``[start, stop)`` of the epoch),
-        ``times`` and ``val_top5`` (the validation curve averaged over subjects), ``chance``
-        and ``reason``.
+        ``times`` and ``cv_rank_score`` (the cross-validated curve, averaged over subjects
+        weighted by their trials), ``chance`` (0.5), ``cv_trials`` and ``reason``.
     """
-    from .ridge import flat_targets, window_ridge
-
     params = dm.recipe["params"]
     sfreq, tmin = float(params["sfreq"]), float(params["tmin"])
     n_times = int(next(iter(dm.subjects.values())).n_times)
     whole = {"tmin": tmin, "tmax": tmin + n_times / sfreq, "samples": [0, n_times]}
-    _, val_subject, val_target = dm.split_arrays("val")
-    stims, true_index = candidate_rows(val_target)
-    if len(stims) < 2:
-        return {**whole, "reason": "no validation trials: whole epoch"}
-    candidates = flat_targets(dm)[stims]
-    curves = [window_ridge(dm, k, candidates, true_index, fit_splits=("train",),
-                           eval_split="val", alphas=alphas, step=STEP)[0]
-              for k in range(len(dm.labels)) if (val_subject == k).any()]
-    times = curves[0]["times"]
-    score = np.mean([c["top5"] for c in curves], axis=0)
-    chance = min(1.0, 5 / len(stims))
+    starts, times = sliding_windows(n_times, sfreq=sfreq, tmin=tmin, width=WIDTH, step=STEP)
+    n_win = max(1, int(round(WIDTH * sfreq)))
+    curves, counts = zip(*(cv_window_scores(dm, k, starts, n_win, alphas=alphas)
+                           for k in range(len(dm.labels))), strict=True)
+    n_trials = sum(counts)
+    if not n_trials:
+        return {**whole, "reason": "too few train stimuli to cross-validate: whole epoch"}
+    score = np.average(curves, axis=0, weights=counts)
+    chance = 0.5
     smooth = np.convolve(np.pad(score, 1, mode="edge"), np.ones(3) / 3, mode="valid")
     best = int(np.argmax(smooth))
-    # binomial noise of a top-5 fraction over the validation trials of all subjects
-    n_trials = len(dm.splits["val"])
-    noise = 2 * np.sqrt(chance * (1 - chance) / max(n_trials, 1))
-    out = {"times": np.round(times, 4).tolist(), "val_top5": np.round(score, 4).tolist(),
-           "chance": round(chance, 4)}
+    # noise of a mean normalised rank (uniform under chance: sd sqrt(1/12) per trial)
+    noise = 2 * np.sqrt(1 / 12 / n_trials)
+    out = {"times": np.round(times, 4).tolist(), "cv_rank_score": np.round(score, 4).tolist(),
+           "chance": chance, "cv_trials": int(n_trials)}
     if smooth[best] <= chance:
-        logger.warning("temporal focus: no window decodes above chance on the validation "
-                       "trials (best %.3f, chance %.3f); the encoder sees the whole epoch",
+        logger.warning("temporal focus: no window decodes above chance in cross-"
+                       "validation over the train trials (best %.3f, chance %.3f); the encoder "
+                       "sees the whole epoch",
                        smooth[best], chance)
         return {**whole, **out, "reason": "no window above chance: whole epoch"}
-    # a peak within the binomial noise of chance is still the best guess of where the
+    # a peak within the noise of chance is still the best guess of where the
     # information is: the whole epoch (baseline and 1 s of noise) trains far worse on weak data
     weak = smooth[best] <= chance + noise
     if weak:
-        logger.warning("temporal focus: the best validation window (%.3f at %.3f s) is within "
+        logger.warning("temporal focus: the best cross-validated window (%.3f at %.3f s) is within "
                        "the noise of chance (%.3f + %.3f); its span is kept, as the best guess",
                        smooth[best], times[best], chance, noise)
     above = smooth >= chance + 0.5 * (smooth[best] - chance)
@@ -80,10 +116,10 @@ def choose_focus(dm, *, alphas=None) -> dict[str, Any]:
     t0, t1 = times[lo] - WIDTH / 2, times[hi] + WIDTH / 2  # the windows' own edges
     start = max(0, int(np.floor((t0 - tmin) * sfreq)))
     stop = min(n_times, int(np.ceil((t1 - tmin) * sfreq)) + 1)
-    logger.info("temporal focus: %.3f-%.3f s (validation window-ridge top-5 peaks at %.3f "
-                "s: %.3f, chance %.3f)", tmin + start / sfreq, tmin + stop / sfreq,
+    logger.info("temporal focus: %.3f-%.3f s (cross-validated window-ridge rank score "
+                "peaks at %.3f s: %.3f, chance %.3f)", tmin + start / sfreq, tmin + stop / sfreq,
                 times[best], smooth[best], chance)
     return {"tmin": round(tmin + start / sfreq, 4), "tmax": round(tmin + stop / sfreq, 4),
             "samples": [start, stop], **out,
-            "reason": "validation window ridge" + (" (within the noise of chance)" if weak
+            "reason": "cross-validated window ridge" + (" (within the noise of chance)" if weak
                                                    else "")}

@@ -13,7 +13,10 @@ train + validation trials, as the deep encoder is. Both live in the encoder
 them unchanged.
 
 Memory: binned features are accumulated a block of trials at a time, so a subject's trials
-are never held whole (``n_trials x n_chans x n_bins`` values are).
+are never held whole (``n_trials x n_chans x n_bins`` float32 values are), and the ridge is
+solved in its dual form (:class:`~neurorecon.models.ridge.StandardGram`, the same model and
+leave-one-out alpha as :class:`~neurorecon.models.ridge.RidgeDecoder`) from column chunks of
+them, its weights recovered chunk by chunk: no float64 or standardized copy of the features.
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ import torch
 from neurorecon.models.common.logging import logger
 from neurorecon.models.meg.brain_module import bin_means
 from neurorecon.models.retrieval import candidate_rows, rank_score
-from neurorecon.models.ridge import RidgeDecoder
+from neurorecon.models.ridge import StandardGram, gram_ridge_predict, gram_ridge_solve
 
-from .ridge import flat_targets, stream_rows
+from .ridge import CHUNK_VALUES, flat_targets, stream_rows
 
 #: mixing weights tried on validation (deep share)
 MIX_GRID = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
@@ -49,7 +52,20 @@ def binned_features(dm, split: str, k: int, bins: list[list[int]]) -> tuple[np.n
     good = dm.subject_inputs(k)["mask"]
     feats = stream_rows(dm, k, (split,),
                         lambda block: bin_means(torch.from_numpy(block), bins, good).numpy())
-    return feats.astype(np.float64), rows
+    return feats, rows
+
+
+def _column_chunks(n_features: int) -> list[slice]:
+    return [slice(a, a + CHUNK_VALUES) for a in range(0, n_features, CHUNK_VALUES)]
+
+
+def _gram(fit: np.ndarray, evaluate: np.ndarray) -> StandardGram:
+    """The dual-form ridge's Gram matrices of ``fit`` (and ``evaluate``) rows, added a column
+    chunk at a time (copies of one chunk: the features themselves are left as they are)."""
+    gram = StandardGram(len(fit), len(evaluate))
+    for cols in _column_chunks(fit.shape[1]):
+        gram.add(fit[:, cols].copy(), evaluate[:, cols].copy())
+    return gram
 
 
 def _unit(a: np.ndarray) -> np.ndarray:
@@ -81,8 +97,8 @@ def choose_readout(dm, *, span: tuple[int, int], deep_val: np.ndarray | None,
         for k in np.unique(val.subject):
             X, rows = binned_features(dm, "train", int(k), bins)
             Xv, vrows = binned_features(dm, "val", int(k), bins)
-            model = RidgeDecoder(**kwargs).fit(X, emb[dm.splits["train"].target[rows]])
-            pred[vrows] = model.predict(Xv)
+            pred[vrows] = gram_ridge_predict(_gram(X, Xv), emb[dm.splits["train"].target[rows]],
+                                             **kwargs)[0]
         scores[float(width_s)] = rank_score(pred, cand, true)
         preds[float(width_s)] = pred
     width_s = max(scores, key=scores.get)
@@ -126,10 +142,13 @@ def attach_readout(net, dm, choice: dict[str, Any], *, fit_splits=("train", "val
             Y.append(emb[dm.splits[name].target[rows]])
         if not sum(len(x) for x in X):
             continue
-        model = RidgeDecoder(**kwargs).fit(np.concatenate(X), np.concatenate(Y))
-        weight, bias = model.linear_map()
+        X = np.concatenate(X)
+        gram = _gram(X, X[:0])
+        solution = gram_ridge_solve(gram, np.concatenate(Y), **kwargs)
+        weight, bias = gram.linear_map((X[:, cols] for cols in _column_chunks(X.shape[1])),
+                                       solution)
         net.set_readout(k, weight, bias)
-        alphas_used[dm.labels[k]] = float(model.alpha_)
+        alphas_used[dm.labels[k]] = solution.alpha
     with torch.no_grad():
         net.readout_mix.fill_(float(choice["mix"]))
     choice["alpha"] = alphas_used

@@ -41,9 +41,18 @@ def subject_arrays(dm, k: int, targets: np.ndarray | None = None, *,
     return np.stack(fit_X), np.concatenate(fit_Y), eval_X, rows
 
 
-#: feature values per trial in one chunk of a streamed Gram (32 kB of float32 per trial: one
-#: 250 ms window of 270 channels at 120 Hz, or 8192 voxels)
-CHUNK_VALUES = 8192
+#: feature values per trial in one chunk of a streamed Gram (16 kB of float32 per trial, so
+#: 16 MB per 1000 trials: a 250 ms window of 306 channels at 120 Hz is three chunks)
+CHUNK_VALUES = 4096
+
+
+def time_chunks(dm, k: int, sl: slice = slice(None)) -> list[slice]:
+    """``sl`` of the epochs' last (time) axis cut into slices of at most ``CHUNK_VALUES``
+    values per trial of subject ``k`` (whole samples of every channel; at least one)."""
+    row_shape = dm.subject_row_blocks("train", k).file.row_shape
+    start, stop, _ = sl.indices(row_shape[-1])
+    width = max(1, CHUNK_VALUES // max(1, int(np.prod(row_shape[:-1]))))
+    return [slice(a, min(a + width, stop)) for a in range(start, stop, width)]
 
 
 def stream_rows(dm, k: int, splits: tuple[str, ...], features) -> np.ndarray:
@@ -105,7 +114,7 @@ def window_ridge(dm, k: int, candidates: np.ndarray, true_index: np.ndarray, *,
     n_times = int(next(iter(dm.subjects.values())).n_times)
     res = sliding_retrieval(
         lambda sl: streamed_ridge(dm, k, Y, fit_splits=fit_splits, eval_split=eval_split,
-                                  slices=[sl], alphas=alphas)[0],
+                                  slices=time_chunks(dm, k, sl), alphas=alphas)[0],
         n_times, candidates, np.asarray(true_index)[rows], sfreq=params["sfreq"],
         tmin=params["tmin"], step=step)
     return res, rows
@@ -144,11 +153,8 @@ def ridge_predictions(dm, *, targets: np.ndarray | None = None, alphas=None) -> 
     pred = np.zeros((len(test), Y.shape[1]), np.float32)
     for k in np.unique(test.subject):
         k = int(k)
-        row_shape = dm.subject_row_blocks("test", k).file.row_shape
-        width = max(1, CHUNK_VALUES // max(1, int(np.prod(row_shape[:-1]))))
-        slices = [slice(a, a + width) for a in range(0, row_shape[-1], width)]
         pred[test.subject == k], alpha = streamed_ridge(
-            dm, k, Y, fit_splits=("train", "val"), eval_split="test", slices=slices,
-            alphas=alphas)
+            dm, k, Y, fit_splits=("train", "val"), eval_split="test",
+            slices=time_chunks(dm, k), alphas=alphas)
         logger.info("ridge sub-%s: alpha=%g", dm.labels[k], alpha)
     return pred

@@ -1,7 +1,8 @@
 """Benchmark: memory and time of the linear steps of a MEG training run against its trial count.
 
-The focus search (sliding-window ridge, train -> validation trials), the full-window ridge
-baseline (train + validation -> test) and the time-resolved ridge (every subject), as
+The focus search (sliding-window ridge cross-validated over the train trials), the read-out's
+bin-width search (binned focus, train -> validation trials), the full-window ridge baseline
+(train + validation -> test) and the time-resolved ridge (every subject), as
 ``neurorecon train`` runs them, on a fraction of a dataset's train trials. Each measurement
 runs in a fresh process; the figure is that process's peak RSS above its RSS after the data
 module is set up (``VmHWM``, reset after the set-up) and the wall time of the three steps.
@@ -48,6 +49,7 @@ def measure(root: str, fraction: float, in_memory: bool) -> dict:
     from neurorecon.models.ridge import RidgeDecoder
     from neurorecon.pipelines.train.fit import build_datamodule, prepare_caches
     from neurorecon.pipelines.train.focus import choose_focus
+    from neurorecon.pipelines.train.readout import choose_readout
     from neurorecon.pipelines.train.ridge import (
         flat_targets,
         ridge_predictions,
@@ -84,7 +86,9 @@ def measure(root: str, fraction: float, in_memory: bool) -> dict:
             fit_X, fit_Y, eval_X, _ = subject_arrays(dm, k)
             RidgeDecoder().fit(fit_X, fit_Y).predict(eval_X)
     else:
-        choose_focus(dm)
+        focus = choose_focus(dm)
+        choose_readout(dm, span=tuple(focus["samples"]), deep_val=None,
+                       bin_widths=[0.025, 0.05, 0.1])
         ridge_predictions(dm)
         for k in np.unique(test.subject):
             window_ridge(dm, int(k), cand, true_idx)
