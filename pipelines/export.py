@@ -22,10 +22,11 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 
+from neurorecon.models.bundle import BundleConfig
 from neurorecon.models.common.checks import DataError
 from neurorecon.models.common.logging import logger
 
-from .inference import FORMAT, FORMAT_VERSION, MASKS, Decoder, Gallery
+from .inference import MASKS, Decoder, Gallery
 from .train.ridge import flat_targets
 
 
@@ -173,8 +174,9 @@ def _generator(cfg: DictConfig, dm, images: list[Image.Image]):
 
 def bundle_config(net, dm, *, cfg: DictConfig, metrics: dict[str, Any] | None = None,
                   focus: dict[str, Any] | None = None,
-                  generator: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The bundle's ``config.json`` for ``net`` trained on ``dm`` with ``cfg``."""
+                  generator: dict[str, Any] | None = None) -> BundleConfig:
+    """The bundle's ``config.json`` for ``net`` trained on ``dm`` with ``cfg`` (validated
+    against the schema here, so a writer that drifts from it fails at export)."""
     spec = dm.embedder_spec
     emb = flat_targets(dm)
     norms = np.linalg.norm(emb, axis=1)
@@ -182,8 +184,8 @@ def bundle_config(net, dm, *, cfg: DictConfig, metrics: dict[str, Any] | None = 
         f"{_cache_key(dm.preproc_dir)}/{_cache_key(dm.embeddings_dir)}".encode()).hexdigest()
     headline = {k: metrics[k] for k in ("n_test", "n_test_images", "retrieval",
                                        "retrieval_all_images") if metrics and k in metrics}
-    return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "modality": dm.modality,
+    return BundleConfig.model_validate({
+        "modality": dm.modality,
         "model_type": type(net).__name__, "model_config": net.get_config(),
         "embedder": {"name": spec.get("name"), "weights": spec.get("weights"),
                      "revision": spec.get("revision"), "emb_dim": int(dm.emb_dim),
@@ -200,7 +202,7 @@ def bundle_config(net, dm, *, cfg: DictConfig, metrics: dict[str, Any] | None = 
                                    "embeddings_cache": _cache_key(dm.embeddings_dir)},
                        **_project_provenance(), "config": _portable(cfg)},
         "metrics": headline,
-    }
+    })
 
 
 def export_bundle(net, dm, *, cfg: DictConfig, out: str | Path,

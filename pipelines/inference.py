@@ -37,13 +37,18 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from neurorecon.models.common.checks import DataError, check_columns, check_finite
+from neurorecon.models.bundle import (
+    FORMAT,
+    FORMAT_VERSION,
+    BundleConfig,
+    FmriSubject,
+    ValidationError,
+    problems,
+)
+from neurorecon.models.common.checks import DataError, check_columns, check_finite, read_tsv
 from neurorecon.models.common.logging import logger
 from neurorecon.models.retrieval import CandidateIndex
 
-#: identifies a bundle's config.json; the version changes when the layout does
-FORMAT = "neurorecon-decoder"
-FORMAT_VERSION = 1
 CONFIG, WEIGHTS, MASKS, GALLERY, GENERATOR = (
     "config.json", "model.safetensors", "masks", "gallery", "generator")
 LOWLEVEL = "lowlevel.safetensors"
@@ -180,11 +185,11 @@ class Decoder:
         Subject labels, in the model's index order.
     gallery : Gallery
         Retrieval candidates.
-    config : dict
-        The bundle's ``config.json``.
+    config : BundleConfig
+        The bundle's ``config.json``, typed (:mod:`neurorecon.models.bundle`).
     """
 
-    def __init__(self, *, net: torch.nn.Module, config: dict[str, Any],
+    def __init__(self, *, net: torch.nn.Module, config: BundleConfig,
                  masks: Mapping[str, Any] | None = None, gallery: Gallery | None = None,
                  lowlevel: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
                  generator_dir: str | Path | None = None, root: str | Path | None = None,
@@ -205,34 +210,37 @@ class Decoder:
     # ------------------------------------------------------------------ description
     @property
     def modality(self) -> str:
-        return self.config["modality"]
+        return self.config.modality
 
     @property
     def subjects(self) -> list[str]:
-        return list(self.config["subjects"])
+        return list(self.config.subjects)
 
     @property
     def note(self) -> str:
         """What stands in for the models the papers used (embedder, generator)."""
-        parts = [self.config["embedder"].get("substitute_note"),
-                 (self.config.get("generator") or {}).get("note")]
+        gen = self.config.generator
+        parts = [self.config.embedder.substitute_note, gen.note if gen else None]
         return " | ".join(p for p in parts if p)
 
     @property
     def generation_head(self) -> str:
         """The encoder head whose output conditions the generator (training's choice)."""
-        return (self.config.get("generator") or {}).get("defaults", {}).get("head", "mse")
+        gen = self.config.generator
+        return gen.defaults.head if gen else "mse"
 
     def _label(self, subject: str) -> str:
         """The bundle's label for ``subject`` (``"01"`` or ``"sub-01"``), checked."""
         label = str(subject).removeprefix("sub-")
-        if label not in self.config["subjects"]:
+        if label not in self.config.subjects:
             raise DataError(f"unknown subject {label!r}; this decoder knows "
                             f"{self.subjects}", hint="pass one of the bundle's subjects")
         return label
 
-    def _subject(self, subject: str) -> dict[str, Any]:
-        return self.config["subjects"][self._label(subject)]
+    def subject_info(self, subject: str):
+        """``subject``'s part of the bundle (:class:`~neurorecon.models.bundle.MegSubject` or
+        :class:`~neurorecon.models.bundle.FmriSubject`), the label checked."""
+        return self.config.subjects[self._label(subject)]
 
     def _check_modality(self, modality: str, what: str) -> None:
         if self.modality != modality:
@@ -246,17 +254,17 @@ class Decoder:
         from .preprocess.meg import MegParams
 
         self._check_modality("meg", "meg_params")
-        return MegParams.from_mapping(self.config["preprocessing"]["params"])
+        return MegParams.from_mapping(self.config.preprocessing["params"])
 
     def _meg_stats(self, subject: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Frozen scaler centre, scale and good-channel mask of ``subject`` (built once: the
         streaming decoder asks for them every window)."""
         label = self._label(subject)
         if label not in self._stats:
-            info = self.config["subjects"][label]
-            self._stats[label] = (np.asarray(info["scaler_center"], np.float64),
-                                  np.asarray(info["scaler_scale"], np.float64),
-                                  np.asarray(info["good"], bool))
+            info = self.config.subjects[label]
+            self._stats[label] = (np.asarray(info.scaler_center, np.float64),
+                                  np.asarray(info.scaler_scale, np.float64),
+                                  np.asarray(info.good, bool))
         return self._stats[label]
 
     def prepare_meg(self, raw_or_array, *, subject: str, events=None,
@@ -284,9 +292,9 @@ class Decoder:
         from .preprocess.meg import cut_epochs, filter_and_decimate, scale_epochs
 
         self._check_modality("meg", "prepare_meg")
-        info = self._subject(subject)
+        info = self.subject_info(subject)
         params = self.meg_params
-        names = list(info["ch_names"])
+        names = list(info.ch_names)
         if isinstance(raw_or_array, mne.io.BaseRaw):
             raw = raw_or_array
             missing = [c for c in names if c not in raw.ch_names]
@@ -297,7 +305,7 @@ class Decoder:
                                 hint="use a recording of the same MEG system and channel set")
             raw = raw.copy().pick(names).load_data(verbose=False)
             raw.reorder_channels(names)
-            newly_bad = sorted(set(raw.info["bads"]) - set(info["bads"]))
+            newly_bad = sorted(set(raw.info["bads"]) - set(info.bads))
             if newly_bad:
                 logger.warning("channels %s are marked bad in this recording but the decoder "
                                "was trained with them", newly_bad[:5])
@@ -309,7 +317,7 @@ class Decoder:
                 raise DataError(f"MEG array must be continuous (n_chans={len(names)}, "
                                 f"n_samples), got shape {data.shape}",
                                 hint="pass an mne Raw, or the channels in the bundle's order")
-            rate = float(sfreq or info["sfreq_in"])
+            rate = float(sfreq or info.sfreq_in)
             raw = mne.io.RawArray(data, mne.create_info(names, rate, "mag"), verbose=False)
         if events is None:
             raise DataError("prepare_meg needs the image onsets (events=) to cut epochs",
@@ -331,8 +339,8 @@ class Decoder:
         would with ``mask`` and ``split``: the model's caches (spatial attention, read-out
         factors) and the gallery index are built now, not in the first live window."""
         self._check_modality("meg", "warm_up")
-        info = self._subject(subject)
-        emb = self.encode(np.zeros((len(info["ch_names"]), int(info["n_times"])), np.float32),
+        info = self.subject_info(subject)
+        emb = self.encode(np.zeros((len(info.ch_names), info.n_times), np.float32),
                           subject=subject, mask=mask)
         if self.gallery is not None:
             self.retrieve(emb, split=split)
@@ -346,14 +354,14 @@ class Decoder:
         from .preprocess.meg import StreamingMegFilter
 
         params = self.meg_params
-        info = self._subject(subject)
+        info = self.subject_info(subject)
         if params.phase != "causal":
             raise DataError(
                 "this MEG decoder was trained on zero-phase (non-causal) filtered data, which "
                 "a live stream cannot reproduce", path=self.root,
                 hint="train a causal one: neurorecon run data=<...> preprocess.meg.phase=causal")
-        return StreamingMegFilter(sfreq=float(sfreq or info["sfreq_in"]),
-                                  n_chans=len(info["ch_names"]), params=params)
+        return StreamingMegFilter(sfreq=float(sfreq or info.sfreq_in),
+                                  n_chans=len(info.ch_names), params=params)
 
     def meg_window(self, window: np.ndarray, *, subject: str) -> np.ndarray:
         """One window ``(n_chans, n_times)`` of :meth:`streaming_filter` output spanning the
@@ -362,8 +370,8 @@ class Decoder:
         from .preprocess.meg import prepare_window
 
         params = self.meg_params
-        info = self._subject(subject)
-        shape = (len(info["ch_names"]), int(info["n_times"]))
+        info = self.subject_info(subject)
+        shape = (len(info.ch_names), info.n_times)
         window = np.asarray(window)
         if window.shape != shape:
             raise DataError(f"MEG window of shape {window.shape}; sub-{subject} needs {shape} "
@@ -380,7 +388,7 @@ class Decoder:
         return self.masks[self._label(subject)]
 
     def _fmri_params(self) -> dict[str, Any]:
-        prep = dict(self.config["preprocessing"])
+        prep = dict(self.config.preprocessing)
         for key in ("input", "space", "subjects", "modality"):
             prep.pop(key, None)
         return prep
@@ -460,7 +468,8 @@ class Decoder:
         check_same_grid(img, mask, path=path, what="betas image")
         table = None
         if trials is not None:
-            table = trials if isinstance(trials, pd.DataFrame) else _read_tsv(trials)
+            table = (trials if isinstance(trials, pd.DataFrame)
+                     else read_tsv(trials, what="trial table"))
             if len(table) != data.shape[3]:
                 raise DataError(f"{len(table)} trial rows but the betas image has "
                                 f"{data.shape[3]} volumes",
@@ -502,11 +511,11 @@ class Decoder:
         if subject not in self._inputs:
             from neurorecon.models.meg.brain_module import sensor_features
 
-            info = self._subject(subject)
+            info = self.subject_info(subject)
             self._inputs[subject] = {} if self.modality != "meg" else {
-                "positions": torch.tensor(info["positions"], dtype=torch.float32),
-                "mask": torch.tensor(info["good"], dtype=torch.bool),
-                "sensors": sensor_features(info["kinds"], np.asarray(info["orientation"],
+                "positions": torch.tensor(info.positions, dtype=torch.float32),
+                "mask": torch.tensor(info.good, dtype=torch.bool),
+                "sensors": sensor_features(info.kinds, np.asarray(info.orientation,
                                                                      np.float32)),
             }
         return self._inputs[subject]
@@ -522,13 +531,13 @@ class Decoder:
         or faulty in a stream); the bundle's bad channels stay out whatever it says.
         """
         subject = self._label(subject)
-        info = self.config["subjects"][subject]
+        info = self.config.subjects[subject]
         x = np.asarray(x, dtype=np.float32)
         per_trial = 2 if self.modality == "meg" else 1
         if x.ndim == per_trial:
             x = x[None]
-        want = ((len(info["ch_names"]), int(info["n_times"])) if self.modality == "meg"
-                else (int(info["n_voxels"]),))
+        want = ((len(info.ch_names), info.n_times) if self.modality == "meg"
+                else (info.n_voxels,))
         if x.ndim != per_trial + 1 or x.shape[1:] != want:
             raise DataError(f"sub-{subject} trials must have shape (n, {', '.join(map(str, want))})"
                             f", got {x.shape}", hint="prepare them with the decoder's "
@@ -541,7 +550,7 @@ class Decoder:
                 raise DataError(f"mask must hold one bool per channel ({want[0]}), got shape "
                                 f"{keep.shape}")
             inputs = {**inputs, "mask": inputs["mask"] & torch.from_numpy(keep)}
-        sub = subject if self.modality == "fmri" else int(info["index"])
+        sub = subject if self.modality == "fmri" else info.index
         return encode_batches(self.net, x, subject=sub, inputs=inputs, head=head,
                               batch_size=batch_size)
 
@@ -581,19 +590,19 @@ class Decoder:
     def generator(self):
         """The bundle's generator (loaded on first use)."""
         if self._generator is None:
-            gen = self.config.get("generator")
-            if not gen:
+            gen = self.config.generator
+            if gen is None:
                 raise BundleError("this bundle has no generator (trained with "
                                   "reconstruct.enabled=false)", path=self.root,
                                   hint="export with a generator to reconstruct images")
             from neurorecon.models.registry import build_generator
 
-            if gen["kind"] == "embedded":
+            if gen.kind == "embedded":
                 if self.generator_dir is None:
                     raise BundleError("generator directory missing", path=self.root)
-                self._generator = build_generator(gen["class"], {"path": self.generator_dir})
+                self._generator = build_generator(gen.cls, {"path": self.generator_dir})
             else:
-                self._generator = build_generator(gen["class"], gen["config"])
+                self._generator = build_generator(gen.cls, gen.config or {})
         return self._generator
 
     def lowlevel_images(self, x, *, subject: str) -> list[Image.Image]:
@@ -629,8 +638,10 @@ class Decoder:
         """
         from neurorecon.models.generators.base import conditioning
 
-        gen_cfg = self.config.get("generator") or {}
-        defaults = gen_cfg.get("defaults", {})
+        gen = self.config.generator
+        if gen is None:
+            self.generator  # noqa: B018 - raises the bundle's "no generator" error
+        defaults = gen.defaults
         inits = None
         if lowlevel is not None:
             if subject is None:
@@ -638,15 +649,13 @@ class Decoder:
             inits = self.lowlevel_images(lowlevel, subject=subject)
         emb = np.asarray(embeddings, np.float32)
         emb = emb[None] if emb.ndim == 1 else emb
-        cond = conditioning(emb, scale=gen_cfg.get("embedding_scale", "unit"),
-                            target_norm=float(gen_cfg.get("target_norm", 1.0)))
+        cond = conditioning(emb, scale=gen.embedding_scale, target_norm=gen.target_norm)
         images = self.generator.generate(
-            cond, seed=int(defaults.get("seed", 0) if seed is None else seed),
-            steps=int(defaults.get("steps", 20) if steps is None else steps),
-            guidance_scale=float(defaults.get("guidance_scale", 1.5) if guidance is None
-                                 else guidance),
+            cond, seed=int(defaults.seed if seed is None else seed),
+            steps=int(defaults.steps if steps is None else steps),
+            guidance_scale=float(defaults.guidance_scale if guidance is None else guidance),
             init_images=inits,
-            strength=float(defaults.get("strength", 0.85) if strength is None else strength))
+            strength=float(defaults.strength if strength is None else strength))
         for im in images:
             im.info["neurorecon_note"] = self.generator.note
         return images
@@ -663,7 +672,7 @@ class Decoder:
         root = Path(path)
         config = read_bundle_config(root)
         try:
-            net = build(config["model_type"], config["model_config"])
+            net = build(config.model_type, config.net_config)
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"cannot rebuild the model ({exc})", path=root / CONFIG) from exc
         weights = root / WEIGHTS
@@ -682,9 +691,9 @@ class Decoder:
                               path=weights) from exc
         net.to(device)
         masks = {}
-        if config["modality"] == "fmri":
+        if config.modality == "fmri":
             masks = {label: _load_mask(root, label, info)
-                     for label, info in config["subjects"].items()}
+                     for label, info in config.subjects.items()}
         gallery = _load_gallery(root / GALLERY) if (root / GALLERY).is_dir() else None
         lowlevel = _load_lowlevel(root / GENERATOR / LOWLEVEL)
         gen_dir = root / GENERATOR if (root / GENERATOR).is_dir() else None
@@ -728,7 +737,7 @@ class Decoder:
             if self.voxel_stats:
                 save_file({f"sub-{lab}": torch.from_numpy(np.ascontiguousarray(st, np.float32))
                            for lab, st in self.voxel_stats.items()}, tmp / NORMALISATION)
-            (tmp / CONFIG).write_text(json.dumps(self.config, indent=1))
+            (tmp / CONFIG).write_text(self.config.to_json())
             (tmp / "README.md").write_text(model_card(self.config))
             if out.exists():
                 old = out.with_name(f".{out.name}-old")
@@ -746,8 +755,9 @@ class Decoder:
 # --------------------------------------------------------------------------------------------
 # bundle files
 # --------------------------------------------------------------------------------------------
-def read_bundle_config(root: Path) -> dict[str, Any]:
-    """``config.json`` of a bundle, checked for format and version."""
+def read_bundle_config(root: Path) -> BundleConfig:
+    """``config.json`` of a bundle, checked for format and version, then against the schema
+    (:class:`~neurorecon.models.bundle.BundleConfig`)."""
     if not root.is_dir():
         raise BundleError("not a bundle directory", path=root)
     path = root / CONFIG
@@ -765,13 +775,17 @@ def read_bundle_config(root: Path) -> dict[str, Any]:
         raise BundleError(f"bundle format version {version}; this neurorecon reads version "
                           f"{FORMAT_VERSION} (re-export it: neurorecon export checkpoint=<ckpt> "
                           "export.out=<dir>)", path=path)
-    return config
+    try:
+        return BundleConfig.model_validate(config)
+    except ValidationError as exc:
+        raise BundleError(f"config.json does not fit the bundle schema ({problems(exc)})",
+                          path=path) from exc
 
 
-def _load_mask(root: Path, label: str, info: Mapping[str, Any]):
+def _load_mask(root: Path, label: str, info: FmriSubject):
     import nibabel as nib
 
-    path = root / info["mask"]
+    path = root / info.mask
     if not path.is_file():
         raise BundleError(f"voxel mask of sub-{label} missing", path=path)
     try:
@@ -779,9 +793,9 @@ def _load_mask(root: Path, label: str, info: Mapping[str, Any]):
         inside = np.asarray(mask.dataobj) > 0
     except Exception as exc:  # nibabel raises several types for unreadable files
         raise BundleError(f"unreadable mask ({exc})", path=path) from exc
-    if int(inside.sum()) != int(info["n_voxels"]):
+    if int(inside.sum()) != info.n_voxels:
         raise BundleError(f"mask has {int(inside.sum())} voxels, the model's sub-{label} "
-                          f"adapter takes {info['n_voxels']}", path=path)
+                          f"adapter takes {info.n_voxels}", path=path)
     return mask
 
 
@@ -842,18 +856,9 @@ def _load_voxel_stats(path: Path) -> dict[str, np.ndarray]:
         raise BundleError(f"unreadable normalisation statistics ({exc})", path=path) from exc
 
 
-def _read_tsv(path: str | Path) -> pd.DataFrame:
-    """A BIDS TSV (``n/a`` as missing), or :class:`DataError` naming it."""
-    try:
-        return pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError,
-            UnicodeDecodeError) as exc:
-        raise DataError(f"not a readable TSV table ({exc})", path=path) from exc
-
-
 def _events_table(events) -> pd.DataFrame:
     if isinstance(events, (str, Path)):
-        table, path = _read_tsv(events), events
+        table, path = read_tsv(events, what="events file"), events
     else:
         table, path = pd.DataFrame(events), None
     check_columns(table, ["onset", "duration"], path=path)
@@ -866,30 +871,27 @@ def _events_table(events) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
-def model_card(config: Mapping[str, Any]) -> str:
+def model_card(config: BundleConfig) -> str:
     """The bundle's README.md: data, subjects, metrics beside chance and ridge, substitutes."""
-    prov = config.get("provenance", {})
-    metrics = config.get("metrics") or {}
-    lines = [f"# neurorecon {config['modality'].upper()} decoder ({config['model_type']})", "",
+    prov, metrics, embedder = config.provenance, config.metrics, config.embedder
+    lines = [f"# neurorecon {config.modality.upper()} decoder ({config.model_type})", "",
              "Load with `neurorecon.pipelines.inference.Decoder.from_pretrained(<this dir>)`.",
              "", "## Data", "",
-             f"- dataset: `{prov.get('dataset', {}).get('name')}` (fingerprint "
-             f"`{prov.get('dataset', {}).get('fingerprint')}`)",
-             f"- subjects: {', '.join('sub-' + s for s in config['subjects'])}",
-             f"- embedder: {config['embedder'].get('name')} (weights "
-             f"`{config['embedder'].get('weights')}`, dim {config['embedder'].get('emb_dim')})"]
-    prep = config["preprocessing"]
-    if config["modality"] == "meg":
+             f"- dataset: `{prov.dataset.name}` (fingerprint `{prov.dataset.fingerprint}`)",
+             f"- subjects: {', '.join('sub-' + s for s in config.subjects)}",
+             f"- embedder: {embedder.name} (weights `{embedder.weights}`, dim "
+             f"{embedder.emb_dim})"]
+    prep = config.preprocessing
+    if config.modality == "meg":
         p = prep["params"]
         lines.append(f"- preprocessing: {p['l_freq']}-{p['h_freq']} Hz band-pass "
                      f"(phase **{p['phase']}**), {p['sfreq']:g} Hz, epochs "
                      f"[{p['tmin']}, {p['tmax']}] s; "
                      + ("streamable (causal)" if p["phase"] == "causal" else
                         "not streamable (zero-phase: train with preprocess.meg.phase=causal)"))
-        if config.get("focus"):
-            f = config["focus"]
-            lines.append(f"- temporal focus: [{f['tmin']:.3f}, {f['tmax']:.3f}] s "
-                         f"({f.get('reason')})")
+        if config.focus is not None:
+            f = config.focus
+            lines.append(f"- temporal focus: [{f.tmin:.3f}, {f.tmax:.3f}] s ({f.reason})")
     else:
         lines.append(f"- preprocessing: {prep.get('glm')} single-trial GLM, per-voxel z-score: "
                      f"{prep.get('zscore')}; masks in `masks/`")
@@ -901,11 +903,10 @@ def model_card(config: Mapping[str, Any]) -> str:
         for name, m in retrieval.items():
             lines.append(f"| {name} | {m['top1']:.3f} | {m['top5']:.3f} | "
                          f"{m.get('median_rank', float('nan')):.1f} |")
-    gen = config.get("generator")
+    gen = config.generator
     lines += ["", "## Substitutes", "",
-              f"- embedder: {config['embedder'].get('substitute_note') or 'none'}",
-              f"- generator: {gen['note'] if gen else 'no generator in this bundle'}",
+              f"- embedder: {embedder.substitute_note or 'none'}",
+              f"- generator: {gen.note if gen else 'no generator in this bundle'}",
               "", "## Provenance", "",
-              f"- neurorecon {prov.get('version')} (commit {prov.get('commit')}), "
-              f"created {prov.get('created')}", ""]
+              f"- neurorecon {prov.version} (commit {prov.commit}), created {prov.created}", ""]
     return "\n".join(lines)

@@ -274,21 +274,23 @@ def metrics(svc: ServiceDep) -> Response:
     return Response(body, media_type=content_type)
 
 
-#: the bundle's embedder fields a client sees (``pipelines/export.py`` writes them)
-EMBEDDER_FIELDS = ("name", "weights", "revision", "emb_dim", "n_tokens", "substitute_note")
+#: the bundle's embedder fields a client sees (:class:`neurorecon.models.bundle.Embedder`)
+EMBEDDER_FIELDS = {"name", "weights", "revision", "emb_dim", "n_tokens", "substitute_note"}
+#: the bundle's generator fields a client sees (:class:`neurorecon.models.bundle.Generator`)
+GENERATOR_FIELDS = {"cls", "note", "resolution", "embedding_scale", "defaults"}
 
 
 def _model_info(model_id: str, decoder: Decoder) -> ModelInfo:
     cfg = decoder.config
-    gen = cfg.get("generator")
+    gen = cfg.generator
     return ModelInfo(
         id=model_id, modality=decoder.modality, subjects=decoder.subjects,
-        model_type=cfg["model_type"],
-        embedder={k: v for k, v in cfg["embedder"].items() if k in EMBEDDER_FIELDS},
-        generator=None if not gen else {k: gen.get(k) for k in (
-            "class", "note", "resolution", "embedding_scale", "defaults")},
+        model_type=cfg.model_type,
+        embedder=cfg.embedder.model_dump(include=EMBEDDER_FIELDS),
+        generator=None if gen is None else gen.model_dump(include=GENERATOR_FIELDS,
+                                                          by_alias=True),
         gallery_images=0 if decoder.gallery is None else len(decoder.gallery),
-        metrics=cfg.get("metrics"), note=decoder.note)
+        metrics=cfg.metrics or None, note=decoder.note)
 
 
 @api.get("/models", response_model=ModelList, summary="the loaded bundles")
@@ -433,8 +435,8 @@ def submit_job(
                 "filenames": filenames, "rows": rows,
                 "n_rows": n_rows, "options": opts.model_dump()}
         fingerprint = hashlib.sha256(json.dumps(
-            {"inputs": digest.hexdigest(), "model": model, "bundle": decoder.config.get(
-                "provenance", {}).get("created"), "subject": label, "tr": tr_value,
+            {"inputs": digest.hexdigest(), "model": model,
+             "bundle": decoder.config.provenance.created, "subject": label, "tr": tr_value,
              "options": spec["options"]}, sort_keys=True).encode()).hexdigest()
         try:
             job, created = svc.store.submit(

@@ -44,7 +44,7 @@ def load_bundles(entries: list[str], *, generators: bool = False) -> dict[str, D
         key = name or bundle_id(path, decoder.modality)
         if key in decoders:
             raise DataError(f"serve.bundles: id {key!r} given twice ({path})")
-        if generators and decoder.config.get("generator"):
+        if generators and decoder.config.generator is not None:
             try:
                 decoder.generator  # noqa: B018 - loads it
             except DataError as exc:

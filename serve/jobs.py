@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from neurorecon.models.common.checks import DataError
+from neurorecon.models.common.checks import DataError, read_tsv
 from neurorecon.models.retrieval import chance_metrics, retrieval_metrics
 from neurorecon.pipelines.inference import Decoder
 
@@ -56,7 +56,7 @@ def trials_table(job_dir: Path, spec: dict[str, Any]) -> pd.DataFrame:
     path = paths["events"] if spec["kind"] == "bold" else paths.get("trials")
     if path is None:
         return pd.DataFrame(index=range(spec["n_rows"]))
-    return pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False)
+    return read_tsv(path, what="trial table")
 
 
 def decode_inputs(decoder: Decoder, job_dir: Path, spec: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -94,7 +94,8 @@ def generate_batch(decoder: Decoder, *, subject: str, gen: np.ndarray,
 def lowlevel_enabled(decoder: Decoder, options: dict[str, Any], subject: str) -> bool:
     want = options.get("lowlevel")
     if want is None:
-        want = bool((decoder.config.get("generator") or {}).get("defaults", {}).get("lowlevel"))
+        gen = decoder.config.generator
+        want = bool(gen and gen.defaults.lowlevel)
     return bool(want) and subject in decoder.lowlevel
 
 

@@ -171,7 +171,7 @@ class StreamService:
             try:
                 model, decoder = self._decoder()
                 subject = str(self.settings.subject).removeprefix("sub-")
-                if subject in decoder.config["subjects"]:
+                if subject in decoder.config.subjects:
                     # before the stream's samples start to queue
                     decoder.warm_up(subject, split=self.settings.split)
                 # what is loaded now stays: later collections skip it (no long gen-2 pauses
@@ -243,12 +243,12 @@ class StreamService:
 
     # ------------------------------------------------------------------ connection checks
     def _online(self, decoder: Decoder, stream) -> OnlineDecoder:
-        info = decoder.config["subjects"].get(str(self.settings.subject).removeprefix("sub-"))
+        info = decoder.config.subjects.get(str(self.settings.subject).removeprefix("sub-"))
         units = stream.get_channel_units()
         names = list(stream.ch_names)
         factor = np.ones(len(names))
         if info is not None:
-            wanted = set(info["ch_names"])
+            wanted = set(info.ch_names)
             wrong = []
             for i, (name, (unit, mul)) in enumerate(zip(names, units, strict=True)):
                 if name in wanted:

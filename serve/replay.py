@@ -15,9 +15,7 @@ import math
 import time
 from pathlib import Path
 
-import pandas as pd
-
-from neurorecon.models.common.checks import DataError
+from neurorecon.models.common.checks import DataError, read_tsv
 from neurorecon.models.common.logging import logger
 
 from .lslconfig import use_loopback_discovery
@@ -77,7 +75,7 @@ def with_markers(raw, path: Path | None):
     events_tsv = None if path is None else path.with_name(
         path.name.rsplit("_", 1)[0] + "_events.tsv")
     if events_tsv is not None and events_tsv.is_file():
-        table = pd.read_csv(events_tsv, sep="\t", na_values=["n/a"], keep_default_na=False)
+        table = read_tsv(events_tsv, what="events file")
         column = next((c for c in ("stim_file", "trial_type", "value") if c in table), None)
         if "onset" in table and column is not None:
             raw.set_annotations(mne.Annotations(table["onset"].to_numpy(float), 0.0,

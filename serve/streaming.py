@@ -82,14 +82,14 @@ class OnlineDecoder:
                  publish: Callable[[dict[str, Any]], None] = lambda m: None):
         self.decoder, self.params, self.publish = decoder, params, publish
         self.subject = str(subject).removeprefix("sub-")
-        info = decoder.config["subjects"].get(self.subject)
+        info = decoder.config.subjects.get(self.subject)
         if info is None:
             raise DataError(f"serve.stream.subject: unknown subject {subject!r}; the bundle "
                             f"knows {decoder.subjects}")
         self.recipe = decoder.meg_params
         self.filter = decoder.streaming_filter(self.subject, sfreq=sfreq)  # checks rate, phase
         self.sfreq = float(sfreq)
-        names = list(info["ch_names"])
+        names = list(info.ch_names)
         position = {name: i for i, name in enumerate(ch_names)}
         self.present = np.array([n in position for n in names])
         if self.present.sum() < len(names) / 2:
@@ -100,13 +100,13 @@ class OnlineDecoder:
                                  "trained on")
         self.missing = [n for n in names if n not in position]
         # the channels the model uses: present in the stream and good in training
-        self.used = self.present & np.asarray(info["good"], bool)
+        self.used = self.present & np.asarray(info.good, bool)
         self.picks = np.array([position.get(n, 0) for n in names])
         factor = np.ones(len(ch_names)) if units is None else np.asarray(units, float)
         self.to_si = np.where(self.present, factor[self.picks], 0.0)
-        kinds = info.get("kinds") or ["mag"] * len(names)
+        kinds = info.kinds
         self.saturation = np.array([SATURATION.get(k, 1e-8) for k in kinds])
-        self.n_chans, self.n_times = len(names), int(info["n_times"])
+        self.n_chans, self.n_times = len(names), info.n_times
         self.ratio = self.filter.rate.ratio  # stream samples per output sample
         self.sfreq_dec = self.sfreq / self.ratio
         self.first = int(round(self.recipe.tmin * self.sfreq_dec))  # onset -> window start

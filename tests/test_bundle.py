@@ -126,8 +126,8 @@ def test_streamed_windows_through_the_bundle(meg_run, sample_root, tmp_path):
     events = read_events(rec.events_path, bids_root=sample_root / "meg", spec=EventSpec())
     raw = read_raw(rec)
     offline = decoder.prepare_meg(raw, subject=rec.subject, events=events)
-    info = decoder.config["subjects"][rec.subject]
-    data = raw.copy().pick(info["ch_names"]).get_data()
+    info = decoder.config.subjects[rec.subject]
+    data = raw.copy().pick(info.ch_names).get_data()
     stream = decoder.streaming_filter(rec.subject, sfreq=raw.info["sfreq"])
     out = np.concatenate([stream.process(data[:, s : s + 333])
                           for s in range(0, data.shape[1], 333)], axis=1)
@@ -135,7 +135,7 @@ def test_streamed_windows_through_the_bundle(meg_run, sample_root, tmp_path):
     first = int(round(p.tmin * p.sfreq))
     for i, onset in enumerate(events["onset"].to_numpy()[:10]):
         s = int(round(onset * p.sfreq)) + first
-        win = decoder.meg_window(out[:, s : s + info["n_times"]], subject=rec.subject)
+        win = decoder.meg_window(out[:, s : s + info.n_times], subject=rec.subject)
         np.testing.assert_allclose(win, offline[i], atol=1e-4, rtol=0)
     with pytest.raises(DataError, match="window of shape"):
         decoder.meg_window(out[:, :5], subject=rec.subject)
@@ -161,7 +161,7 @@ def test_bundle_survives_a_copy_and_holds_no_absolute_path(fmri_run, tmp_path):
             assert str(run_dir) not in text and str(tmp_path) not in text, f
     a, b = Decoder.from_pretrained(run_dir / "bundle"), Decoder.from_pretrained(moved)
     label = a.subjects[0]
-    x = np.random.default_rng(0).standard_normal((3, a.config["subjects"][label]["n_voxels"]))
+    x = np.random.default_rng(0).standard_normal((3, a.config.subjects[label].n_voxels))
     np.testing.assert_array_equal(a.encode(x, subject=label), b.encode(x, subject=label))
     assert b.gallery.thumbnail(0).size[0] <= 96
     card = (moved / "README.md").read_text()
@@ -208,6 +208,18 @@ def test_broken_bundles_give_one_line_errors(fmri_run, tmp_path):
         Decoder.from_pretrained(bad)
     one_line(e, "config.json", "version 99", "neurorecon export")
 
+    # a writer that drifts from the schema (a renamed field, a missing one) fails at load,
+    # naming the field, instead of a reader finding the key missing later
+    bad = copy("schema")
+    config = json.loads((bad / "config.json").read_text())
+    config["embedder"]["dim"] = config["embedder"].pop("emb_dim")
+    del config["subjects"][first]["n_voxels"]
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError) as e:
+        Decoder.from_pretrained(bad)
+    one_line(e, "config.json", "schema", "embedder.emb_dim", "embedder.dim",
+             f"subjects.{first}")
+
     decoder = Decoder.from_pretrained(run_dir / "bundle")
     mask = decoder.mask(first)
     betas = nib.Nifti1Image(np.random.default_rng(0).standard_normal(
@@ -219,7 +231,7 @@ def test_broken_bundles_give_one_line_errors(fmri_run, tmp_path):
         decoder.prepare_betas(tmp_path / "sub-x_betas.nii.gz", subject=first)
     one_line(e, "sub-x_betas.nii.gz", "another voxel grid", "mask shape (")
     assert decoder.prepare_betas(betas, subject=first).shape == (
-        4, decoder.config["subjects"][first]["n_voxels"])
+        4, decoder.config.subjects[first].n_voxels)
 
 
 @pytest.mark.slow  # trains the MEG run (~30 s on 2 cores)
@@ -251,8 +263,8 @@ def test_inference_imports_neither_lightning_nor_hydra(meg_run):
         "import sys, numpy as np\n"
         "from neurorecon.pipelines.inference import Decoder\n"
         f"d = Decoder.from_pretrained({str(run_dir / 'bundle')!r})\n"
-        "s = d.subjects[0]; c = d.config['subjects'][s]\n"
-        "x = np.zeros((2, len(c['ch_names']), c['n_times']), np.float32)\n"
+        "s = d.subjects[0]; c = d.config.subjects[s]\n"
+        "x = np.zeros((2, len(c.ch_names), c.n_times), np.float32)\n"
         "d.retrieve(d.encode(x, subject=s), k=3)\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'hydra', "
         "'pytorch_lightning'}))\n")
@@ -273,12 +285,12 @@ def test_export_stage_round_trips(meg_run, tmp_path):
         "export.generator=false"])
     export(cfg)
     a, b = Decoder.from_pretrained(run_dir / "bundle"), Decoder.from_pretrained(out)
-    assert a.config["model_config"] == b.config["model_config"]
-    assert b.config["generator"] is None
+    assert a.config.net_config == b.config.net_config
+    assert b.config.generator is None
     with pytest.raises(DataError, match="bundle directory exists"):
         export(cfg)
     with pytest.raises(DataError, match="no generator"):
-        b.reconstruct(np.zeros((1, a.config["embedder"]["emb_dim"]), np.float32))
+        b.reconstruct(np.zeros((1, a.config.embedder.emb_dim), np.float32))
 
 
 def test_fmri_train_statistics_normalise_single_trials(sample_root, tmp_path):

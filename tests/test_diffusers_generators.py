@@ -258,8 +258,8 @@ def test_run_with_pretrained_unclip_and_captions(unclip_dir, sample_root, hf_dir
     from neurorecon.pipelines.inference import Decoder
 
     decoder = Decoder.from_pretrained(Path(cfg.paths.output_dir) / "bundle")
-    assert decoder.config["generator"]["kind"] == "diffusers"
-    assert decoder.config["generator"]["target_norm"] == pytest.approx(
+    assert decoder.config.generator.kind == "diffusers"
+    assert decoder.config.generator.target_norm == pytest.approx(
         norms["training_targets_mean"], rel=1e-3)
     assert not (Path(cfg.paths.output_dir) / "bundle" / "generator").exists()
     assert type(decoder.generator).__name__ == "StableUnclipGenerator"
@@ -269,8 +269,8 @@ def test_run_with_pretrained_unclip_and_captions(unclip_dir, sample_root, hf_dir
 
 
 def _window_shape(decoder):
-    info = decoder.config["subjects"]["01"]
-    return len(info["ch_names"]), info["n_times"]
+    info = decoder.config.subjects["01"]
+    return len(info.ch_names), info.n_times
 
 
 def test_unclip_bad_input(unclip, unclip_dir, tmp_path):

@@ -103,8 +103,8 @@ def test_faults_are_flagged_and_survived(meg):
     online, messages = _online(meg, hop=0.1, warmup_s=0.5)
     n = len(data)
     a, b = n // 4, n // 4 + 120  # a dropped stretch of 120 samples: a gap
-    meg_idx = [raw.ch_names.index(c) for c in online.decoder.config["subjects"][
-        online.subject]["ch_names"]]
+    meg_idx = [raw.ch_names.index(c) for c in online.decoder.config.subjects[
+        online.subject].ch_names]
     c = n // 2
     data[c:c + 60, meg_idx[:5]] = np.nan  # a NaN burst in 5 channels
     data[c:, meg_idx[10:12]] = 1e-12  # 2 channels go flat
@@ -146,7 +146,7 @@ def test_streams_the_bundle_cannot_decode_are_clear_errors(meg):
     with pytest.raises(DataError, match="unknown subject"):
         OnlineDecoder(decoder, subject="99", ch_names=raw.ch_names, sfreq=raw.info["sfreq"])
     # a few missing channels are masked, not refused
-    names = decoder.config["subjects"][subject]["ch_names"]
+    names = decoder.config.subjects[subject].ch_names
     online = OnlineDecoder(decoder, subject=subject, ch_names=[c for c in raw.ch_names
                                                                if c not in names[:7]],
                            sfreq=raw.info["sfreq"])

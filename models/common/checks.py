@@ -103,6 +103,27 @@ def check_finite(array: np.ndarray, *, path: str | Path | None, what: str) -> np
     return array
 
 
+def read_tsv(path: str | Path, *, what: str = "TSV table", columns: Iterable[str] = (),
+             text: bool = False, dtype: dict[str, Any] | None = None):
+    """A tab-separated table (BIDS: ``n/a`` is missing) as a pandas DataFrame, or
+    :class:`DataError` naming ``path`` when it is missing, unreadable or lacks ``columns``.
+
+    ``text``: every cell as a string, nothing read as missing (tables of file names).
+    """
+    import pandas as pd
+
+    path = check_file(path, what=what)
+    kwargs = ({"dtype": str, "keep_default_na": False} if text else
+              {"na_values": ["n/a"], "keep_default_na": False, "dtype": dtype})
+    try:
+        table = pd.read_csv(path, sep="\t", **kwargs)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError,
+            UnicodeDecodeError) as exc:
+        raise DataError(f"not a readable tab-separated {what} ({exc})", path=path) from exc
+    check_columns(table, columns, path=path)
+    return table
+
+
 def check_columns(table, columns: Iterable[str], *, path: str | Path) -> None:
     """Raise :class:`DataError` if a pandas table lacks one of ``columns``."""
     missing = [c for c in columns if c not in table.columns]

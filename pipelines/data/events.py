@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from neurorecon.models.common.checks import DataError, check_columns, check_file
+from neurorecon.models.common.checks import DataError, read_tsv
 
 
 @dataclass(frozen=True)
@@ -54,12 +54,9 @@ def read_events(
     sorted by onset. Raises :class:`DataError` naming the file for a missing column, a
     missing image, or invalid onsets.
     """
-    path = check_file(path, what="events file")
-    try:
-        table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DataError(f"not a readable tab-separated events file ({exc})", path=path) from exc
-    check_columns(table, ["onset", spec.stim_column, spec.split_column], path=path)
+    path = Path(path)
+    table = read_tsv(path, what="events file",
+                     columns=["onset", spec.stim_column, spec.split_column])
     table = table[table[spec.stim_column].notna()].copy()
     if table.empty:
         raise DataError(f"no rows with a value in column {spec.stim_column!r}", path=path)

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from neurorecon.models.common.checks import DataError, check_columns, check_option
+from neurorecon.models.common.checks import DataError, check_columns, check_option, read_tsv
 from neurorecon.models.common.logging import logger, progress
 
 from ..common.cache import MANIFEST, cache_entry
@@ -113,7 +113,7 @@ def stimulus_table(stim_root: Path, stim_files: list[str], *,
     used: list[Path] = []
     default_table = stim_root / "stimuli.tsv"
     if default_table.is_file():
-        table = _read_table(default_table)
+        table = read_tsv(default_table, what="stimulus table", columns=["stim_file"], text=True)
         used.append(default_table)
         if "concept" in table.columns:
             known = dict(zip(table["stim_file"], table["concept"].astype(str), strict=True))
@@ -126,7 +126,7 @@ def stimulus_table(stim_root: Path, stim_files: list[str], *,
                 "captions table not found", path=path,
                 hint="text embedders need a TSV with columns stim_file and caption: put it at "
                 "<data.root>/<data.stim_dir>/stimuli.tsv or set embed.captions=<path>")
-        table = _read_table(path)
+        table = read_tsv(path, what="stimulus table", columns=["stim_file"], text=True)
         check_columns(table, ["caption"], path=path)
         if path not in used:
             used.append(path)
@@ -138,15 +138,6 @@ def stimulus_table(stim_root: Path, stim_files: list[str], *,
                             path=path, hint="every embedded stimulus needs a non-empty caption")
         index["caption"] = [text[s] for s in stim_files]
     return index, used
-
-
-def _read_table(path: Path) -> pd.DataFrame:
-    try:
-        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DataError(f"not a readable tab-separated table ({exc})", path=path) from exc
-    check_columns(table, ["stim_file"], path=path)
-    return table
 
 
 def check_images(files: list[Path]) -> None:
@@ -200,7 +191,7 @@ def load_embeddings(path: str | Path) -> tuple[np.ndarray, pd.DataFrame, dict[st
         raise DataError("not a complete embeddings cache entry (no manifest.json)", path=path,
                         hint="run `neurorecon embed` and use the cache path it reports")
     emb = np.load(path / "embeddings.npy")
-    index = pd.read_csv(path / "index.tsv", sep="\t", dtype=str, keep_default_na=False)
+    index = read_tsv(path / "index.tsv", what="embeddings index", text=True)
     spec = json.loads((path / "spec.json").read_text())
     if len(index) != len(emb):
         raise DataError(f"{len(emb)} embeddings but {len(index)} index rows", path=path)

@@ -48,14 +48,12 @@ def prepare_dataset(decoder: Decoder, data_cfg: DictConfig
                         f"decoder is for {decoder.modality!r}", path=root)
     parts: dict[str, list[tuple[np.ndarray, pd.DataFrame]]] = {}
     if decoder.modality == "fmri" and data_cfg.get("fmri_input") == "betas":
-        import nibabel as nib
-
-        from ..preprocess.fmri import as_stim_file, find_betas, read_trials
+        from ..preprocess.fmri import as_stim_file, find_betas, open_4d, read_trials
 
         for k, (img, trials_path, subject) in enumerate(progress(
                 find_betas(root, data_cfg.betas_glob), desc="betas files")):
             _known(decoder, subject, img)
-            n_vol = int(nib.load(img).shape[3])
+            n_vol = int(open_4d(img, what="betas image").shape[3])
             trials = as_stim_file(read_trials(trials_path, n_volumes=n_vol, image=img,
                                               bids_root=root, spec=spec), spec)
             trials = trials.assign(**{c: v for c, v in {"session": "n/a",
@@ -86,7 +84,7 @@ def prepare_dataset(decoder: Decoder, data_cfg: DictConfig
     if decoder.modality == "meg":
         average = decoder.meg_params.average_test_repeats
     else:
-        average = decoder.config["preprocessing"].get("average_test_repeats", True)
+        average = decoder.config.preprocessing.get("average_test_repeats", True)
     X_out, tables = {}, {}
     for subject, items in parts.items():
         X = np.concatenate([x for x, _ in items])
@@ -116,14 +114,14 @@ def _candidates(decoder: Decoder, cfg: DictConfig, stim_files: list[str]
     from ..embed.run import load_embeddings
     from ..embed.run import run as run_embed
 
-    job = OmegaConf.create(decoder.config["provenance"]["config"])
+    job = OmegaConf.create(decoder.config.provenance.config)
     with open_dict(job):
         job.data, job.paths = cfg.data, cfg.paths
         job.embed = cfg.embed
     emb, index, spec = load_embeddings(run_embed(job)["cache"])
-    if spec.get("weights") != decoder.config["embedder"].get("weights"):
+    if spec.get("weights") != decoder.config.embedder.weights:
         raise DataError(f"the embedder now gives other weights ({spec.get('weights')}) than "
-                        f"the decoder was trained on ({decoder.config['embedder']['weights']})",
+                        f"the decoder was trained on ({decoder.config.embedder.weights})",
                         path=cfg.data.root, hint="embed with the decoder's embedder weights")
     return emb.reshape(len(emb), -1), index["stim_file"].tolist(), "embedded with the " \
         "decoder's embedder"
@@ -155,7 +153,7 @@ def evaluate_bundle(cfg: DictConfig, bundle: str | Path) -> dict[str, Any]:
     cand_rows, true_idx = candidate_rows(targets)
     cand = emb[cand_rows]
     stim_root = Path(cfg.data.root) / cfg.data.stim_dir
-    note = decoder.config["embedder"].get("substitute_note")
+    note = decoder.config.embedder.substitute_note
     plot_retrieval_examples([stim_root / s for s in stim_files], pred, cand,
                             [stim_root / ids[c] if (stim_root / ids[c]).is_file() else
                              _thumbnail_file(decoder, ids[c]) for c in cand_rows], true_idx,
@@ -165,10 +163,10 @@ def evaluate_bundle(cfg: DictConfig, bundle: str | Path) -> dict[str, Any]:
     metrics = {
         "modality": decoder.modality, "n_test": int(len(pred)),
         "n_test_images": int(len(cand)), "subjects": sorted(blocks["retrieval_per_subject"]),
-        "embedder": decoder.config["embedder"].get("name"), "embedder_note": note,
+        "embedder": decoder.config.embedder.name, "embedder_note": note,
         **blocks, "bundle": str(bundle),
         "candidates": source, "fitted_statistics": "the bundle's (nothing refitted)",
-        "bundle_metrics": decoder.config.get("metrics", {}).get("retrieval"),
+        "bundle_metrics": decoder.config.metrics.get("retrieval"),
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     enc = blocks["retrieval"]["encoder"]

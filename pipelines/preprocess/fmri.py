@@ -30,11 +30,11 @@ import pandas as pd
 
 from neurorecon.models.common.checks import (
     DataError,
-    check_columns,
     check_file,
     check_finite,
     check_number,
     check_option,
+    read_tsv,
 )
 from neurorecon.models.common.logging import log_level, logger, progress
 
@@ -93,19 +93,28 @@ def fmri_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- inputs
 
 
-def load_4d(path: Path, *, what: str):
-    """Load a 4D NIfTI with nibabel; return ``(image, float32 data)``, checked."""
+def open_4d(path: str | Path, *, what: str, keep_file_open: bool = False):
+    """A 4D NIfTI's image with nibabel, its voxels not read yet (lazy ``dataobj``); a missing,
+    unreadable or non-4D file is a :class:`DataError` naming it."""
     import nibabel as nib
 
     path = check_file(path, what=what)
     try:
-        img = nib.load(path)
+        img = nib.load(path, keep_file_open=keep_file_open)
     except Exception as exc:  # nibabel raises several types for unreadable files
         raise DataError(f"cannot read the {what} with nibabel ({exc})", path=path) from exc
     if img.ndim != 4:
         raise DataError(
             f"{what} must be 4D (x, y, z, {'trial' if 'betas' in what else 'time'}), "
             f"got {img.ndim}D with shape {img.shape}", path=path)
+    return img
+
+
+def load_4d(path: Path, *, what: str):
+    """Load a 4D NIfTI with nibabel; return ``(image, float32 data)``, checked."""
+    import nibabel as nib
+
+    img = open_4d(path, what=what)
     try:  # nibabel reads lazily: a truncated or corrupt (gzip) file fails here
         data = img.get_fdata(dtype=np.float32)
     except Exception as exc:
@@ -394,18 +403,9 @@ def load_masked_4d(path: Path, inside: np.ndarray, affine: np.ndarray, *, what: 
     ``(image, (n_volumes, n_inside) float32)``; the full 4D volume is never in memory.
     NaN/inf inside the mask, a truncated file, a non-4D image or another grid are
     :class:`DataError` naming the file."""
-    import nibabel as nib
-
     from .store import BLOCK_BYTES
 
-    path = check_file(path, what=what)
-    try:
-        img = nib.load(path, keep_file_open=True)
-    except Exception as exc:
-        raise DataError(f"cannot read the {what} with nibabel ({exc})", path=path) from exc
-    if img.ndim != 4:
-        raise DataError(f"{what} must be 4D (x, y, z, trial), got {img.ndim}D with shape "
-                        f"{img.shape}", path=path)
+    img = open_4d(path, what=what, keep_file_open=True)
     _check_on_grid(img, inside.shape, affine, path=path, first=first)
     n_vol = img.shape[3]
     step = max(1, BLOCK_BYTES // (4 * int(np.prod(img.shape[:3]))))
@@ -521,14 +521,7 @@ def _assemble_subject(label: str, parts: list[FmriPart], folder: Path, *, inside
 
 def _subject_grid(path: Path, params: dict):
     """The voxel grid (lazy header) and analysis mask of a subject's first file."""
-    import nibabel as nib
-
-    try:
-        img = nib.load(path)
-    except Exception as exc:
-        raise DataError(f"cannot read the image with nibabel ({exc})", path=path) from exc
-    if img.ndim != 4:
-        raise DataError(f"image must be 4D, got {img.ndim}D with shape {img.shape}", path=path)
+    img = open_4d(path, what="image")
     return _grid(img), _brain_mask(img, params, data_path=path)
 
 
@@ -647,8 +640,7 @@ def find_betas(root: str | Path, pattern: str) -> list[tuple[Path, Path, str]]:
 
 def read_trials(path: Path, *, n_volumes: int, image: Path, bids_root: Path,
                  spec: EventSpec) -> pd.DataFrame:
-    table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False)
-    check_columns(table, [spec.stim_column], path=path)
+    table = read_tsv(path, what="trial table", columns=[spec.stim_column])
     if len(table) != n_volumes:
         raise DataError(f"{len(table)} trial rows but {image.name} has {n_volumes} volumes",
                         path=path, hint="one row per volume of the betas image, in order")

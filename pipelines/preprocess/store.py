@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from neurorecon.models.common.checks import DataError
+from neurorecon.models.common.checks import DataError, read_tsv
 
 
 @dataclass
@@ -128,8 +128,8 @@ def load_preprocessed(path: str | Path, *, mmap: bool = True) -> Preprocessed:
         subjects[label] = SubjectTrials(
             subject=label,
             X=np.load(d / "X.npy", mmap_mode="r" if mmap else None),
-            trials=pd.read_csv(d / "trials.tsv", sep="\t", na_values=["n/a"], keep_default_na=False,
-                               dtype={"subject": str, "session": str, "run": str}),
+            trials=read_tsv(d / "trials.tsv", what="cached trial table",
+                            dtype={"subject": str, "session": str, "run": str}),
             channels=channels,
             mask_img=_load_nifti(mask) if mask.is_file() else None,
             voxel_stats=(np.load(d / "voxel_stats.npy") if (d / "voxel_stats.npy").is_file()

@@ -74,9 +74,9 @@ def meg_times(decoder, data_root: Path, repeats: int) -> dict[str, float]:
     t0 = time.perf_counter()
     decoder.prepare_meg(raw, subject=rec.subject, events=events)
     recording_s = time.perf_counter() - t0
-    info = decoder.config["subjects"][rec.subject]
+    info = decoder.config.subjects[rec.subject]
     window = np.random.default_rng(0).standard_normal(
-        (len(info["ch_names"]), info["n_times"])) * 1e-12
+        (len(info.ch_names), info.n_times)) * 1e-12
     out = {"recording_prepare_s": round(recording_s, 3), "n_events": int(len(events)),
            "recording_minutes": round(raw.times[-1] / 60, 2)}
 
@@ -89,7 +89,7 @@ def meg_times(decoder, data_root: Path, repeats: int) -> dict[str, float]:
     out.update(window_ms_median=round(1e3 * med, 2), window_ms_p99=round(1e3 * p99, 2))
     if decoder.meg_params.phase == "causal":
         stream = decoder.streaming_filter(rec.subject, sfreq=raw.info["sfreq"])
-        chunk = np.zeros((len(info["ch_names"]), int(raw.info["sfreq"] // 10)))
+        chunk = np.zeros((len(info.ch_names), int(raw.info["sfreq"] // 10)))
         med, _ = _timed(lambda: stream.process(chunk), repeats)
         out["filter_100ms_chunk_ms"] = round(1e3 * med, 3)
     return out
