@@ -222,3 +222,17 @@ def test_run_over_seeds_reports_spread(sample_root, tmp_path):
         assert per_seed["training"]["best_checkpoint"].endswith("refit.ckpt")
     assert "Mean ± sd over seeds" in (out / "report.md").read_text()
     assert metrics["over_seeds"] == on_disk["over_seeds"]
+
+
+def test_refit_epochs_follow_the_plateau_not_a_one_epoch_peak():
+    from neurorecon.pipelines.train.fit import refit_epochs
+
+    # a noisy early peak (epoch 6) above a later plateau: the count comes from the plateau
+    curve = [0.55, 0.68, 0.72, 0.73, 0.75, 0.76, 0.79, 0.76, 0.77, 0.77, 0.78, 0.785, 0.78,
+             0.78, 0.785, 0.77, 0.775, 0.77, 0.775]
+    epochs = refit_epochs({"best_epoch": 6, "val_select": curve})
+    assert 10 <= epochs <= 15, epochs
+    # a clean curve keeps its peak; too short a history falls back to the best checkpoint
+    assert refit_epochs({"best_epoch": 4, "val_select": [0.5, 0.6, 0.7, 0.8, 0.9, 0.8, 0.7,
+                                                          0.6, 0.5]}) == 5
+    assert refit_epochs({"best_epoch": 1, "val_select": [0.5, 0.6]}) == 2

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from neurorecon.models.common.checks import DataError
@@ -170,7 +171,25 @@ def fit(cfg: DictConfig, lit, dm, *, out_dir: Path, quiet: bool = False):
         logger.info("train: %d epochs in %.1f s on %s; best epoch %s on validation",
                     trainer.current_epoch, seconds, _device(trainer), best_epoch)
     return trainer, {"train_seconds": round(seconds, 2), "epochs": trainer.current_epoch,
-                     "best_checkpoint": best or None, "best_epoch": best_epoch}
+                     "best_checkpoint": best or None, "best_epoch": best_epoch,
+                     "val_select": [round(v, 4) for v in lit.select_history]}
+
+
+#: epochs averaged (centred) when the refit's epoch count is read off the validation curve
+SMOOTH_EPOCHS = 5
+
+
+def refit_epochs(info: dict[str, Any]) -> int:
+    """Epochs for the refit: the peak of the validation curve averaged over ``SMOOTH_EPOCHS``
+    neighbouring epochs (a single epoch's peak on a few hundred validation trials is often
+    noise: one seed stopped at 7 epochs where the others' plateau ran past 15), else the best
+    checkpoint's epoch."""
+    history = np.asarray(info.get("val_select") or [], float)
+    if len(history) < SMOOTH_EPOCHS:
+        return info["best_epoch"] + 1
+    half = SMOOTH_EPOCHS // 2
+    smooth = [history[max(0, i - half): i + half + 1].mean() for i in range(len(history))]
+    return int(np.argmax(smooth)) + 1
 
 
 def _device(trainer) -> str:
@@ -193,7 +212,7 @@ def refit(cfg: DictConfig, info: dict[str, Any], *, preproc_dir: Path,
     best = info.get("best_checkpoint")
     if not best:
         return None
-    epochs = info["best_epoch"] + 1
+    epochs = refit_epochs(info)
     seed_everything(int(cfg.seed), workers=True, verbose=False)  # the seed is in the config
     dm = build_datamodule(cfg, preproc_dir, emb_dir, val_fraction=0.0)
     lit = build_module(cfg, dm, focus=focus)
@@ -207,8 +226,9 @@ def refit(cfg: DictConfig, info: dict[str, Any], *, preproc_dir: Path,
     trainer.save_checkpoint(path, weights_only=False)  # a full checkpoint, like the best one
     info.update(selected_checkpoint=best, best_checkpoint=str(path), refit_epochs=epochs,
                 refit_seconds=round(time.perf_counter() - t0, 2))
-    logger.info("refit on train + validation trials: %d epochs (chosen on validation) in "
-                "%.1f s -> %s", epochs, info["refit_seconds"], path)
+    logger.info("refit on train + validation trials: %d epochs (the peak of the validation "
+                "curve averaged over %d epochs) in %.1f s -> %s", epochs, SMOOTH_EPOCHS,
+                info["refit_seconds"], path)
     return lit, dm
 
 

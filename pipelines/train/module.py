@@ -60,6 +60,7 @@ class ContrastiveLitModule(LightningModule):
         self._val: list[tuple[torch.Tensor, torch.Tensor, float, int]] = []
         self._warned_small_val = False
         self.candidates: torch.Tensor | None = None  # all stimulus embeddings (set by train)
+        self.select_history: list[float] = []  # val/select per epoch (not the sanity check)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         extras = {k: batch[k] for k in EXTRA_INPUTS if k in batch}
@@ -120,7 +121,7 @@ class ContrastiveLitModule(LightningModule):
                                "retrieval (min_rank_images=%d): checkpoints and early stopping "
                                "follow the validation loss", len(stims), self.min_rank_images)
                 self._warned_small_val = True
-            self.log("val/select", -val_loss, prog_bar=False, sync_dist=True)
+            self._select(-val_loss)
             if cand is None or len(stims) < 2:
                 return
         pos = {s: i for i, s in enumerate(stims)}
@@ -133,7 +134,14 @@ class ContrastiveLitModule(LightningModule):
         score = rank_score(pred, cand, true)
         self.log("val/rank_score", score, prog_bar=False, sync_dist=True)
         if len(stims) >= self.min_rank_images:
-            self.log("val/select", score, prog_bar=False, sync_dist=True)
+            self._select(score)
+
+    def _select(self, value: float) -> None:
+        """Log ``val/select`` (checkpoints, early stopping) and keep its history (the refit's
+        epoch count, :func:`~.fit.refit_epochs`)."""
+        self.log("val/select", value, prog_bar=False, sync_dist=True)
+        if not self.trainer.sanity_checking:
+            self.select_history.append(float(value))
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
