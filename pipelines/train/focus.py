@@ -42,7 +42,7 @@ def cv_window_scores(dm, k: int, starts: np.ndarray, n_win: int, *, alphas=None
     cache a chunk of the window at a time); each fold is a re-centred sub-block of it."""
     from sklearn.model_selection import GroupKFold
 
-    from .ridge import _rows, flat_targets, time_chunks
+    from .ridge import flat_targets, time_chunks, window_rows
 
     targets = dm.splits["train"].target[dm.splits["train"].subject == k]
     n_groups = len(np.unique(targets))
@@ -55,7 +55,7 @@ def cv_window_scores(dm, k: int, starts: np.ndarray, n_win: int, *, alphas=None
     for i, start in enumerate(starts):
         gram = StandardGram(len(targets), 0)
         for sl in time_chunks(dm, k, slice(int(start), int(start) + n_win)):
-            X = _rows(dm, k, ("train",), sl)
+            X = window_rows(dm, k, ("train",), sl)
             gram.add(X, X[:0])
         for fit, held in folds:
             pred, _ = gram_ridge_predict(gram.folds(fit, held), emb[targets[fit]], **kwargs)

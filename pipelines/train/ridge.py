@@ -73,7 +73,7 @@ def stream_rows(dm, k: int, splits: tuple[str, ...], features) -> np.ndarray:
     return np.zeros((0, 0), np.float32) if out is None else out
 
 
-def _rows(dm, k: int, splits: tuple[str, ...], sl: slice) -> np.ndarray:
+def window_rows(dm, k: int, splits: tuple[str, ...], sl: slice) -> np.ndarray:
     """Subject ``k``'s rows of ``splits`` cut to ``sl`` on the last axis, flattened."""
     return stream_rows(dm, k, splits, lambda block: block[..., sl].reshape(len(block), -1))
 
@@ -94,7 +94,7 @@ def streamed_ridge(dm, k: int, Y: np.ndarray, *, fit_splits: tuple[str, ...],
     n_eval = int((dm.splits[eval_split].subject == k).sum())
     gram = StandardGram(len(fit_Y), n_eval)
     for sl in slices:
-        gram.add(_rows(dm, k, fit_splits, sl), _rows(dm, k, (eval_split,), sl))
+        gram.add(window_rows(dm, k, fit_splits, sl), window_rows(dm, k, (eval_split,), sl))
     return gram_ridge_predict(gram, fit_Y, **({} if alphas is None else
                                               {"alphas": tuple(alphas)}))
 
