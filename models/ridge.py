@@ -312,7 +312,6 @@ class StandardGram:
             self.K_eval += evaluate @ fit.T
         self.n_features += fit.shape[1]
 
-
     def folds(self, fit: np.ndarray, evaluate: np.ndarray) -> StandardGram:
         """The Gram matrices of a fold: ``fit`` and ``evaluate`` index this Gram's fit rows
         (a :class:`StandardGram` built with ``n_eval=0`` over all rows of a cross-validation).
@@ -358,14 +357,14 @@ class GramRidge:
 
 
 def gram_ridge_predict(gram: StandardGram, Y: np.ndarray, *,
-                       alphas: Sequence[float] = DEFAULT_ALPHAS) -> tuple[np.ndarray, float]:
+                       alphas: Sequence[float] | None = None) -> tuple[np.ndarray, float]:
     """Predictions for ``gram``'s evaluation rows and the alpha of :func:`gram_ridge_solve`."""
     fit = gram_ridge_solve(gram, Y, alphas=alphas)
     return fit.y_mean + gram.K_eval @ fit.dual, fit.alpha
 
 
 def gram_ridge_solve(gram: StandardGram, Y: np.ndarray, *,
-                     alphas: Sequence[float] = DEFAULT_ALPHAS) -> GramRidge:
+                     alphas: Sequence[float] | None = None) -> GramRidge:
     """Ridge on standardized features from their Gram matrices: the dual coefficients and the
     alpha chosen by exact leave-one-out over the fit rows.
 
@@ -376,12 +375,12 @@ def gram_ridge_solve(gram: StandardGram, Y: np.ndarray, *,
 
     The Gram matrix is decomposed in place: ``gram`` cannot be used again for another fit
     (its ``K_eval`` and chunk statistics stay, for predictions and
-    :meth:`~StandardGram.linear_map`).
+    :meth:`~StandardGram.linear_map`). ``alphas`` None: :data:`DEFAULT_ALPHAS`.
     """
     if gram.K is None:
         raise ValueError("this StandardGram was already used by gram_ridge_predict")
     Y = np.asarray(Y).reshape(len(gram.K), -1)
-    alphas = np.asarray(alphas, dtype=float)
+    alphas = np.asarray(DEFAULT_ALPHAS if alphas is None else alphas, dtype=float)
     if alphas.ndim != 1 or not alphas.size or np.any(alphas <= 0):
         raise ValueError(f"alphas must be a non-empty 1-D sequence of values > 0, got {alphas}")
     n = len(Y)

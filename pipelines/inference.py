@@ -638,9 +638,8 @@ class Decoder:
         """
         from neurorecon.models.generators.base import conditioning
 
+        generator = self.generator  # loaded once; a bundle without one says so here
         gen = self.config.generator
-        if gen is None:
-            self.generator  # noqa: B018 - raises the bundle's "no generator" error
         defaults = gen.defaults
         inits = None
         if lowlevel is not None:
@@ -650,14 +649,14 @@ class Decoder:
         emb = np.asarray(embeddings, np.float32)
         emb = emb[None] if emb.ndim == 1 else emb
         cond = conditioning(emb, scale=gen.embedding_scale, target_norm=gen.target_norm)
-        images = self.generator.generate(
+        images = generator.generate(
             cond, seed=int(defaults.seed if seed is None else seed),
             steps=int(defaults.steps if steps is None else steps),
             guidance_scale=float(defaults.guidance_scale if guidance is None else guidance),
             init_images=inits,
             strength=float(defaults.strength if strength is None else strength))
         for im in images:
-            im.info["neurorecon_note"] = self.generator.note
+            im.info["neurorecon_note"] = generator.note
         return images
 
     # ------------------------------------------------------------------ I/O

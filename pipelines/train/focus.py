@@ -50,7 +50,6 @@ def cv_window_scores(dm, k: int, starts: np.ndarray, n_win: int, *, alphas=None
         return np.full(len(starts), 0.5), 0
     emb = flat_targets(dm)
     folds = list(GroupKFold(n_splits=FOLDS).split(targets, groups=targets))
-    kwargs = {} if alphas is None else {"alphas": tuple(alphas)}
     scores = np.zeros(len(starts))
     for i, start in enumerate(starts):
         gram = StandardGram(len(targets), 0)
@@ -58,7 +57,8 @@ def cv_window_scores(dm, k: int, starts: np.ndarray, n_win: int, *, alphas=None
             X = window_rows(dm, k, ("train",), sl)
             gram.add(X, X[:0])
         for fit, held in folds:
-            pred, _ = gram_ridge_predict(gram.folds(fit, held), emb[targets[fit]], **kwargs)
+            pred, _ = gram_ridge_predict(gram.folds(fit, held), emb[targets[fit]],
+                                         alphas=alphas)
             stims, true = candidate_rows(targets[held])
             scores[i] += rank_score(pred, emb[stims], true) * len(held)
     return scores / len(targets), len(targets)

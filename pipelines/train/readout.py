@@ -88,7 +88,6 @@ def choose_readout(dm, *, span: tuple[int, int], deep_val: np.ndarray | None,
     emb = flat_targets(dm)
     cand = emb[stims]
     sfreq = float(dm.recipe["params"]["sfreq"])
-    kwargs = {} if alphas is None else {"alphas": tuple(alphas)}
     scores, preds = {}, {}
     for width_s in bin_widths:
         width = max(1, int(round(float(width_s) * sfreq)))
@@ -98,7 +97,7 @@ def choose_readout(dm, *, span: tuple[int, int], deep_val: np.ndarray | None,
             X, rows = binned_features(dm, "train", int(k), bins)
             Xv, vrows = binned_features(dm, "val", int(k), bins)
             pred[vrows] = gram_ridge_predict(_gram(X, Xv), emb[dm.splits["train"].target[rows]],
-                                             **kwargs)[0]
+                                             alphas=alphas)[0]
         scores[float(width_s)] = rank_score(pred, cand, true)
         preds[float(width_s)] = pred
     width_s = max(scores, key=scores.get)
@@ -130,7 +129,6 @@ def attach_readout(net, dm, choice: dict[str, Any], *, fit_splits=("train", "val
     n_chans = max(info.n_chans for info in dm.subjects.values())
     net.add_readout(bins=bins, n_chans=n_chans)
     emb = flat_targets(dm)
-    kwargs = {} if alphas is None else {"alphas": tuple(alphas)}
     alphas_used = {}
     for k in range(len(dm.labels)):
         X, Y = [], []
@@ -144,7 +142,7 @@ def attach_readout(net, dm, choice: dict[str, Any], *, fit_splits=("train", "val
             continue
         X = np.concatenate(X)
         gram = _gram(X, X[:0])
-        solution = gram_ridge_solve(gram, np.concatenate(Y), **kwargs)
+        solution = gram_ridge_solve(gram, np.concatenate(Y), alphas=alphas)
         weight, bias = gram.linear_map((X[:, cols] for cols in _column_chunks(X.shape[1])),
                                        solution)
         net.set_readout(k, weight, bias)

@@ -95,8 +95,7 @@ def streamed_ridge(dm, k: int, Y: np.ndarray, *, fit_splits: tuple[str, ...],
     gram = StandardGram(len(fit_Y), n_eval)
     for sl in slices:
         gram.add(window_rows(dm, k, fit_splits, sl), window_rows(dm, k, (eval_split,), sl))
-    return gram_ridge_predict(gram, fit_Y, **({} if alphas is None else
-                                              {"alphas": tuple(alphas)}))
+    return gram_ridge_predict(gram, fit_Y, alphas=alphas)
 
 
 def window_ridge(dm, k: int, candidates: np.ndarray, true_index: np.ndarray, *,
