@@ -206,6 +206,7 @@ class Decoder:
         self._inputs: dict[str, dict[str, torch.Tensor]] = {}
         self._stats: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._candidates: dict[str | None, tuple[np.ndarray, CandidateIndex]] = {}
+        self._traced: dict[tuple[str, str], tuple[int, Any]] = {}  # (weights version, model)
 
     # ------------------------------------------------------------------ description
     @property
@@ -336,12 +337,14 @@ class Decoder:
     def warm_up(self, subject: str, *, mask: np.ndarray | None = None,
                 split: str | None = None) -> None:
         """Decode one empty window of ``subject`` (MEG) as :meth:`encode` and :meth:`retrieve`
-        would with ``mask`` and ``split``: the model's caches (spatial attention, read-out
-        factors) and the gallery index are built now, not in the first live window."""
+        would with ``mask`` and ``split``: the traced single-window model and the gallery index
+        are built now, and TorchScript's first (profiling) runs done, not in the first live
+        windows."""
         self._check_modality("meg", "warm_up")
         info = self.subject_info(subject)
-        emb = self.encode(np.zeros((len(info.ch_names), info.n_times), np.float32),
-                          subject=subject, mask=mask)
+        for _ in range(3):
+            emb = self.encode(np.zeros((len(info.ch_names), info.n_times), np.float32),
+                              subject=subject, mask=mask)
         if self.gallery is not None:
             self.retrieve(emb, split=split)
 
@@ -550,9 +553,26 @@ class Decoder:
                 raise DataError(f"mask must hold one bool per channel ({want[0]}), got shape "
                                 f"{keep.shape}")
             inputs = {**inputs, "mask": inputs["mask"] & torch.from_numpy(keep)}
+        if self.modality == "meg" and len(x) == 1 and head in ("clip", "mse") \
+                and bool(inputs["mask"].any()) and next(self.net.parameters()).device.type == "cpu":
+            with torch.inference_mode():
+                out = self._traced_window(subject, head)(torch.from_numpy(x), inputs["mask"][None])
+            return out.reshape(1, -1).numpy()
         sub = subject if self.modality == "fmri" else info.index
         return encode_batches(self.net, x, subject=sub, inputs=inputs, head=head,
                               batch_size=batch_size)
+
+    def _traced_window(self, subject: str, head: str):
+        """The model traced for single windows of ``subject`` and output ``head`` (the
+        real-time decoder's case: :meth:`MegBrainModule.trace_window`), traced again when the
+        weights change."""
+        version = sum(t._version for t in (*self.net.parameters(), *self.net.buffers()))
+        if self._traced.get((subject, head), (None,))[0] != version:
+            inputs = self._model_inputs(subject)
+            self._traced[subject, head] = (version, self.net.trace_window(
+                positions=inputs["positions"], sensors=inputs["sensors"], head=head,
+                subject=self.config.subjects[subject].index))
+        return self._traced[subject, head][1]
 
     def retrieve(self, embeddings: np.ndarray, *, k: int = 5,
                  split: str | None = None) -> list[list[dict[str, Any]]]:

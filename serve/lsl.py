@@ -1,4 +1,4 @@
-"""The streaming decoder's LSL side: connect to an MEG stream (``mne_lsl.stream.StreamLSL``),
+"""The streaming decoder's LSL side: connect to an MEG stream (an ``mne_lsl.lsl.StreamInlet``),
 feed its chunks to an :class:`~.streaming.OnlineDecoder`, take event onsets from a marker
 stream or the stream's stim channel, reconnect with backoff when the source stops, and fan the
 decoded messages out to WebSocket clients (:class:`Hub`) and an LSL outlet.
@@ -35,9 +35,11 @@ use_loopback_discovery()  # before liblsl loads (mne_lsl is imported where it is
 #: FIFF unit codes the bundle's MEG channels are in (T, T/m)
 SI_UNITS = {112: "T", 201: "T/m"}
 OUTLET_TYPE = "neurorecon"
-#: s of StreamLSL's buffer, and of liblsl's backlog behind it (with 1 s, a replayed stream lost
-#: its first samples in the tests, and the causal filter's state with them)
-ACQUIRE_BUFFER_S = 2.0
+#: s of liblsl's backlog of the MEG stream: samples waiting while the model warms up or a
+#: window is decoded (with 1 s, a replayed stream lost its first samples in the tests)
+ACQUIRE_BUFFER_S = 10
+#: s of samples taken per pull at most (a backlog is pulled in pieces of this length)
+PULL_S = 0.1
 #: markers taken per pull: mne-lsl frees one string per slot of the pull, used or not
 MARKERS_PER_PULL = 16
 
@@ -161,7 +163,6 @@ class StreamService:
 
     def _run(self) -> None:
         import torch
-        from mne_lsl.stream import StreamLSL
 
         torch.set_num_threads(self.settings.threads)
         backoff, ever = 0.5, False
@@ -179,14 +180,8 @@ class StreamService:
                 gc.collect()
                 gc.freeze()
                 self._markers = self._open_markers()  # before the data: no marker missed
-                try:  # acquisition driven by _watch (acquire()), so no chunk precedes the
-                    # callback: the filter sees the stream from its first sample
-                    stream = StreamLSL(bufsize=ACQUIRE_BUFFER_S,
-                                       name=self.settings.source).connect(
-                        acquisition_delay=None, processing_flags=["clocksync"], timeout=2)
-                except RuntimeError as exc:
-                    raise _NotFound(f"no LSL stream named {self.settings.source!r} on this "
-                                    f"machine ({exc})") from None
+                # pulled only by _watch, so the filter sees the stream from its first sample
+                stream = _DataInlet(self.settings.source, timeout=2)
                 if self._stop.is_set():
                     break
                 online = self._online(decoder, stream)
@@ -195,14 +190,13 @@ class StreamService:
                     source_id=f"neurorecon-{model}")
                 self.online, self.model = online, model
                 self._last_chunk = time.monotonic()
-                stream.add_callback(self._callback)
                 self.state, self.error, backoff = "connected", None, 0.5
                 if ever:
                     self.reconnects += 1
                 ever = True
                 self.connected_since = time.time()
                 logger.info("stream: decoding %s (sub-%s, %d channels at %g Hz) with %s",
-                            self.settings.source, online.subject, len(stream.ch_names),
+                            self.settings.source, online.subject, len(stream.info.ch_names),
                             online.sfreq, model)
                 self._watch(stream)
             except _NotFound as exc:
@@ -222,7 +216,7 @@ class StreamService:
         """Connected: pull chunks (each goes through :meth:`_callback`); stale after
         ``stale_s`` without data, reconnect after ``reconnect_s``."""
         while not self._stop.is_set():
-            stream.acquire()
+            stream.pull(self._callback)
             self._stop.wait(0.002)
             age = time.monotonic() - self._last_chunk
             if age > self.settings.reconnect_s:
@@ -231,7 +225,7 @@ class StreamService:
             self.state = "stale" if age > self.settings.stale_s else "connected"
 
     def _close(self, stream) -> None:
-        closers = [stream.disconnect] if stream is not None else []
+        closers = [stream.close] if stream is not None else []
         if self._markers is not None:
             closers.append(self._markers.close_stream)
         for close in closers:
@@ -244,8 +238,8 @@ class StreamService:
     # ------------------------------------------------------------------ connection checks
     def _online(self, decoder: Decoder, stream) -> OnlineDecoder:
         info = decoder.config.subjects.get(str(self.settings.subject).removeprefix("sub-"))
-        units = stream.get_channel_units()
-        names = list(stream.ch_names)
+        units = [(ch["unit"], ch["unit_mul"]) for ch in stream.info["chs"]]
+        names = list(stream.info.ch_names)
         factor = np.ones(len(names))
         if info is not None:
             wanted = set(info.ch_names)
@@ -258,7 +252,7 @@ class StreamService:
             if wrong:
                 raise DataError(f"stream {self.settings.source!r}: {len(wrong)} of the "
                                 f"bundle's channels are not in T or T/m, e.g. {wrong[:3]}")
-        types = stream.get_channel_types()
+        types = stream.info.get_channel_types()
         self._stim = next((i for i, t in enumerate(types) if t == "stim"), None) \
             if not self.settings.markers else None
         self._stim_last = 0.0
@@ -282,13 +276,14 @@ class StreamService:
         return inlet
 
     # ------------------------------------------------------------------ data path
-    def _callback(self, data: np.ndarray, timestamps: np.ndarray, info):
-        """StreamLSL's acquisition thread, once per chunk: markers, stim onsets, decode."""
+    def _callback(self, data: np.ndarray, timestamps: np.ndarray) -> None:
+        """The decoding thread, once per chunk ``(n_samples, n_chans)``: markers, stim
+        onsets, decode."""
         arrival = time.perf_counter()
         self._last_chunk = time.monotonic()
         online = self.online
         if online is None:
-            return data, timestamps
+            return
         try:
             if self._markers is not None:
                 values, ts = self._markers.pull_chunk(timeout=0.0,
@@ -305,7 +300,6 @@ class StreamService:
         except Exception as exc:  # noqa: BLE001 - a bad chunk must not disconnect the stream
             self.error = f"{type(exc).__name__}: {exc}"
             logger.exception("stream: chunk failed")
-        return data, timestamps
 
     def _publish(self, message: dict[str, Any]) -> None:
         message["type"], message["model"] = "decoded", self.model
@@ -357,6 +351,45 @@ class StreamService:
         if online is not None:
             out.update(online.stats())
         return out
+
+
+class _DataInlet:
+    """The MEG stream's inlet, pulled by the decoding thread (:meth:`pull`), chunks straight
+    to the decoder.
+
+    Not ``mne_lsl.stream.StreamLSL``: its ring buffer, which the decoder never reads, is
+    copied whole (``np.roll``) after every chunk, e.g. 2 s x 307 channels x 8 bytes = 10 MB
+    200 times a second at 2000 Hz: most of a core, and the model's weights flushed from the
+    cache before each window.
+    """
+
+    def __init__(self, name: str, *, timeout: float):
+        from mne_lsl.lsl import StreamInlet, resolve_streams
+
+        found = resolve_streams(timeout=timeout, name=name)
+        if len(found) != 1:
+            raise _NotFound(f"no LSL stream named {name!r} on this machine" if not found else
+                            f"{len(found)} LSL streams named {name!r} on this machine")
+        if found[0].sfreq <= 0 or found[0].dtype == "string":
+            raise DataError(f"LSL stream {name!r} is not a regularly sampled numeric stream "
+                            f"(rate {found[0].sfreq:g} Hz, {found[0].dtype})")
+        self.inlet = StreamInlet(found[0], max_buffered=ACQUIRE_BUFFER_S,
+                                 processing_flags=["clocksync"])
+        self.inlet.open_stream(timeout=timeout)
+        self.info = self.inlet.get_sinfo().get_channel_info()  # mne.Info: names, kinds, units
+        self.max_samples = max(1, round(PULL_S * found[0].sfreq))
+
+    def pull(self, callback: Callable[[np.ndarray, np.ndarray], None]) -> None:
+        """Every sample waiting, in chunks of at most :data:`PULL_S` s, to ``callback``."""
+        while True:
+            data, ts = self.inlet.pull_chunk(timeout=0.0, max_samples=self.max_samples)
+            if ts.size:
+                callback(data, ts)
+            if ts.size < self.max_samples:
+                return
+
+    def close(self) -> None:
+        self.inlet.close_stream()
 
 
 class _NotFound(Exception):

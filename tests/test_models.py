@@ -404,3 +404,33 @@ def test_meg_linear_readout_mixes_with_the_deep_embedding_and_round_trips():
         assert torch.allclose(rebuilt(x, **inputs)["clip"], mixed["clip"], atol=1e-6)
     with pytest.raises(ValueError, match="does not fit"):
         net.set_readout(0, torch.zeros(8, c * len(bins) + 1), torch.zeros(8))
+
+
+def test_traced_single_window_model_equals_forward_for_any_mask():
+    """The real-time decoder's traced model (layout fixed, mask an input) gives forward's
+    outputs, for the mask it was traced with and for another one, read-out included."""
+    torch.manual_seed(0)
+    net = MegBrainModule(**MegBrainModule.example_config(), sensor_aware=True)
+    x, inputs = net.example_inputs(batch_size=2)
+    c = x.shape[1]
+    net.add_readout(bins=[[5, 10], [10, 20]], n_chans=c)
+    net.set_readout(1, torch.randn(8, 2 * c), torch.randn(8))
+    net.readout_mix.fill_(0.4)
+    net.eval()
+    kw = {"positions": inputs["positions"][0], "sensors": inputs["sensors"][0], "subject": 1}
+    traced = {head: net.trace_window(head=head, **kw) for head in ("clip", "mse")}
+    for bad in ([], [0, 3, 7]):
+        mask = torch.ones(1, c, dtype=torch.bool)
+        mask[0, bad] = False
+        x1 = x[:1].clone()
+        x1[:, ~mask[0]] = float("nan")  # masked channels may hold anything
+        with torch.no_grad():
+            ref = net(x1, positions=inputs["positions"][:1], mask=mask, subject=1,
+                      sensors=inputs["sensors"][:1])
+            for head, module in traced.items():
+                torch.testing.assert_close(module(x1, mask), ref[head], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(ref["clip"], net(x[:1], positions=inputs["positions"][:1],
+                                                   mask=mask, subject=0,
+                                                   sensors=inputs["sensors"][:1])["clip"])
+    with pytest.raises(ValueError, match="Allowed values"):
+        net.trace_window(head="both", **kw)

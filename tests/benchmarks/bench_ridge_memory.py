@@ -85,16 +85,24 @@ def measure(root: str, fraction: float, in_memory: bool) -> dict:
                     step=0.1 if ev == "val" else 0.05)
             fit_X, fit_Y, eval_X, _ = subject_arrays(dm, k)
             RidgeDecoder().fit(fit_X, fit_Y).predict(eval_X)
-    else:
-        focus = choose_focus(dm)
-        choose_readout(dm, span=tuple(focus["samples"]), deep_val=None,
-                       bin_widths=[0.025, 0.05, 0.1])
-        ridge_predictions(dm)
-        for k in np.unique(test.subject):
-            window_ridge(dm, int(k), cand, true_idx)
-    peak = status_mb("VmHWM")
+    steps = {}
+    if not in_memory:
+        def step(name, run):  # each step's own peak above the set-up RSS
+            reset_peak()
+            out = run()
+            steps[name] = round(status_mb("VmHWM") - base, 1)
+            return out
+
+        focus = step("focus", lambda: choose_focus(dm))
+        step("readout", lambda: choose_readout(dm, span=tuple(focus["samples"]), deep_val=None,
+                                               bin_widths=[0.025, 0.05, 0.1]))
+        step("ridge", lambda: ridge_predictions(dm))
+        step("time_resolved", lambda: [window_ridge(dm, int(k), cand, true_idx)
+                                       for k in np.unique(test.subject)])
+    peak = max(steps.values()) + base if steps else status_mb("VmHWM")
     return {"fraction": fraction, "trials": n_trials, "seconds": round(time.perf_counter() - t0, 1),
-            "peak_above_setup_mb": round(peak - base, 1), "setup_rss_mb": round(base, 1)}
+            "peak_above_setup_mb": round(peak - base, 1), "setup_rss_mb": round(base, 1),
+            "steps_peak_mb": steps}
 
 
 def main() -> None:
