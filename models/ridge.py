@@ -358,9 +358,11 @@ class GramRidge:
 
 def gram_ridge_predict(gram: StandardGram, Y: np.ndarray, *,
                        alphas: Sequence[float] | None = None) -> tuple[np.ndarray, float]:
-    """Predictions for ``gram``'s evaluation rows and the alpha of :func:`gram_ridge_solve`."""
-    fit = gram_ridge_solve(gram, Y, alphas=alphas)
-    return fit.y_mean + gram.K_eval @ fit.dual, fit.alpha
+    """Predictions for ``gram``'s evaluation rows and the alpha of :func:`gram_ridge_solve`
+    (computed as ``ȳ + (K_eval Q) diag(1 / (l + a)) Qᵀ (Y - ȳ)``: no ``(n, n_targets)`` dual
+    coefficients are formed)."""
+    fit = _gram_eigen_fit(gram, Y, alphas)
+    return fit.y_mean + (gram.K_eval @ fit.Q) @ fit.scaled(), fit.alpha
 
 
 def gram_ridge_solve(gram: StandardGram, Y: np.ndarray, *,
@@ -377,6 +379,27 @@ def gram_ridge_solve(gram: StandardGram, Y: np.ndarray, *,
     (its ``K_eval`` and chunk statistics stay, for predictions and
     :meth:`~StandardGram.linear_map`). ``alphas`` None: :data:`DEFAULT_ALPHAS`.
     """
+    fit = _gram_eigen_fit(gram, Y, alphas)
+    return GramRidge(dual=fit.Q @ fit.scaled(), y_mean=fit.y_mean, alpha=fit.alpha)
+
+
+@dataclass
+class _EigenFit:
+    Q: np.ndarray  # eigenvectors of K
+    lam: np.ndarray  # its eigenvalues (clipped at 0)
+    QtY: np.ndarray  # Qᵀ (Y - ȳ)
+    y_mean: np.ndarray
+    alpha: float
+
+    def scaled(self) -> np.ndarray:
+        """``diag(1 / (l + a)) Qᵀ (Y - ȳ)``, computed in place (``QtY`` is used up)."""
+        self.QtY /= (self.lam + self.alpha)[:, None]
+        return self.QtY
+
+
+def _gram_eigen_fit(gram: StandardGram, Y: np.ndarray,
+                    alphas: Sequence[float] | None) -> _EigenFit:
+    """The eigendecomposition of :func:`gram_ridge_solve` and its leave-one-out alpha."""
     if gram.K is None:
         raise ValueError("this StandardGram was already used by gram_ridge_predict")
     Y = np.asarray(Y).reshape(len(gram.K), -1)
@@ -387,12 +410,13 @@ def gram_ridge_solve(gram: StandardGram, Y: np.ndarray, *,
     if n < 3:
         raise ValueError(f"need at least 3 samples to cross-validate alpha, got {n}")
     y_mean = Y.mean(0, dtype=np.float64)
-    Yc = Y - y_mean  # float64
     # the Gram is not needed afterwards: decomposed in place (one n x n matrix less)
     lam, Q = linalg.eigh(gram.K, overwrite_a=True, check_finite=False)
     gram.K = None
     lam = np.clip(lam, 0.0, None)
-    QtY = Q.T @ Yc
+    QtY = np.zeros((n, Y.shape[1]))  # Qᵀ (Y - ȳ), in row blocks: no centred float64 copy of Y
+    for start in range(0, n, 256):
+        QtY += Q[start:start + 256].T @ (Y[start:start + 256] - y_mean)
     # residuals Yc - fitted = Q diag(a / (l + a)) QᵀYc, scored in row blocks (bounded memory)
     errors = np.zeros(len(alphas))
     for start in range(0, n, 256):
@@ -404,4 +428,4 @@ def gram_ridge_solve(gram: StandardGram, Y: np.ndarray, *,
     best = int(np.argmin(errors))
     alpha = float(alphas[best])
     logger.debug("gram ridge: %d samples x %d features, alpha=%g", n, gram.n_features, alpha)
-    return GramRidge(dual=Q @ (QtY / (lam + alpha)[:, None]), y_mean=y_mean, alpha=alpha)
+    return _EigenFit(Q=Q, lam=lam, QtY=QtY, y_mean=y_mean, alpha=alpha)

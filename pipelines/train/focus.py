@@ -56,6 +56,7 @@ def cv_window_scores(dm, k: int, starts: np.ndarray, n_win: int, *, alphas=None
         for sl in time_chunks(dm, k, slice(int(start), int(start) + n_win)):
             X = window_rows(dm, k, ("train",), sl)
             gram.add(X, X[:0])
+            del X  # not held through the folds
         for fit, held in folds:
             pred, _ = gram_ridge_predict(gram.folds(fit, held), emb[targets[fit]],
                                          alphas=alphas)

@@ -12,11 +12,11 @@ train + validation trials, as the deep encoder is. Both live in the encoder
 (:meth:`MegBrainModule.set_readout`), so the bundle, the ``Decoder`` and the streamer use
 them unchanged.
 
-Memory: binned features are accumulated a block of trials at a time, so a subject's trials
-are never held whole (``n_trials x n_chans x n_bins`` float32 values are), and the ridge is
-solved in its dual form (:class:`~neurorecon.models.ridge.StandardGram`, the same model and
-leave-one-out alpha as :class:`~neurorecon.models.ridge.RidgeDecoder`) from column chunks of
-them, its weights recovered chunk by chunk: no float64 or standardized copy of the features.
+Memory: the ridge is solved in its dual form (:class:`~neurorecon.models.ridge.StandardGram`,
+the same model and leave-one-out alpha as :class:`~neurorecon.models.ridge.RidgeDecoder`) from
+the binned features of a group of channels at a time, each read from the cache a block of
+trials at a time (:func:`~.ridge.streamed_gram`), and its weights are recovered group by
+group: neither the trials nor all their binned features are ever held.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ import torch
 from neurorecon.models.common.logging import logger
 from neurorecon.models.meg.brain_module import bin_means
 from neurorecon.models.retrieval import candidate_rows, rank_score
-from neurorecon.models.ridge import StandardGram, gram_ridge_predict, gram_ridge_solve
+from neurorecon.models.ridge import gram_ridge_predict, gram_ridge_solve
 
-from .ridge import CHUNK_VALUES, flat_targets, stream_rows
+from .ridge import CHUNK_VALUES, fit_targets, flat_targets, stream_rows, streamed_gram
 
 #: mixing weights tried on validation (deep share)
 MIX_GRID = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
@@ -43,29 +43,19 @@ def readout_bins(span: tuple[int, int], *, width: int) -> list[list[int]]:
     return [[a, min(a + width, stop)] for a in range(start, stop, max(1, width))]
 
 
-def binned_features(dm, split: str, k: int, bins: list[list[int]]) -> tuple[np.ndarray,
-                                                                             np.ndarray]:
-    """Subject ``k``'s rows of ``split`` as bin means ``(n, n_chans * n_bins)`` (bad channels
-    0, channel-major: :func:`~neurorecon.models.meg.brain_module.bin_means`, the transform
-    the encoder applies) and their row indices."""
-    rows = np.flatnonzero(dm.splits[split].subject == k)
+def bin_features(dm, k: int, bins: list[list[int]]) -> list:
+    """Subject ``k``'s read-out features as column chunks for
+    :func:`~.ridge.streamed_gram`: each takes the bin means of a group of channels (bad
+    channels 0; together the columns of
+    :func:`~neurorecon.models.meg.brain_module.bin_means`, the transform the encoder applies,
+    channel-major), at most ``CHUNK_VALUES`` per trial."""
     good = dm.subject_inputs(k)["mask"]
-    feats = stream_rows(dm, k, (split,),
-                        lambda block: bin_means(torch.from_numpy(block), bins, good).numpy())
-    return feats, rows
+    per = max(1, CHUNK_VALUES // len(bins))
 
+    def chunk(ch: slice):
+        return lambda block: bin_means(torch.from_numpy(block[:, ch]), bins, good[ch]).numpy()
 
-def _column_chunks(n_features: int) -> list[slice]:
-    return [slice(a, a + CHUNK_VALUES) for a in range(0, n_features, CHUNK_VALUES)]
-
-
-def _gram(fit: np.ndarray, evaluate: np.ndarray) -> StandardGram:
-    """The dual-form ridge's Gram matrices of ``fit`` (and ``evaluate``) rows, added a column
-    chunk at a time (copies of one chunk: the features themselves are left as they are)."""
-    gram = StandardGram(len(fit), len(evaluate))
-    for cols in _column_chunks(fit.shape[1]):
-        gram.add(fit[:, cols].copy(), evaluate[:, cols].copy())
-    return gram
+    return [chunk(slice(a, a + per)) for a in range(0, len(good), per)]
 
 
 def _unit(a: np.ndarray) -> np.ndarray:
@@ -94,10 +84,10 @@ def choose_readout(dm, *, span: tuple[int, int], deep_val: np.ndarray | None,
         bins = readout_bins(span, width=width)
         pred = np.zeros((len(val), emb.shape[1]))
         for k in np.unique(val.subject):
-            X, rows = binned_features(dm, "train", int(k), bins)
-            Xv, vrows = binned_features(dm, "val", int(k), bins)
-            pred[vrows] = gram_ridge_predict(_gram(X, Xv), emb[dm.splits["train"].target[rows]],
-                                             alphas=alphas)[0]
+            gram = streamed_gram(dm, int(k), bin_features(dm, int(k), bins),
+                                 fit_splits=("train",), eval_split="val")
+            pred[val.subject == k] = gram_ridge_predict(
+                gram, fit_targets(dm, int(k), ("train",), emb), alphas=alphas)[0]
         scores[float(width_s)] = rank_score(pred, cand, true)
         preds[float(width_s)] = pred
     width_s = max(scores, key=scores.get)
@@ -131,19 +121,13 @@ def attach_readout(net, dm, choice: dict[str, Any], *, fit_splits=("train", "val
     emb = flat_targets(dm)
     alphas_used = {}
     for k in range(len(dm.labels)):
-        X, Y = [], []
-        for name in fit_splits:
-            if not len(dm.splits[name]):
-                continue
-            Xs, rows = binned_features(dm, name, k, bins)
-            X.append(Xs)
-            Y.append(emb[dm.splits[name].target[rows]])
-        if not sum(len(x) for x in X):
+        splits = tuple(name for name in fit_splits if (dm.splits[name].subject == k).any())
+        if not splits:
             continue
-        X = np.concatenate(X)
-        gram = _gram(X, X[:0])
-        solution = gram_ridge_solve(gram, np.concatenate(Y), alphas=alphas)
-        weight, bias = gram.linear_map((X[:, cols] for cols in _column_chunks(X.shape[1])),
+        features = bin_features(dm, k, bins)
+        gram = streamed_gram(dm, k, features, fit_splits=splits)
+        solution = gram_ridge_solve(gram, fit_targets(dm, k, splits, emb), alphas=alphas)
+        weight, bias = gram.linear_map((stream_rows(dm, k, splits, f) for f in features),
                                        solution)
         net.set_readout(k, weight, bias)
         alphas_used[dm.labels[k]] = solution.alpha

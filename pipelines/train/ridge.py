@@ -8,6 +8,8 @@ rows and predict its test (or val) rows; this module is the one place those rows
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from neurorecon.models.common.logging import logger
@@ -75,11 +77,31 @@ def stream_rows(dm, k: int, splits: tuple[str, ...], features) -> np.ndarray:
 
 def window_rows(dm, k: int, splits: tuple[str, ...], sl: slice) -> np.ndarray:
     """Subject ``k``'s rows of ``splits`` cut to ``sl`` on the last axis, flattened."""
-    return stream_rows(dm, k, splits, lambda block: block[..., sl].reshape(len(block), -1))
+    return stream_rows(dm, k, splits, slice_features(sl))
 
 
-def _fit_targets(dm, k: int, splits: tuple[str, ...], Y: np.ndarray) -> np.ndarray:
+def fit_targets(dm, k: int, splits: tuple[str, ...], Y: np.ndarray) -> np.ndarray:
+    """Rows of ``Y`` (per-stimulus targets) for subject ``k``'s rows of ``splits``, in order."""
     return np.concatenate([Y[dm.splits[n].target[dm.splits[n].subject == k]] for n in splits])
+
+
+def streamed_gram(dm, k: int, features: list[Callable[[np.ndarray], np.ndarray]], *,
+                  fit_splits: tuple[str, ...], eval_split: str | None = None) -> StandardGram:
+    """The :class:`~neurorecon.models.ridge.StandardGram` of subject ``k``'s ``fit_splits``
+    rows (and ``eval_split`` rows) over the union of column chunks ``features`` (each maps a
+    block of trials to its columns, as in :func:`stream_rows`), added one chunk at a time:
+    memory holds one chunk of the features, never all of them nor the trials."""
+    n_eval = 0 if eval_split is None else int((dm.splits[eval_split].subject == k).sum())
+    gram = StandardGram(int(sum((dm.splits[n].subject == k).sum() for n in fit_splits)), n_eval)
+    for feature in features:
+        fit = stream_rows(dm, k, fit_splits, feature)
+        gram.add(fit, stream_rows(dm, k, (eval_split,), feature) if n_eval else fit[:0])
+    return gram
+
+
+def slice_features(sl: slice) -> Callable[[np.ndarray], np.ndarray]:
+    """The column chunk of :func:`window_rows`: ``sl`` of the last axis, flattened."""
+    return lambda block: block[..., sl].reshape(len(block), -1)
 
 
 def streamed_ridge(dm, k: int, Y: np.ndarray, *, fit_splits: tuple[str, ...],
@@ -88,14 +110,11 @@ def streamed_ridge(dm, k: int, Y: np.ndarray, *, fit_splits: tuple[str, ...],
     """Ridge (as :class:`~neurorecon.models.ridge.RidgeDecoder`: standardized features,
     leave-one-out alpha) from subject ``k``'s ``fit_splits`` rows to ``Y`` (per-stimulus
     targets), predicting its ``eval_split`` rows; the features are the union of ``slices`` of
-    the last axis, added to a :class:`~neurorecon.models.ridge.StandardGram` one slice at a
-    time, so memory holds one slice of the trials, not the trials."""
-    fit_Y = _fit_targets(dm, k, fit_splits, Y)
-    n_eval = int((dm.splits[eval_split].subject == k).sum())
-    gram = StandardGram(len(fit_Y), n_eval)
-    for sl in slices:
-        gram.add(window_rows(dm, k, fit_splits, sl), window_rows(dm, k, (eval_split,), sl))
-    return gram_ridge_predict(gram, fit_Y, alphas=alphas)
+    the last axis (:func:`streamed_gram`), so memory holds one slice of the trials, not the
+    trials."""
+    gram = streamed_gram(dm, k, [slice_features(sl) for sl in slices], fit_splits=fit_splits,
+                         eval_split=eval_split)
+    return gram_ridge_predict(gram, fit_targets(dm, k, fit_splits, Y), alphas=alphas)
 
 
 def window_ridge(dm, k: int, candidates: np.ndarray, true_index: np.ndarray, *,
