@@ -19,6 +19,7 @@ from neurorecon.pipelines.common.parallel import init_ray
 from neurorecon.pipelines.inference import Decoder
 
 from . import jobs
+from .schemas import JobSpec
 
 
 class LocalExecutor:
@@ -27,15 +28,15 @@ class LocalExecutor:
     def __init__(self, decoders: dict[str, Decoder]):
         self.decoders = decoders
 
-    def decode(self, model: str, job_dir: Path, spec: dict[str, Any]) -> dict[str, np.ndarray]:
+    def decode(self, model: str, job_dir: Path, spec: JobSpec) -> dict[str, np.ndarray]:
         return jobs.decode_inputs(self.decoders[model], job_dir, spec)
 
-    def generate(self, model: str, spec: dict[str, Any], batches: list[dict[str, Any]]
+    def generate(self, model: str, spec: JobSpec, batches: list[dict[str, Any]]
                  ) -> Iterator[tuple[int, list[bytes]]]:
         for b, batch in enumerate(batches):
-            yield b, jobs.generate_batch(self.decoders[model], subject=spec["subject"],
+            yield b, jobs.generate_batch(self.decoders[model], subject=spec.subject,
                                          gen=batch["gen"], X=batch["X"],
-                                         options=spec["options"], seed=batch["seed"])
+                                         options=spec.options, seed=batch["seed"])
 
     def close(self) -> None:
         pass
@@ -52,12 +53,12 @@ class _Actor:
         torch.set_num_threads(threads)
         self.decoders = load_bundles(bundles, generators=True)
 
-    def decode(self, model: str, job_dir: str, spec: dict[str, Any]):
+    def decode(self, model: str, job_dir: str, spec: JobSpec):
         return jobs.decode_inputs(self.decoders[model], Path(job_dir), spec)
 
-    def generate(self, model: str, spec: dict[str, Any], batch: dict[str, Any]) -> list[bytes]:
-        return jobs.generate_batch(self.decoders[model], subject=spec["subject"],
-                                   gen=batch["gen"], X=batch["X"], options=spec["options"],
+    def generate(self, model: str, spec: JobSpec, batch: dict[str, Any]) -> list[bytes]:
+        return jobs.generate_batch(self.decoders[model], subject=spec.subject,
+                                   gen=batch["gen"], X=batch["X"], options=spec.options,
                                    seed=batch["seed"])
 
 
@@ -76,10 +77,10 @@ class RayExecutor:
         logger.info("serve: %d Ray actor(s) ready (%d torch thread(s) each)", workers, threads)
         self._ray = ray
 
-    def decode(self, model: str, job_dir: Path, spec: dict[str, Any]) -> dict[str, np.ndarray]:
+    def decode(self, model: str, job_dir: Path, spec: JobSpec) -> dict[str, np.ndarray]:
         return self._ray.get(self.actors[0].decode.remote(model, str(job_dir), spec))
 
-    def generate(self, model: str, spec: dict[str, Any], batches: list[dict[str, Any]]
+    def generate(self, model: str, spec: JobSpec, batches: list[dict[str, Any]]
                  ) -> Iterator[tuple[int, list[bytes]]]:
         ray = self._ray
         pending = {self.actors[b % len(self.actors)].generate.remote(model, spec, batch): b

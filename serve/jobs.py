@@ -25,14 +25,16 @@ from neurorecon.models.common.checks import DataError, read_tsv
 from neurorecon.models.retrieval import chance_metrics, retrieval_metrics
 from neurorecon.pipelines.inference import Decoder
 
+from .schemas import JobOptions, JobSpec
+
 RESULT = "result"
 RESULT_JSON = "result.json"
 IMAGES = "images"
 
 
-def input_paths(job_dir: Path, spec: dict[str, Any]) -> dict[str, Path]:
+def input_paths(job_dir: Path, spec: JobSpec) -> dict[str, Path]:
     """The job's stored inputs (names made by the service, never by the client)."""
-    return {field: job_dir / "inputs" / name for field, name in spec["inputs"].items()}
+    return {field: job_dir / "inputs" / name for field, name in spec.inputs.items()}
 
 
 def upload_names(inputs: Path, stored: dict[str, str], filenames: dict[str, str | None]
@@ -51,36 +53,36 @@ def public_message(exc: BaseException, names: dict[Path, str]) -> str:
     return msg
 
 
-def trials_table(job_dir: Path, spec: dict[str, Any]) -> pd.DataFrame:
+def trials_table(job_dir: Path, spec: JobSpec) -> pd.DataFrame:
     paths = input_paths(job_dir, spec)
-    path = paths["events"] if spec["kind"] == "bold" else paths.get("trials")
+    path = paths["events"] if spec.kind == "bold" else paths.get("trials")
     if path is None:
-        return pd.DataFrame(index=range(spec["n_rows"]))
+        return pd.DataFrame(index=range(spec.n_rows))
     return read_tsv(path, what="trial table")
 
 
-def decode_inputs(decoder: Decoder, job_dir: Path, spec: dict[str, Any]) -> dict[str, np.ndarray]:
+def decode_inputs(decoder: Decoder, job_dir: Path, spec: JobSpec) -> dict[str, np.ndarray]:
     """Prepare (GLM or masked betas) -> the selected rows -> embeddings of both heads."""
     paths = input_paths(job_dir, spec)
-    subject = spec["subject"]
-    if spec["kind"] == "bold":
-        X = decoder.prepare_fmri(paths["bold"], paths["events"], subject=subject, tr=spec["tr"])
+    subject = spec.subject
+    if spec.kind == "bold":
+        X = decoder.prepare_fmri(paths["bold"], paths["events"], subject=subject, tr=spec.tr)
     else:
         X = decoder.prepare_betas(paths["betas"], paths.get("trials"), subject=subject)
-    X = X[np.asarray(spec["rows"], int)]
+    X = X[np.asarray(spec.rows, int)]
     out = {"X": X, "clip": decoder.encode(X, subject=subject, head="clip")}
-    if spec["options"]["reconstruct"]:
+    if spec.options.reconstruct:
         out["gen"] = decoder.encode(X, subject=subject, head=decoder.generation_head)
     return out
 
 
 def generate_batch(decoder: Decoder, *, subject: str, gen: np.ndarray,
-                   X: np.ndarray | None, options: dict[str, Any], seed: int) -> list[bytes]:
+                   X: np.ndarray | None, options: JobOptions, seed: int) -> list[bytes]:
     """One batch of reconstructions as PNG bytes (the stand-in note in a text chunk)."""
     from PIL.PngImagePlugin import PngInfo
 
     images = decoder.reconstruct(gen, subject=subject, lowlevel=X, seed=seed,
-                                 steps=options.get("steps"), guidance=options.get("guidance"))
+                                 steps=options.steps, guidance=options.guidance)
     out = []
     for im in images:
         meta = PngInfo()
@@ -91,8 +93,8 @@ def generate_batch(decoder: Decoder, *, subject: str, gen: np.ndarray,
     return out
 
 
-def lowlevel_enabled(decoder: Decoder, options: dict[str, Any], subject: str) -> bool:
-    want = options.get("lowlevel")
+def lowlevel_enabled(decoder: Decoder, options: JobOptions, subject: str) -> bool:
+    want = options.lowlevel
     if want is None:
         gen = decoder.config.generator
         want = bool(gen and gen.defaults.lowlevel)
@@ -103,7 +105,7 @@ class Cancelled(Exception):
     """The job was cancelled (or its claim lost) while it ran."""
 
 
-def run_job(decoder: Decoder, job_dir: Path, spec: dict[str, Any], *,
+def run_job(decoder: Decoder, job_dir: Path, spec: JobSpec, *,
             decode: Callable[[], dict[str, np.ndarray]],
             generate: Callable[[list[dict[str, Any]]], Iterator[tuple[int, list[bytes]]]],
             report: Callable[[str, int, int], bool], batch_size: int) -> dict[str, Any]:
@@ -114,13 +116,13 @@ def run_job(decoder: Decoder, job_dir: Path, spec: dict[str, Any], *,
     records progress and returns False when the job must stop (cancelled). Returns timings.
     """
     t0 = time.perf_counter()
-    subject, options = spec["subject"], spec["options"]
-    n = len(spec["rows"])
+    subject, options = spec.subject, spec.options
+    n = len(spec.rows)
     if not report("prepare", 0, n):
         raise Cancelled
     arrays = decode()
     t_prep = time.perf_counter()
-    hits = decoder.retrieve(arrays["clip"], k=min(int(options["top_k"]), len(decoder.gallery)))
+    hits = decoder.retrieve(arrays["clip"], k=min(options.top_k, len(decoder.gallery)))
     for stale in job_dir.glob(".result-*"):  # a killed attempt's unfinished result
         shutil.rmtree(stale, ignore_errors=True)
     result_tmp = Path(tempfile.mkdtemp(prefix=".result-", dir=job_dir))
@@ -128,9 +130,9 @@ def run_job(decoder: Decoder, job_dir: Path, spec: dict[str, Any], *,
         (result_tmp / IMAGES).mkdir()
         n_images = 0
         t_gen = time.perf_counter()
-        if options["reconstruct"]:
+        if options.reconstruct:
             low = lowlevel_enabled(decoder, options, subject)
-            seed = int(options.get("seed") or 0)
+            seed = int(options.seed or 0)
             batches = [{"start": s, "gen": arrays["gen"][s:s + batch_size],
                         "X": arrays["X"][s:s + batch_size] if low else None,
                         "seed": seed + s} for s in range(0, n, batch_size)]
@@ -143,7 +145,7 @@ def run_job(decoder: Decoder, job_dir: Path, spec: dict[str, Any], *,
                 if not report("reconstruct", n_images, n):
                     raise Cancelled
         t_rec = time.perf_counter()
-        table = trials_table(job_dir, spec).iloc[spec["rows"]].reset_index(drop=True)
+        table = trials_table(job_dir, spec).iloc[spec.rows].reset_index(drop=True)
         report("metrics", n_images, n)
         metrics = ground_truth_metrics(decoder, table, arrays["clip"], hits,
                                        result_tmp / IMAGES, options, n_images=n_images)
@@ -152,7 +154,7 @@ def run_job(decoder: Decoder, job_dir: Path, spec: dict[str, Any], *,
         timings["total_s"] = round(time.perf_counter() - t0, 3)
         if n_images:
             timings["seconds_per_image"] = round((t_rec - t_gen) / n_images, 4)
-        result = {"trials": trial_records(table, spec["rows"], hits, n_images),
+        result = {"trials": trial_records(table, spec.rows, hits, n_images),
                   "metrics": metrics, "n_images": n_images, "timings": timings,
                   "note": decoder.note}
         (result_tmp / RESULT_JSON).write_text(json.dumps(result, indent=1, default=float))
@@ -188,7 +190,7 @@ def trial_records(table: pd.DataFrame, rows: Iterable[int], hits, n_images: int
 
 
 def ground_truth_metrics(decoder: Decoder, table: pd.DataFrame, clip: np.ndarray, hits,
-                         image_dir: Path, options: dict[str, Any], *, n_images: int
+                         image_dir: Path, options: JobOptions, *, n_images: int
                          ) -> dict[str, Any] | None:
     """With a ``stim_file`` column naming gallery images: retrieval among the gallery (with
     chance), and reconstruction metrics against the gallery thumbnails (with the top-1
@@ -215,7 +217,7 @@ def ground_truth_metrics(decoder: Decoder, table: pd.DataFrame, clip: np.ndarray
         truth = [gallery.thumbnail(row_of[table["stim_file"].iloc[i]]).resize(size)
                  for i in rows]
         floor = [gallery.thumbnail(hits[i][0]["row"]).resize(size) for i in rows]
-        skip = [] if options.get("full_metrics") else ["inception"]
+        skip = [] if options.full_metrics else ["inception"]
         metrics = compare_reconstructions({"brain": recon, "floor_retrieved": floor}, truth,
                                           skip=skip)
         out["reconstruction"] = {

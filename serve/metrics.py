@@ -10,7 +10,8 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from .store import STATES, JobStore
+from .schemas import STATES
+from .store import JobStore
 
 JOB_BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 WINDOW_S = 24 * 3600  # job durations and throughput over the last day

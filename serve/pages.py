@@ -65,7 +65,7 @@ def job_page(job: Job, result: dict[str, Any] | None, decoder: Decoder | None,
             + "</head><body>")
     info = (f"<h1>fMRI job {job.id[:8]}</h1><p>status <b>{job.status}</b> · model "
             f"{html.escape(job.model)} · sub-{html.escape(job.subject)} · "
-            f"{len(job.spec['rows'])} trials · input {job.kind}</p>")
+            f"{len(job.spec.rows)} trials · input {job.kind}</p>")
     if job.progress and job.status not in FINISHED:
         p = job.progress
         info += f"<p>{html.escape(p['stage'])}: {p['done']} / {p['total']}</p>"

@@ -7,7 +7,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from .settings import StreamSettings
-from .store import STATES
+
+#: a job's states, in the job table and the API
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
 class JobOptions(BaseModel):
@@ -28,6 +30,22 @@ class JobOptions(BaseModel):
     reconstruct: bool = Field(True, description="generate images (false: retrieval only)")
     full_metrics: bool = Field(False, description="with ground truth: also the Inception "
                                "metric (about 0.5 s per image on CPU)")
+
+
+class JobSpec(BaseModel):
+    """What a job decodes, as the submission checked it (:mod:`.submission`); stored with the
+    job, read by the worker and the executors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["bold", "betas"]
+    subject: str = Field(description="the bundle's subject label")
+    tr: float | None = Field(description="repetition time of a bold run (s)")
+    inputs: dict[str, str] = Field(description="upload field -> stored file name (made here)")
+    filenames: dict[str, str | None] = Field(description="upload field -> the client's name")
+    rows: list[int] = Field(description="0-based rows of the events / trials table to decode")
+    n_rows: int = Field(description="rows of the events / trials table")
+    options: JobOptions
 
 
 class Links(BaseModel):

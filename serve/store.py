@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+from .schemas import STATES, JobSpec
+
 FINISHED = ("succeeded", "failed", "cancelled")
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -69,7 +70,7 @@ class Job:
     model: str
     subject: str
     kind: str
-    spec: dict[str, Any]
+    spec: JobSpec
     fingerprint: str
     status: str
     attempts: int
@@ -85,7 +86,7 @@ class Job:
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
         return cls(id=row["id"], owner=row["owner"], model=row["model"], subject=row["subject"],
-                   kind=row["kind"], spec=json.loads(row["spec"]),
+                   kind=row["kind"], spec=JobSpec.model_validate_json(row["spec"]),
                    fingerprint=row["fingerprint"], status=row["status"],
                    attempts=row["attempts"], created=row["created"], started=row["started"],
                    finished=row["finished"], error=row["error"],
@@ -142,7 +143,7 @@ class JobStore:
 
     # ------------------------------------------------------------------ API side
     def submit(self, *, job_id: str, owner: str, model: str, subject: str, kind: str,
-               spec: dict[str, Any], fingerprint: str,
+               spec: JobSpec, fingerprint: str,
                idempotency_key: str | None = None) -> tuple[Job, bool]:
         """Queue a job; return ``(job, created)``. The same idempotency key with the same
         fingerprint returns the first job (``created`` False); with another, raises
@@ -158,7 +159,7 @@ class JobStore:
             db.execute(
                 "INSERT INTO jobs (id, owner, model, subject, kind, spec, fingerprint, "
                 "idempotency_key, status, created, progress) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (job_id, owner, model, subject, kind, json.dumps(spec), fingerprint,
+                (job_id, owner, model, subject, kind, spec.model_dump_json(), fingerprint,
                  idempotency_key, "queued", time.time(),
                  json.dumps({"stage": "queued", "done": 0, "total": 0})))
             return Job.from_row(db.execute("SELECT * FROM jobs WHERE id=?",

@@ -82,8 +82,8 @@ class Worker:
 
     # ------------------------------------------------------------------ one job
     def _names(self, job: Job) -> dict[Path, str]:
-        return jobs.upload_names(self.store.job_dir(job.id) / "inputs", job.spec["inputs"],
-                                 job.spec["filenames"])
+        return jobs.upload_names(self.store.job_dir(job.id) / "inputs", job.spec.inputs,
+                                 job.spec.filenames)
 
     def process(self, job: Job) -> None:
         job_dir = self.store.job_dir(job.id)
@@ -102,7 +102,7 @@ class Worker:
         self.current = job.id
         t0 = time.perf_counter()
         logger.info("worker %s: job %s (attempt %d, %d trials)", self.id, job.id,
-                    job.attempts, len(job.spec["rows"]))
+                    job.attempts, len(job.spec.rows))
 
         def report(stage: str, done_: int, total: int) -> bool:
             return self.store.renew(job.id, self.id, lease_s=self.settings.lease_s,

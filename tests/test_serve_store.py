@@ -6,14 +6,21 @@ import time
 
 import pytest
 
+from neurorecon.serve.schemas import JobOptions, JobSpec
 from neurorecon.serve.store import IdempotencyConflict, JobStore
+
+
+def _spec(rows: list[int]) -> JobSpec:
+    return JobSpec(kind="bold", subject="01", tr=2.0, inputs={"bold": "bold.nii.gz"},
+                   filenames={"bold": "run.nii.gz"}, rows=rows, n_rows=len(rows),
+                   options=JobOptions())
 
 
 def _submit(store: JobStore, owner: str = "alice", **kw):
     job_id, folder = store.new_dir()
     (folder / "bold.nii.gz").write_bytes(b"x")
     return store.submit(job_id=job_id, owner=owner, model="m", subject="01", kind="bold",
-                        spec={"rows": [0, 1]}, fingerprint=kw.pop("fingerprint", "f"), **kw)[0]
+                        spec=_spec([0, 1]), fingerprint=kw.pop("fingerprint", "f"), **kw)[0]
 
 
 def test_expired_leases_are_requeued_then_failed(tmp_path):
@@ -60,12 +67,12 @@ def test_idempotency_and_retention(tmp_path):
     a = _submit(store, idempotency_key="k1")
     job_id, _ = store.new_dir()
     same, created = store.submit(job_id=job_id, owner="alice", model="m", subject="01",
-                                 kind="bold", spec={"rows": [0]}, fingerprint="f",
+                                 kind="bold", spec=_spec([0]), fingerprint="f",
                                  idempotency_key="k1")
     assert same.id == a.id and not created
     with pytest.raises(IdempotencyConflict):
         store.submit(job_id=job_id, owner="alice", model="m", subject="01", kind="bold",
-                     spec={"rows": [0]}, fingerprint="other", idempotency_key="k1")
+                     spec=_spec([0]), fingerprint="other", idempotency_key="k1")
     store.claim("w", lease_s=60, max_attempts=3)
     assert store.succeed(a.id, "w", timings={"reconstruct_s": 1.0}, n_images=2)
     running = _submit(store)
