@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -573,10 +574,13 @@ class Decoder:
         weights change."""
         version = sum(t._version for t in self._state)
         if self._traced.get((subject, head), (None,))[0] != version:
+            t0 = time.perf_counter()
             inputs = self._model_inputs(subject)
             self._traced[subject, head] = (version, self.net.trace_window(
                 positions=inputs["positions"], sensors=inputs["sensors"], head=head,
                 subject=self.config.subjects[subject].index))
+            logger.info("decoder: model traced for single windows of sub-%s (%s head) in "
+                        "%.2f s", subject, head, time.perf_counter() - t0)
         return self._traced[subject, head][1]
 
     def retrieve(self, embeddings: np.ndarray, *, k: int = 5,

@@ -273,6 +273,7 @@ class StreamService:
             raise _NotFound(f"no LSL marker stream named {self.settings.markers!r}")
         inlet = StreamInlet(found[0], processing_flags=["clocksync"])
         inlet.open_stream(timeout=2)
+        inlet.time_correction(timeout=2)  # now: the first pull would wait for it (~0.6 s)
         return inlet
 
     # ------------------------------------------------------------------ data path
@@ -376,6 +377,7 @@ class _DataInlet:
         self.inlet = StreamInlet(found[0], max_buffered=ACQUIRE_BUFFER_S,
                                  processing_flags=["clocksync"])
         self.inlet.open_stream(timeout=timeout)
+        self.inlet.time_correction(timeout=timeout)  # now: the first pull would wait for it
         self.info = self.inlet.get_sinfo().get_channel_info()  # mne.Info: names, kinds, units
         self.max_samples = max(1, round(PULL_S * found[0].sfreq))
 
