@@ -602,14 +602,8 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
         one = _OneLayout(self, layout, check_option("head", head, ("clip", "mse"))).eval()
         example = (torch.zeros(1, len(positions), self.n_times),
                    torch.ones(1, len(positions), dtype=torch.bool))
-        with torch.no_grad(), warnings.catch_warnings():
-            # branches on the batch (one row, one subject) are constants by design
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            # torch 2.13 (pinned) deprecates TorchScript for torch.compile / torch.export;
-            # compile needs a C++ compiler at run time, and export does not take the
-            # data-dependent input checks of forward. Measured in the real-time benchmark,
-            # the traced model halves the window's encode time (README, Real-time decoding)
-            warnings.simplefilter("ignore", DeprecationWarning)
+        _quiet_tracing()
+        with torch.no_grad():
             one(*example)  # the read-out factors are computed now and become constants
             traced = torch.jit.trace(one, example, check_trace=False)
             return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
@@ -635,6 +629,18 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
             ori = [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0)] * (c // 3 + 1)
             inputs["sensors"] = sensor_features(kinds, ori[:c]).expand(batch_size, c, -1)
         return x, inputs
+
+
+def _quiet_tracing() -> None:
+    """Silence what tracing one window says by design, process-wide (``catch_warnings`` is
+    not thread-safe, and the streamer traces in its own thread): a ``TracerWarning`` for each
+    check on the batch that becomes a constant (one row, one subject), and torch 2.13's
+    deprecation of TorchScript. ``torch.compile`` needs a C++ compiler at run time and
+    ``torch.export`` does not take the data-dependent input checks of ``forward``; measured
+    in the real-time benchmark, the traced model halves a window's encode time."""
+    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated",
+                            category=DeprecationWarning)
 
 
 class _OneLayout(nn.Module):
