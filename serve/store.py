@@ -142,8 +142,7 @@ class JobStore:
         return job_id, folder
 
     # ------------------------------------------------------------------ API side
-    def submit(self, *, job_id: str, owner: str, model: str, subject: str, kind: str,
-               spec: JobSpec, fingerprint: str,
+    def submit(self, *, job_id: str, owner: str, model: str, spec: JobSpec, fingerprint: str,
                idempotency_key: str | None = None) -> tuple[Job, bool]:
         """Queue a job; return ``(job, created)``. The same idempotency key with the same
         fingerprint returns the first job (``created`` False); with another, raises
@@ -159,7 +158,7 @@ class JobStore:
             db.execute(
                 "INSERT INTO jobs (id, owner, model, subject, kind, spec, fingerprint, "
                 "idempotency_key, status, created, progress) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (job_id, owner, model, subject, kind, spec.model_dump_json(), fingerprint,
+                (job_id, owner, model, spec.subject, spec.kind, spec.model_dump_json(), fingerprint,
                  idempotency_key, "queued", time.time(),
                  json.dumps({"stage": "queued", "done": 0, "total": 0})))
             return Job.from_row(db.execute("SELECT * FROM jobs WHERE id=?",

@@ -219,14 +219,10 @@ class OnlineDecoder:
         """Per slot (the raw samples of one decimated sample): min, max and any NaN."""
         slots = np.floor((self.n_raw + np.arange(x.shape[1])) / self.ratio).astype(np.int64)
         starts = np.flatnonzero(np.r_[True, slots[1:] != slots[:-1]])
-        if bad.any():
-            lo = np.minimum.reduceat(np.where(bad, np.inf, x), starts, axis=1)
-            hi = np.maximum.reduceat(np.where(bad, -np.inf, x), starts, axis=1)
-            nan = np.logical_or.reduceat(bad, starts, axis=1)
-        else:  # the usual chunk: no masked copies
-            lo = np.minimum.reduceat(x, starts, axis=1)
-            hi = np.maximum.reduceat(x, starts, axis=1)
-            nan = np.zeros(lo.shape, bool)
+        any_bad = bad.any()  # the usual chunk has none: no masked copies then
+        lo = np.minimum.reduceat(np.where(bad, np.inf, x) if any_bad else x, starts, axis=1)
+        hi = np.maximum.reduceat(np.where(bad, -np.inf, x) if any_bad else x, starts, axis=1)
+        nan = np.logical_or.reduceat(bad, starts, axis=1)
         idx = slots[starts] % self.cap
         # the first slot continues the previous chunk's last one
         if self.n_raw and slots[0] == np.floor((self.n_raw - 1) / self.ratio):

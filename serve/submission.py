@@ -114,8 +114,8 @@ def submit_job(svc: Service, owner: str, *, subject: str, model: str | None, tr:
              "options": opts.model_dump()}, sort_keys=True).encode()).hexdigest()
         try:
             job, created = svc.store.submit(
-                job_id=job_id, owner=owner, model=model, subject=label, kind=kind, spec=spec,
-                fingerprint=fingerprint, idempotency_key=idempotency_key)
+                job_id=job_id, owner=owner, model=model, spec=spec, fingerprint=fingerprint,
+                idempotency_key=idempotency_key)
         except IdempotencyConflict:
             raise DataError("Idempotency-Key was used before with another payload") from None
     except BaseException:

@@ -19,7 +19,7 @@ def _spec(rows: list[int]) -> JobSpec:
 def _submit(store: JobStore, owner: str = "alice", **kw):
     job_id, folder = store.new_dir()
     (folder / "bold.nii.gz").write_bytes(b"x")
-    return store.submit(job_id=job_id, owner=owner, model="m", subject="01", kind="bold",
+    return store.submit(job_id=job_id, owner=owner, model="m",
                         spec=_spec([0, 1]), fingerprint=kw.pop("fingerprint", "f"), **kw)[0]
 
 
@@ -66,12 +66,12 @@ def test_idempotency_and_retention(tmp_path):
     store = JobStore(tmp_path)
     a = _submit(store, idempotency_key="k1")
     job_id, _ = store.new_dir()
-    same, created = store.submit(job_id=job_id, owner="alice", model="m", subject="01",
-                                 kind="bold", spec=_spec([0]), fingerprint="f",
+    same, created = store.submit(job_id=job_id, owner="alice", model="m",
+                                 spec=_spec([0]), fingerprint="f",
                                  idempotency_key="k1")
     assert same.id == a.id and not created
     with pytest.raises(IdempotencyConflict):
-        store.submit(job_id=job_id, owner="alice", model="m", subject="01", kind="bold",
+        store.submit(job_id=job_id, owner="alice", model="m",
                      spec=_spec([0]), fingerprint="other", idempotency_key="k1")
     store.claim("w", lease_s=60, max_attempts=3)
     assert store.succeed(a.id, "w", timings={"reconstruct_s": 1.0}, n_images=2)

@@ -25,7 +25,7 @@ import numpy as np
 
 from neurorecon.models.common.logging import logger
 from neurorecon.models.retrieval import candidate_rows, rank_score, sliding_windows
-from neurorecon.models.ridge import StandardGram, gram_ridge_predict
+from neurorecon.models.ridge import gram_ridge_predict
 
 #: sliding-window width (that of the time-resolved figure) and step (s) of the focus search
 WIDTH, STEP = 0.25, 0.1
@@ -38,11 +38,12 @@ def cv_window_scores(dm, k: int, starts: np.ndarray, n_win: int, *, alphas=None
     """Grouped k-fold rank score of a ridge on each window ``[start, start + n_win)`` of
     subject ``k``'s train trials, and the number of trials scored (0: too few stimuli).
 
-    One Gram matrix per window over all train trials (:class:`StandardGram`, read from the
-    cache a chunk of the window at a time); each fold is a re-centred sub-block of it."""
+    One Gram matrix per window over all train trials (:func:`~.ridge.streamed_gram`, read
+    from the cache a chunk of the window at a time); each fold is a re-centred sub-block of
+    it."""
     from sklearn.model_selection import GroupKFold
 
-    from .ridge import flat_targets, time_chunks, window_rows
+    from .ridge import flat_targets, slice_features, streamed_gram, time_chunks
 
     targets = dm.splits["train"].target[dm.splits["train"].subject == k]
     n_groups = len(np.unique(targets))
@@ -52,11 +53,8 @@ def cv_window_scores(dm, k: int, starts: np.ndarray, n_win: int, *, alphas=None
     folds = list(GroupKFold(n_splits=FOLDS).split(targets, groups=targets))
     scores = np.zeros(len(starts))
     for i, start in enumerate(starts):
-        gram = StandardGram(len(targets), 0)
-        for sl in time_chunks(dm, k, slice(int(start), int(start) + n_win)):
-            X = window_rows(dm, k, ("train",), sl)
-            gram.add(X, X[:0])
-            del X  # not held through the folds
+        gram = streamed_gram(dm, k, [slice_features(sl) for sl in time_chunks(
+            dm, k, slice(int(start), int(start) + n_win))], fit_splits=("train",))
         for fit, held in folds:
             pred, _ = gram_ridge_predict(gram.folds(fit, held), emb[targets[fit]],
                                          alphas=alphas)

@@ -75,11 +75,6 @@ def stream_rows(dm, k: int, splits: tuple[str, ...], features) -> np.ndarray:
     return np.zeros((0, 0), np.float32) if out is None else out
 
 
-def window_rows(dm, k: int, splits: tuple[str, ...], sl: slice) -> np.ndarray:
-    """Subject ``k``'s rows of ``splits`` cut to ``sl`` on the last axis, flattened."""
-    return stream_rows(dm, k, splits, slice_features(sl))
-
-
 def fit_targets(dm, k: int, splits: tuple[str, ...], Y: np.ndarray) -> np.ndarray:
     """Rows of ``Y`` (per-stimulus targets) for subject ``k``'s rows of ``splits``, in order."""
     return np.concatenate([Y[dm.splits[n].target[dm.splits[n].subject == k]] for n in splits])
@@ -96,11 +91,12 @@ def streamed_gram(dm, k: int, features: list[Callable[[np.ndarray], np.ndarray]]
     for feature in features:
         fit = stream_rows(dm, k, fit_splits, feature)
         gram.add(fit, stream_rows(dm, k, (eval_split,), feature) if n_eval else fit[:0])
+        del fit  # not held while the next chunk is read
     return gram
 
 
 def slice_features(sl: slice) -> Callable[[np.ndarray], np.ndarray]:
-    """The column chunk of :func:`window_rows`: ``sl`` of the last axis, flattened."""
+    """A column chunk for :func:`streamed_gram`: ``sl`` of the last (time) axis, flattened."""
     return lambda block: block[..., sl].reshape(len(block), -1)
 
 

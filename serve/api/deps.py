@@ -1,5 +1,5 @@
 """What every router shares: the service, the API key (one owner check, rate limited, for HTTP
-routes, pages and the WebSocket), the documented error answers and job lookup."""
+routes, pages and the WebSocket) and the documented error answers."""
 
 from __future__ import annotations
 
