@@ -159,6 +159,9 @@ class Provenance(_Part):
     commit: str | None = None
     created: str | None = None
     config: dict[str, Any] = {}
+    #: one record per ``neurorecon adapt`` that added subjects (their labels, the dataset, when,
+    #: the training time and epochs)
+    adaptations: list[dict[str, Any]] = []
 
 
 class BundleConfig(_Part):

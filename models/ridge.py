@@ -267,6 +267,10 @@ class RidgeDecoder(RegressorMixin, BaseEstimator):
         return weight.astype(np.float32), bias.astype(np.float32)
 
 
+#: rows per block wherever a Gram ridge works through rows (bounded temporaries)
+ROW_BLOCK = 256
+
+
 class StandardGram:
     """Linear-kernel (Gram) matrices of standardized features, accumulated over feature chunks.
 
@@ -275,7 +279,9 @@ class StandardGram:
     ``Z`` the features standardized with the fit rows' mean and standard deviation. Both are
     sums over any partition of the features, so a caller can add one chunk of features at a
     time (e.g. a time slice of every trial) and never hold all of them: memory is one chunk
-    plus the ``(n_fit, n_fit)`` Gram.
+    plus the ``(n_fit, n_fit)`` Gram. Only the Gram's lower triangle is accumulated, a block of
+    rows at a time (no ``(n_fit, n_fit)`` temporary); :meth:`folds` mirrors it, and the
+    eigendecomposition reads that triangle alone.
 
     Parameters
     ----------
@@ -299,18 +305,26 @@ class StandardGram:
         for a in (fit, evaluate):
             a -= mean.astype(a.dtype)
         squares = np.zeros(fit.shape[1])
-        for start in range(0, len(fit), 256):  # float64 sums without a float64 copy of fit
-            block = fit[start:start + 256].astype(np.float64)
+        for start in range(0, len(fit), ROW_BLOCK):  # float64 sums, no float64 copy of fit
+            block = fit[start:start + ROW_BLOCK].astype(np.float64)
             squares += np.einsum("ij,ij->j", block, block)
         scale = np.sqrt(squares / len(fit))
         scale[scale < 10 * np.finfo(np.float64).eps * np.maximum(np.abs(mean), 1.0)] = 1.0
         for a in (fit, evaluate):
             a /= scale.astype(a.dtype)
         self.stats.append((mean, scale))
-        self.K += fit @ fit.T
-        if len(evaluate):
-            self.K_eval += evaluate @ fit.T
+        for start in range(0, len(fit), ROW_BLOCK):  # lower triangle + diagonal blocks
+            stop = start + ROW_BLOCK
+            self.K[start:stop, :stop] += fit[start:stop] @ fit[:stop].T
+        for start in range(0, len(evaluate), ROW_BLOCK):
+            self.K_eval[start:start + ROW_BLOCK] += evaluate[start:start + ROW_BLOCK] @ fit.T
         self.n_features += fit.shape[1]
+
+    def _mirror(self) -> None:
+        """Copy the accumulated lower triangle of ``K`` into its upper triangle."""
+        for start in range(0, len(self.K), ROW_BLOCK):
+            stop = start + ROW_BLOCK
+            self.K[start:stop, stop:] = self.K[stop:, start:stop].T
 
     def folds(self, fit: np.ndarray, evaluate: np.ndarray) -> StandardGram:
         """The Gram matrices of a fold: ``fit`` and ``evaluate`` index this Gram's fit rows
@@ -319,6 +333,7 @@ class StandardGram:
         Features stay standardized with all rows' statistics (no target is involved); the
         linear kernel is re-centred on the fold's fit rows, so the unpenalized intercept of
         :func:`gram_ridge_predict` is that of a ridge fitted on those rows alone."""
+        self._mirror()
         out = StandardGram(0, 0)
         out.K = self.K[np.ix_(fit, fit)]  # copies, centred in place
         out.K_eval = self.K[np.ix_(evaluate, fit)]
@@ -383,6 +398,29 @@ def gram_ridge_solve(gram: StandardGram, Y: np.ndarray, *,
     return GramRidge(dual=fit.Q @ fit.scaled(), y_mean=fit.y_mean, alpha=fit.alpha)
 
 
+def _loo_errors(Q: np.ndarray, lam: np.ndarray, QtY: np.ndarray,
+                alphas: np.ndarray) -> np.ndarray:
+    """Summed squared leave-one-out residuals of each alpha: ``(y - ŷ) / (1 - h)`` with
+    residuals ``Q diag(a / (l + a)) QᵀYc`` and hat diagonal ``1/n + Σ Q² l / (l + a)``, in
+    blocks of rows and target columns (bounded memory). The residual products run in float32
+    (half the time of this loop, which dominates a fit's cost; only the argmin is used) and
+    sum in float64."""
+    n = len(Q)
+    shrink = [(a / (lam + a)).astype(np.float32) for a in alphas]
+    errors = np.zeros(len(alphas))
+    for start in range(0, n, ROW_BLOCK):
+        q = Q[start:start + ROW_BLOCK]
+        q32 = q.astype(np.float32)
+        scale = [(1.0 - (1.0 / n + (q**2) @ (lam / (lam + a))))[:, None].astype(np.float32)
+                 for a in alphas]  # 1 - hat of each row, per alpha
+        for col in range(0, QtY.shape[1], ROW_BLOCK):
+            qty = QtY[:, col:col + ROW_BLOCK].astype(np.float32)
+            for i in range(len(alphas)):
+                resid = (q32 * shrink[i]) @ qty  # scales the block: no (n, d) temporary
+                errors[i] += float(np.square(resid / scale[i], dtype=np.float64).sum())
+    return errors
+
+
 @dataclass
 class _EigenFit:
     Q: np.ndarray  # eigenvectors of K
@@ -410,22 +448,17 @@ def _gram_eigen_fit(gram: StandardGram, Y: np.ndarray,
     if n < 3:
         raise ValueError(f"need at least 3 samples to cross-validate alpha, got {n}")
     y_mean = Y.mean(0, dtype=np.float64)
-    # the Gram is not needed afterwards: decomposed in place (one n x n matrix less)
-    lam, Q = linalg.eigh(gram.K, overwrite_a=True, check_finite=False)
+    # the Gram is not needed afterwards: decomposed in place, from its lower triangle (the one
+    # StandardGram.add fills), passed as the upper triangle of its Fortran-ordered transpose:
+    # LAPACK then needs no Fortran copy of it (one n x n matrix less at the peak)
+    lam, Q = linalg.eigh(gram.K.T, lower=False, overwrite_a=True, check_finite=False)
     gram.K = None
     lam = np.clip(lam, 0.0, None)
     QtY = np.zeros((n, Y.shape[1]))  # Qᵀ (Y - ȳ), in row blocks: no centred float64 copy of Y
-    for start in range(0, n, 256):
-        QtY += Q[start:start + 256].T @ (Y[start:start + 256] - y_mean)
-    # residuals Yc - fitted = Q diag(a / (l + a)) QᵀYc, scored in row blocks (bounded memory)
-    errors = np.zeros(len(alphas))
-    for start in range(0, n, 256):
-        q = Q[start:start + 256]
-        for i, a in enumerate(alphas):
-            resid = q @ ((a / (lam + a))[:, None] * QtY)
-            hat = 1.0 / n + (q**2) @ (lam / (lam + a))
-            errors[i] += float(((resid / (1.0 - hat)[:, None]) ** 2).sum())
-    best = int(np.argmin(errors))
-    alpha = float(alphas[best])
+    for start in range(0, n, ROW_BLOCK):
+        QtY += Q[start:start + ROW_BLOCK].T @ (Y[start:start + ROW_BLOCK] - y_mean)
+    alpha = float(alphas[0])
+    if len(alphas) > 1:
+        alpha = float(alphas[int(np.argmin(_loo_errors(Q, lam, QtY, alphas)))])
     logger.debug("gram ridge: %d samples x %d features, alpha=%g", n, gram.n_features, alpha)
     return _EigenFit(Q=Q, lam=lam, QtY=QtY, y_mean=y_mean, alpha=alpha)

@@ -27,6 +27,8 @@ STAGES: dict[str, tuple[str, str]] = {
                     "test-set reconstructions from a checkpoint (diffusion generator)"),
     "export": ("neurorecon.pipelines.export",
                "checkpoint -> self-contained decoder bundle (Decoder.from_pretrained)"),
+    "adapt": ("neurorecon.pipelines.adapt",
+              "add new participants to a trained bundle (their own layers trained, shared frozen)"),
     "run": ("neurorecon.pipelines.run",
             "every stage on a BIDS dataset -> metrics.json + bundle (the external contract)"),
 }

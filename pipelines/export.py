@@ -85,11 +85,14 @@ def _portable(cfg: DictConfig) -> dict[str, Any]:
     return relative(config)
 
 
-def _subjects(dm) -> dict[str, dict[str, Any]]:
+def subject_entries(dm, *, index: dict[str, int] | None = None) -> dict[str, dict[str, Any]]:
+    """The bundle's ``subjects`` entries of ``dm``'s subjects; ``index``: their indices in the
+    model (default: the data module's order)."""
     out = {}
     recipe = dm.recipe.get("subjects", {})
     for k, label in enumerate(dm.labels):
         info, rec = dm.subjects[label], recipe.get(label, {})
+        k = k if index is None else int(index[label])
         if dm.modality == "meg":
             out[label] = {
                 "index": k, "n_chans": info.n_chans, "n_times": info.n_times,
@@ -115,20 +118,37 @@ def _subjects(dm) -> dict[str, dict[str, Any]]:
     return out
 
 
+def stimulus_images(dm, stim_root: Path) -> list[Image.Image]:
+    """The data module's stimulus images, in its embedding order."""
+    images = []
+    for f in dm.embedding_index["stim_file"]:
+        path = stim_root / f
+        if not path.is_file():
+            raise DataError("stimulus image missing (needed for the bundle's gallery and "
+                            "low-level pathway)", path=path)
+        with Image.open(path) as im:
+            images.append(im.convert("RGB"))
+    return images
+
+
+def lowlevel_maps(dm, images: list[Image.Image]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The low-level pathway of every subject of ``dm``: a ridge from its train + val trials
+    to the colour thumbnails of ``images`` (its stimuli), as one affine map per subject."""
+    from neurorecon.models.generators.base import image_thumbnails
+
+    from .train.ridge import fit_ridges
+
+    ridges = fit_ridges(dm, targets=image_thumbnails(images), subjects=range(len(dm.labels)))
+    return {dm.labels[k]: model.linear_map() for k, model in ridges.items()}
+
+
 def _gallery(dm, stim_root: Path) -> tuple[Gallery, list[Image.Image]]:
     """Every stimulus of the data module: embeddings, split of the run, thumbnails."""
     index = dm.embedding_index
     split = np.full(len(index), "unused", dtype=object)
     for name in ("train", "val", "test"):  # test last: an image is test if tested at all
         split[np.unique(dm.splits[name].target)] = name
-    images = []
-    for f in index["stim_file"]:
-        path = stim_root / f
-        if not path.is_file():
-            raise DataError("stimulus image missing (needed for the bundle's gallery)",
-                            path=path)
-        with Image.open(path) as im:
-            images.append(im.convert("RGB"))
+    images = stimulus_images(dm, stim_root)
     table = pd.DataFrame({"image_id": index["stim_file"].astype(str),
                           "concept": index["concept"] if "concept" in index else "",
                           "split": split})
@@ -137,10 +157,7 @@ def _gallery(dm, stim_root: Path) -> tuple[Gallery, list[Image.Image]]:
 
 def _generator(cfg: DictConfig, dm, images: list[Image.Image]):
     """(generator description, its directory or None, low-level maps) for the bundle."""
-    from neurorecon.models.generators.base import image_thumbnails
-
     from .reconstruct.generation import build_generator
-    from .train.ridge import fit_ridges
 
     rcfg = cfg.reconstruct
     gen_cfg = rcfg.generator
@@ -165,9 +182,7 @@ def _generator(cfg: DictConfig, dm, images: list[Image.Image]):
         gen_dir = Path(generator.path)
     lowlevel = {}
     if rcfg.lowlevel:
-        ridges = fit_ridges(dm, targets=image_thumbnails(images),
-                            subjects=range(len(dm.labels)))
-        lowlevel = {dm.labels[k]: model.linear_map() for k, model in ridges.items()}
+        lowlevel = lowlevel_maps(dm, images)
         desc["lowlevel"] = "generator/lowlevel.safetensors"
     return desc, gen_dir, lowlevel
 
@@ -193,7 +208,7 @@ def bundle_config(net, dm, *, cfg: DictConfig, metrics: dict[str, Any] | None = 
                      "unit_normalised_targets": bool(np.allclose(norms, 1.0, atol=1e-3)),
                      "substitute_note": spec.get("substitute_note"), "spec": spec},
         "preprocessing": {k: v for k, v in dm.recipe.items() if k != "subjects"},
-        "subjects": _subjects(dm),
+        "subjects": subject_entries(dm),
         "focus": focus,
         "generator": generator,
         "provenance": {"dataset": {"name": "/".join(Path(str(cfg.data.root)).parts[-2:]),

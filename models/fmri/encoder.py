@@ -259,22 +259,24 @@ class FmriEncoder(BrainModuleMixin, nn.Module):
                                  got=X.shape[1], expected=n_voxels)
         return proj.fit(X)
 
-    def freeze_shared(self, label: str) -> list[nn.Parameter]:
-        """Freeze everything except subject ``label``'s adapter (MindBridge-style adaptation).
+    def freeze_shared(self, *labels: str) -> list[nn.Parameter]:
+        """Freeze everything except the adapters of subjects ``labels`` (MindBridge-style
+        adaptation).
 
         Returns
         -------
         list of nn.Parameter
             The parameters left trainable (pass them to the optimizer).
         """
-        label = _check_label(label)
-        if label not in self.adapters:
-            raise input_mismatch("FmriEncoder.freeze_shared: unknown subject", got=repr(label),
-                                 expected=f"one of {list(self.adapters)}",
-                                 hint="call add_subject(label, n_voxels) first")
+        labels = tuple(_check_label(label) for label in labels)
+        for label in labels:
+            if label not in self.adapters:
+                raise input_mismatch("FmriEncoder.freeze_shared: unknown subject",
+                                     got=repr(label), expected=f"one of {list(self.adapters)}",
+                                     hint="call add_subject(label, n_voxels) first")
         for p in self.parameters():
             p.requires_grad_(False)
-        trainable = list(self.adapters[label].parameters())
+        trainable = [p for label in labels for p in self.adapters[label].parameters()]
         for p in trainable:
             p.requires_grad_(True)
         return trainable

@@ -461,6 +461,52 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
             self.readout_weight[subject, :, :weight.shape[1]] = weight
             self.readout_bias[subject] = torch.as_tensor(bias, dtype=torch.float32)
 
+    # ------------------------------------------------------------------ new subjects
+    def add_subjects(self, n: int, *, n_chans: int | None = None) -> list[int]:
+        """Append ``n`` subjects (new-subject adaptation); return their indices.
+
+        Their subject-layer matrices start from the mean of the trained subjects' (the input
+        the shared layers learned from), their read-out at 0 (:meth:`set_readout`), widened to
+        ``n_chans`` channels when a new subject has more. The trained subjects' weights are
+        unchanged; the config records the new count.
+        """
+        if n < 1:
+            raise ValueError(f"{type(self).__name__}.add_subjects: n must be >= 1, got {n}")
+        old = self.n_subjects
+        with torch.no_grad():
+            if self.subject_layer is not None:
+                w = self.subject_layer.weight
+                start = w.mean(0, keepdim=True).expand(n, -1, -1)
+                self.subject_layer.weight = nn.Parameter(torch.cat([w, start]),
+                                                         requires_grad=w.requires_grad)
+            if self.readout_bins:
+                weight = self.readout_weight
+                width = max(weight.shape[2], int(n_chans or 0) * len(self.readout_bins))
+                grown = weight.new_zeros((old + n, weight.shape[1], width))
+                grown[:old, :, :weight.shape[2]] = weight
+                self.readout_weight = grown
+                self.readout_bias = torch.cat([self.readout_bias,
+                                               self.readout_bias.new_zeros((n, weight.shape[1]))])
+                self._config["readout"]["n_chans"] = width // len(self.readout_bins)
+                self._readout_factors_cache.clear()
+        self.n_subjects = old + n
+        self._config["n_subjects"] = self.n_subjects
+        return list(range(old, old + n))
+
+    def freeze_shared(self, subjects: list[int]) -> list[nn.Parameter]:
+        """Freeze everything but the subject layer (whose rows other than ``subjects`` get
+        no gradient from their batches; weight decay still moves them, so an adaptation puts
+        them back after training). Returns the parameters left trainable."""
+        bad = [s for s in subjects if not 0 <= int(s) < self.n_subjects]
+        if bad:
+            raise ValueError(f"{type(self).__name__}.freeze_shared: subject indices {bad} "
+                             f"outside 0..{self.n_subjects - 1}")
+        self.requires_grad_(False)
+        if self.subject_layer is None:
+            return []
+        self.subject_layer.weight.requires_grad_(True)
+        return [self.subject_layer.weight]
+
     def _readout(self, x: torch.Tensor, mask: torch.Tensor,
                  subject: torch.Tensor) -> torch.Tensor:
         feats = bin_means(x, self.readout_bins, mask)  # (B, C_s * n_bins)

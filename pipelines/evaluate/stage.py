@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from neurorecon.models.common.checks import DataError
@@ -212,6 +211,7 @@ def from_checkpoint(cfg: DictConfig):
     """
     from ..train.checkpoint import check_compatible, load_checkpoint
     from ..train.fit import build_datamodule, prepare_caches
+    from ..train.module import Reindexed
 
     if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.checkpoint:
         raise DataError("needs checkpoint=<path to a .ckpt written by neurorecon train>")
@@ -230,16 +230,4 @@ def from_checkpoint(cfg: DictConfig):
     check_compatible(desc, dm, path=cfg.checkpoint)
     # the checkpoint's subject indices, whatever subset of subjects this data holds
     order = list(desc["data"]["subjects"])
-    return _Reindex(net, [order.index(s) for s in dm.labels]), dm, job
-
-
-class _Reindex(torch.nn.Module):
-    """Map the data module's subject indices to the checkpoint's before calling the net."""
-
-    def __init__(self, net: torch.nn.Module, mapping: list[int]):
-        super().__init__()
-        self.net = net
-        self.register_buffer("mapping", torch.as_tensor(mapping), persistent=False)
-
-    def forward(self, x, *, subject, **extras):
-        return self.net(x, subject=self.mapping[torch.as_tensor(subject)], **extras)
+    return Reindexed(net, [order.index(s) for s in dm.labels]), dm, job

@@ -203,7 +203,7 @@ def average_repeats(X: np.ndarray, trials: pd.DataFrame, *, stim_column: str = "
 # trials-first arrays on disk, written and read in blocks
 # --------------------------------------------------------------------------------------------
 #: bytes of trials read or written at once when streaming through a file
-BLOCK_BYTES = 32 * 2**20
+BLOCK_BYTES = 16 * 2**20
 
 
 class RowFile:
@@ -235,18 +235,20 @@ class RowFile:
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
 
-    def _read(self, start: int, stop: int) -> np.ndarray:
+    def _read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``start:stop``, read into ``out`` (C-contiguous, of their shape) when given."""
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
+        if out is None:
+            out = np.empty((stop - start, *self.row_shape), self.dtype)
         n = (stop - start) * self.row_nbytes
-        buf = bytearray(n)
-        view, done = memoryview(buf), 0
+        view, done = memoryview(out.reshape(-1)).cast("B"), 0
         while done < n:
             got = os.preadv(self._fd, [view[done:]], self.offset + start * self.row_nbytes + done)
             if got == 0:
                 raise DataError(f"file ends before row {stop}: truncated", path=self.path)
             done += got
-        return np.frombuffer(buf, self.dtype).reshape(stop - start, *self.row_shape)
+        return out
 
     def rows(self, index) -> np.ndarray:
         """Rows ``index`` (int, slice or integer array) as a new array; consecutive rows are
@@ -263,9 +265,9 @@ class RowFile:
         if len(index) == 0:
             return out
         breaks = np.flatnonzero(np.diff(index) != 1) + 1
-        for run in np.split(np.arange(len(index)), breaks):
+        for run in np.split(np.arange(len(index)), breaks):  # read in place: no copy of a run
             first = int(index[run[0]])
-            out[run] = self._read(first, first + len(run))
+            self._read(first, first + len(run), out=out[run[0]:run[-1] + 1])
         return out
 
     __getitem__ = rows

@@ -97,7 +97,9 @@ class RowBlocks:
         return (len(self.rows), *self.file.row_shape)
 
     def __call__(self):
-        return (block for _, block in self.file.blocks(self.rows))
+        for _, block in self.file.blocks(self.rows):
+            yield block
+            del block  # not held while the next block is read
 
 
 class SubjectBatchSampler(Sampler[list[int]]):

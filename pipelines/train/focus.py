@@ -55,9 +55,13 @@ def cv_window_scores(dm, k: int, starts: np.ndarray, n_win: int, *, alphas=None
     for i, start in enumerate(starts):
         gram = streamed_gram(dm, k, [slice_features(sl) for sl in time_chunks(
             dm, k, slice(int(start), int(start) + n_win))], fit_splits=("train",))
+        window_alphas = alphas
         for fit, held in folds:
-            pred, _ = gram_ridge_predict(gram.folds(fit, held), emb[targets[fit]],
-                                         alphas=alphas)
+            pred, alpha = gram_ridge_predict(gram.folds(fit, held), emb[targets[fit]],
+                                             alphas=window_alphas)
+            # the first fold's leave-one-out alpha serves the window's other folds: the alpha
+            # search is most of a fold's cost, and this only ranks windows
+            window_alphas = [alpha]
             stims, true = candidate_rows(targets[held])
             scores[i] += rank_score(pred, emb[stims], true) * len(held)
     return scores / len(targets), len(targets)

@@ -152,3 +152,17 @@ class ContrastiveLitModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["neurorecon"] = self.description
+
+
+class Reindexed(nn.Module):
+    """``net`` called with the data module's subject indices mapped to the net's own
+    (``mapping[k]``: the net's index of the data module's subject ``k``): a checkpoint scored
+    on a subset of its subjects, new subjects appended to a trained decoder."""
+
+    def __init__(self, net: nn.Module, mapping: list[int]):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mapping", torch.as_tensor(mapping), persistent=False)
+
+    def forward(self, x, *, subject, **extras):
+        return self.net(x, subject=self.mapping[torch.as_tensor(subject)], **extras)

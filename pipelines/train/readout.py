@@ -118,19 +118,28 @@ def attach_readout(net, dm, choice: dict[str, Any], *, fit_splits=("train", "val
                         width=max(1, int(round(choice["bin_width"] * sfreq))))
     n_chans = max(info.n_chans for info in dm.subjects.values())
     net.add_readout(bins=bins, n_chans=n_chans)
-    emb = flat_targets(dm)
     alphas_used = {}
     for k in range(len(dm.labels)):
-        splits = tuple(name for name in fit_splits if (dm.splits[name].subject == k).any())
-        if not splits:
-            continue
-        features = bin_features(dm, k, bins)
-        gram = streamed_gram(dm, k, features, fit_splits=splits)
-        solution = gram_ridge_solve(gram, fit_targets(dm, k, splits, emb), alphas=alphas)
-        weight, bias = gram.linear_map((stream_rows(dm, k, splits, f) for f in features),
-                                       solution)
-        net.set_readout(k, weight, bias)
-        alphas_used[dm.labels[k]] = solution.alpha
+        alpha = fit_subject_readout(net, dm, k, index=k, fit_splits=fit_splits, alphas=alphas)
+        if alpha is not None:
+            alphas_used[dm.labels[k]] = alpha
     with torch.no_grad():
         net.readout_mix.fill_(float(choice["mix"]))
     choice["alpha"] = alphas_used
+
+
+def fit_subject_readout(net, dm, k: int, *, index: int, fit_splits=("train", "val"),
+                        alphas=None) -> float | None:
+    """Fit the read-out of ``dm``'s subject ``k`` on its ``fit_splits`` rows over ``net``'s
+    bins and put it at ``net``'s subject ``index``; return the ridge's alpha (None: the
+    subject has no rows there)."""
+    splits = tuple(name for name in fit_splits if (dm.splits[name].subject == k).any())
+    if not splits:
+        return None
+    features = bin_features(dm, k, [list(b) for b in net.readout_bins])
+    gram = streamed_gram(dm, k, features, fit_splits=splits)
+    solution = gram_ridge_solve(gram, fit_targets(dm, k, splits, flat_targets(dm)),
+                                alphas=alphas)
+    weight, bias = gram.linear_map((stream_rows(dm, k, splits, f) for f in features), solution)
+    net.set_readout(index, weight, bias)
+    return solution.alpha

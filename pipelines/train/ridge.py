@@ -68,6 +68,7 @@ def stream_rows(dm, k: int, splits: tuple[str, ...], features) -> np.ndarray:
     for src in sources:
         for block in src():
             cut = features(block)
+            del block  # not held while the next block is read
             if out is None:
                 out = np.empty((n, cut.shape[1]), np.float32)
             out[i:i + len(cut)] = cut

@@ -1,0 +1,212 @@
+"""``neurorecon adapt bundle=<dir> data=bids data.root=<BIDS> [data.subjects=[...]]``: new
+participants added to a trained decoder.
+
+A lab's everyday case (MindEye2, MindBridge): a decoder trained on earlier participants and
+one calibration session of a new one. The new subjects' recordings are preprocessed with the
+bundle's own recipe (its training config, :attr:`Provenance.config`) and their stimuli
+embedded with its embedder. Only the subject-specific parts are trained, the shared layers
+frozen:
+
+- MEG: the subject layer (a new matrix per subject, started from the mean of the trained
+  subjects' matrices) by gradient descent, the epoch count chosen on the new subjects'
+  validation trials; then the linear read-out, one ridge per new subject on its train +
+  validation trials over the bundle's own bins (the bundle's deep share is kept);
+- fMRI: the subject's input adapter (its subspace fitted on its train trials).
+
+The adapted bundle holds the old subjects, their weights restored bit for bit (weight decay
+would otherwise shrink a stacked tensor's old rows), and the new ones; its gallery and
+generator are the old bundle's, and the low-level pathway gets a ridge per new subject. It is
+scored on the new subjects' test trials through the :class:`~.inference.Decoder`, as
+``neurorecon evaluate`` does, with a ridge fitted on the same trials beside.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from neurorecon.models.bundle import BundleConfig
+from neurorecon.models.common.checks import DataError
+from neurorecon.models.common.logging import logger
+
+from .inference import Decoder
+
+
+def job_config(decoder: Decoder, cfg: DictConfig) -> DictConfig:
+    """The bundle's training config with this command's ``data``, ``paths`` and ``seed``, and
+    the ``adapt.max_epochs`` / ``adapt.lr`` overrides of its trainer and optimizer."""
+    trained = decoder.config.provenance.config
+    if not trained:
+        raise DataError("the bundle records no training config (provenance.config), so its "
+                        "recipe cannot be applied to new data", path=decoder.root,
+                        hint="re-export it with this version of neurorecon")
+    job = OmegaConf.create(trained)
+    with open_dict(job):
+        job.data, job.paths, job.seed = cfg.data, cfg.paths, int(cfg.seed)
+        if cfg.adapt.get("max_epochs") is not None:
+            job.trainer.max_epochs = int(cfg.adapt.max_epochs)
+        if cfg.adapt.get("lr") is not None:
+            job.optimizer.lr = float(cfg.adapt.lr)
+    return job
+
+
+def check_fits(decoder: Decoder, dm, *, root: Path) -> None:
+    """The new data module was prepared as the bundle's training data was, for new subjects."""
+    if dm.modality != decoder.modality:
+        raise DataError(f"data does not fit the decoder: modality {dm.modality!r}, the decoder "
+                        f"is for {decoder.modality!r}", path=root)
+    trained = decoder.config.preprocessing.get("params", {})
+    differ = sorted(k for k in set(trained) | set(dm.recipe.get("params", {}))
+                    if trained.get(k) != dm.recipe["params"].get(k))
+    if differ:
+        raise DataError(f"the new data was preprocessed with other parameters ({differ}) "
+                        "than the bundle's recipe", path=root,
+                        hint="leave preprocessing to adapt: it applies the bundle's own")
+    weights = dm.embedder_spec.get("weights")
+    if weights != decoder.config.embedder.weights:
+        raise DataError(f"the stimuli were embedded with other weights ({weights}) than the "
+                        f"decoder was trained on ({decoder.config.embedder.weights})", path=root)
+    known = sorted(set(dm.labels) & set(decoder.subjects))
+    if known:
+        raise DataError(f"sub-{', sub-'.join(known)} already in the decoder (trained on "
+                        f"sub-{', sub-'.join(decoder.subjects)}): adapt adds new participants",
+                        path=root, hint="select the new subjects with data.subjects=[...], or "
+                        "give a new participant a label of their own in the BIDS dataset")
+
+
+def add_subjects(net, dm) -> dict[str, int]:
+    """Add ``dm``'s subjects to ``net`` and freeze everything else; ``{label: index}``."""
+    if dm.modality == "meg":
+        n_chans = max(info.n_chans for info in dm.subjects.values())
+        indices = net.add_subjects(len(dm.labels), n_chans=n_chans)
+        net.freeze_shared(indices)
+        return dict(zip(dm.labels, indices, strict=True))
+    from .train.fit import fit_subspaces
+
+    index = {label: net.add_subject(label, dm.subjects[label].n_voxels) for label in dm.labels}
+    fit_subspaces(net, dm, labels=dm.labels)
+    net.freeze_shared(*dm.labels)
+    return index
+
+
+def restore(net, before: dict[str, torch.Tensor]) -> None:
+    """Put the trained subjects' weights of ``before`` back into ``net``: a tensor of the
+    same shape is shared (frozen: restored exactly); a larger one stacks subjects (its
+    leading block is the old subjects'); a new one belongs to a new subject."""
+    with torch.no_grad():
+        for name, tensor in net.state_dict().items():
+            old = before.get(name)
+            if old is not None:
+                tensor[tuple(slice(0, s) for s in old.shape)] = old
+
+
+def adapt(cfg: DictConfig) -> dict[str, Any]:
+    """Adapt ``cfg.bundle`` to the subjects of ``cfg.data``; write the adapted bundle and its
+    scores on their test trials (metrics.json, report.md)."""
+    from lightning import seed_everything
+
+    from .evaluate.stage import evaluate_bundle
+    from .export import lowlevel_maps, stimulus_images, subject_entries
+    from .train.fit import build_datamodule, build_module, fit, prepare_caches
+    from .train.module import Reindexed
+    from .train.readout import fit_subject_readout
+    from .train.ridge import ridge_predictions
+
+    if OmegaConf.is_missing(cfg, "bundle") or not cfg.bundle:
+        raise DataError("needs bundle=<a trained bundle directory>")
+    out_dir = Path(cfg.paths.output_dir)
+    out = Path(cfg.adapt.out) if cfg.adapt.get("out") else out_dir / "bundle"
+    if out.resolve() == Path(cfg.bundle).resolve() and not cfg.adapt.overwrite:
+        raise DataError("adapt.out is the input bundle", path=out,
+                        hint="write the adapted bundle elsewhere, or set adapt.overwrite=true")
+    decoder = Decoder.from_pretrained(cfg.bundle)
+    job = job_config(decoder, cfg)
+    root = Path(cfg.data.root)
+    t0 = time.perf_counter()
+    preproc_dir, emb_dir = prepare_caches(job)
+    seed_everything(int(job.seed), workers=True, verbose=False)  # the seed is in the config
+    dm = build_datamodule(job, preproc_dir, emb_dir)
+    check_fits(decoder, dm, root=root)
+    net = copy.deepcopy(decoder.net).train()  # the Decoder holds it in eval mode
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    index = add_subjects(net, dm)
+    logger.info("adapt: sub-%s added to the decoder of sub-%s (indices %s); trainable: %d "
+                "parameters, %d frozen", ", sub-".join(dm.labels), ", sub-".join(decoder.subjects),
+                list(index.values()), sum(p.numel() for p in net.parameters() if p.requires_grad),
+                sum(p.numel() for p in net.parameters() if not p.requires_grad))
+    info: dict[str, Any] = {}
+    t_train = time.perf_counter()
+    if any(p.requires_grad for p in net.parameters()):
+        lit = build_module(job, dm, net=Reindexed(net, [index[s] for s in dm.labels]))
+        _, info = fit(job, lit, dm, out_dir=out_dir)
+    net.requires_grad_(False)
+    restore(net, before)
+    readout = {}
+    if getattr(net, "readout_bins", None):  # MEG: the new subjects' read-out, bundle's bins
+        readout = {dm.labels[k]: fit_subject_readout(net, dm, k, index=index[dm.labels[k]],
+                                                     alphas=job.evaluate.get("ridge_alphas"))
+                   for k in range(len(dm.labels))}
+    train_seconds = time.perf_counter() - t_train
+    old = decoder.config.model_dump(by_alias=True)
+    entries = subject_entries(dm, index=index)
+    record = {"subjects": list(dm.labels), "dataset": "/".join(root.parts[-2:]),
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "train_seconds":
+              round(train_seconds, 2), "epochs": info.get("epochs"),
+              "best_epoch": info.get("best_epoch"), "readout_alpha": readout or None}
+    config = BundleConfig.model_validate({
+        **old, "model_config": net.get_config(), "subjects": {**old["subjects"], **entries},
+        "provenance": {**old["provenance"],
+                       "adaptations": [*old["provenance"].get("adaptations", []), record]}})
+    masks, stats = dict(decoder.masks), dict(decoder.voxel_stats)
+    if dm.modality == "fmri":
+        for label in dm.labels:
+            masks[label] = dm.data.subjects[label].mask_img
+            if dm.data.subjects[label].voxel_stats is not None:
+                stats[label] = dm.data.subjects[label].voxel_stats
+    lowlevel = dict(decoder.lowlevel)
+    if lowlevel:
+        lowlevel.update(lowlevel_maps(dm, stimulus_images(dm, root / cfg.data.stim_dir)))
+    adapted = Decoder(net=net, config=config, masks=masks, gallery=decoder.gallery,
+                      lowlevel=lowlevel, generator_dir=decoder.generator_dir, voxel_stats=stats)
+    path = adapted.save_pretrained(out, overwrite=bool(cfg.adapt.overwrite))
+    logger.info("adapt: %s trained in %.1f s; adapted bundle %s", ", ".join(
+        "sub-" + s for s in dm.labels), train_seconds, path)
+    # scored as `neurorecon evaluate` scores a bundle: the new subjects' recordings through it
+    eval_cfg = OmegaConf.create({"data": OmegaConf.to_container(cfg.data, resolve=True),
+                                 "paths": OmegaConf.to_container(cfg.paths, resolve=True),
+                                 "embed": OmegaConf.to_container(job.embed, resolve=True),
+                                 "device": "cpu"})
+    eval_cfg.data.subjects = list(dm.labels)
+    metrics = evaluate_bundle(eval_cfg, path)
+    ridge = ridge_predictions(dm, alphas=job.evaluate.get("ridge_alphas"))
+    metrics["adaptation"] = {
+        **record, "from_bundle": str(cfg.bundle), "bundle_subjects": list(decoder.subjects),
+        "trainable": "subject layer + read-out (ridge)" if dm.modality == "meg"
+        else "input adapter", "seconds": round(time.perf_counter() - t0, 2),
+        "ridge_same_trials": _ridge_scores(dm, ridge)}
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _ridge_scores(dm, pred: np.ndarray) -> dict[str, float]:
+    """Retrieval of a ridge fitted on the new subjects' train + val trials (their test rows
+    among their test images), beside the adapted decoder's."""
+    from neurorecon.models.retrieval import candidate_rows, retrieval_metrics
+
+    from .train.ridge import flat_targets
+
+    uniq, true_index = candidate_rows(dm.splits["test"].target)
+    scores = retrieval_metrics(pred, flat_targets(dm)[uniq], true_index)
+    return {k: round(float(scores[k]), 4) for k in ("top1", "top5")}
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Stage entry point (Hydra root config ``adapt.yaml``)."""
+    return adapt(cfg)

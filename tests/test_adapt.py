@@ -1,0 +1,140 @@
+"""``neurorecon adapt``: a trained bundle gains a new participant; the old ones are unchanged, the
+new one decodes, the adapted causal MEG bundle still streams (online == offline)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from neurorecon.models.common.checks import DataError
+
+from .conftest import compose_stage
+from .test_bundle import FAST, TINY_GENERATOR
+from .test_train import SMALL_FMRI, SMALL_MEG
+
+MODALITY = {"meg": ["preprocess.meg.phase=causal", *SMALL_MEG, *TINY_GENERATOR],
+            # fMRI trains in about a second here: as many epochs as test_decoding
+            "fmri": ["data.modality=fmri", *SMALL_FMRI, "reconstruct.enabled=false",
+                     "datamodule.batch_size=16"]}
+EPOCHS = {"meg": 6, "fmri": 20}
+
+
+@pytest.fixture(scope="module")
+def fmri_root(tmp_path_factory) -> Path:
+    """Two fMRI subjects with enough test images to score retrieval (the tiny session sample's
+    4 test images make top-5 chance 1.0): 16 test images, as in test_decoding."""
+    from neurorecon.pipelines.sample.run import make_sample
+
+    root = tmp_path_factory.mktemp("adapt-sample")
+    cfg = compose_stage("sample", root, [
+        "sample=tiny", "sample.stimuli.n_concepts=8", "sample.stimuli.n_train_exemplars=8",
+        "sample.stimuli.n_test_exemplars=2", "sample.stimuli.n_test_repeats=3",
+        "sample.meg.enabled=false", "sample.fmri.n_subjects=2"])
+    return make_sample(cfg.sample, root / "data" / "sample")
+
+
+@pytest.fixture(scope="module", params=["meg", pytest.param("fmri", marks=pytest.mark.slow)])
+def adapted(request, sample_root, tmp_path_factory):
+    """(modality, bundle trained on sub-01, adapted bundle with sub-02, adapt metrics)."""
+    from neurorecon.pipelines.adapt import run as adapt
+    from neurorecon.pipelines.run import run as train
+
+    modality = request.param
+    root = tmp_path_factory.mktemp(f"adapt-{modality}")
+    data_root = sample_root if modality == "meg" else request.getfixturevalue("fmri_root")
+    data = ["data=bids", f"data.root={data_root / modality}"]
+    cfg = compose_stage("train", root, [*data, "data.subjects=[01]", *FAST,
+                                        f"trainer.max_epochs={EPOCHS[modality]}",
+                                        *MODALITY[modality]])
+    train(cfg)
+    base = Path(cfg.paths.output_dir) / "bundle"
+    acfg = compose_stage("adapt", root, [
+        *data, *(["data.modality=fmri"] if modality == "fmri" else []), "data.subjects=[02]",
+        f"bundle={base}", f"adapt.max_epochs={EPOCHS[modality]}"])
+    metrics = adapt(acfg)
+    return modality, base, Path(acfg.paths.output_dir) / "bundle", metrics, acfg
+
+
+def test_adapted_bundle_keeps_old_subjects_and_decodes_the_new_one(adapted):
+    import torch
+
+    from neurorecon.pipelines.inference import Decoder
+
+    modality, base, out, metrics, cfg = adapted
+    old, new = Decoder.from_pretrained(base), Decoder.from_pretrained(out)
+    assert old.subjects == ["01"] and new.subjects == ["01", "02"]
+    # the old subject's outputs are unchanged, bit for bit, on any input
+    n_in = (old.subject_info("01").n_chans if modality == "meg"
+            else old.subject_info("01").n_voxels)
+    shape = (5, n_in, old.subject_info("01").n_times) if modality == "meg" else (5, n_in)
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    for head in ("clip", "mse"):
+        assert np.array_equal(old.encode(x, subject="01", head=head),
+                              new.encode(x, subject="01", head=head))
+    assert set(old.net.state_dict()) <= set(new.net.state_dict())
+    if modality == "meg":  # one subject-layer matrix more; the shared layers are identical
+        assert new.net.subject_layer.weight.shape[0] == 2
+        assert torch.equal(old.net.merge.weight, new.net.merge.weight)
+    # the new subject decodes: its test trials through the adapted bundle (as `evaluate`)
+    enc, chance = metrics["retrieval"]["encoder"], metrics["retrieval"]["chance"]
+    assert metrics["subjects"] == ["02"]
+    assert enc["rel_median_rank"] < chance["rel_median_rank"] - 0.1, metrics["retrieval"]
+    block = metrics["adaptation"]
+    assert block["subjects"] == ["02"] and block["bundle_subjects"] == ["01"]
+    assert set(block["ridge_same_trials"]) == {"top1", "top5"}
+    assert json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())["adaptation"]
+    recorded = new.config.provenance.adaptations
+    assert len(recorded) == 1 and recorded[0]["subjects"] == ["02"]
+    assert new.config.subjects["02"].index == 1
+    if modality == "meg":  # the read-out got its own ridge; the low-level pathway too
+        assert float(new.net.readout_weight[1].abs().sum()) > 0
+        assert set(new.lowlevel) == {"01", "02"}
+        assert np.array_equal(new.lowlevel["01"][0], old.lowlevel["01"][0])
+    else:
+        assert set(new.masks) == {"01", "02"}
+
+
+def test_adapted_causal_bundle_streams_the_new_subject(adapted, sample_root):
+    from neurorecon.pipelines.data.events import EventSpec, read_events
+    from neurorecon.pipelines.data.studies import find_recordings
+    from neurorecon.pipelines.inference import Decoder
+    from neurorecon.pipelines.preprocess.meg import read_raw
+
+    from .test_streaming import _feed, _online
+
+    modality, _, out, _, _ = adapted
+    if modality != "meg":
+        pytest.skip("streaming is MEG's")
+    decoder = Decoder.from_pretrained(out)
+    rec = next(r for r in find_recordings(sample_root / "meg", modality="meg")
+               if r.subject == "02")
+    events = read_events(rec.events_path, bids_root=sample_root / "meg", spec=EventSpec())
+    raw = read_raw(rec).load_data(verbose=False)
+    offline = decoder.encode(decoder.prepare_meg(raw, subject="02", events=events),
+                             subject="02")
+    online, messages = _online((decoder, raw, events, offline, "02"), hop=0, embeddings=True)
+    for onset, stim in zip(events["onset"], events["stim_file"], strict=True):
+        online.add_marker(100.0 + onset, stim)
+    data = raw.get_data().T
+    _feed(online, data, 100.0 + np.arange(len(data)) / raw.info["sfreq"])
+    decoded = [m for m in messages if m["mode"] == "event"]
+    assert [m["marker"] for m in decoded] == list(events["stim_file"])
+    np.testing.assert_allclose([m["embedding"] for m in decoded], offline, atol=1e-4, rtol=0)
+
+
+def test_adapt_refuses_subjects_the_bundle_knows_and_its_own_directory(adapted, tmp_path):
+    from neurorecon.pipelines.adapt import run as adapt
+
+    modality, base, _, _, acfg = adapted
+    data = ["data=bids", f"data.root={acfg.data.root}",
+            *(["data.modality=fmri"] if modality == "fmri" else [])]
+    cfg = compose_stage("adapt", tmp_path, [*data, "data.subjects=[01]", f"bundle={base}"])
+    with pytest.raises(DataError, match="sub-01 already in the decoder"):
+        adapt(cfg)
+    cfg = compose_stage("adapt", tmp_path, [*data, "data.subjects=[02]", f"bundle={base}",
+                                            f"adapt.out={base}"])
+    with pytest.raises(DataError, match="adapt.out is the input bundle"):
+        adapt(cfg)
