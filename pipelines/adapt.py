@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from neurorecon.models.bundle import BundleConfig
@@ -81,42 +80,16 @@ def check_fits(decoder: Decoder, dm, *, root: Path) -> None:
                         "give a new participant a label of their own in the BIDS dataset")
 
 
-def add_subjects(net, dm) -> dict[str, int]:
-    """Add ``dm``'s subjects to ``net`` and freeze everything else; ``{label: index}``."""
-    if dm.modality == "meg":
-        n_chans = max(info.n_chans for info in dm.subjects.values())
-        indices = net.add_subjects(len(dm.labels), n_chans=n_chans)
-        net.freeze_shared(indices)
-        return dict(zip(dm.labels, indices, strict=True))
-    from .train.fit import fit_subspaces
-
-    index = {label: net.add_subject(label, dm.subjects[label].n_voxels) for label in dm.labels}
-    fit_subspaces(net, dm, labels=dm.labels)
-    net.freeze_shared(*dm.labels)
-    return index
-
-
-def restore(net, before: dict[str, torch.Tensor]) -> None:
-    """Put the trained subjects' weights of ``before`` back into ``net``: a tensor of the
-    same shape is shared (frozen: restored exactly); a larger one stacks subjects (its
-    leading block is the old subjects'); a new one belongs to a new subject."""
-    with torch.no_grad():
-        for name, tensor in net.state_dict().items():
-            old = before.get(name)
-            if old is not None:
-                tensor[tuple(slice(0, s) for s in old.shape)] = old
-
-
 def adapt(cfg: DictConfig) -> dict[str, Any]:
     """Adapt ``cfg.bundle`` to the subjects of ``cfg.data``; write the adapted bundle and its
     scores on their test trials (metrics.json, report.md)."""
     from lightning import seed_everything
 
     from .evaluate.stage import evaluate_bundle
+    from .evaluate.summary import write_report
     from .export import lowlevel_maps, stimulus_images, subject_entries
-    from .train.fit import build_datamodule, build_module, fit, prepare_caches
-    from .train.module import Reindexed
-    from .train.readout import fit_subject_readout
+    from .train.adaptation import adapt_subjects
+    from .train.fit import build_datamodule, prepare_caches
     from .train.ridge import ridge_predictions
 
     if OmegaConf.is_missing(cfg, "bundle") or not cfg.bundle:
@@ -134,25 +107,12 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
     seed_everything(int(job.seed), workers=True, verbose=False)  # the seed is in the config
     dm = build_datamodule(job, preproc_dir, emb_dir)
     check_fits(decoder, dm, root=root)
-    net = copy.deepcopy(decoder.net).train()  # the Decoder holds it in eval mode
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    index = add_subjects(net, dm)
-    logger.info("adapt: sub-%s added to the decoder of sub-%s (indices %s); trainable: %d "
-                "parameters, %d frozen", ", sub-".join(dm.labels), ", sub-".join(decoder.subjects),
-                list(index.values()), sum(p.numel() for p in net.parameters() if p.requires_grad),
-                sum(p.numel() for p in net.parameters() if not p.requires_grad))
-    info: dict[str, Any] = {}
+    net = copy.deepcopy(decoder.net)
     t_train = time.perf_counter()
-    if any(p.requires_grad for p in net.parameters()):
-        lit = build_module(job, dm, net=Reindexed(net, [index[s] for s in dm.labels]))
-        _, info = fit(job, lit, dm, out_dir=out_dir)
-    net.requires_grad_(False)
-    restore(net, before)
-    readout = {}
-    if getattr(net, "readout_bins", None):  # MEG: the new subjects' read-out, bundle's bins
-        readout = {dm.labels[k]: fit_subject_readout(net, dm, k, index=index[dm.labels[k]],
-                                                     alphas=job.evaluate.get("ridge_alphas"))
-                   for k in range(len(dm.labels))}
+    index, info = adapt_subjects(job, net, dm, out_dir=out_dir)
+    readout = info.get("readout_alpha") or {}
+    logger.info("adapt: sub-%s added to the decoder of sub-%s (indices %s)",
+                ", sub-".join(dm.labels), ", sub-".join(decoder.subjects), list(index.values()))
     train_seconds = time.perf_counter() - t_train
     old = decoder.config.model_dump(by_alias=True)
     entries = subject_entries(dm, index=index)
@@ -186,12 +146,13 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
     eval_cfg.data.subjects = list(dm.labels)
     metrics = evaluate_bundle(eval_cfg, path)
     ridge = ridge_predictions(dm, alphas=job.evaluate.get("ridge_alphas"))
-    metrics["adaptation"] = {
+    metrics["adapt"] = {
         **record, "from_bundle": str(cfg.bundle), "bundle_subjects": list(decoder.subjects),
         "trainable": "subject layer + read-out (ridge)" if dm.modality == "meg"
         else "input adapter", "seconds": round(time.perf_counter() - t0, 2),
         "ridge_same_trials": _ridge_scores(dm, ridge)}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_report(out_dir, metrics)
     return metrics
 
 

@@ -23,7 +23,6 @@ from .evaluate.reconstruction import reconstruct
 from .evaluate.report import evaluate
 from .evaluate.summary import write_report
 from .export import export_bundle
-from .inference import predict_split
 from .preprocess.run import skipped_runs
 from .train.fit import (
     build_datamodule,
@@ -34,7 +33,7 @@ from .train.fit import (
     resolve_focus,
     update_checkpoint,
 )
-from .train.readout import attach_readout, choose_readout
+from .train.readout import attach_readout, choose_meg_readout
 from .train.time_resolved import deep_time_resolved
 
 
@@ -86,7 +85,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics["reconstruction"] = reconstruct(
             lit.net, dm, cfg=cfg, out_dir=out_dir,
             stim_root=Path(cfg.data.root) / cfg.data.stim_dir)
-    if cfg.evaluate.get("adaptation") and dm.modality == "fmri":
+    if cfg.evaluate.get("adaptation") and len(dm.labels) >= 2:
         metrics["adaptation"] = adaptation_curve(cfg, preproc_dir=preproc_dir,
                                                  embeddings_dir=emb_dir, out_dir=out_dir)
     if (cfg.get("export") or {}).get("bundle", True):
@@ -101,25 +100,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     logger.info("done: %s (figures %s%s)", report, figures,
                 "; decoder bundle/" if (out_dir / "bundle").is_dir() else "")
     return metrics
-
-
-def choose_meg_readout(cfg: DictConfig, net, dm, focus: dict[str, Any] | None
-                       ) -> dict[str, Any] | None:
-    """The MEG read-out's bin width and mix (``readout.meg``), chosen on validation trials
-    with the deep encoder trained without them (:mod:`.train.readout`); None when off."""
-    spec = (cfg.get("readout") or {}).get(dm.modality) if dm.modality == "meg" else None
-    if not spec or not spec.get("enabled") or not len(dm.splits["val"]):
-        return None
-    if dm.n_tokens:
-        logger.info("read-out: off for token-level targets (%d tokens per image); the deep "
-                    "encoder alone", dm.n_tokens)
-        return None
-    n_times = int(next(iter(dm.subjects.values())).n_times)
-    span = tuple(focus["samples"]) if focus else (0, n_times)
-    deep_val = predict_split(net, dm, "val")
-    return choose_readout(dm, span=span, deep_val=deep_val,
-                          bin_widths=list(spec.bin_widths),
-                          alphas=cfg.evaluate.get("ridge_alphas"))
 
 
 def over_seeds(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:

@@ -82,10 +82,12 @@ def test_adapted_bundle_keeps_old_subjects_and_decodes_the_new_one(adapted):
     enc, chance = metrics["retrieval"]["encoder"], metrics["retrieval"]["chance"]
     assert metrics["subjects"] == ["02"]
     assert enc["rel_median_rank"] < chance["rel_median_rank"] - 0.1, metrics["retrieval"]
-    block = metrics["adaptation"]
+    block = metrics["adapt"]
     assert block["subjects"] == ["02"] and block["bundle_subjects"] == ["01"]
     assert set(block["ridge_same_trials"]) == {"top1", "top5"}
-    assert json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())["adaptation"]
+    run_dir = Path(cfg.paths.output_dir)
+    assert json.loads((run_dir / "metrics.json").read_text())["adapt"] == block
+    assert "## Adapted decoder" in (run_dir / "report.md").read_text()
     recorded = new.config.provenance.adaptations
     assert len(recorded) == 1 and recorded[0]["subjects"] == ["02"]
     assert new.config.subjects["02"].index == 1
@@ -138,3 +140,27 @@ def test_adapt_refuses_subjects_the_bundle_knows_and_its_own_directory(adapted, 
                                             f"adapt.out={base}"])
     with pytest.raises(DataError, match="adapt.out is the input bundle"):
         adapt(cfg)
+
+
+@pytest.mark.slow
+def test_run_writes_the_adaptation_curve(fmri_root, tmp_path):
+    """`run` with evaluate.adaptation=true: adapted vs scratch vs ridge on the last subject by
+    fraction and seed (the same adaptation as `neurorecon adapt`); the adapted model decodes
+    the new subject once it has all its trials."""
+    from neurorecon.pipelines.run import run
+
+    cfg = compose_stage("train", tmp_path, [
+        "data=bids", f"data.root={fmri_root / 'fmri'}", *MODALITY["fmri"], *FAST,
+        "trainer.max_epochs=20", "evaluate.ridge=false", "evaluate.adaptation=true",
+        "evaluate.adaptation_fractions=[0.25,1.0]", "evaluate.adaptation_seeds=[0,1]"])
+    ad = run(cfg)["adaptation"]
+    assert ad["new_subject"] == "02" and ad["shared_subjects"] == ["01"]
+    assert ad["fractions"] == [0.25, 1.0] and ad["seeds"] == [0, 1]
+    assert ad["n_train_trials"][0] < ad["n_train_trials"][1]
+    models = ["adapted (shared frozen)", "from scratch", "ridge"]
+    assert list(ad["top5"]) == list(ad["top5_sd"]) == models
+    assert ad["chance"]["top5"] == pytest.approx(5 / 16)
+    assert ad["top5"]["adapted (shared frozen)"][-1] >= ad["chance"]["top5"] + 0.2, ad
+    out = Path(cfg.paths.output_dir)
+    assert (out / "adaptation.png").is_file()
+    assert "adapted (shared frozen) | " in (out / "report.md").read_text()

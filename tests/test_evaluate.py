@@ -319,6 +319,12 @@ def test_plot_curves(tmp_path):
         0.05, tmp_path / "adapt.png",
     )
     assert _pixels_of(out, _C0) > 100 and _pixels_of(out, _C1) > 100
+    banded = F.plot_adaptation_curve(  # the sd over seeds as a band around its curve
+        [0.1, 0.25, 1.0], {"adapter": [0.3, 0.45, 0.6], "from scratch": [0.05, 0.15, 0.5]},
+        0.05, tmp_path / "adapt-sd.png", spread={"adapter": [0.1, 0.1, 0.1]})
+    band = "#" + "".join(f"{round(255 - 0.15 * (255 - int(_C0[i:i + 2], 16))):02x}"
+                         for i in (1, 3, 5))  # C0 at alpha 0.15 on white
+    assert _pixels_of(banded, band) > _pixels_of(out, band) + 5000
     with pytest.raises(ValueError, match=r"curve 'ridge' has shape \(2,\)"):
         F.plot_time_resolved(times, {"ridge": [0.1, 0.2]}, None, tmp_path / "bad.png")
 

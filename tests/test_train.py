@@ -161,21 +161,6 @@ def test_ddp_two_cpu_processes(sample_root, tmp_path):
     assert (run_dir / "bundle" / "config.json").is_file()
 
 
-def test_fmri_adaptation_curve(sample_root, tmp_path):
-    from neurorecon.pipelines.run import run
-
-    cfg = compose_stage("train", tmp_path, ["data=bids", f"data.root={sample_root / 'fmri'}",
-                                            "data.modality=fmri", "evaluate.adaptation=true",
-                                            "evaluate.ridge=false", *FAST, *SMALL_FMRI])
-    metrics = run(cfg)
-    ad = metrics["adaptation"]
-    assert ad["new_subject"] == "02" and ad["shared_subjects"] == ["01"]
-    assert ad["fractions"] == [0.1, 0.25, 1.0]
-    for curve in ad["top5"].values():
-        assert len(curve) == 3 and all(0 <= v <= 1 for v in curve)
-    assert (Path(cfg.paths.output_dir) / "adaptation.png").stat().st_size > 5_000
-
-
 @pytest.mark.slow
 def test_checkpoint_alone_evaluates_and_refuses_misfits(sample_root, tmp_path):
     from neurorecon.pipelines.evaluate.stage import run as evaluate

@@ -264,6 +264,7 @@ def plot_adaptation_curve(
     ylabel: str = "top-5 accuracy",
     title: str | None = "New-subject adaptation",
     note: str | None = None,
+    spread: Mapping[str, Sequence[float] | np.ndarray] | None = None,
 ) -> Path:
     """Retrieval score against the fraction of a new subject's training trials used.
 
@@ -281,6 +282,8 @@ def plot_adaptation_curve(
         Name of the score.
     title, note : str | None
         Title and second title line (e.g. the embedder's substitute note).
+    spread : dict of str to array, optional
+        A band of ± this around each curve (e.g. the sd over seeds).
 
     Returns
     -------
@@ -289,13 +292,17 @@ def plot_adaptation_curve(
     """
     fractions = np.asarray(fractions, dtype=float)
     curves = _check_curves("fractions", fractions, curves)
+    spread = _check_curves("fractions", fractions, spread) if spread else {}
     if np.any((fractions <= 0) | (fractions > 1)):
         raise ValueError(f"fractions must lie in (0, 1], got {fractions.tolist()}")
     order = np.argsort(fractions)
     fig = _new_figure((6.0, 4.2))
     ax = fig.subplots()
     for name, values in curves.items():
-        ax.plot(fractions[order], values[order], marker="o", linewidth=1.8, label=name)
+        line, = ax.plot(fractions[order], values[order], marker="o", linewidth=1.8, label=name)
+        if name in spread:
+            ax.fill_between(fractions[order], (values - spread[name])[order],
+                            (values + spread[name])[order], color=line.get_color(), alpha=0.15)
     if chance is not None:
         ax.axhline(
             chance, color="gray", linestyle="--", linewidth=1, label=f"chance ({chance:.3g})"

@@ -146,15 +146,31 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any] | None = None) -> 
                       f"peak top-5 {d['top5'][best]:.3f} at {d['times'][best]:.3f} s.", ""]
     if metrics.get("reconstruction"):
         lines += _reconstruction(metrics["reconstruction"])
+    adapted = metrics.get("adapt")
+    if adapted:
+        ridge = adapted["ridge_same_trials"]
+        lines += ["## Adapted decoder", "",
+                  f"sub-{', sub-'.join(adapted['subjects'])} added to the decoder of "
+                  f"sub-{', sub-'.join(adapted['bundle_subjects'])} ({adapted['from_bundle']}): "
+                  f"{adapted['trainable']} trained in {adapted['train_seconds']:.1f} s "
+                  f"(best epoch {adapted['best_epoch']} of {adapted['epochs']}), the shared "
+                  "layers frozen. A ridge fitted on the same trials: top-1 "
+                  f"{_fmt(ridge['top1'])}, top-5 {_fmt(ridge['top5'])}.", ""]
     adapt = metrics.get("adaptation")
     if adapt:
         lines += ["## New-subject adaptation", "",
                   f"New subject sub-{adapt['new_subject']}, shared model trained on "
                   f"{', '.join('sub-' + s for s in adapt['shared_subjects'])}. Top-5 by "
                   f"fraction of the new subject's training trials (chance "
-                  f"{_fmt(adapt['chance']['top5'])}):", ""]
-        lines += _table(["model", *(f"{f:g}" for f in adapt["fractions"])],
-                        [[name, *vals] for name, vals in adapt["top5"].items()])
+                  f"{_fmt(adapt['chance']['top5'])}), mean ± sd over seeds "
+                  f"{adapt.get('seeds')}:", ""]
+        sd = adapt.get("top5_sd") or {}
+        lines += _table(["model", *(f"{f:g} ({n} trials)" for f, n in zip(
+                            adapt["fractions"], adapt.get("n_train_trials") or
+                            [""] * len(adapt["fractions"]), strict=True))],
+                        [[name, *(f"{_fmt(v)} ± {_fmt(e)}" if name in sd else v
+                                  for v, e in zip(vals, sd.get(name, vals), strict=True))]
+                         for name, vals in adapt["top5"].items()])
     figures = [(f, caption) for f, caption in FIGURES if (out_dir / f).is_file()]
     if figures:
         lines += ["## Figures", ""]

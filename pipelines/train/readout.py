@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 
 from neurorecon.models.common.logging import logger
 from neurorecon.models.meg.brain_module import bin_means
@@ -107,6 +108,27 @@ def choose_readout(dm, *, span: tuple[int, int], deep_val: np.ndarray | None,
             "val_rank_score": {"bins": {f"{1000 * w:g} ms": round(v, 4)
                                         for w, v in scores.items()},
                                "mix": {f"{w:g}": round(v, 4) for w, v in mix_scores.items()}}}
+
+
+def choose_meg_readout(cfg: DictConfig, net, dm, focus: dict[str, Any] | None
+                       ) -> dict[str, Any] | None:
+    """The MEG read-out's bin width and mix (``readout.meg``), chosen on validation trials
+    with the deep encoder trained without them (:mod:`.train.readout`); None when off."""
+    spec = (cfg.get("readout") or {}).get(dm.modality) if dm.modality == "meg" else None
+    if not spec or not spec.get("enabled") or not len(dm.splits["val"]):
+        return None
+    if dm.n_tokens:
+        logger.info("read-out: off for token-level targets (%d tokens per image); the deep "
+                    "encoder alone", dm.n_tokens)
+        return None
+    n_times = int(next(iter(dm.subjects.values())).n_times)
+    span = tuple(focus["samples"]) if focus else (0, n_times)
+    from ..inference import predict_split
+
+    deep_val = predict_split(net, dm, "val")
+    return choose_readout(dm, span=span, deep_val=deep_val,
+                          bin_widths=list(spec.bin_widths),
+                          alphas=cfg.evaluate.get("ridge_alphas"))
 
 
 def attach_readout(net, dm, choice: dict[str, Any], *, fit_splits=("train", "val"),
