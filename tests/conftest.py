@@ -32,6 +32,18 @@ def compose_stage(stage: str, root: Path, overrides: list[str] = ()) -> DictConf
     return cfg
 
 
+def scored_sample(root: Path, overrides: list[str] = ()) -> Path:
+    """A sample large enough to score retrieval (8 concepts x 8 train exemplars, 16 test
+    images repeated 3 times; the tiny session sample has 4 test images, which makes top-5
+    chance 1.0), written under ``root``."""
+    from neurorecon.pipelines.sample.run import make_sample
+
+    cfg = compose_stage("sample", root, [
+        "sample=tiny", "sample.stimuli.n_concepts=8", "sample.stimuli.n_train_exemplars=8",
+        "sample.stimuli.n_test_exemplars=2", "sample.stimuli.n_test_repeats=3", *overrides])
+    return make_sample(cfg.sample, root / "data" / "sample")
+
+
 @pytest.fixture(scope="session")
 def sample_root(tmp_path_factory) -> Path:
     """The tiny sample dataset (MEG + fMRI BIDS roots), generated once per test session."""

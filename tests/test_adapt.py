@@ -11,7 +11,7 @@ import pytest
 
 from neurorecon.models.common.checks import DataError
 
-from .conftest import compose_stage
+from .conftest import compose_stage, scored_sample
 from .test_bundle import FAST, TINY_GENERATOR
 from .test_train import SMALL_FMRI, SMALL_MEG
 
@@ -24,16 +24,9 @@ EPOCHS = {"meg": 6, "fmri": 20}
 
 @pytest.fixture(scope="module")
 def fmri_root(tmp_path_factory) -> Path:
-    """Two fMRI subjects with enough test images to score retrieval (the tiny session sample's
-    4 test images make top-5 chance 1.0): 16 test images, as in test_decoding."""
-    from neurorecon.pipelines.sample.run import make_sample
-
-    root = tmp_path_factory.mktemp("adapt-sample")
-    cfg = compose_stage("sample", root, [
-        "sample=tiny", "sample.stimuli.n_concepts=8", "sample.stimuli.n_train_exemplars=8",
-        "sample.stimuli.n_test_exemplars=2", "sample.stimuli.n_test_repeats=3",
-        "sample.meg.enabled=false", "sample.fmri.n_subjects=2"])
-    return make_sample(cfg.sample, root / "data" / "sample")
+    """Two fMRI subjects with enough test images to score retrieval (16)."""
+    return scored_sample(tmp_path_factory.mktemp("adapt-sample"),
+                         ["sample.meg.enabled=false", "sample.fmri.n_subjects=2"])
 
 
 @pytest.fixture(scope="module", params=["meg", pytest.param("fmri", marks=pytest.mark.slow)])

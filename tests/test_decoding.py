@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import compose_stage
+from .conftest import compose_stage, scored_sample
 from .test_train import SMALL_FMRI, SMALL_MEG
 
 pytestmark = pytest.mark.slow  # ~80 s on 2 cores: the sample and four trainings
@@ -23,14 +23,8 @@ TRAIN = ["trainer.max_epochs=20", "trainer.min_epochs=1", "datamodule.batch_size
 
 @pytest.fixture(scope="module")
 def decoding_root(tmp_path_factory) -> Path:
-    from neurorecon.pipelines.sample.run import make_sample
-
-    root = tmp_path_factory.mktemp("decoding")
-    cfg = compose_stage("sample", root, [
-        "sample=tiny", "sample.stimuli.n_concepts=8", "sample.stimuli.n_train_exemplars=8",
-        "sample.stimuli.n_test_exemplars=2", "sample.stimuli.n_test_repeats=3",
-        "sample.meg.n_subjects=1", "sample.fmri.n_subjects=1"])
-    return make_sample(cfg.sample, root / "data" / "sample")
+    return scored_sample(tmp_path_factory.mktemp("decoding"),
+                         ["sample.meg.n_subjects=1", "sample.fmri.n_subjects=1"])
 
 
 def _run(root: Path, tmp_path: Path, modality: str, *extra: str) -> dict:
