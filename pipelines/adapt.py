@@ -119,7 +119,8 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
     record = {"subjects": list(dm.labels), "dataset": "/".join(root.parts[-2:]),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "train_seconds":
               round(train_seconds, 2), "epochs": info.get("epochs"),
-              "best_epoch": info.get("best_epoch"), "readout_alpha": readout or None}
+              "best_epoch": info.get("best_epoch"), "readout_alpha": readout or None,
+              "readout_mix": info.get("readout_mix")}
     config = BundleConfig.model_validate({
         **old, "model_config": net.get_config(), "subjects": {**old["subjects"], **entries},
         "provenance": {**old["provenance"],

@@ -84,14 +84,17 @@ def test_adapted_bundle_keeps_old_subjects_and_decodes_the_new_one(adapted):
     recorded = new.config.provenance.adaptations
     assert len(recorded) == 1 and recorded[0]["subjects"] == ["02"]
     assert new.config.subjects["02"].index == 1
-    if modality == "meg":  # the read-out got its own ridge; the low-level pathway too
+    if modality == "meg":  # the read-out got its own ridge and deep share; low-level too
         assert float(new.net.readout_weight[1].abs().sum()) > 0
+        assert new.net.readout_mix[0] == old.net.readout_mix[0]
+        assert float(new.net.readout_mix[1]) == pytest.approx(recorded[0]["readout_mix"])
         assert set(new.lowlevel) == {"01", "02"}
         assert np.array_equal(new.lowlevel["01"][0], old.lowlevel["01"][0])
     else:
         assert set(new.masks) == {"01", "02"}
 
 
+@pytest.mark.parametrize("adapted", ["meg"], indirect=True)
 def test_adapted_causal_bundle_streams_the_new_subject(adapted, sample_root):
     from neurorecon.pipelines.data.events import EventSpec, read_events
     from neurorecon.pipelines.data.studies import find_recordings
@@ -100,9 +103,7 @@ def test_adapted_causal_bundle_streams_the_new_subject(adapted, sample_root):
 
     from .test_streaming import _feed, _online
 
-    modality, _, out, _, _ = adapted
-    if modality != "meg":
-        pytest.skip("streaming is MEG's")
+    _, _, out, _, _ = adapted
     decoder = Decoder.from_pretrained(out)
     rec = next(r for r in find_recordings(sample_root / "meg", modality="meg")
                if r.subject == "02")

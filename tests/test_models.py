@@ -402,6 +402,17 @@ def test_meg_linear_readout_mixes_with_the_deep_embedding_and_round_trips():
     rebuilt.eval()
     with torch.no_grad():
         assert torch.allclose(rebuilt(x, **inputs)["clip"], mixed["clip"], atol=1e-6)
+    # one deep share per subject: subject 0 deep alone, subject 1 read-out alone
+    one = inputs["subject"] == 1
+    with torch.no_grad():
+        net.readout_mix.copy_(torch.tensor([1.0, 0.0]))
+        per = net(x, **inputs)["mse"]
+    assert torch.allclose(per[~one], deep["mse"][~one], atol=1e-5)
+    assert torch.allclose(per[one], linear[one], atol=1e-5)
+    # a state dict with one share for all (bundles written before) loads as that share each
+    state = {**net.state_dict(), "readout_mix": torch.tensor(0.25)}
+    rebuilt.load_state_dict(state)
+    assert rebuilt.readout_mix.tolist() == [0.25, 0.25]
     with pytest.raises(ValueError, match="does not fit"):
         net.set_readout(0, torch.zeros(8, c * len(bins) + 1), torch.zeros(8))
 

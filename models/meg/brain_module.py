@@ -341,8 +341,10 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
         as 0) and a per-subject affine map (buffers ``readout_weight (n_subjects, n_outputs,
         C * n_bins)``, ``readout_bias``) predicts the embedding from them; both heads return
         ``mix * deep + (1 - mix) * read-out`` (the clip head on unit vectors), ``mix`` the
-        buffer ``readout_mix``. Fitted after training (``neurorecon.pipelines.train.readout``,
-        :meth:`set_readout`); None: the deep embedding alone.
+        subject's entry of the buffer ``readout_mix (n_subjects,)`` (a scalar in a state dict
+        written before is taken for every subject). Fitted after training
+        (``neurorecon.pipelines.train.readout``, :meth:`set_readout`); None: the deep
+        embedding alone.
 
     Notes
     -----
@@ -438,7 +440,14 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
         n_feat = n_chans * len(bins)
         self.register_buffer("readout_weight", torch.zeros(self.n_subjects, n_outputs, n_feat))
         self.register_buffer("readout_bias", torch.zeros(self.n_subjects, n_outputs))
-        self.register_buffer("readout_mix", torch.ones(()))
+        self.register_buffer("readout_mix", torch.ones(self.n_subjects))  # deep share each
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "readout_mix"
+        mix = state_dict.get(key)
+        if mix is not None and mix.ndim == 0:  # one share for all (written before 2026-12)
+            state_dict[key] = mix.expand(self.n_subjects).clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def add_readout(self, *, bins: list[list[int]], n_chans: int) -> None:
         """Add an empty linear read-out (``readout`` of the constructor; mix 1: deep alone
@@ -487,6 +496,7 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
                 self.readout_weight = grown
                 self.readout_bias = torch.cat([self.readout_bias,
                                                self.readout_bias.new_zeros((n, weight.shape[1]))])
+                self.readout_mix = torch.cat([self.readout_mix, self.readout_mix.new_ones(n)])
                 self._config["readout"]["n_chans"] = width // len(self.readout_bins)
                 self._readout_factors_cache.clear()
         self.n_subjects = old + n
@@ -620,7 +630,7 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
         if self.n_tokens is None:
             clip, mse = clip[:, 0], mse[:, 0]
         if linear is not None:
-            w = self.readout_mix
+            w = self.readout_mix[subject][:, None]  # each example's subject's deep share
             clip = w * F.normalize(clip, dim=-1) + (1 - w) * F.normalize(linear, dim=-1)
             mse = w * mse + (1 - w) * linear
         return {"clip": clip, "mse": mse}

@@ -60,14 +60,14 @@ def readout_parts(net, dm) -> dict[str, np.ndarray]:
     ``deep`` (mix 1) and ``linear_readout`` (mix 0); empty otherwise."""
     if not getattr(net, "readout_bins", None):
         return {}
-    mix = float(net.readout_mix)
+    mix = net.readout_mix.clone()
     out = {}
     try:
         for name, value in (("deep", 1.0), ("linear_readout", 0.0)):
             net.readout_mix.fill_(value)
             out[name] = predict_split(net, dm, "test")
     finally:
-        net.readout_mix.fill_(mix)
+        net.readout_mix.copy_(mix)
     return out
 
 

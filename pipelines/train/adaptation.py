@@ -3,7 +3,8 @@
 The one implementation behind ``neurorecon adapt`` (:mod:`neurorecon.pipelines.adapt`) and
 the new-subject adaptation curve of a run (:mod:`neurorecon.pipelines.evaluate.adaptation`).
 MEG: a subject-layer matrix per new subject (the mean of the trained subjects' to start),
-trained by gradient descent, then its linear read-out by ridge over the encoder's own bins;
+trained by gradient descent, then its linear read-out by ridge over the encoder's own bins
+and its deep share chosen on its validation trials;
 fMRI: the subject's input adapter (subspace on its train trials, then a linear layer). The
 trained subjects' weights are restored bit for bit afterwards (weight decay would otherwise
 shrink the old rows of a stacked tensor).
@@ -75,7 +76,32 @@ def adapt_subjects(cfg: DictConfig, net, dm, *, out_dir: Path, quiet: bool = Fal
     restore(net, before)
     if getattr(net, "readout_bins", None):  # MEG: the new subjects' read-out, the net's bins
         alphas = (cfg.get("evaluate") or {}).get("ridge_alphas")
+        info["readout_mix"] = _new_subjects_mix(net, dm, index, alphas=alphas)
         info["readout_alpha"] = {
             label: fit_subject_readout(net, dm, k, index=index[label], alphas=alphas)
             for k, label in enumerate(dm.labels)}
     return index, info
+
+
+def _new_subjects_mix(net, dm, index: dict[str, int], *, alphas=None) -> float:
+    """The new subjects' deep share, chosen on their validation trials as a run chooses its
+    own (:func:`.readout.choose_readout` over the net's bins, the read-out fitted on their
+    train trials): their deep part may be weaker than the trained subjects'. Without
+    validation trials, the trained subjects' mean share. Set in ``net``; returned."""
+    from ..inference import predict_split
+    from .readout import choose_readout
+
+    new = torch.tensor([index[s] for s in dm.labels])
+    old = torch.ones(net.n_subjects, dtype=torch.bool)
+    old[new] = False
+    with torch.no_grad():
+        net.readout_mix[new] = 1.0  # the deep part alone, for its validation predictions
+        bins = net.readout_bins
+        sfreq = float(dm.recipe["params"]["sfreq"])
+        choice = choose_readout(dm, span=(bins[0][0], bins[-1][1]),
+                                deep_val=predict_split(net, dm, "val", subject_index=index),
+                                bin_widths=[(bins[0][1] - bins[0][0]) / sfreq], alphas=alphas)
+        mix = (float(choice["mix"]) if choice is not None
+               else float(net.readout_mix[old].mean()) if old.any() else 1.0)
+        net.readout_mix[new] = mix
+    return mix
