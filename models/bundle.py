@@ -112,6 +112,8 @@ class GeneratorDefaults(_Part):
     guidance_scale: float = 1.5
     seed: int = 0
     lowlevel: bool = False
+    start: Literal["lowlevel", "retrieved", "noise"] = "lowlevel"
+    retrieval_k: int = Field(default=3, gt=0)
 
 
 class Generator(_Part):

@@ -4,20 +4,12 @@ participants added to a trained decoder.
 A lab's everyday case (MindEye2, MindBridge): a decoder trained on earlier participants and
 one calibration session of a new one. The new subjects' recordings are preprocessed with the
 bundle's own recipe (its training config, :attr:`Provenance.config`) and their stimuli
-embedded with its embedder. Only the subject-specific parts are trained, the shared layers
-frozen:
-
-- MEG: the subject layer (a new matrix per subject, started from the mean of the trained
-  subjects' matrices) by gradient descent, the epoch count chosen on the new subjects'
-  validation trials; then the linear read-out, one ridge per new subject on its train +
-  validation trials over the bundle's own bins (the bundle's deep share is kept);
-- fMRI: the subject's input adapter (its subspace fitted on its train trials).
-
-The adapted bundle holds the old subjects, their weights restored bit for bit (weight decay
-would otherwise shrink a stacked tensor's old rows), and the new ones; its gallery and
-generator are the old bundle's, and the low-level pathway gets a ridge per new subject. It is
-scored on the new subjects' test trials through the :class:`~.inference.Decoder`, as
-``neurorecon evaluate`` does, with a ridge fitted on the same trials beside.
+embedded with its embedder; their own parts are trained with the shared layers frozen
+(:mod:`.train.adaptation`, which the run's adaptation curve uses too). The adapted bundle holds
+the old subjects, unchanged, and the new ones, the old gallery and generator, and a low-level
+ridge per new subject. It is scored on the new subjects' test trials through the
+:class:`~.inference.Decoder`, as ``neurorecon evaluate`` does, with a ridge fitted on the same
+trials beside.
 """
 
 from __future__ import annotations
@@ -87,7 +79,12 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
 
     from .evaluate.stage import evaluate_bundle
     from .evaluate.summary import write_report
-    from .export import lowlevel_maps, stimulus_images, subject_entries
+    from .export import (
+        fmri_subject_files,
+        lowlevel_maps,
+        stimulus_images,
+        subject_entries,
+    )
     from .train.adaptation import adapt_subjects
     from .train.fit import build_datamodule, prepare_caches
     from .train.ridge import ridge_predictions
@@ -125,17 +122,14 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
         **old, "model_config": net.get_config(), "subjects": {**old["subjects"], **entries},
         "provenance": {**old["provenance"],
                        "adaptations": [*old["provenance"].get("adaptations", []), record]}})
-    masks, stats = dict(decoder.masks), dict(decoder.voxel_stats)
-    if dm.modality == "fmri":
-        for label in dm.labels:
-            masks[label] = dm.data.subjects[label].mask_img
-            if dm.data.subjects[label].voxel_stats is not None:
-                stats[label] = dm.data.subjects[label].voxel_stats
+    masks, stats = fmri_subject_files(dm)
     lowlevel = dict(decoder.lowlevel)
     if lowlevel:
         lowlevel.update(lowlevel_maps(dm, stimulus_images(dm, root / cfg.data.stim_dir)))
-    adapted = Decoder(net=net, config=config, masks=masks, gallery=decoder.gallery,
-                      lowlevel=lowlevel, generator_dir=decoder.generator_dir, voxel_stats=stats)
+    adapted = Decoder(net=net, config=config, masks={**decoder.masks, **masks},
+                      gallery=decoder.gallery, lowlevel=lowlevel,
+                      generator_dir=decoder.generator_dir,
+                      voxel_stats={**decoder.voxel_stats, **stats})
     path = adapted.save_pretrained(out, overwrite=bool(cfg.adapt.overwrite))
     logger.info("adapt: %s trained in %.1f s; adapted bundle %s", ", ".join(
         "sub-" + s for s in dm.labels), train_seconds, path)
@@ -149,8 +143,8 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
     ridge = ridge_predictions(dm, alphas=job.evaluate.get("ridge_alphas"))
     metrics["adapt"] = {
         **record, "from_bundle": str(cfg.bundle), "bundle_subjects": list(decoder.subjects),
-        "trainable": "subject layer + read-out (ridge)" if dm.modality == "meg"
-        else "input adapter", "seconds": round(time.perf_counter() - t0, 2),
+        "trainable": "subject layer, read-out (ridge) and deep share"
+        if dm.modality == "meg" else "input adapter", "seconds": round(time.perf_counter() - t0, 2),
         "ridge_same_trials": _ridge_scores(dm, ridge)}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_report(out_dir, metrics)

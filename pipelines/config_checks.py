@@ -49,6 +49,8 @@ OPTIONS: dict[str, tuple[Any, ...]] = {
     "encoder.meg.aggregation": AGGREGATIONS,
     "encoder.fmri.adapter": ADAPTERS,
     "reconstruct.head": ("clip", "mse"),
+    "reconstruct.start": ("lowlevel", "retrieved", "noise"),
+    "evaluate.adaptation_new": ("last", "all"),
     "reconstruct.generator.prediction_type": ("sample", "epsilon", "v_prediction"),
 }
 #: config key -> bounds of the number it holds (:func:`check_number`'s arguments; each item
@@ -77,6 +79,7 @@ NUMBERS: dict[str, dict[str, Any]] = {
     "reconstruct.guidance_scale": dict(low=0),
     "reconstruct.batch_size": dict(low=1, integer=True),
     "reconstruct.grid_rows": dict(low=1, integer=True),
+    "reconstruct.retrieval_k": dict(low=1, integer=True),
 }
 _ABSENT = object()
 

@@ -118,6 +118,17 @@ def subject_entries(dm, *, index: dict[str, int] | None = None) -> dict[str, dic
     return out
 
 
+def fmri_subject_files(dm) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """fMRI: each subject's mask image and, with ``zscore=train``, its voxel statistics (the
+    bundle's ``masks/`` and ``normalisation.safetensors``); empty for MEG."""
+    if dm.modality != "fmri":
+        return {}, {}
+    subjects = dm.data.subjects
+    return ({label: subjects[label].mask_img for label in dm.labels},
+            {label: subjects[label].voxel_stats for label in dm.labels
+             if subjects[label].voxel_stats is not None})
+
+
 def stimulus_images(dm, stim_root: Path) -> list[Image.Image]:
     """The data module's stimulus images, in its embedding order."""
     images = []
@@ -171,7 +182,9 @@ def _generator(cfg: DictConfig, dm, images: list[Image.Image]):
             "resolution": int(generator.resolution), "emb_dim": int(generator.emb_dim),
             "defaults": {"head": str(rcfg.head), "strength": float(rcfg.strength),
                          "steps": int(rcfg.steps), "guidance_scale": float(rcfg.guidance_scale),
-                         "seed": int(rcfg.seed), "lowlevel": bool(rcfg.lowlevel)}}
+                         "seed": int(rcfg.seed), "lowlevel": bool(rcfg.lowlevel),
+                         "start": str(rcfg.get("start") or "lowlevel"),
+                         "retrieval_k": int(rcfg.get("retrieval_k") or 3)}}
     if gen_cfg.get("_target_"):
         config = OmegaConf.to_container(gen_cfg, resolve=True)
         config.pop("_target_")
@@ -236,11 +249,7 @@ def export_bundle(net, dm, *, cfg: DictConfig, out: str | Path,
         generator = bool(cfg.get("reconstruct") and cfg.reconstruct.enabled)
     gen_desc, gen_dir, lowlevel = _generator(cfg, dm, images) if generator else (None, None, {})
     config = bundle_config(net, dm, cfg=cfg, metrics=metrics, focus=focus, generator=gen_desc)
-    masks = ({label: dm.data.subjects[label].mask_img for label in dm.labels}
-             if dm.modality == "fmri" else None)
-    voxel_stats = ({label: dm.data.subjects[label].voxel_stats for label in dm.labels
-                    if dm.data.subjects[label].voxel_stats is not None}
-                   if dm.modality == "fmri" else None)
+    masks, voxel_stats = fmri_subject_files(dm)
     decoder = Decoder(net=net, config=config, masks=masks, gallery=gallery, lowlevel=lowlevel,
                       generator_dir=gen_dir, voxel_stats=voxel_stats)
     path = decoder.save_pretrained(out, overwrite=overwrite)

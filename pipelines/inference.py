@@ -53,6 +53,8 @@ from neurorecon.models.retrieval import CandidateIndex
 CONFIG, WEIGHTS, MASKS, GALLERY, GENERATOR = (
     "config.json", "model.safetensors", "masks", "gallery", "generator")
 LOWLEVEL = "lowlevel.safetensors"
+#: img2img starting images of :meth:`Decoder.reconstruct` (``reconstruct.start``)
+START_IMAGES = ("lowlevel", "retrieved", "noise")
 NORMALISATION = "normalisation.safetensors"
 THUMBNAIL_SIZE = 96
 
@@ -650,19 +652,41 @@ class Decoder:
                             f"features per trial, got {flat.shape[1]}")
         return thumbnails_to_images(flat @ weight.T + bias, resolution=self.generator.resolution)
 
+    def retrieved_starts(self, embeddings: np.ndarray, *, k: int | None = None
+                         ) -> list[Image.Image]:
+        """Retrieval-augmented img2img starts: the ``k`` (default the training run's
+        ``retrieval_k``) gallery images of the generator's training split (train + val)
+        nearest to each embedding, blended
+        (:func:`~neurorecon.models.generators.base.retrieved_starts`)."""
+        from neurorecon.models.generators.base import retrieved_starts
+
+        if self.gallery is None:
+            raise BundleError("this bundle has no gallery to start sampling from",
+                              path=self.root)
+        split = self.gallery.index["split"].to_numpy()
+        rows = np.flatnonzero((split == "train") | (split == "val"))
+        return retrieved_starts(
+            np.asarray(embeddings, np.float32).reshape(-1, self.gallery.embeddings.shape[1]),
+            self.gallery.embeddings[rows], [self.gallery.thumbnail(int(i)) for i in rows],
+            k=int(self.config.generator.defaults.retrieval_k if k is None else k),
+            resolution=self.generator.resolution)
+
     def reconstruct(self, embeddings: np.ndarray, *, subject: str | None = None,
                     lowlevel=None, seed: int | None = None, steps: int | None = None,
-                    guidance: float | None = None, strength: float | None = None
-                    ) -> list[Image.Image]:
+                    guidance: float | None = None, strength: float | None = None,
+                    start: str | None = None) -> list[Image.Image]:
         """Embeddings (from :attr:`generation_head`) -> PIL images.
 
         Embeddings reach the generator in the scale it was trained on (``config.json``
         ``generator.embedding_scale``: unit rows, or ``raw`` CLIP ``image_embeds`` with the
         training targets' mean norm ``generator.target_norm``), as in the training run.
 
-        ``lowlevel``: the prepared trials the embeddings came from, to start sampling from the
-        low-level pathway's image (img2img; needs ``subject``). ``seed``, ``steps``,
-        ``guidance`` and ``strength`` default to the training run's. Every image carries the
+        ``start`` (default the training run's ``reconstruct.start``): the img2img starting
+        image. ``lowlevel``: the low-level pathway's image of ``lowlevel``, the prepared trials
+        the embeddings came from (needs ``subject``; without them, noise); ``retrieved``: the
+        training images nearest to each embedding, blended (:meth:`retrieved_starts`);
+        ``noise``. ``seed``, ``steps``, ``guidance`` and ``strength`` default to the training
+        run's. Every image carries the
         generator's stand-in note in ``image.info["neurorecon_note"]``.
         """
         from neurorecon.models.generators.base import conditioning
@@ -670,13 +694,18 @@ class Decoder:
         generator = self.generator  # loaded once; a bundle without one says so here
         gen = self.config.generator
         defaults = gen.defaults
+        start = defaults.start if start is None else start
+        if start not in START_IMAGES:
+            raise DataError(f"start={start!r}: one of {list(START_IMAGES)}")
+        emb = np.asarray(embeddings, np.float32)
+        emb = emb[None] if emb.ndim == 1 else emb
         inits = None
-        if lowlevel is not None:
+        if start == "retrieved":
+            inits = self.retrieved_starts(emb)
+        elif start == "lowlevel" and lowlevel is not None:
             if subject is None:
                 raise DataError("reconstruct(lowlevel=...) needs subject=")
             inits = self.lowlevel_images(lowlevel, subject=subject)
-        emb = np.asarray(embeddings, np.float32)
-        emb = emb[None] if emb.ndim == 1 else emb
         cond = conditioning(emb, scale=gen.embedding_scale, target_norm=gen.target_norm)
         images = generator.generate(
             cond, seed=int(defaults.seed if seed is None else seed),

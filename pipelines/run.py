@@ -85,7 +85,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics["reconstruction"] = reconstruct(
             lit.net, dm, cfg=cfg, out_dir=out_dir,
             stim_root=Path(cfg.data.root) / cfg.data.stim_dir)
-    if cfg.evaluate.get("adaptation") and len(dm.labels) >= 2:
+    if cfg.evaluate.get("adaptation") and len(dm.labels) < 2:
+        logger.warning("evaluate.adaptation: skipped, the dataset has one subject (a new "
+                       "subject is adapted from a model trained on the others)")
+    elif cfg.evaluate.get("adaptation"):
         metrics["adaptation"] = adaptation_curve(cfg, preproc_dir=preproc_dir,
                                                  embeddings_dir=emb_dir, out_dir=out_dir)
     if (cfg.get("export") or {}).get("bundle", True):

@@ -146,9 +146,10 @@ def test_run_writes_the_adaptation_curve(fmri_root, tmp_path):
     cfg = compose_stage("train", tmp_path, [
         "data=bids", f"data.root={fmri_root / 'fmri'}", *MODALITY["fmri"], *FAST,
         "trainer.max_epochs=20", "evaluate.ridge=false", "evaluate.adaptation=true",
-        "evaluate.adaptation_fractions=[0.25,1.0]", "evaluate.adaptation_seeds=[0,1]"])
+        "evaluate.adaptation_fractions=[0.25,1.0]", "evaluate.adaptation_seeds=[0,1]",
+        "evaluate.adaptation_new=all"])  # leave-one-subject-out: each subject new in turn
     ad = run(cfg)["adaptation"]
-    assert ad["new_subject"] == "02" and ad["shared_subjects"] == ["01"]
+    assert ad["new_subjects"] == ["01", "02"] and list(ad["per_subject_top5"]) == ["01", "02"]
     assert ad["fractions"] == [0.25, 1.0] and ad["seeds"] == [0, 1]
     assert ad["n_train_trials"][0] < ad["n_train_trials"][1]
     models = ["adapted (shared frozen)", "from scratch", "ridge"]

@@ -254,6 +254,18 @@ def test_bundle_reconstructs_like_the_run(meg_run):
     diff = np.abs(np.asarray(images[0], np.float32) - offline).mean()
     assert diff < 2.0, diff  # same seed, generator and low-level start (up to float rounding)
     assert metrics["reconstruction"]["n_images"] == len(dm.splits["test"])
+    # retrieval-augmented start: the gallery's training image nearest to the embedding (k=1)
+    split = decoder.gallery.index["split"].to_numpy()
+    train = np.flatnonzero((split == "train") | (split == "val"))
+    g = decoder.gallery.embeddings[train]
+    best = train[np.argmax((g / np.linalg.norm(g, axis=1, keepdims=True)) @ emb[0])]
+    start = decoder.retrieved_starts(emb[:1], k=1)[0]
+    res = decoder.generator.resolution
+    expected = decoder.gallery.thumbnail(int(best)).resize((res, res), Image.BICUBIC)
+    assert np.abs(np.asarray(start, float) - np.asarray(expected, float)).max() <= 1
+    assert decoder.reconstruct(emb[:1], start="retrieved")[0].size == (res, res)
+    with pytest.raises(DataError, match="start='bogus'"):
+        decoder.reconstruct(emb[:1], start="bogus")
 
 
 @pytest.mark.slow  # trains the MEG run (~30 s on 2 cores)

@@ -60,6 +60,21 @@ def test_embedded_generator_round_trip(tiny_generator):
     assert np.asarray(d[0])[..., 0].mean() > np.asarray(d[0])[..., 2].mean()
 
 
+def test_retrieved_starts_blend_the_nearest_training_images():
+    """One clear neighbour gives its image; two equally near ones are averaged."""
+    from neurorecon.models.generators.base import retrieved_starts
+
+    images = [Image.new("RGB", (20, 20), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    candidates = np.eye(3, 4)
+    clear, tie = retrieved_starts(np.array([[1.0, 0.1, 0, 0], [1.0, 1.0, 0, 0]]), candidates,
+                                  images, k=2, resolution=8)
+    assert clear.size == (8, 8) and clear.getpixel((4, 4)) == (255, 0, 0)
+    r, g, b = tie.getpixel((4, 4))
+    assert abs(r - g) <= 1 and 120 <= r <= 130 and b == 0
+    with pytest.raises(ValueError, match="3 candidate embeddings for 2 images"):
+        retrieved_starts(candidates[:1], candidates, images[:2], k=1, resolution=8)
+
+
 def test_embedded_generator_bad_input(tiny_generator, tmp_path):
     from neurorecon.models.generators.embedding_diffusion import EmbeddingDiffusionGenerator
 

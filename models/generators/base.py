@@ -119,3 +119,27 @@ def thumbnails_to_images(pred: np.ndarray, *, resolution: int,
     pred = np.asarray(pred, np.float32)
     return [Image.fromarray((np.clip(p, 0, 1).reshape(size, size, 3) * 255).astype(np.uint8))
             .resize((resolution, resolution), Image.BICUBIC) for p in pred]
+
+
+def retrieved_starts(queries: np.ndarray, candidates: np.ndarray, images: list[Image.Image], *,
+                     k: int, resolution: int, temperature: float = 0.05) -> list[Image.Image]:
+    """Retrieval-augmented img2img starting images (RDM, kNN-Diffusion): for each query
+    embedding, the ``k`` candidate embeddings nearest by cosine, their ``images`` blended with
+    softmax weights of the similarities (``temperature``: one clear neighbour dominates, close
+    ones average), at ``resolution`` px. ``candidates`` are the generator's training images'
+    embeddings, ``images`` those images."""
+    q, c = unit_rows(np.asarray(queries, np.float64)), unit_rows(np.asarray(candidates,
+                                                                            np.float64))
+    if len(c) != len(images):
+        raise ValueError(f"{len(c)} candidate embeddings for {len(images)} images")
+    k = max(1, min(int(k), len(c)))
+    sims = q @ c.T
+    top = np.argsort(-sims, axis=1)[:, :k]
+    pixels = [np.asarray(im.convert("RGB").resize((resolution, resolution), Image.BICUBIC),
+                         np.float64) for im in images]
+    out = []
+    for row, idx in zip(sims, top, strict=True):
+        w = np.exp((row[idx] - row[idx].max()) / temperature)
+        blend = sum(wi * pixels[i] for wi, i in zip(w / w.sum(), idx, strict=True))
+        out.append(Image.fromarray(np.clip(blend, 0, 255).astype(np.uint8)))
+    return out

@@ -23,7 +23,7 @@ from PIL import Image
 
 from neurorecon.models.common.checks import DataError
 from neurorecon.models.common.logging import logger
-from neurorecon.models.generators.base import conditioning, unit_rows
+from neurorecon.models.generators.base import conditioning, retrieved_starts, unit_rows
 
 from ..inference import predict_split
 from ..reconstruct.generation import build_generator, caption_pathway, lowlevel_inits
@@ -92,8 +92,19 @@ def reconstruct(net, dm, *, cfg: DictConfig, out_dir: str | Path,
     pred = conditioning(predict_split(net, dm, "test", head=str(rcfg.head)), scale=scale,
                         target_norm=target_norm)
     retrieval_pred = unit_rows(predict_split(net, dm, "test"))
-    inits = (lowlevel_inits(dm, stim_images=images, resolution=res)
-             if rcfg.lowlevel else None)
+    lowlevel = (lowlevel_inits(dm, stim_images=images, resolution=res)
+                if rcfg.lowlevel else None)
+    start = str(rcfg.get("start") or "lowlevel")
+    fit_images = [images[i] for i in fit_rows]
+
+    def starts(queries: np.ndarray) -> list[Image.Image] | None:
+        """The img2img starting images of ``queries`` (``reconstruct.start``)."""
+        if start == "retrieved":
+            return retrieved_starts(queries, emb[fit_rows], fit_images,
+                                    k=int(rcfg.retrieval_k), resolution=res)
+        return lowlevel if start == "lowlevel" else None
+
+    inits = starts(pred)
     text, true_text = (caption_pathway(dm, generator, stim_root=Path(stim_root),
                                        captions=rcfg.get("captions_table"))
                        if rcfg.captions else (None, None))
@@ -106,15 +117,16 @@ def reconstruct(net, dm, *, cfg: DictConfig, out_dir: str | Path,
     per_image = (time.perf_counter() - t_gen) / len(recon)
     uniq = np.unique(test.target)
     true_cond = emb[uniq] if scale == "raw" else unit_rows(emb[uniq])  # the true embeddings
+    true_inits = starts(emb[uniq]) if start == "retrieved" else None  # its own retrieval
     ceiling = dict(zip(uniq, generator.generate(
         true_cond, text_embeddings=None if true_text is None else true_text[uniq],
-        **kw), strict=True))
+        init_images=true_inits, strength=float(rcfg.strength), **kw), strict=True))
     nearest = fit_rows[(retrieval_pred @ unit_rows(emb[fit_rows]).T).argmax(1)]
     sized = [im.resize((res, res), Image.BICUBIC) for im in images]
     sets = {"brain": recon, "floor_retrieved": [sized[t] for t in nearest],
             "ceiling": [ceiling[t] for t in test.target]}
-    if inits is not None:
-        sets["lowlevel_only"] = inits
+    if lowlevel is not None:
+        sets["lowlevel_only"] = lowlevel
     truth = [sized[t] for t in test.target]
     subjects = [dm.labels[k] for k in test.subject]
     for i, im in enumerate(recon):
@@ -127,7 +139,7 @@ def reconstruct(net, dm, *, cfg: DictConfig, out_dir: str | Path,
     for m in metrics.values():
         m.pop("_per_group", None)
     show = np.linspace(0, len(recon) - 1, min(int(rcfg.grid_rows), len(recon))).astype(int)
-    columns = {"stimulus": truth, "low-level start (ridge)": inits,
+    columns = {"stimulus": truth, f"start ({start})": inits,
                "reconstruction (brain)": recon, "retrieved (floor)": sets["floor_retrieved"],
                "ceiling (true emb.)": sets["ceiling"]}
     columns = {name: imgs for name, imgs in columns.items() if imgs is not None}
@@ -137,6 +149,8 @@ def reconstruct(net, dm, *, cfg: DictConfig, out_dir: str | Path,
               title=f"{dm.modality.upper()} reconstructions ({res}px)", note=generator.note)
     out = {"generator": generator.note, "resolution": res, "n_images": len(recon),
            "head": str(rcfg.head), "lowlevel_pathway": bool(rcfg.lowlevel),
+           "start": start, "retrieval_k": int(rcfg.retrieval_k) if start == "retrieved"
+           else None,
            "caption_pathway": bool(rcfg.captions),
            "strength": float(rcfg.strength),
            "steps": int(rcfg.steps), "guidance_scale": float(rcfg.guidance_scale),

@@ -158,12 +158,16 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any] | None = None) -> 
                   f"{_fmt(ridge['top1'])}, top-5 {_fmt(ridge['top5'])}.", ""]
     adapt = metrics.get("adaptation")
     if adapt:
+        news = adapt.get("new_subjects") or [adapt["new_subject"]]
         lines += ["## New-subject adaptation", "",
-                  f"New subject sub-{adapt['new_subject']}, shared model trained on "
-                  f"{', '.join('sub-' + s for s in adapt['shared_subjects'])}. Top-5 by "
+                  (f"New subject sub-{news[0]}, shared model trained on "
+                   f"{', '.join('sub-' + s for s in adapt['shared_subjects'])}. " if len(news) == 1
+                   else f"Each of sub-{', sub-'.join(news)} in turn new to a model trained on "
+                   "the others (leave-one-subject-out). ") + "Top-5 by "
                   f"fraction of the new subject's training trials (chance "
                   f"{_fmt(adapt['chance']['top5'])}), mean ± sd over seeds "
-                  f"{adapt.get('seeds')}:", ""]
+                  f"{adapt.get('seeds')}" + (" and new subjects" if len(news) > 1 else "")
+                  + ":", ""]
         sd = adapt.get("top5_sd") or {}
         lines += _table(["model", *(f"{f:g} ({n} trials)" for f, n in zip(
                             adapt["fractions"], adapt.get("n_train_trials") or

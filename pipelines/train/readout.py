@@ -113,7 +113,9 @@ def choose_readout(dm, *, span: tuple[int, int], deep_val: np.ndarray | None,
 def choose_meg_readout(cfg: DictConfig, net, dm, focus: dict[str, Any] | None
                        ) -> dict[str, Any] | None:
     """The MEG read-out's bin width and mix (``readout.meg``), chosen on validation trials
-    with the deep encoder trained without them (:mod:`.train.readout`); None when off."""
+    with the deep encoder trained without them (:func:`choose_readout`); None when off."""
+    from ..inference import predict_split
+
     spec = (cfg.get("readout") or {}).get(dm.modality) if dm.modality == "meg" else None
     if not spec or not spec.get("enabled") or not len(dm.splits["val"]):
         return None
@@ -123,8 +125,6 @@ def choose_meg_readout(cfg: DictConfig, net, dm, focus: dict[str, Any] | None
         return None
     n_times = int(next(iter(dm.subjects.values())).n_times)
     span = tuple(focus["samples"]) if focus else (0, n_times)
-    from ..inference import predict_split
-
     deep_val = predict_split(net, dm, "val")
     return choose_readout(dm, span=span, deep_val=deep_val,
                           bin_widths=list(spec.bin_widths),
