@@ -38,7 +38,9 @@ def job_config(decoder: Decoder, cfg: DictConfig) -> DictConfig:
         raise DataError("the bundle records no training config (provenance.config), so its "
                         "recipe cannot be applied to new data", path=decoder.root,
                         hint="re-export it with this version of neurorecon")
-    job = OmegaConf.create(trained)
+    from .export import localized
+
+    job = OmegaConf.create(localized(trained, OmegaConf.to_container(cfg.paths, resolve=True)))
     with open_dict(job):
         job.data, job.paths, job.seed = cfg.data, cfg.paths, int(cfg.seed)
         if cfg.adapt.get("max_epochs") is not None:

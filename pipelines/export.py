@@ -85,6 +85,26 @@ def _portable(cfg: DictConfig) -> dict[str, Any]:
     return relative(config)
 
 
+def localized(config: dict[str, Any], paths) -> dict[str, Any]:
+    """A bundle's portable config (:func:`_portable`) with this machine's ``paths`` folders
+    in place of its ``<paths.name>`` placeholders (e.g. a local CLIP directory kept under the
+    project root), for stages that rerun its recipe on new data (``adapt``, ``evaluate``)."""
+    roots = {f"<paths.{k}>": str(v) for k, v in dict(paths).items() if isinstance(v, str)}
+
+    def local(value):
+        if isinstance(value, dict):
+            return {k: local(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [local(v) for v in value]
+        if isinstance(value, str) and value.startswith("<paths."):
+            name, _, rest = value.partition(">")
+            if f"{name}>" in roots:
+                return roots[f"{name}>"] + rest
+        return value
+
+    return local(config)
+
+
 def subject_entries(dm, *, index: dict[str, int] | None = None) -> dict[str, dict[str, Any]]:
     """The bundle's ``subjects`` entries of ``dm``'s subjects; ``index``: their indices in the
     model (default: the data module's order)."""

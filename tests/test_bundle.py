@@ -152,7 +152,11 @@ def test_streamed_windows_through_the_bundle(meg_run, sample_root, tmp_path):
 def test_bundle_survives_a_copy_and_holds_no_absolute_path(fmri_run, tmp_path):
     from neurorecon.pipelines.inference import Decoder
 
-    run_dir, _, _ = fmri_run
+    from omegaconf import OmegaConf
+
+    from neurorecon.pipelines.export import localized
+
+    run_dir, cfg, _ = fmri_run
     moved = tmp_path / "elsewhere" / "decoder"
     shutil.copytree(run_dir / "bundle", moved)
     for f in moved.rglob("*"):
@@ -164,6 +168,12 @@ def test_bundle_survives_a_copy_and_holds_no_absolute_path(fmri_run, tmp_path):
     x = np.random.default_rng(0).standard_normal((3, a.config.subjects[label].n_voxels))
     np.testing.assert_array_equal(a.encode(x, subject=label), b.encode(x, subject=label))
     assert b.gallery.thumbnail(0).size[0] <= 96
+    # the recipe a later stage reruns (adapt, evaluate) gets this machine's folders back
+    portable = b.config.provenance.config
+    assert portable["paths"]["cache_dir"] == "<paths.cache_dir>"
+    paths = OmegaConf.to_container(cfg.paths, resolve=True)
+    assert localized(portable, paths)["paths"] == {k: str(v) if isinstance(v, str) else v
+                                                   for k, v in paths.items()}
     card = (moved / "README.md").read_text()
     assert "ridge" in card and "chance" in card and "Substitutes" in card
 

@@ -112,8 +112,10 @@ def _candidates(decoder: Decoder, cfg: DictConfig, stim_files: list[str]
         return decoder.gallery.embeddings, ids, "the bundle's gallery"
     from ..embed.run import load_embeddings
     from ..embed.run import run as run_embed
+    from ..export import localized
 
-    job = OmegaConf.create(decoder.config.provenance.config)
+    job = OmegaConf.create(localized(decoder.config.provenance.config,
+                                     OmegaConf.to_container(cfg.paths, resolve=True)))
     with open_dict(job):
         job.data, job.paths = cfg.data, cfg.paths
         job.embed = cfg.embed
