@@ -150,11 +150,10 @@ def test_streamed_windows_through_the_bundle(meg_run, sample_root, tmp_path):
 
 
 def test_bundle_survives_a_copy_and_holds_no_absolute_path(fmri_run, tmp_path):
-    from neurorecon.pipelines.inference import Decoder
-
     from omegaconf import OmegaConf
 
     from neurorecon.pipelines.export import localized
+    from neurorecon.pipelines.inference import Decoder
 
     run_dir, cfg, _ = fmri_run
     moved = tmp_path / "elsewhere" / "decoder"
