@@ -109,7 +109,6 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
     net = copy.deepcopy(decoder.net)
     t_train = time.perf_counter()
     index, info = adapt_subjects(job, net, dm, out_dir=out_dir)
-    readout = info.get("readout_alpha") or {}
     logger.info("adapt: sub-%s added to the decoder of sub-%s (indices %s)",
                 ", sub-".join(dm.labels), ", sub-".join(decoder.subjects), list(index.values()))
     train_seconds = time.perf_counter() - t_train
@@ -118,7 +117,7 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
     record = {"subjects": list(dm.labels), "dataset": "/".join(root.parts[-2:]),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "train_seconds":
               round(train_seconds, 2), "epochs": info.get("epochs"),
-              "best_epoch": info.get("best_epoch"), "readout_alpha": readout or None,
+              "best_epoch": info.get("best_epoch"), "readout_alpha": info.get("readout_alpha"),
               "readout_mix": info.get("readout_mix")}
     config = BundleConfig.model_validate({
         **old, "model_config": net.get_config(), "subjects": {**old["subjects"], **entries},

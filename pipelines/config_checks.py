@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from neurorecon.models.common.checks import DataError, check_number, check_option
 from neurorecon.models.fmri.encoder import ADAPTERS
+from neurorecon.models.generators.base import START_IMAGES
 from neurorecon.models.heads import AGGREGATIONS
 from neurorecon.models.registry import GENERATOR_TYPES
 
@@ -49,7 +50,7 @@ OPTIONS: dict[str, tuple[Any, ...]] = {
     "encoder.meg.aggregation": AGGREGATIONS,
     "encoder.fmri.adapter": ADAPTERS,
     "reconstruct.head": ("clip", "mse"),
-    "reconstruct.start": ("lowlevel", "retrieved", "noise"),
+    "reconstruct.start": START_IMAGES,
     "evaluate.adaptation_new": ("last", "all"),
     "reconstruct.generator.prediction_type": ("sample", "epsilon", "v_prediction"),
 }

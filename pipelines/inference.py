@@ -53,8 +53,6 @@ from neurorecon.models.retrieval import CandidateIndex
 CONFIG, WEIGHTS, MASKS, GALLERY, GENERATOR = (
     "config.json", "model.safetensors", "masks", "gallery", "generator")
 LOWLEVEL = "lowlevel.safetensors"
-#: img2img starting images of :meth:`Decoder.reconstruct` (``reconstruct.start``)
-START_IMAGES = ("lowlevel", "retrieved", "noise")
 NORMALISATION = "normalisation.safetensors"
 THUMBNAIL_SIZE = 96
 
@@ -660,16 +658,23 @@ class Decoder:
         (:func:`~neurorecon.models.generators.base.retrieved_starts`)."""
         from neurorecon.models.generators.base import retrieved_starts
 
+        candidates, images = self._start_candidates
+        return retrieved_starts(
+            np.asarray(embeddings, np.float32).reshape(-1, candidates.shape[1]), candidates,
+            images, k=int(self.config.generator.defaults.retrieval_k if k is None else k),
+            resolution=self.generator.resolution)
+
+    @functools.cached_property
+    def _start_candidates(self) -> tuple[np.ndarray, list[Image.Image]]:
+        """The generator's training images in the gallery (train + val): embeddings and
+        thumbnails, read from the bundle once."""
         if self.gallery is None:
             raise BundleError("this bundle has no gallery to start sampling from",
                               path=self.root)
         split = self.gallery.index["split"].to_numpy()
         rows = np.flatnonzero((split == "train") | (split == "val"))
-        return retrieved_starts(
-            np.asarray(embeddings, np.float32).reshape(-1, self.gallery.embeddings.shape[1]),
-            self.gallery.embeddings[rows], [self.gallery.thumbnail(int(i)) for i in rows],
-            k=int(self.config.generator.defaults.retrieval_k if k is None else k),
-            resolution=self.generator.resolution)
+        return (self.gallery.embeddings[rows],
+                [self.gallery.thumbnail(int(i)) for i in rows])
 
     def reconstruct(self, embeddings: np.ndarray, *, subject: str | None = None,
                     lowlevel=None, seed: int | None = None, steps: int | None = None,
@@ -689,7 +694,7 @@ class Decoder:
         run's. Every image carries the
         generator's stand-in note in ``image.info["neurorecon_note"]``.
         """
-        from neurorecon.models.generators.base import conditioning
+        from neurorecon.models.generators.base import START_IMAGES, conditioning
 
         generator = self.generator  # loaded once; a bundle without one says so here
         gen = self.config.generator

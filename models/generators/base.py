@@ -121,6 +121,11 @@ def thumbnails_to_images(pred: np.ndarray, *, resolution: int,
             .resize((resolution, resolution), Image.BICUBIC) for p in pred]
 
 
+#: img2img starting images of a reconstruction (``reconstruct.start``): the low-level
+#: pathway's thumbnail, the retrieved training images (:func:`retrieved_starts`), none
+START_IMAGES = ("lowlevel", "retrieved", "noise")
+
+
 def retrieved_starts(queries: np.ndarray, candidates: np.ndarray, images: list[Image.Image], *,
                      k: int, resolution: int, temperature: float = 0.05) -> list[Image.Image]:
     """Retrieval-augmented img2img starting images (RDM, kNN-Diffusion): for each query

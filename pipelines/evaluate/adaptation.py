@@ -79,34 +79,36 @@ def adaptation_curve(cfg: DictConfig, *, preproc_dir: Path, embeddings_dir: Path
     top5 = {m: np.zeros((len(runs), len(fractions))) for m in MODELS}
     top1 = {m: np.zeros((len(runs), len(fractions))) for m in MODELS}
     n_train = np.zeros((len(runs), len(fractions)), int)
-    shared_of: dict[str, Any] = {}
-    for ri, (new, seed) in enumerate(runs):
-        if new not in shared_of:  # one shared model per new subject, trained on the others
-            seed_everything(int(cfg.seed), workers=True, verbose=False)
-            shared_dm = build_datamodule(cfg, preproc_dir, embeddings_dir,
-                                         subjects=[s for s in labels if s != new])
-            shared_of = {new: _train(cfg, shared_dm, out_dir=out_dir / f"shared-{new}")}
-        job = cfg.copy()
-        with open_dict(job):
-            job.seed = seed
-        for fi, frac in enumerate(fractions):
-            seed_everything(seed, workers=True, verbose=False)
-            dm = build_datamodule(job, preproc_dir, embeddings_dir, subjects=[new],
-                                  train_fraction={new: frac})
-            n_train[ri, fi] = len(dm.splits["train"]) + len(dm.splits["val"])
-            here = out_dir / f"sub-{new}" / f"seed-{seed}" / f"{frac:g}"
-            net = copy.deepcopy(shared_of[new])
-            index, _ = adapt_subjects(job, net, dm, out_dir=here / "adapted", quiet=True)
-            preds = {MODELS[0]: predict_split(net, dm, "test", subject_index=index),
-                     MODELS[1]: predict_split(_train(job, dm, out_dir=here / "scratch"), dm,
-                                              "test"),
-                     MODELS[2]: ridge_predictions(dm, alphas=cfg.evaluate.get("ridge_alphas"))}
-            for name, pred in preds.items():
-                m = _score(pred, dm)
-                top5[name][ri, fi], top1[name][ri, fi] = m["top5"], m["top1"]
-            logger.info("adaptation sub-%s seed %d, %g%% (%d trials): top-5 adapted %.3f, "
-                        "scratch %.3f, ridge %.3f", new, seed, 100 * frac, n_train[ri, fi],
-                        *(top5[name][ri, fi] for name in MODELS))
+    ri = 0
+    for new in new_subjects:
+        seed_everything(int(cfg.seed), workers=True, verbose=False)
+        shared_dm = build_datamodule(cfg, preproc_dir, embeddings_dir,
+                                     subjects=[s for s in labels if s != new])
+        shared = _train(cfg, shared_dm, out_dir=out_dir / f"shared-{new}")
+        for seed in seeds:
+            job = cfg.copy()
+            with open_dict(job):
+                job.seed = seed
+            for fi, frac in enumerate(fractions):
+                seed_everything(seed, workers=True, verbose=False)
+                dm = build_datamodule(job, preproc_dir, embeddings_dir, subjects=[new],
+                                      train_fraction={new: frac})
+                n_train[ri, fi] = len(dm.splits["train"]) + len(dm.splits["val"])
+                here = out_dir / f"sub-{new}" / f"seed-{seed}" / f"{frac:g}"
+                net = copy.deepcopy(shared)
+                index, _ = adapt_subjects(job, net, dm, out_dir=here / "adapted", quiet=True)
+                preds = {MODELS[0]: predict_split(net, dm, "test", subject_index=index),
+                         MODELS[1]: predict_split(_train(job, dm, out_dir=here / "scratch"),
+                                                  dm, "test"),
+                         MODELS[2]: ridge_predictions(dm,
+                                                      alphas=cfg.evaluate.get("ridge_alphas"))}
+                for name, pred in preds.items():
+                    m = _score(pred, dm)
+                    top5[name][ri, fi], top1[name][ri, fi] = m["top5"], m["top1"]
+                logger.info("adaptation sub-%s seed %d, %g%% (%d trials): top-5 adapted %.3f, "
+                            "scratch %.3f, ridge %.3f", new, seed, 100 * frac, n_train[ri, fi],
+                            *(top5[name][ri, fi] for name in MODELS))
+            ri += 1
     chance = chance_metrics(len(np.unique(dm.splits["test"].target)))
     mean = {m: top5[m].mean(0) for m in MODELS}
     pairs = f"{len(runs)} (subject, seed) pair{'s' if len(runs) > 1 else ''}"
