@@ -114,6 +114,8 @@ class GeneratorDefaults(_Part):
     lowlevel: bool = False
     start: Literal["lowlevel", "retrieved", "noise"] = "lowlevel"
     retrieval_k: int = Field(default=3, gt=0)
+    retrieval_shortlist: int = Field(default=8, gt=0)
+    lowlevel_rerank: float = Field(default=0.0, ge=0)
 
 
 class Generator(_Part):

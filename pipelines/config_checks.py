@@ -81,6 +81,8 @@ NUMBERS: dict[str, dict[str, Any]] = {
     "reconstruct.batch_size": dict(low=1, integer=True),
     "reconstruct.grid_rows": dict(low=1, integer=True),
     "reconstruct.retrieval_k": dict(low=1, integer=True),
+    "reconstruct.retrieval_shortlist": dict(low=1, integer=True),
+    "reconstruct.lowlevel_rerank": dict(low=0, also=("auto",)),
 }
 _ABSENT = object()
 

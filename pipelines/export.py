@@ -186,9 +186,13 @@ def _gallery(dm, stim_root: Path) -> tuple[Gallery, list[Image.Image]]:
     return Gallery(embeddings=flat_targets(dm), index=table, images=images), images
 
 
-def _generator(cfg: DictConfig, dm, images: list[Image.Image]):
-    """(generator description, its directory or None, low-level maps) for the bundle."""
-    from .reconstruct.generation import build_generator
+def _generator(cfg: DictConfig, dm, images: list[Image.Image], *, net,
+               metrics: dict[str, Any] | None):
+    """(generator description, its directory or None, low-level maps) for the bundle.
+
+    The low-level re-ranking weight of retrieved starts is the run's (``metrics``
+    ``reconstruction.retrieval``), or chosen again as the run chose it."""
+    from .reconstruct.generation import build_generator, lowlevel_rerank
 
     rcfg = cfg.reconstruct
     gen_cfg = rcfg.generator
@@ -196,6 +200,10 @@ def _generator(cfg: DictConfig, dm, images: list[Image.Image]):
     emb = flat_targets(dm)
     generator, _ = build_generator(gen_cfg, images=[images[i] for i in fit_rows],
                                    embeddings=emb[fit_rows], cache_dir=cfg.paths.cache_dir)
+    known = ((metrics or {}).get("reconstruction") or {}).get("retrieval") or {}
+    rerank = float(known["lowlevel_rerank"]) if "lowlevel_rerank" in known else (
+        lowlevel_rerank(cfg, net, dm, embeddings=emb, fit_rows=fit_rows, stim_images=images)
+        ["value"] if rcfg.lowlevel else 0.0)
     desc = {"class": type(generator).__name__, "note": generator.note,
             "embedding_scale": generator.embedding_scale,
             "target_norm": float(np.linalg.norm(emb[fit_rows], axis=1).mean()),
@@ -203,8 +211,9 @@ def _generator(cfg: DictConfig, dm, images: list[Image.Image]):
             "defaults": {"head": str(rcfg.head), "strength": float(rcfg.strength),
                          "steps": int(rcfg.steps), "guidance_scale": float(rcfg.guidance_scale),
                          "seed": int(rcfg.seed), "lowlevel": bool(rcfg.lowlevel),
-                         "start": str(rcfg.get("start") or "lowlevel"),
-                         "retrieval_k": int(rcfg.get("retrieval_k") or 3)}}
+                         "start": str(rcfg.start), "retrieval_k": int(rcfg.retrieval_k),
+                         "retrieval_shortlist": int(rcfg.retrieval_shortlist),
+                         "lowlevel_rerank": rerank}}
     if gen_cfg.get("_target_"):
         config = OmegaConf.to_container(gen_cfg, resolve=True)
         config.pop("_target_")
@@ -267,7 +276,8 @@ def export_bundle(net, dm, *, cfg: DictConfig, out: str | Path,
     gallery, images = _gallery(dm, stim_root)
     if generator is None:
         generator = bool(cfg.get("reconstruct") and cfg.reconstruct.enabled)
-    gen_desc, gen_dir, lowlevel = _generator(cfg, dm, images) if generator else (None, None, {})
+    gen_desc, gen_dir, lowlevel = (_generator(cfg, dm, images, net=net, metrics=metrics)
+                                   if generator else (None, None, {}))
     config = bundle_config(net, dm, cfg=cfg, metrics=metrics, focus=focus, generator=gen_desc)
     masks, voxel_stats = fmri_subject_files(dm)
     decoder = Decoder(net=net, config=config, masks=masks, gallery=gallery, lowlevel=lowlevel,

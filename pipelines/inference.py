@@ -650,19 +650,23 @@ class Decoder:
                             f"features per trial, got {flat.shape[1]}")
         return thumbnails_to_images(flat @ weight.T + bias, resolution=self.generator.resolution)
 
-    def retrieved_starts(self, embeddings: np.ndarray, *, k: int | None = None
-                         ) -> list[Image.Image]:
+    def retrieved_starts(self, embeddings: np.ndarray, *, k: int | None = None,
+                         coarse: list[Image.Image] | None = None) -> list[Image.Image]:
         """Retrieval-augmented img2img starts: the ``k`` (default the training run's
         ``retrieval_k``) gallery images of the generator's training split (train + val)
-        nearest to each embedding, blended
+        nearest to each embedding, blended; with ``coarse`` (the low-level pathway's images of
+        the same trials) chosen among the run's ``retrieval_shortlist`` nearest with its
+        ``lowlevel_rerank`` weight
         (:func:`~neurorecon.models.generators.base.retrieved_starts`)."""
         from neurorecon.models.generators.base import retrieved_starts
 
+        defaults = self.config.generator.defaults
         candidates, images = self._start_candidates
         return retrieved_starts(
             np.asarray(embeddings, np.float32).reshape(-1, candidates.shape[1]), candidates,
-            images, k=int(self.config.generator.defaults.retrieval_k if k is None else k),
-            resolution=self.generator.resolution)
+            images, k=int(defaults.retrieval_k if k is None else k),
+            resolution=self.generator.resolution, coarse=coarse,
+            rerank=defaults.lowlevel_rerank, shortlist=defaults.retrieval_shortlist)
 
     @functools.cached_property
     def _start_candidates(self) -> tuple[np.ndarray, list[Image.Image]]:
@@ -677,22 +681,26 @@ class Decoder:
                 [self.gallery.thumbnail(int(i)) for i in rows])
 
     def reconstruct(self, embeddings: np.ndarray, *, subject: str | None = None,
-                    lowlevel=None, seed: int | None = None, steps: int | None = None,
-                    guidance: float | None = None, strength: float | None = None,
-                    start: str | None = None) -> list[Image.Image]:
+                    lowlevel=None, retrieval: np.ndarray | None = None, seed: int | None = None,
+                    steps: int | None = None, guidance: float | None = None,
+                    strength: float | None = None, start: str | None = None
+                    ) -> list[Image.Image]:
         """Embeddings (from :attr:`generation_head`) -> PIL images.
 
         Embeddings reach the generator in the scale it was trained on (``config.json``
         ``generator.embedding_scale``: unit rows, or ``raw`` CLIP ``image_embeds`` with the
         training targets' mean norm ``generator.target_norm``), as in the training run.
 
-        ``start`` (default the training run's ``reconstruct.start``): the img2img starting
-        image. ``lowlevel``: the low-level pathway's image of ``lowlevel``, the prepared trials
-        the embeddings came from (needs ``subject``; without them, noise); ``retrieved``: the
-        training images nearest to each embedding, blended (:meth:`retrieved_starts`);
-        ``noise``. ``seed``, ``steps``, ``guidance`` and ``strength`` default to the training
-        run's. Every image carries the
-        generator's stand-in note in ``image.info["neurorecon_note"]``.
+        ``lowlevel``: the prepared trials the embeddings came from (needs ``subject``), for the
+        low-level pathway where the bundle has one for that subject. ``start`` (default the
+        training run's ``reconstruct.start``): the img2img starting image. ``retrieved``: the
+        training images nearest to each embedding (:meth:`retrieved_starts`), found with
+        ``retrieval`` (the ``clip`` head's embeddings of the same trials, as the training run
+        retrieves; default ``embeddings``) and re-ranked by the low-level pathway's image;
+        ``lowlevel``: the low-level pathway's image (noise without ``lowlevel``); ``noise``.
+        ``seed``, ``steps``, ``guidance`` and ``strength`` default to the training run's.
+        Every image carries the generator's stand-in note in
+        ``image.info["neurorecon_note"]``.
         """
         from neurorecon.models.generators.base import START_IMAGES, conditioning
 
@@ -704,13 +712,16 @@ class Decoder:
             raise DataError(f"start={start!r}: one of {list(START_IMAGES)}")
         emb = np.asarray(embeddings, np.float32)
         emb = emb[None] if emb.ndim == 1 else emb
-        inits = None
-        if start == "retrieved":
-            inits = self.retrieved_starts(emb)
-        elif start == "lowlevel" and lowlevel is not None:
+        coarse = None
+        if lowlevel is not None:
             if subject is None:
                 raise DataError("reconstruct(lowlevel=...) needs subject=")
-            inits = self.lowlevel_images(lowlevel, subject=subject)
+            if start == "lowlevel" or self._label(subject) in self.lowlevel:
+                coarse = self.lowlevel_images(lowlevel, subject=subject)
+        inits = coarse if start == "lowlevel" else None
+        if start == "retrieved":
+            inits = self.retrieved_starts(emb if retrieval is None else retrieval,
+                                          coarse=coarse)
         cond = conditioning(emb, scale=gen.embedding_scale, target_norm=gen.target_norm)
         images = generator.generate(
             cond, seed=int(defaults.seed if seed is None else seed),

@@ -35,7 +35,7 @@ class LocalExecutor:
                  ) -> Iterator[tuple[int, list[bytes]]]:
         for b, batch in enumerate(batches):
             yield b, jobs.generate_batch(self.decoders[model], subject=spec.subject,
-                                         gen=batch["gen"], X=batch["X"],
+                                         gen=batch["gen"], clip=batch["clip"], X=batch["X"],
                                          options=spec.options, seed=batch["seed"])
 
     def close(self) -> None:
@@ -58,8 +58,8 @@ class _Actor:
 
     def generate(self, model: str, spec: JobSpec, batch: dict[str, Any]) -> list[bytes]:
         return jobs.generate_batch(self.decoders[model], subject=spec.subject,
-                                   gen=batch["gen"], X=batch["X"], options=spec.options,
-                                   seed=batch["seed"])
+                                   gen=batch["gen"], clip=batch["clip"], X=batch["X"],
+                                   options=spec.options, seed=batch["seed"])
 
 
 class RayExecutor:

@@ -76,12 +76,12 @@ def decode_inputs(decoder: Decoder, job_dir: Path, spec: JobSpec) -> dict[str, n
     return out
 
 
-def generate_batch(decoder: Decoder, *, subject: str, gen: np.ndarray,
+def generate_batch(decoder: Decoder, *, subject: str, gen: np.ndarray, clip: np.ndarray,
                    X: np.ndarray | None, options: JobOptions, seed: int) -> list[bytes]:
     """One batch of reconstructions as PNG bytes (the stand-in note in a text chunk)."""
     from PIL.PngImagePlugin import PngInfo
 
-    images = decoder.reconstruct(gen, subject=subject, lowlevel=X, seed=seed,
+    images = decoder.reconstruct(gen, subject=subject, lowlevel=X, retrieval=clip, seed=seed,
                                  steps=options.steps, guidance=options.guidance)
     out = []
     for im in images:
@@ -134,6 +134,7 @@ def run_job(decoder: Decoder, job_dir: Path, spec: JobSpec, *,
             low = lowlevel_enabled(decoder, options, subject)
             seed = int(options.seed or 0)
             batches = [{"start": s, "gen": arrays["gen"][s:s + batch_size],
+                        "clip": arrays["clip"][s:s + batch_size],
                         "X": arrays["X"][s:s + batch_size] if low else None,
                         "seed": seed + s} for s in range(0, n, batch_size)]
             if not report("reconstruct", 0, n):

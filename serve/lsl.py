@@ -326,9 +326,10 @@ class StreamService:
                 return
             x, keep = online.last_window
             decoder = online.decoder
-            emb = decoder.encode(x, subject=online.subject, head=decoder.generation_head,
-                                 mask=keep)
-            image = decoder.reconstruct(emb, subject=online.subject)[0]
+            emb, found = (decoder.encode(x, subject=online.subject, head=head, mask=keep)
+                          for head in (decoder.generation_head, "clip"))
+            image = decoder.reconstruct(emb, subject=online.subject, lowlevel=x[None],
+                                        retrieval=found)[0]
             buf = io.BytesIO()
             image.save(buf, format="PNG")
             self.hub.publish({"type": "preview", "seq": seq, "note": image.info.get(

@@ -255,13 +255,14 @@ def test_bundle_reconstructs_like_the_run(meg_run):
     label = dm.labels[0]
     rows, X = dm.subject_rows("test", 0)
     emb = decoder.encode(X.numpy(), subject=label, head=decoder.generation_head)
+    found = decoder.encode(X.numpy()[:2], subject=label, head="clip")
     images = decoder.reconstruct(emb[:2], subject=label, lowlevel=X.numpy()[:2],
-                                 seed=int(rows[0]))
+                                 retrieval=found, seed=int(rows[0]))
     assert len(images) == 2 and "stand-in" in images[0].info["neurorecon_note"]
     saved = sorted((run_dir / "reconstructions").glob(f"test{rows[0]:03d}_*.png"))
     offline = np.asarray(Image.open(saved[0]).convert("RGB"), np.float32)
     diff = np.abs(np.asarray(images[0], np.float32) - offline).mean()
-    assert diff < 2.0, diff  # same seed, generator and low-level start (up to float rounding)
+    assert diff < 2.0, diff  # same seed, generator and start (up to float rounding)
     assert metrics["reconstruction"]["n_images"] == len(dm.splits["test"])
     # retrieval-augmented start: the gallery's training image nearest to the embedding (k=1)
     split = decoder.gallery.index["split"].to_numpy()

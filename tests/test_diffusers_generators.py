@@ -238,6 +238,7 @@ def test_run_with_pretrained_unclip_and_captions(unclip_dir, sample_root, hf_dir
         "embedder=clip", f"embedder.path={hf_dirs['clip']}", "embedder.output=pooled",
         "reconstruct.enabled=true", "reconstruct/generator=stable_unclip",
         f"reconstruct.generator.path={unclip_dir}", "reconstruct.lowlevel=false",
+        "reconstruct.start=noise",
         "reconstruct.captions=true", "reconstruct.steps=2",
         "reconstruct.skip_metrics=[inception,effnet]"])
     rec = run(cfg)["reconstruction"]

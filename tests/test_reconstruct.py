@@ -75,6 +75,32 @@ def test_retrieved_starts_blend_the_nearest_training_images():
         retrieved_starts(candidates[:1], candidates, images[:2], k=1, resolution=8)
 
 
+def test_lowlevel_pathway_reranks_the_retrieved_shortlist():
+    """Of the training images the embedding points to, the low-level pathway's thumbnail picks
+    the one whose layout it predicts; outside the shortlist it changes nothing."""
+    from neurorecon.models.generators.base import retrieved_starts
+
+    def halves(top, bottom):  # bright above / below: two layouts of one "concept"
+        a = np.zeros((16, 16, 3), np.uint8)
+        a[:8], a[8:] = top, bottom
+        return Image.fromarray(a)
+
+    images = [halves(250, 10), halves(10, 250), halves(128, 128)]
+    candidates = np.array([[1.0, 0.0], [0.97, 0.24], [0.0, 1.0]])  # image 1 a bit farther
+    query = np.array([[1.0, 0.0]])
+    predicted = [halves(110, 140)]  # shrunk to the mean, but brighter below, as image 1
+    plain = retrieved_starts(query, candidates, images, k=1, resolution=16)[0]
+    assert np.asarray(plain)[0, 0, 0] == 250  # cosine alone: image 0
+    kw = dict(k=1, resolution=16, coarse=predicted, rerank=1.0)
+    chosen = retrieved_starts(query, candidates, images, shortlist=2, **kw)[0]
+    assert np.asarray(chosen)[0, 0, 0] == 10  # re-ranked: image 1, bright below
+    alone = retrieved_starts(query, candidates, images, shortlist=1, **kw)[0]
+    assert np.asarray(alone)[0, 0, 0] == 250  # a shortlist of one: nothing to re-rank
+    with pytest.raises(ValueError, match="2 low-level images for 1 queries"):
+        retrieved_starts(query, candidates, images, k=1, resolution=16,
+                         coarse=predicted * 2, rerank=1.0)
+
+
 def test_embedded_generator_bad_input(tiny_generator, tmp_path):
     from neurorecon.models.generators.embedding_diffusion import EmbeddingDiffusionGenerator
 
@@ -101,7 +127,17 @@ def test_run_with_reconstruction(sample_root, tmp_path):
     # the embedded generator is trained on unit-normalised embeddings and conditioned on them
     assert rec["embedding_scale"] == "unit"
     assert rec["embedding_norm"]["conditioning_mean"] == pytest.approx(1.0, abs=1e-4)
-    assert set(rec["metrics"]) == {"brain", "floor_retrieved", "ceiling", "lowlevel_only"}
+    assert set(rec["metrics"]) == {"brain", "floor_retrieved", "ceiling", "lowlevel_only",
+                                   "start_only"}
+    # the retrieved start's low-level re-ranking weight was chosen on the validation trials
+    from neurorecon.pipelines.reconstruct.generation import RERANK_GRID
+
+    found = rec["retrieval"]
+    assert rec["start"] == "retrieved" and found["k"] == 1
+    choice = found["lowlevel_rerank_choice"]
+    assert found["lowlevel_rerank"] == choice["value"] and choice["n_trials"] > 1
+    assert [float(w) for w in choice["validation"]] == list(RERANK_GRID)
+    assert choice["validation"][str(choice["value"])] == max(choice["validation"].values())
     for name, m in rec["metrics"].items():
         assert -1 <= m["pixcorr"] <= 1 and 0 <= m["alexnet2"] <= 1, name
         assert 0 <= m["inception"] <= 1 and 0 <= m["effnet"] <= 2, name
@@ -123,11 +159,11 @@ def test_run_with_reconstruction(sample_root, tmp_path):
     report = (out / "report.md").read_text()
     assert "## Reconstruction" in report and "![" in report and "(reconstructions.png)" in report
     assert "stand-in" in report and "| brain-decoded |" in report
-    # the trained generator is cached (x0-prediction, the default): a second run reuses it
+    # the trained generator is cached (v-prediction, the default): a second run reuses it
     cached = list((tmp_path / "cache" / "generators").glob("embedded-*"))
     assert len(cached) == 1
     scheduler = json.loads((cached[0] / "scheduler" / "scheduler_config.json").read_text())
-    assert scheduler["prediction_type"] == "sample"
+    assert scheduler["prediction_type"] == "v_prediction"
     mtime = (cached[0] / "manifest.json").stat().st_mtime_ns
     run(compose_stage("run", tmp_path, overrides))
     assert (cached[0] / "manifest.json").stat().st_mtime_ns == mtime
@@ -154,7 +190,12 @@ def test_reconstruct_stage_from_checkpoint(sample_root, meg_checkpoint, tmp_path
     assert out["n_images"] == 8  # 2 subjects x 4 test images
     run_dir = Path(rc.paths.output_dir)
     saved = json.loads((run_dir / "reconstruction.json").read_text())
-    assert set(saved["metrics"]) == {"brain", "floor_retrieved", "ceiling"}
+    assert set(saved["metrics"]) == {"brain", "floor_retrieved", "ceiling", "start_only"}
+    # without a low-level pathway to re-rank it, the retrieved start is the floor's image
+    assert saved["retrieval"]["lowlevel_rerank"] == 0.0
+    for metric in ("pixcorr", "ssim", "alexnet2", "alexnet5", "effnet"):
+        assert saved["metrics"]["start_only"][metric] == pytest.approx(
+            saved["metrics"]["floor_retrieved"][metric]), metric
     assert saved["metrics"]["brain"]["inception"] is None
     assert saved["metrics"]["brain"]["_notes"]["inception"].startswith("skipped")
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -27,6 +27,8 @@ class Generator(Protocol):
     #: the scale of the embeddings it was trained on: "unit" (L2-normalised rows) or "raw"
     #: (the embedder's own scale, e.g. CLIP ``image_embeds`` for Stable unCLIP)
     embedding_scale: str
+    #: whether it samples img2img from start images (``init_images``)
+    img2img: bool
 
     def generate(self, embeddings: np.ndarray, *, seed: int = 0, steps: int = 25,
                  guidance_scale: float = 3.0, init_images: list[Image.Image] | None = None,
@@ -127,24 +129,70 @@ START_IMAGES = ("lowlevel", "retrieved", "noise")
 
 
 def retrieved_starts(queries: np.ndarray, candidates: np.ndarray, images: list[Image.Image], *,
-                     k: int, resolution: int, temperature: float = 0.05) -> list[Image.Image]:
-    """Retrieval-augmented img2img starting images (RDM, kNN-Diffusion): for each query
-    embedding, the ``k`` candidate embeddings nearest by cosine, their ``images`` blended with
-    softmax weights of the similarities (``temperature``: one clear neighbour dominates, close
-    ones average), at ``resolution`` px. ``candidates`` are the generator's training images'
-    embeddings, ``images`` those images."""
-    q, c = unit_rows(np.asarray(queries, np.float64)), unit_rows(np.asarray(candidates,
-                                                                            np.float64))
-    if len(c) != len(images):
-        raise ValueError(f"{len(c)} candidate embeddings for {len(images)} images")
-    k = max(1, min(int(k), len(c)))
-    sims = q @ c.T
-    top = np.argsort(-sims, axis=1)[:, :k]
+                     k: int, resolution: int, temperature: float = 0.05,
+                     coarse: list[Image.Image] | None = None, rerank: float = 0.0,
+                     shortlist: int = 8) -> list[Image.Image]:
+    """Retrieval-augmented img2img starting images (RDM, kNN-Diffusion).
+
+    For each query embedding, the ``k`` best candidates by :func:`start_scores` (cosine, with
+    ``coarse`` re-ranked by the low-level pathway); their ``images`` blended with softmax
+    weights of the scores (``temperature``: one clear neighbour dominates, close ones
+    average), at ``resolution`` px. ``candidates`` are the generator's training images'
+    embeddings, ``images`` those images; ``coarse`` the low-level pathway's predicted images,
+    row-aligned with ``queries``.
+    """
+    if len(candidates) != len(images):
+        raise ValueError(f"{len(candidates)} candidate embeddings for {len(images)} images")
+    k = max(1, min(int(k), len(images)))
+    scores = start_scores(queries, candidates,
+                          layouts=None if coarse is None else image_thumbnails(images),
+                          predicted=None if coarse is None else image_thumbnails(coarse),
+                          rerank=rerank, shortlist=max(k, int(shortlist)))
+    top = np.argsort(-scores, axis=1)[:, :k]
     pixels = [np.asarray(im.convert("RGB").resize((resolution, resolution), Image.BICUBIC),
                          np.float64) for im in images]
     out = []
-    for row, idx in zip(sims, top, strict=True):
+    for row, idx in zip(scores, top, strict=True):
         w = np.exp((row[idx] - row[idx].max()) / temperature)
         blend = sum(wi * pixels[i] for wi, i in zip(w / w.sum(), idx, strict=True))
         out.append(Image.fromarray(np.clip(blend, 0, 255).astype(np.uint8)))
     return out
+
+
+def start_scores(queries: np.ndarray, candidates: np.ndarray, *,
+                 layouts: np.ndarray | None = None, predicted: np.ndarray | None = None,
+                 rerank: float = 0.0, shortlist: int = 8,
+                 exclude: np.ndarray | None = None) -> np.ndarray:
+    """``(n_queries, n_candidates)`` scores by which retrieved starts are chosen.
+
+    Cosine between query and candidate embeddings. With ``predicted`` (the low-level
+    pathway's thumbnails of the queries' trials, :func:`image_thumbnails`), ``layouts`` (the
+    candidates' thumbnails) and ``rerank > 0``, the ``shortlist`` best by cosine gain
+    ``rerank`` x the Pearson correlation of their thumbnail with the predicted one, and the
+    others drop out (-inf): of the training images the semantic embedding points to, the one
+    whose layout and colour the low-level pathway predicts (two decoded inputs, as Takagi &
+    Nishimoto combine them). ``exclude``: a candidate per query that is never chosen (its own
+    image, when choosing the weight on validation trials).
+    """
+    q, c = unit_rows(np.asarray(queries, np.float64)), unit_rows(np.asarray(candidates,
+                                                                            np.float64))
+    scores = q @ c.T
+    if exclude is not None:
+        scores[np.arange(len(q)), np.asarray(exclude, int)] = -np.inf
+    if predicted is None or layouts is None or rerank <= 0:
+        return scores
+    if len(predicted) != len(q):
+        raise ValueError(f"{len(predicted)} low-level images for {len(q)} queries")
+    near = np.argsort(-scores, axis=1)[:, :max(1, int(shortlist))]
+    bonus = np.einsum("rkp,rp->rk", centred_unit(layouts)[near], centred_unit(predicted))
+    shortlisted = np.take_along_axis(scores, near, axis=1) + rerank * bonus
+    out = np.full_like(scores, -np.inf)
+    np.put_along_axis(out, near, shortlisted, axis=1)
+    return out
+
+
+def centred_unit(x: np.ndarray) -> np.ndarray:
+    """Rows minus their mean, scaled to unit norm: dot products are Pearson correlations."""
+    x = np.asarray(x, np.float64)
+    x = x - x.mean(axis=1, keepdims=True)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)

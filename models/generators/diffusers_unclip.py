@@ -253,6 +253,7 @@ class StableUnclipGenerator:
     """
 
     embedding_scale = "raw"  # CLIP image_embeds as the CLIP vision model outputs them
+    img2img = False  # its `image` input is CLIP-encoded, not a start
 
     def __init__(self, *, path: str | Path, revision: str | None = None, dtype: str = "float32",
                  device: str = "cpu", noise_level: int = 0):

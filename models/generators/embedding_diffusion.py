@@ -132,6 +132,7 @@ class EmbeddingDiffusionGenerator:
 
     note = NOTE
     embedding_scale = "unit"  # trained on unit-normalised embeddings
+    img2img = True
 
     def __init__(self, *, path: str | Path):
         path = Path(path)

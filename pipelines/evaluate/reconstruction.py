@@ -23,10 +23,21 @@ from PIL import Image
 
 from neurorecon.models.common.checks import DataError
 from neurorecon.models.common.logging import logger
-from neurorecon.models.generators.base import conditioning, retrieved_starts, unit_rows
+from neurorecon.models.generators.base import (
+    conditioning,
+    image_thumbnails,
+    retrieved_starts,
+    thumbnails_to_images,
+    unit_rows,
+)
 
 from ..inference import predict_split
-from ..reconstruct.generation import build_generator, caption_pathway, lowlevel_inits
+from ..reconstruct.generation import (
+    build_generator,
+    caption_pathway,
+    lowlevel_inits,
+    lowlevel_rerank,
+)
 from ..train.ridge import flat_targets
 from .recon_metrics import compare_reconstructions
 from .summary import write_report
@@ -83,6 +94,11 @@ def reconstruct(net, dm, *, cfg: DictConfig, out_dir: str | Path,
         rcfg.generator, images=[images[i] for i in fit_rows], embeddings=emb[fit_rows],
         cache_dir=cfg.paths.cache_dir)
     res = generator.resolution
+    if str(rcfg.start) != "noise" and not generator.img2img:
+        raise DataError(f"reconstruct.start={rcfg.start}: {type(generator).__name__} takes no "
+                        "start image (no img2img pathway)",
+                        hint="set reconstruct.start=noise, or use the embedded or ip_adapter "
+                             "generator")
     # the generator is conditioned on the regression head (Benchetrit et al. 2023); the floor
     # retrieves with the contrastive head, as the retrieval evaluation does
     # in the scale the generator was trained on (unit rows, or raw CLIP image_embeds whose
@@ -94,17 +110,26 @@ def reconstruct(net, dm, *, cfg: DictConfig, out_dir: str | Path,
     retrieval_pred = unit_rows(predict_split(net, dm, "test"))
     lowlevel = (lowlevel_inits(dm, stim_images=images, resolution=res)
                 if rcfg.lowlevel else None)
-    start = str(rcfg.get("start") or "lowlevel")
+    start = str(rcfg.start)
     fit_images = [images[i] for i in fit_rows]
+    rerank = (lowlevel_rerank(cfg, net, dm, embeddings=emb, fit_rows=fit_rows,
+                              stim_images=images)
+              if start == "retrieved" and lowlevel is not None else {"value": 0.0})
 
-    def starts(queries: np.ndarray) -> list[Image.Image] | None:
-        """The img2img starting images of ``queries`` (``reconstruct.start``)."""
+    def starts(queries: np.ndarray, coarse: list[Image.Image] | None
+               ) -> list[Image.Image] | None:
+        """The img2img starting images of ``queries`` (``reconstruct.start``); ``coarse``:
+        their low-level images (the start itself, or what re-ranks the retrieved ones)."""
         if start == "retrieved":
             return retrieved_starts(queries, emb[fit_rows], fit_images,
-                                    k=int(rcfg.retrieval_k), resolution=res)
-        return lowlevel if start == "lowlevel" else None
+                                    k=int(rcfg.retrieval_k), resolution=res, coarse=coarse,
+                                    rerank=rerank["value"],
+                                    shortlist=int(rcfg.retrieval_shortlist))
+        return coarse if start == "lowlevel" else None
 
-    inits = starts(pred)
+    # the start is retrieved with the contrastive head, as the floor and the retrieval
+    # evaluation retrieve
+    inits = starts(retrieval_pred, lowlevel)
     text, true_text = (caption_pathway(dm, generator, stim_root=Path(stim_root),
                                        captions=rcfg.get("captions_table"))
                        if rcfg.captions else (None, None))
@@ -117,7 +142,11 @@ def reconstruct(net, dm, *, cfg: DictConfig, out_dir: str | Path,
     per_image = (time.perf_counter() - t_gen) / len(recon)
     uniq = np.unique(test.target)
     true_cond = emb[uniq] if scale == "raw" else unit_rows(emb[uniq])  # the true embeddings
-    true_inits = starts(emb[uniq]) if start == "retrieved" else None  # its own retrieval
+    # the ceiling's start: its own retrieval, re-ranked by the true thumbnail (a perfect
+    # low-level pathway) where the brain's is re-ranked by the predicted one
+    true_inits = starts(emb[uniq], None if lowlevel is None else thumbnails_to_images(
+        image_thumbnails([images[i] for i in uniq]), resolution=res)
+    ) if start == "retrieved" else None
     ceiling = dict(zip(uniq, generator.generate(
         true_cond, text_embeddings=None if true_text is None else true_text[uniq],
         init_images=true_inits, strength=float(rcfg.strength), **kw), strict=True))
@@ -127,6 +156,8 @@ def reconstruct(net, dm, *, cfg: DictConfig, out_dir: str | Path,
             "ceiling": [ceiling[t] for t in test.target]}
     if lowlevel is not None:
         sets["lowlevel_only"] = lowlevel
+    if start == "retrieved":  # what the generator adds to its start
+        sets["start_only"] = inits
     truth = [sized[t] for t in test.target]
     subjects = [dm.labels[k] for k in test.subject]
     for i, im in enumerate(recon):
@@ -149,8 +180,10 @@ def reconstruct(net, dm, *, cfg: DictConfig, out_dir: str | Path,
               title=f"{dm.modality.upper()} reconstructions ({res}px)", note=generator.note)
     out = {"generator": generator.note, "resolution": res, "n_images": len(recon),
            "head": str(rcfg.head), "lowlevel_pathway": bool(rcfg.lowlevel),
-           "start": start, "retrieval_k": int(rcfg.retrieval_k) if start == "retrieved"
-           else None,
+           "start": start, "retrieval": {
+               "k": int(rcfg.retrieval_k), "shortlist": int(rcfg.retrieval_shortlist),
+               "lowlevel_rerank": rerank["value"],
+               "lowlevel_rerank_choice": rerank} if start == "retrieved" else None,
            "caption_pathway": bool(rcfg.captions),
            "strength": float(rcfg.strength),
            "steps": int(rcfg.steps), "guidance_scale": float(rcfg.guidance_scale),

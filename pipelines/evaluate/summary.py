@@ -18,13 +18,14 @@ FIGURES = (
     ("retrieval_examples.png", "Test images and the encoder's top-5 retrieved images"),
     ("time_resolved.png", "Time-resolved decoding: ridge on sliding windows vs the deep "
                           "encoder on the whole window"),
-    ("reconstructions.png", "Reconstructions: stimulus | low-level start | brain | "
+    ("reconstructions.png", "Reconstructions: stimulus | start | brain | "
                             "retrieved (floor) | ceiling (true embedding)"),
     ("adaptation.png", "New-subject adaptation"),
 )
 _RECON_ROWS = (("brain", "brain-decoded"), ("floor_retrieved", "floor: nearest training image"),
                ("ceiling", "ceiling: generator fed the true embedding"),
-               ("lowlevel_only", "low-level pathway alone (ridge thumbnail)"))
+               ("lowlevel_only", "low-level pathway alone (ridge thumbnail)"),
+               ("start_only", "the retrieved start alone (what the generator starts from)"))
 
 
 def _fmt(x: Any) -> str:
@@ -47,6 +48,21 @@ def _retrieval(title: str, block: dict[str, Any]) -> list[str]:
         ["decoder", *keys], [[name, *(m.get(k) for k in keys)] for name, m in block.items()])
 
 
+def _start(rec: dict[str, Any]) -> str:
+    """How the sampler started, in words."""
+    start = rec.get("start", "lowlevel" if rec.get("lowlevel_pathway") else "noise")
+    if start == "noise":
+        return ", sampled from noise"
+    if start == "lowlevel":
+        return f", low-level img2img start (strength {rec['strength']})"
+    found = rec.get("retrieval") or {}
+    rerank = (f", chosen among the {found.get('shortlist')} nearest with the low-level "
+              f"pathway's thumbnail (weight {found.get('lowlevel_rerank')})"
+              if found.get("lowlevel_rerank") else "")
+    return (f", img2img start (strength {rec['strength']}) from the {found.get('k', 1)} "
+            f"training image(s) nearest to the decoded embedding{rerank}")
+
+
 def _reconstruction(rec: dict[str, Any]) -> list[str]:
     names = [m for m in METRICS if any(rec["metrics"].get(r, {}).get(m) is not None
                                        for r, _ in _RECON_ROWS)]
@@ -57,8 +73,7 @@ def _reconstruction(rec: dict[str, Any]) -> list[str]:
            f"{rec['n_images']} test rows at {rec['resolution']} px, conditioned on the "
            f"encoder's {rec.get('head', 'clip')} head; {rec['steps']} sampler steps, "
            f"guidance {rec['guidance_scale']}"
-           + (f", low-level img2img start (strength {rec['strength']})"
-              if rec.get("lowlevel_pathway") else "")
+           + _start(rec)
            + (", caption pathway (ridge brain → caption prompt_embeds)"
               if rec.get("caption_pathway") else "") + ".", ""]
     out += _table(header, rows)

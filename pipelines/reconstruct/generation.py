@@ -19,7 +19,9 @@ from PIL import Image
 from neurorecon.models.common.checks import DataError
 from neurorecon.models.common.logging import logger
 from neurorecon.models.generators.base import (
+    centred_unit,
     image_thumbnails,
+    start_scores,
     thumbnails_to_images,
     unit_rows,
 )
@@ -95,6 +97,73 @@ def lowlevel_inits(dm, *, stim_images: list[Image.Image], resolution: int) -> li
 
     pred = ridge_predictions(dm, targets=image_thumbnails(stim_images))
     return thumbnails_to_images(pred, resolution=resolution)
+
+
+#: low-level re-ranking weights tried on the validation trials (``lowlevel_rerank=auto``)
+RERANK_GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
+
+
+def choose_lowlevel_rerank(dm, *, queries: np.ndarray, embeddings: np.ndarray,
+                           fit_rows: np.ndarray, stim_images: list[Image.Image],
+                           shortlist: int) -> dict:
+    """The weight with which the low-level pathway re-ranks retrieved starts
+    (``reconstruct.lowlevel_rerank=auto``), chosen on the validation trials.
+
+    The low-level ridge, fitted on the train trials alone, predicts the validation trials'
+    thumbnails; ``queries`` are the encoder's (contrastive head) embeddings of those trials.
+    Each weight of :data:`RERANK_GRID` picks, among the generator's training images
+    (``fit_rows``) other than the trial's own stimulus, the start
+    (:func:`~neurorecon.models.generators.base.start_scores`); the weight whose picks are
+    nearest the true stimuli (mean cosine of embeddings + mean Pearson r of thumbnails) wins,
+    the smaller on a tie. A pathway that predicts nothing useful thus gets weight 0 (the start
+    is the floor's retrieval). Returns ``{"value", "validation": {weight: score},
+    "n_trials"}``.
+    """
+    from ..train.ridge import ridge_predictions
+
+    val = dm.splits["val"]
+    if len(val) < 2:
+        return {"value": 0.0, "validation": {}, "n_trials": len(val),
+                "reason": "fewer than 2 validation trials: cosine only"}
+    thumbs = image_thumbnails(stim_images)
+    predicted = ridge_predictions(dm, targets=thumbs, fit_splits=("train",), eval_split="val")
+    own = np.searchsorted(fit_rows, val.target)
+    unit = unit_rows(embeddings)
+
+    curve = {}
+    for weight in RERANK_GRID:
+        pick = fit_rows[start_scores(queries, embeddings[fit_rows], layouts=thumbs[fit_rows],
+                                     predicted=predicted, rerank=weight, shortlist=shortlist,
+                                     exclude=own).argmax(1)]
+        curve[weight] = float(np.mean(np.sum(unit[pick] * unit[val.target], axis=1))
+                              + np.mean(np.sum(centred_unit(thumbs[pick]) * centred_unit(
+                                  thumbs[val.target]), axis=1)))
+    best = max(curve.values())
+    value = min(w for w, v in curve.items() if v >= best - 1e-9)
+    logger.info("reconstruct: low-level re-ranking weight %g (validation %s)", value,
+                ", ".join(f"{w:g}: {v:.3f}" for w, v in curve.items()))
+    return {"value": value, "validation": {str(w): round(v, 4) for w, v in curve.items()},
+            "n_trials": int(len(val))}
+
+
+def lowlevel_rerank(cfg: DictConfig, net, dm, *, embeddings: np.ndarray,
+                    fit_rows: np.ndarray, stim_images: list[Image.Image]) -> dict:
+    """``reconstruct.lowlevel_rerank`` of a run: the configured number, or with ``auto`` the
+    weight chosen on the validation trials (:func:`choose_lowlevel_rerank`). A data module
+    without them (after the refit on train + validation trials) is rebuilt with the run's
+    validation split from the caches."""
+    rcfg = cfg.reconstruct
+    if str(rcfg.lowlevel_rerank) != "auto":
+        return {"value": float(rcfg.lowlevel_rerank)}
+    from ..inference import predict_split
+    from ..train.fit import build_datamodule, prepare_caches
+
+    if len(dm.splits["val"]) < 2 and cfg.datamodule.get("val_fraction"):
+        dm = build_datamodule(cfg, *prepare_caches(cfg))
+    return choose_lowlevel_rerank(dm, queries=unit_rows(predict_split(net, dm, "val")),
+                                  embeddings=embeddings, fit_rows=fit_rows,
+                                  stim_images=stim_images,
+                                  shortlist=int(rcfg.retrieval_shortlist))
 
 
 def caption_pathway(dm, generator, *, stim_root: Path,

@@ -155,21 +155,24 @@ def fit_ridges(dm, *, targets: np.ndarray | None = None, alphas=None,
     return models
 
 
-def ridge_predictions(dm, *, targets: np.ndarray | None = None, alphas=None) -> np.ndarray:
-    """Per-subject ridge fitted on the train + val rows, predicting the test rows (row order).
+def ridge_predictions(dm, *, targets: np.ndarray | None = None, alphas=None,
+                      fit_splits: tuple[str, ...] = ("train", "val"),
+                      eval_split: str = "test") -> np.ndarray:
+    """Per-subject ridge fitted on the ``fit_splits`` rows (train + val), predicting the
+    ``eval_split`` rows (test; row order).
 
     ``targets`` as in :func:`fit_ridges`; reconstruction passes thumbnails and caption
     embeddings (its low-level and caption pathways). The same model as :func:`fit_ridges`
     (RidgeDecoder), computed from Gram matrices accumulated over chunks of the features
     (:func:`streamed_ridge`): memory grows by ``CHUNK_VALUES`` float32 per trial.
     """
-    test = dm.splits["test"]
+    test = dm.splits[eval_split]
     Y = flat_targets(dm) if targets is None else np.asarray(targets, np.float32)
     pred = np.zeros((len(test), Y.shape[1]), np.float32)
     for k in np.unique(test.subject):
         k = int(k)
         pred[test.subject == k], alpha = streamed_ridge(
-            dm, k, Y, fit_splits=("train", "val"), eval_split="test",
+            dm, k, Y, fit_splits=fit_splits, eval_split=eval_split,
             slices=time_chunks(dm, k), alphas=alphas)
         logger.info("ridge sub-%s: alpha=%g", dm.labels[k], alpha)
     return pred
