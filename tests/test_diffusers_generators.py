@@ -207,6 +207,30 @@ def test_unclip_is_deterministic_per_image(unclip):
     assert np.abs(first - other).max() > 2
 
 
+def test_unclip_starts_from_images_through_the_latents(unclip):
+    """A start image (the retrieval-augmented or low-level start) is VAE-encoded, noised, and
+    only the last ``strength`` of the schedule is run; the next call has its full schedule."""
+    emb = _embeddings(2, EMB_DIM)
+    starts = [Image.new("RGB", (RESOLUTION, RESOLUTION), c) for c in ((250, 20, 20),
+                                                                   (20, 20, 250))]
+    calls = []
+    hook = unclip.pipe.unet.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        warm = unclip.generate(emb, seed=3, steps=4, init_images=starts, strength=0.5)
+        n_img2img = len(calls)
+        again = unclip.generate(emb, seed=3, steps=4, init_images=starts, strength=0.5)
+        calls.clear()
+        noise = unclip.generate(emb, seed=3, steps=4)
+        n_full = len(calls)
+    finally:
+        hook.remove()
+    assert (n_img2img, n_full) == (2, 4)  # half the schedule, then the whole one again
+    assert np.array_equal(_arrays(warm), _arrays(again))  # deterministic per seed
+    assert not np.array_equal(_arrays(warm), _arrays(noise))  # the start matters
+    swapped = unclip.generate(emb, seed=3, steps=4, init_images=starts[::-1], strength=0.5)
+    assert not np.array_equal(_arrays(warm)[0], _arrays(swapped)[0])
+
+
 def test_unclip_text_embeddings(unclip):
     emb = _embeddings(2, EMB_DIM)
     text = np.random.default_rng(1).standard_normal((2, MAX_LEN, HIDDEN)).astype(np.float32)
@@ -238,7 +262,6 @@ def test_run_with_pretrained_unclip_and_captions(unclip_dir, sample_root, hf_dir
         "embedder=clip", f"embedder.path={hf_dirs['clip']}", "embedder.output=pooled",
         "reconstruct.enabled=true", "reconstruct/generator=stable_unclip",
         f"reconstruct.generator.path={unclip_dir}", "reconstruct.lowlevel=false",
-        "reconstruct.start=noise",
         "reconstruct.captions=true", "reconstruct.steps=2",
         "reconstruct.skip_metrics=[inception,effnet]"])
     rec = run(cfg)["reconstruction"]
@@ -250,7 +273,9 @@ def test_run_with_pretrained_unclip_and_captions(unclip_dir, sample_root, hf_dir
     assert rec["embedding_scale"] == "raw"
     assert norms["conditioning_mean"] == pytest.approx(norms["training_targets_mean"], rel=1e-3)
     assert abs(norms["training_targets_mean"] - 1.0) > 0.05  # not unit: the test can tell
-    assert set(rec["metrics"]) == {"brain", "floor_retrieved", "ceiling"}
+    # the retrieval-augmented start (the default) goes in through the latents
+    assert rec["start"] == "retrieved"
+    assert set(rec["metrics"]) == {"brain", "floor_retrieved", "ceiling", "start_only"}
     assert 0 <= rec["metrics"]["brain"]["alexnet2"] <= 1
     report = (Path(cfg.paths.output_dir) / "report.md").read_text()
     assert "caption pathway" in report and "Stable unCLIP" in report
@@ -279,9 +304,9 @@ def test_unclip_bad_input(unclip, unclip_dir, tmp_path):
 
     with pytest.raises(DataError, match=rf"\(n, {EMB_DIM}\); got \(2, 10\)"):
         unclip.generate(_embeddings(2, 10), steps=2)
-    with pytest.raises(DataError, match="no low-level"):
+    with pytest.raises(DataError, match="2 start images for 1 embeddings"):
         unclip.generate(_embeddings(1, EMB_DIM), steps=2,
-                        init_images=[Image.new("RGB", (RESOLUTION, RESOLUTION))])
+                        init_images=[Image.new("RGB", (RESOLUTION, RESOLUTION))] * 2)
     with pytest.raises(DataError, match="directory not found") as err:
         StableUnclipGenerator(path=tmp_path / "nowhere")
     assert "nowhere" in str(err.value)

@@ -27,8 +27,6 @@ class Generator(Protocol):
     #: the scale of the embeddings it was trained on: "unit" (L2-normalised rows) or "raw"
     #: (the embedder's own scale, e.g. CLIP ``image_embeds`` for Stable unCLIP)
     embedding_scale: str
-    #: whether it samples img2img from start images (``init_images``)
-    img2img: bool
 
     def generate(self, embeddings: np.ndarray, *, seed: int = 0, steps: int = 25,
                  guidance_scale: float = 3.0, init_images: list[Image.Image] | None = None,

@@ -77,7 +77,6 @@ class IpAdapterGenerator:
     """
 
     embedding_scale = "raw"  # CLIP image_embeds as the CLIP vision model outputs them
-    img2img = True
 
     def __init__(self, *, path: str | Path, ip_adapter_path: str | Path,
                  ip_adapter_weight_name: str, ip_adapter_subfolder: str = "models",

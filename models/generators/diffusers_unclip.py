@@ -28,7 +28,7 @@ from PIL import Image
 from neurorecon.models.common.checks import DataError, check_option
 from neurorecon.models.common.logging import logger, progress
 
-from .base import check_embeddings, load_quietly
+from .base import check_embeddings, check_images, load_quietly
 
 if TYPE_CHECKING:  # heavy imports stay lazy
     import torch
@@ -247,13 +247,15 @@ class StableUnclipGenerator:
     The pipeline's ``image`` argument is *not* an img2img init: the pipeline encodes it with its
     CLIP image encoder to get ``image_embeds`` and starts from pure noise, and it refuses ``image``
     and ``image_embeds`` together. Using low-level init images as ``image`` would therefore discard
-    the brain-decoded embedding. This backend has no latent-init pathway, so ``init_images`` are
-    refused with a clear error; use the IP-Adapter generator (img2img) or the embedded generator
-    for the low-level pathway.
+    the brain-decoded embedding. Start images (``init_images``: the retrieval-augmented or
+    low-level start) therefore go in as *latents*: VAE-encoded, noised to the timestep where
+    the last ``strength`` of the schedule begins, and denoised over that part of the schedule
+    only (img2img, as ``StableDiffusionImg2ImgPipeline`` does), with the decoded embedding as
+    ``image_embeds``. This needs a scheduler that steps by timestep value (DDIM, DDPM: the
+    checkpoint's DDIM does).
     """
 
     embedding_scale = "raw"  # CLIP image_embeds as the CLIP vision model outputs them
-    img2img = False  # its `image` input is CLIP-encoded, not a start
 
     def __init__(self, *, path: str | Path, revision: str | None = None, dtype: str = "float32",
                  device: str = "cpu", noise_level: int = 0):
@@ -307,10 +309,12 @@ class StableUnclipGenerator:
         guidance_scale : float
             Classifier-free guidance weight (> 1 enables guidance; the unconditional branch
             uses zero image embeddings and the empty prompt, as the pipeline does).
-        init_images : None
-            Not supported by this backend (see the class notes); must be None.
+        init_images : list of PIL.Image.Image | None
+            Start images (img2img through the latents, see the class notes), one per
+            embedding; None: from noise.
         strength : float
-            Unused (no img2img pathway); kept for the common interface.
+            With ``init_images``: the fraction of the denoising schedule run from the noised
+            start.
         text_embeddings : np.ndarray, shape (n, seq_len, hidden_size) | None
             Optional text-encoder hidden states passed as ``prompt_embeds``; None = empty prompt.
         batch_size : int
@@ -321,20 +325,28 @@ class StableUnclipGenerator:
         list of PIL.Image.Image
             ``n`` RGB images of ``resolution`` x ``resolution`` px.
         """
-        import torch
-
         emb = check_embeddings(embeddings, emb_dim=self.emb_dim, what="Stable unCLIP generator")
-        if init_images is not None:
-            raise DataError(
-                "Stable unCLIP generator has no low-level (img2img) pathway: the pipeline's "
-                "`image` input is CLIP-encoded and would replace the decoded embedding",
-                hint="set init_images to None, or use the IP-Adapter or embedded generator for "
-                     "the low-level pathway")
         n = len(emb)
+        if init_images is not None and len(init_images) != n:
+            raise DataError(f"Stable unCLIP generator: {len(init_images)} start images for "
+                            f"{n} embeddings")
         text = check_text_embeddings(text_embeddings, n=n, hidden_size=self.text_hidden_size,
                                      what="Stable unCLIP generator")
-        dtype = self.pipe.unet.dtype
         images: list[Image.Image] = []
+        full = self.pipe.scheduler  # a start image runs only the end of its schedule
+        try:
+            self._batches(emb, text, images, full=full, seed=seed, steps=steps,
+                          guidance_scale=guidance_scale, init_images=init_images,
+                          strength=strength, batch_size=batch_size)
+        finally:
+            self.pipe.scheduler = full
+        return images
+
+    def _batches(self, emb, text, images, *, full, seed, steps, guidance_scale, init_images,
+                 strength, batch_size) -> None:
+        import torch
+
+        n, dtype = len(emb), self.pipe.unet.dtype
         for start in progress(range(0, n, batch_size), desc="unCLIP batches",
                               total=-(-n // batch_size)):
             stop = min(start + batch_size, n)
@@ -342,10 +354,53 @@ class StableUnclipGenerator:
             if text is not None:
                 kwargs = {"prompt_embeds": torch.from_numpy(text[start:stop]).to(
                     self.device, dtype)}
+            generators = seeded_generators(seed, start, stop)
+            if init_images is not None:
+                kwargs["latents"] = self._start_latents(init_images[start:stop], generators,
+                                                        full=full, steps=steps,
+                                                        strength=strength)
             out = self.pipe(
                 image_embeds=torch.from_numpy(emb[start:stop]).to(self.device, dtype),
                 height=self.resolution, width=self.resolution, num_inference_steps=steps,
                 guidance_scale=guidance_scale, noise_level=self.noise_level,
-                generator=seeded_generators(seed, start, stop), output_type="pil", **kwargs)
+                generator=generators, output_type="pil", **kwargs)
             images.extend(out.images)
-        return images
+
+    def _start_latents(self, starts: list[Image.Image], generators, *, full, steps: int,
+                       strength: float):
+        """Start images -> latents noised to where the last ``strength`` of a ``steps``-step
+        schedule begins; the pipeline's scheduler then runs only that part."""
+        import torch
+        from diffusers import DDIMScheduler, DDPMScheduler
+
+        from .embedding_diffusion import to_tensor
+
+        if not isinstance(full, (DDIMScheduler, DDPMScheduler)):
+            raise DataError(f"Stable unCLIP generator: a start image needs a DDIM or DDPM "
+                            f"scheduler, this pipeline has {type(full).__name__}",
+                            path=self.path / "scheduler",
+                            hint="set reconstruct.start=noise")
+        check_images(starts, what="start images")
+        n_run = max(1, min(steps, int(round(strength * steps))))
+        self.pipe.scheduler = _tail_schedule(full, n_run)
+        self.pipe.scheduler.set_timesteps(steps)
+        first = self.pipe.scheduler.timesteps[:1]
+        x = to_tensor(starts, self.resolution).to(self.device, self.pipe.vae.dtype)
+        with torch.no_grad():
+            latents = self.pipe.vae.encode(x).latent_dist.mean
+        latents = latents * self.pipe.vae.config.scaling_factor
+        noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
+        noised = full.add_noise(latents, noise.to(latents), first.repeat(len(latents)))
+        return noised / self.pipe.scheduler.init_noise_sigma
+
+
+def _tail_schedule(scheduler, n_run: int):
+    """A copy of ``scheduler`` whose ``set_timesteps`` keeps the last ``n_run`` timesteps
+    (DDIM/DDPM step by timestep value, so a truncated schedule is img2img's)."""
+
+    class Tail(type(scheduler)):
+        def set_timesteps(self, *args, **kwargs):
+            super().set_timesteps(*args, **kwargs)
+            self.timesteps = self.timesteps[-n_run:]
+
+    return Tail.from_config(scheduler.config)

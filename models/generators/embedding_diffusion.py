@@ -132,7 +132,6 @@ class EmbeddingDiffusionGenerator:
 
     note = NOTE
     embedding_scale = "unit"  # trained on unit-normalised embeddings
-    img2img = True
 
     def __init__(self, *, path: str | Path):
         path = Path(path)

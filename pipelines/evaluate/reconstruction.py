@@ -94,11 +94,6 @@ def reconstruct(net, dm, *, cfg: DictConfig, out_dir: str | Path,
         rcfg.generator, images=[images[i] for i in fit_rows], embeddings=emb[fit_rows],
         cache_dir=cfg.paths.cache_dir)
     res = generator.resolution
-    if str(rcfg.start) != "noise" and not generator.img2img:
-        raise DataError(f"reconstruct.start={rcfg.start}: {type(generator).__name__} takes no "
-                        "start image (no img2img pathway)",
-                        hint="set reconstruct.start=noise, or use the embedded or ip_adapter "
-                             "generator")
     # the generator is conditioned on the regression head (Benchetrit et al. 2023); the floor
     # retrieves with the contrastive head, as the retrieval evaluation does
     # in the scale the generator was trained on (unit rows, or raw CLIP image_embeds whose
