@@ -324,10 +324,10 @@ class StreamService:
             online = self.online
             if online is None or online.last_window is None:
                 return
-            x, keep = online.last_window
+            x, keep, found = online.last_window
             decoder = online.decoder
-            emb, found = (decoder.encode(x, subject=online.subject, head=head, mask=keep)
-                          for head in (decoder.generation_head, "clip"))
+            emb = decoder.encode(x, subject=online.subject, head=decoder.generation_head,
+                                 mask=keep)
             image = decoder.reconstruct(emb, subject=online.subject, lowlevel=x[None],
                                         retrieval=found)[0]
             buf = io.BytesIO()

@@ -127,7 +127,8 @@ class OnlineDecoder:
             stage: deque(maxlen=2000) for stage in ("filter", "window", "encode", "retrieve")}
         self.pending: list[tuple[float, str]] = []  # markers waiting for their last sample
         self.last_quality: dict[str, Any] | None = None
-        self.last_window: tuple[np.ndarray, np.ndarray] | None = None  # (model input, mask)
+        # (model input, mask, its clip-head embedding) of the latest decoded window
+        self.last_window: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._reset(None)
         decoder.warm_up(self.subject, mask=self.used, split=params.split)  # caches, this mask
 
@@ -312,9 +313,9 @@ class OnlineDecoder:
                                        "(re)started")
         x = self.decoder.meg_window(self._window(end), subject=self.subject)
         x[~keep] = 0.0
-        self.last_window = (x, keep)
         t1 = time.perf_counter()
         emb = self.decoder.encode(x, subject=self.subject, mask=keep)
+        self.last_window = (x, keep, emb)
         t2 = time.perf_counter()
         hits = self.decoder.retrieve(emb, k=self.params.top_k, split=self.params.split)[0]
         t3 = time.perf_counter()
