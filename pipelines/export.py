@@ -203,7 +203,7 @@ def _generator(cfg: DictConfig, dm, images: list[Image.Image], *, net,
     known = ((metrics or {}).get("reconstruction") or {}).get("retrieval") or {}
     rerank = float(known["lowlevel_rerank"]) if "lowlevel_rerank" in known else (
         lowlevel_rerank(cfg, net, dm, embeddings=emb, fit_rows=fit_rows, stim_images=images)
-        ["value"] if rcfg.lowlevel else 0.0)
+        ["value"] if rcfg.lowlevel and rcfg.start == "retrieved" else 0.0)
     desc = {"class": type(generator).__name__, "note": generator.note,
             "embedding_scale": generator.embedding_scale,
             "target_norm": float(np.linalg.norm(emb[fit_rows], axis=1).mean()),

@@ -22,8 +22,9 @@ class JobOptions(BaseModel):
     guidance: float | None = Field(None, ge=0, le=30,
                                    description="classifier-free guidance scale")
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description="sampling seed")
-    lowlevel: bool | None = Field(None, description="start sampling from the low-level "
-                                  "pathway's image (default: the training run's choice)")
+    lowlevel: bool | None = Field(None, description="use the low-level pathway: it re-ranks "
+                                  "the retrieved start (or is the start, as the bundle's "
+                                  "generator defaults say); default: the training run's choice")
     top_k: int = Field(5, ge=1, le=100, description="retrieved gallery images per trial")
     trials: Literal["all", "test"] | list[int] = Field(
         "all", description="'all' events rows, 'test' (trial_type == test) or 0-based rows")
