@@ -662,11 +662,20 @@ class Decoder:
 
         defaults = self.config.generator.defaults
         candidates, images = self._start_candidates
+        rerank = defaults.lowlevel_rerank if coarse is not None else 0.0
         return retrieved_starts(
             np.asarray(embeddings, np.float32).reshape(-1, candidates.shape[1]), candidates,
             images, k=int(defaults.retrieval_k if k is None else k),
-            resolution=self.generator.resolution, coarse=coarse,
-            rerank=defaults.lowlevel_rerank, shortlist=defaults.retrieval_shortlist)
+            resolution=self.generator.resolution, coarse=coarse, rerank=rerank,
+            shortlist=defaults.retrieval_shortlist,
+            layouts=self._start_layouts if rerank > 0 else None)
+
+    @functools.cached_property
+    def _start_layouts(self) -> np.ndarray:
+        """The thumbnails the low-level pathway re-ranks the start candidates by (once)."""
+        from neurorecon.models.generators.base import image_thumbnails
+
+        return image_thumbnails(self._start_candidates[1])
 
     @functools.cached_property
     def _start_candidates(self) -> tuple[np.ndarray, list[Image.Image]]:

@@ -129,7 +129,8 @@ START_IMAGES = ("lowlevel", "retrieved", "noise")
 def retrieved_starts(queries: np.ndarray, candidates: np.ndarray, images: list[Image.Image], *,
                      k: int, resolution: int, temperature: float = 0.05,
                      coarse: list[Image.Image] | None = None, rerank: float = 0.0,
-                     shortlist: int = 8) -> list[Image.Image]:
+                     shortlist: int = 8, layouts: np.ndarray | None = None
+                     ) -> list[Image.Image]:
     """Retrieval-augmented img2img starting images (RDM, kNN-Diffusion).
 
     For each query embedding, the ``k`` best candidates by :func:`start_scores` (cosine, with
@@ -137,18 +138,21 @@ def retrieved_starts(queries: np.ndarray, candidates: np.ndarray, images: list[I
     weights of the scores (``temperature``: one clear neighbour dominates, close ones
     average), at ``resolution`` px. ``candidates`` are the generator's training images'
     embeddings, ``images`` those images; ``coarse`` the low-level pathway's predicted images,
-    row-aligned with ``queries``.
+    row-aligned with ``queries``; ``layouts`` the images' :func:`image_thumbnails` where the
+    caller keeps them (computed here otherwise, when ``coarse`` re-ranks).
     """
     if len(candidates) != len(images):
         raise ValueError(f"{len(candidates)} candidate embeddings for {len(images)} images")
     k = max(1, min(int(k), len(images)))
-    scores = start_scores(queries, candidates,
-                          layouts=None if coarse is None else image_thumbnails(images),
-                          predicted=None if coarse is None else image_thumbnails(coarse),
+    reranked = coarse is not None and rerank > 0
+    if reranked and layouts is None:
+        layouts = image_thumbnails(images)
+    scores = start_scores(queries, candidates, layouts=layouts if reranked else None,
+                          predicted=image_thumbnails(coarse) if reranked else None,
                           rerank=rerank, shortlist=max(k, int(shortlist)))
     top = np.argsort(-scores, axis=1)[:, :k]
-    pixels = [np.asarray(im.convert("RGB").resize((resolution, resolution), Image.BICUBIC),
-                         np.float64) for im in images]
+    pixels = {int(i): np.asarray(images[i].convert("RGB").resize(
+        (resolution, resolution), Image.BICUBIC), np.float64) for i in np.unique(top)}
     out = []
     for row, idx in zip(scores, top, strict=True):
         w = np.exp((row[idx] - row[idx].max()) / temperature)

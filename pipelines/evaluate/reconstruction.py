@@ -110,6 +110,7 @@ def reconstruct(net, dm, *, cfg: DictConfig, out_dir: str | Path,
     rerank = (lowlevel_rerank(cfg, net, dm, embeddings=emb, fit_rows=fit_rows,
                               stim_images=images)
               if start == "retrieved" and lowlevel is not None else {"value": 0.0})
+    layouts = image_thumbnails(fit_images) if rerank["value"] > 0 else None
 
     def starts(queries: np.ndarray, coarse: list[Image.Image] | None
                ) -> list[Image.Image] | None:
@@ -119,7 +120,7 @@ def reconstruct(net, dm, *, cfg: DictConfig, out_dir: str | Path,
             return retrieved_starts(queries, emb[fit_rows], fit_images,
                                     k=int(rcfg.retrieval_k), resolution=res, coarse=coarse,
                                     rerank=rerank["value"],
-                                    shortlist=int(rcfg.retrieval_shortlist))
+                                    shortlist=int(rcfg.retrieval_shortlist), layouts=layouts)
         return coarse if start == "lowlevel" else None
 
     # the start is retrieved with the contrastive head, as the floor and the retrieval
