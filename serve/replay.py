@@ -53,6 +53,12 @@ class MarkerPlayer(PlayerLSL):
             from mne_lsl.lsl import local_clock
 
             self._target_timestamp = local_clock()
+        if self._start_idx >= self._raw.times.size and self._n_repeated >= self._n_repeat:
+            # a recording whose length is a multiple of chunk_size ended on the last chunk;
+            # PlayerLSL would push an empty chunk and warn ("should not happen"): end here
+            self._del_outlets()
+            self._reset_variables()
+            return
         super()._stream()
 
     def _stream_annotations(self, start: int, stop: int, start_timestamp: float) -> None:

@@ -162,10 +162,11 @@ class SpatialAttention(nn.Module):
                     f"n_chans, {self.n_sensor_features})",
                     hint="build them with neurorecon.models.meg.brain_module.sensor_features "
                          "from the channels' kinds and orientations")
-            check_tensor("sensors", sensors, shape=(*positions.shape[:2],
-                                                    self.n_sensor_features),
-                         owner=type(self).__name__,
-                         hint="one row of sensor_features per channel, in the order of x")
+            if not torch.jit.is_tracing():  # a traced layout is a constant, checked before
+                check_tensor("sensors", sensors, shape=(*positions.shape[:2],
+                                                        self.n_sensor_features),
+                             owner=type(self).__name__,
+                             hint="one row of sensor_features per channel, in the order of x")
         else:
             sensors = positions[..., :0]  # unused; keeps one code path below
         key = (self.weight.data_ptr(), self.weight._version, positions.shape, mask.shape,
@@ -183,7 +184,7 @@ class SpatialAttention(nn.Module):
     def _attention(self, positions: torch.Tensor, mask: torch.Tensor,
                    sensors: torch.Tensor) -> torch.Tensor:
         b = positions.shape[0]
-        shared = b > 1 and bool((positions == positions[:1]).all()
+        shared = not _single(positions) and bool((positions == positions[:1]).all()
                                 and (sensors == sensors[:1]).all())
         logits = self.logits(positions[:1] if shared else positions,
                              sensors[:1] if shared else sensors)  # (1 or B, V, C)
@@ -220,9 +221,12 @@ class SubjectLayer(nn.Module):
         eye = torch.eye(n_channels).expand(n_subjects, n_channels, n_channels)
         self.weight = nn.Parameter(eye.clone())
 
-    def forward(self, h: torch.Tensor, subject: torch.Tensor) -> torch.Tensor:
-        """Apply each example's subject matrix: ``out[b] = W[subject[b]]ᵀ h[b]``."""
-        if bool((subject == subject[0]).all()):  # one subject per batch: one matmul
+    def forward(self, h: torch.Tensor, subject: torch.Tensor | int) -> torch.Tensor:
+        """Apply each example's subject matrix: ``out[b] = W[subject[b]]ᵀ h[b]``; an int
+        ``subject`` is the whole batch's (one matmul)."""
+        if isinstance(subject, int):
+            return self.weight[subject].T @ h
+        if bool((subject == subject[0]).all()):
             return self.weight[subject[0]].T @ h
         return torch.bmm(self.weight[subject].transpose(1, 2), h)
 
@@ -237,7 +241,7 @@ class _Conv1d(nn.Conv1d):
     """
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if h.shape[0] != 1:
+        if not _single(h):
             return super().forward(h)
         k, d, p = self.kernel_size[0], self.dilation[0], self.padding[0]
         t_out = h.shape[-1] + 2 * p - d * (k - 1)
@@ -517,13 +521,13 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
         self.subject_layer.weight.requires_grad_(True)
         return [self.subject_layer.weight]
 
-    def _readout(self, x: torch.Tensor, mask: torch.Tensor,
-                 subject: torch.Tensor) -> torch.Tensor:
+    def _readout(self, x: torch.Tensor, mask: torch.Tensor, subject: torch.Tensor,
+                 one: int | None) -> torch.Tensor:
         feats = bin_means(x, self.readout_bins, mask)  # (B, C_s * n_bins)
         weight = self.readout_weight[:, :, :feats.shape[1]]
-        if bool((subject == subject[0]).all()):
-            s = int(subject[0])
-            factors = (self._readout_factors(s, feats.shape[1]) if len(x) == 1
+        if one is not None:
+            s = one
+            factors = (self._readout_factors(s, feats.shape[1]) if _single(x)
                        and not self.training and not torch.is_grad_enabled() else None)
             if factors is not None:
                 return (feats @ factors[1].T) @ factors[0].T + self.readout_bias[s]
@@ -540,6 +544,8 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
         decoder's case, where reading ``W`` is most of the read-out's time) multiplies by far
         fewer weights. Computed once per weights (an SVD), kept outside the state.
         """
+        if torch.jit.is_tracing():  # trace_window computed them just before, eagerly
+            return self._readout_factors_cache[subject][1]
         key = (n_feat, self.readout_weight._version, self.readout_weight.data_ptr())
         cached = self._readout_factors_cache.get(subject)
         if cached is not None and cached[0] == key:
@@ -616,14 +622,22 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
             ``(batch, n_tokens, n_outputs)`` when ``n_tokens`` is set.
         """
         mask, subject = self.check_inputs(x, positions, mask, subject)
-        linear = self._readout(x, mask, subject) if self.readout_bins else None
+        one = int(subject[0]) if bool((subject == subject[0]).all()) else None
+        return self._encode(x, positions, mask, subject, sensors, one=one)
+
+    def _encode(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                subject: torch.Tensor, sensors: torch.Tensor | None,
+                one: int | None) -> dict[str, torch.Tensor]:
+        """:meth:`forward` on checked inputs; ``one`` is the batch's subject when all rows
+        share one (Python-level, so tracing one subject turns no tensor into a bool)."""
+        linear = self._readout(x, mask, subject, one) if self.readout_bins else None
         if self.focus != (0, self.n_times):
             x = x[..., self.focus[0]:self.focus[1]]
         h = self.spatial(x, positions.to(x.dtype), mask,
                          sensors if self.sensor_aware else None)
         h = self.merge(h)
         if self.subject_layer is not None:
-            h = self.subject_layer(h, subject)
+            h = self.subject_layer(h, subject if one is None else one)
         h = self.final(self.encoder(h))
         z = self.aggregate(h)  # (B, Q, head_dim)
         clip, mse = self.clip_head(z), self.mse_head(z)
@@ -652,9 +666,8 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
         (``mask`` needs a True). The module holds a copy of the weights: trace again after
         changing them.
         """
-        layout = {"positions": positions[None].float(), "subject": torch.tensor([int(subject)])}
-        if self.sensor_aware:
-            layout["sensors"] = sensors[None]
+        layout = {"positions": positions[None].float(), "subject": torch.tensor([int(subject)]),
+                  "sensors": sensors[None] if self.sensor_aware else None, "one": int(subject)}
         one = _OneLayout(self, layout, check_option("head", head, ("clip", "mse"))).eval()
         example = (torch.zeros(1, len(positions), self.n_times),
                    torch.ones(1, len(positions), dtype=torch.bool))
@@ -687,14 +700,20 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
         return x, inputs
 
 
+def _single(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds one example (batch size 1). Under tracing it is True without
+    looking at the size: :meth:`MegBrainModule.trace_window` traces single windows, and a
+    traced size turned into a bool would be a ``TracerWarning``."""
+    return torch.jit.is_tracing() or t.shape[0] == 1
+
+
 def _quiet_tracing() -> None:
-    """Silence what tracing one window says by design, process-wide (``catch_warnings`` is
-    not thread-safe, and the streamer traces in its own thread): a ``TracerWarning`` for each
-    check on the batch that becomes a constant (one row, one subject), and torch 2.13's
-    deprecation of TorchScript. ``torch.compile`` needs a C++ compiler at run time and
+    """Silence torch 2.13's deprecation of TorchScript, process-wide (``catch_warnings`` is
+    not thread-safe, and the streamer traces in its own thread). The traced path itself
+    turns no tensor into a Python value (:func:`_single`, ``_encode``'s ``one``), so tracing
+    says nothing else. ``torch.compile`` needs a C++ compiler at run time and
     ``torch.export`` does not take the data-dependent input checks of ``forward``; measured
     in the real-time benchmark, the traced model halves a window's encode time."""
-    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated",
                             category=DeprecationWarning)
 
@@ -703,9 +722,9 @@ class _OneLayout(nn.Module):
     """A :class:`MegBrainModule` with its layout inputs bound and one output
     (:meth:`~MegBrainModule.trace_window`)."""
 
-    def __init__(self, net: MegBrainModule, layout: dict[str, torch.Tensor], head: str):
+    def __init__(self, net: MegBrainModule, layout: dict[str, Any], head: str):
         super().__init__()
         self.net, self.layout, self.head = net, layout, head
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.net(x, mask=mask, **self.layout)[self.head]
+        return self.net._encode(x, mask=mask, **self.layout)[self.head]
