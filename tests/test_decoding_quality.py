@@ -165,6 +165,22 @@ def test_focus_is_chosen_where_validation_trials_decode():
             or "within the noise of chance" in none["reason"]), none
 
 
+def test_focus_search_scores_a_bounded_subset_of_whole_stimuli(monkeypatch):
+    """Beyond MAX_TRIALS train trials the search scores whole stimuli up to that count (its
+    cost stays constant on large datasets) and still finds the informative span."""
+    from neurorecon.pipelines.train import focus
+
+    monkeypatch.setattr(focus, "MAX_TRIALS", 62)
+    dm = _FakeDm(signal=True)
+    keep = focus.cv_subset(dm.splits["train"].target)
+    kept = dm.splits["train"].target[keep]
+    assert len(kept) == 60  # 15 whole stimuli of 4 trials: a 16th would pass 62
+    assert not np.isin(dm.splits["train"].target[~keep], kept).any()  # no stimulus split
+    chosen = focus.choose_focus(dm)
+    assert chosen["cv_trials"] == 60
+    assert chosen["tmin"] <= 0.3 and chosen["tmax"] >= 0.5
+
+
 def test_subspace_adapter_ignores_what_training_trials_never_showed():
     from neurorecon.models.fmri.encoder import FmriEncoder
 

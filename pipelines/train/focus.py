@@ -7,7 +7,8 @@ With a few hundred trials per subject, a deep encoder that sees the whole epoch 
 of the uninformative samples. Before training, a ridge decoder is fitted on sliding 250 ms
 windows and scored by grouped k-fold over the *train* trials (folds by stimulus, so a scored
 stimulus was never fitted; the rank score of each fold's trials among that fold's stimuli):
-every train trial is scored once, several times more trials than the validation split holds,
+every train trial (up to :data:`MAX_TRIALS` per subject) is scored once, several times more
+trials than the validation split holds,
 so the choice does not move with the split's seed on weak data. The encoder then sees the span
 covered by the windows that decode at least half as well as the best one (from the first
 sample of the first such window to the last sample of the last). A best window within the
@@ -31,6 +32,25 @@ from neurorecon.models.ridge import gram_ridge_predict
 WIDTH, STEP = 0.25, 0.1
 #: folds of the cross-validation over train trials (grouped by stimulus)
 FOLDS = 5
+#: train trials per subject scored at most (whole stimuli drawn at random beyond): the search
+#: only ranks windows, and its cost grows with the cube of the trials (one eigendecomposition
+#: per window and fold), so it stays constant on large datasets instead of dominating them
+MAX_TRIALS = 800
+
+
+def cv_subset(targets: np.ndarray, max_trials: int | None = None,
+              seed: int = 0) -> np.ndarray | None:
+    """Rows of ``targets`` (stimulus indices) to score: None for all when there are at most
+    ``max_trials``, else a bool mask of whole stimuli in a seeded random order, up to
+    ``max_trials`` (default :data:`MAX_TRIALS`) trials (every repeat of a kept stimulus
+    stays, so folds still group)."""
+    max_trials = MAX_TRIALS if max_trials is None else max_trials
+    if len(targets) <= max_trials:
+        return None
+    stims, counts = np.unique(targets, return_counts=True)
+    order = np.random.default_rng(seed).permutation(len(stims))
+    kept = stims[order[np.cumsum(counts[order]) <= max_trials]]
+    return np.isin(targets, kept)
 
 
 def cv_window_scores(dm, k: int, starts: np.ndarray, n_win: int, *, alphas=None
@@ -38,14 +58,19 @@ def cv_window_scores(dm, k: int, starts: np.ndarray, n_win: int, *, alphas=None
     """Grouped k-fold rank score of a ridge on each window ``[start, start + n_win)`` of
     subject ``k``'s train trials, and the number of trials scored (0: too few stimuli).
 
-    One Gram matrix per window over all train trials (:func:`~.ridge.streamed_gram`, read
-    from the cache a chunk of the window at a time); each fold is a re-centred sub-block of
-    it."""
+    One Gram matrix per window over the train trials (at most :data:`MAX_TRIALS`,
+    :func:`cv_subset`; :func:`~.ridge.streamed_gram`, read from the cache a chunk of the
+    window at a time); each fold is a re-centred sub-block of it."""
     from sklearn.model_selection import GroupKFold
 
     from .ridge import flat_targets, slice_features, streamed_gram, time_chunks
 
     targets = dm.splits["train"].target[dm.splits["train"].subject == k]
+    keep = cv_subset(targets)
+    if keep is not None:
+        logger.info("temporal focus sub-%s: scoring %d of %d train trials (at most %d)",
+                    dm.labels[k], int(keep.sum()), len(targets), MAX_TRIALS)
+        targets = targets[keep]
     n_groups = len(np.unique(targets))
     if n_groups < 2 * FOLDS or len(targets) < 4 * FOLDS:
         return np.full(len(starts), 0.5), 0
@@ -54,7 +79,7 @@ def cv_window_scores(dm, k: int, starts: np.ndarray, n_win: int, *, alphas=None
     scores = np.zeros(len(starts))
     for i, start in enumerate(starts):
         gram = streamed_gram(dm, k, [slice_features(sl) for sl in time_chunks(
-            dm, k, slice(int(start), int(start) + n_win))], fit_splits=("train",))
+            dm, k, slice(int(start), int(start) + n_win))], fit_splits=("train",), keep=keep)
         window_alphas = alphas
         for fit, held in folds:
             pred, alpha = gram_ridge_predict(gram.folds(fit, held), emb[targets[fit]],

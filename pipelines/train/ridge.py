@@ -57,22 +57,27 @@ def time_chunks(dm, k: int, sl: slice = slice(None)) -> list[slice]:
     return [slice(a, min(a + width, stop)) for a in range(start, stop, width)]
 
 
-def stream_rows(dm, k: int, splits: tuple[str, ...], features) -> np.ndarray:
+def stream_rows(dm, k: int, splits: tuple[str, ...], features,
+                keep: np.ndarray | None = None) -> np.ndarray:
     """``features(block)`` of subject ``k``'s rows of ``splits`` (in split order), the cache
     read a block of trials at a time: ``(n, n_features)`` float32 in one array, never the
-    trials themselves. ``features`` maps ``(b, *row_shape)`` to ``(b, n_features)``."""
+    trials themselves. ``features`` maps ``(b, *row_shape)`` to ``(b, n_features)``;
+    ``keep`` (bool, one per row of ``splits``) selects rows."""
     sources = [dm.subject_row_blocks(name, k) for name in splits]
-    n = sum(len(src) for src in sources)
+    n = sum(len(src) for src in sources) if keep is None else int(keep.sum())
     out = None
-    i = 0
+    i = j = 0  # rows read, rows written
     for src in sources:
         for block in src():
             cut = features(block)
+            if keep is not None:
+                cut = cut[keep[i:i + len(block)]]
+            i += len(block)
             del block  # not held while the next block is read
             if out is None:
                 out = np.empty((n, cut.shape[1]), np.float32)
-            out[i:i + len(cut)] = cut
-            i += len(cut)
+            out[j:j + len(cut)] = cut
+            j += len(cut)
     return np.zeros((0, 0), np.float32) if out is None else out
 
 
@@ -82,15 +87,19 @@ def fit_targets(dm, k: int, splits: tuple[str, ...], Y: np.ndarray) -> np.ndarra
 
 
 def streamed_gram(dm, k: int, features: list[Callable[[np.ndarray], np.ndarray]], *,
-                  fit_splits: tuple[str, ...], eval_split: str | None = None) -> StandardGram:
+                  fit_splits: tuple[str, ...], eval_split: str | None = None,
+                  keep: np.ndarray | None = None) -> StandardGram:
     """The :class:`~neurorecon.models.ridge.StandardGram` of subject ``k``'s ``fit_splits``
-    rows (and ``eval_split`` rows) over the union of column chunks ``features`` (each maps a
-    block of trials to its columns, as in :func:`stream_rows`), added one chunk at a time:
-    memory holds one chunk of the features, never all of them nor the trials."""
+    rows (those of ``keep``, as in :func:`stream_rows`; default all) and ``eval_split`` rows
+    over the union of column chunks ``features`` (each maps a block of trials to its columns,
+    as in :func:`stream_rows`), added one chunk at a time: memory holds one chunk of the
+    features, never all of them nor the trials."""
     n_eval = 0 if eval_split is None else int((dm.splits[eval_split].subject == k).sum())
-    gram = StandardGram(int(sum((dm.splits[n].subject == k).sum() for n in fit_splits)), n_eval)
+    n_fit = (int(sum((dm.splits[n].subject == k).sum() for n in fit_splits)) if keep is None
+             else int(keep.sum()))
+    gram = StandardGram(n_fit, n_eval)
     for feature in features:
-        fit = stream_rows(dm, k, fit_splits, feature)
+        fit = stream_rows(dm, k, fit_splits, feature, keep)
         gram.add(fit, stream_rows(dm, k, (eval_split,), feature) if n_eval else fit[:0])
         del fit  # not held while the next chunk is read
     return gram

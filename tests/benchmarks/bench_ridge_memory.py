@@ -19,6 +19,8 @@ Not a test; run it on a preprocessed and embedded BIDS MEG dataset::
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import subprocess
 import sys
@@ -64,6 +66,8 @@ def measure(root: str, fraction: float, in_memory: bool) -> dict:
     labels = build_datamodule(cfg, pre, emb).labels
     dm = build_datamodule(cfg, pre, emb, train_fraction={lab: fraction for lab in labels})
     n_trials = len(dm.splits["train"]) + len(dm.splits["val"])
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # the set-up's freed heap would hide growth
     base = status_mb("VmRSS")
     reset_peak()
     t0 = time.perf_counter()
@@ -85,11 +89,13 @@ def measure(root: str, fraction: float, in_memory: bool) -> dict:
                     step=0.1 if ev == "val" else 0.05)
             fit_X, fit_Y, eval_X, _ = subject_arrays(dm, k)
             RidgeDecoder().fit(fit_X, fit_Y).predict(eval_X)
-    steps = {}
+    steps, seconds = {}, {}
     if not in_memory:
-        def step(name, run):  # each step's own peak above the set-up RSS
+        def step(name, run):  # each step's own peak above the set-up RSS, and its time
             reset_peak()
+            start = time.perf_counter()
             out = run()
+            seconds[name] = round(time.perf_counter() - start, 1)
             steps[name] = round(status_mb("VmHWM") - base, 1)
             return out
 
@@ -102,7 +108,7 @@ def measure(root: str, fraction: float, in_memory: bool) -> dict:
     peak = max(steps.values()) + base if steps else status_mb("VmHWM")
     return {"fraction": fraction, "trials": n_trials, "seconds": round(time.perf_counter() - t0, 1),
             "peak_above_setup_mb": round(peak - base, 1), "setup_rss_mb": round(base, 1),
-            "steps_peak_mb": steps}
+            "steps_peak_mb": steps, "steps_seconds": seconds}
 
 
 def main() -> None:
@@ -133,6 +139,9 @@ def main() -> None:
                                                                              - a["trials"])
         print(f"growth: {per:.0f} MB per 1000 trials; time x{b['seconds'] / a['seconds']:.1f} "
               f"for x{b['trials'] / a['trials']:.1f} trials")
+        for name, t in b.get("steps_seconds", {}).items():
+            print(f"  {name}: {a['steps_seconds'][name]} -> {t} s "
+                  f"(x{t / max(a['steps_seconds'][name], 1e-9):.1f})")
 
 
 if __name__ == "__main__":
