@@ -353,8 +353,11 @@ class StandardGram:
         ``weight = Zᵀ dual / scale``, so the features are never held whole here either."""
         weights, bias = [], solution.y_mean.copy()
         for (mean, scale), chunk in zip(self.stats, chunks, strict=True):
-            z = (np.asarray(chunk, np.float64) - mean) / scale
-            w = (z.T @ solution.dual) / scale[:, None]  # (n_chunk, n_targets)
+            w = np.zeros((chunk.shape[1], solution.dual.shape[1]))  # (n_chunk, n_targets)
+            for start in range(0, len(chunk), ROW_BLOCK):  # no float64 copy of the chunk
+                z = (chunk[start:start + ROW_BLOCK].astype(np.float64) - mean) / scale
+                w += z.T @ solution.dual[start:start + ROW_BLOCK]
+            w /= scale[:, None]
             weights.append(w.T)
             bias -= mean @ w
         return (np.concatenate(weights, axis=1).astype(np.float32),
