@@ -43,9 +43,9 @@ def subject_arrays(dm, k: int, targets: np.ndarray | None = None, *,
     return np.stack(fit_X), np.concatenate(fit_Y), eval_X, rows
 
 
-#: feature values per trial in one chunk of a streamed Gram (16 kB of float32 per trial, so
-#: 16 MB per 1000 trials: a 250 ms window of 306 channels at 120 Hz is three chunks)
-CHUNK_VALUES = 4096
+#: feature values per trial in one chunk of a streamed Gram (8 kB of float32 per trial, so
+#: 8 MB per 1000 trials: a 250 ms window of 306 channels at 120 Hz is five chunks)
+CHUNK_VALUES = 2048
 
 
 def time_chunks(dm, k: int, sl: slice = slice(None)) -> list[slice]:
