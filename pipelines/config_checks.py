@@ -83,6 +83,7 @@ NUMBERS: dict[str, dict[str, Any]] = {
     "reconstruct.retrieval_k": dict(low=1, integer=True),
     "reconstruct.retrieval_shortlist": dict(low=1, integer=True),
     "reconstruct.lowlevel_rerank": dict(low=0, also=("auto",)),
+    "replay.chunk_size": dict(low=1, integer=True, also=("auto",)),
 }
 _ABSENT = object()
 

@@ -97,9 +97,16 @@ def with_markers(raw, path: Path | None):
                     "events sidecar and no stim channel", path=path)
 
 
-def replay(file: str | Path, *, name: str, markers: bool = False, chunk_size: int = 10,
-           repeat: int | float = 1, wait_s: float = 30.0) -> MarkerPlayer:
-    """Start replaying ``file``; returns the running player (``stop()`` ends it)."""
+#: duration of a replayed chunk with ``chunk_size=None`` (``replay.chunk_size=auto``): an
+#: acquisition system sends packets at a fixed period, whatever its sampling rate
+CHUNK_S = 0.01
+
+
+def replay(file: str | Path, *, name: str, markers: bool = False,
+           chunk_size: int | None = None, repeat: int | float = 1,
+           wait_s: float = 30.0) -> MarkerPlayer:
+    """Start replaying ``file`` in chunks of ``chunk_size`` samples (None: :data:`CHUNK_S`
+    of them, at least 1); returns the running player (``stop()`` ends it)."""
     import mne
 
     path = Path(file)
@@ -109,6 +116,8 @@ def replay(file: str | Path, *, name: str, markers: bool = False, chunk_size: in
         raw = mne.io.read_raw(path, preload=True, verbose=False)
     except Exception as exc:  # noqa: BLE001 - mne raises many types for unreadable files
         raise DataError(f"cannot read the recording with MNE ({exc})", path=path) from exc
+    if chunk_size is None:
+        chunk_size = max(1, round(CHUNK_S * raw.info["sfreq"]))
     n = len(raw.times)
     # two PlayerLSL (1.14) edge cases: a short last chunk is stamped as a full one (a false
     # gap at the end), and when looping, a file of whole chunks is re-sent whole at the wrap
@@ -121,8 +130,9 @@ def replay(file: str | Path, *, name: str, markers: bool = False, chunk_size: in
         raw, source = with_markers(raw, path)
     player = MarkerPlayer(raw, name=name, chunk_size=chunk_size, n_repeat=repeat,
                           markers=markers, wait_s=wait_s).start()
-    logger.info("replay: %s as LSL stream %r (%d channels, %g Hz, %.1f s%s)%s", path.name,
-                name, len(raw.ch_names), raw.info["sfreq"], raw.times[-1],
+    logger.info("replay: %s as LSL stream %r (%d channels, %g Hz, %.1f s in chunks of %d "
+                "samples%s)%s", path.name, name, len(raw.ch_names), raw.info["sfreq"],
+                raw.times[-1], chunk_size,
                 "" if repeat == 1 else f", {repeat:g} passes",
                 f"; markers {name}-markers from {source}" if markers else "")
     return player
@@ -133,7 +143,8 @@ def run(cfg) -> None:
     r = cfg.replay
     repeat = math.inf if str(r.repeat) in ("inf", "-1") else int(r.repeat)
     player = replay(r.file, name=str(r.name), markers=bool(r.markers),
-                    chunk_size=int(r.chunk_size), repeat=repeat, wait_s=float(r.wait_s))
+                    chunk_size=None if str(r.chunk_size) == "auto" else int(r.chunk_size),
+                    repeat=repeat, wait_s=float(r.wait_s))
     try:
         while not player.finished:
             time.sleep(0.2)

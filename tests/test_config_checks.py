@@ -42,7 +42,8 @@ def test_every_option_is_checked(tmp_path):
 def test_every_number_is_checked(tmp_path):
     """A number out of range stops with one line naming the key, the value and the range."""
     for key in NUMBERS:
-        cfg = compose_stage("run", tmp_path, [f"{key}=-5"])
+        stage = "replay" if key.startswith("replay.") else "run"
+        cfg = compose_stage(stage, tmp_path, [f"{key}=-5"])
         with pytest.raises(DataError) as err:
             check_config(cfg)
         msg = str(err.value)

@@ -202,7 +202,7 @@ def test_replay_over_lsl_equals_offline_and_reconnects(meg, short_recording):
     from mne_lsl.lsl import StreamInlet, resolve_streams
 
     from neurorecon.serve.lsl import Hub, StreamService
-    from neurorecon.serve.replay import replay
+    from neurorecon.serve.replay import CHUNK_S, replay
     from neurorecon.serve.settings import StreamSettings
 
     decoder, raw, events, offline, subject = meg
@@ -232,7 +232,9 @@ def test_replay_over_lsl_equals_offline_and_reconnects(meg, short_recording):
         assert set(values[:, 3].astype(int)) <= set(range(len(decoder.gallery)))
         status = service.status()
         n = len(raw.copy().crop(0, 12).times)
-        assert status["samples"] == n - n % 10  # every replayed sample (whole 10-sample chunks)
+        chunk = round(CHUNK_S * raw.info["sfreq"])  # replay.chunk_size=auto: 10 ms of samples
+        assert chunk == 12  # at the sample's 1200 Hz
+        assert status["samples"] == n - n % chunk  # every replayed sample (whole chunks)
         assert status["dropped"] == 0 and status["gaps"] == 0
         assert status["latency_p50_ms"] is not None
 

@@ -16,7 +16,7 @@ sample recording) and Neuromag-306 at 1000 Hz (the ``sample=hard`` preset's; ``-
 
     .venv/bin/python tests/benchmarks/bench_stream.py runs/run/<time>/bundle \\
         data/sample/meg/sub-01/ses-01/meg/sub-01_ses-01_task-images_run-01_meg.fif \\
-        [--minutes 10] [--hop 0.1] [--threads 1] [--resample HZ] [--json out.json]
+        [--minutes 10] [--hop 0.1] [--threads 1] [--resample HZ] [--chunk N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="serve.stream.threads")
     ap.add_argument("--resample", type=float, default=None,
                     help="stream the recording resampled to this rate (Hz)")
+    ap.add_argument("--chunk", default="auto",
+                    help="samples per LSL chunk of the replay (replay.chunk_size; default "
+                         "auto: 10 ms of samples)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -88,7 +91,7 @@ def main() -> None:
     player = subprocess.Popen(
         [str(Path(sys.executable).with_name("neurorecon")), "replay",
          f"replay.file={args.recording}", f"replay.name={name}", "replay.markers=true",
-         f"replay.repeat={passes}", "replay.wait_s=60"],
+         f"replay.repeat={passes}", "replay.wait_s=60", f"replay.chunk_size={args.chunk}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     messages: list[dict] = []
     settings = StreamSettings(source=name, subject=subject, markers=f"{name}-markers",
