@@ -81,12 +81,8 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
 
     from .evaluate.stage import evaluate_bundle
     from .evaluate.summary import write_report
-    from .export import (
-        fmri_subject_files,
-        lowlevel_maps,
-        stimulus_images,
-        subject_entries,
-    )
+    from .export import fmri_subject_files, lowlevel_maps, subject_entries
+    from .reconstruct.generation import stimulus_images
     from .train.adaptation import adapt_subjects
     from .train.fit import build_datamodule, prepare_caches
     from .train.ridge import ridge_predictions

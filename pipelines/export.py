@@ -149,19 +149,6 @@ def fmri_subject_files(dm) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
              if subjects[label].voxel_stats is not None})
 
 
-def stimulus_images(dm, stim_root: Path) -> list[Image.Image]:
-    """The data module's stimulus images, in its embedding order."""
-    images = []
-    for f in dm.embedding_index["stim_file"]:
-        path = stim_root / f
-        if not path.is_file():
-            raise DataError("stimulus image missing (needed for the bundle's gallery and "
-                            "low-level pathway)", path=path)
-        with Image.open(path) as im:
-            images.append(im.convert("RGB"))
-    return images
-
-
 def lowlevel_maps(dm, images: list[Image.Image]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The low-level pathway of every subject of ``dm``: a ridge from its train + val trials
     to the colour thumbnails of ``images`` (its stimuli), as one affine map per subject."""
@@ -175,6 +162,8 @@ def lowlevel_maps(dm, images: list[Image.Image]) -> dict[str, tuple[np.ndarray, 
 
 def _gallery(dm, stim_root: Path) -> tuple[Gallery, list[Image.Image]]:
     """Every stimulus of the data module: embeddings, split of the run, thumbnails."""
+    from .reconstruct.generation import stimulus_images
+
     index = dm.embedding_index
     split = np.full(len(index), "unused", dtype=object)
     for name in ("train", "val", "test"):  # test last: an image is test if tested at all
@@ -192,18 +181,17 @@ def _generator(cfg: DictConfig, dm, images: list[Image.Image], *, net,
 
     The low-level re-ranking weight of retrieved starts is the run's (``metrics``
     ``reconstruction.retrieval``), or chosen again as the run chose it."""
-    from .reconstruct.generation import build_generator, lowlevel_rerank
+    from .reconstruct.generation import build_generator, generator_rows, lowlevel_rerank
 
     rcfg = cfg.reconstruct
     gen_cfg = rcfg.generator
-    fit_rows = np.unique(np.concatenate([dm.splits[n].target for n in ("train", "val")]))
+    fit_rows = generator_rows(dm)
     emb = flat_targets(dm)
     generator, _ = build_generator(gen_cfg, images=[images[i] for i in fit_rows],
                                    embeddings=emb[fit_rows], cache_dir=cfg.paths.cache_dir)
     known = ((metrics or {}).get("reconstruction") or {}).get("retrieval") or {}
-    rerank = float(known["lowlevel_rerank"]) if "lowlevel_rerank" in known else (
-        lowlevel_rerank(cfg, net, dm, embeddings=emb, fit_rows=fit_rows, stim_images=images)
-        ["value"] if rcfg.lowlevel and rcfg.start == "retrieved" else 0.0)
+    rerank = float(known["lowlevel_rerank"]) if "lowlevel_rerank" in known else lowlevel_rerank(
+        cfg, net, dm, embeddings=emb, fit_rows=fit_rows, stim_images=images)["value"]
     desc = {"class": type(generator).__name__, "note": generator.note,
             "embedding_scale": generator.embedding_scale,
             "target_norm": float(np.linalg.norm(emb[fit_rows], axis=1).mean()),

@@ -24,6 +24,7 @@ from .evaluate.report import evaluate
 from .evaluate.summary import write_report
 from .export import export_bundle
 from .preprocess.run import skipped_runs
+from .reconstruct.generation import generator_rows, lowlevel_rerank, stimulus_images
 from .train.fit import (
     build_datamodule,
     build_module,
@@ -34,6 +35,7 @@ from .train.fit import (
     update_checkpoint,
 )
 from .train.readout import attach_readout, choose_meg_readout
+from .train.ridge import flat_targets
 from .train.time_resolved import deep_time_resolved
 
 
@@ -60,6 +62,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         deep_curve = deep_time_resolved(cfg, dm, out_dir=out_dir,
                                         step=float(cfg.evaluate.get("time_resolved_deep_step",
                                                                     0.1)))
+    reconstructing = bool(cfg.get("reconstruct") and cfg.reconstruct.enabled)
+    stim_root = Path(cfg.data.root) / cfg.data.stim_dir
+    # chosen before the refit: the validation-selected model has not seen the validation trials
+    rerank = lowlevel_rerank(cfg, lit.net, dm, embeddings=flat_targets(dm),
+                             fit_rows=generator_rows(dm),
+                             stim_images=stimulus_images(dm, stim_root)) \
+        if reconstructing else None
     if (cfg.get("refit") or {}).get(dm.modality) and trainer.world_size > 1:
         logger.warning("refit on train + validation trials is skipped in multi-process "
                        "training (%d processes); the validation-selected model is used",
@@ -74,17 +83,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         update_checkpoint(lit, info)
         info["readout"] = readout
     metrics = evaluate(lit.net, dm, out_dir=out_dir,
-                       stim_root=Path(cfg.data.root) / cfg.data.stim_dir,
+                       stim_root=stim_root,
                        ridge=bool(cfg.evaluate.ridge),
                        time_resolved=bool(cfg.evaluate.time_resolved),
                        ridge_alphas=cfg.evaluate.get("ridge_alphas"), focus=focus,
                        deep_curve=deep_curve)
     metrics["training"] = info
     metrics["data"] = {"skipped_runs": skipped_runs(cfg.data)}
-    if cfg.get("reconstruct") and cfg.reconstruct.enabled:
-        metrics["reconstruction"] = reconstruct(
-            lit.net, dm, cfg=cfg, out_dir=out_dir,
-            stim_root=Path(cfg.data.root) / cfg.data.stim_dir)
+    if reconstructing:
+        metrics["reconstruction"] = reconstruct(lit.net, dm, cfg=cfg, out_dir=out_dir,
+                                                stim_root=stim_root, rerank=rerank)
     if cfg.evaluate.get("adaptation") and len(dm.labels) < 2:
         logger.warning("evaluate.adaptation: skipped, the dataset has one subject (a new "
                        "subject is adapted from a model trained on the others)")

@@ -35,8 +35,10 @@ from ..inference import predict_split
 from ..reconstruct.generation import (
     build_generator,
     caption_pathway,
+    generator_rows,
     lowlevel_inits,
     lowlevel_rerank,
+    stimulus_images,
 )
 from ..train.ridge import flat_targets
 from .recon_metrics import compare_reconstructions
@@ -69,12 +71,14 @@ def plot_grid(rows: list[list[Image.Image]], labels: list[str], path: Path, *,
 
 
 def reconstruct(net, dm, *, cfg: DictConfig, out_dir: str | Path,
-                stim_root: str | Path) -> dict[str, Any]:
+                stim_root: str | Path, rerank: dict | None = None) -> dict[str, Any]:
     """Reconstruct the test images from brain-decoded embeddings; return metrics + paths.
 
     Writes ``reconstructions/*.png`` (one per test row), ``reconstructions.png`` (grid) and
     ``reconstruction.json`` in ``out_dir``. The embedded generator sees only the stimuli of
-    the train and validation splits; the test images are new to it.
+    the train and validation splits; the test images are new to it. ``rerank``: the low-level
+    re-ranking weight chosen before (:func:`~..reconstruct.generation.lowlevel_rerank` with a
+    model that has not seen the validation trials); None: chosen here with ``net``.
     """
 
     t0 = time.perf_counter()
@@ -86,10 +90,10 @@ def reconstruct(net, dm, *, cfg: DictConfig, out_dir: str | Path,
     out_dir = Path(out_dir)
     (out_dir / "reconstructions").mkdir(parents=True, exist_ok=True)
     stim_files = dm.embedding_index["stim_file"].tolist()
-    images = [Image.open(Path(stim_root) / s).convert("RGB") for s in stim_files]
+    images = stimulus_images(dm, Path(stim_root))
     emb = flat_targets(dm)
     test = dm.splits["test"]
-    fit_rows = np.unique(np.concatenate([dm.splits[n].target for n in ("train", "val")]))
+    fit_rows = generator_rows(dm)
     generator, train_info = build_generator(
         rcfg.generator, images=[images[i] for i in fit_rows], embeddings=emb[fit_rows],
         cache_dir=cfg.paths.cache_dir)
@@ -107,9 +111,9 @@ def reconstruct(net, dm, *, cfg: DictConfig, out_dir: str | Path,
                 if rcfg.lowlevel else None)
     start = str(rcfg.start)
     fit_images = [images[i] for i in fit_rows]
-    rerank = (lowlevel_rerank(cfg, net, dm, embeddings=emb, fit_rows=fit_rows,
-                              stim_images=images)
-              if start == "retrieved" and lowlevel is not None else {"value": 0.0})
+    if rerank is None:
+        rerank = lowlevel_rerank(cfg, net, dm, embeddings=emb, fit_rows=fit_rows,
+                                 stim_images=images)
     layouts = image_thumbnails(fit_images) if rerank["value"] > 0 else None
 
     def starts(queries: np.ndarray, coarse: list[Image.Image] | None
@@ -201,12 +205,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     "reconstruction"}``) and ``report.md`` in the run directory; returns the reconstruction
     block.
     """
+    from ..train.checkpoint import selected_before_refit
     from .stage import from_checkpoint
 
     net, dm, job = from_checkpoint(cfg)
     out_dir = Path(cfg.paths.output_dir)
-    out = reconstruct(net, dm, cfg=job, out_dir=out_dir,
-                      stim_root=Path(cfg.data.root) / cfg.data.stim_dir)
+    stim_root = Path(cfg.data.root) / cfg.data.stim_dir
+    rerank = None
+    selected = selected_before_refit(cfg.checkpoint)
+    if selected is not None:  # choices on validation trials by a model that has not seen them
+        before = cfg.copy()
+        before.checkpoint = str(selected)
+        sel_net, sel_dm, _ = from_checkpoint(before)
+        rerank = lowlevel_rerank(job, sel_net, sel_dm, embeddings=flat_targets(sel_dm),
+                                 fit_rows=generator_rows(sel_dm),
+                                 stim_images=stimulus_images(sel_dm, stim_root))
+        logger.info("reconstruct: choices on validation trials with %s (before the refit)",
+                    selected)
+    out = reconstruct(net, dm, cfg=job, out_dir=out_dir, stim_root=stim_root, rerank=rerank)
     metrics = {"modality": dm.modality, "n_test": out["n_images"],
                "n_test_images": len(set(dm.splits["test"].target.tolist())),
                "subjects": dm.labels,

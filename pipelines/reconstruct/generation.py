@@ -149,10 +149,17 @@ def choose_lowlevel_rerank(dm, *, queries: np.ndarray, embeddings: np.ndarray,
 def lowlevel_rerank(cfg: DictConfig, net, dm, *, embeddings: np.ndarray,
                     fit_rows: np.ndarray, stim_images: list[Image.Image]) -> dict:
     """``reconstruct.lowlevel_rerank`` of a run: the configured number, or with ``auto`` the
-    weight chosen on the validation trials (:func:`choose_lowlevel_rerank`). A data module
-    without them (after the refit on train + validation trials) is rebuilt with the run's
-    validation split from the caches."""
+    weight chosen on the validation trials (:func:`choose_lowlevel_rerank`), or 0 where the
+    start is not re-ranked (``start`` other than ``retrieved``, no low-level pathway).
+
+    ``net`` must not have seen the validation trials: a run passes its validation-selected
+    model before the refit on train + validation trials (a refitted encoder's validation
+    embeddings are fitted ones, too good beside the held-out low-level pathway: the weight
+    would lean to 0). A data module without validation trials (after that refit) is rebuilt
+    with the run's validation split from the caches."""
     rcfg = cfg.reconstruct
+    if str(rcfg.start) != "retrieved" or not rcfg.lowlevel:
+        return {"value": 0.0}
     if str(rcfg.lowlevel_rerank) != "auto":
         return {"value": float(rcfg.lowlevel_rerank)}
     from ..inference import predict_split
@@ -164,6 +171,25 @@ def lowlevel_rerank(cfg: DictConfig, net, dm, *, embeddings: np.ndarray,
                                   embeddings=embeddings, fit_rows=fit_rows,
                                   stim_images=stim_images,
                                   shortlist=int(rcfg.retrieval_shortlist))
+
+
+def generator_rows(dm) -> np.ndarray:
+    """Stimulus indices the generator trains on and retrieves starts from: the train and
+    validation images."""
+    return np.unique(np.concatenate([dm.splits[n].target for n in ("train", "val")]))
+
+
+def stimulus_images(dm, stim_root: Path) -> list[Image.Image]:
+    """The data module's stimulus images (RGB), in its embedding order."""
+    images = []
+    for f in dm.embedding_index["stim_file"]:
+        path = Path(stim_root) / f
+        if not path.is_file():
+            raise DataError("stimulus image missing (needed for the gallery, the generator "
+                            "and the low-level pathway)", path=path)
+        with Image.open(path) as im:
+            images.append(im.convert("RGB"))
+    return images
 
 
 def caption_pathway(dm, generator, *, stim_root: Path,

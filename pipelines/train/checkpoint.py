@@ -36,6 +36,18 @@ def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     return net.eval(), desc
 
 
+def selected_before_refit(path: str | Path) -> Path | None:
+    """The validation-selected checkpoint that a refit checkpoint ``path`` (``refit.ckpt``,
+    :func:`~.fit.refit`) was refitted from: the one other checkpoint of its folder, a model
+    that has not seen the validation trials. None when ``path`` is not a refit or that
+    checkpoint is gone."""
+    path = Path(path)
+    if path.name != "refit.ckpt":
+        return None
+    others = [p for p in path.parent.glob("*.ckpt") if p.name != path.name]
+    return others[0] if len(others) == 1 else None
+
+
 def check_compatible(desc: dict[str, Any], dm, *, path: str | Path) -> None:
     """Raise :class:`DataError` if the data of ``dm`` does not fit the checkpoint ``desc``."""
     trained = desc["data"]
