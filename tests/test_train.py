@@ -205,3 +205,23 @@ def test_token_level_targets(sample_root, tmp_path, hf_dirs):
     assert ckpt["neurorecon"]["data"]["n_tokens"] == 17  # 4x4 patches + CLS of the tiny CLIP
     assert ckpt["neurorecon"]["model_config"]["n_tokens"] == 17
     assert 0 <= metrics["retrieval"]["encoder"]["top5"] <= 1
+
+
+def test_refit_checkpoint_knows_the_model_it_was_refitted_from(tmp_path):
+    """Choices on validation trials after a refit use the validation-selected checkpoint
+    (a model that has not seen them): the one the run recorded, else the folder's only other
+    one; nothing for a checkpoint that is not a refit."""
+    from neurorecon.pipelines.train.checkpoint import selected_before_refit
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    refit = ckpts / "refit.ckpt"
+    for name in ("best.ckpt", "refit.ckpt"):
+        (ckpts / name).write_bytes(b"")
+    assert selected_before_refit(refit) == ckpts / "best.ckpt"
+    assert selected_before_refit(ckpts / "best.ckpt") is None
+    (ckpts / "best-v1.ckpt").write_bytes(b"")  # a rerun into the same folder: ambiguous
+    assert selected_before_refit(refit) is None
+    recorded = {"training": {"selected_checkpoint": "/elsewhere/checkpoints/best-v1.ckpt"}}
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps(recorded))
+    assert selected_before_refit(refit) == ckpts / "best-v1.ckpt"  # the run moved: by name

@@ -100,7 +100,7 @@ def lowlevel_inits(dm, *, stim_images: list[Image.Image], resolution: int) -> li
 
 
 #: low-level re-ranking weights tried on the validation trials (``lowlevel_rerank=auto``)
-RERANK_GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
+RERANK_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 def choose_lowlevel_rerank(dm, *, queries: np.ndarray, embeddings: np.ndarray,

@@ -38,12 +38,24 @@ def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
 
 def selected_before_refit(path: str | Path) -> Path | None:
     """The validation-selected checkpoint that a refit checkpoint ``path`` (``refit.ckpt``,
-    :func:`~.fit.refit`) was refitted from: the one other checkpoint of its folder, a model
-    that has not seen the validation trials. None when ``path`` is not a refit or that
-    checkpoint is gone."""
+    :func:`~.fit.refit`) was refitted from, a model that has not seen the validation trials:
+    the one its run recorded (``metrics.json`` ``training.selected_checkpoint``, beside the
+    ``checkpoints`` folder), else the one other checkpoint of its folder. None when ``path``
+    is not a refit or that checkpoint is gone."""
+    import json
+
     path = Path(path)
     if path.name != "refit.ckpt":
         return None
+    run_metrics = path.resolve().parent.parent / "metrics.json"
+    if run_metrics.is_file():
+        try:
+            recorded = json.loads(run_metrics.read_text()).get("training", {}).get(
+                "selected_checkpoint")
+        except (json.JSONDecodeError, AttributeError):
+            recorded = None
+        if recorded and (path.parent / Path(recorded).name).is_file():
+            return path.parent / Path(recorded).name
     others = [p for p in path.parent.glob("*.ckpt") if p.name != path.name]
     return others[0] if len(others) == 1 else None
 
