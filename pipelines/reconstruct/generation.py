@@ -113,11 +113,13 @@ def choose_lowlevel_rerank(dm, *, queries: np.ndarray, embeddings: np.ndarray,
     thumbnails; ``queries`` are the encoder's (contrastive head) embeddings of those trials.
     Each weight of :data:`RERANK_GRID` picks, among the generator's training images
     (``fit_rows``) other than the trial's own stimulus, the start
-    (:func:`~neurorecon.models.generators.base.start_scores`); the weight whose picks are
-    nearest the true stimuli (mean cosine of embeddings + mean Pearson r of thumbnails) wins,
-    the smaller on a tie. A pathway that predicts nothing useful thus gets weight 0 (the start
-    is the floor's retrieval). Returns ``{"value", "validation": {weight: score},
-    "n_trials"}``.
+    (:func:`~neurorecon.models.generators.base.start_scores`), scored per trial by how near
+    its pick is to the true stimulus (cosine of embeddings + Pearson r of thumbnails). The
+    smallest weight whose mean score is within one standard error (of the per-trial
+    differences) of the best one wins: a gain within the noise of a few validation trials
+    does not move the start off the floor's retrieval, and a pathway that predicts nothing
+    useful gets weight 0. Returns ``{"value", "validation": {weight: mean score},
+    "standard_error": {weight: se of its difference to the best}, "n_trials"}``.
     """
     from ..train.ridge import ridge_predictions
 
@@ -130,19 +132,24 @@ def choose_lowlevel_rerank(dm, *, queries: np.ndarray, embeddings: np.ndarray,
     own = np.searchsorted(fit_rows, val.target)
     unit = unit_rows(embeddings)
 
-    curve = {}
+    per_trial = {}
     for weight in RERANK_GRID:
         pick = fit_rows[start_scores(queries, embeddings[fit_rows], layouts=thumbs[fit_rows],
                                      predicted=predicted, rerank=weight, shortlist=shortlist,
                                      exclude=own).argmax(1)]
-        curve[weight] = float(np.mean(np.sum(unit[pick] * unit[val.target], axis=1))
-                              + np.mean(np.sum(centred_unit(thumbs[pick]) * centred_unit(
-                                  thumbs[val.target]), axis=1)))
-    best = max(curve.values())
-    value = min(w for w, v in curve.items() if v >= best - 1e-9)
-    logger.info("reconstruct: low-level re-ranking weight %g (validation %s)", value,
-                ", ".join(f"{w:g}: {v:.3f}" for w, v in curve.items()))
+        per_trial[weight] = (np.sum(unit[pick] * unit[val.target], axis=1)
+                             + np.sum(centred_unit(thumbs[pick])
+                                      * centred_unit(thumbs[val.target]), axis=1))
+    curve = {w: float(v.mean()) for w, v in per_trial.items()}
+    best = max(curve, key=lambda w: (curve[w], -w))
+    se = {w: float(np.std(per_trial[best] - v, ddof=1) / np.sqrt(len(v)))
+          for w, v in per_trial.items()}
+    value = min(w for w in curve if curve[w] >= curve[best] - se[w])
+    logger.info("reconstruct: low-level re-ranking weight %g (validation, mean ± se of the "
+                "difference to the best %g: %s)", value, best,
+                ", ".join(f"{w:g}: {curve[w]:.3f} ± {se[w]:.3f}" for w in curve))
     return {"value": value, "validation": {str(w): round(v, 4) for w, v in curve.items()},
+            "standard_error": {str(w): round(v, 4) for w, v in se.items()},
             "n_trials": int(len(val))}
 
 
