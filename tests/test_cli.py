@@ -74,15 +74,17 @@ def test_config_typos_in_one_line(tmp_path, args, message):
 
 
 def test_every_subpackage_is_packaged():
-    """A folder with an __init__.py that pyproject does not list would be missing once installed."""
+    """A folder with an __init__.py, or a config group (a folder of YAML files), that pyproject
+    does not list would be missing once installed."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     listed = set(project["packages"])
     mapping = project["package-dir"]
     found = set()
     for pkg, folder in mapping.items():
-        for init in (REPO / folder).rglob("__init__.py"):
-            rel = init.parent.relative_to(REPO / folder).parts
-            found.add(".".join([pkg, *rel]))
+        for marker in ("__init__.py", "*.yaml"):
+            for path in (REPO / folder).rglob(marker):
+                rel = path.parent.relative_to(REPO / folder).parts
+                found.add(".".join([pkg, *rel]))
     assert found == listed
 
 
