@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -207,7 +208,7 @@ def test_token_level_targets(sample_root, tmp_path, hf_dirs):
     assert 0 <= metrics["retrieval"]["encoder"]["top5"] <= 1
 
 
-def test_refit_checkpoint_knows_the_model_it_was_refitted_from(tmp_path):
+def test_refit_checkpoint_knows_the_model_it_was_refitted_from(tmp_path, caplog):
     """Choices on validation trials after a refit use the validation-selected checkpoint
     (a model that has not seen them): the one the run recorded, else the folder's only other
     one; nothing for a checkpoint that is not a refit."""
@@ -221,7 +222,9 @@ def test_refit_checkpoint_knows_the_model_it_was_refitted_from(tmp_path):
     assert selected_before_refit(refit) == ckpts / "best.ckpt"
     assert selected_before_refit(ckpts / "best.ckpt") is None
     (ckpts / "best-v1.ckpt").write_bytes(b"")  # a rerun into the same folder: ambiguous
-    assert selected_before_refit(refit) is None
+    with caplog.at_level(logging.WARNING, logger="neurorecon"):
+        assert selected_before_refit(refit) is None
+    assert "use the refitted model, which has seen them" in caplog.text
     recorded = {"training": {"selected_checkpoint": "/elsewhere/checkpoints/best-v1.ckpt"}}
     (tmp_path / "run" / "metrics.json").write_text(json.dumps(recorded))
     assert selected_before_refit(refit) == ckpts / "best-v1.ckpt"  # the run moved: by name

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from neurorecon.models.common.checks import DataError
+from neurorecon.models.common.logging import logger
 
 
 def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -57,7 +58,12 @@ def selected_before_refit(path: str | Path) -> Path | None:
         if recorded and (path.parent / Path(recorded).name).is_file():
             return path.parent / Path(recorded).name
     others = [p for p in path.parent.glob("*.ckpt") if p.name != path.name]
-    return others[0] if len(others) == 1 else None
+    if len(others) == 1:
+        return others[0]
+    logger.warning("%s: the checkpoint it was refitted from is not found beside it (nor in "
+                   "its run's metrics.json); choices on validation trials use the refitted "
+                   "model, which has seen them", path)
+    return None
 
 
 def check_compatible(desc: dict[str, Any], dm, *, path: str | Path) -> None:
