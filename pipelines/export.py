@@ -191,7 +191,7 @@ def _generator(cfg: DictConfig, dm, images: list[Image.Image], *, net,
                                    embeddings=emb[fit_rows], cache_dir=cfg.paths.cache_dir)
     known = ((metrics or {}).get("reconstruction") or {}).get("retrieval") or {}
     rerank = float(known["lowlevel_rerank"]) if "lowlevel_rerank" in known else lowlevel_rerank(
-        cfg, net, dm, embeddings=emb, fit_rows=fit_rows, stim_images=images)["value"]
+        cfg, net, dm, stim_images=images)["value"]
     desc = {"class": type(generator).__name__, "note": generator.note,
             "embedding_scale": generator.embedding_scale,
             "target_norm": float(np.linalg.norm(emb[fit_rows], axis=1).mean()),

@@ -24,7 +24,7 @@ from .evaluate.report import evaluate
 from .evaluate.summary import write_report
 from .export import export_bundle
 from .preprocess.run import skipped_runs
-from .reconstruct.generation import generator_rows, lowlevel_rerank, stimulus_images
+from .reconstruct.generation import lowlevel_rerank, stimulus_images
 from .train.fit import (
     build_datamodule,
     build_module,
@@ -35,7 +35,6 @@ from .train.fit import (
     update_checkpoint,
 )
 from .train.readout import attach_readout, choose_meg_readout
-from .train.ridge import flat_targets
 from .train.time_resolved import deep_time_resolved
 
 
@@ -65,10 +64,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     reconstructing = bool(cfg.get("reconstruct") and cfg.reconstruct.enabled)
     stim_root = Path(cfg.data.root) / cfg.data.stim_dir
     # chosen before the refit: the validation-selected model has not seen the validation trials
-    rerank = lowlevel_rerank(cfg, lit.net, dm, embeddings=flat_targets(dm),
-                             fit_rows=generator_rows(dm),
-                             stim_images=stimulus_images(dm, stim_root)) \
-        if reconstructing else None
+    rerank = (lowlevel_rerank(cfg, lit.net, dm, stim_images=stimulus_images(dm, stim_root))
+              if reconstructing else None)
     if (cfg.get("refit") or {}).get(dm.modality) and trainer.world_size > 1:
         logger.warning("refit on train + validation trials is skipped in multi-process "
                        "training (%d processes); the validation-selected model is used",

@@ -35,6 +35,12 @@ class Generator(Protocol):
         ...
 
 
+def img2img_steps(strength: float, steps: int) -> int:
+    """Sampler steps an img2img start runs: the last ``strength`` of a ``steps``-step
+    schedule, at least one."""
+    return max(1, min(steps, int(round(strength * steps))))
+
+
 def unit_rows(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm: the embedded generator is trained and sampled on
     unit-normalised embeddings (zero rows stay zero)."""

@@ -28,7 +28,7 @@ from PIL import Image
 from neurorecon.models.common.checks import DataError, check_option
 from neurorecon.models.common.logging import logger, progress
 
-from .base import check_embeddings, check_images, load_quietly
+from .base import check_embeddings, check_images, img2img_steps, load_quietly
 
 if TYPE_CHECKING:  # heavy imports stay lazy
     import torch
@@ -381,7 +381,7 @@ class StableUnclipGenerator:
                             path=self.path / "scheduler",
                             hint="set reconstruct.start=noise")
         check_images(starts, what="start images")
-        n_run = max(1, min(steps, int(round(strength * steps))))
+        n_run = img2img_steps(strength, steps)
         self.pipe.scheduler = _tail_schedule(full, n_run)
         self.pipe.scheduler.set_timesteps(steps)
         first = self.pipe.scheduler.timesteps[:1]

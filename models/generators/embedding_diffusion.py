@@ -24,7 +24,7 @@ from PIL import Image
 from neurorecon.models.common.checks import DataError
 from neurorecon.models.common.logging import progress
 
-from .base import check_embeddings, check_images, load_quietly
+from .base import check_embeddings, check_images, img2img_steps, load_quietly
 
 NOTE = ("embedded conditional diffusion model trained by neurorecon on the training-split "
         "stimulus images and their embeddings (a low-resolution stand-in for Stable unCLIP / "
@@ -112,7 +112,7 @@ class EmbeddingDiffusionPipeline(DiffusionPipeline):
         if image is None:
             x = noise * self.scheduler.init_noise_sigma
         else:
-            n_run = max(1, min(num_inference_steps, int(round(strength * num_inference_steps))))
+            n_run = img2img_steps(strength, num_inference_steps)
             timesteps = timesteps[num_inference_steps - n_run:]
             x = self.scheduler.add_noise(image.to(emb.dtype), noise, timesteps[:1].repeat(n))
         for t in self.progress_bar(timesteps):

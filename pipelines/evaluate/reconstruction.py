@@ -112,8 +112,7 @@ def reconstruct(net, dm, *, cfg: DictConfig, out_dir: str | Path,
     start = str(rcfg.start)
     fit_images = [images[i] for i in fit_rows]
     if rerank is None:
-        rerank = lowlevel_rerank(cfg, net, dm, embeddings=emb, fit_rows=fit_rows,
-                                 stim_images=images)
+        rerank = lowlevel_rerank(cfg, net, dm, stim_images=images)
     layouts = image_thumbnails(fit_images) if rerank["value"] > 0 else None
 
     def starts(queries: np.ndarray, coarse: list[Image.Image] | None
@@ -206,7 +205,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     block.
     """
     from ..train.checkpoint import selected_before_refit
-    from .stage import from_checkpoint
+    from .stage import checkpoint_encoder, from_checkpoint
 
     net, dm, job = from_checkpoint(cfg)
     out_dir = Path(cfg.paths.output_dir)
@@ -214,12 +213,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     rerank = None
     selected = selected_before_refit(cfg.checkpoint)
     if selected is not None:  # choices on validation trials by a model that has not seen them
-        before = cfg.copy()
-        before.checkpoint = str(selected)
-        sel_net, sel_dm, _ = from_checkpoint(before)
-        rerank = lowlevel_rerank(job, sel_net, sel_dm, embeddings=flat_targets(sel_dm),
-                                 fit_rows=generator_rows(sel_dm),
-                                 stim_images=stimulus_images(sel_dm, stim_root))
+        rerank = lowlevel_rerank(job, checkpoint_encoder(selected, dm), dm,
+                                 stim_images=stimulus_images(dm, stim_root))
         logger.info("reconstruct: choices on validation trials with %s (before the refit)",
                     selected)
     out = reconstruct(net, dm, cfg=job, out_dir=out_dir, stim_root=stim_root, rerank=rerank)

@@ -211,9 +211,8 @@ def from_checkpoint(cfg: DictConfig):
     the merged job config (the checkpoint's resolved config with this command's ``data``,
     ``paths``, ``embed`` and, when present, ``reconstruct``).
     """
-    from ..train.checkpoint import check_compatible, load_checkpoint
+    from ..train.checkpoint import load_checkpoint
     from ..train.fit import build_datamodule, prepare_caches
-    from ..train.module import Reindexed
 
     if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.checkpoint:
         raise DataError("needs checkpoint=<path to a .ckpt written by neurorecon train>")
@@ -229,7 +228,23 @@ def from_checkpoint(cfg: DictConfig):
             job[key] = value
     preproc_dir, emb_dir = prepare_caches(job)
     dm = build_datamodule(job, preproc_dir, emb_dir)
-    check_compatible(desc, dm, path=cfg.checkpoint)
-    # the checkpoint's subject indices, whatever subset of subjects this data holds
+    return _on_subjects(net, desc, dm, path=cfg.checkpoint), dm, job
+
+
+def checkpoint_encoder(path, dm):
+    """The encoder of checkpoint ``path`` on ``dm``'s subjects (a data module prepared with
+    its recipe, e.g. by :func:`from_checkpoint` for a sibling checkpoint of the same run)."""
+    from ..train.checkpoint import load_checkpoint
+
+    return _on_subjects(*load_checkpoint(path), dm, path=path)
+
+
+def _on_subjects(net, desc, dm, *, path):
+    """``net`` (described by ``desc``) checked against ``dm`` and mapped to its subject
+    indices, whatever subset of the checkpoint's subjects it holds."""
+    from ..train.checkpoint import check_compatible
+    from ..train.module import Reindexed
+
+    check_compatible(desc, dm, path=path)
     order = list(desc["data"]["subjects"])
-    return Reindexed(net, [order.index(s) for s in dm.labels]), dm, job
+    return Reindexed(net, [order.index(s) for s in dm.labels])

@@ -153,8 +153,7 @@ def choose_lowlevel_rerank(dm, *, queries: np.ndarray, embeddings: np.ndarray,
             "n_trials": int(len(val))}
 
 
-def lowlevel_rerank(cfg: DictConfig, net, dm, *, embeddings: np.ndarray,
-                    fit_rows: np.ndarray, stim_images: list[Image.Image]) -> dict:
+def lowlevel_rerank(cfg: DictConfig, net, dm, *, stim_images: list[Image.Image]) -> dict:
     """``reconstruct.lowlevel_rerank`` of a run: the configured number, or with ``auto`` the
     weight chosen on the validation trials (:func:`choose_lowlevel_rerank`), or 0 where the
     start is not re-ranked (``start`` other than ``retrieved``, no low-level pathway).
@@ -174,8 +173,10 @@ def lowlevel_rerank(cfg: DictConfig, net, dm, *, embeddings: np.ndarray,
 
     if len(dm.splits["val"]) < 2 and cfg.datamodule.get("val_fraction"):
         dm = build_datamodule(cfg, *prepare_caches(cfg))
+    from ..train.ridge import flat_targets
+
     return choose_lowlevel_rerank(dm, queries=unit_rows(predict_split(net, dm, "val")),
-                                  embeddings=embeddings, fit_rows=fit_rows,
+                                  embeddings=flat_targets(dm), fit_rows=generator_rows(dm),
                                   stim_images=stim_images,
                                   shortlist=int(rcfg.retrieval_shortlist))
 
