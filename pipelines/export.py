@@ -26,7 +26,7 @@ from neurorecon.models.bundle import BundleConfig
 from neurorecon.models.common.checks import DataError
 from neurorecon.models.common.logging import logger
 
-from .inference import MASKS, Decoder, Gallery
+from .inference import Decoder, Gallery
 from .train.ridge import flat_targets
 
 
@@ -108,34 +108,11 @@ def localized(config: dict[str, Any], paths) -> dict[str, Any]:
 def subject_entries(dm, *, index: dict[str, int] | None = None) -> dict[str, dict[str, Any]]:
     """The bundle's ``subjects`` entries of ``dm``'s subjects; ``index``: their indices in the
     model (default: the data module's order)."""
-    out = {}
     recipe = dm.recipe.get("subjects", {})
-    for k, label in enumerate(dm.labels):
-        info, rec = dm.subjects[label], recipe.get(label, {})
-        k = k if index is None else int(index[label])
-        if dm.modality == "meg":
-            out[label] = {
-                "index": k, "n_chans": info.n_chans, "n_times": info.n_times,
-                "ch_names": list(info.ch_names),
-                "positions": np.asarray(info.positions, np.float64).tolist(),
-                "good": np.asarray(info.good, bool).tolist(), "kinds": list(info.kinds),
-                "orientation": np.asarray(info.orientation, np.float64).tolist(),
-                "bads": list(rec["bads"]), "sfreq_in": float(rec["sfreq_in"]),
-                "scaler_center": list(rec["scaler_center"]),
-                "scaler_scale": list(rec["scaler_scale"])}
-        else:
-            mask = dm.data.subjects[label].mask_img
-            out[label] = {
-                "index": k, "n_voxels": info.n_voxels, "mask": f"{MASKS}/sub-{label}_mask.nii.gz",
-                "grid": {"shape": list(mask.shape[:3]),
-                         "affine": np.asarray(mask.affine).round(6).tolist(),
-                         "voxel_size": [float(z) for z in mask.header.get_zooms()[:3]]},
-                "normalisation": {"run": "z-score per voxel within each run",
-                                  "train": "z-score per voxel with the train trials' mean/sd "
-                                           "(normalisation.safetensors)",
-                                  "none": "none"}[dm.recipe.get("zscore", "run")],
-                **{key: rec[key] for key in ("tr", "n_runs", "voxel_size") if key in rec}}
-    return out
+    return {label: dm.subjects[label].bundle_entry(
+                index=k if index is None else int(index[label]), recipe=recipe.get(label, {}),
+                dm=dm)
+            for k, label in enumerate(dm.labels)}
 
 
 def fmri_subject_files(dm) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

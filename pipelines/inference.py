@@ -177,7 +177,10 @@ class Decoder:
     """A trained brain decoder: prepare data -> encode -> retrieve / reconstruct.
 
     Build it with :meth:`from_pretrained` (a bundle directory); ``neurorecon export`` and the
-    training runs write bundles with :meth:`save_pretrained`.
+    training runs write bundles with :meth:`save_pretrained`. Both give the decoder of the
+    bundle's modality, :class:`MegDecoder` or :class:`FmriDecoder`: what is common (subjects,
+    encoding, retrieval, reconstruction, files) is here, how a modality's data is prepared and
+    fed to the model is theirs.
 
     Attributes
     ----------
@@ -189,6 +192,10 @@ class Decoder:
     config : BundleConfig
         The bundle's ``config.json``, typed (:mod:`neurorecon.models.bundle`).
     """
+
+    def __new__(cls, *args, config: BundleConfig, **kwargs):
+        """``Decoder(...)`` builds the decoder of ``config``'s modality (:data:`DECODERS`)."""
+        return super().__new__(DECODERS[config.modality] if cls is Decoder else cls)
 
     def __init__(self, *, net: torch.nn.Module, config: BundleConfig,
                  masks: Mapping[str, Any] | None = None, gallery: Gallery | None = None,
@@ -244,344 +251,72 @@ class Decoder:
         :class:`~neurorecon.models.bundle.FmriSubject`), the label checked."""
         return self.config.subjects[self._label(subject)]
 
-    def _check_modality(self, modality: str, what: str) -> None:
-        if self.modality != modality:
-            raise DataError(f"{what} needs a {modality.upper()} decoder; this bundle decodes "
-                            f"{self.modality.upper()}")
+    def __getattr__(self, name: str):
+        """Only reached for a missing attribute: the other modality's methods say which
+        decoder they need (a MEG method called on an fMRI bundle, or the reverse)."""
+        for cls in (MegDecoder, FmriDecoder):
+            if name in cls.METHODS and not isinstance(self, cls):
+                raise DataError(f"{name} needs a {cls.MODALITY.upper()} decoder; this bundle "
+                                f"decodes {self.modality.upper()}")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-    # ------------------------------------------------------------------ MEG
-    @functools.cached_property
-    def meg_params(self):
-        """The MEG recipe (:class:`~.preprocess.meg.MegParams`)."""
-        from .preprocess.meg import MegParams
+    # the per-modality parts (MegDecoder, FmriDecoder)
+    MODALITY: str = ""
+    METHODS: tuple[str, ...] = ()  # public methods of this modality alone
 
-        self._check_modality("meg", "meg_params")
-        return MegParams.from_mapping(self.config.preprocessing["params"])
+    def _trial_shape(self, info) -> tuple[int, ...]:
+        """The shape of one prepared trial of a subject (``info``: its bundle entry)."""
+        raise NotImplementedError
 
-    def _meg_stats(self, subject: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Frozen scaler centre, scale and good-channel mask of ``subject`` (built once: the
-        streaming decoder asks for them every window)."""
-        label = self._label(subject)
-        if label not in self._stats:
-            info = self.config.subjects[label]
-            self._stats[label] = (np.asarray(info.scaler_center, np.float64),
-                                  np.asarray(info.scaler_scale, np.float64),
-                                  np.asarray(info.good, bool))
-        return self._stats[label]
+    def _model_inputs(self, subject: str) -> dict[str, torch.Tensor]:
+        """Per-subject model inputs beside the trials (none by default)."""
+        return {}
 
-    def prepare_meg(self, raw_or_array, *, subject: str, events=None,
-                    sfreq: float | None = None) -> np.ndarray:
-        """Continuous MEG -> model-ready epochs ``(n_events, n_chans, n_times)`` float32.
+    def _net_subject(self, subject: str) -> int | str:
+        """How the model names ``subject`` (its index by default)."""
+        return self.config.subjects[subject].index
 
-        The offline transform with the bundle's recipe and frozen statistics: band-pass
-        (the recipe's ``phase``), decimation, epochs ``[tmin, tmax]`` around each onset,
-        baseline, the subject's scaler fitted on its training trials, clamp, bad channels
-        zeroed.
+    def stim_column(self, spec) -> str:
+        """The trial-table column naming each trial's image (``spec``: the events contract)."""
+        return "stim_file"
 
-        Parameters
-        ----------
-        raw_or_array : mne.io.Raw | ndarray
-            A recording holding (at least) the bundle's channels, or an array
-            ``(n_chans, n_samples)`` in the bundle's channel order at ``sfreq`` (default: the
-            training recordings' rate).
-        subject : str
-            Subject label.
-        events : DataFrame | sequence of float
-            Image onsets in seconds (a table with an ``onset`` column, e.g. BIDS events).
-        """
-        import mne
+    @property
+    def average_test_repeats(self) -> bool:
+        """Whether the recipe averages the test repeats of an image."""
+        return bool(self.config.preprocessing.get("average_test_repeats", True))
 
-        from .preprocess.meg import cut_epochs, filter_and_decimate, scale_epochs
-
-        self._check_modality("meg", "prepare_meg")
-        info = self.subject_info(subject)
-        params = self.meg_params
-        names = list(info.ch_names)
-        if isinstance(raw_or_array, mne.io.BaseRaw):
-            raw = raw_or_array
-            missing = [c for c in names if c not in raw.ch_names]
-            if missing:
-                raise DataError(f"the recording lacks {len(missing)} of the decoder's "
-                                f"{len(names)} channels (e.g. {missing[:3]})",
-                                path=(raw.filenames or [None])[0],
-                                hint="use a recording of the same MEG system and channel set")
-            raw = raw.copy().pick(names).load_data(verbose=False)
-            raw.reorder_channels(names)
-            newly_bad = sorted(set(raw.info["bads"]) - set(info.bads))
-            if newly_bad:
-                logger.warning("channels %s are marked bad in this recording but the decoder "
-                               "was trained with them", newly_bad[:5])
-            with raw.info._unlock():
-                raw.info["bads"] = []
-        else:
-            data = np.asarray(raw_or_array, dtype=np.float64)
-            if data.ndim != 2 or data.shape[0] != len(names):
-                raise DataError(f"MEG array must be continuous (n_chans={len(names)}, "
-                                f"n_samples), got shape {data.shape}",
-                                hint="pass an mne Raw, or the channels in the bundle's order")
-            rate = float(sfreq or info.sfreq_in)
-            raw = mne.io.RawArray(data, mne.create_info(names, rate, "mag"), verbose=False)
-        if events is None:
-            raise DataError("prepare_meg needs the image onsets (events=) to cut epochs",
-                            hint="pass the events table (onset in s) or a list of onsets")
-        table = (events if isinstance(events, pd.DataFrame)
-                 else pd.DataFrame({"onset": np.asarray(events, float)}))
-        check_columns(table, ["onset"], path=None)
-        check_finite(raw.get_data()[:, :: max(1, len(raw.times) // 20000)], path=None,
-                     what="MEG data")
-        raw = filter_and_decimate(raw, params)
-        X = cut_epochs(raw, table, params)
-        center, scale, good = self._meg_stats(subject)
-        return scale_epochs(X, center=center, scale=scale, good=good,
-                            clamp=params.clamp).astype(np.float32)
-
-    def warm_up(self, subject: str, *, mask: np.ndarray | None = None,
-                split: str | None = None) -> None:
-        """Decode one empty window of ``subject`` (MEG) as :meth:`encode` and :meth:`retrieve`
-        would with ``mask`` and ``split``: the traced single-window model and the gallery index
-        are built now, and TorchScript's first (profiling) runs done, not in the first live
-        windows."""
-        self._check_modality("meg", "warm_up")
-        info = self.subject_info(subject)
-        for _ in range(3):
-            emb = self.encode(np.zeros((len(info.ch_names), info.n_times), np.float32),
-                              subject=subject, mask=mask)
-        if self.gallery is not None:
-            self.retrieve(emb, split=split)
-
-    def streaming_filter(self, subject: str, *, sfreq: float | None = None):
-        """The causal filter state for one stream of ``subject`` (chunks in, decimated out).
-
-        Raises :class:`DataError` for a bundle trained with zero-phase filtering, which a
-        stream cannot reproduce.
-        """
-        from .preprocess.meg import StreamingMegFilter
-
-        params = self.meg_params
-        info = self.subject_info(subject)
-        if params.phase != "causal":
-            raise DataError(
-                "this MEG decoder was trained on zero-phase (non-causal) filtered data, which "
-                "a live stream cannot reproduce", path=self.root,
-                hint="train a causal one: neurorecon run data=<...> preprocess.meg.phase=causal")
-        return StreamingMegFilter(sfreq=float(sfreq or info.sfreq_in),
-                                  n_chans=len(info.ch_names), params=params)
-
-    def meg_window(self, window: np.ndarray, *, subject: str) -> np.ndarray:
-        """One window ``(n_chans, n_times)`` of :meth:`streaming_filter` output spanning the
-        recipe's ``[tmin, tmax]`` around an onset -> the model input (baseline, frozen scaler,
-        clamp, bad channels zeroed), equal to the offline causal epoch."""
-        from .preprocess.meg import prepare_window
-
-        params = self.meg_params
-        info = self.subject_info(subject)
-        shape = (len(info.ch_names), info.n_times)
-        window = np.asarray(window)
-        if window.shape != shape:
-            raise DataError(f"MEG window of shape {window.shape}; sub-{subject} needs {shape} "
-                            f"(channels x samples of [{params.tmin}, {params.tmax}] s at "
-                            f"{params.sfreq:g} Hz)")
-        center, scale, good = self._meg_stats(subject)
-        return prepare_window(window, params, center=center, scale=scale,
-                              good=good).astype(np.float32)
-
-    # ------------------------------------------------------------------ fMRI
-    def mask(self, subject: str):
-        """The voxel mask (NIfTI image) of ``subject``."""
-        self._check_modality("fmri", "mask")
-        return self.masks[self._label(subject)]
-
-    def _fmri_params(self) -> dict[str, Any]:
-        prep = dict(self.config.preprocessing)
-        for key in ("input", "space", "subjects", "modality"):
-            prep.pop(key, None)
-        return prep
-
-    def check_fmri_run(self, bold_img, events, *, subject: str, tr: float | None = None):
-        """Check one BOLD run and its events against ``subject``'s mask before any GLM; return
-        ``(image, events table, tr)``.
-
-        Raises :class:`DataError` naming the file for an unreadable or truncated image, one
-        that is not 4D or holds NaN/inf, another voxel grid than the mask (both grids named),
-        a missing or non-positive repetition time, a table without ``onset``/``duration``, or
-        events that end after the run. The batch service validates uploads with it before
-        queueing them; :meth:`prepare_fmri` runs it first.
-        """
-        from .preprocess.fmri import check_same_grid, load_4d, read_tr
-
-        mask = self.mask(subject)
-        path = None
-        if isinstance(bold_img, (str, Path)):
-            path = Path(bold_img)
-            tr = read_tr(path) if tr is None else tr
-            img, _ = load_4d(path, what="BOLD image")
-        else:
-            img = bold_img
-            if img.ndim != 4:
-                raise DataError(f"BOLD image must be 4D, got shape {img.shape}")
-            if tr is None:
-                tr = float(img.header.get_zooms()[3])
-        if tr is None or not np.isfinite(tr) or not tr > 0:
-            raise DataError(f"no usable repetition time ({tr!r}): pass tr= (s)", path=path)
-        check_same_grid(img, mask, path=path, what="BOLD image")
-        table = _events_table(events)
-        n_scans = img.shape[3]
-        late = table["onset"].to_numpy() + table["duration"].to_numpy() > n_scans * tr
-        if late.any():
-            raise DataError(f"{int(late.sum())} events end after the run "
-                            f"({n_scans} scans x {tr:g} s = {n_scans * tr:g} s)",
-                            path=events if isinstance(events, (str, Path)) else path)
-        return img, table, float(tr)
-
-    def prepare_fmri(self, bold_img, events, *, subject: str, tr: float | None = None
-                     ) -> np.ndarray:
-        """One BOLD run -> single-trial betas ``(n_trials, n_voxels)`` through the training
-        GLM (nilearn) inside the subject's mask, normalised as in training.
-
-        Parameters
-        ----------
-        bold_img : path | nibabel image
-            4D run on the mask's grid (refused with both grids named otherwise).
-        events : DataFrame | path
-            One row per trial with ``onset`` and ``duration`` (s).
-        subject : str
-            Subject label.
-        tr : float | None
-            Repetition time (s); default: the JSON sidecar of a path, else the header.
-        """
-        from .preprocess.fmri import single_trial_betas
-
-        img, table, tr = self.check_fmri_run(bold_img, events, subject=subject, tr=tr)
-        betas = single_trial_betas(img, table, tr=tr, mask_img=self.mask(subject),
-                                   params=self._fmri_params())
-        return self._normalise(np.nan_to_num(betas), subject=subject,
-                               runs=np.zeros(len(betas)))
-
-    def check_betas(self, betas_img, trials=None, *, subject: str):
-        """Check a 4D single-trial betas image (and its trial table, one row per volume)
-        against ``subject``'s mask; return ``(image, data, table or None)``."""
-        from .preprocess.fmri import check_same_grid, load_4d
-
-        mask = self.mask(subject)
-        path = None
-        if isinstance(betas_img, (str, Path)):
-            path = Path(betas_img)
-            img, data = load_4d(path, what="betas image")
-        else:
-            img, data = betas_img, np.asarray(betas_img.dataobj, np.float32)
-        check_same_grid(img, mask, path=path, what="betas image")
-        table = None
-        if trials is not None:
-            table = (trials if isinstance(trials, pd.DataFrame)
-                     else read_tsv(trials, what="trial table"))
-            if len(table) != data.shape[3]:
-                raise DataError(f"{len(table)} trial rows but the betas image has "
-                                f"{data.shape[3]} volumes",
-                                path=trials if isinstance(trials, (str, Path)) else path,
-                                hint="one row per volume of the betas image, in order")
-        return img, data, table
-
-    def prepare_betas(self, betas_img, trials=None, *, subject: str) -> np.ndarray:
-        """Precomputed single-trial betas (4D, one volume per trial) -> ``(n_trials,
-        n_voxels)`` inside the subject's mask, normalised as in training (per ``run`` or, with
-        ``zscore: session``, per ``session`` column of ``trials`` when present, else over the
-        whole image)."""
-        _, data, table = self.check_betas(betas_img, trials, subject=subject)
-        inside = np.asarray(self.mask(subject).dataobj) > 0
-        X = data[inside].T.astype(np.float32)
-        column = "session" if self._fmri_params().get("zscore") == "session" else "run"
-        runs = (table[column].astype(str).to_numpy() if table is not None and column in table
-                else np.zeros(len(X)))
-        return self._normalise(X, subject=subject, runs=runs)
-
-    def _normalise(self, X: np.ndarray, *, subject: str, runs: np.ndarray) -> np.ndarray:
-        """The training recipe's per-voxel z-scoring (``preprocessing.zscore``): within each
-        group of ``runs`` (runs, or sessions), with the stored train statistics, or none."""
-        from .preprocess.fmri import apply_voxel_stats, zscore_within
-
-        mode = self._fmri_params().get("zscore", "run")
-        if mode in ("run", "session"):
-            X = zscore_within(X, runs)
-        elif mode == "train":
-            label = self._label(subject)
-            if label not in self.voxel_stats:
-                raise BundleError(f"train normalisation statistics of sub-{label} missing",
-                                  path=None if self.root is None else self.root / NORMALISATION)
-            X = apply_voxel_stats(X, self.voxel_stats[label])
-        return np.asarray(X, np.float32)
+    def prepare_recording(self, rec, events: pd.DataFrame, spec
+                          ) -> tuple[np.ndarray, pd.DataFrame]:
+        """One BIDS recording (:class:`~.data.studies.Recording`) and its events table ->
+        ``(trials, trial table)`` through the recipe (``neurorecon evaluate``)."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ encode / retrieve
-    def _model_inputs(self, subject: str) -> dict[str, torch.Tensor]:
-        if subject not in self._inputs:
-            from neurorecon.models.meg.brain_module import sensor_features
+    def _trials(self, x, subject: str) -> tuple[str, np.ndarray]:
+        """``(label, trials)``: the label checked and ``x`` as ``(n, *trial shape)`` float32."""
+        subject = self._label(subject)
+        want = self._trial_shape(self.config.subjects[subject])
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim == len(want):
+            x = x[None]
+        if x.ndim != len(want) + 1 or x.shape[1:] != want:
+            raise DataError(f"sub-{subject} trials must have shape (n, {', '.join(map(str, want))})"
+                            f", got {x.shape}", hint="prepare them with the decoder's "
+                            f"prepare_{self.modality} method")
+        return subject, x
 
-            info = self.subject_info(subject)
-            self._inputs[subject] = {} if self.modality != "meg" else {
-                "positions": torch.tensor(info.positions, dtype=torch.float32),
-                "mask": torch.tensor(info.good, dtype=torch.bool),
-                "sensors": sensor_features(info.kinds, np.asarray(info.orientation,
-                                                                     np.float32)),
-            }
-        return self._inputs[subject]
-
-    def encode(self, x, *, subject: str, head: str = "clip", batch_size: int = 256,
-               mask: np.ndarray | None = None) -> np.ndarray:
+    def encode(self, x, *, subject: str, head: str = "clip", batch_size: int = 256
+               ) -> np.ndarray:
         """Prepared trials -> embeddings ``(n, emb_dim)`` (token targets flattened).
 
         ``x``: ``(n, n_chans, n_times)`` / ``(n_chans, n_times)`` MEG, or ``(n, n_voxels)`` /
         ``(n_voxels,)`` fMRI, from the ``prepare_*`` methods. ``head``: ``"clip"`` for
-        retrieval, ``"mse"`` (:attr:`generation_head`) for generation. ``mask`` (MEG): a bool
-        per bundle channel, False for channels to leave out of the spatial attention (missing
-        or faulty in a stream); the bundle's bad channels stay out whatever it says.
+        retrieval, ``"mse"`` (:attr:`generation_head`) for generation.
         """
-        subject = self._label(subject)
-        info = self.config.subjects[subject]
-        x = np.asarray(x, dtype=np.float32)
-        per_trial = 2 if self.modality == "meg" else 1
-        if x.ndim == per_trial:
-            x = x[None]
-        want = ((len(info.ch_names), info.n_times) if self.modality == "meg"
-                else (info.n_voxels,))
-        if x.ndim != per_trial + 1 or x.shape[1:] != want:
-            raise DataError(f"sub-{subject} trials must have shape (n, {', '.join(map(str, want))})"
-                            f", got {x.shape}", hint="prepare them with the decoder's "
-                            f"prepare_{self.modality} method")
-        inputs = self._model_inputs(subject)
-        if mask is not None:
-            self._check_modality("meg", "encode(mask=...)")
-            keep = np.asarray(mask, bool)
-            if keep.shape != (want[0],):
-                raise DataError(f"mask must hold one bool per channel ({want[0]}), got shape "
-                                f"{keep.shape}")
-            inputs = {**inputs, "mask": inputs["mask"] & torch.from_numpy(keep)}
-        if self.modality == "meg" and len(x) == 1 and head in ("clip", "mse") \
-                and bool(inputs["mask"].any()) and self._state[0].device.type == "cpu":
-            with torch.inference_mode():
-                out = self._traced_window(subject, head)(torch.from_numpy(x), inputs["mask"][None])
-            return out.reshape(1, -1).numpy()
-        sub = subject if self.modality == "fmri" else info.index
-        return encode_batches(self.net, x, subject=sub, inputs=inputs, head=head,
+        subject, x = self._trials(x, subject)
+        return encode_batches(self.net, x, subject=self._net_subject(subject),
+                              inputs=self._model_inputs(subject), head=head,
                               batch_size=batch_size)
-
-    @functools.cached_property
-    def _state(self) -> list[torch.Tensor]:
-        """The model's parameters and buffers (listing them walks every module: ~0.3 ms)."""
-        return [*self.net.parameters(), *self.net.buffers()]
-
-    def _traced_window(self, subject: str, head: str):
-        """The model traced for single windows of ``subject`` and output ``head`` (the
-        real-time decoder's case: :meth:`MegBrainModule.trace_window`), traced again when the
-        weights change."""
-        version = sum(t._version for t in self._state)
-        if self._traced.get((subject, head), (None,))[0] != version:
-            t0 = time.perf_counter()
-            inputs = self._model_inputs(subject)
-            self._traced[subject, head] = (version, self.net.trace_window(
-                positions=inputs["positions"], sensors=inputs["sensors"], head=head,
-                subject=self.config.subjects[subject].index))
-            logger.info("decoder: model traced for single windows of sub-%s (%s head) in "
-                        "%.2f s", subject, head, time.perf_counter() - t0)
-        return self._traced[subject, head][1]
 
     def retrieve(self, embeddings: np.ndarray, *, k: int = 5,
                  split: str | None = None) -> list[list[dict[str, Any]]]:
@@ -753,6 +488,10 @@ class Decoder:
 
         root = Path(path)
         config = read_bundle_config(root)
+        if not issubclass(DECODERS[config.modality], cls):
+            raise BundleError(f"{cls.__name__} loads {cls.MODALITY.upper()} bundles; this one "
+                              f"decodes {config.modality.upper()}", path=root / CONFIG,
+                              hint="load it with Decoder.from_pretrained")
         try:
             net = build(config.model_type, config.net_config)
         except (KeyError, TypeError, ValueError) as exc:
@@ -772,16 +511,17 @@ class Decoder:
             raise BundleError(f"weights do not fit the model in config.json ({first})",
                               path=weights) from exc
         net.to(device)
-        masks = {}
-        if config.modality == "fmri":
-            masks = {label: _load_mask(root, label, info)
-                     for label, info in config.subjects.items()}
+        masks = DECODERS[config.modality]._load_masks(root, config)
         gallery = _load_gallery(root / GALLERY) if (root / GALLERY).is_dir() else None
         lowlevel = _load_lowlevel(root / GENERATOR / LOWLEVEL)
         gen_dir = root / GENERATOR if (root / GENERATOR).is_dir() else None
         voxel_stats = _load_voxel_stats(root / NORMALISATION)
         return cls(net=net, config=config, masks=masks, gallery=gallery, lowlevel=lowlevel,
                    generator_dir=gen_dir, root=root, voxel_stats=voxel_stats)
+
+    @staticmethod
+    def _load_masks(root: Path, config: BundleConfig) -> dict[str, Any]:
+        return {}
 
     def save_pretrained(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the bundle to ``path`` (built in a temporary sibling, then moved in place:
@@ -832,6 +572,377 @@ class Decoder:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         return out
+
+
+class MegDecoder(Decoder):
+    """A MEG decoder: continuous recordings or stream windows -> embeddings.
+
+    Adds the MEG recipe (:attr:`meg_params`), :meth:`prepare_meg` (recording + onsets ->
+    epochs), the streaming form (:meth:`streaming_filter`, :meth:`meg_window`) and a
+    single-window fast path (the traced model) to :class:`Decoder`.
+    """
+
+    MODALITY = "meg"
+    METHODS = ("meg_params", "prepare_meg", "warm_up", "streaming_filter", "meg_window")
+
+    @functools.cached_property
+    def meg_params(self):
+        """The MEG recipe (:class:`~.preprocess.meg.MegParams`)."""
+        from .preprocess.meg import MegParams
+
+        return MegParams.from_mapping(self.config.preprocessing["params"])
+
+    def _meg_stats(self, subject: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Frozen scaler centre, scale and good-channel mask of ``subject`` (built once: the
+        streaming decoder asks for them every window)."""
+        label = self._label(subject)
+        if label not in self._stats:
+            info = self.config.subjects[label]
+            self._stats[label] = (np.asarray(info.scaler_center, np.float64),
+                                  np.asarray(info.scaler_scale, np.float64),
+                                  np.asarray(info.good, bool))
+        return self._stats[label]
+
+    def prepare_meg(self, raw_or_array, *, subject: str, events=None,
+                    sfreq: float | None = None) -> np.ndarray:
+        """Continuous MEG -> model-ready epochs ``(n_events, n_chans, n_times)`` float32.
+
+        The offline transform with the bundle's recipe and frozen statistics: band-pass
+        (the recipe's ``phase``), decimation, epochs ``[tmin, tmax]`` around each onset,
+        baseline, the subject's scaler fitted on its training trials, clamp, bad channels
+        zeroed.
+
+        Parameters
+        ----------
+        raw_or_array : mne.io.Raw | ndarray
+            A recording holding (at least) the bundle's channels, or an array
+            ``(n_chans, n_samples)`` in the bundle's channel order at ``sfreq`` (default: the
+            training recordings' rate).
+        subject : str
+            Subject label.
+        events : DataFrame | sequence of float
+            Image onsets in seconds (a table with an ``onset`` column, e.g. BIDS events).
+        """
+        import mne
+
+        from .preprocess.meg import cut_epochs, filter_and_decimate, scale_epochs
+
+        info = self.subject_info(subject)
+        params = self.meg_params
+        names = list(info.ch_names)
+        if isinstance(raw_or_array, mne.io.BaseRaw):
+            raw = raw_or_array
+            missing = [c for c in names if c not in raw.ch_names]
+            if missing:
+                raise DataError(f"the recording lacks {len(missing)} of the decoder's "
+                                f"{len(names)} channels (e.g. {missing[:3]})",
+                                path=(raw.filenames or [None])[0],
+                                hint="use a recording of the same MEG system and channel set")
+            raw = raw.copy().pick(names).load_data(verbose=False)
+            raw.reorder_channels(names)
+            newly_bad = sorted(set(raw.info["bads"]) - set(info.bads))
+            if newly_bad:
+                logger.warning("channels %s are marked bad in this recording but the decoder "
+                               "was trained with them", newly_bad[:5])
+            with raw.info._unlock():
+                raw.info["bads"] = []
+        else:
+            data = np.asarray(raw_or_array, dtype=np.float64)
+            if data.ndim != 2 or data.shape[0] != len(names):
+                raise DataError(f"MEG array must be continuous (n_chans={len(names)}, "
+                                f"n_samples), got shape {data.shape}",
+                                hint="pass an mne Raw, or the channels in the bundle's order")
+            rate = float(sfreq or info.sfreq_in)
+            raw = mne.io.RawArray(data, mne.create_info(names, rate, "mag"), verbose=False)
+        if events is None:
+            raise DataError("prepare_meg needs the image onsets (events=) to cut epochs",
+                            hint="pass the events table (onset in s) or a list of onsets")
+        table = (events if isinstance(events, pd.DataFrame)
+                 else pd.DataFrame({"onset": np.asarray(events, float)}))
+        check_columns(table, ["onset"], path=None)
+        check_finite(raw.get_data()[:, :: max(1, len(raw.times) // 20000)], path=None,
+                     what="MEG data")
+        raw = filter_and_decimate(raw, params)
+        X = cut_epochs(raw, table, params)
+        center, scale, good = self._meg_stats(subject)
+        return scale_epochs(X, center=center, scale=scale, good=good,
+                            clamp=params.clamp).astype(np.float32)
+
+    def warm_up(self, subject: str, *, mask: np.ndarray | None = None,
+                split: str | None = None) -> None:
+        """Decode one empty window of ``subject`` (MEG) as :meth:`encode` and :meth:`retrieve`
+        would with ``mask`` and ``split``: the traced single-window model and the gallery index
+        are built now, and TorchScript's first (profiling) runs done, not in the first live
+        windows."""
+        info = self.subject_info(subject)
+        for _ in range(3):
+            emb = self.encode(np.zeros((len(info.ch_names), info.n_times), np.float32),
+                              subject=subject, mask=mask)
+        if self.gallery is not None:
+            self.retrieve(emb, split=split)
+
+    def streaming_filter(self, subject: str, *, sfreq: float | None = None):
+        """The causal filter state for one stream of ``subject`` (chunks in, decimated out).
+
+        Raises :class:`DataError` for a bundle trained with zero-phase filtering, which a
+        stream cannot reproduce.
+        """
+        from .preprocess.meg import StreamingMegFilter
+
+        params = self.meg_params
+        info = self.subject_info(subject)
+        if params.phase != "causal":
+            raise DataError(
+                "this MEG decoder was trained on zero-phase (non-causal) filtered data, which "
+                "a live stream cannot reproduce", path=self.root,
+                hint="train a causal one: neurorecon run data=<...> preprocess.meg.phase=causal")
+        return StreamingMegFilter(sfreq=float(sfreq or info.sfreq_in),
+                                  n_chans=len(info.ch_names), params=params)
+
+    def meg_window(self, window: np.ndarray, *, subject: str) -> np.ndarray:
+        """One window ``(n_chans, n_times)`` of :meth:`streaming_filter` output spanning the
+        recipe's ``[tmin, tmax]`` around an onset -> the model input (baseline, frozen scaler,
+        clamp, bad channels zeroed), equal to the offline causal epoch."""
+        from .preprocess.meg import prepare_window
+
+        params = self.meg_params
+        info = self.subject_info(subject)
+        shape = (len(info.ch_names), info.n_times)
+        window = np.asarray(window)
+        if window.shape != shape:
+            raise DataError(f"MEG window of shape {window.shape}; sub-{subject} needs {shape} "
+                            f"(channels x samples of [{params.tmin}, {params.tmax}] s at "
+                            f"{params.sfreq:g} Hz)")
+        center, scale, good = self._meg_stats(subject)
+        return prepare_window(window, params, center=center, scale=scale,
+                              good=good).astype(np.float32)
+
+    # ------------------------------------------------------------------ the modality's parts
+    def _trial_shape(self, info) -> tuple[int, ...]:
+        return (len(info.ch_names), info.n_times)
+
+    def stim_column(self, spec) -> str:
+        return spec.stim_column
+
+    @property
+    def average_test_repeats(self) -> bool:
+        return bool(self.meg_params.average_test_repeats)
+
+    def prepare_recording(self, rec, events: pd.DataFrame, spec
+                          ) -> tuple[np.ndarray, pd.DataFrame]:
+        from .preprocess.meg import read_raw
+
+        return self.prepare_meg(read_raw(rec), subject=rec.subject, events=events), events
+
+    def _model_inputs(self, subject: str) -> dict[str, torch.Tensor]:
+        """The subject's sensor positions, good channels and sensor kinds (built once)."""
+        if subject not in self._inputs:
+            from neurorecon.models.meg.brain_module import sensor_features
+
+            info = self.subject_info(subject)
+            self._inputs[subject] = {
+                "positions": torch.tensor(info.positions, dtype=torch.float32),
+                "mask": torch.tensor(info.good, dtype=torch.bool),
+                "sensors": sensor_features(info.kinds, np.asarray(info.orientation,
+                                                                     np.float32)),
+            }
+        return self._inputs[subject]
+
+    def encode(self, x, *, subject: str, head: str = "clip", batch_size: int = 256,
+               mask: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`Decoder.encode`, with ``mask``: a bool per bundle channel, False for
+        channels to leave out of the spatial attention (missing or faulty in a stream); the
+        bundle's bad channels stay out whatever it says. A single window runs the model
+        traced for single windows (the real-time decoder's case)."""
+        subject, x = self._trials(x, subject)
+        inputs = self._model_inputs(subject)
+        if mask is not None:
+            keep = np.asarray(mask, bool)
+            if keep.shape != (x.shape[1],):
+                raise DataError(f"mask must hold one bool per channel ({x.shape[1]}), got "
+                                f"shape {keep.shape}")
+            inputs = {**inputs, "mask": inputs["mask"] & torch.from_numpy(keep)}
+        if len(x) == 1 and head in ("clip", "mse") and bool(inputs["mask"].any()) \
+                and self._state[0].device.type == "cpu":
+            with torch.inference_mode():
+                out = self._traced_window(subject, head)(torch.from_numpy(x), inputs["mask"][None])
+            return out.reshape(1, -1).numpy()
+        return encode_batches(self.net, x, subject=self._net_subject(subject), inputs=inputs,
+                              head=head, batch_size=batch_size)
+
+    @functools.cached_property
+    def _state(self) -> list[torch.Tensor]:
+        """The model's parameters and buffers (listing them walks every module: ~0.3 ms)."""
+        return [*self.net.parameters(), *self.net.buffers()]
+
+    def _traced_window(self, subject: str, head: str):
+        """The model traced for single windows of ``subject`` and output ``head`` (the
+        real-time decoder's case: :meth:`MegBrainModule.trace_window`), traced again when the
+        weights change."""
+        version = sum(t._version for t in self._state)
+        if self._traced.get((subject, head), (None,))[0] != version:
+            t0 = time.perf_counter()
+            inputs = self._model_inputs(subject)
+            self._traced[subject, head] = (version, self.net.trace_window(
+                positions=inputs["positions"], sensors=inputs["sensors"], head=head,
+                subject=self.config.subjects[subject].index))
+            logger.info("decoder: model traced for single windows of sub-%s (%s head) in "
+                        "%.2f s", subject, head, time.perf_counter() - t0)
+        return self._traced[subject, head][1]
+
+
+class FmriDecoder(Decoder):
+    """An fMRI decoder: BOLD runs (through the training GLM) or single-trial betas ->
+    embeddings; each subject's voxel mask (:meth:`mask`) travels with the bundle."""
+
+    MODALITY = "fmri"
+    METHODS = ("mask", "check_fmri_run", "prepare_fmri", "check_betas", "prepare_betas")
+
+    def mask(self, subject: str):
+        """The voxel mask (NIfTI image) of ``subject``."""
+        return self.masks[self._label(subject)]
+
+    def _fmri_params(self) -> dict[str, Any]:
+        prep = dict(self.config.preprocessing)
+        for key in ("input", "space", "subjects", "modality"):
+            prep.pop(key, None)
+        return prep
+
+    def check_fmri_run(self, bold_img, events, *, subject: str, tr: float | None = None):
+        """Check one BOLD run and its events against ``subject``'s mask before any GLM; return
+        ``(image, events table, tr)``.
+
+        Raises :class:`DataError` naming the file for an unreadable or truncated image, one
+        that is not 4D or holds NaN/inf, another voxel grid than the mask (both grids named),
+        a missing or non-positive repetition time, a table without ``onset``/``duration``, or
+        events that end after the run. The batch service validates uploads with it before
+        queueing them; :meth:`prepare_fmri` runs it first.
+        """
+        from .preprocess.fmri import check_same_grid, load_4d, read_tr
+
+        mask = self.mask(subject)
+        path = None
+        if isinstance(bold_img, (str, Path)):
+            path = Path(bold_img)
+            tr = read_tr(path) if tr is None else tr
+            img, _ = load_4d(path, what="BOLD image")
+        else:
+            img = bold_img
+            if img.ndim != 4:
+                raise DataError(f"BOLD image must be 4D, got shape {img.shape}")
+            if tr is None:
+                tr = float(img.header.get_zooms()[3])
+        if tr is None or not np.isfinite(tr) or not tr > 0:
+            raise DataError(f"no usable repetition time ({tr!r}): pass tr= (s)", path=path)
+        check_same_grid(img, mask, path=path, what="BOLD image")
+        table = _events_table(events)
+        n_scans = img.shape[3]
+        late = table["onset"].to_numpy() + table["duration"].to_numpy() > n_scans * tr
+        if late.any():
+            raise DataError(f"{int(late.sum())} events end after the run "
+                            f"({n_scans} scans x {tr:g} s = {n_scans * tr:g} s)",
+                            path=events if isinstance(events, (str, Path)) else path)
+        return img, table, float(tr)
+
+    def prepare_fmri(self, bold_img, events, *, subject: str, tr: float | None = None
+                     ) -> np.ndarray:
+        """One BOLD run -> single-trial betas ``(n_trials, n_voxels)`` through the training
+        GLM (nilearn) inside the subject's mask, normalised as in training.
+
+        Parameters
+        ----------
+        bold_img : path | nibabel image
+            4D run on the mask's grid (refused with both grids named otherwise).
+        events : DataFrame | path
+            One row per trial with ``onset`` and ``duration`` (s).
+        subject : str
+            Subject label.
+        tr : float | None
+            Repetition time (s); default: the JSON sidecar of a path, else the header.
+        """
+        from .preprocess.fmri import single_trial_betas
+
+        img, table, tr = self.check_fmri_run(bold_img, events, subject=subject, tr=tr)
+        betas = single_trial_betas(img, table, tr=tr, mask_img=self.mask(subject),
+                                   params=self._fmri_params())
+        return self._normalise(np.nan_to_num(betas), subject=subject,
+                               runs=np.zeros(len(betas)))
+
+    def check_betas(self, betas_img, trials=None, *, subject: str):
+        """Check a 4D single-trial betas image (and its trial table, one row per volume)
+        against ``subject``'s mask; return ``(image, data, table or None)``."""
+        from .preprocess.fmri import check_same_grid, load_4d
+
+        mask = self.mask(subject)
+        path = None
+        if isinstance(betas_img, (str, Path)):
+            path = Path(betas_img)
+            img, data = load_4d(path, what="betas image")
+        else:
+            img, data = betas_img, np.asarray(betas_img.dataobj, np.float32)
+        check_same_grid(img, mask, path=path, what="betas image")
+        table = None
+        if trials is not None:
+            table = (trials if isinstance(trials, pd.DataFrame)
+                     else read_tsv(trials, what="trial table"))
+            if len(table) != data.shape[3]:
+                raise DataError(f"{len(table)} trial rows but the betas image has "
+                                f"{data.shape[3]} volumes",
+                                path=trials if isinstance(trials, (str, Path)) else path,
+                                hint="one row per volume of the betas image, in order")
+        return img, data, table
+
+    def prepare_betas(self, betas_img, trials=None, *, subject: str) -> np.ndarray:
+        """Precomputed single-trial betas (4D, one volume per trial) -> ``(n_trials,
+        n_voxels)`` inside the subject's mask, normalised as in training (per ``run`` or, with
+        ``zscore: session``, per ``session`` column of ``trials`` when present, else over the
+        whole image)."""
+        _, data, table = self.check_betas(betas_img, trials, subject=subject)
+        inside = np.asarray(self.mask(subject).dataobj) > 0
+        X = data[inside].T.astype(np.float32)
+        column = "session" if self._fmri_params().get("zscore") == "session" else "run"
+        runs = (table[column].astype(str).to_numpy() if table is not None and column in table
+                else np.zeros(len(X)))
+        return self._normalise(X, subject=subject, runs=runs)
+
+    def _normalise(self, X: np.ndarray, *, subject: str, runs: np.ndarray) -> np.ndarray:
+        """The training recipe's per-voxel z-scoring (``preprocessing.zscore``): within each
+        group of ``runs`` (runs, or sessions), with the stored train statistics, or none."""
+        from .preprocess.fmri import apply_voxel_stats, zscore_within
+
+        mode = self._fmri_params().get("zscore", "run")
+        if mode in ("run", "session"):
+            X = zscore_within(X, runs)
+        elif mode == "train":
+            label = self._label(subject)
+            if label not in self.voxel_stats:
+                raise BundleError(f"train normalisation statistics of sub-{label} missing",
+                                  path=None if self.root is None else self.root / NORMALISATION)
+            X = apply_voxel_stats(X, self.voxel_stats[label])
+        return np.asarray(X, np.float32)
+
+    # ------------------------------------------------------------------ the modality's parts
+    def _trial_shape(self, info) -> tuple[int, ...]:
+        return (info.n_voxels,)
+
+    def _net_subject(self, subject: str) -> int | str:
+        return subject  # the fMRI encoder's adapters are named by label
+
+    def prepare_recording(self, rec, events: pd.DataFrame, spec
+                          ) -> tuple[np.ndarray, pd.DataFrame]:
+        from .preprocess.fmri import as_stim_file
+
+        events = as_stim_file(events, spec)
+        return self.prepare_fmri(rec.fpath, events, subject=rec.subject), events
+
+    @staticmethod
+    def _load_masks(root: Path, config: BundleConfig) -> dict[str, Any]:
+        return {label: _load_mask(root, label, info) for label, info in config.subjects.items()}
+
+
+#: the decoder class of each modality (``Decoder(...)`` and :meth:`Decoder.from_pretrained`
+#: build the one of the bundle's modality)
+DECODERS: dict[str, type[Decoder]] = {"meg": MegDecoder, "fmri": FmriDecoder}
 
 
 # --------------------------------------------------------------------------------------------

@@ -177,6 +177,25 @@ def test_bundle_survives_a_copy_and_holds_no_absolute_path(fmri_run, tmp_path):
     assert "ridge" in card and "chance" in card and "Substitutes" in card
 
 
+def test_a_bundle_loads_as_the_decoder_of_its_modality(fmri_run):
+    """One class per modality: the fMRI bundle loads as an FmriDecoder, which has no MEG
+    methods and says so (a clear error, not an AttributeError); a MEG-only loader refuses it."""
+    from neurorecon.pipelines.inference import BundleError, Decoder, FmriDecoder, MegDecoder
+
+    bundle = fmri_run[0] / "bundle"
+    decoder = Decoder.from_pretrained(bundle)
+    assert type(decoder) is FmriDecoder and FmriDecoder.from_pretrained(bundle).modality == "fmri"
+    assert type(Decoder(net=decoder.net, config=decoder.config)) is FmriDecoder
+    for name in MegDecoder.METHODS:
+        with pytest.raises(DataError, match=f"{name} needs a MEG decoder; this bundle decodes "
+                                            "FMRI"):
+            getattr(decoder, name)
+    with pytest.raises(AttributeError, match="no attribute 'no_such_method'"):
+        decoder.no_such_method  # noqa: B018
+    with pytest.raises(BundleError, match="MegDecoder loads MEG bundles; this one decodes FMRI"):
+        MegDecoder.from_pretrained(bundle)
+
+
 def test_broken_bundles_give_one_line_errors(fmri_run, tmp_path):
     import nibabel as nib
 

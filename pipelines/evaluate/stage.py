@@ -66,24 +66,12 @@ def prepare_dataset(decoder: Decoder, data_cfg: DictConfig
                                      **data_selection(data_cfg))
         for rec in progress(recordings, desc=f"{decoder.modality.upper()} recordings"):
             _known(decoder, rec.subject, rec.fpath)
-            events = read_events(rec.events_path, bids_root=root, spec=spec)
-            if decoder.modality == "meg":
-                from ..preprocess.meg import read_raw
-
-                X = decoder.prepare_meg(read_raw(rec), subject=rec.subject, events=events)
-            else:
-                from ..preprocess.fmri import as_stim_file
-
-                events = as_stim_file(events, spec)
-                X = decoder.prepare_fmri(rec.fpath, events, subject=rec.subject)
+            X, events = decoder.prepare_recording(
+                rec, read_events(rec.events_path, bids_root=root, spec=spec), spec)
             parts.setdefault(rec.subject, []).append(
                 (X, events.assign(subject=rec.subject, session=rec.session or "n/a",
                                   run=rec.run or "n/a")))
-    stim = spec.stim_column if decoder.modality == "meg" else "stim_file"
-    if decoder.modality == "meg":
-        average = decoder.meg_params.average_test_repeats
-    else:
-        average = decoder.config.preprocessing.get("average_test_repeats", True)
+    stim, average = decoder.stim_column(spec), decoder.average_test_repeats
     X_out, tables = {}, {}
     for subject, items in parts.items():
         X = np.concatenate([x for x, _ in items])

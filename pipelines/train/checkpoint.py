@@ -90,13 +90,7 @@ def check_compatible(desc: dict[str, Any], dm, *, path: str | Path) -> None:
                 problems.append(f"preprocessing {key}={new_params[key]}, the checkpoint expects "
                                 f"{params[key]} -> preprocess with the checkpoint's recipe")
     for label in dm.labels:
-        if label not in trained["subjects"]:
-            continue
-        info, ref = dm.subjects[label], trained["subjects"][label]
-        if dm.modality == "fmri" and info.n_voxels != ref.get("n_voxels"):
-            problems.append(f"sub-{label} has {info.n_voxels} voxels, the checkpoint's adapter "
-                            f"takes {ref.get('n_voxels')} -> use the same mask")
-        if dm.modality == "meg" and info.positions is None:
-            problems.append(f"sub-{label} channels have no positions")
+        if label in trained["subjects"]:
+            problems += dm.subjects[label].problems(trained["subjects"][label])
     if problems:
         raise DataError("data does not fit the checkpoint: " + "; ".join(problems), path=path)

@@ -25,36 +25,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from neurorecon.models.common.checks import DataError
 
-from ...models.meg.brain_module import sensor_features
 from ..embed.run import load_embeddings
 from ..preprocess.store import Preprocessed, RowFile, load_preprocessed, subject_dir
-
-
-@dataclass
-class SubjectInfo:
-    """What a model needs to know about one subject (data-derived sizes)."""
-
-    label: str
-    index: int
-    n_chans: int | None = None  # MEG
-    n_times: int | None = None  # MEG
-    ch_names: list[str] | None = None
-    positions: np.ndarray | None = None  # (n_chans, 2) in [0, 1]
-    good: np.ndarray | None = None  # (n_chans,) bool
-    kinds: list[str] | None = None  # sensor kind per channel (mag | axial | planar)
-    orientation: np.ndarray | None = None  # (n_chans, 2) planar gradient direction in 2D
-    n_voxels: int | None = None  # fMRI
-
-    def describe(self) -> dict[str, Any]:
-        out = {"label": self.label, "index": self.index}
-        if self.ch_names is not None:
-            out.update(n_chans=self.n_chans, n_times=self.n_times, ch_names=self.ch_names,
-                       positions=np.asarray(self.positions).round(6).tolist(),
-                       good=np.asarray(self.good).tolist(), kinds=list(self.kinds),
-                       orientation=np.asarray(self.orientation).round(6).tolist())
-        if self.n_voxels is not None:
-            out["n_voxels"] = self.n_voxels
-        return out
+from .subjects import SUBJECT_INFO, SubjectInfo
 
 
 @dataclass
@@ -220,27 +193,11 @@ class BrainDataModule(LightningDataModule):
         self.recipe = data.recipe
         self.subjects: dict[str, SubjectInfo] = {}
         self._X: list[RowFile] = []
-        # MEG per subject: positions, good mask, sensor features
-        self._layout: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         parts = {"train": [], "val": [], "test": []}
         val_stims = self._val_stimuli(data, labels)
         for k, label in enumerate(labels):
             sub = data.subjects[label]
-            info = SubjectInfo(label=label, index=k)
-            if self.modality == "meg":
-                ch = sub.channels
-                info.n_chans, info.n_times = int(sub.X.shape[1]), int(sub.X.shape[2])
-                info.ch_names = ch["name"].tolist()
-                info.positions = ch[["x", "y"]].to_numpy(np.float32)
-                info.good = ch["good"].to_numpy(bool)
-                info.kinds = ch["kind"].tolist()
-                info.orientation = ch[["ori_x", "ori_y"]].to_numpy(np.float32)
-            else:
-                info.n_voxels = int(sub.X.shape[1])
-            self.subjects[label] = info
-            if self.modality == "meg":
-                self._layout.append((torch.tensor(info.positions), torch.tensor(info.good),
-                                     sensor_features(info.kinds, info.orientation)))
+            self.subjects[label] = SUBJECT_INFO[self.modality].from_data(label, k, sub)
             self._X.append(RowFile(subject_dir(self.preproc_dir, label) / "X.npy"))
             trials = sub.trials.reset_index(drop=True)
             missing = sorted(set(trials["stim_file"]) - set(row_of))
@@ -321,12 +278,10 @@ class BrainDataModule(LightningDataModule):
                 "subject": k, "target": int(split.target[i]), **self.subject_inputs(k)}
 
     def subject_inputs(self, k: int) -> dict[str, torch.Tensor]:
-        """Model inputs besides ``x`` that are fixed per subject: MEG ``positions``
-        ``(n_chans, 2)``, ``mask`` ``(n_chans,)`` and ``sensors``; none for fMRI."""
-        if self.modality != "meg":
-            return {}
-        positions, mask, sensors = self._layout[k]
-        return {"positions": positions, "mask": mask, "sensors": sensors}
+        """Model inputs besides ``x`` that are fixed per subject (:meth:`.SubjectInfo.inputs`:
+        MEG ``positions`` ``(n_chans, 2)``, ``mask`` ``(n_chans,)`` and ``sensors``; none for
+        fMRI)."""
+        return self.subjects[self.labels[k]].inputs()
 
     def subject_rows(self, name: str, k: int) -> tuple[np.ndarray, torch.Tensor]:
         """Rows of split ``name`` that belong to subject ``k`` and their brain arrays."""
