@@ -70,7 +70,8 @@ class _StreamCollector:
                            ("dropped", "input samples missing (from the timestamps)"),
                            ("messages", "decoded messages sent"),
                            ("reconnects", "reconnections to the source"),
-                           ("client_drops", "messages slow WebSocket clients skipped")):
+                           ("client_drops", "messages slow WebSocket clients skipped"),
+                           ("process_restarts", "decoder process restarts")):
             yield CounterMetricFamily(f"neurorecon_stream_{key}", help_,
                                       value=status.get(key) or 0)
         for q in ("p50", "p99"):

@@ -202,3 +202,5 @@ class StreamStatus(BaseModel):
     window_s: float | None = None
     sfreq: float | None = None
     pending_markers: int = 0
+    process_restarts: int = Field(0, description="times the decoder process died and was "
+                                  "restarted")

@@ -1,5 +1,6 @@
-"""The service's shared state: settings, decoders, API keys, the job store, the stream, rate
-limits, metrics and the supervised job worker processes (:class:`Service`)."""
+"""The service's shared state: settings, decoders, API keys, the job store, the stream (its
+supervised decoder process, :mod:`.stream_process`), rate limits, metrics and the supervised
+job worker processes (:class:`Service`)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ from neurorecon.pipelines.inference import Decoder
 
 from .bundles import load_bundles
 from .keys import KeyRing
-from .lsl import Hub, StreamService
+from .lsl import Hub
 from .metrics import Metrics
 from .settings import ServeSettings, StreamSettings
 from .store import JobStore
+from .stream_process import StreamProcess
 
 
 class Service:
@@ -32,7 +34,7 @@ class Service:
         self.decoders: dict[str, Decoder] = load_bundles(settings.bundles)
         self.store = JobStore(settings.data_dir)
         self.hub = Hub(settings.stream.client_queue)
-        self.streamer = StreamService(self.decoders, settings.stream, self.hub)
+        self.streamer = self._stream(settings.stream)
         self.metrics = Metrics(self.store, streamer=lambda: self.streamer)
         self.workers: list[subprocess.Popen] = []
         self._hits: dict[str, deque] = {}
@@ -52,10 +54,13 @@ class Service:
 
     def restart_stream(self, settings: StreamSettings) -> None:
         """Decode another stream (or none): the old session stops, a new one starts."""
-        old = self.streamer
-        old.stop(wait=0.0)
-        self.streamer = StreamService(self.decoders, settings, self.hub)
+        self.streamer.stop(wait=2.0)
+        self.streamer = self._stream(settings)
         self.streamer.start()
+
+    def _stream(self, settings: StreamSettings) -> StreamProcess:
+        """The decoder process of a stream session (started by ``start()``)."""
+        return StreamProcess(self.settings, settings, self.hub, log_dir=self.store.root)
 
     # ------------------------------------------------------------------ workers
     def n_worker_processes(self) -> int:

@@ -337,7 +337,10 @@ class OnlineDecoder:
              "concept": h["concept"]} for h in hits]
         scores = [h["score"] for h in hits or []]
         msg["confidence"] = (round(scores[0] - scores[1], 5) if len(scores) > 1 else None)
-        msg["quality"] = quality or {"gap": bool(self.gap_pending), "warmup": True}
+        # no window (a marker too old, a failed window): the same keys, nothing counted
+        msg["quality"] = quality or {"gap": bool(self.gap_pending), "nan_channels": 0,
+                                     "flat_channels": 0, "saturated_channels": 0,
+                                     "warmup": True, "missing_channels": 0}
         if error:
             msg["error"] = error
         if embedding is not None and self.params.embeddings:

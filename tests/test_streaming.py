@@ -3,6 +3,8 @@ reconnects, the WebSocket, status and metrics routes."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -273,7 +275,8 @@ def test_wrong_rate_stream_is_a_status_error(meg, short_recording, tmp_path):
 
 def test_websocket_status_and_metrics(meg_run, meg, short_recording, tmp_path):
     """The app: WebSocket messages (key as query or subprotocol; a wrong key is refused),
-    /v1/meg/status, /metrics, a session switched and stopped over HTTP."""
+    /v1/meg/status, /metrics, the decoder process killed and restarted (decoding resumes),
+    a session switched and stopped over HTTP."""
     from neurorecon.serve.app import create_app
     from neurorecon.serve.replay import replay
 
@@ -286,7 +289,7 @@ def test_websocket_status_and_metrics(meg_run, meg, short_recording, tmp_path):
         "source": name, "subject": subject, "markers": f"{name}-markers", "hop": 0.2,
         "outlet": f"{name}-decoded"})})
     app = create_app(settings, start_workers=False)
-    player = replay(short_recording, name=name, markers=True, wait_s=20)
+    player = replay(short_recording, name=name, markers=True, wait_s=20, repeat=3)
     try:
         with TestClient(app) as client:
             h = {"X-API-Key": alice}
@@ -312,6 +315,17 @@ def test_websocket_status_and_metrics(meg_run, meg, short_recording, tmp_path):
             text = client.get("/metrics").text
             assert 'neurorecon_stream_state{state="connected"} 1.0' in text
             assert "neurorecon_stream_samples_total" in text
+            # the decoder is a process of the service's: killed, it is restarted and decodes
+            streamer = app.state.service.streamer
+            os.kill(streamer._proc.pid, signal.SIGKILL)
+            assert _wait(lambda: client.get("/v1/meg/status", headers=h).json()[
+                "process_restarts"] == 1)
+            assert _wait(lambda: (lambda st: st["state"] == "connected" and st["messages"] > 0)(
+                client.get("/v1/meg/status", headers=h).json()), timeout=40)
+            with client.websocket_connect(f"/v1/meg/stream?key={alice}") as ws:
+                seqs = [ws.receive_json()["seq"] for _ in range(3)]
+            assert seqs == sorted(seqs) and seqs[-1] > seqs[0]
+            assert "neurorecon_stream_process_restarts_total 1.0" in client.get("/metrics").text
             page = client.get(f"/live?key={alice}")
             assert page.status_code == 200 and "/v1/meg/stream" in page.text
             r = client.put("/v1/meg/session", headers=h,
