@@ -195,6 +195,78 @@ def test_betas_job_and_trial_selection(service, fmri_bundle, sample_root):
         table["trial_type"] == "test"))
 
 
+def test_a_generated_client_submits_and_reads_a_job(service, sample_root, tmp_path):
+    """A client generated from the service's OpenAPI document (openapi-python-client, as an
+    outside user would) authenticates with the declared API-key scheme, uploads a BOLD run and
+    its events as files, reads the job's status and result as typed models; without the key,
+    the 401 parses as the documented Problem."""
+    import importlib
+    import os
+    import subprocess
+    import sys
+
+    client, keys, _, _ = service
+    schema = tmp_path / "openapi.json"
+    schema.write_text(json.dumps(client.get("/openapi.json").json()))
+    bindir = Path(sys.executable).parent  # the generator and the ruff it formats with
+    subprocess.run([str(bindir / "openapi-python-client"), "generate", "--path", str(schema),
+                    "--output-path", str(tmp_path / "nr_client"), "--meta", "none"],
+                   check=True, capture_output=True,
+                   env={**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"})
+    sys.path.insert(0, str(tmp_path))
+    try:
+        gen = importlib.import_module("nr_client")
+        models = importlib.import_module("nr_client.models")
+        types = importlib.import_module("nr_client.types")
+        calls = {name: importlib.import_module(f"nr_client.api.f_mri_jobs.{name}") for name in (
+            "models_v1_models_get", "submit_job_v1_fmri_jobs_post",
+            "job_status_v1_fmri_jobs_job_id_get", "job_result_v1_fmri_jobs_job_id_result_get")}
+        import httpx
+
+        def into_the_app(request: httpx.Request) -> httpx.Response:  # the bytes, unchanged
+            r = client.request(request.method, request.url.raw_path.decode(),
+                               headers=dict(request.headers), content=request.read())
+            return httpx.Response(r.status_code, headers=r.headers, content=r.content)
+
+        transport = {"transport": httpx.MockTransport(into_the_app)}
+        authed = gen.AuthenticatedClient(base_url="http://testserver", token=keys["alice"],
+                                         prefix="", auth_header_name="X-API-Key",
+                                         httpx_args=transport)
+        listed = calls["models_v1_models_get"].sync(client=authed)
+        assert isinstance(listed, models.ModelList) and listed.models[0].modality == "fmri"
+
+        bold, events = sample_run(sample_root)
+        with bold.open("rb") as b, events.open("rb") as e:
+            created = calls["submit_job_v1_fmri_jobs_post"].sync(client=authed, body=(
+                models.BodySubmitJobV1FmriJobsPost(
+                    subject="sub-01", options=json.dumps({"top_k": 3, "steps": 2}),
+                    bold=types.File(payload=b, file_name=bold.name),
+                    events=types.File(payload=e, file_name=events.name))))
+        assert isinstance(created, models.JobCreated), created
+        t0 = time.time()
+        while time.time() - t0 < 120:
+            status = calls["job_status_v1_fmri_jobs_job_id_get"].sync(created.id, client=authed)
+            assert isinstance(status, models.JobStatus), status
+            if status.status.value in ("succeeded", "failed"):
+                break
+            time.sleep(0.2)
+        assert status.status.value == "succeeded", status.error
+        result = calls["job_result_v1_fmri_jobs_job_id_result_get"].sync(created.id,
+                                                                          client=authed)
+        assert isinstance(result, models.JobResult)
+        assert len(result.trials) == len(pd.read_csv(events, sep="\t"))
+        assert all(len(trial.topk) == 3 for trial in result.trials)
+
+        anonymous = gen.Client(base_url="http://testserver", httpx_args=transport)
+        refused = calls["models_v1_models_get"].sync_detailed(client=anonymous)
+        assert refused.status_code == 401 and isinstance(refused.parsed, models.Problem)
+        assert "key" in refused.parsed.detail.lower()
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in [m for m in sys.modules if m == "nr_client" or m.startswith("nr_client.")]:
+            del sys.modules[name]
+
+
 def test_idempotency_key(service, sample_root):
     client, keys, store, _ = service
     files = run_files(sample_root)
