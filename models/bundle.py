@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "BundleConfig", "Embedder", "FmriSubject", "Focus",
-           "Generator", "MegSubject", "Provenance", "ValidationError", "problems"]
+           "Generator", "MegSubject", "OwnModel", "Provenance", "ValidationError", "problems"]
 
 FORMAT, FORMAT_VERSION = "neurorecon-decoder", 1
 
@@ -51,6 +51,17 @@ class Embedder(_Part):
     spec: dict[str, Any]
 
 
+class OwnModel(_Part):
+    """A subject decoded by a model of its own: the bundle's model fine-tuned on the subject's
+    trials (``neurorecon adapt``, ``adaptation.shared=finetune``); the subject's ``index`` is
+    its index in this model. The bundle's own model, and so its other subjects, are unchanged."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
+
+    net_config: dict[str, Any] = Field(alias="model_config")
+    weights: str = Field(pattern=r"^subjects/[A-Za-z0-9][A-Za-z0-9._-]*\.safetensors$")
+
+
 class MegSubject(_Part):
     """One MEG subject: its channels (bundle order), layout and frozen scaler statistics."""
 
@@ -66,6 +77,7 @@ class MegSubject(_Part):
     sfreq_in: float = Field(gt=0)
     scaler_center: list[float]
     scaler_scale: list[float]
+    model: OwnModel | None = None
 
     @model_validator(mode="after")
     def _one_entry_per_channel(self) -> MegSubject:
@@ -94,6 +106,7 @@ class FmriSubject(_Part):
     tr: float | list[float] | None = None  # a list when the runs differ
     n_runs: int | None = None
     voxel_size: list[float] | None = None
+    model: OwnModel | None = None
 
 
 def _subject_kind(value: Any) -> str:

@@ -83,7 +83,7 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
     from .evaluate.summary import write_report
     from .export import fmri_subject_files, lowlevel_maps, subject_entries
     from .reconstruct.generation import stimulus_images
-    from .train.adaptation import adapt_subjects
+    from .train.adaptation import WAYS, adapt_subjects, adaptation_way
     from .train.fit import build_datamodule, prepare_caches
     from .train.ridge import ridge_predictions
 
@@ -96,23 +96,34 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
                         hint="write the adapted bundle elsewhere, or set adapt.overwrite=true")
     decoder = Decoder.from_pretrained(cfg.bundle)
     job = job_config(decoder, cfg)
+    way = str(cfg.adapt.get("way") or adaptation_way(job, decoder.modality))
+    if way not in WAYS:
+        raise DataError(f"adapt.way={way!r}: one of {list(WAYS)}")
     root = Path(cfg.data.root)
     t0 = time.perf_counter()
     preproc_dir, emb_dir = prepare_caches(job)
     seed_everything(int(job.seed), workers=True, verbose=False)  # the seed is in the config
     dm = build_datamodule(job, preproc_dir, emb_dir)
     check_fits(decoder, dm, root=root)
-    net = copy.deepcopy(decoder.net)
     t_train = time.perf_counter()
-    index, info = adapt_subjects(job, net, dm, out_dir=out_dir)
-    logger.info("adapt: sub-%s added to the decoder of sub-%s (indices %s)",
-                ", sub-".join(dm.labels), ", sub-".join(decoder.subjects), list(index.values()))
+    model, index, info = adapt_subjects(job, copy.deepcopy(decoder.net), dm, out_dir=out_dir,
+                                        way=way)
+    logger.info("adapt: sub-%s added to the decoder of sub-%s (%s; indices %s)",
+                ", sub-".join(dm.labels), ", sub-".join(decoder.subjects), way,
+                list(index.values()))
     train_seconds = time.perf_counter() - t_train
     old = decoder.config.model_dump(by_alias=True)
     entries = subject_entries(dm, index=index)
+    net, subject_nets = model, dict(decoder.subject_nets)
+    if way == "finetune":  # their own model beside the bundle's, which stays as it was
+        net = decoder.net
+        own = {"model_config": model.get_config(),
+               "weights": f"subjects/sub-{'-'.join(dm.labels)}.safetensors"}
+        entries = {label: {**entry, "model": own} for label, entry in entries.items()}
+        subject_nets.update(dict.fromkeys(dm.labels, model))
     record = {"subjects": list(dm.labels), "dataset": "/".join(root.parts[-2:]),
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "train_seconds":
-              round(train_seconds, 2), "epochs": info.get("epochs"),
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "way": way,
+              "train_seconds": round(train_seconds, 2), "epochs": info.get("epochs"),
               "best_epoch": info.get("best_epoch"), "readout_alpha": info.get("readout_alpha"),
               "readout_mix": info.get("readout_mix")}
     config = BundleConfig.model_validate({
@@ -126,7 +137,7 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
     adapted = Decoder(net=net, config=config, masks={**decoder.masks, **masks},
                       gallery=decoder.gallery, lowlevel=lowlevel,
                       generator_dir=decoder.generator_dir,
-                      voxel_stats={**decoder.voxel_stats, **stats})
+                      voxel_stats={**decoder.voxel_stats, **stats}, subject_nets=subject_nets)
     path = adapted.save_pretrained(out, overwrite=bool(cfg.adapt.overwrite))
     logger.info("adapt: %s trained in %.1f s; adapted bundle %s", ", ".join(
         "sub-" + s for s in dm.labels), train_seconds, path)
@@ -140,7 +151,8 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
     ridge = ridge_predictions(dm, alphas=job.evaluate.get("ridge_alphas"))
     metrics["adapt"] = {
         **record, "from_bundle": str(cfg.bundle), "bundle_subjects": list(decoder.subjects),
-        "trainable": "subject layer, read-out (ridge) and deep share"
+        "trainable": "every layer, in a model of their own (fine-tuned copy)"
+        if way == "finetune" else "subject layer, read-out (ridge) and deep share"
         if dm.modality == "meg" else "input adapter", "seconds": round(time.perf_counter() - t0, 2),
         "ridge_same_trials": _ridge_scores(dm, ridge)}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

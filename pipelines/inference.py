@@ -201,8 +201,12 @@ class Decoder:
                  masks: Mapping[str, Any] | None = None, gallery: Gallery | None = None,
                  lowlevel: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
                  generator_dir: str | Path | None = None, root: str | Path | None = None,
-                 voxel_stats: Mapping[str, np.ndarray] | None = None):
+                 voxel_stats: Mapping[str, np.ndarray] | None = None,
+                 subject_nets: Mapping[str, torch.nn.Module] | None = None):
         self.net = net.eval()
+        #: subjects decoded by a model of their own (``config.subjects[s].model``: the model
+        #: fine-tuned for a new subject by ``neurorecon adapt``), by label
+        self.subject_nets = {label: n.eval() for label, n in (subject_nets or {}).items()}
         self.config = config
         self.masks = dict(masks or {})
         self.gallery = gallery
@@ -272,6 +276,10 @@ class Decoder:
         """Per-subject model inputs beside the trials (none by default)."""
         return {}
 
+    def subject_net(self, subject: str) -> torch.nn.Module:
+        """The model that decodes ``subject``: its own, or the bundle's."""
+        return self.subject_nets.get(self._label(subject), self.net)
+
     def _net_subject(self, subject: str) -> int | str:
         """How the model names ``subject`` (its index by default)."""
         return self.config.subjects[subject].index
@@ -314,7 +322,8 @@ class Decoder:
         retrieval, ``"mse"`` (:attr:`generation_head`) for generation.
         """
         subject, x = self._trials(x, subject)
-        return encode_batches(self.net, x, subject=self._net_subject(subject),
+        return encode_batches(self.subject_net(subject), x,
+                              subject=self._net_subject(subject),
                               inputs=self._model_inputs(subject), head=head,
                               batch_size=batch_size)
 
@@ -481,43 +490,25 @@ class Decoder:
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str = "cpu") -> Decoder:
         """Load a bundle directory (no unpickling; no Hydra or Lightning import)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        from neurorecon.models.registry import build
-
         root = Path(path)
         config = read_bundle_config(root)
         if not issubclass(DECODERS[config.modality], cls):
             raise BundleError(f"{cls.__name__} loads {cls.MODALITY.upper()} bundles; this one "
                               f"decodes {config.modality.upper()}", path=root / CONFIG,
                               hint="load it with Decoder.from_pretrained")
-        try:
-            net = build(config.model_type, config.net_config)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"cannot rebuild the model ({exc})", path=root / CONFIG) from exc
-        weights = root / WEIGHTS
-        if not weights.is_file():
-            raise BundleError("model weights missing", path=weights)
-        try:
-            state = load_file(weights)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise BundleError(f"unreadable or truncated safetensors file ({exc}); re-export "
-                              "the bundle", path=weights) from exc
-        try:
-            net.load_state_dict(state)
-        except RuntimeError as exc:
-            first = str(exc).splitlines()[0]
-            raise BundleError(f"weights do not fit the model in config.json ({first})",
-                              path=weights) from exc
-        net.to(device)
+        net = _load_net(root, config.model_type, config.net_config, WEIGHTS).to(device)
+        own = {label: info.model for label, info in config.subjects.items() if info.model}
+        loaded = {m.weights: _load_net(root, config.model_type, m.net_config, m.weights
+                                       ).to(device)
+                  for m in {m.weights: m for m in own.values()}.values()}  # a shared file once
         masks = DECODERS[config.modality]._load_masks(root, config)
         gallery = _load_gallery(root / GALLERY) if (root / GALLERY).is_dir() else None
         lowlevel = _load_lowlevel(root / GENERATOR / LOWLEVEL)
         gen_dir = root / GENERATOR if (root / GENERATOR).is_dir() else None
         voxel_stats = _load_voxel_stats(root / NORMALISATION)
         return cls(net=net, config=config, masks=masks, gallery=gallery, lowlevel=lowlevel,
-                   generator_dir=gen_dir, root=root, voxel_stats=voxel_stats)
+                   generator_dir=gen_dir, root=root, voxel_stats=voxel_stats,
+                   subject_nets={label: loaded[m.weights] for label, m in own.items()})
 
     @staticmethod
     def _load_masks(root: Path, config: BundleConfig) -> dict[str, Any]:
@@ -537,8 +528,12 @@ class Decoder:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
         try:
-            state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
-            save_file(state, tmp / WEIGHTS)
+            _save_net(self.net, tmp / WEIGHTS)
+            for label, net in self.subject_nets.items():
+                path = tmp / self.config.subjects[label].model.weights
+                if not path.exists():  # a model fine-tuned for several new subjects: once
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    _save_net(net, path)
             if self.masks:
                 import nibabel as nib
 
@@ -767,13 +762,14 @@ class MegDecoder(Decoder):
             with torch.inference_mode():
                 out = self._traced_window(subject, head)(torch.from_numpy(x), inputs["mask"][None])
             return out.reshape(1, -1).numpy()
-        return encode_batches(self.net, x, subject=self._net_subject(subject), inputs=inputs,
-                              head=head, batch_size=batch_size)
+        return encode_batches(self.subject_net(subject), x, subject=self._net_subject(subject),
+                              inputs=inputs, head=head, batch_size=batch_size)
 
     @functools.cached_property
     def _state(self) -> list[torch.Tensor]:
         """The model's parameters and buffers (listing them walks every module: ~0.3 ms)."""
-        return [*self.net.parameters(), *self.net.buffers()]
+        nets = [self.net, *self.subject_nets.values()]
+        return [t for net in nets for t in (*net.parameters(), *net.buffers())]
 
     def _traced_window(self, subject: str, head: str):
         """The model traced for single windows of ``subject`` and output ``head`` (the
@@ -783,7 +779,7 @@ class MegDecoder(Decoder):
         if self._traced.get((subject, head), (None,))[0] != version:
             t0 = time.perf_counter()
             inputs = self._model_inputs(subject)
-            self._traced[subject, head] = (version, self.net.trace_window(
+            self._traced[subject, head] = (version, self.subject_net(subject).trace_window(
                 positions=inputs["positions"], sensors=inputs["sensors"], head=head,
                 subject=self.config.subjects[subject].index))
             logger.info("decoder: model traced for single windows of sub-%s (%s head) in "
@@ -973,6 +969,40 @@ def read_bundle_config(root: Path) -> BundleConfig:
     except ValidationError as exc:
         raise BundleError(f"config.json does not fit the bundle schema ({problems(exc)})",
                           path=path) from exc
+
+
+def _load_net(root: Path, model_type: str, net_config: dict[str, Any], weights: str):
+    """A model of the bundle: built from its config, its weights from ``root / weights``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from neurorecon.models.registry import build
+
+    try:
+        net = build(model_type, net_config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"cannot rebuild the model ({exc})", path=root / CONFIG) from exc
+    path = root / weights
+    if not path.is_file():
+        raise BundleError("model weights missing", path=path)
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BundleError(f"unreadable or truncated safetensors file ({exc}); re-export "
+                          "the bundle", path=path) from exc
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise BundleError(f"weights do not fit the model in config.json ({first})",
+                          path=path) from exc
+    return net
+
+
+def _save_net(net: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, path)
 
 
 def _load_mask(root: Path, label: str, info: FmriSubject):

@@ -29,24 +29,44 @@ def fmri_root(tmp_path_factory) -> Path:
                          ["sample.meg.enabled=false", "sample.fmri.n_subjects=2"])
 
 
-@pytest.fixture(scope="module", params=["meg", pytest.param("fmri", marks=pytest.mark.slow)])
-def adapted(request, sample_root, tmp_path_factory):
-    """(modality, bundle trained on sub-01, adapted bundle with sub-02, adapt metrics)."""
-    from neurorecon.pipelines.adapt import run as adapt
+@pytest.fixture(scope="module")
+def trained(sample_root, tmp_path_factory):
+    """The bundle trained on sub-01, per modality (built once): ``trained(modality)`` ->
+    (data overrides, bundle, folder)."""
     from neurorecon.pipelines.run import run as train
 
-    modality = request.param
-    root = tmp_path_factory.mktemp(f"adapt-{modality}")
-    data_root = sample_root if modality == "meg" else request.getfixturevalue("fmri_root")
-    data = ["data=bids", f"data.root={data_root / modality}"]
-    cfg = compose_stage("train", root, [*data, "data.subjects=[01]", *FAST,
-                                        f"trainer.max_epochs={EPOCHS[modality]}",
-                                        *MODALITY[modality]])
-    train(cfg)
-    base = Path(cfg.paths.output_dir) / "bundle"
-    acfg = compose_stage("adapt", root, [
+    done: dict[str, tuple[list[str], Path, Path]] = {}
+
+    def get(modality: str, request) -> tuple[list[str], Path, Path]:
+        if modality not in done:
+            root = tmp_path_factory.mktemp(f"adapt-{modality}")
+            data_root = sample_root if modality == "meg" else request.getfixturevalue(
+                "fmri_root")
+            data = ["data=bids", f"data.root={data_root / modality}"]
+            cfg = compose_stage("train", root, [*data, "data.subjects=[01]", *FAST,
+                                                f"trainer.max_epochs={EPOCHS[modality]}",
+                                                *MODALITY[modality]])
+            train(cfg)
+            done[modality] = data, Path(cfg.paths.output_dir) / "bundle", root
+        return done[modality]
+
+    return get
+
+
+@pytest.fixture(scope="module", params=["meg", pytest.param("meg-frozen", marks=pytest.mark.slow),
+                                        pytest.param("fmri", marks=pytest.mark.slow)])
+def adapted(request, trained):
+    """(modality, bundle trained on sub-01, adapted bundle with sub-02, adapt metrics, adapt
+    config); ``meg`` and ``fmri`` adapt each modality's default way (MEG: a fine-tuned copy;
+    fMRI: the shared layers frozen), ``meg-frozen`` MEG with the shared layers frozen."""
+    from neurorecon.pipelines.adapt import run as adapt
+
+    modality, _, way = request.param.partition("-")
+    data, base, root = trained(modality, request)
+    acfg = compose_stage("adapt", root / (way or "default"), [
         *data, *(["data.modality=fmri"] if modality == "fmri" else []), "data.subjects=[02]",
-        f"bundle={base}", f"adapt.max_epochs={EPOCHS[modality]}"])
+        f"bundle={base}", f"adapt.max_epochs={EPOCHS[modality]}",
+        *([f"adapt.way={way}"] if way else [])])
     metrics = adapt(acfg)
     return modality, base, Path(acfg.paths.output_dir) / "bundle", metrics, acfg
 
@@ -67,10 +87,22 @@ def test_adapted_bundle_keeps_old_subjects_and_decodes_the_new_one(adapted):
     for head in ("clip", "mse"):
         assert np.array_equal(old.encode(x, subject="01", head=head),
                               new.encode(x, subject="01", head=head))
-    assert set(old.net.state_dict()) <= set(new.net.state_dict())
-    if modality == "meg":  # one subject-layer matrix more; the shared layers are identical
-        assert new.net.subject_layer.weight.shape[0] == 2
-        assert torch.equal(old.net.merge.weight, new.net.merge.weight)
+    way = metrics["adapt"]["way"]
+    assert way == ("frozen" if modality == "fmri" or cfg.adapt.way == "frozen" else "finetune")
+    own = new.subject_net("02")  # the model that decodes the new subject
+    if way == "finetune":  # a model of its own, saved beside the bundle's, which is untouched
+        assert own is not new.net and new.subject_net("01") is new.net
+        assert all(torch.equal(v, new.net.state_dict()[k]) for k, v in old.net.state_dict().items())
+        weights = new.config.subjects["02"].model.weights
+        assert weights == "subjects/sub-02.safetensors" and (out / weights).is_file()
+        assert not torch.equal(old.net.merge.weight, own.merge.weight)  # every layer trained
+    else:  # the bundle's model with the new subject's own parts; the shared layers identical
+        assert own is new.net and new.config.subjects["02"].model is None
+        assert set(old.net.state_dict()) <= set(new.net.state_dict())
+        if modality == "meg":
+            assert torch.equal(old.net.merge.weight, new.net.merge.weight)
+    if modality == "meg":  # one subject-layer matrix more
+        assert own.subject_layer.weight.shape[0] == 2
     # the new subject decodes: its test trials through the adapted bundle (as `evaluate`)
     enc, chance = metrics["retrieval"]["encoder"], metrics["retrieval"]["chance"]
     assert metrics["subjects"] == ["02"]
@@ -85,9 +117,9 @@ def test_adapted_bundle_keeps_old_subjects_and_decodes_the_new_one(adapted):
     assert len(recorded) == 1 and recorded[0]["subjects"] == ["02"]
     assert new.config.subjects["02"].index == 1
     if modality == "meg":  # the read-out got its own ridge and deep share; low-level too
-        assert float(new.net.readout_weight[1].abs().sum()) > 0
+        assert float(own.readout_weight[1].abs().sum()) > 0
         assert new.net.readout_mix[0] == old.net.readout_mix[0]
-        assert float(new.net.readout_mix[1]) == pytest.approx(recorded[0]["readout_mix"])
+        assert float(own.readout_mix[1]) == pytest.approx(recorded[0]["readout_mix"])
         assert set(new.lowlevel) == {"01", "02"}
         assert np.array_equal(new.lowlevel["01"][0], old.lowlevel["01"][0])
     else:
@@ -152,7 +184,7 @@ def test_run_writes_the_adaptation_curve(fmri_root, tmp_path):
     assert ad["new_subjects"] == ["01", "02"] and list(ad["per_subject_top5"]) == ["01", "02"]
     assert ad["fractions"] == [0.25, 1.0] and ad["seeds"] == [0, 1]
     assert ad["n_train_trials"][0] < ad["n_train_trials"][1]
-    models = ["adapted (shared frozen)", "from scratch", "ridge"]
+    models = ["adapted (shared frozen)", "adapted (fine-tuned copy)", "from scratch", "ridge"]
     assert list(ad["top5"]) == list(ad["top5_sd"]) == models
     assert ad["chance"]["top5"] == pytest.approx(5 / 16)
     assert ad["top5"]["adapted (shared frozen)"][-1] >= ad["chance"]["top5"] + 0.2, ad

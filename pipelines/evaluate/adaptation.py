@@ -4,11 +4,11 @@ subjects and adapted to a new one, against one trained from scratch on the same 
 The shared model is trained on every subject but the new one with the run's recipe (MEG
 temporal focus and read-out included); the new one is the last subject, or each in turn
 (leave-one-subject-out). For each fraction of its training trials and each seed (the seed draws
-the subset, the validation split and the initialisation), three decoders see the same trials
-and are scored on its test set: *adapted* (the shared
-model with the subject's own parts trained, the shared layers frozen: :mod:`..train.adaptation`,
-exactly as ``neurorecon adapt``), *from scratch* (a fresh single-subject model with the run's
-recipe: its own focus search and read-out) and *ridge* (the linear baseline).
+the subset, the validation split and the initialisation), four decoders see the same trials
+and are scored on its test set: *adapted*, both ways of :mod:`..train.adaptation` (exactly as
+``neurorecon adapt``): *shared frozen* (the subject's own parts trained) and *fine-tuned copy*
+(every layer of a copy trained on its trials); *from scratch* (a fresh single-subject model
+with the run's recipe: its own focus search and read-out) and *ridge* (the linear baseline).
 """
 
 from __future__ import annotations
@@ -25,30 +25,20 @@ from neurorecon.models.common.logging import logger
 from neurorecon.models.retrieval import candidate_rows, chance_metrics, retrieval_metrics
 
 from ..inference import predict_split
-from ..train.adaptation import adapt_subjects
-from ..train.fit import build_datamodule, build_module, fit, resolve_focus
-from ..train.readout import attach_readout, choose_meg_readout
+from ..train.adaptation import adapt_subjects, train_alone
+from ..train.fit import build_datamodule
 from ..train.ridge import flat_targets, ridge_predictions
 from .figures import plot_adaptation_curve
 
 FRACTIONS = (0.05, 0.1, 0.25, 0.5, 1.0)
-MODELS = ("adapted (shared frozen)", "from scratch", "ridge")
+MODELS = ("adapted (shared frozen)", "adapted (fine-tuned copy)", "from scratch", "ridge")
+#: the adaptation way behind each adapted row (:mod:`..train.adaptation`)
+WAY_OF = {MODELS[0]: "frozen", MODELS[1]: "finetune"}
 
 
 def _score(pred: np.ndarray, dm) -> dict[str, float]:
     uniq, true_index = candidate_rows(dm.splits["test"].target)
     return retrieval_metrics(pred, flat_targets(dm)[uniq], true_index)
-
-
-def _train(cfg: DictConfig, dm, *, out_dir: Path):
-    """A decoder trained on ``dm`` alone with the run's recipe (focus, read-out)."""
-    focus = resolve_focus(cfg, dm)
-    lit = build_module(cfg, dm, focus=focus)
-    fit(cfg, lit, dm, out_dir=out_dir, quiet=True)
-    readout = choose_meg_readout(cfg, lit.net, dm, focus)
-    if readout is not None:
-        attach_readout(lit.net, dm, readout, alphas=cfg.evaluate.get("ridge_alphas"))
-    return lit.net
 
 
 def adaptation_curve(cfg: DictConfig, *, preproc_dir: Path, embeddings_dir: Path,
@@ -84,7 +74,7 @@ def adaptation_curve(cfg: DictConfig, *, preproc_dir: Path, embeddings_dir: Path
         seed_everything(int(cfg.seed), workers=True, verbose=False)
         shared_dm = build_datamodule(cfg, preproc_dir, embeddings_dir,
                                      subjects=[s for s in labels if s != new])
-        shared = _train(cfg, shared_dm, out_dir=out_dir / f"shared-{new}")
+        shared = train_alone(cfg, shared_dm, out_dir=out_dir / f"shared-{new}")
         for seed in seeds:
             job = cfg.copy()
             with open_dict(job):
@@ -95,19 +85,20 @@ def adaptation_curve(cfg: DictConfig, *, preproc_dir: Path, embeddings_dir: Path
                                       train_fraction={new: frac})
                 n_train[ri, fi] = len(dm.splits["train"]) + len(dm.splits["val"])
                 here = out_dir / f"sub-{new}" / f"seed-{seed}" / f"{frac:g}"
-                net = copy.deepcopy(shared)
-                index, _ = adapt_subjects(job, net, dm, out_dir=here / "adapted", quiet=True)
-                preds = {MODELS[0]: predict_split(net, dm, "test", subject_index=index),
-                         MODELS[1]: predict_split(_train(job, dm, out_dir=here / "scratch"),
-                                                  dm, "test"),
-                         MODELS[2]: ridge_predictions(dm,
-                                                      alphas=cfg.evaluate.get("ridge_alphas"))}
+                preds = {}
+                for name, way in WAY_OF.items():
+                    model, index, _ = adapt_subjects(job, copy.deepcopy(shared), dm,
+                                                     out_dir=here / way, quiet=True, way=way)
+                    preds[name] = predict_split(model, dm, "test", subject_index=index)
+                preds[MODELS[2]] = predict_split(train_alone(job, dm, out_dir=here / "scratch"),
+                                                 dm, "test")
+                preds[MODELS[3]] = ridge_predictions(dm, alphas=cfg.evaluate.get("ridge_alphas"))
                 for name, pred in preds.items():
                     m = _score(pred, dm)
                     top5[name][ri, fi], top1[name][ri, fi] = m["top5"], m["top1"]
-                logger.info("adaptation sub-%s seed %d, %g%% (%d trials): top-5 adapted %.3f, "
-                            "scratch %.3f, ridge %.3f", new, seed, 100 * frac, n_train[ri, fi],
-                            *(top5[name][ri, fi] for name in MODELS))
+                logger.info("adaptation sub-%s seed %d, %g%% (%d trials): top-5 adapted %.3f "
+                            "(frozen) / %.3f (fine-tuned), scratch %.3f, ridge %.3f", new, seed,
+                            100 * frac, n_train[ri, fi], *(top5[name][ri, fi] for name in MODELS))
             ri += 1
     chance = chance_metrics(len(np.unique(dm.splits["test"].target)))
     mean = {m: top5[m].mean(0) for m in MODELS}

@@ -1,24 +1,45 @@
-"""New subjects added to a trained encoder: their own parts trained, the shared layers frozen.
+"""New subjects added to a trained encoder, in one of two ways (``adaptation.<modality>``):
 
-The one implementation behind ``neurorecon adapt`` (:mod:`neurorecon.pipelines.adapt`) and
-the new-subject adaptation curve of a run (:mod:`neurorecon.pipelines.evaluate.adaptation`).
-MEG: a subject-layer matrix per new subject (the mean of the trained subjects' to start),
-trained by gradient descent, then its linear read-out by ridge over the encoder's own bins
-and its deep share chosen on its validation trials;
-fMRI: the subject's input adapter (subspace on its train trials, then a linear layer). The
-trained subjects' weights are restored bit for bit afterwards (weight decay would otherwise
-shrink the old rows of a stacked tensor).
+- ``frozen``: their own parts trained, the shared layers frozen; one model for everyone. MEG:
+  a subject-layer matrix per new subject (the mean of the trained subjects' to start); fMRI:
+  the subject's input adapter (subspace on its train trials, then a linear layer). The trained
+  subjects' weights are restored bit for bit afterwards (weight decay would otherwise shrink
+  the old rows of a stacked tensor).
+- ``finetune``: a copy of the model with the new subjects added, every layer trained on their
+  trials (MindEye2's fine-tuning of a pretrained multi-subject model): a model of their own,
+  which the bundle keeps beside its own (:class:`~neurorecon.models.bundle.OwnModel`); the
+  trained subjects' model is not touched.
+
+Either way the epochs are chosen on the new subjects' validation trials, then (MEG) their
+linear read-out is fitted by ridge over the encoder's own bins and its deep share chosen on
+their validation trials. The one implementation behind ``neurorecon adapt``
+(:mod:`neurorecon.pipelines.adapt`) and the new-subject adaptation curve of a run
+(:mod:`neurorecon.pipelines.evaluate.adaptation`).
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
+from neurorecon.models.common.checks import DataError
 from neurorecon.models.common.logging import logger
+
+#: how new subjects are adapted, and the default per modality (``adaptation.<modality>``)
+WAYS = ("frozen", "finetune")
+DEFAULT_WAY = {"meg": "finetune", "fmri": "frozen"}
+
+
+def adaptation_way(cfg: DictConfig, modality: str) -> str:
+    """``cfg.adaptation.<modality>`` (a config without it: :data:`DEFAULT_WAY`)."""
+    way = str((cfg.get("adaptation") or {}).get(modality) or DEFAULT_WAY[modality])
+    if way not in WAYS:
+        raise DataError(f"adaptation.{modality}={way!r}: one of {list(WAYS)}")
+    return way
 
 
 def add_subjects(net, dm) -> dict[str, int]:
@@ -47,40 +68,48 @@ def restore(net, before: dict[str, torch.Tensor]) -> None:
                 tensor[tuple(slice(0, s) for s in old.shape)] = old
 
 
-def adapt_subjects(cfg: DictConfig, net, dm, *, out_dir: Path, quiet: bool = False
-                   ) -> tuple[dict[str, int], dict[str, Any]]:
-    """Add ``dm``'s subjects to ``net`` (a trained encoder, modified in place) and train their
-    own parts on ``dm`` with ``cfg``'s loss, optimizer and trainer (the epoch chosen on
+def adapt_subjects(cfg: DictConfig, net, dm, *, out_dir: Path, quiet: bool = False,
+                   way: str | None = None) -> tuple[Any, dict[str, int], dict[str, Any]]:
+    """Adapt ``net`` (a trained encoder) to ``dm``'s subjects ``way`` (``frozen``: ``net``
+    itself, modified in place; ``finetune``: a copy, ``net`` untouched; default
+    :func:`adaptation_way`) with ``cfg``'s loss, optimizer and trainer (the epoch chosen on
     ``dm``'s validation trials), then fit their MEG read-out on train + validation trials.
 
-    Returns ``({label: index in net}, info)``: the training summary of :func:`.fit.fit` (empty
-    when nothing was trainable) and ``readout_alpha`` (MEG, per new subject).
+    Returns ``(the model that decodes them, {label: index in it}, info)``: the training
+    summary of :func:`.fit.fit` (empty when nothing was trainable), ``way`` and
+    ``readout_alpha`` / ``readout_mix`` (MEG, per new subject).
     """
     from .fit import build_module, fit
     from .module import Reindexed
     from .readout import fit_subject_readout
 
-    net.train()
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    index = add_subjects(net, dm)
+    way = way or adaptation_way(cfg, dm.modality)
+    model = net if way == "frozen" else copy.deepcopy(net)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()} if way == "frozen" else None
+    index = add_subjects(model, dm)
+    if way == "finetune":
+        model.requires_grad_(True)
     if not quiet:
-        logger.info("new subjects sub-%s: %d parameters trained, %d frozen",
-                    ", sub-".join(dm.labels),
-                    sum(p.numel() for p in net.parameters() if p.requires_grad),
-                    sum(p.numel() for p in net.parameters() if not p.requires_grad))
-    info: dict[str, Any] = {}
-    if any(p.requires_grad for p in net.parameters()):
-        lit = build_module(cfg, dm, net=Reindexed(net, [index[s] for s in dm.labels]))
-        _, info = fit(cfg, lit, dm, out_dir=out_dir, quiet=quiet)
-    net.requires_grad_(False)
-    restore(net, before)
-    if getattr(net, "readout_bins", None):  # MEG: the new subjects' read-out, the net's bins
+        logger.info("new subjects sub-%s (%s): %d parameters trained, %d frozen",
+                    ", sub-".join(dm.labels), way,
+                    sum(p.numel() for p in model.parameters() if p.requires_grad),
+                    sum(p.numel() for p in model.parameters() if not p.requires_grad))
+    info: dict[str, Any] = {"way": way}
+    if any(p.requires_grad for p in model.parameters()):
+        lit = build_module(cfg, dm, net=Reindexed(model, [index[s] for s in dm.labels]))
+        _, trained = fit(cfg, lit, dm, out_dir=out_dir, quiet=quiet)
+        info.update(trained)
+    model.requires_grad_(False)
+    if before is not None:
+        restore(model, before)
+    if getattr(model, "readout_bins", None):  # MEG: the new subjects' read-out, the net's bins
         alphas = (cfg.get("evaluate") or {}).get("ridge_alphas")
-        info["readout_mix"] = _new_subjects_mix(net, dm, index, alphas=alphas)
+        info["readout_mix"] = _new_subjects_mix(model, dm, index, alphas=alphas)
         info["readout_alpha"] = {
-            label: fit_subject_readout(net, dm, k, index=index[label], alphas=alphas)
+            label: fit_subject_readout(model, dm, k, index=index[label], alphas=alphas)
             for k, label in enumerate(dm.labels)}
-    return index, info
+    return model, index, info
 
 
 def _new_subjects_mix(net, dm, index: dict[str, int], *, alphas=None) -> float:
@@ -105,3 +134,19 @@ def _new_subjects_mix(net, dm, index: dict[str, int], *, alphas=None) -> float:
                else float(net.readout_mix[old].mean()) if old.any() else 1.0)
         net.readout_mix[new] = mix
     return mix
+
+
+def train_alone(cfg: DictConfig, dm, *, out_dir: Path):
+    """A decoder trained on ``dm`` alone with the run's recipe (MEG focus and read-out): the
+    model the adapted ones start from (trained on the other subjects), and the one trained from
+    scratch that they are measured against."""
+    from .fit import build_module, fit, resolve_focus
+    from .readout import attach_readout, choose_meg_readout
+
+    focus = resolve_focus(cfg, dm)
+    lit = build_module(cfg, dm, focus=focus)
+    fit(cfg, lit, dm, out_dir=out_dir, quiet=True)
+    readout = choose_meg_readout(cfg, lit.net, dm, focus)
+    if readout is not None:
+        attach_readout(lit.net, dm, readout, alphas=cfg.evaluate.get("ridge_alphas"))
+    return lit.net
