@@ -14,7 +14,6 @@ trials beside.
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from pathlib import Path
@@ -106,8 +105,7 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
     dm = build_datamodule(job, preproc_dir, emb_dir)
     check_fits(decoder, dm, root=root)
     t_train = time.perf_counter()
-    model, index, info = adapt_subjects(job, copy.deepcopy(decoder.net), dm, out_dir=out_dir,
-                                        way=way)
+    model, index, info = adapt_subjects(job, decoder.net, dm, out_dir=out_dir, way=way)
     logger.info("adapt: sub-%s added to the decoder of sub-%s (%s; indices %s)",
                 ", sub-".join(dm.labels), ", sub-".join(decoder.subjects), way,
                 list(index.values()))

@@ -28,7 +28,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "export": ("neurorecon.pipelines.export",
                "checkpoint -> self-contained decoder bundle (Decoder.from_pretrained)"),
     "adapt": ("neurorecon.pipelines.adapt",
-              "add new participants to a trained bundle (their own layers trained, shared frozen)"),
+              "add new participants to a trained bundle (fine-tuned copy, or shared frozen)"),
     "run": ("neurorecon.pipelines.run",
             "every stage on a BIDS dataset -> metrics.json + bundle (the external contract)"),
 }

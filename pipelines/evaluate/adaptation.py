@@ -13,7 +13,6 @@ with the run's recipe: its own focus search and read-out) and *ridge* (the linea
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +86,8 @@ def adaptation_curve(cfg: DictConfig, *, preproc_dir: Path, embeddings_dir: Path
                 here = out_dir / f"sub-{new}" / f"seed-{seed}" / f"{frac:g}"
                 preds = {}
                 for name, way in WAY_OF.items():
-                    model, index, _ = adapt_subjects(job, copy.deepcopy(shared), dm,
-                                                     out_dir=here / way, quiet=True, way=way)
+                    model, index, _ = adapt_subjects(job, shared, dm, out_dir=here / way,
+                                                     quiet=True, way=way)
                     preds[name] = predict_split(model, dm, "test", subject_index=index)
                 preds[MODELS[2]] = predict_split(train_alone(job, dm, out_dir=here / "scratch"),
                                                  dm, "test")

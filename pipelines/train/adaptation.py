@@ -70,10 +70,10 @@ def restore(net, before: dict[str, torch.Tensor]) -> None:
 
 def adapt_subjects(cfg: DictConfig, net, dm, *, out_dir: Path, quiet: bool = False,
                    way: str | None = None) -> tuple[Any, dict[str, int], dict[str, Any]]:
-    """Adapt ``net`` (a trained encoder) to ``dm``'s subjects ``way`` (``frozen``: ``net``
-    itself, modified in place; ``finetune``: a copy, ``net`` untouched; default
-    :func:`adaptation_way`) with ``cfg``'s loss, optimizer and trainer (the epoch chosen on
-    ``dm``'s validation trials), then fit their MEG read-out on train + validation trials.
+    """Adapt a copy of ``net`` (a trained encoder, left untouched) to ``dm``'s subjects
+    ``way`` (default :func:`adaptation_way`) with ``cfg``'s loss, optimizer and trainer (the
+    epoch chosen on ``dm``'s validation trials), then fit their MEG read-out on train +
+    validation trials.
 
     Returns ``(the model that decodes them, {label: index in it}, info)``: the training
     summary of :func:`.fit.fit` (empty when nothing was trainable), ``way`` and
@@ -84,7 +84,7 @@ def adapt_subjects(cfg: DictConfig, net, dm, *, out_dir: Path, quiet: bool = Fal
     from .readout import fit_subject_readout
 
     way = way or adaptation_way(cfg, dm.modality)
-    model = net if way == "frozen" else copy.deepcopy(net)
+    model = copy.deepcopy(net)
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()} if way == "frozen" else None
     index = add_subjects(model, dm)
