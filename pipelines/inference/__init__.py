@@ -24,22 +24,18 @@ from __future__ import annotations
 
 from .base import DECODERS, Decoder, encode_batches, predict_split
 from .files import (
-    CONFIG,
-    GALLERY,
-    GENERATOR,
-    LOWLEVEL,
-    MASKS,
-    NORMALISATION,
-    THUMBNAIL_SIZE,
-    WEIGHTS,
-    BundleError,
-    Gallery,
-    model_card,
-    read_bundle_config,
+           CONFIG,
+           MASKS,
+           NORMALISATION,
+           BundleError,
+           Gallery,
+           model_card,
+           read_bundle_config,
 )
 from .fmri import FmriDecoder
 from .meg import MegDecoder
 
-__all__ = ["CONFIG", "DECODERS", "GALLERY", "GENERATOR", "LOWLEVEL", "MASKS", "NORMALISATION",
-           "THUMBNAIL_SIZE", "WEIGHTS", "BundleError", "Decoder", "FmriDecoder", "Gallery",
-           "MegDecoder", "encode_batches", "model_card", "predict_split", "read_bundle_config"]
+#: the bundle's other file names and helpers: :mod:`.files`
+__all__ = ["CONFIG", "DECODERS", "MASKS", "NORMALISATION", "BundleError", "Decoder",
+           "FmriDecoder", "Gallery", "MegDecoder", "encode_batches", "model_card",
+           "predict_split", "read_bundle_config"]
