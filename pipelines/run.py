@@ -64,8 +64,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     reconstructing = bool(cfg.get("reconstruct") and cfg.reconstruct.enabled)
     stim_root = Path(cfg.data.root) / cfg.data.stim_dir
     # chosen before the refit: the validation-selected model has not seen the validation trials
-    rerank = (lowlevel_rerank(cfg, lit.net, dm, stim_images=stimulus_images(dm, stim_root))
-              if reconstructing else None)
+    images = stimulus_images(dm, stim_root) if reconstructing else None
+    rerank = lowlevel_rerank(cfg, lit.net, dm, stim_images=images) if reconstructing else None
     if (cfg.get("refit") or {}).get(dm.modality) and trainer.world_size > 1:
         logger.warning("refit on train + validation trials is skipped in multi-process "
                        "training (%d processes); the validation-selected model is used",
@@ -89,7 +89,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics["data"] = {"skipped_runs": skipped_runs(cfg.data)}
     if reconstructing:
         metrics["reconstruction"] = reconstruct(lit.net, dm, cfg=cfg, out_dir=out_dir,
-                                                stim_root=stim_root, rerank=rerank)
+                                                stim_root=stim_root, rerank=rerank,
+                                                stim_images=images)
     if cfg.evaluate.get("adaptation") and len(dm.labels) < 2:
         logger.warning("evaluate.adaptation: skipped, the dataset has one subject (a new "
                        "subject is adapted from a model trained on the others)")

@@ -5,9 +5,7 @@ job worker processes (:class:`Service`)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -17,6 +15,7 @@ from neurorecon.models.common.logging import logger
 from neurorecon.pipelines.inference import Decoder
 
 from .bundles import load_bundles
+from .children import launch
 from .keys import KeyRing
 from .lsl import Hub
 from .metrics import Metrics
@@ -67,12 +66,8 @@ class Service:
         return 1 if self.settings.executor == "ray" else self.settings.workers
 
     def start_worker(self, k: int) -> subprocess.Popen:
-        log = open(self.store.root / f"worker-{k}.log", "ab")  # noqa: SIM115 - kept open
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "neurorecon.serve.worker",
-             self.settings.model_dump_json(), f"w{k}-{uuid.uuid4().hex[:6]}", str(os.getpid())],
-            stdout=log, stderr=subprocess.STDOUT)
-        log.close()
+        proc = launch("worker", self.settings.model_dump_json(), f"w{k}-{uuid.uuid4().hex[:6]}",
+                      log=self.store.root / f"worker-{k}.log")
         logger.info("serve: worker %d started (pid %d)", k, proc.pid)
         return proc
 

@@ -1,6 +1,6 @@
 """The real-time MEG decoder as a process of its own, supervised by the service as the job
 workers are: ``python -m neurorecon.serve.stream_process <serve settings json> <stream settings
-json> <parent pid> <message fd>``.
+json> <message fd> <parent pid>`` (:func:`.children.launch`).
 
 Decoding runs in that process (:class:`~.lsl.StreamService`: LSL in, windows decoded, the LSL
 outlet), so the API's event loop and the decoder do not share one interpreter lock, and a
@@ -27,6 +27,7 @@ from typing import Any
 
 from neurorecon.models.common.logging import logger
 
+from .children import launch
 from .lsl import Hub
 from .settings import ServeSettings, StreamSettings
 
@@ -87,14 +88,9 @@ class StreamProcess:
 
     def _spawn(self) -> tuple[subprocess.Popen, int]:
         read_fd, write_fd = os.pipe()
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_dir / "stream.log", "ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "neurorecon.serve.stream_process",
-                 self.serve_settings.model_dump_json(), self.settings.model_dump_json(),
-                 str(os.getpid()), str(write_fd)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                pass_fds=(write_fd,))
+        proc = launch("stream_process", self.serve_settings.model_dump_json(),
+                      self.settings.model_dump_json(), str(write_fd),
+                      log=self.log_dir / "stream.log", pass_fds=(write_fd,))
         os.close(write_fd)
         logger.info("serve: stream decoder process started (pid %d) for %r", proc.pid,
                     self.settings.source)
@@ -176,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     from .bundles import load_bundles
     from .lsl import StreamService
 
-    serve_json, stream_json, parent, fd = (sys.argv[1:] if argv is None else argv)
+    serve_json, stream_json, fd, parent = (sys.argv[1:] if argv is None else argv)
     configure_cli_logging()
     logging.getLogger("neurorecon").setLevel(logging.INFO)
     settings = ServeSettings.model_validate_json(serve_json)

@@ -71,7 +71,8 @@ def plot_grid(rows: list[list[Image.Image]], labels: list[str], path: Path, *,
 
 
 def reconstruct(net, dm, *, cfg: DictConfig, out_dir: str | Path,
-                stim_root: str | Path, rerank: dict | None = None) -> dict[str, Any]:
+                stim_root: str | Path, rerank: dict | None = None,
+                stim_images: list[Image.Image] | None = None) -> dict[str, Any]:
     """Reconstruct the test images from brain-decoded embeddings; return metrics + paths.
 
     Writes ``reconstructions/*.png`` (one per test row), ``reconstructions.png`` (grid) and
@@ -79,6 +80,8 @@ def reconstruct(net, dm, *, cfg: DictConfig, out_dir: str | Path,
     the train and validation splits; the test images are new to it. ``rerank``: the low-level
     re-ranking weight chosen before (:func:`~..reconstruct.generation.lowlevel_rerank` with a
     model that has not seen the validation trials); None: chosen here with ``net``.
+    ``stim_images``: the data module's stimulus images when the caller has them
+    (:func:`~..reconstruct.generation.stimulus_images`); None: read from ``stim_root``.
     """
 
     t0 = time.perf_counter()
@@ -90,7 +93,7 @@ def reconstruct(net, dm, *, cfg: DictConfig, out_dir: str | Path,
     out_dir = Path(out_dir)
     (out_dir / "reconstructions").mkdir(parents=True, exist_ok=True)
     stim_files = dm.embedding_index["stim_file"].tolist()
-    images = stimulus_images(dm, Path(stim_root))
+    images = stimulus_images(dm, Path(stim_root)) if stim_images is None else stim_images
     emb = flat_targets(dm)
     test = dm.splits["test"]
     fit_rows = generator_rows(dm)
@@ -210,14 +213,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     net, dm, job = from_checkpoint(cfg)
     out_dir = Path(cfg.paths.output_dir)
     stim_root = Path(cfg.data.root) / cfg.data.stim_dir
+    images = stimulus_images(dm, stim_root)
     rerank = None
     selected = selected_before_refit(cfg.checkpoint)
     if selected is not None:  # choices on validation trials by a model that has not seen them
-        rerank = lowlevel_rerank(job, checkpoint_encoder(selected, dm), dm,
-                                 stim_images=stimulus_images(dm, stim_root))
+        rerank = lowlevel_rerank(job, checkpoint_encoder(selected, dm), dm, stim_images=images)
         logger.info("reconstruct: choices on validation trials with %s (before the refit)",
                     selected)
-    out = reconstruct(net, dm, cfg=job, out_dir=out_dir, stim_root=stim_root, rerank=rerank)
+    out = reconstruct(net, dm, cfg=job, out_dir=out_dir, stim_root=stim_root, rerank=rerank,
+                      stim_images=images)
     metrics = {"modality": dm.modality, "n_test": out["n_images"],
                "n_test_images": len(set(dm.splits["test"].target.tolist())),
                "subjects": dm.labels,

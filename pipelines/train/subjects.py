@@ -10,6 +10,7 @@ export ask the subject, not the modality.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -66,7 +67,6 @@ class MegSubjectInfo(SubjectInfo):
     good: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     kinds: list[str] = field(default_factory=list)
     orientation: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))
-    _inputs: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_data(cls, label: str, index: int, sub) -> MegSubjectInfo:
@@ -79,11 +79,12 @@ class MegSubjectInfo(SubjectInfo):
 
     def inputs(self) -> dict[str, torch.Tensor]:
         """``positions (n_chans, 2)``, ``mask (n_chans,)`` and ``sensors`` (built once)."""
-        if self._inputs is None:
-            self._inputs = {"positions": torch.tensor(self.positions),
-                            "mask": torch.tensor(self.good),
-                            "sensors": sensor_features(self.kinds, self.orientation)}
         return self._inputs
+
+    @functools.cached_property
+    def _inputs(self) -> dict[str, torch.Tensor]:
+        return {"positions": torch.tensor(self.positions), "mask": torch.tensor(self.good),
+                "sensors": sensor_features(self.kinds, self.orientation)}
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "n_chans": self.n_chans, "n_times": self.n_times,
