@@ -91,3 +91,33 @@ def test_a_draw_writes_its_physics_and_records_its_parameters(tmp_path):
     assert all(name.startswith("M") for name in mne_bids_picks)
     events = pd.read_csv(str(path.copy().update(suffix="events", extension=".tsv")), sep="\t")
     assert (events["trial_type"] == "train").sum() == 16
+
+
+@pytest.mark.parametrize("n_stages", [1, 3])
+def test_concept_stages_move_the_codes_sensor_pattern_over_time(n_stages):
+    """One stage: one sensor pattern of the image code, scaled in time; a chain of stages
+    (``concept_stages``): the pattern at the last stage's peak is another one."""
+    rng = np.random.default_rng(0)
+    n_meg, n_src, n_feat = 40, 60, 10
+    model = {"gain": rng.standard_normal((n_meg, n_src)), "onset_src": np.arange(5),
+             "onset_w": np.ones(5), "low_src": np.arange(5, 10),
+             "low_W": rng.standard_normal((5, n_feat)),
+             "stages": [(rng.choice(n_src, 20, replace=False),
+                         rng.standard_normal((20, meg.N_CODE))) for _ in range(n_stages)]}
+    cfg = OmegaConf.create({
+        "sfreq": 200.0, "lowlevel_peak": 0.1, "lowlevel_width": 0.03, "lowlevel_gain": 1.0,
+        "concept_peak": 0.25, "concept_width": 0.03, "concept_gain": 1.0,
+        "concept_stage_spacing": 0.15, "image_duration": 0.5, "snr": 1.0,
+        "latency_jitter": 0.0})
+    trials = pd.DataFrame({"stim_file": ["a", "b"], **{f"ll{j}": [0.0, 0.0]
+                                                        for j in range(n_feat)}})
+    codes = {"a": rng.standard_normal(meg.N_CODE), "b": rng.standard_normal(meg.N_CODE)}
+    evoked = meg._Evoked(model, trials, codes, np.array([1.0, 4.0]), cfg=cfg, rng=rng)
+    evoked.trial_gain[:] = 1.0
+    data = evoked(0, 1600)
+    # the response to image a minus that to image b: only the code's part is left
+    code_part = lambda t: data[:, int((1.0 + t) * 200)] - data[:, int((4.0 + t) * 200)]  # noqa: E731
+    first, last = code_part(0.25), code_part(0.25 + 0.15 * (n_stages - 1) or 0.4)
+    r = abs(np.corrcoef(first, last)[0, 1])
+    assert r > 0.999 if n_stages == 1 else r < 0.6
+    assert np.linalg.norm(first) > 0 and np.linalg.norm(last) > 0

@@ -5,7 +5,8 @@ informative latencies, the sensor system, the rate, the number of trials and the
 move. ``sample=random`` therefore draws a whole dataset's physics from wide ranges (the
 ``random`` block of the ``sample`` config) with ``sample.seed``: sensor system, sampling rate,
 mains frequency, early and concept response latencies and widths, how much of the later
-response a concept shares and how much is specific to each image, trial jitter, SNR, number
+response a concept shares and how much is specific to each image, how many stages (each with
+its own sources) the later response passes through, trial jitter, SNR, number
 of subjects, train trials per subject, test images and repeats, head position, noisy channels.
 The concrete values of a draw are a plain sample config (the same code writes every preset),
 logged, stored in ``sample_config.json`` and in the MEG root's ``dataset_description.json``
@@ -92,6 +93,8 @@ def draw_parameters(ranges: DictConfig | dict, seed: int) -> dict[str, Any]:
         "head_shift": uniform("head_shift"),
         "head_rotation": uniform("head_rotation"),
         "concept_share": uniform("concept_share"),
+        "concept_stages": _integer(rng("concept_stages"), r.concept_stages),
+        "concept_stage_spacing": uniform("concept_stage_spacing"),
     }
     stimuli = {"n_concepts": n_concepts, "n_train_exemplars": n_train_exemplars,
                "n_test_exemplars": n_test_exemplars, "n_test_repeats": n_test_repeats}

@@ -15,6 +15,9 @@ Neural model per trial (image onset at t=0):
 * a later, sustained component (peak ``concept_peak``) in ventral temporal sources driven by an
   image code shared across subjects (a concept code, mixed with a projection of the image's
   own pixels when ``concept_share < 1``) through subject-specific source weights;
+* with ``concept_stages`` > 1, that component is a chain of stages ``concept_stage_spacing``
+  s apart, each carrying the same code through its own sources and weights, so the sensor
+  pattern of the code changes over time (King & Dehaene 2014); its power is shared among them;
 * an offset response when the image disappears;
 * trial-to-trial latency jitter and amplitude variability.
 
@@ -73,9 +76,10 @@ def _gamma_bump(t: np.ndarray, peak: float, width: float) -> np.ndarray:
     k = (peak / width) ** 2
     theta = width**2 / peak
     x = np.clip(t, 0, None) / theta
-    with np.errstate(divide="ignore", invalid="ignore"):
-        y = np.where(t > 0, np.exp((k - 1) * np.log(np.maximum(x, 1e-12)) - x), 0.0)
-    return y / (y.max() + 1e-30)
+    log_y = np.where(t > 0, (k - 1) * np.log(np.maximum(x, 1e-12)) - x, -np.inf)
+    if not np.isfinite(log_y).any():
+        return np.zeros_like(t, dtype=float)
+    return np.exp(log_y - log_y.max())  # in the log domain: no overflow for narrow bumps
 
 
 class _ColoredNoise:
@@ -173,8 +177,12 @@ def _head_transform(rng: np.random.Generator, *, shift: float = 0.003,
     return mne.transforms.Transform("meg", "head", trans)
 
 
-def _subject_model(info: mne.Info, rng: np.random.Generator, n_features: int, code_dim: int):
-    """Forward model and source maps of one simulated subject."""
+def _subject_model(info: mne.Info, rng: np.random.Generator, n_features: int, code_dim: int,
+                   *, n_stages: int = 1, stage_rng: np.random.Generator | None = None):
+    """Forward model and source maps of one simulated subject.
+
+    ``n_stages`` > 1: the concept stages after the first draw their sources and weights from
+    ``stage_rng`` (every draw of ``rng`` stays as with one stage)."""
     sphere = mne.make_sphere_model(r0=(0.0, 0.0, 0.0), head_radius=0.085, verbose=False)
     src = mne.setup_volume_source_space(sphere=sphere, pos=12.0, mindist=5.0, verbose=False)
     fwd = mne.make_forward_solution(info, trans=None, src=src, bem=sphere, meg=True, eeg=False,
@@ -205,6 +213,12 @@ def _subject_model(info: mne.Info, rng: np.random.Generator, n_features: int, co
     model["onset_w"] = rng.uniform(0.5, 1.0, n_on) * rng.choice([-1, 1], n_on)
     model["low_W"] = rng.standard_normal((n_low, n_features)) / np.sqrt(n_features)
     model["concept_U"] = rng.standard_normal((n_con, code_dim)) / np.sqrt(code_dim)
+    # later concept stages: other ventral and temporal sources, other weights
+    temporal = np.flatnonzero((y > -0.045) & (z < 0.03) & (np.abs(x) > 0.02))
+    model["stages"] = [(model["concept_src"], model["concept_U"])] + [
+        (stage_rng.choice(temporal, size=min(30, len(temporal)), replace=False),
+         stage_rng.standard_normal((min(30, len(temporal)), code_dim)) / np.sqrt(code_dim))
+        for _ in range(1, n_stages)]
     return model
 
 
@@ -232,8 +246,9 @@ class _ScratchRaw(mne.io.BaseRaw):
 class _Evoked:
     """Sensor-level evoked responses of one run, evaluated on any block of samples.
 
-    Per trial, the response is three rank-one terms, a sensor topography times a waveform
-    (onset + offset, low-level, concept), scaled by the trial's gain and shifted by its jitter.
+    Per trial, the response is a sum of rank-one terms, a sensor topography times a waveform
+    (onset + offset, low-level, one per concept stage), scaled by the trial's gain and shifted
+    by its jitter.
     """
 
     def __init__(self, model: dict, trials: pd.DataFrame, codes: dict[str, np.ndarray],
@@ -241,19 +256,25 @@ class _Evoked:
         sfreq = float(cfg.sfreq)
         gain = model["gain"]
         low = (float(cfg.lowlevel_peak), float(cfg.lowlevel_width))
-        concept = (float(cfg.concept_peak), float(cfg.concept_width))
+        stages = model["stages"]
+        peaks = float(cfg.concept_peak) + float(cfg.concept_stage_spacing) * \
+            np.arange(len(stages))
+        widths = float(cfg.concept_width) * peaks / peaks[0]  # later stages: wider
         # long enough for the slowest response to decay (0.9 s for the fixed presets)
-        t_win = np.arange(int(max(0.9, concept[0] + 5 * concept[1]) * sfreq)) / sfreq
+        t_win = np.arange(int(max(0.9, peaks[-1] + 5 * widths[-1]) * sfreq)) / sfreq
         w_on = _gamma_bump(t_win, 0.095, 0.03) - 0.6 * _gamma_bump(t_win, 0.17, 0.04)
         w_off = _gamma_bump(t_win - cfg.image_duration, 0.1, 0.03)
         self.waves = np.stack([
             w_on + 0.4 * w_off,
             _gamma_bump(t_win, *low),
-            _gamma_bump(t_win, *concept),
-        ])  # (3, n_win)
+            *(_gamma_bump(t_win, peak, width) for peak, width in zip(peaks, widths,
+                                                                      strict=True)),
+        ])  # (2 + stages, n_win)
         self.topo_on = gain[:, model["onset_src"]] @ model["onset_w"]
         self.map_low = cfg.lowlevel_gain * gain[:, model["low_src"]] @ model["low_W"]
-        self.map_con = cfg.concept_gain * gain[:, model["concept_src"]] @ model["concept_U"]
+        # (stages, n_meg, code): the stages share the concept response's power
+        self.map_con = np.stack([cfg.concept_gain / np.sqrt(len(stages)) * gain[:, src] @ u
+                                 for src, u in stages])
         # scale so that the mean evoked response peaks at EVOKED_SENSOR_RMS (x snr)
         peak_rms = np.sqrt(self.topo_on**2).mean()
         self.scale = cfg.snr * EVOKED_SENSOR_RMS / max(peak_rms, 1e-30)
@@ -271,7 +292,7 @@ class _Evoked:
         for i in np.flatnonzero((self.starts < stop) & (self.starts + n_win > start)):
             lo, hi = max(self.starts[i], start), min(self.starts[i] + n_win, stop)
             topo = np.column_stack([self.topo_on, self.map_low @ self.feats[i],
-                                    self.map_con @ self.codes[i]])
+                                    *(self.map_con @ self.codes[i])])
             topo *= self.scale * self.trial_gain[i]
             out[:, lo - start : hi - start] += topo @ self.waves[:, lo - self.starts[i] :
                                                                    hi - self.starts[i]]
@@ -376,8 +397,8 @@ def simulate_meg_bids(
     cfg : DictConfig
         The ``sample.meg`` config (n_subjects, n_runs, sfreq, system, line_freq, soa,
         image_duration, snr, lowlevel_gain, lowlevel_peak, lowlevel_width, concept_gain,
-        concept_peak, concept_width, latency_jitter, n_noisy_channels, head_shift,
-        head_rotation).
+        concept_peak, concept_width, concept_stages, concept_stage_spacing, latency_jitter,
+        n_noisy_channels, head_shift, head_rotation).
     seed : int
         Seed of the whole sample dataset.
     n_test_repeats : int
@@ -407,7 +428,9 @@ def simulate_meg_bids(
             info = _add_stim(info)
             # own stream: the digitization leaves every other draw of the subject as it was
             info.set_montage(meg_digitization(np.random.default_rng([seed, 4, s]), cfg.system))
-            model = _subject_model(info, rng, n_features, N_CODE)
+            model = _subject_model(info, rng, n_features, N_CODE,
+                                   n_stages=int(cfg.concept_stages),
+                                   stage_rng=np.random.default_rng([seed, 5, s]))
             runs = trial_sequence(stimuli, n_test_repeats=n_test_repeats, n_runs=cfg.n_runs,
                                   rng=rng)
             for r, trials in enumerate(progress(runs, desc=f"MEG sub-{subject}")):

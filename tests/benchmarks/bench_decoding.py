@@ -14,10 +14,12 @@ Not a test (no assertions); run it::
 
     .venv/bin/python tests/benchmarks/bench_decoding.py --draws 8 --seeds 3 \\
         [--first 0] [--max-subjects 2] [--max-train-trials 600] [--out bench-decoding] \\
+        [--sample sample.random.concept_stages=[3,3]] \\
         [-- extra train overrides, e.g. focus.meg=null]
 
 ``--max-subjects`` / ``--max-train-trials`` narrow the family's ranges (for a quicker pass on
-2 cores; the table says so). Datasets and runs stay under ``--out`` (reused when rerun).
+2 cores), ``--sample`` sets any other (repeatable); the table says so. Datasets and runs stay
+under ``--out`` (reused when rerun).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def ranges(args) -> list[str]:
         out.append(f"sample.random.n_subjects=[1,{args.max_subjects}]")
     if args.max_train_trials:
         out.append(f"sample.random.train_trials=[200,{args.max_train_trials}]")
-    return out
+    return out + list(args.sample)
 
 
 def draw(k: int, args, out: Path) -> tuple[Path, dict]:
@@ -96,6 +98,7 @@ def row(k: int, params: dict, m: dict, run_dir: Path) -> dict:
         "train_trials": stim["n_concepts"] * stim["n_train_exemplars"],
         "test": f"{stim['n_concepts'] * stim['n_test_exemplars']}x{stim['n_test_repeats']}",
         "snr": meg["snr"], "concept_peak": meg["concept_peak"],
+        "stages": meg.get("concept_stages", 1),
         "deep": float(np.mean(deep_vals)), "deep_sd": float(np.std(deep_vals, ddof=1))
         if len(deep_vals) > 1 else 0.0, "deep_values": deep_vals,
         "ridge": m["retrieval"]["ridge"]["top5"], "window": peak.get("top5"),
@@ -110,9 +113,9 @@ def print_table(rows: list[dict], args) -> None:
           + (f"; ranges narrowed: {' '.join(narrowed)}" if narrowed else "") + ")")
     if args.overrides:
         print("train overrides:", " ".join(args.overrides))
-    print("| draw | system | Hz | subj | train/subj | test | snr | concept peak | encoder top-5 "
-          "(mean ± sd) | deep part alone | read-out alone | full-window ridge | best 250 ms "
-          "window (s) | chance | encoder ≥ window | deep share | train s/seed |")
+    print("| draw | system | Hz | subj | train/subj | test | snr | concept peak (stages) | encoder "
+          "top-5 (mean ± sd) | deep part alone | read-out alone | full-window ridge | best "
+          "250 ms window (s) | chance | encoder ≥ window | deep share | train s/seed |")
     print("|" + "---|" * 17)
     fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
     wins = 0
@@ -120,7 +123,8 @@ def print_table(rows: list[dict], args) -> None:
         win = r["window"] is not None and r["deep"] >= r["window"]
         wins += win
         print(f"| {r['draw']} | {r['system']} | {r['sfreq']:g} | {r['subjects']} | "
-              f"{r['train_trials']} | {r['test']} | {r['snr']:.2f} | {r['concept_peak']:.2f} | "
+              f"{r['train_trials']} | {r['test']} | {r['snr']:.2f} | {r['concept_peak']:.2f} "
+              f"({r.get('stages', 1)}) | "
               f"{r['deep']:.3f} ± {r['deep_sd']:.3f} | {fmt(r.get('deep_part'))} | "
               f"{fmt(r.get('linear_readout'))} | {r['ridge']:.3f} | "
               f"{r['window']:.3f} ({r['window_time']:.2f}) | {r['chance']:.3f} | "
@@ -140,6 +144,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--max-subjects", type=int, default=None)
     parser.add_argument("--max-train-trials", type=int, default=None)
+    parser.add_argument("--sample", action="append", default=[], metavar="KEY=VALUE",
+                        help="another sample override (repeatable), e.g. "
+                             "sample.random.concept_stages=[3,3]")
     parser.add_argument("--out", type=Path, default=Path("bench-decoding"))
     parser.add_argument("--retrain", action="store_true", help="retrain even if a run exists")
     parser.add_argument("--table-only", action="store_true",
