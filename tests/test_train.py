@@ -228,3 +228,45 @@ def test_refit_checkpoint_knows_the_model_it_was_refitted_from(tmp_path, caplog)
     recorded = {"training": {"selected_checkpoint": "/elsewhere/checkpoints/best-v1.ckpt"}}
     (tmp_path / "run" / "metrics.json").write_text(json.dumps(recorded))
     assert selected_before_refit(refit) == ckpts / "best-v1.ckpt"  # the run moved: by name
+
+
+def test_weight_averaging_gives_the_trained_model_the_average_of_its_steps(tmp_path):
+    """``callbacks.weight_averaging``: after training, the model holds the exponential moving
+    average of the weights of every optimizer step, with the decay of a half-life of
+    ``half_life_epochs`` epochs of that data's batches (not the last step's weights)."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from neurorecon.pipelines.train.module import WeightEMA
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(3, 1)
+            self.steps: list[torch.Tensor] = []
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.layer(x), y)
+
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            self.steps.append(self.layer.weight.detach().clone())  # after the step
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(40, 3), torch.randn(40, 1))
+    model = Tiny()
+    trainer = L.Trainer(max_epochs=3, callbacks=[WeightEMA(half_life_epochs=2.0)],
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, DataLoader(data, batch_size=10))  # 4 batches an epoch
+    decay = 0.5 ** (1 / 8)
+    expected = model.steps[0]
+    for w in model.steps[1:]:
+        expected = decay * expected + (1 - decay) * w
+    torch.testing.assert_close(model.layer.weight.detach(), expected)
+    assert not torch.allclose(model.layer.weight.detach(), model.steps[-1])
+    with pytest.raises(DataError, match="half_life_epochs"):
+        WeightEMA(half_life_epochs=0)

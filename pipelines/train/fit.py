@@ -145,6 +145,8 @@ def fit(cfg: DictConfig, lit, dm, *, out_dir: Path, quiet: bool = False):
 
     callbacks = []
     for c in (cfg.get("callbacks") or {}).values():
+        if c is None:  # a callback switched off (e.g. callbacks.weight_averaging=null)
+            continue
         extra = {"dirpath": str(out_dir / "checkpoints")} if "dirpath" in c else {}
         callbacks.append(instantiate(c, **extra))
     loggers = [instantiate(c, save_dir=str(out_dir)) for c in (cfg.get("logger") or {}).values()]
@@ -216,7 +218,10 @@ def refit(cfg: DictConfig, info: dict[str, Any], *, preproc_dir: Path,
     seed_everything(int(cfg.seed), workers=True, verbose=False)  # the seed is in the config
     dm = build_datamodule(cfg, preproc_dir, emb_dir, val_fraction=0.0)
     lit = build_module(cfg, dm, focus=focus)
-    trainer = instantiate(cfg.trainer, max_epochs=epochs, min_epochs=epochs, callbacks=[],
+    # the training's weight averaging, as in the run that chose the epoch count
+    averaging = (cfg.get("callbacks") or {}).get("weight_averaging")
+    trainer = instantiate(cfg.trainer, max_epochs=epochs, min_epochs=epochs,
+                          callbacks=[instantiate(averaging)] if averaging else [],
                           logger=False, limit_val_batches=0, enable_checkpointing=False,
                           default_root_dir=str(out_dir),
                           **({} if interactive() else {"enable_progress_bar": False}))
@@ -243,6 +248,8 @@ def update_checkpoint(lit, info: dict[str, Any]) -> None:
         return
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     ckpt["state_dict"] = lit.state_dict()
+    # weight averaging kept the last step's weights beside the average; the average is the model
+    ckpt.pop("current_model_state", None)
     lit.description["model_config"] = lit.net.get_config()
     ckpt["neurorecon"] = lit.description
     tmp = Path(f"{path}.tmp")

@@ -7,8 +7,11 @@ from typing import Any
 
 import torch
 from lightning import LightningModule
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from torch import nn
+from torch.optim.swa_utils import get_ema_avg_fn
 
+from neurorecon.models.common.checks import DataError
 from neurorecon.models.common.logging import logger
 from neurorecon.models.retrieval import rank_score, retrieval_metrics
 
@@ -152,6 +155,30 @@ class ContrastiveLitModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["neurorecon"] = self.description
+
+
+class WeightEMA(EMAWeightAveraging):
+    """Lightning's exponential moving average of the weights, updated every optimizer step;
+    validation, the saved checkpoints and the trained model use the average (Polyak
+    averaging: on a few hundred trials, the weights of one step carry the noise of its batch,
+    and the epoch validation picks moves with it). The decay comes from a half-life in
+    epochs, so the horizon is the same whatever the number of batches in an epoch.
+    """
+
+    def __init__(self, half_life_epochs: float = 1.0):
+        if not half_life_epochs > 0:
+            raise DataError(f"callbacks.weight_averaging.half_life_epochs={half_life_epochs}: "
+                            "a positive number of epochs")
+        super().__init__()
+        self.half_life_epochs = float(half_life_epochs)
+        self._decay_set = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._decay_set and self._average_model is not None:
+            steps = max(1.0, self.half_life_epochs * float(trainer.num_training_batches))
+            self._average_model.avg_fn = get_ema_avg_fn(0.5 ** (1.0 / steps))
+            self._decay_set = True
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
 class Reindexed(nn.Module):
