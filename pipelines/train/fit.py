@@ -248,8 +248,6 @@ def update_checkpoint(lit, info: dict[str, Any]) -> None:
         return
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     ckpt["state_dict"] = lit.state_dict()
-    # weight averaging kept the last step's weights beside the average; the average is the model
-    ckpt.pop("current_model_state", None)
     lit.description["model_config"] = lit.net.get_config()
     ckpt["neurorecon"] = lit.description
     tmp = Path(f"{path}.tmp")

@@ -9,7 +9,6 @@ import torch
 from lightning import LightningModule
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from torch import nn
-from torch.optim.swa_utils import get_ema_avg_fn
 
 from neurorecon.models.common.checks import DataError
 from neurorecon.models.common.logging import logger
@@ -162,8 +161,14 @@ class WeightEMA(EMAWeightAveraging):
     validation, the saved checkpoints and the trained model use the average (Polyak
     averaging: on a few hundred trials, the weights of one step carry the noise of its batch,
     and the epoch validation picks moves with it). The decay comes from a half-life in
-    epochs, so the horizon is the same whatever the number of batches in an epoch.
+    epochs, so the horizon is the same whatever the number of batches in an epoch; early on,
+    the half-life is at most a quarter of the steps taken (:data:`WARMUP`), so a short training
+    is not averaged with its untrained start. Checkpoints hold the average only (runs are not
+    resumed).
     """
+
+    #: the half-life (steps) is at most the steps taken so far over this
+    WARMUP = 4.0
 
     def __init__(self, half_life_epochs: float = 1.0):
         if not half_life_epochs > 0:
@@ -175,10 +180,20 @@ class WeightEMA(EMAWeightAveraging):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self._decay_set and self._average_model is not None:
-            steps = max(1.0, self.half_life_epochs * float(trainer.num_training_batches))
-            self._average_model.avg_fn = get_ema_avg_fn(0.5 ** (1.0 / steps))
+            half_life = max(1.0, self.half_life_epochs * float(trainer.num_training_batches))
+
+            def average(averaged, current, n_averaged):
+                steps = min(half_life, max(float(n_averaged), 1.0) / self.WARMUP)
+                decay = 0.5 ** (1.0 / steps)
+                return decay * averaged + (1.0 - decay) * current
+
+            self._average_model.avg_fn = average
             self._decay_set = True
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        checkpoint.pop("current_model_state", None)  # the last step's weights
 
 
 class Reindexed(nn.Module):
