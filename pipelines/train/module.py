@@ -176,20 +176,16 @@ class WeightEMA(EMAWeightAveraging):
                             "a positive number of epochs")
         super().__init__()
         self.half_life_epochs = float(half_life_epochs)
-        self._decay_set = False
+        self._half_life = 1.0  # steps, set when the epoch length is known
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not self._decay_set and self._average_model is not None:
-            half_life = max(1.0, self.half_life_epochs * float(trainer.num_training_batches))
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._half_life = max(1.0, self.half_life_epochs * float(trainer.num_training_batches))
+        self._average_model.avg_fn = self._average
 
-            def average(averaged, current, n_averaged):
-                steps = min(half_life, max(float(n_averaged), 1.0) / self.WARMUP)
-                decay = 0.5 ** (1.0 / steps)
-                return decay * averaged + (1.0 - decay) * current
-
-            self._average_model.avg_fn = average
-            self._decay_set = True
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+    def _average(self, averaged, current, n_averaged):
+        steps = min(self._half_life, max(float(n_averaged), 1.0) / self.WARMUP)
+        decay = 0.5 ** (1.0 / steps)
+        return decay * averaged + (1.0 - decay) * current
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         super().on_save_checkpoint(trainer, pl_module, checkpoint)

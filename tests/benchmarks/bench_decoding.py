@@ -124,7 +124,7 @@ def print_table(rows: list[dict], args) -> None:
         wins += win
         print(f"| {r['draw']} | {r['system']} | {r['sfreq']:g} | {r['subjects']} | "
               f"{r['train_trials']} | {r['test']} | {r['snr']:.2f} | {r['concept_peak']:.2f} "
-              f"({r.get('stages', 1)}) | "
+              f"({r['stages']}) | "
               f"{r['deep']:.3f} ± {r['deep_sd']:.3f} | {fmt(r.get('deep_part'))} | "
               f"{fmt(r.get('linear_readout'))} | {r['ridge']:.3f} | "
               f"{r['window']:.3f} ({r['window_time']:.2f}) | {r['chance']:.3f} | "
