@@ -26,7 +26,9 @@ def test_draws_are_reproducible_varied_and_inside_the_ranges():
     megs = [d["meg"] for d in draws]
     for key, bounds in (("concept_peak", RANGES.concept_peak), ("snr", RANGES.snr),
                         ("latency_jitter", RANGES.latency_jitter),
-                        ("lowlevel_peak", RANGES.lowlevel_peak)):
+                        ("lowlevel_peak", RANGES.lowlevel_peak),
+                        ("blink_after_image", RANGES.blink_after_image),
+                        ("ecg_gain", RANGES.ecg_gain)):
         values = np.array([m[key] for m in megs])
         assert values.min() >= bounds[0] and values.max() <= bounds[1], key
         assert values.max() - values.min() > 0.5 * (bounds[1] - bounds[0]), key  # spread out
@@ -121,3 +123,41 @@ def test_concept_stages_move_the_codes_sensor_pattern_over_time(n_stages):
     r = abs(np.corrcoef(first, last)[0, 1])
     assert r > 0.999 if n_stages == 1 else r < 0.6
     assert np.linalg.norm(first) > 0 and np.linalg.norm(last) > 0
+
+
+def test_artifacts_blink_after_images_and_beat_like_a_heart():
+    """Blinks (``blink_after_image=1``: one in the pause after every image, none during it)
+    through the eyes' field, heartbeats at 55-85 per minute through the heart's; the same data
+    whatever the block size; none at all in a config without artifacts (the fixed presets)."""
+    n_meg, sfreq = 30, 200.0
+    rng = np.random.default_rng(0)
+    model = {"blink_topo": rng.standard_normal(n_meg), "ecg_topo": rng.standard_normal(n_meg)}
+    onsets = 2.0 + 1.5 * np.arange(20)
+    n_times = int(35 * sfreq)
+    base = {"sfreq": sfreq, "image_duration": 0.5, "blink_gain": 1.0}
+    cfg = OmegaConf.create({**base, "blink_rate": 0.0, "blink_after_image": 1.0,
+                            "ecg_gain": 0.0})
+    art = meg._Artifacts.of(model, onsets, n_times, cfg=cfg, rng=np.random.default_rng(1))
+    data = art(0, n_times)
+    blink = np.abs(data.T @ model["blink_topo"]) / np.linalg.norm(model["blink_topo"])
+    for onset in onsets[:-1]:
+        during = blink[int(onset * sfreq):int((onset + 0.5) * sfreq)]
+        pause = blink[int((onset + 0.5) * sfreq):int((onset + 1.5) * sfreq)]
+        assert pause.max() > 0.3 * meg.BLINK_RMS * np.sqrt(n_meg)
+        assert during.max() < 1e-3 * pause.max()
+    blocks = np.concatenate([art(a, min(a + 333, n_times)) for a in range(0, n_times, 333)],
+                            axis=1)
+    np.testing.assert_allclose(blocks, data)
+
+    cfg = OmegaConf.create({**base, "blink_rate": 0.0, "blink_after_image": 0.0,
+                            "ecg_gain": 1.0})
+    heart = meg._Artifacts.of(model, onsets, n_times, cfg=cfg, rng=np.random.default_rng(2))
+    trace = heart(0, n_times).T @ model["ecg_topo"]
+    peaks = np.flatnonzero((trace[1:-1] > trace[:-2]) & (trace[1:-1] >= trace[2:])
+                           & (trace[1:-1] > 0.5 * trace.max())) + 1
+    assert 55 <= 60 / np.median(np.diff(peaks) / sfreq) <= 85
+    assert len(peaks) >= 35 * 55 / 60 - 2
+
+    none = OmegaConf.create({**base, "blink_rate": 0.0, "blink_after_image": 0.0,
+                             "ecg_gain": 0.0})
+    assert meg._Artifacts.of(model, onsets, n_times, cfg=none, rng=rng) is None

@@ -7,7 +7,8 @@ move. ``sample=random`` therefore draws a whole dataset's physics from wide rang
 mains frequency, early and concept response latencies and widths, how much of the later
 response a concept shares and how much is specific to each image, how many stages (each with
 its own sources) the later response passes through, trial jitter, SNR, number
-of subjects, train trials per subject, test images and repeats, head position, noisy channels.
+of subjects, train trials per subject, test images and repeats, head position, noisy channels,
+eye blinks and the heartbeat.
 The concrete values of a draw are a plain sample config (the same code writes every preset),
 logged, stored in ``sample_config.json`` and in the MEG root's ``dataset_description.json``
 (``GeneratedBy[0].Description``).
@@ -95,6 +96,10 @@ def draw_parameters(ranges: DictConfig | dict, seed: int) -> dict[str, Any]:
         "concept_share": uniform("concept_share"),
         "concept_stages": _integer(rng("concept_stages"), r.concept_stages),
         "concept_stage_spacing": uniform("concept_stage_spacing"),
+        "blink_rate": uniform("blink_rate"),
+        "blink_after_image": uniform("blink_after_image"),
+        "blink_gain": uniform("blink_gain", log=True),
+        "ecg_gain": uniform("ecg_gain", log=True),
     }
     stimuli = {"n_concepts": n_concepts, "n_train_exemplars": n_train_exemplars,
                "n_test_exemplars": n_test_exemplars, "n_test_repeats": n_test_repeats}

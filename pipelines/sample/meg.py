@@ -22,9 +22,15 @@ Neural model per trial (image onset at t=0):
 * trial-to-trial latency jitter and amplitude variability.
 
 Noise: 1/f brain background from random sources, bursty posterior alpha (8-12 Hz), sensor
-white + 1/f noise, line noise with harmonics, and slow drift. Stimulus identity reaches the
-sensors only through the neural response: the trigger channel carries the same code for every
-image, the noise generator is independent of the stimulus order, and trial order is shuffled.
+white + 1/f noise, line noise with harmonics, and slow drift. Physiological artifacts (off in
+the fixed presets, drawn by the randomized family): eye blinks, spontaneous
+(``blink_rate``) and in the pause after an image (``blink_after_image``, the probability per
+trial), through the field of sources behind the eyes, and the heartbeat (``ecg_gain``), a
+QRS complex and T wave at 55-85 beats per minute through a deep inferior source; both are
+large beside the evoked response, as in a recording without ICA or SSP. Stimulus identity
+reaches the sensors only through the neural response: the trigger channel carries the same code
+for every image, the noise generator is independent of the stimulus order, and trial order is
+shuffled.
 
 Generation runs in bounded memory, whatever the run length: every random value of a trial
 (latency jitter, gain) is drawn up front, and the recording is then made in blocks of
@@ -66,6 +72,8 @@ ALPHA_RMS = 120e-15
 SENSOR_NOISE_RMS = 60e-15
 LINE_NOISE_AMP = 150e-15
 DRIFT_RMS = 800e-15
+BLINK_RMS = 600e-15  # over the sensors, at the peak of a blink (blink_gain=1)
+ECG_RMS = 300e-15  # over the sensors, at the R peak (ecg_gain=1)
 
 BLOCK_S = 10.0  # s of recording generated at a time: memory does not grow with the run
 COLORED_F_LO = 0.01  # Hz: colored noise is 1/f**exponent above this corner, flat below
@@ -210,6 +218,16 @@ def _subject_model(info: mne.Info, rng: np.random.Generator, n_features: int, co
         "noise_src": rng.choice(len(rr), size=min(200, len(rr)), replace=False),
     }
     n_on, n_low, n_con = (len(model[k]) for k in ("onset_src", "low_src", "concept_src"))
+    # artifact fields, from fixed places and orientations (no draw of rng): behind the eyes
+    # (a blink rotates the eyes' corneo-retinal dipoles) and deep inferior (the heart's field)
+    def field(points, direction) -> np.ndarray:
+        idx = [int(np.argmin(np.linalg.norm(rr - np.asarray(pt), axis=1))) for pt in points]
+        topo = g_free[:, idx] @ (np.asarray(direction) / np.linalg.norm(direction))
+        topo = topo.sum(1)
+        return topo / np.sqrt(np.mean(topo**2))
+
+    model["blink_topo"] = field([(-0.03, 0.06, -0.02), (0.03, 0.06, -0.02)], (0.0, 0.5, 1.0))
+    model["ecg_topo"] = field([(0.01, -0.01, -0.065)], (0.4, 0.3, 1.0))
     model["onset_w"] = rng.uniform(0.5, 1.0, n_on) * rng.choice([-1, 1], n_on)
     model["low_W"] = rng.standard_normal((n_low, n_features)) / np.sqrt(n_features)
     model["concept_U"] = rng.standard_normal((n_con, code_dim)) / np.sqrt(code_dim)
@@ -299,6 +317,55 @@ class _Evoked:
         return out
 
 
+class _Artifacts:
+    """Blinks and heartbeats of one run at the sensors, evaluated on any block of samples.
+
+    Every event (time, amplitude) is drawn up front from ``rng`` (its own stream: a dataset
+    without artifacts is the same as before they existed), so blocks do not depend on their
+    size. Returns None from :meth:`of` when the config has no artifacts."""
+
+    def __init__(self, model: dict, onsets: np.ndarray, n_times: int, *, cfg: DictConfig,
+                 rng: np.random.Generator):
+        sfreq = float(cfg.sfreq)
+        duration = n_times / sfreq
+        spontaneous = rng.uniform(0.0, duration, rng.poisson(float(cfg.blink_rate) * duration))
+        after = rng.random(len(onsets)) < float(cfg.blink_after_image)
+        delays = float(cfg.image_duration) + rng.uniform(0.05, 0.4, len(onsets))
+        blinks = np.concatenate([spontaneous, (onsets + delays)[after]])
+        period = 60.0 / rng.uniform(55.0, 85.0)
+        beats = np.cumsum(period * (1 + 0.05 * rng.standard_normal(int(duration / period) + 2)))
+        beats += rng.uniform(0.0, period) - period
+        t = np.arange(int(0.6 * sfreq)) / sfreq
+        gauss = lambda mu, sd: np.exp(-0.5 * ((t - mu) / sd) ** 2)  # noqa: E731
+        self.events = [  # (topography, waveform, onset samples, amplitudes)
+            (float(cfg.blink_gain) * BLINK_RMS * model["blink_topo"], _gamma_bump(t, 0.12, 0.04),
+             np.round(blinks * sfreq).astype(int), rng.lognormal(0.0, 0.3, len(blinks))),
+            (float(cfg.ecg_gain) * ECG_RMS * model["ecg_topo"],
+             gauss(0.1, 0.008) - 0.15 * gauss(0.08, 0.006) - 0.25 * gauss(0.12, 0.008)
+             + 0.3 * gauss(0.35, 0.04), np.round(beats * sfreq).astype(int),
+             1 + 0.05 * rng.standard_normal(len(beats))),
+        ]
+
+    @classmethod
+    def of(cls, model: dict, onsets: np.ndarray, n_times: int, *, cfg: DictConfig,
+           rng: np.random.Generator) -> _Artifacts | None:
+        if not (cfg.get("blink_rate", 0) or cfg.get("blink_after_image", 0)
+                or cfg.get("ecg_gain", 0)):
+            return None
+        return cls(model, onsets, n_times, cfg=cfg, rng=rng)
+
+    def __call__(self, start: int, stop: int) -> np.ndarray:
+        """The artifacts on samples ``start:stop``, ``(n_meg, stop - start)``."""
+        out = 0.0
+        for topo, wave, starts, amps in self.events:
+            series = np.zeros(stop - start)
+            for i in np.flatnonzero((starts < stop) & (starts + len(wave) > start)):
+                lo, hi = max(starts[i], start), min(starts[i] + len(wave), stop)
+                series[lo - start:hi - start] += amps[i] * wave[lo - starts[i]:hi - starts[i]]
+            out = out + np.outer(topo, series)
+        return out
+
+
 def _simulate_run(
     info: mne.Info,
     model: dict,
@@ -309,8 +376,10 @@ def _simulate_run(
     rng: np.random.Generator,
     fname: Path,
     block_s: float = BLOCK_S,
+    artifact_rng: np.random.Generator | None = None,
 ) -> tuple[_ScratchRaw, np.ndarray]:
-    """Simulate one run into the scratch file ``fname``, ``block_s`` seconds at a time.
+    """Simulate one run into the scratch file ``fname``, ``block_s`` seconds at a time
+    (``artifact_rng``: the stream of the run's blinks and heartbeats, if the config has any).
 
     Returns a Raw that reads ``fname`` lazily and the onset samples of the trials. The data do
     not depend on ``block_s`` (up to float rounding).
@@ -326,6 +395,8 @@ def _simulate_run(
         raise ValueError(f"info must hold the {n_meg} MEG channels of the gain, then "
                          f"{STIM_CHANNEL}")
     evoked = _Evoked(model, trials, codes, onsets, cfg=cfg, rng=rng)
+    artifacts = (None if artifact_rng is None else
+                 _Artifacts.of(model, onsets, n_times, cfg=cfg, rng=artifact_rng))
 
     # noise: fixed parameters, then one random stream per generator (blocks draw in turn)
     g_noise = gain[:, model["noise_src"]]
@@ -365,6 +436,8 @@ def _simulate_run(
             for h in (1, 2, 3):
                 meg += _sinusoids(line_amp / h, h * cfg.line_freq, h * line_phase, times)
             meg += DRIFT_RMS * drift(n)
+            if artifacts is not None:
+                meg += artifacts(start, stop)
             if noisy_noise is not None:
                 meg[noisy] += 16 * BRAIN_NOISE_RMS * noisy_noise(n)
             meg[dead] = 1e-16 * dead_noise.standard_normal(n)
@@ -398,7 +471,8 @@ def simulate_meg_bids(
         The ``sample.meg`` config (n_subjects, n_runs, sfreq, system, line_freq, soa,
         image_duration, snr, lowlevel_gain, lowlevel_peak, lowlevel_width, concept_gain,
         concept_peak, concept_width, concept_stages, concept_stage_spacing, latency_jitter,
-        n_noisy_channels, head_shift, head_rotation).
+        n_noisy_channels, head_shift, head_rotation, blink_rate, blink_after_image,
+        blink_gain, ecg_gain).
     seed : int
         Seed of the whole sample dataset.
     n_test_repeats : int
@@ -434,8 +508,9 @@ def simulate_meg_bids(
             runs = trial_sequence(stimuli, n_test_repeats=n_test_repeats, n_runs=cfg.n_runs,
                                   rng=rng)
             for r, trials in enumerate(progress(runs, desc=f"MEG sub-{subject}")):
-                raw, onset_samples = _simulate_run(info, model, trials, codes, cfg=cfg, rng=rng,
-                                                   fname=fname)
+                raw, onset_samples = _simulate_run(
+                    info, model, trials, codes, cfg=cfg, rng=rng, fname=fname,
+                    artifact_rng=np.random.default_rng([seed, 6, s, r]))
                 events = np.column_stack([
                     onset_samples,
                     np.zeros(len(onset_samples), int),
