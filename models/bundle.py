@@ -77,15 +77,18 @@ class MegSubject(_Part):
     sfreq_in: float = Field(gt=0)
     scaler_center: list[float]
     scaler_scale: list[float]
+    ssp: list[list[float]] = []  # artifact projectors: orthonormal vectors over the channels
     model: OwnModel | None = None
 
     @model_validator(mode="after")
     def _one_entry_per_channel(self) -> MegSubject:
-        for name in ("ch_names", "positions", "good", "kinds", "orientation", "scaler_center",
-                     "scaler_scale"):
-            if len(getattr(self, name)) != self.n_chans:
-                raise ValueError(f"{name} has {len(getattr(self, name))} entries for "
-                                 f"{self.n_chans} channels")
+        lengths = {name: len(getattr(self, name)) for name in (
+            "ch_names", "positions", "good", "kinds", "orientation", "scaler_center",
+            "scaler_scale")}
+        lengths.update({f"ssp[{k}]": len(vector) for k, vector in enumerate(self.ssp)})
+        for name, n in lengths.items():
+            if n != self.n_chans:
+                raise ValueError(f"{name} has {n} entries for {self.n_chans} channels")
         return self
 
 

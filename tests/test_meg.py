@@ -192,16 +192,100 @@ def test_single_trials_hard_averages_decodable(tmp_path):
     assert averaged > 3 * chance, averaged
 
 
-def test_streamed_windows_equal_offline_causal_epochs(sample_root):
-    """Stream -> windows -> baseline -> frozen scaler == offline epochs (phase='causal')."""
+@pytest.fixture(scope="module")
+def artifact_root(tmp_path_factory) -> Path:
+    """The tiny sample with blinks and heartbeats (and EOG and ECG channels)."""
+    from neurorecon.pipelines.sample.run import make_sample
+
+    from .conftest import compose_stage
+
+    root = tmp_path_factory.mktemp("artifacts")
+    cfg = compose_stage("sample", root, ["sample=tiny", "sample.meg.blink_rate=0.3",
+                                         "sample.meg.blink_after_image=0.6",
+                                         "sample.meg.ecg_gain=1.0"])
+    return make_sample(cfg.sample, root / "data" / "sample")
+
+
+@pytest.mark.parametrize("system", ["ctf275", "neuromag"])
+def test_ssp_projects_out_blinks_and_heartbeats_and_keeps_the_brain(system):
+    """MNE finds the blinks and beats on the EOG and ECG channels; the subject's projectors
+    remove their fields from the MEG (per sensor type) and leave brain fields nearly whole."""
+    from omegaconf import OmegaConf
+
+    from neurorecon.pipelines.preprocess.meg import (
+        RecordingEpochs,
+        artifact_events,
+        artifact_sums,
+        project_out,
+        ssp_basis,
+    )
+    from neurorecon.pipelines.sample import meg
+
+    sfreq, n_times = 600.0, int(150 * 600)
+    rng = np.random.default_rng(0)
+    info = mne.channels.read_meg_canonical_info(system)
+    with info._unlock():
+        info["sfreq"] = sfreq
+        info["dev_head_t"] = meg._head_transform(rng)
+    info = mne.pick_info(info, mne.pick_types(info, meg=True, ref_meg=False))
+    model = meg._subject_model(info, rng, 10, meg.N_CODE)
+    cfg = OmegaConf.create({"sfreq": sfreq, "image_duration": 0.5, "blink_rate": 0.2,
+                            "blink_after_image": 0.0, "blink_gain": 1.0, "ecg_gain": 1.0})
+    art = meg._Artifacts(model, np.array([]), n_times, cfg=cfg, rng=np.random.default_rng(1))
+    artifacts, exg = art(0, n_times)
+    gain = model["gain"]
+    brain = gain[:, model["noise_src"]] @ rng.standard_normal((len(model["noise_src"]), n_times))
+    brain *= meg.BRAIN_NOISE_RMS / np.sqrt(np.mean(gain[:, model["noise_src"]] ** 2) *
+                                           len(model["noise_src"]))
+    raw = mne.io.RawArray(np.vstack([brain + artifacts, exg]),
+                          meg._add_channels(info, meg.EXG_CHANNELS), verbose=False)
+
+    params = MegParams()
+    times = artifact_events(raw, params)
+    for kind, (_, wave, starts, _) in zip(("eog", "ecg"), art.events, strict=True):
+        truth = (starts + np.argmax(wave)) / sfreq  # the blink's or the R wave's peak
+        truth = truth[(truth > 1) & (truth < n_times / sfreq - 1)]
+        error = np.abs(times[kind][:, None] - truth[None]).min(axis=0)
+        assert np.mean(error < 0.1) > 0.9, (kind, np.mean(error < 0.1))
+    dec = filter_and_decimate(raw.copy().pick("meg"), params)
+    part = RecordingEpochs(np.empty((0,)), pd.DataFrame(), dec.info, [], sfreq,
+                           artifact_sums(dec, times))
+    basis, counts = ssp_basis([part], np.ones(len(gain), bool), params)
+    n_types = 2 if system == "neuromag" else 1
+    assert basis.shape == (len(gain), 2 * n_types), basis.shape
+    assert counts["eog"] > 20 and counts["ecg"] > 120
+    # the best possible: the true fields of each sensor type projected out
+    exact = np.zeros((len(gain), 0))
+    for picks in (mne.pick_types(info, meg="mag"), mne.pick_types(info, meg="grad")):
+        for topo in (model["blink_topo"], model["ecg_topo"]):
+            v = np.zeros(len(gain))
+            v[picks] = topo[picks]
+            exact = np.column_stack([exact, v])
+    exact = np.linalg.svd(exact[:, np.abs(exact).sum(0) > 0], full_matrices=False)[0]
+    for picks in (mne.pick_types(info, meg="mag"), mne.pick_types(info, meg="grad")):
+        if not len(picks):
+            continue
+        left = lambda v, b=basis, p=picks: (  # noqa: E731
+            np.linalg.norm(project_out(v, b)[p]) / np.linalg.norm(v[p]))
+        assert left(model["blink_topo"]) < 0.1 and left(model["ecg_topo"]) < 0.1
+        kept = np.mean([left(f) for f in gain[:, model["noise_src"]].T])
+        best = np.mean([left(f, exact) for f in gain[:, model["noise_src"]].T])
+        assert kept > best - 0.03, (kept, best)
+
+
+def test_streamed_windows_equal_offline_causal_epochs(artifact_root):
+    """Stream -> windows -> baseline -> artifact projectors -> frozen scaler == offline
+    epochs (phase='causal'), on recordings with blinks, heartbeats, EOG and ECG."""
     from neurorecon.pipelines.preprocess.meg import prepare_window
 
-    root = sample_root / "meg"
+    root = artifact_root / "meg"
     rec = _first_recording(root)
     params = MegParams(phase="causal", average_test_repeats=False)
     pre = preprocess_meg([rec], bids_root=root, spec=EventSpec(), params=params)
     sub = pre.subjects[rec.subject]
     stats = pre.recipe["subjects"][rec.subject]
+    ssp = np.array(stats["ssp"]).T
+    assert ssp.shape == (sub.X.shape[1], 2)  # a blink and a heartbeat projector (CTF: mags)
 
     raw = mne_bids.read_raw_bids(rec.bids_path, verbose=False)
     raw.pick("meg", exclude=[]).load_data(verbose=False)
@@ -215,7 +299,7 @@ def test_streamed_windows_equal_offline_causal_epochs(sample_root):
         s = int(round(onset * params.sfreq)) + start
         win = prepare_window(dec[:, s : s + n_times], params,
                              center=np.array(stats["scaler_center"]),
-                             scale=np.array(stats["scaler_scale"]), good=good)
+                             scale=np.array(stats["scaler_scale"]), good=good, ssp=ssp)
         np.testing.assert_allclose(win, sub.X[row], rtol=1e-4, atol=1e-4)
 
 

@@ -137,26 +137,35 @@ def test_artifacts_blink_after_images_and_beat_like_a_heart():
     base = {"sfreq": sfreq, "image_duration": 0.5, "blink_gain": 1.0}
     cfg = OmegaConf.create({**base, "blink_rate": 0.0, "blink_after_image": 1.0,
                             "ecg_gain": 0.0})
-    art = meg._Artifacts.of(model, onsets, n_times, cfg=cfg, rng=np.random.default_rng(1))
-    data = art(0, n_times)
+    art = lambda: meg._Artifacts.of(model, onsets, n_times, cfg=cfg,  # noqa: E731
+                                    rng=np.random.default_rng(1))
+    data, exg = art()(0, n_times)
     blink = np.abs(data.T @ model["blink_topo"]) / np.linalg.norm(model["blink_topo"])
     for onset in onsets[:-1]:
         during = blink[int(onset * sfreq):int((onset + 0.5) * sfreq)]
         pause = blink[int((onset + 0.5) * sfreq):int((onset + 1.5) * sfreq)]
         assert pause.max() > 0.3 * meg.BLINK_RMS * np.sqrt(n_meg)
         assert during.max() < 1e-3 * pause.max()
-    blocks = np.concatenate([art(a, min(a + 333, n_times)) for a in range(0, n_times, 333)],
-                            axis=1)
-    np.testing.assert_allclose(blocks, data)
+        # the EOG channel sees each blink far above its noise, and nothing during the image
+        eog = exg[0]
+        assert eog[int((onset + 0.5) * sfreq):int((onset + 1.5) * sfreq)].max() > 10 * \
+            meg.EOG_NOISE_RMS
+        assert np.abs(eog[int(onset * sfreq):int((onset + 0.5) * sfreq)]).max() < 5 * \
+            meg.EOG_NOISE_RMS
+    fresh = art()
+    parts = [fresh(a, min(a + 333, n_times)) for a in range(0, n_times, 333)]
+    np.testing.assert_allclose(np.concatenate([p[0] for p in parts], axis=1), data)
+    np.testing.assert_allclose(np.concatenate([p[1] for p in parts], axis=1), exg)
 
     cfg = OmegaConf.create({**base, "blink_rate": 0.0, "blink_after_image": 0.0,
                             "ecg_gain": 1.0})
     heart = meg._Artifacts.of(model, onsets, n_times, cfg=cfg, rng=np.random.default_rng(2))
-    trace = heart(0, n_times).T @ model["ecg_topo"]
-    peaks = np.flatnonzero((trace[1:-1] > trace[:-2]) & (trace[1:-1] >= trace[2:])
-                           & (trace[1:-1] > 0.5 * trace.max())) + 1
-    assert 55 <= 60 / np.median(np.diff(peaks) / sfreq) <= 85
-    assert len(peaks) >= 35 * 55 / 60 - 2
+    data, exg = heart(0, n_times)
+    for trace in (data.T @ model["ecg_topo"], exg[1]):  # at the sensors, on the ECG channel
+        peaks = np.flatnonzero((trace[1:-1] > trace[:-2]) & (trace[1:-1] >= trace[2:])
+                               & (trace[1:-1] > 0.5 * trace.max())) + 1
+        assert 55 <= 60 / np.median(np.diff(peaks) / sfreq) <= 85
+        assert len(peaks) >= 35 * 55 / 60 - 2
 
     none = OmegaConf.create({**base, "blink_rate": 0.0, "blink_after_image": 0.0,
                              "ecg_gain": 0.0})

@@ -40,7 +40,8 @@ def test_blocks_do_not_change_the_data_and_noise_is_one_over_f(tmp_path):
     with info._unlock():
         info["sfreq"] = float(CFG.sfreq)
         info["dev_head_t"] = meg._head_transform(rng)
-    info = meg._add_stim(mne.pick_info(info, mne.pick_types(info, meg=True, ref_meg=False)))
+    info = meg._add_channels(mne.pick_info(info, mne.pick_types(info, meg=True, ref_meg=False)),
+                            {meg.STIM_CHANNEL: "stim"})
     model = meg._subject_model(info, rng, 10, meg.N_CODE)
     trials = pd.DataFrame(rng.standard_normal((16, 10)), columns=[f"ll{j}" for j in range(10)])
     trials["concept"] = np.array(["a", "b"])[np.arange(16) % 2]

@@ -151,7 +151,7 @@ class Decoder:
         self.root = None if root is None else Path(root)
         self._generator = None
         self._inputs: dict[str, dict[str, torch.Tensor]] = {}
-        self._stats: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._stats: dict[str, dict[str, np.ndarray]] = {}
         self._candidates: dict[str | None, tuple[np.ndarray, CandidateIndex]] = {}
         self._traced: dict[tuple[str, str], tuple[int, Any]] = {}  # (weights version, model)
 

@@ -33,15 +33,19 @@ class MegDecoder(Decoder):
 
         return MegParams.from_mapping(self.config.preprocessing["params"])
 
-    def _meg_stats(self, subject: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Frozen scaler centre, scale and good-channel mask of ``subject`` (built once: the
-        streaming decoder asks for them every window)."""
+    def _meg_stats(self, subject: str) -> dict[str, np.ndarray]:
+        """Frozen scaler ``center`` and ``scale``, ``good``-channel mask and artifact
+        projectors (``ssp``, ``(n_chans, k)``) of ``subject``: the keywords of
+        :func:`~.preprocess.meg.scale_epochs` (built once: the streaming decoder asks for them
+        every window)."""
         label = self._label(subject)
         if label not in self._stats:
             info = self.config.subjects[label]
-            self._stats[label] = (np.asarray(info.scaler_center, np.float64),
-                                  np.asarray(info.scaler_scale, np.float64),
-                                  np.asarray(info.good, bool))
+            self._stats[label] = {
+                "center": np.asarray(info.scaler_center, np.float64),
+                "scale": np.asarray(info.scaler_scale, np.float64),
+                "good": np.asarray(info.good, bool),
+                "ssp": np.asarray(info.ssp, np.float64).reshape(-1, info.n_chans).T}
         return self._stats[label]
 
     def prepare_meg(self, raw_or_array, *, subject: str, events=None,
@@ -50,8 +54,8 @@ class MegDecoder(Decoder):
 
         The offline transform with the bundle's recipe and frozen statistics: band-pass
         (the recipe's ``phase``), decimation, epochs ``[tmin, tmax]`` around each onset,
-        baseline, the subject's scaler fitted on its training trials, clamp, bad channels
-        zeroed.
+        baseline, the subject's artifact projectors and scaler fitted on its training data,
+        clamp, bad channels zeroed.
 
         Parameters
         ----------
@@ -105,9 +109,7 @@ class MegDecoder(Decoder):
                      what="MEG data")
         raw = filter_and_decimate(raw, params)
         X = cut_epochs(raw, table, params)
-        center, scale, good = self._meg_stats(subject)
-        return scale_epochs(X, center=center, scale=scale, good=good,
-                            clamp=params.clamp).astype(np.float32)
+        return scale_epochs(X, clamp=params.clamp, **self._meg_stats(subject)).astype(np.float32)
 
     def warm_up(self, subject: str, *, mask: np.ndarray | None = None,
                 split: str | None = None) -> None:
@@ -142,8 +144,9 @@ class MegDecoder(Decoder):
 
     def meg_window(self, window: np.ndarray, *, subject: str) -> np.ndarray:
         """One window ``(n_chans, n_times)`` of :meth:`streaming_filter` output spanning the
-        recipe's ``[tmin, tmax]`` around an onset -> the model input (baseline, frozen scaler,
-        clamp, bad channels zeroed), equal to the offline causal epoch."""
+        recipe's ``[tmin, tmax]`` around an onset -> the model input (baseline, artifact
+        projectors, frozen scaler, clamp, bad channels zeroed), equal to the offline causal
+        epoch."""
         from ..preprocess.meg import prepare_window
 
         params = self.meg_params
@@ -154,9 +157,7 @@ class MegDecoder(Decoder):
             raise DataError(f"MEG window of shape {window.shape}; sub-{subject} needs {shape} "
                             f"(channels x samples of [{params.tmin}, {params.tmax}] s at "
                             f"{params.sfreq:g} Hz)")
-        center, scale, good = self._meg_stats(subject)
-        return prepare_window(window, params, center=center, scale=scale,
-                              good=good).astype(np.float32)
+        return prepare_window(window, params, **self._meg_stats(subject)).astype(np.float32)
 
     # ------------------------------------------------------------------ the modality's parts
     def _trial_shape(self, info) -> tuple[int, ...]:

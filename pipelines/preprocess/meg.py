@@ -1,15 +1,17 @@
 """MEG preprocessing (after Benchetrit, Banville & King 2023), offline and streaming.
 
-Offline, per recording: read with mne-bids -> pick good MEG channels -> band-pass
-(zero-phase FIR, or causal IIR with ``phase="causal"``) -> decimate to ``sfreq`` -> epochs
-``[tmin, tmax]`` around image onsets -> baseline correction. Per subject: robust scaling per
+Offline, per recording: read with mne-bids -> blinks and heartbeats found on the EOG and
+ECG channels, if any (MNE's detectors, at the recording's rate) -> pick the MEG channels ->
+band-pass (zero-phase FIR, or causal IIR with ``phase="causal"``) -> decimate to ``sfreq`` ->
+epochs ``[tmin, tmax]`` around image onsets -> baseline correction. Per subject: artifact
+projectors (SSP, from the average blink and beat of all its recordings) -> robust scaling per
 channel (median / IQR fitted on *train* epochs only) -> clamp at ``±clamp`` -> optional
 averaging of test repeats.
 
 The same transform exists in a causal, chunk-by-chunk form for the real-time decoder:
 :class:`StreamingMegFilter` (IIR state carried across chunks, the output rate reached at any
-input rate by :class:`RateConverter`) plus
-:func:`scale_window` with scaler statistics frozen from calibration data. Its output equals the
+input rate by :class:`RateConverter`) plus :func:`prepare_window` with the projectors and
+scaler statistics frozen from the training data. Its output equals the
 offline ``phase="causal"`` path sample for sample.
 """
 
@@ -19,7 +21,7 @@ import json
 import shutil
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,11 @@ from .store import (
 PHASES = ("zero", "causal")
 #: bad-channel sources: BIDS ``channels.tsv`` plus robust variance outliers, or BIDS only
 BAD_CHANNEL_MODES = ("auto", "bids")
+#: artifact projectors (SSP): the epoch (s) around each detected event whose average they
+#: remove, as ``mne.preprocessing.compute_proj_eog`` / ``compute_proj_ecg``
+SSP_WINDOWS = {"eog": (-0.2, 0.2), "ecg": (-0.2, 0.4)}
+#: fewer detected events than this in a subject's recordings: no projector of that kind
+SSP_MIN_EVENTS = 10
 #: head-frame origin used to flatten sensor positions to 2D (MNE's default for MEG)
 LAYOUT_ORIGIN = np.array([0.0, 0.0, 0.04])
 
@@ -71,6 +78,8 @@ class MegParams:
     clamp: float | None = 20.0
     bad_channels: str = "auto"
     bad_threshold: float = 6.0
+    ssp_eog: int = 1
+    ssp_ecg: int = 1
     average_test_repeats: bool = True
 
     def __post_init__(self) -> None:
@@ -104,6 +113,8 @@ class MegParams:
                          none=True, why="inside the epoch, from the baseline start on")
         check_number(key + "clamp", self.clamp, low=0, low_open=True, none=True)
         check_number(key + "bad_threshold", self.bad_threshold, low=0, low_open=True)
+        for kind in SSP_WINDOWS:
+            check_number(key + f"ssp_{kind}", getattr(self, f"ssp_{kind}"), low=0, integer=True)
 
     @classmethod
     def from_mapping(cls, params: Mapping[str, Any]) -> MegParams:
@@ -309,31 +320,45 @@ def scale_window(
     return out
 
 
+def project_out(X: np.ndarray, basis: np.ndarray | None) -> np.ndarray:
+    """``(..., n_chans, n_times)`` without its part in the span of ``basis``
+    (``(n_chans, k)``, orthonormal columns: the subject's artifact projectors, see
+    :func:`ssp_basis`); ``X`` itself when there are none. A spatial projection, so it commutes
+    with the filters and the baseline and applies to a live window as to a recording."""
+    if basis is None or basis.shape[1] == 0:
+        return X
+    return X - basis @ (basis.T @ X)
+
+
 def scale_epochs(X: np.ndarray, *, center: np.ndarray, scale: np.ndarray, good: np.ndarray,
-                 clamp: float | None) -> np.ndarray:
-    """The frozen per-channel scaler of a subject applied to ``(..., n_chans, n_times)``.
+                 clamp: float | None, ssp: np.ndarray | None = None) -> np.ndarray:
+    """The frozen per-channel transform of a subject applied to ``(..., n_chans, n_times)``:
+    artifact projectors (``ssp``, see :func:`project_out`), scaler, clamp.
 
     Bad channels (``good`` False) are zero in the output, as in training. Returns a new
     float64 array (the input is not modified).
     """
-    out = scale_window(np.asarray(X, dtype=np.float64), center=center, scale=scale, clamp=clamp)
+    X = project_out(np.asarray(X, dtype=np.float64), ssp)
+    out = scale_window(X, center=center, scale=scale, clamp=clamp)
     out[..., ~good, :] = 0.0
     return out
 
 
 def prepare_window(window: np.ndarray, params: MegParams, *, center: np.ndarray,
-                   scale: np.ndarray, good: np.ndarray) -> np.ndarray:
+                   scale: np.ndarray, good: np.ndarray,
+                   ssp: np.ndarray | None = None) -> np.ndarray:
     """One ``(n_chans, n_times)`` window of filtered, decimated data spanning
     ``[tmin, tmax]`` around an onset -> the model input: baseline correction (the samples of
-    :func:`baseline_slice`, as ``mne.Epochs`` does), frozen scaler, clamp, bad channels zeroed.
-    Applied to :class:`StreamingMegFilter` output it equals the offline ``phase="causal"``
-    epoch.
+    :func:`baseline_slice`, as ``mne.Epochs`` does), artifact projectors, frozen scaler, clamp,
+    bad channels zeroed. Applied to :class:`StreamingMegFilter` output it equals the offline
+    ``phase="causal"`` epoch.
     """
     window = np.asarray(window, dtype=np.float64)
     base = baseline_slice(params)
     if base.stop > base.start:
         window = window - window[:, base].mean(axis=1, keepdims=True)
-    return scale_epochs(window, center=center, scale=scale, good=good, clamp=params.clamp)
+    return scale_epochs(window, center=center, scale=scale, good=good, clamp=params.clamp,
+                        ssp=ssp)
 
 
 #: histogram bins per channel of the streamed quantiles (exact values come from a 3rd pass)
@@ -566,6 +591,81 @@ def cut_epochs(raw: mne.io.BaseRaw, events: pd.DataFrame, params: MegParams, *,
     return epochs.get_data(copy=False)
 
 
+def artifact_events(raw: mne.io.BaseRaw, params: MegParams) -> dict[str, np.ndarray]:
+    """Times (s from the first sample) of the blinks and heartbeats that MNE's detectors
+    (``find_eog_events``, ``find_ecg_events``) find on the recording's EOG and ECG channels;
+    a kind without its channel, or with ``ssp_<kind>=0``, is left out. Run it at the
+    recording's own rate (a QRS complex lasts a few samples at ``sfreq``)."""
+    found = {}
+    for kind in SSP_WINDOWS:
+        if not getattr(params, f"ssp_{kind}") or not len(
+                mne.pick_types(raw.info, meg=False, **{kind: True})):
+            continue
+        if kind == "eog":
+            events = mne.preprocessing.find_eog_events(raw, verbose=False)
+        else:
+            events = mne.preprocessing.find_ecg_events(raw, verbose=False)[0]
+        found[kind] = (events[:, 0] - raw.first_samp) / raw.info["sfreq"]
+    return found
+
+
+def artifact_sums(raw: mne.io.BaseRaw,
+                  times: Mapping[str, np.ndarray]) -> dict[str, tuple[np.ndarray, int]]:
+    """Per kind of :func:`artifact_events`: the sum of ``raw``'s epochs ``SSP_WINDOWS[kind]``
+    around its events, ``(n_chans, n_times)``, and their number (events too near an end are
+    left out), so that the recordings of a subject pool into one average."""
+    sums = {}
+    sfreq = raw.info["sfreq"]
+    for kind, onsets in times.items():
+        samples = np.unique(np.round(onsets * sfreq).astype(int)) + raw.first_samp
+        if not len(samples):
+            continue
+        events = np.column_stack([samples, np.zeros_like(samples), np.ones_like(samples)])
+        epochs = mne.Epochs(raw, events, tmin=SSP_WINDOWS[kind][0], tmax=SSP_WINDOWS[kind][1],
+                            baseline=None, picks="all", preload=True, reject=None, flat=None,
+                            proj=False, verbose=False)
+        data = epochs.get_data(copy=False)
+        if len(data):
+            sums[kind] = (data.sum(axis=0), len(data))
+    return sums
+
+
+def ssp_basis(parts: Sequence[RecordingEpochs], good: np.ndarray,
+              params: MegParams) -> tuple[np.ndarray, dict[str, int]]:
+    """A subject's artifact projectors: per kind, MNE's ``compute_proj_evoked`` on the
+    average artifact of all its recordings (``ssp_<kind>`` vectors per sensor type, good
+    channels only), orthonormalised together.
+
+    Returns the basis ``(n_chans, k)`` (zero on bad channels; ``k=0`` without artifact
+    channels) for :func:`project_out`, and the number of events of each kind.
+    """
+    info = mne.pick_info(parts[0].info, np.flatnonzero(good))
+    vectors, counts = [], {}
+    for kind, (tmin, _) in SSP_WINDOWS.items():
+        found = [part.artifacts[kind] for part in parts if kind in part.artifacts]
+        if not found:
+            continue
+        counts[kind] = n = sum(count for _, count in found)
+        if n < SSP_MIN_EVENTS:
+            logger.warning("only %d %s events found: no %s projector", n, kind.upper(), kind)
+            continue
+        k = getattr(params, f"ssp_{kind}")
+        average = sum(total for total, _ in found)[good] / n
+        evoked = mne.EvokedArray(average, info, tmin=tmin, nave=n, verbose=False)
+        for proj in mne.compute_proj_evoked(evoked, n_grad=k, n_mag=k, n_eeg=0,
+                                            desc_prefix=kind, verbose=False):
+            weights = dict(zip(proj["data"]["col_names"], proj["data"]["data"][0], strict=True))
+            vectors.append([weights.get(ch, 0.0) for ch in info["ch_names"]])
+            logger.info("SSP %s: %d events, %s explains %.0f%% of their average", kind.upper(),
+                        n, proj["desc"], 100 * float(proj.get("explained_var") or 0.0))
+    basis = np.zeros((len(good), 0))
+    if vectors:
+        u, sv, _ = np.linalg.svd(np.asarray(vectors).T, full_matrices=False)
+        basis = np.zeros((len(good), int((sv > 1e-10 * sv[0]).sum())))
+        basis[good] = u[:, :basis.shape[1]]
+    return basis, counts
+
+
 @dataclass
 class RecordingEpochs:
     """Epochs of one recording before scaling, over *all* its MEG channels."""
@@ -575,6 +675,7 @@ class RecordingEpochs:
     info: mne.Info  # after decimation
     bads: list[str]
     sfreq_in: float
+    artifacts: dict[str, tuple[np.ndarray, int]] = field(default_factory=dict)  # artifact_sums
 
 
 def epoch_recording(
@@ -591,9 +692,12 @@ def epoch_recording(
     meg_picks = mne.pick_types(raw.info, meg=True, ref_meg=False, exclude=[])
     if len(meg_picks) == 0:
         raise DataError("recording has no MEG channels", path=recording.fpath)
-    raw.pick(meg_picks).load_data(verbose=False)
+    exg_picks = mne.pick_types(raw.info, meg=False, eog=True, ecg=True, exclude=[])
+    raw.pick(np.concatenate([meg_picks, exg_picks])).load_data(verbose=False)
     for block in time_blocks(raw, 8192):
-        check_finite(block, path=recording.fpath, what="MEG data")
+        check_finite(block, path=recording.fpath, what="MEG, EOG and ECG data")
+    artifact_times = artifact_events(raw, params)
+    raw.pick(np.arange(len(meg_picks)))
     bads = list(raw.info["bads"])
     sfreq_in = raw.info["sfreq"]
     raw = filter_and_decimate(raw, params)
@@ -604,7 +708,8 @@ def epoch_recording(
     X = cut_epochs(raw, events, params, path=recording.events_path).astype(np.float32)
     trials = events.assign(subject=recording.subject, session=recording.session or "n/a",
                            run=recording.run or "n/a", recording=recording.fpath.name)
-    return RecordingEpochs(X, trials, raw.info, sorted(set(bads)), sfreq_in)
+    return RecordingEpochs(X, trials, raw.info, sorted(set(bads)), sfreq_in,
+                           artifact_sums(raw, artifact_times))
 
 
 def epoch_to_file(recording: Recording, *, bids_root: str | Path, spec: EventSpec,
@@ -705,10 +810,12 @@ def _assemble_subject(subject: str, entries, folder: Path, *, params: MegParams,
         raise DataError(f"sub-{subject}: no train trials to fit the scaler on",
                         path=recs[0].events_path)
 
+    ssp, ssp_events = ssp_basis(parts, good, params)
+
     def train_blocks():
         for f, train in zip(files, splits, strict=True):
             for _, block in f.blocks(np.flatnonzero(train)):
-                yield block[:, good]
+                yield project_out(block, ssp)[:, good]
 
     center, scale = fit_robust_scaler(train_blocks, int(good.sum()))
     full_center, full_scale = np.zeros(len(ch_names)), np.ones(len(ch_names))
@@ -725,7 +832,7 @@ def _assemble_subject(subject: str, entries, folder: Path, *, params: MegParams,
         for rows, block in f.blocks():
             assembler.add(rows + offset, scale_epochs(block, center=full_center,
                                                       scale=full_scale, good=good,
-                                                      clamp=params.clamp))
+                                                      clamp=params.clamp, ssp=ssp))
         offset += len(f)
         f.path.unlink()
     trials = assembler.close()
@@ -734,9 +841,10 @@ def _assemble_subject(subject: str, entries, folder: Path, *, params: MegParams,
     channels = pd.DataFrame({"name": ch_names, "x": xy[:, 0], "y": xy[:, 1], "good": good,
                              "kind": kinds, "ori_x": ori[:, 0], "ori_y": ori[:, 1]})
     X = load_rows(target, in_memory=in_memory)
-    logger.info("MEG sub-%s: %d trials x %d channels (%d bad) x %d samples", subject,
-                X.shape[0], X.shape[1], len(bads), X.shape[2])
+    logger.info("MEG sub-%s: %d trials x %d channels (%d bad) x %d samples, %d artifact "
+                "projectors", subject, X.shape[0], X.shape[1], len(bads), X.shape[2],
+                ssp.shape[1])
     recipe = {"sfreq_in": parts[0].sfreq_in, "ch_names": ch_names, "bads": bads,
               "scaler_center": full_center.tolist(), "scaler_scale": full_scale.tolist(),
-              "n_times": n_times}
+              "n_times": n_times, "ssp": ssp.T.tolist(), "ssp_events": ssp_events}
     return SubjectTrials(subject, X, trials, channels), recipe

@@ -75,6 +75,13 @@ DRIFT_RMS = 800e-15
 BLINK_RMS = 600e-15  # over the sensors, at the peak of a blink (blink_gain=1)
 ECG_RMS = 300e-15  # over the sensors, at the R peak (ecg_gain=1)
 
+# EOG and ECG electrodes (volts), written when the config has artifacts
+EXG_CHANNELS = {"EOG061": "eog", "ECG063": "ecg"}  # name: type
+EOG_BLINK = 250e-6  # vertical EOG at the peak of a blink (amplitude 1)
+EOG_NOISE_RMS = 10e-6
+ECG_PEAK = 1e-3  # ECG at the R peak
+ECG_NOISE_RMS = 20e-6
+
 BLOCK_S = 10.0  # s of recording generated at a time: memory does not grow with the run
 COLORED_F_LO = 0.01  # Hz: colored noise is 1/f**exponent above this corner, flat below
 
@@ -345,25 +352,39 @@ class _Artifacts:
              + 0.3 * gauss(0.35, 0.04), np.round(beats * sfreq).astype(int),
              1 + 0.05 * rng.standard_normal(len(beats))),
         ]
+        self._electrode_noise = rng.spawn(1)[0]  # drawn block after block
+
+    @staticmethod
+    def configured(cfg: DictConfig) -> bool:
+        """Whether ``cfg`` has blinks or heartbeats (the recordings then hold EOG and ECG
+        channels, as a real recording does)."""
+        return bool(cfg.get("blink_rate", 0) or cfg.get("blink_after_image", 0)
+                    or cfg.get("ecg_gain", 0))
 
     @classmethod
     def of(cls, model: dict, onsets: np.ndarray, n_times: int, *, cfg: DictConfig,
            rng: np.random.Generator) -> _Artifacts | None:
-        if not (cfg.get("blink_rate", 0) or cfg.get("blink_after_image", 0)
-                or cfg.get("ecg_gain", 0)):
-            return None
-        return cls(model, onsets, n_times, cfg=cfg, rng=rng)
+        return cls(model, onsets, n_times, cfg=cfg, rng=rng) if cls.configured(cfg) else None
 
-    def __call__(self, start: int, stop: int) -> np.ndarray:
-        """The artifacts on samples ``start:stop``, ``(n_meg, stop - start)``."""
-        out = 0.0
-        for topo, wave, starts, amps in self.events:
-            series = np.zeros(stop - start)
+    def _series(self, start: int, stop: int) -> np.ndarray:
+        """``(2, stop - start)``: the blink and heartbeat time courses (unit peak x amplitude)."""
+        out = np.zeros((len(self.events), stop - start))
+        for series, (_, wave, starts, amps) in zip(out, self.events, strict=True):
             for i in np.flatnonzero((starts < stop) & (starts + len(wave) > start)):
                 lo, hi = max(starts[i], start), min(starts[i] + len(wave), stop)
                 series[lo - start:hi - start] += amps[i] * wave[lo - starts[i]:hi - starts[i]]
-            out = out + np.outer(topo, series)
         return out
+
+    def __call__(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """The artifacts on samples ``start:stop``: at the MEG sensors ``(n_meg, n)`` (T) and
+        on the EOG and ECG channels ``(2, n)`` (V, with electrode noise)."""
+        series = self._series(start, stop)
+        meg = np.column_stack([topo for topo, *_ in self.events]) @ series
+        n = stop - start
+        exg = series * np.array([[EOG_BLINK], [ECG_PEAK]])
+        exg += np.array([[EOG_NOISE_RMS], [ECG_NOISE_RMS]]) * \
+            self._electrode_noise.standard_normal((n, 2)).T
+        return meg, exg
 
 
 def _simulate_run(
@@ -391,12 +412,12 @@ def _simulate_run(
     onset_samples = np.round(onsets * sfreq).astype(int)
     gain = model["gain"]
     n_meg = gain.shape[0]
-    if info["nchan"] != n_meg + 1 or info["ch_names"][n_meg] != STIM_CHANNEL:
-        raise ValueError(f"info must hold the {n_meg} MEG channels of the gain, then "
-                         f"{STIM_CHANNEL}")
     evoked = _Evoked(model, trials, codes, onsets, cfg=cfg, rng=rng)
     artifacts = (None if artifact_rng is None else
                  _Artifacts.of(model, onsets, n_times, cfg=cfg, rng=artifact_rng))
+    names = [STIM_CHANNEL, *(EXG_CHANNELS if artifacts is not None else ())]
+    if info["ch_names"][n_meg:] != names:
+        raise ValueError(f"info must hold the {n_meg} MEG channels of the gain, then {names}")
 
     # noise: fixed parameters, then one random stream per generator (blocks draw in turn)
     g_noise = gain[:, model["noise_src"]]
@@ -425,7 +446,7 @@ def _simulate_run(
             stop = min(start + block, n_times)
             n = stop - start
             times = np.arange(start, stop) / sfreq
-            data = np.empty((n_meg + 1, n))
+            data = np.empty((len(info["ch_names"]), n))
             meg = data[:n_meg]
             meg[:] = evoked(start, stop)
             meg += brain_scale * (g_noise @ brain(n))
@@ -437,7 +458,8 @@ def _simulate_run(
                 meg += _sinusoids(line_amp / h, h * cfg.line_freq, h * line_phase, times)
             meg += DRIFT_RMS * drift(n)
             if artifacts is not None:
-                meg += artifacts(start, stop)
+                at_meg, data[n_meg + 1:] = artifacts(start, stop)
+                meg += at_meg
             if noisy_noise is not None:
                 meg[noisy] += 16 * BRAIN_NOISE_RMS * noisy_noise(n)
             meg[dead] = 1e-16 * dead_noise.standard_normal(n)
@@ -499,7 +521,7 @@ def simulate_meg_bids(
                                                      rotation=float(cfg.head_rotation))
                 info["lowpass"] = float(cfg.sfreq) / 2
             info = mne.pick_info(info, mne.pick_types(info, meg=True, ref_meg=False))
-            info = _add_stim(info)
+            info = _add_channels(info, {STIM_CHANNEL: "stim"})
             # own stream: the digitization leaves every other draw of the subject as it was
             info.set_montage(meg_digitization(np.random.default_rng([seed, 4, s]), cfg.system))
             model = _subject_model(info, rng, n_features, N_CODE,
@@ -507,6 +529,7 @@ def simulate_meg_bids(
                                    stage_rng=np.random.default_rng([seed, 5, s]))
             runs = trial_sequence(stimuli, n_test_repeats=n_test_repeats, n_runs=cfg.n_runs,
                                   rng=rng)
+            info = _add_channels(info, EXG_CHANNELS if _Artifacts.configured(cfg) else {})
             for r, trials in enumerate(progress(runs, desc=f"MEG sub-{subject}")):
                 raw, onset_samples = _simulate_run(
                     info, model, trials, codes, cfg=cfg, rng=rng, fname=fname,
@@ -543,15 +566,18 @@ def simulate_meg_bids(
     logger.info("sample MEG: %d subjects written", cfg.n_subjects)
 
 
-def _add_stim(info: mne.Info) -> mne.Info:
-    """Return ``info`` with the trigger channel appended."""
+def _add_channels(info: mne.Info, channels: dict[str, str]) -> mne.Info:
+    """Return ``info`` with ``channels`` (name: MNE channel type) appended."""
+    if not channels:
+        return info
     raw = mne.io.RawArray(np.zeros((len(info["ch_names"]), 1)), info, verbose=False)
-    stim = mne.io.RawArray(np.zeros((1, 1)), mne.create_info([STIM_CHANNEL], info["sfreq"], "stim"),
-                           verbose=False)
-    with stim.info._unlock():
-        stim.info["dev_head_t"] = info["dev_head_t"]
-        stim.info["line_freq"] = info["line_freq"]
-    raw.add_channels([stim], force_update_info=True)
+    extra = mne.io.RawArray(np.zeros((len(channels), 1)),
+                            mne.create_info(list(channels), info["sfreq"], list(channels.values())),
+                            verbose=False)
+    with extra.info._unlock():
+        extra.info["dev_head_t"] = info["dev_head_t"]
+        extra.info["line_freq"] = info["line_freq"]
+    raw.add_channels([extra], force_update_info=True)
     return raw.info
 
 

@@ -101,7 +101,8 @@ class MegSubjectInfo(SubjectInfo):
                 "orientation": np.asarray(self.orientation, np.float64).tolist(),
                 "bads": list(recipe["bads"]), "sfreq_in": float(recipe["sfreq_in"]),
                 "scaler_center": list(recipe["scaler_center"]),
-                "scaler_scale": list(recipe["scaler_scale"])}
+                "scaler_scale": list(recipe["scaler_scale"]),
+                "ssp": [list(v) for v in recipe.get("ssp", [])]}
 
 
 #: the bundle's description of each fMRI normalisation (``preprocess.fmri.zscore``)
