@@ -23,7 +23,7 @@ from .evaluate.reconstruction import reconstruct
 from .evaluate.report import evaluate
 from .evaluate.summary import write_report
 from .export import export_bundle
-from .preprocess.run import skipped_runs
+from .preprocess.run import artifact_projectors, skipped_runs
 from .reconstruct.generation import lowlevel_rerank, stimulus_images
 from .train.fit import (
     build_datamodule,
@@ -86,7 +86,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                        ridge_alphas=cfg.evaluate.get("ridge_alphas"), focus=focus,
                        deep_curve=deep_curve)
     metrics["training"] = info
-    metrics["data"] = {"skipped_runs": skipped_runs(cfg.data)}
+    metrics["data"] = {"skipped_runs": skipped_runs(cfg.data),
+                       "artifacts": artifact_projectors(dm.recipe)}
     if reconstructing:
         metrics["reconstruction"] = reconstruct(lit.net, dm, cfg=cfg, out_dir=out_dir,
                                                 stim_root=stim_root, rerank=rerank,

@@ -273,10 +273,13 @@ def test_ssp_projects_out_blinks_and_heartbeats_and_keeps_the_brain(system):
         assert kept > best - 0.03, (kept, best)
 
 
-def test_streamed_windows_equal_offline_causal_epochs(artifact_root):
+def test_streamed_windows_equal_offline_causal_epochs(artifact_root, tmp_path):
     """Stream -> windows -> baseline -> artifact projectors -> frozen scaler == offline
-    epochs (phase='causal'), on recordings with blinks, heartbeats, EOG and ECG."""
+    epochs (phase='causal'), on recordings with blinks, heartbeats, EOG and ECG; the report
+    says how many projectors came from how many events."""
+    from neurorecon.pipelines.evaluate.summary import write_report
     from neurorecon.pipelines.preprocess.meg import prepare_window
+    from neurorecon.pipelines.preprocess.run import artifact_projectors
 
     root = artifact_root / "meg"
     rec = _first_recording(root)
@@ -286,6 +289,12 @@ def test_streamed_windows_equal_offline_causal_epochs(artifact_root):
     stats = pre.recipe["subjects"][rec.subject]
     ssp = np.array(stats["ssp"]).T
     assert ssp.shape == (sub.X.shape[1], 2)  # a blink and a heartbeat projector (CTF: mags)
+    found = artifact_projectors(pre.recipe)[rec.subject]
+    assert found["projectors"] == 2 and found["eog"] >= 10 and found["ecg"] >= 10
+    report = write_report(tmp_path, {"modality": "meg", "n_test": 1,
+                                     "data": {"artifacts": {rec.subject: found}}})
+    assert (f"sub-{rec.subject} 2 from {found['eog']} blinks, {found['ecg']} heartbeats"
+            in report.read_text())
 
     raw = mne_bids.read_raw_bids(rec.bids_path, verbose=False)
     raw.pick("meg", exclude=[]).load_data(verbose=False)

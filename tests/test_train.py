@@ -52,7 +52,8 @@ def test_run_contract_on_sample(sample_root, tmp_path, modality):
     on_disk = json.loads((out / "metrics.json").read_text())
     _check_contract(on_disk, modality)
     assert on_disk["retrieval"] == metrics["retrieval"]
-    assert on_disk["data"] == {"skipped_runs": []}  # every run of the dataset was used
+    # every run of the dataset was used; no EOG/ECG channels, no artifact projectors
+    assert on_disk["data"] == {"skipped_runs": [], "artifacts": {}}
     assert (out / "retrieval_examples.png").stat().st_size > 10_000
     # the tiny sample's validation holds 2 images: too few to rank epochs by retrieval, so the
     # epoch is selected on validation loss (not the first epoch by a saturated score)

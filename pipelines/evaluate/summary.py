@@ -114,6 +114,13 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any] | None = None) -> 
     if skipped:
         lines += ["", f"> **{len(skipped)} run(s) left out** (events file without recording, "
                   f"`data.missing_runs=warn`): {', '.join(f'`{s}`' for s in skipped)}"]
+    artifacts = (metrics.get("data") or {}).get("artifacts")
+    if artifacts:
+        lines += ["", "Artifact projectors (SSP, from the EOG/ECG channels): " + "; ".join(
+            f"sub-{label} {found['projectors']} from "
+            + ", ".join(f"{found[kind]} {name}" for kind, name in
+                        (("eog", "blinks"), ("ecg", "heartbeats")) if kind in found)
+            for label, found in artifacts.items()) + "."]
     if "retrieval" in metrics:
         lines += ["", "## Retrieval", ""]
         lines += _retrieval("Among the test images (metrics.json `retrieval`)",

@@ -34,6 +34,14 @@ def skipped_runs(data_cfg: DictConfig) -> list[str]:
         root, modality=data_cfg.modality, **data_selection(data_cfg))]
 
 
+def artifact_projectors(recipe: dict) -> dict[str, dict[str, int]]:
+    """Per subject of a MEG recipe whose recordings have EOG/ECG channels: the blinks
+    (``eog``) and heartbeats (``ecg``) found and the number of projectors made from them
+    (``metrics.json`` ``data.artifacts``)."""
+    return {label: {**sub["ssp_events"], "projectors": len(sub["ssp"])}
+            for label, sub in recipe.get("subjects", {}).items() if sub.get("ssp_events")}
+
+
 def preprocess_data(data_cfg: DictConfig, pre_cfg: DictConfig, *, cache_dir: str | Path,
                     verbose: bool | str | None = None) -> tuple[CacheEntry, bool]:
     """Preprocess the dataset of ``data_cfg`` with the recipe ``pre_cfg`` (cached).
