@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None, *,
     import hydra
     from hydra.errors import ConfigCompositionException, OverrideParseException
 
+    from neurorecon.models.common.checks import DataError
     from neurorecon.models.common.logging import configure_cli_logging, logger
 
     stages = STAGES if stages is None else stages
@@ -74,6 +75,12 @@ def main(argv: list[str] | None = None, *,
         print(f"neurorecon: unknown stage {stage!r}\n\n{_usage(stages)}", file=sys.stderr)
         raise SystemExit(2)
     module = importlib.import_module(stages[stage][0])
+    try:
+        rest = modality_overrides(rest)
+    except DataError as exc:
+        configure_cli_logging()
+        logger.error("error: %s", exc)
+        raise SystemExit(2) from None
     # Hydra prints its own errors and exits 1 unless HYDRA_FULL_ERROR is set: it is set while
     # the config is composed, so that a mistyped key or option reaches the handler below in
     # one line (a user who set it gets Hydra's full report); the task unsets it, so that its
@@ -81,8 +88,6 @@ def main(argv: list[str] | None = None, *,
     ours = "HYDRA_FULL_ERROR" not in os.environ
 
     def task(cfg):
-        from neurorecon.models.common.checks import DataError
-
         from .config_checks import check_config
 
         if ours:
@@ -111,6 +116,40 @@ def main(argv: list[str] | None = None, *,
         raise SystemExit(2) from None
 
 
+def modality_overrides(overrides: list[str]) -> list[str]:
+    """``overrides`` with ``data.modality=<m>`` turned into the group choice ``modality=<m>``.
+
+    The modality is a config group (``configs/modality``; it sets ``data.modality`` and pulls
+    in the modality's own preprocess, encoder and fit options), while ``data.modality=<m>`` is
+    the documented way to choose it (``data=bids data.modality=fmri``). Hydra cannot choose a
+    group from a value, so the command line is rewritten before composing (the CLI and the
+    tests' composition); a sweep (``data.modality=meg,fmri``) becomes a sweep of the group.
+    Raises :class:`DataError` for a modality that does not exist or one that disagrees with
+    ``modality=``.
+    """
+    from neurorecon.models.common.checks import DataError, check_option
+
+    from .data.studies import MODALITIES
+
+    keys = [o.split("=", 1)[0].lstrip("+~") if "=" in o else None for o in overrides]
+    if "data.modality" not in keys:
+        return list(overrides)
+    at = len(keys) - 1 - keys[::-1].index("data.modality")  # the last one counts
+    value = overrides[at].split("=", 1)[1]
+    for one in value.split(","):
+        check_option("data.modality", one.strip(), MODALITIES)
+    if "modality" in keys:
+        group = overrides[len(keys) - 1 - keys[::-1].index("modality")].split("=", 1)[1]
+        if group != value:
+            raise DataError(f"data.modality={value} disagrees with modality={group}: give "
+                            "one of them (either chooses the modality)")
+        at = -1  # the group is chosen already
+    # in place: Hydra's parser takes the overrides before or after its flags, not both
+    return [f"modality={value}" if i == at else o
+            for i, (o, key) in enumerate(zip(overrides, keys, strict=True))
+            if key != "data.modality" or i == at]
+
+
 def composition_error(exc: Exception) -> str:
     """One line for an error Hydra raises while composing the config from the command line.
 
@@ -119,10 +158,13 @@ def composition_error(exc: Exception) -> str:
     else is Hydra's message without its config search path.
     """
     import difflib
+    import re
 
     from hydra.errors import MissingConfigException, OverrideParseException
     from omegaconf import DictConfig
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    from .data.studies import MODALITIES
 
     if isinstance(exc, MissingConfigException) and exc.options and exc.missing_cfg_file:
         group, _, option = exc.missing_cfg_file.rpartition("/")
@@ -134,6 +176,16 @@ def composition_error(exc: Exception) -> str:
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key:
         key = str(cause.full_key)
         prefix, _, leaf = key.rpartition(".")
+        # the options of the modality this config was not composed for (refit.fmri,
+        # focus.meg): the missing key, or the one under it, is a modality
+        tried = re.search(r"Could not override '([^']+)'", str(exc))
+        below = (tried.group(1).removeprefix(key + ".").split(".")[0]
+                 if tried and tried.group(1).startswith(key + ".") else "")
+        m = leaf if leaf in MODALITIES else below if below in MODALITIES else None
+        if m:
+            key = tried.group(1) if tried else key
+            return (f"no config key {key!r}: an option of the {m} modality, which "
+                    f"modality={m} (or data.modality={m}) chooses")
         parent = cause.parent_node
         keys = [str(k) for k in parent.keys() if k != "hydra"] if isinstance(
             parent, DictConfig) else []

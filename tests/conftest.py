@@ -17,11 +17,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def compose_stage(stage: str, root: Path, overrides: list[str] = ()) -> DictConfig:
-    """Compose the real root config of ``stage`` with all paths under ``root``."""
+    """Compose the real root config of ``stage`` with all paths under ``root`` (the command
+    line completed as the CLI completes it: ``data.modality=<m>`` chooses ``modality=<m>``)."""
+    from neurorecon.pipelines.cli import modality_overrides
+
     with initialize_config_module("neurorecon.configs", version_base="1.3"):
         cfg = compose(
             config_name=stage,
-            overrides=[f"paths.root_dir={root}", *overrides],
+            overrides=modality_overrides([f"paths.root_dir={root}", *overrides]),
             return_hydra_config=True,
         )
     with open_dict(cfg):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import tomllib
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 NEURORECON = [sys.executable, "-m", "neurorecon.serve.cli"]  # the installed `neurorecon`
@@ -51,6 +52,56 @@ def test_every_config_option_composes():
             compose("sample", overrides=[f"sample={sample}"])
 
 
+def _keys(tree: dict, depth: int = 2) -> set[str]:
+    """The dotted keys of ``tree`` down to ``depth`` levels."""
+    out = set()
+    for key, value in tree.items():
+        out.add(key)
+        if depth > 1 and isinstance(value, dict):
+            out |= {f"{key}.{sub}" for sub in _keys(value, depth - 1)}
+    return out
+
+
+MODALITY_KEYS = {"meg": {"preprocess.meg", "encoder.meg", "refit.meg", "focus.meg", "readout.meg",
+                         "adaptation.meg", "objective.meg"},
+                 "fmri": {"preprocess.fmri", "encoder.fmri", "refit.fmri", "adaptation.fmri",
+                          "objective.fmri", "data.fmri_input", "data.betas_glob"}}
+
+
+@pytest.mark.parametrize("overrides, modality", [
+    ([], "meg"), (["data=sample_fmri"], "fmri"), (["data=bids", "data.modality=fmri"], "fmri"),
+    (["modality=fmri"], "fmri"), (["data=bids", "data.modality=meg"], "meg"),
+], ids=["default", "sample-fmri", "data.modality", "group", "bids-meg"])
+def test_a_config_holds_the_options_of_its_modality_only(tmp_path, overrides, modality):
+    """The modality is a config group that pulls in its own preprocess, encoder and fit
+    options; data.modality=<m> on the command line chooses it as the group does."""
+    from neurorecon.pipelines.cli import modality_overrides
+
+    with initialize_config_module("neurorecon.configs", version_base="1.3"):
+        cfg = compose("run", overrides=modality_overrides([*overrides, "data.root=/x"]))
+    keys = _keys(OmegaConf.to_container(cfg))
+    other = "fmri" if modality == "meg" else "meg"
+    assert cfg.data.modality == modality
+    assert MODALITY_KEYS[modality] <= keys, MODALITY_KEYS[modality] - keys
+    assert not MODALITY_KEYS[other] & keys, MODALITY_KEYS[other] & keys
+
+
+def test_modality_overrides_sweeps_and_disagreement():
+    from neurorecon.models.common.checks import DataError
+    from neurorecon.pipelines.cli import modality_overrides
+
+    # in place (Hydra's parser takes overrides on one side of its flags), the last one counts
+    assert modality_overrides(["a=1", "data.modality=fmri", "--cfg", "job"]) == [
+        "a=1", "modality=fmri", "--cfg", "job"]
+    assert modality_overrides(["data.modality=fmri", "data.modality=meg"]) == ["modality=meg"]
+    assert modality_overrides(["data.modality=meg,fmri"]) == ["modality=meg,fmri"]
+    assert modality_overrides(["modality=fmri", "data.modality=fmri"]) == ["modality=fmri"]
+    with pytest.raises(DataError, match="data.modality=meg disagrees with modality=fmri"):
+        modality_overrides(["modality=fmri", "data.modality=meg"])
+    with pytest.raises(DataError, match="Invalid value for 'data.modality': 'eeg'"):
+        modality_overrides(["data.modality=meg,eeg"])
+
+
 def test_bad_input_reaches_the_user_without_traceback(tmp_path):
     out = _run("preprocess", "data=bids", f"data.root={tmp_path / 'missing'}", cwd=tmp_path)
     assert out.returncode == 2
@@ -63,7 +114,11 @@ def test_bad_input_reaches_the_user_without_traceback(tmp_path):
      "no config key 'trainer.max_epoch'; did you mean trainer.max_epochs?"),
     (["run", "data=bidz"], "config group 'data' has no option 'bidz' (did you mean 'bids'?); "
      "available: bids, sample_fmri, sample_meg"),
-], ids=["key", "group-option"])
+    (["run", "data=sample_fmri", "focus.meg=null"], "no config key 'focus.meg': an option of "
+     "the meg modality, which modality=meg (or data.modality=meg) chooses"),
+    (["preprocess", "preprocess.fmri.glm=lss"], "no config key 'preprocess.fmri.glm': an option "
+     "of the fmri modality, which modality=fmri (or data.modality=fmri) chooses"),
+], ids=["key", "group-option", "other-modality", "other-modality-group"])
 def test_config_typos_in_one_line(tmp_path, args, message):
     """A mistyped key or config group option stops Hydra's composition with one line (exit
     2) that names it and what exists, before any run directory is made."""

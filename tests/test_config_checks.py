@@ -14,17 +14,20 @@ from neurorecon.pipelines.config_checks import NUMBERS, OPTIONS, check_config
 from .conftest import compose_stage
 
 
+def composed(tmp_path, stage: str, key: str, value):
+    """``stage``'s config with ``key=value``, composed for the modality the key belongs to."""
+    fmri = ".fmri." in f".{key}." or key.startswith("data.fmri_")
+    return compose_stage(stage, tmp_path, [*(["data.modality=fmri"] if fmri else []),
+                                           f"{key}={value}"])
+
+
 def test_every_option_is_checked(tmp_path):
-    cfg = compose_stage("run", tmp_path)
-    check_config(cfg)  # the defaults pass
+    for modality in ("meg", "fmri"):  # the defaults pass
+        check_config(compose_stage("run", tmp_path, [f"data.modality={modality}"]))
     walked = 0
     for key, allowed in OPTIONS.items():
-        if key == "data.fmri_input":  # in the bids group only
-            cfg_k = compose_stage("run", tmp_path, ["data=bids", f"{key}=bogus"])
-        else:
-            cfg_k = compose_stage("run", tmp_path, [f"{key}=bogus"])
-        with pytest.raises(DataError) as err:
-            check_config(cfg_k)
+        with pytest.raises(DataError) as err:  # data.modality: when the command is read
+            check_config(composed(tmp_path, "run", key, "bogus"))
         msg = str(err.value)
         assert "\n" not in msg and key in msg and "'bogus'" in msg, msg
         assert all(repr(a) in msg for a in allowed), msg
@@ -43,9 +46,8 @@ def test_every_number_is_checked(tmp_path):
     """A number out of range stops with one line naming the key, the value and the range."""
     for key in NUMBERS:
         stage = "replay" if key.startswith("replay.") else "run"
-        cfg = compose_stage(stage, tmp_path, [f"{key}=-5"])
         with pytest.raises(DataError) as err:
-            check_config(cfg)
+            check_config(composed(tmp_path, stage, key, -5))
         msg = str(err.value)
         assert "\n" not in msg and msg.startswith(f"Invalid value for '{key}': -5. "), msg
     bad_item = compose_stage("run", tmp_path, ["readout.meg.bin_widths=[0.05,0]"])
@@ -70,9 +72,10 @@ def test_every_number_is_checked(tmp_path):
      "integer >= 1."),
     (["preprocess.meg.clamp=0"], "'preprocess.meg.clamp': 0. Allowed values: null or a "
      "number > 0."),
-    (["preprocess.fmri.high_pass=0"], "'preprocess.fmri.high_pass': 0. Allowed values: a "
-     "number > 0."),
-    (["preprocess.fmri.smoothing_fwhm=-4"], "'preprocess.fmri.smoothing_fwhm': -4."),
+    (["data.modality=fmri", "preprocess.fmri.high_pass=0"],
+     "'preprocess.fmri.high_pass': 0. Allowed values: a number > 0."),
+    (["data.modality=fmri", "preprocess.fmri.smoothing_fwhm=-4"],
+     "'preprocess.fmri.smoothing_fwhm': -4."),
 ])
 def test_recipe_values_are_checked(tmp_path, overrides, message):
     """The preprocessing recipes are checked by the code that reads them, before any work."""

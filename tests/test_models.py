@@ -269,8 +269,9 @@ def test_registry_is_complete():
         shapes = model.get_output_shape()
         assert shapes["clip"] == shapes["mse"] == (2, model.n_outputs)
     # every encoder config targets a registered class, and every registered class has one
-    encoders = yaml.safe_load((REPO / "configs" / "encoder" / "default.yaml").read_text())
-    targets = {cfg["_target_"].rsplit(".", 1)[1] for cfg in encoders.values()}
+    targets = {cfg["_target_"].rsplit(".", 1)[1]
+               for path in (REPO / "configs" / "encoder").glob("*.yaml")
+               for cfg in yaml.safe_load(path.read_text()).values()}
     assert targets == set(MODEL_TYPES)
 
 

@@ -149,8 +149,9 @@ def main() -> None:
                                      log=work / f"{modality}-x{n}-embed.log")
             row["train"] = run_stage(
                 [*nr, "train", *common, *data_args, cache, f"trainer.max_epochs={args.epochs}",
-                 f"trainer.min_epochs={args.epochs}", "refit.meg=false", "refit.fmri=false",
-                 "evaluate.ridge=false", "evaluate.time_resolved=false", "focus.meg=null",
+                 f"trainer.min_epochs={args.epochs}", f"refit.{modality}=false",
+                 *(["focus.meg=null"] if modality == "meg" else []),
+                 "evaluate.ridge=false", "evaluate.time_resolved=false",
                  "export.bundle=false", "reconstruct.enabled=false",
                  "callbacks.early_stopping.patience=100"],
                 env=env, log=work / f"{modality}-x{n}-train.log")
