@@ -52,9 +52,10 @@ class Embedder(_Part):
 
 
 class OwnModel(_Part):
-    """A subject decoded by a model of its own: the bundle's model fine-tuned on the subject's
-    trials (``neurorecon adapt``, ``adapt.way=finetune``); the subject's ``index`` is
-    its index in this model. The bundle's own model, and so its other subjects, are unchanged."""
+    """A subject decoded by a model of its own (``neurorecon adapt``): the bundle's model
+    fine-tuned on the subject's trials (``adapt.way=finetune``) or one trained on them alone
+    (``adapt.way=scratch``); the subject's ``index`` is its index in this model. The bundle's
+    own model, and so its other subjects, are unchanged."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
 

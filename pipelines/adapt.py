@@ -73,6 +73,11 @@ def check_fits(decoder: Decoder, dm, *, root: Path) -> None:
                         "give a new participant a label of their own in the BIDS dataset")
 
 
+#: the ways that give the new subjects a model of their own, described
+OWN_MODEL = {"finetune": "every layer, in a model of their own (fine-tuned copy)",
+             "scratch": "a model of their own, trained on their trials alone (from scratch)"}
+
+
 def adapt(cfg: DictConfig) -> dict[str, Any]:
     """Adapt ``cfg.bundle`` to the subjects of ``cfg.data``; write the adapted bundle and its
     scores on their test trials (metrics.json, report.md)."""
@@ -113,14 +118,16 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
     old = decoder.config.model_dump(by_alias=True)
     entries = subject_entries(dm, index=index)
     net, subject_nets = model, dict(decoder.subject_nets)
-    if way == "finetune":  # their own model beside the bundle's, which stays as it was
+    kept = info["way"]  # adapt.way=auto: the way the validation trials chose
+    if kept in OWN_MODEL:  # their own model beside the bundle's, which stays as it was
         net = decoder.net
         own = {"model_config": model.get_config(),
                "weights": f"subjects/sub-{'-'.join(dm.labels)}.safetensors"}
         entries = {label: {**entry, "model": own} for label, entry in entries.items()}
         subject_nets.update(dict.fromkeys(dm.labels, model))
     record = {"subjects": list(dm.labels), "dataset": "/".join(root.parts[-2:]),
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "way": way,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "way": kept,
+              **({"chosen": way, "val_rank_score": info.get("tried")} if way == "auto" else {}),
               "train_seconds": round(train_seconds, 2), "epochs": info.get("epochs"),
               "best_epoch": info.get("best_epoch"), "readout_alpha": info.get("readout_alpha"),
               "readout_mix": info.get("readout_mix")}
@@ -149,9 +156,10 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
     ridge = ridge_predictions(dm, alphas=job.evaluate.get("ridge_alphas"))
     metrics["adapt"] = {
         **record, "from_bundle": str(cfg.bundle), "bundle_subjects": list(decoder.subjects),
-        "trainable": "every layer, in a model of their own (fine-tuned copy)"
-        if way == "finetune" else "subject layer, read-out (ridge) and deep share"
-        if dm.modality == "meg" else "input adapter", "seconds": round(time.perf_counter() - t0, 2),
+        "trainable": OWN_MODEL.get(kept) or ("subject layer, read-out (ridge) and deep share, "
+                                             "the shared layers frozen" if dm.modality == "meg"
+                                             else "input adapter, the shared layers frozen"),
+        "seconds": round(time.perf_counter() - t0, 2),
         "ridge_same_trials": _ridge_scores(dm, ridge)}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_report(out_dir, metrics)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from neurorecon.models.common.checks import DataError
+from neurorecon.pipelines.train.adaptation import DEFAULT_WAY, choose_way
 
 from .conftest import compose_stage, scored_sample
 from .test_bundle import FAST, TINY_GENERATOR
@@ -53,12 +54,13 @@ def trained(sample_root, tmp_path_factory):
     return get
 
 
-@pytest.fixture(scope="module", params=["meg", pytest.param("meg-frozen", marks=pytest.mark.slow),
-                                        pytest.param("fmri", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=["meg-finetune", *(
+    pytest.param(p, marks=pytest.mark.slow) for p in ("meg-frozen", "meg-scratch", "meg", "fmri"))])
 def adapted(request, trained):
     """(modality, bundle trained on sub-01, adapted bundle with sub-02, adapt metrics, adapt
-    config); ``meg`` and ``fmri`` adapt each modality's default way (MEG: a fine-tuned copy;
-    fMRI: the shared layers frozen), ``meg-frozen`` MEG with the shared layers frozen."""
+    config); ``meg`` and ``fmri`` adapt each modality's default way (MEG: ``auto``, the best of
+    the three on validation trials; fMRI: the shared layers frozen), ``meg-<way>`` MEG that
+    way."""
     from neurorecon.pipelines.adapt import run as adapt
 
     modality, _, way = request.param.partition("-")
@@ -87,22 +89,30 @@ def test_adapted_bundle_keeps_old_subjects_and_decodes_the_new_one(adapted):
     for head in ("clip", "mse"):
         assert np.array_equal(old.encode(x, subject="01", head=head),
                               new.encode(x, subject="01", head=head))
-    way = metrics["adapt"]["way"]
-    assert way == ("frozen" if modality == "fmri" or cfg.adapt.way == "frozen" else "finetune")
+    way, asked = metrics["adapt"]["way"], cfg.adapt.way or DEFAULT_WAY[modality]
+    if asked == "auto":  # each way tried, the best on the new subject's validation trials kept
+        tried = metrics["adapt"]["val_rank_score"]
+        assert set(tried) == {"finetune", "frozen", "scratch"}, tried
+        assert metrics["adapt"]["chosen"] == "auto" and way == choose_way(tried)
+    else:
+        assert way == asked
     own = new.subject_net("02")  # the model that decodes the new subject
-    if way == "finetune":  # a model of its own, saved beside the bundle's, which is untouched
+    index = new.config.subjects["02"].index  # its index in that model
+    if way in ("finetune", "scratch"):  # a model of its own beside the bundle's, untouched
         assert own is not new.net and new.subject_net("01") is new.net
         assert all(torch.equal(v, new.net.state_dict()[k]) for k, v in old.net.state_dict().items())
         weights = new.config.subjects["02"].model.weights
         assert weights == "subjects/sub-02.safetensors" and (out / weights).is_file()
         assert not torch.equal(old.net.merge.weight, own.merge.weight)  # every layer trained
+        assert index == (1 if way == "finetune" else 0)  # scratch: the new subject alone
     else:  # the bundle's model with the new subject's own parts; the shared layers identical
         assert own is new.net and new.config.subjects["02"].model is None
         assert set(old.net.state_dict()) <= set(new.net.state_dict())
+        assert index == 1
         if modality == "meg":
             assert torch.equal(old.net.merge.weight, new.net.merge.weight)
-    if modality == "meg":  # one subject-layer matrix more
-        assert own.subject_layer.weight.shape[0] == 2
+    if modality == "meg":  # a subject-layer matrix per subject of the model
+        assert own.subject_layer.weight.shape[0] == index + 1
     # the new subject decodes: its test trials through the adapted bundle (as `evaluate`)
     enc, chance = metrics["retrieval"]["encoder"], metrics["retrieval"]["chance"]
     assert metrics["subjects"] == ["02"]
@@ -115,18 +125,19 @@ def test_adapted_bundle_keeps_old_subjects_and_decodes_the_new_one(adapted):
     assert "## Adapted decoder" in (run_dir / "report.md").read_text()
     recorded = new.config.provenance.adaptations
     assert len(recorded) == 1 and recorded[0]["subjects"] == ["02"]
-    assert new.config.subjects["02"].index == 1
+    assert recorded[0]["way"] == way
     if modality == "meg":  # the read-out got its own ridge and deep share; low-level too
-        assert float(own.readout_weight[1].abs().sum()) > 0
+        assert float(own.readout_weight[index].abs().sum()) > 0
         assert new.net.readout_mix[0] == old.net.readout_mix[0]
-        assert float(own.readout_mix[1]) == pytest.approx(recorded[0]["readout_mix"])
+        assert float(own.readout_mix[index]) == pytest.approx(recorded[0]["readout_mix"])
         assert set(new.lowlevel) == {"01", "02"}
         assert np.array_equal(new.lowlevel["01"][0], old.lowlevel["01"][0])
     else:
         assert set(new.masks) == {"01", "02"}
 
 
-@pytest.mark.parametrize("adapted", ["meg"], indirect=True)
+@pytest.mark.parametrize("adapted", ["meg-finetune", pytest.param(
+    "meg-scratch", marks=pytest.mark.slow)], indirect=True)
 def test_adapted_causal_bundle_streams_the_new_subject(adapted, sample_root):
     from neurorecon.pipelines.data.events import EventSpec, read_events
     from neurorecon.pipelines.data.studies import find_recordings
@@ -184,10 +195,28 @@ def test_run_writes_the_adaptation_curve(fmri_root, tmp_path):
     assert ad["new_subjects"] == ["01", "02"] and list(ad["per_subject_top5"]) == ["01", "02"]
     assert ad["fractions"] == [0.25, 1.0] and ad["seeds"] == [0, 1]
     assert ad["n_train_trials"][0] < ad["n_train_trials"][1]
-    models = ["adapted (shared frozen)", "adapted (fine-tuned copy)", "from scratch", "ridge"]
+    models = ["adapted (shared frozen)", "adapted (fine-tuned copy)", "from scratch",
+              "adapted (best on validation)", "ridge"]
     assert list(ad["top5"]) == list(ad["top5_sd"]) == models
+    # the way auto keeps, in each of the 4 (subject, seed) runs of each fraction
+    kept = ad["best_on_validation"]
+    assert list(kept) == ["0.25", "1"] and all(sum(c.values()) == 4 for c in kept.values())
+    assert all(set(c) == {"frozen", "finetune", "scratch"} for c in kept.values())
+    row_of = dict(zip(["frozen", "finetune", "scratch"], models[:3], strict=True))
+    for fi, counts in enumerate(kept.values()):  # one way kept every time: its row, exactly
+        ways = [w for w, n in counts.items() if n]
+        if len(ways) == 1:
+            assert ad["top5"][models[3]][fi] == ad["top5"][row_of[ways[0]]][fi]
     assert ad["chance"]["top5"] == pytest.approx(5 / 16)
     assert ad["top5"]["adapted (shared frozen)"][-1] >= ad["chance"]["top5"] + 0.2, ad
     out = Path(cfg.paths.output_dir)
     assert (out / "adaptation.png").is_file()
-    assert "adapted (shared frozen) | " in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "adapted (shared frozen) | " in report and "Best on validation kept" in report
+
+
+def test_auto_keeps_the_way_with_the_best_validation_score():
+    assert choose_way({"finetune": 0.7, "frozen": 0.8, "scratch": 0.75}) == "frozen"
+    assert choose_way({"finetune": 0.8, "frozen": 0.8, "scratch": 0.8}) == "finetune"  # ties
+    assert choose_way({"finetune": None, "frozen": None, "scratch": 0.6}) == "scratch"
+    assert choose_way({"finetune": None, "frozen": None, "scratch": None}) == "finetune"

@@ -4,11 +4,13 @@ subjects and adapted to a new one, against one trained from scratch on the same 
 The shared model is trained on every subject but the new one with the run's recipe (MEG
 temporal focus and read-out included); the new one is the last subject, or each in turn
 (leave-one-subject-out). For each fraction of its training trials and each seed (the seed draws
-the subset, the validation split and the initialisation), four decoders see the same trials
-and are scored on its test set: *adapted*, both ways of :mod:`..train.adaptation` (exactly as
-``neurorecon adapt``): *shared frozen* (the subject's own parts trained) and *fine-tuned copy*
-(every layer of a copy trained on its trials); *from scratch* (a fresh single-subject model
-with the run's recipe: its own focus search and read-out) and *ridge* (the linear baseline).
+the subset, the validation split and the initialisation), decoders that see the same trials
+are scored on its test set: the ways of :mod:`..train.adaptation` (exactly as ``neurorecon
+adapt``): *shared frozen* (the subject's own parts trained), *fine-tuned copy* (every layer of
+a copy trained on its trials) and *from scratch* (a fresh single-subject model with the run's
+recipe: its own focus search and read-out); *best on validation*, the one of the three that
+``adapt.way=auto`` keeps (the highest rank score on the subject's validation trials); and
+*ridge* (the linear baseline).
 """
 
 from __future__ import annotations
@@ -24,15 +26,16 @@ from neurorecon.models.common.logging import logger
 from neurorecon.models.retrieval import candidate_rows, chance_metrics, retrieval_metrics
 
 from ..inference import predict_split
-from ..train.adaptation import adapt_subjects, train_alone
+from ..train.adaptation import adapt_subjects, choose_way, train_alone
 from ..train.fit import build_datamodule
 from ..train.ridge import flat_targets, ridge_predictions
 from .figures import plot_adaptation_curve
 
 FRACTIONS = (0.05, 0.1, 0.25, 0.5, 1.0)
-MODELS = ("adapted (shared frozen)", "adapted (fine-tuned copy)", "from scratch", "ridge")
-#: the adaptation way behind each adapted row (:mod:`..train.adaptation`)
-WAY_OF = {MODELS[0]: "frozen", MODELS[1]: "finetune"}
+MODELS = ("adapted (shared frozen)", "adapted (fine-tuned copy)", "from scratch",
+          "adapted (best on validation)", "ridge")
+#: the adaptation way behind each trained row (:mod:`..train.adaptation`)
+WAY_OF = {MODELS[0]: "frozen", MODELS[1]: "finetune", MODELS[2]: "scratch"}
 
 
 def _score(pred: np.ndarray, dm) -> dict[str, float]:
@@ -68,12 +71,13 @@ def adaptation_curve(cfg: DictConfig, *, preproc_dir: Path, embeddings_dir: Path
     top5 = {m: np.zeros((len(runs), len(fractions))) for m in MODELS}
     top1 = {m: np.zeros((len(runs), len(fractions))) for m in MODELS}
     n_train = np.zeros((len(runs), len(fractions)), int)
+    chosen = np.empty((len(runs), len(fractions)), object)  # the way the validation kept
     ri = 0
     for new in new_subjects:
         seed_everything(int(cfg.seed), workers=True, verbose=False)
         shared_dm = build_datamodule(cfg, preproc_dir, embeddings_dir,
                                      subjects=[s for s in labels if s != new])
-        shared = train_alone(cfg, shared_dm, out_dir=out_dir / f"shared-{new}")
+        shared, _ = train_alone(cfg, shared_dm, out_dir=out_dir / f"shared-{new}")
         for seed in seeds:
             job = cfg.copy()
             with open_dict(job):
@@ -84,20 +88,24 @@ def adaptation_curve(cfg: DictConfig, *, preproc_dir: Path, embeddings_dir: Path
                                       train_fraction={new: frac})
                 n_train[ri, fi] = len(dm.splits["train"]) + len(dm.splits["val"])
                 here = out_dir / f"sub-{new}" / f"seed-{seed}" / f"{frac:g}"
-                preds = {}
+                preds, val = {}, {}
                 for name, way in WAY_OF.items():
-                    model, index, _ = adapt_subjects(job, shared, dm, out_dir=here / way,
-                                                     quiet=True, way=way)
+                    model, index, info = adapt_subjects(job, shared, dm, out_dir=here / way,
+                                                        quiet=True, way=way)
                     preds[name] = predict_split(model, dm, "test", subject_index=index)
-                preds[MODELS[2]] = predict_split(train_alone(job, dm, out_dir=here / "scratch"),
-                                                 dm, "test")
-                preds[MODELS[3]] = ridge_predictions(dm, alphas=cfg.evaluate.get("ridge_alphas"))
+                    val[way] = info.get("val_rank_score")
+                kept = choose_way(val)
+                chosen[ri, fi] = kept
+                preds[MODELS[3]] = preds[next(n for n, w in WAY_OF.items() if w == kept)]
+                preds[MODELS[4]] = ridge_predictions(dm, alphas=cfg.evaluate.get("ridge_alphas"))
                 for name, pred in preds.items():
                     m = _score(pred, dm)
                     top5[name][ri, fi], top1[name][ri, fi] = m["top5"], m["top1"]
-                logger.info("adaptation sub-%s seed %d, %g%% (%d trials): top-5 adapted %.3f "
-                            "(frozen) / %.3f (fine-tuned), scratch %.3f, ridge %.3f", new, seed,
-                            100 * frac, n_train[ri, fi], *(top5[name][ri, fi] for name in MODELS))
+                logger.info("adaptation sub-%s seed %d, %g%% (%d trials): top-5 frozen %.3f, "
+                            "fine-tuned %.3f, scratch %.3f, best on validation %.3f (%s), ridge "
+                            "%.3f", new, seed, 100 * frac, n_train[ri, fi],
+                            *(top5[name][ri, fi] for name in MODELS[:4]), kept,
+                            top5[MODELS[4]][ri, fi])
             ri += 1
     chance = chance_metrics(len(np.unique(dm.splits["test"].target)))
     mean = {m: top5[m].mean(0) for m in MODELS}
@@ -123,4 +131,7 @@ def adaptation_curve(cfg: DictConfig, *, preproc_dir: Path, embeddings_dir: Path
             "per_subject_top5": {new: {m: rounded(top5[m][[i for i, r in enumerate(runs)
                                                            if r[0] == new]].mean(0))
                                        for m in MODELS} for new in new_subjects},
+            "best_on_validation": {f"{frac:g}": {way: int((chosen[:, fi] == way).sum())
+                                                 for way in WAY_OF.values()}
+                                   for fi, frac in enumerate(fractions)},
             "chance": {"top1": chance["top1"], "top5": chance["top5"]}}

@@ -175,9 +175,13 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any] | None = None) -> 
                   f"sub-{', sub-'.join(adapted['subjects'])} added to the decoder of "
                   f"sub-{', sub-'.join(adapted['bundle_subjects'])} ({adapted['from_bundle']}): "
                   f"{adapted['trainable']} trained in {adapted['train_seconds']:.1f} s "
-                  f"(best epoch {adapted['best_epoch']} of {adapted['epochs']}), the shared "
-                  "layers frozen. A ridge fitted on the same trials: top-1 "
-                  f"{_fmt(ridge['top1'])}, top-5 {_fmt(ridge['top5'])}.", ""]
+                  f"(best epoch {adapted['best_epoch']} of {adapted['epochs']}). A ridge "
+                  f"fitted on the same trials: top-1 {_fmt(ridge['top1'])}, top-5 "
+                  f"{_fmt(ridge['top5'])}.", ""]
+        if adapted.get("chosen") == "auto":
+            lines += ["adapt.way=auto: validation rank score " + ", ".join(
+                f"{w} {_fmt(v)}" for w, v in adapted["val_rank_score"].items())
+                + f"; {adapted['way']} kept.", ""]
     adapt = metrics.get("adaptation")
     if adapt:
         news = adapt.get("new_subjects") or [adapt["new_subject"]]
@@ -197,6 +201,10 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any] | None = None) -> 
                         [[name, *(f"{_fmt(v)} ± {_fmt(e)}" if name in sd else v
                                   for v, e in zip(vals, sd.get(name, vals), strict=True))]
                          for name, vals in adapt["top5"].items()])
+        if adapt.get("best_on_validation"):
+            lines += ["", "Best on validation kept (runs per way): " + "; ".join(
+                f"{frac}: " + ", ".join(f"{w} {n}" for w, n in counts.items() if n)
+                for frac, counts in adapt["best_on_validation"].items()) + "."]
     figures = [(f, caption) for f, caption in FIGURES if (out_dir / f).is_file()]
     if figures:
         lines += ["## Figures", ""]

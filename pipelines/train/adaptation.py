@@ -1,4 +1,4 @@
-"""New subjects added to a trained encoder, in one of two ways (``adaptation.<modality>``):
+"""New subjects added to a trained encoder (``adaptation.<modality>``):
 
 - ``frozen``: their own parts trained, the shared layers frozen; one model for everyone. MEG:
   a subject-layer matrix per new subject (the mean of the trained subjects' to start); fMRI:
@@ -9,6 +9,11 @@
   trials (MindEye2's fine-tuning of a pretrained multi-subject model): a model of their own,
   which the bundle keeps beside its own (:class:`~neurorecon.models.bundle.OwnModel`); the
   trained subjects' model is not touched.
+- ``scratch``: a model of their own trained on their trials alone with the run's recipe (what
+  the others are measured against: with many trials, pretraining need not help).
+- ``auto``: the three, and the one that decodes the new subjects' validation trials best is
+  kept (MEG's default: a copy fine-tuned on a few trials beats a model trained from scratch on
+  them, and loses to it on many; which wins depends on the subject and the data at hand).
 
 Either way the epochs are chosen on the new subjects' validation trials, then (MEG) their
 linear read-out is fitted by ridge over the encoder's own bins and its deep share chosen on
@@ -30,8 +35,10 @@ from neurorecon.models.common.checks import DataError
 from neurorecon.models.common.logging import logger
 
 #: how new subjects are adapted, and the default per modality (``adaptation.<modality>``)
-WAYS = ("frozen", "finetune")
-DEFAULT_WAY = {"meg": "finetune", "fmri": "frozen"}
+WAYS = ("frozen", "finetune", "scratch", "auto")
+DEFAULT_WAY = {"meg": "auto", "fmri": "frozen"}
+#: the ways ``auto`` tries (in this order of preference on equal validation scores)
+CANDIDATES = ("finetune", "frozen", "scratch")
 
 
 def adaptation_way(cfg: DictConfig, modality: str) -> str:
@@ -70,20 +77,30 @@ def restore(net, before: dict[str, torch.Tensor]) -> None:
 
 def adapt_subjects(cfg: DictConfig, net, dm, *, out_dir: Path, quiet: bool = False,
                    way: str | None = None) -> tuple[Any, dict[str, int], dict[str, Any]]:
-    """Adapt a copy of ``net`` (a trained encoder, left untouched) to ``dm``'s subjects
-    ``way`` (default :func:`adaptation_way`) with ``cfg``'s loss, optimizer and trainer (the
-    epoch chosen on ``dm``'s validation trials), then fit their MEG read-out on train +
-    validation trials.
+    """Adapt ``net`` (a trained encoder, left untouched; a copy is trained) to ``dm``'s
+    subjects ``way`` (default :func:`adaptation_way`) with ``cfg``'s loss, optimizer and
+    trainer (the epoch chosen on ``dm``'s validation trials), then fit their MEG read-out on
+    train + validation trials.
 
     Returns ``(the model that decodes them, {label: index in it}, info)``: the training
-    summary of :func:`.fit.fit` (empty when nothing was trainable), ``way`` and
+    summary of :func:`.fit.fit` (empty when nothing was trainable), ``way`` (for ``auto``, the
+    way kept; ``val_rank_score`` per way tried), ``val_rank_score`` (the new subjects'
+    validation trials decoded by the model, its read-out fitted on their train trials) and
     ``readout_alpha`` / ``readout_mix`` (MEG, per new subject).
     """
+    way = way or adaptation_way(cfg, dm.modality)
+    if way == "auto":
+        return _best_way(cfg, net, dm, out_dir=out_dir, quiet=quiet)
+    if way == "scratch":
+        model, info = train_alone(cfg, dm, out_dir=out_dir, quiet=quiet)
+        readout = info.pop("readout", None) or {}
+        return model, {label: k for k, label in enumerate(dm.labels)}, {
+            **info, "way": way, **({"readout_mix": readout["mix"],
+                                    "readout_alpha": readout["alpha"]} if readout else {})}
     from .fit import build_module, fit
     from .module import Reindexed
     from .readout import fit_subject_readout
 
-    way = way or adaptation_way(cfg, dm.modality)
     model = copy.deepcopy(net)
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()} if way == "frozen" else None
@@ -105,18 +122,66 @@ def adapt_subjects(cfg: DictConfig, net, dm, *, out_dir: Path, quiet: bool = Fal
         restore(model, before)
     if getattr(model, "readout_bins", None):  # MEG: the new subjects' read-out, the net's bins
         alphas = (cfg.get("evaluate") or {}).get("ridge_alphas")
-        info["readout_mix"] = _new_subjects_mix(model, dm, index, alphas=alphas)
+        info["readout_mix"], info["val_rank_score"] = _new_subjects_mix(model, dm, index,
+                                                                        alphas=alphas)
         info["readout_alpha"] = {
             label: fit_subject_readout(model, dm, k, index=index[label], alphas=alphas)
             for k, label in enumerate(dm.labels)}
+    else:
+        info["val_rank_score"] = validation_score(model, dm, index)
     return model, index, info
 
 
-def _new_subjects_mix(net, dm, index: dict[str, int], *, alphas=None) -> float:
+def validation_score(model, dm, index: dict[str, int] | None = None) -> float | None:
+    """Rank score of ``model``'s clip-head predictions for ``dm``'s validation trials among
+    their images (``index``: :func:`~..inference.predict_split`'s ``subject_index``; None: too
+    few of them to rank)."""
+    from neurorecon.models.retrieval import candidate_rows, rank_score
+
+    from ..inference import predict_split
+    from .ridge import flat_targets
+
+    val = dm.splits["val"]
+    stims, true = candidate_rows(val.target) if len(val) else ([], [])
+    if len(stims) < 2:
+        return None
+    pred = predict_split(model, dm, "val", subject_index=index)
+    return float(rank_score(pred, flat_targets(dm)[stims], true))
+
+
+def choose_way(scores: dict[str, float | None]) -> str:
+    """The way of :data:`CANDIDATES` with the highest validation rank score in ``scores``
+    (ties: the earlier; none scored: the first)."""
+    ranked = [way for way in CANDIDATES if scores.get(way) is not None]
+    if not ranked:
+        return CANDIDATES[0]
+    return max(ranked, key=lambda w: (round(scores[w], 6), -CANDIDATES.index(w)))
+
+
+def _best_way(cfg: DictConfig, net, dm, *, out_dir: Path, quiet: bool
+              ) -> tuple[Any, dict[str, int], dict[str, Any]]:
+    """``auto``: each of :data:`CANDIDATES`, and the one :func:`choose_way` picks on their
+    ``val_rank_score``."""
+    tried = {way: adapt_subjects(cfg, net, dm, out_dir=out_dir / way, quiet=quiet, way=way)
+             for way in CANDIDATES}
+    scores = {way: result[2].get("val_rank_score") for way, result in tried.items()}
+    best = choose_way(scores)
+    model, index, info = tried[best]
+    if not quiet:
+        logger.info("new subjects sub-%s: validation rank score %s; %s kept",
+                    ", sub-".join(dm.labels), ", ".join(
+                        f"{w} {'-' if v is None else f'{v:.3f}'}" for w, v in scores.items()),
+                    best)
+    return model, index, {**info, "way": best, "chosen": "auto", "tried": scores}
+
+
+def _new_subjects_mix(net, dm, index: dict[str, int], *, alphas=None
+                      ) -> tuple[float, float | None]:
     """The new subjects' deep share, chosen on their validation trials as a run chooses its
     own (:func:`.readout.choose_readout` over the net's bins, the read-out fitted on their
     train trials): their deep part may be weaker than the trained subjects'. Without
-    validation trials, the trained subjects' mean share. Set in ``net``; returned."""
+    validation trials, the trained subjects' mean share. Set in ``net``; returned with the
+    validation rank score at that share (None without validation trials)."""
     from ..inference import predict_split
     from .readout import choose_readout
 
@@ -133,20 +198,31 @@ def _new_subjects_mix(net, dm, index: dict[str, int], *, alphas=None) -> float:
         mix = (float(choice["mix"]) if choice is not None
                else float(net.readout_mix[old].mean()) if old.any() else 1.0)
         net.readout_mix[new] = mix
-    return mix
+    return mix, None if choice is None else _chosen_score(choice)
 
 
-def train_alone(cfg: DictConfig, dm, *, out_dir: Path):
+def _chosen_score(choice: dict[str, Any]) -> float:
+    """The validation rank score of a read-out choice at its chosen deep share."""
+    return float(choice["val_rank_score"]["mix"][f"{choice['mix']:g}"])
+
+
+def train_alone(cfg: DictConfig, dm, *, out_dir: Path, quiet: bool = True
+                ) -> tuple[Any, dict[str, Any]]:
     """A decoder trained on ``dm`` alone with the run's recipe (MEG focus and read-out): the
     model the adapted ones start from (trained on the other subjects), and the one trained from
-    scratch that they are measured against."""
+    scratch that they are measured against. Returns it and the training summary with its
+    ``val_rank_score`` (:func:`adapt_subjects`') and, MEG, its ``readout`` choice."""
     from .fit import build_module, fit, resolve_focus
     from .readout import attach_readout, choose_meg_readout
 
     focus = resolve_focus(cfg, dm)
     lit = build_module(cfg, dm, focus=focus)
-    fit(cfg, lit, dm, out_dir=out_dir, quiet=True)
+    _, info = fit(cfg, lit, dm, out_dir=out_dir, quiet=quiet)
     readout = choose_meg_readout(cfg, lit.net, dm, focus)
-    if readout is not None:
+    if readout is None:
+        info["val_rank_score"] = validation_score(lit.net, dm)
+    else:
+        info["val_rank_score"] = _chosen_score(readout)
         attach_readout(lit.net, dm, readout, alphas=cfg.evaluate.get("ridge_alphas"))
-    return lit.net
+        info["readout"] = readout
+    return lit.net, info
