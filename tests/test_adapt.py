@@ -54,13 +54,14 @@ def trained(sample_root, tmp_path_factory):
     return get
 
 
-@pytest.fixture(scope="module", params=["meg-finetune", *(
-    pytest.param(p, marks=pytest.mark.slow) for p in ("meg-frozen", "meg-scratch", "meg", "fmri"))])
+@pytest.fixture(scope="module", params=["meg", *(
+    pytest.param(p, marks=pytest.mark.slow) for p in ("meg-frozen", "meg-scratch", "meg-auto",
+                                                      "fmri"))])
 def adapted(request, trained):
     """(modality, bundle trained on sub-01, adapted bundle with sub-02, adapt metrics, adapt
-    config); ``meg`` and ``fmri`` adapt each modality's default way (MEG: ``auto``, the best of
-    the three on validation trials; fMRI: the shared layers frozen), ``meg-<way>`` MEG that
-    way."""
+    config); ``meg`` and ``fmri`` adapt each modality's default way (MEG: a fine-tuned copy;
+    fMRI: the shared layers frozen), ``meg-<way>`` MEG that way (``auto``: the best of the three
+    on validation trials)."""
     from neurorecon.pipelines.adapt import run as adapt
 
     modality, _, way = request.param.partition("-")
@@ -136,7 +137,7 @@ def test_adapted_bundle_keeps_old_subjects_and_decodes_the_new_one(adapted):
         assert set(new.masks) == {"01", "02"}
 
 
-@pytest.mark.parametrize("adapted", ["meg-finetune", pytest.param(
+@pytest.mark.parametrize("adapted", ["meg", pytest.param(
     "meg-scratch", marks=pytest.mark.slow)], indirect=True)
 def test_adapted_causal_bundle_streams_the_new_subject(adapted, sample_root):
     from neurorecon.pipelines.data.events import EventSpec, read_events
