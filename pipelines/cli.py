@@ -134,12 +134,16 @@ def modality_overrides(overrides: list[str]) -> list[str]:
     keys = [o.split("=", 1)[0].lstrip("+~") if "=" in o else None for o in overrides]
     if "data.modality" not in keys:
         return list(overrides)
-    at = len(keys) - 1 - keys[::-1].index("data.modality")  # the last one counts
+
+    def last(key: str) -> int:  # the last override of a key counts
+        return len(keys) - 1 - keys[::-1].index(key)
+
+    at = last("data.modality")
     value = overrides[at].split("=", 1)[1]
     for one in value.split(","):
         check_option("data.modality", one.strip(), MODALITIES)
     if "modality" in keys:
-        group = overrides[len(keys) - 1 - keys[::-1].index("modality")].split("=", 1)[1]
+        group = overrides[last("modality")].split("=", 1)[1]
         if group != value:
             raise DataError(f"data.modality={value} disagrees with modality={group}: give "
                             "one of them (either chooses the modality)")

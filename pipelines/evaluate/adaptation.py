@@ -88,15 +88,15 @@ def adaptation_curve(cfg: DictConfig, *, preproc_dir: Path, embeddings_dir: Path
                                       train_fraction={new: frac})
                 n_train[ri, fi] = len(dm.splits["train"]) + len(dm.splits["val"])
                 here = out_dir / f"sub-{new}" / f"seed-{seed}" / f"{frac:g}"
-                preds, val = {}, {}
-                for name, way in WAY_OF.items():
+                by_way, val = {}, {}
+                for way in WAY_OF.values():
                     model, index, info = adapt_subjects(job, shared, dm, out_dir=here / way,
                                                         quiet=True, way=way)
-                    preds[name] = predict_split(model, dm, "test", subject_index=index)
+                    by_way[way] = predict_split(model, dm, "test", subject_index=index)
                     val[way] = info.get("val_rank_score")
-                kept = choose_way(val)
-                chosen[ri, fi] = kept
-                preds[MODELS[3]] = preds[next(n for n, w in WAY_OF.items() if w == kept)]
+                chosen[ri, fi] = kept = choose_way(val)
+                preds = {name: by_way[way] for name, way in WAY_OF.items()}
+                preds[MODELS[3]] = by_way[kept]
                 preds[MODELS[4]] = ridge_predictions(dm, alphas=cfg.evaluate.get("ridge_alphas"))
                 for name, pred in preds.items():
                     m = _score(pred, dm)

@@ -85,19 +85,16 @@ def adapt_subjects(cfg: DictConfig, net, dm, *, out_dir: Path, quiet: bool = Fal
 
     Returns ``(the model that decodes them, {label: index in it}, info)``: the training
     summary of :func:`.fit.fit` (empty when nothing was trainable), ``way`` (for ``auto``, the
-    way kept; ``val_rank_score`` per way tried), ``val_rank_score`` (the new subjects'
-    validation trials decoded by the model, its read-out fitted on their train trials) and
-    ``readout_alpha`` / ``readout_mix`` (MEG, per new subject).
+    way kept, and ``tried``: each way's ``val_rank_score``), ``val_rank_score`` (the new
+    subjects' validation trials decoded by the model, its read-out fitted on their train
+    trials) and ``readout_alpha`` / ``readout_mix`` (MEG, per new subject).
     """
     way = way or adaptation_way(cfg, dm.modality)
     if way == "auto":
         return _best_way(cfg, net, dm, out_dir=out_dir, quiet=quiet)
     if way == "scratch":
         model, info = train_alone(cfg, dm, out_dir=out_dir, quiet=quiet)
-        readout = info.pop("readout", None) or {}
-        return model, {label: k for k, label in enumerate(dm.labels)}, {
-            **info, "way": way, **({"readout_mix": readout["mix"],
-                                    "readout_alpha": readout["alpha"]} if readout else {})}
+        return model, {label: k for k, label in enumerate(dm.labels)}, {**info, "way": way}
     from .fit import build_module, fit
     from .module import Reindexed
     from .readout import fit_subject_readout
@@ -142,8 +139,7 @@ def validation_score(model, dm, index: dict[str, int] | None = None) -> float | 
     from ..inference import predict_split
     from .ridge import flat_targets
 
-    val = dm.splits["val"]
-    stims, true = candidate_rows(val.target) if len(val) else ([], [])
+    stims, true = candidate_rows(dm.splits["val"].target)
     if len(stims) < 2:
         return None
     pred = predict_split(model, dm, "val", subject_index=index)
@@ -212,7 +208,8 @@ def train_alone(cfg: DictConfig, dm, *, out_dir: Path, quiet: bool = True
     """A decoder trained on ``dm`` alone with the run's recipe (MEG focus and read-out): the
     model the adapted ones start from (trained on the other subjects), and the one trained from
     scratch that they are measured against. Returns it and the training summary with its
-    ``val_rank_score`` (:func:`adapt_subjects`') and, MEG, its ``readout`` choice."""
+    ``val_rank_score`` and, MEG, its ``readout_mix`` / ``readout_alpha``
+    (:func:`adapt_subjects`')."""
     from .fit import build_module, fit, resolve_focus
     from .readout import attach_readout, choose_meg_readout
 
@@ -225,5 +222,5 @@ def train_alone(cfg: DictConfig, dm, *, out_dir: Path, quiet: bool = True
     else:
         info["val_rank_score"] = _chosen_score(readout)
         attach_readout(lit.net, dm, readout, alphas=cfg.evaluate.get("ridge_alphas"))
-        info["readout"] = readout
+        info["readout_mix"], info["readout_alpha"] = readout["mix"], readout["alpha"]
     return lit.net, info
