@@ -150,6 +150,7 @@ class Generator(_Part):
     resolution: int = Field(gt=0)
     emb_dim: int = Field(gt=0)
     defaults: GeneratorDefaults = GeneratorDefaults()
+    training: dict[str, Any] | None = None  # the embedded generator's training figures
     path: str | None = None
     config: dict[str, Any] | None = None
     lowlevel: str | None = None

@@ -24,7 +24,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "evaluate": ("neurorecon.pipelines.evaluate.stage",
                  "score a bundle (or checkpoint) on a dataset with its fitted statistics"),
     "reconstruct": ("neurorecon.pipelines.evaluate.reconstruction",
-                    "test-set reconstructions from a checkpoint (diffusion generator)"),
+                    "test-set reconstructions through a bundle (or checkpoint), floor, ceiling"),
     "export": ("neurorecon.pipelines.export",
                "checkpoint -> self-contained decoder bundle (Decoder.from_pretrained)"),
     "adapt": ("neurorecon.pipelines.adapt",

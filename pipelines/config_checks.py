@@ -126,3 +126,7 @@ def check_config(cfg: DictConfig) -> None:
     if target is not None:
         check_option("reconstruct.generator._target_ (class)", str(target).rsplit(".", 1)[-1],
                      sorted(GENERATOR_TYPES))
+    if OmegaConf.select(cfg, "reconstruct.captions", default=False) and target is None:
+        raise DataError("reconstruct.captions=true, but the embedded generator takes no text",
+                        hint="use reconstruct/generator=stable_unclip or ip_adapter (local "
+                             "weights) for the caption pathway, or reconstruct.captions=false")

@@ -137,48 +137,47 @@ def lowlevel_maps(dm, images: list[Image.Image]) -> dict[str, tuple[np.ndarray, 
     return {dm.labels[k]: model.linear_map() for k, model in ridges.items()}
 
 
-def _gallery(dm, stim_root: Path) -> tuple[Gallery, list[Image.Image]]:
-    """Every stimulus of the data module: embeddings, split of the run, thumbnails."""
-    from .reconstruct.generation import stimulus_images
-
+def _gallery(dm, images: list[Image.Image]) -> Gallery:
+    """Every stimulus of the data module (``images``, in its embedding order): embeddings,
+    split of the run, thumbnails."""
     index = dm.embedding_index
     split = np.full(len(index), "unused", dtype=object)
     for name in ("train", "val", "test"):  # test last: an image is test if tested at all
         split[np.unique(dm.splits[name].target)] = name
-    images = stimulus_images(dm, stim_root)
     table = pd.DataFrame({"image_id": index["stim_file"].astype(str),
                           "concept": index["concept"] if "concept" in index else "",
                           "split": split})
-    return Gallery(embeddings=flat_targets(dm), index=table, images=images), images
+    return Gallery(embeddings=flat_targets(dm), index=table, images=images)
 
 
-def _generator(cfg: DictConfig, dm, images: list[Image.Image], *, net,
-               metrics: dict[str, Any] | None):
+def _generator(cfg: DictConfig, dm, images: list[Image.Image], *, net, rerank: float | None):
     """(generator description, its directory or None, low-level maps) for the bundle.
 
-    The low-level re-ranking weight of retrieved starts is the run's (``metrics``
-    ``reconstruction.retrieval``), or chosen again as the run chose it."""
+    ``rerank``: the low-level re-ranking weight of retrieved starts, as the run chose it;
+    None: chosen here with ``net`` (:func:`checkpoint_rerank` picks the model for a
+    checkpoint)."""
     from .reconstruct.generation import build_generator, generator_rows, lowlevel_rerank
 
     rcfg = cfg.reconstruct
     gen_cfg = rcfg.generator
     fit_rows = generator_rows(dm)
     emb = flat_targets(dm)
-    generator, _ = build_generator(gen_cfg, images=[images[i] for i in fit_rows],
-                                   embeddings=emb[fit_rows], cache_dir=cfg.paths.cache_dir)
-    known = ((metrics or {}).get("reconstruction") or {}).get("retrieval") or {}
-    rerank = float(known["lowlevel_rerank"]) if "lowlevel_rerank" in known else lowlevel_rerank(
-        cfg, net, dm, stim_images=images)["value"]
+    generator, training = build_generator(gen_cfg, images=[images[i] for i in fit_rows],
+                                          embeddings=emb[fit_rows],
+                                          cache_dir=cfg.paths.cache_dir)
+    if rerank is None:
+        rerank = lowlevel_rerank(cfg, net, dm, stim_images=images)["value"]
     desc = {"class": type(generator).__name__, "note": generator.note,
             "embedding_scale": generator.embedding_scale,
             "target_norm": float(np.linalg.norm(emb[fit_rows], axis=1).mean()),
             "resolution": int(generator.resolution), "emb_dim": int(generator.emb_dim),
+            "training": training,
             "defaults": {"head": str(rcfg.head), "strength": float(rcfg.strength),
                          "steps": int(rcfg.steps), "guidance_scale": float(rcfg.guidance_scale),
                          "seed": int(rcfg.seed), "lowlevel": bool(rcfg.lowlevel),
                          "start": str(rcfg.start), "retrieval_k": int(rcfg.retrieval_k),
                          "retrieval_shortlist": int(rcfg.retrieval_shortlist),
-                         "lowlevel_rerank": rerank}}
+                         "lowlevel_rerank": float(rerank)}}
     if gen_cfg.get("_target_"):
         config = OmegaConf.to_container(gen_cfg, resolve=True)
         config.pop("_target_")
@@ -192,6 +191,23 @@ def _generator(cfg: DictConfig, dm, images: list[Image.Image], *, net,
         lowlevel = lowlevel_maps(dm, images)
         desc["lowlevel"] = "generator/lowlevel.safetensors"
     return desc, gen_dir, lowlevel
+
+
+def checkpoint_rerank(cfg: DictConfig, checkpoint: str | Path, net, dm, *,
+                      images: list[Image.Image]) -> dict[str, Any]:
+    """The low-level re-ranking choice for a bundle of ``checkpoint`` (``net`` on ``dm``):
+    made with the checkpoint its run selected on validation trials before the refit, where
+    one is found beside a ``refit.ckpt`` (a refitted model has seen the validation trials,
+    :func:`~.reconstruct.generation.lowlevel_rerank`), else with ``net``."""
+    from .reconstruct.generation import lowlevel_rerank
+    from .train.checkpoint import checkpoint_encoder, selected_before_refit
+
+    selected = selected_before_refit(checkpoint)
+    if selected is not None:
+        logger.info("reconstruct: choices on validation trials with %s (before the refit)",
+                    selected)
+        net = checkpoint_encoder(selected, dm)
+    return lowlevel_rerank(cfg, net, dm, stim_images=images)
 
 
 def bundle_config(net, dm, *, cfg: DictConfig, metrics: dict[str, Any] | None = None,
@@ -227,31 +243,48 @@ def bundle_config(net, dm, *, cfg: DictConfig, metrics: dict[str, Any] | None = 
     })
 
 
-def export_bundle(net, dm, *, cfg: DictConfig, out: str | Path,
-                  metrics: dict[str, Any] | None = None, focus: dict[str, Any] | None = None,
-                  generator: bool | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Write the bundle of ``net`` (trained on ``dm`` with ``cfg``) to ``out``.
+def build_decoder(net, dm, *, cfg: DictConfig, metrics: dict[str, Any] | None = None,
+                  focus: dict[str, Any] | None = None, generator: bool | None = None,
+                  rerank: float | None = None,
+                  images: list[Image.Image] | None = None) -> Decoder:
+    """The :class:`~.inference.Decoder` of ``net`` (trained on ``dm`` with ``cfg``), in
+    memory: what a bundle of it holds, before it is written.
 
     ``generator``: include the generator and the low-level pathway (default: when
-    ``cfg.reconstruct.enabled``; the embedded generator is the cached one of the run).
-    Returns ``{"path", "bytes", "seconds"}``.
+    ``cfg.reconstruct.enabled``; the embedded generator is the cached one of the run);
+    ``rerank``: the low-level re-ranking weight the run chose (None: chosen here with
+    ``net``); ``images``: ``dm``'s stimulus images where the caller has them.
     """
-    t0 = time.perf_counter()
-    stim_root = Path(cfg.data.root) / cfg.data.stim_dir
-    gallery, images = _gallery(dm, stim_root)
+    from .reconstruct.generation import stimulus_images
+
+    if images is None:
+        images = stimulus_images(dm, Path(cfg.data.root) / cfg.data.stim_dir)
     if generator is None:
         generator = bool(cfg.get("reconstruct") and cfg.reconstruct.enabled)
-    gen_desc, gen_dir, lowlevel = (_generator(cfg, dm, images, net=net, metrics=metrics)
+    gen_desc, gen_dir, lowlevel = (_generator(cfg, dm, images, net=net, rerank=rerank)
                                    if generator else (None, None, {}))
     config = bundle_config(net, dm, cfg=cfg, metrics=metrics, focus=focus, generator=gen_desc)
     masks, voxel_stats = fmri_subject_files(dm)
-    decoder = Decoder(net=net, config=config, masks=masks, gallery=gallery, lowlevel=lowlevel,
-                      generator_dir=gen_dir, voxel_stats=voxel_stats)
+    return Decoder(net=net, config=config, masks=masks, gallery=_gallery(dm, images),
+                   lowlevel=lowlevel, generator_dir=gen_dir, voxel_stats=voxel_stats)
+
+
+def save_bundle(decoder: Decoder, out: str | Path, *, overwrite: bool = False
+                ) -> dict[str, Any]:
+    """Write ``decoder``'s bundle to ``out``; returns ``{"path", "bytes", "seconds"}``."""
+    t0 = time.perf_counter()
     path = decoder.save_pretrained(out, overwrite=overwrite)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     seconds = round(time.perf_counter() - t0, 2)
     logger.info("bundle: %s (%.1f MB, %.1f s)", path, size / 1e6, seconds)
     return {"path": str(path), "bytes": int(size), "seconds": seconds}
+
+
+def export_bundle(net, dm, *, cfg: DictConfig, out: str | Path,
+                  overwrite: bool = False, **kwargs) -> dict[str, Any]:
+    """Write the bundle of ``net`` (trained on ``dm`` with ``cfg``) to ``out``
+    (:func:`build_decoder`, whose options ``kwargs`` are, then :func:`save_bundle`)."""
+    return save_bundle(build_decoder(net, dm, cfg=cfg, **kwargs), out, overwrite=overwrite)
 
 
 def data_of_checkpoint(checkpoint: str | Path, cfg: DictConfig):
@@ -285,5 +318,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_metrics = Path(cfg.checkpoint).resolve().parent.parent / "metrics.json"
     metrics = json.loads(run_metrics.read_text()) if run_metrics.is_file() else None
     focus = (metrics or {}).get("training", {}).get("focus")
+    generator = (bool(job.reconstruct.enabled) if cfg.export.generator is None
+                 else bool(cfg.export.generator))
+    images, rerank = None, None
+    if generator:
+        from .reconstruct.generation import stimulus_images
+
+        images = stimulus_images(dm, Path(job.data.root) / job.data.stim_dir)
+        rerank = checkpoint_rerank(job, cfg.checkpoint, net, dm, images=images)["value"]
     return export_bundle(net, dm, cfg=job, out=cfg.export.out, metrics=metrics, focus=focus,
-                         generator=cfg.export.generator, overwrite=bool(cfg.export.overwrite))
+                         generator=generator, rerank=rerank, images=images,
+                         overwrite=bool(cfg.export.overwrite))

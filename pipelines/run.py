@@ -1,9 +1,9 @@
 """``neurorecon train`` and ``neurorecon run``: every stage of one training run.
 
 preprocess + embed (cached) -> training (:mod:`.train.fit`) -> evaluation against ridge and
-chance (:mod:`.evaluate.report`) -> reconstruction (:mod:`.evaluate.reconstruction`) -> the
-trained-decoder bundle (:mod:`.export`). ``train(cfg)`` is the plain function tests call;
-``run(cfg)`` is the Hydra entry point the CLI looks up.
+chance (:mod:`.evaluate.report`) -> the trained decoder (:mod:`.export`) -> reconstruction
+through it (:mod:`.evaluate.reconstruction`) -> its bundle. ``train(cfg)`` is the plain
+function tests call; ``run(cfg)`` is the Hydra entry point the CLI looks up.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from neurorecon.models.common.logging import logger
 
 from .config_checks import check_config
 from .evaluate.adaptation import adaptation_curve
-from .evaluate.reconstruction import reconstruct
+from .evaluate.reconstruction import reconstruct, run_captions
 from .evaluate.report import evaluate
+from .evaluate.stage import TestTrials
 from .evaluate.summary import write_report
-from .export import export_bundle
+from .export import build_decoder, save_bundle
 from .preprocess.run import artifact_projectors, skipped_runs
 from .reconstruct.generation import lowlevel_rerank, stimulus_images
 from .train.fit import (
@@ -35,6 +36,7 @@ from .train.fit import (
     update_checkpoint,
 )
 from .train.readout import attach_readout, choose_meg_readout
+from .train.ridge import flat_targets
 from .train.time_resolved import deep_time_resolved
 
 
@@ -88,20 +90,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics["training"] = info
     metrics["data"] = {"skipped_runs": skipped_runs(cfg.data),
                        "artifacts": artifact_projectors(dm.recipe)}
-    if reconstructing:
-        metrics["reconstruction"] = reconstruct(lit.net, dm, cfg=cfg, out_dir=out_dir,
-                                                stim_root=stim_root, rerank=rerank,
-                                                stim_images=images)
+    exporting = (cfg.get("export") or {}).get("bundle", True)
+    decoder = (build_decoder(lit.net, dm, cfg=cfg, metrics=metrics, focus=focus,
+                             rerank=None if rerank is None else rerank["value"],
+                             images=images)
+               if reconstructing or exporting else None)
+    if reconstructing:  # through the decoder the bundle holds
+        metrics["reconstruction"] = reconstruct(
+            decoder, TestTrials.of_datamodule(dm), cfg=cfg, out_dir=out_dir, stim_root=stim_root,
+            true_embeddings=flat_targets(dm)[dm.splits["test"].target], rerank=rerank,
+            captions=run_captions(cfg, dm, decoder))
     if cfg.evaluate.get("adaptation") and len(dm.labels) < 2:
         logger.warning("evaluate.adaptation: skipped, the dataset has one subject (a new "
                        "subject is adapted from a model trained on the others)")
     elif cfg.evaluate.get("adaptation"):
         metrics["adaptation"] = adaptation_curve(cfg, preproc_dir=preproc_dir,
                                                  embeddings_dir=emb_dir, out_dir=out_dir)
-    if (cfg.get("export") or {}).get("bundle", True):
+    if exporting:
         # the run's own bundle: a rerun into the same directory replaces it, like metrics.json
-        bundle = export_bundle(lit.net, dm, cfg=cfg, out=out_dir / "bundle", metrics=metrics,
-                               focus=focus, overwrite=True)
+        bundle = save_bundle(decoder, out_dir / "bundle", overwrite=True)
         metrics["bundle"] = {"path": "bundle", "bytes": bundle["bytes"]}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)

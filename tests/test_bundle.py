@@ -298,6 +298,45 @@ def test_bundle_reconstructs_like_the_run(meg_run):
 
 
 @pytest.mark.slow  # trains the MEG run (~30 s on 2 cores)
+def test_reconstruct_stage_through_the_bundle_reproduces_the_run(meg_run, sample_root,
+                                                                  tmp_path):
+    """``neurorecon reconstruct bundle=<run>/bundle`` on the run's data: the raw recordings
+    through the bundle's recipe, encoder, low-level pathway, start and generator give the
+    run's own reconstructions (the run scores the same decoder before writing it)."""
+    from PIL import Image
+
+    from neurorecon.pipelines.evaluate.reconstruction import run as reconstruct
+
+    run_dir, cfg, metrics = meg_run
+    overrides = [f"bundle={run_dir / 'bundle'}", "data=bids",
+                 f"data.root={sample_root / 'meg'}", *TINY_GENERATOR[4:]]
+    rc = compose_stage("reconstruct", tmp_path, overrides)
+    out = reconstruct(rc)
+    out_dir, ran = Path(rc.paths.output_dir), metrics["reconstruction"]
+    assert out["n_images"] == ran["n_images"] and set(out["metrics"]) == set(ran["metrics"])
+    assert out["retrieval"]["lowlevel_rerank"] == ran["retrieval"]["lowlevel_rerank"]
+    assert out["retrieval"]["lowlevel_rerank_choice"]["source"] == "the bundle"
+    assert out["generator_training"] == ran["generator_training"]
+    mine = sorted((out_dir / "reconstructions").glob("*.png"))
+    theirs = sorted((run_dir / "reconstructions").glob("*.png"))
+    assert [p.name for p in mine] == [p.name for p in theirs]
+    for a, b in zip(mine, theirs, strict=True):
+        # starts come from the gallery's 96 px thumbnails where the run had the photos
+        diff = np.abs(np.asarray(Image.open(a), np.float32)
+                      - np.asarray(Image.open(b), np.float32)).mean()
+        assert diff < 2.0, (a.name, diff)
+    for name, m in out["metrics"].items():
+        assert m["pixcorr"] == pytest.approx(ran["metrics"][name]["pixcorr"], abs=0.05), name
+    saved = json.loads((out_dir / "metrics.json").read_text())
+    assert saved["bundle"] == str(run_dir / "bundle") and "checkpoint" not in saved
+    with pytest.raises(DataError, match="caption pathway is fitted on a training run") as e:
+        reconstruct(compose_stage("reconstruct", tmp_path / "c",
+                                  [*overrides, "reconstruct/generator=stable_unclip",
+                                   "reconstruct.captions=true"]))
+    assert "neurorecon run ... reconstruct.captions=true" in str(e.value)
+
+
+@pytest.mark.slow  # trains the MEG run (~30 s on 2 cores)
 def test_inference_imports_neither_lightning_nor_hydra(meg_run):
     run_dir, _, _ = meg_run
     code = (

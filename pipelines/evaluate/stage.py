@@ -14,6 +14,7 @@ to ``<run dir>/bundle`` first (a thin alias).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,56 @@ def prepare_dataset(decoder: Decoder, data_cfg: DictConfig
     return X_out, tables
 
 
+@dataclass
+class TestTrials:
+    """A dataset's test trials as one list of rows (subjects in turn), each subject's
+    prepared trials kept together for its decoder."""
+
+    trials: dict[str, np.ndarray]  # subject label -> its prepared test trials
+    rows: dict[str, np.ndarray]    # subject label -> the positions of those trials in the list
+    stim_files: list[str]          # per row: the image shown
+    subjects: list[str]            # per row: the subject label
+
+    @classmethod
+    def of_dataset(cls, X: dict[str, np.ndarray], tables: dict[str, pd.DataFrame], *,
+                   root) -> TestTrials:
+        """The test rows of :func:`prepare_dataset`'s output (subjects in sorted order)."""
+        trials, rows, files, subjects = {}, {}, [], []
+        for subject in sorted(X):
+            test = (tables[subject]["split"] == "test").to_numpy()
+            if test.any():
+                trials[subject] = X[subject][test]
+                rows[subject] = np.arange(len(files), len(files) + int(test.sum()))
+                files += tables[subject]["stim_file"][test].astype(str).tolist()
+                subjects += [subject] * int(test.sum())
+        if not trials:
+            raise DataError("the dataset has no test trials", path=root,
+                            hint="check data.split_column / data.test_value")
+        return cls(trials, rows, files, subjects)
+
+    @classmethod
+    def of_datamodule(cls, dm) -> TestTrials:
+        """The test split of a training run's data module, in its own row order."""
+        test = dm.splits["test"]
+        trials, rows = {}, {}
+        for k in np.unique(test.subject):
+            idx, X = dm.subject_rows("test", int(k))
+            trials[dm.labels[int(k)]] = np.asarray(X, np.float32)
+            rows[dm.labels[int(k)]] = np.asarray(idx)
+        files = dm.embedding_index["stim_file"].astype(str).to_numpy()[test.target].tolist()
+        return cls(trials, rows, files, [dm.labels[int(k)] for k in test.subject])
+
+    def encode(self, decoder: Decoder, *, head: str = "clip") -> np.ndarray:
+        """Every row through ``decoder.encode`` (``head``), in row order."""
+        out = None
+        for subject, x in self.trials.items():
+            pred = decoder.encode(x, subject=subject, head=head)
+            if out is None:
+                out = np.zeros((len(self.subjects), pred.shape[1]), np.float32)
+            out[self.rows[subject]] = pred
+        return out
+
+
 def _known(decoder: Decoder, subject: str, path) -> None:
     if subject not in decoder.subjects:
         raise DataError(f"data does not fit the decoder: subject sub-{subject} is unknown to "
@@ -91,8 +142,8 @@ def _known(decoder: Decoder, subject: str, path) -> None:
                         hint="select known subjects with data.subjects=[...]")
 
 
-def _candidates(decoder: Decoder, cfg: DictConfig, stim_files: list[str]
-                ) -> tuple[np.ndarray, list[str], str]:
+def candidate_embeddings(decoder: Decoder, cfg: DictConfig, stim_files: list[str]
+                         ) -> tuple[np.ndarray, list[str], str]:
     """Embeddings of the candidate images: the bundle's gallery when it holds every test
     image, else the dataset's stimuli embedded by the bundle's own embedder."""
     ids = decoder.gallery.index["image_id"].tolist()
@@ -119,26 +170,15 @@ def _candidates(decoder: Decoder, cfg: DictConfig, stim_files: list[str]
 def evaluate_bundle(cfg: DictConfig, bundle: str | Path) -> dict[str, Any]:
     """Score ``bundle`` on ``cfg.data``; write metrics.json, report.md and figures."""
     decoder = Decoder.from_pretrained(bundle, device=str(cfg.get("device") or "cpu"))
-    X, tables = prepare_dataset(decoder, cfg.data)
+    test = TestTrials.of_dataset(*prepare_dataset(decoder, cfg.data), root=cfg.data.root)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    preds, rows = [], []
-    for subject in sorted(X):
-        test = (tables[subject]["split"] == "test").to_numpy()
-        if not test.any():
-            continue
-        preds.append(decoder.encode(X[subject][test], subject=subject))
-        rows.append(tables[subject][test].assign(subject=subject))
-    if not preds:
-        raise DataError("the dataset has no test trials", path=cfg.data.root,
-                        hint="check data.split_column / data.test_value")
-    pred, test_rows = np.concatenate(preds), pd.concat(rows, ignore_index=True)
-    stim_files = test_rows["stim_file"].tolist()
-    emb, ids, source = _candidates(decoder, cfg, stim_files)
+    pred = test.encode(decoder)
+    stim_files = test.stim_files
+    emb, ids, source = candidate_embeddings(decoder, cfg, stim_files)
     row_of = {s: i for i, s in enumerate(ids)}
     targets = np.array([row_of[s] for s in stim_files])
-    blocks = retrieval_blocks({"encoder": pred}, emb, targets,
-                              test_rows["subject"].to_numpy())
+    blocks = retrieval_blocks({"encoder": pred}, emb, targets, np.asarray(test.subjects))
     cand_rows, true_idx = candidate_rows(targets)
     cand = emb[cand_rows]
     stim_root = Path(cfg.data.root) / cfg.data.stim_dir
@@ -187,52 +227,3 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics["checkpoint"] = str(checkpoint)
         (Path(cfg.paths.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
-
-
-# ------------------------------------------------------------------------------------------
-# a checkpoint's encoder on a dataset prepared with the checkpoint's recipe (reconstruct stage)
-# ------------------------------------------------------------------------------------------
-def from_checkpoint(cfg: DictConfig):
-    """Load ``cfg.checkpoint`` and prepare ``cfg.data`` with the checkpoint's own recipe.
-
-    Returns the encoder (mapped to the data module's subject indices), the data module and
-    the merged job config (the checkpoint's resolved config with this command's ``data``,
-    ``paths``, ``embed`` and, when present, ``reconstruct``).
-    """
-    from ..train.checkpoint import load_checkpoint
-    from ..train.fit import build_datamodule, prepare_caches
-
-    if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.checkpoint:
-        raise DataError("needs checkpoint=<path to a .ckpt written by neurorecon train>")
-    net, desc = load_checkpoint(cfg.checkpoint)
-    trained = OmegaConf.create(desc["config"])
-    overrides = {"data": cfg.data, "paths": cfg.paths,
-                 "embed": cfg.get("embed") or trained.embed}
-    if cfg.get("reconstruct") is not None:
-        overrides["reconstruct"] = cfg.reconstruct
-    job = trained.copy()
-    with open_dict(job):
-        for key, value in overrides.items():  # replaced whole: no stale keys from training
-            job[key] = value
-    preproc_dir, emb_dir = prepare_caches(job)
-    dm = build_datamodule(job, preproc_dir, emb_dir)
-    return _on_subjects(net, desc, dm, path=cfg.checkpoint), dm, job
-
-
-def checkpoint_encoder(path, dm):
-    """The encoder of checkpoint ``path`` on ``dm``'s subjects (a data module prepared with
-    its recipe, e.g. by :func:`from_checkpoint` for a sibling checkpoint of the same run)."""
-    from ..train.checkpoint import load_checkpoint
-
-    return _on_subjects(*load_checkpoint(path), dm, path=path)
-
-
-def _on_subjects(net, desc, dm, *, path):
-    """``net`` (described by ``desc``) checked against ``dm`` and mapped to its subject
-    indices, whatever subset of the checkpoint's subjects it holds."""
-    from ..train.checkpoint import check_compatible
-    from ..train.module import Reindexed
-
-    check_compatible(desc, dm, path=path)
-    order = list(desc["data"]["subjects"])
-    return Reindexed(net, [order.index(s) for s in dm.labels])

@@ -303,13 +303,9 @@ class Decoder:
     def generator(self):
         """The bundle's generator (loaded on first use)."""
         if self._generator is None:
-            gen = self.config.generator
-            if gen is None:
-                raise BundleError("this bundle has no generator (trained with "
-                                  "reconstruct.enabled=false)", path=self.root,
-                                  hint="export with a generator to reconstruct images")
             from neurorecon.models.registry import build_generator
 
+            gen = self._generator_info
             if gen.kind == "embedded":
                 if self.generator_dir is None:
                     raise BundleError("generator directory missing", path=self.root)
@@ -317,6 +313,15 @@ class Decoder:
             else:
                 self._generator = build_generator(gen.cls, gen.config or {})
         return self._generator
+
+    @property
+    def _generator_info(self):
+        """The bundle's generator description (``config.json`` ``generator``), checked."""
+        if self.config.generator is None:
+            raise BundleError("this bundle has no generator (trained with "
+                              "reconstruct.enabled=false)", path=self.root,
+                              hint="export with a generator to reconstruct images")
+        return self.config.generator
 
     def lowlevel_images(self, x, *, subject: str) -> list[Image.Image]:
         """Low-level pathway: prepared trials -> img2img starting images (ridge thumbnails)."""
@@ -344,7 +349,7 @@ class Decoder:
         (:func:`~neurorecon.models.generators.base.retrieved_starts`)."""
         from neurorecon.models.generators.base import retrieved_starts
 
-        defaults = self.config.generator.defaults
+        defaults = self._generator_info.defaults
         candidates, images = self._start_candidates
         rerank = defaults.lowlevel_rerank if coarse is not None else 0.0
         return retrieved_starts(
@@ -373,10 +378,32 @@ class Decoder:
         return (self.gallery.embeddings[rows],
                 [self.gallery.thumbnail(int(i)) for i in rows])
 
+    def start_images(self, embeddings: np.ndarray, *, coarse: list[Image.Image] | None = None,
+                     retrieval: np.ndarray | None = None, start: str | None = None
+                     ) -> list[Image.Image] | None:
+        """The img2img starting images of :meth:`reconstruct` (None: it starts from noise).
+
+        ``start`` (default the training run's ``reconstruct.start``): ``retrieved``, the
+        training images nearest to ``retrieval`` (default ``embeddings``), re-ranked by
+        ``coarse`` (the low-level pathway's images of the same trials) where given
+        (:meth:`retrieved_starts`); ``lowlevel``, ``coarse`` itself; ``noise``.
+        """
+        from neurorecon.models.generators.base import START_IMAGES
+
+        start = self._generator_info.defaults.start if start is None else start
+        if start not in START_IMAGES:
+            raise DataError(f"start={start!r}: one of {list(START_IMAGES)}")
+        if start == "retrieved":
+            emb = np.asarray(embeddings if retrieval is None else retrieval, np.float32)
+            return self.retrieved_starts(emb[None] if emb.ndim == 1 else emb, coarse=coarse)
+        return coarse if start == "lowlevel" else None
+
     def reconstruct(self, embeddings: np.ndarray, *, subject: str | None = None,
-                    lowlevel=None, retrieval: np.ndarray | None = None, seed: int | None = None,
+                    lowlevel=None, coarse: list[Image.Image] | None = None,
+                    retrieval: np.ndarray | None = None, seed: int | None = None,
                     steps: int | None = None, guidance: float | None = None,
-                    strength: float | None = None, start: str | None = None
+                    strength: float | None = None, start: str | None = None,
+                    text_embeddings: np.ndarray | None = None, batch_size: int | None = None
                     ) -> list[Image.Image]:
         """Embeddings (from :attr:`generation_head`) -> PIL images.
 
@@ -385,43 +412,38 @@ class Decoder:
         training targets' mean norm ``generator.target_norm``), as in the training run.
 
         ``lowlevel``: the prepared trials the embeddings came from (needs ``subject``), for the
-        low-level pathway where the bundle has one for that subject. ``start`` (default the
-        training run's ``reconstruct.start``): the img2img starting image. ``retrieved``: the
-        training images nearest to each embedding (:meth:`retrieved_starts`), found with
-        ``retrieval`` (the ``clip`` head's embeddings of the same trials, as the training run
-        retrieves; default ``embeddings``) and re-ranked by the low-level pathway's image;
-        ``lowlevel``: the low-level pathway's image (noise without ``lowlevel``); ``noise``.
-        ``seed``, ``steps``, ``guidance`` and ``strength`` default to the training run's.
-        Every image carries the generator's stand-in note in
-        ``image.info["neurorecon_note"]``.
+        low-level pathway where the bundle has one for that subject; or ``coarse``: that
+        pathway's images already made (e.g. of several subjects' trials). ``start``,
+        ``retrieval``: the img2img starting image (:meth:`start_images`). ``seed`` (image ``i``
+        uses ``seed + i``), ``steps``, ``guidance`` and ``strength`` default to the training
+        run's. ``text_embeddings``: caption conditioning for a diffusers backend; ``batch_size``:
+        images per sampler batch (default the generator's). Every image carries the
+        generator's stand-in note in ``image.info["neurorecon_note"]``.
         """
-        from neurorecon.models.generators.base import START_IMAGES, conditioning
+        from neurorecon.models.generators.base import conditioning
 
         generator = self.generator  # loaded once; a bundle without one says so here
         gen = self.config.generator
         defaults = gen.defaults
         start = defaults.start if start is None else start
-        if start not in START_IMAGES:
-            raise DataError(f"start={start!r}: one of {list(START_IMAGES)}")
         emb = np.asarray(embeddings, np.float32)
         emb = emb[None] if emb.ndim == 1 else emb
-        coarse = None
+        if lowlevel is not None and coarse is not None:
+            raise DataError("reconstruct: give lowlevel= (trials) or coarse= (images), not both")
         if lowlevel is not None:
             if subject is None:
                 raise DataError("reconstruct(lowlevel=...) needs subject=")
             if start == "lowlevel" or self._label(subject) in self.lowlevel:
                 coarse = self.lowlevel_images(lowlevel, subject=subject)
-        inits = coarse if start == "lowlevel" else None
-        if start == "retrieved":
-            inits = self.retrieved_starts(emb if retrieval is None else retrieval,
-                                          coarse=coarse)
+        inits = self.start_images(emb, coarse=coarse, retrieval=retrieval, start=start)
         cond = conditioning(emb, scale=gen.embedding_scale, target_norm=gen.target_norm)
         images = generator.generate(
             cond, seed=int(defaults.seed if seed is None else seed),
             steps=int(defaults.steps if steps is None else steps),
             guidance_scale=float(defaults.guidance_scale if guidance is None else guidance),
-            init_images=inits,
-            strength=float(defaults.strength if strength is None else strength))
+            init_images=inits, text_embeddings=text_embeddings,
+            strength=float(defaults.strength if strength is None else strength),
+            **({} if batch_size is None else {"batch_size": int(batch_size)}))
         for im in images:
             im.info["neurorecon_note"] = generator.note
         return images

@@ -2,9 +2,10 @@
 
 :func:`build_generator` gives the configured generator (a pretrained diffusers backend from
 local directories, or the embedded generator trained on the training-split stimuli and cached);
-the low-level pathway (ridge from brain data to a coarse colour thumbnail, Brain-Diffuser /
-Takagi style) gives img2img starting images; the caption pathway (ridge to the generator's
-caption embeddings) gives text conditioning. Scoring reconstructions of a test set is
+the weight with which the low-level pathway (ridge from brain data to a coarse colour
+thumbnail, Brain-Diffuser / Takagi style; fitted into the bundle by :mod:`..export`) re-ranks
+the retrieved img2img starts; the caption pathway (ridge to the generator's caption
+embeddings) gives text conditioning. Scoring reconstructions of a test set is
 :mod:`neurorecon.pipelines.evaluate.reconstruction`.
 """
 
@@ -22,7 +23,6 @@ from neurorecon.models.generators.base import (
     centred_unit,
     image_thumbnails,
     start_scores,
-    thumbnails_to_images,
     unit_rows,
 )
 
@@ -85,18 +85,6 @@ def embedded_generator(gen_cfg: DictConfig, *, images: list[Image.Image],
         logger.info("generator: reusing %s", entry.path)
         info = entry.manifest()["params"].get("training")
     return EmbeddingDiffusionGenerator(path=entry.path), info
-
-
-def lowlevel_inits(dm, *, stim_images: list[Image.Image], resolution: int) -> list[Image.Image]:
-    """Ridge from brain data to an 8x8 colour thumbnail of the stimulus, per test row.
-
-    The low-level pathway of Brain-Diffuser / Takagi & Nishimoto, at thumbnail scale: the
-    predicted thumbnail, upsampled, is the img2img starting image.
-    """
-    from ..train.ridge import ridge_predictions
-
-    pred = ridge_predictions(dm, targets=image_thumbnails(stim_images))
-    return thumbnails_to_images(pred, resolution=resolution)
 
 
 #: low-level re-ranking weights tried on the validation trials (``lowlevel_rerank=auto``)
@@ -189,8 +177,13 @@ def generator_rows(dm) -> np.ndarray:
 
 def stimulus_images(dm, stim_root: Path) -> list[Image.Image]:
     """The data module's stimulus images (RGB), in its embedding order."""
+    return read_images(stim_root, dm.embedding_index["stim_file"])
+
+
+def read_images(stim_root: Path, files) -> list[Image.Image]:
+    """The stimulus images ``files`` (relative to ``stim_root``), RGB."""
     images = []
-    for f in dm.embedding_index["stim_file"]:
+    for f in files:
         path = Path(stim_root) / f
         if not path.is_file():
             raise DataError("stimulus image missing (needed for the gallery, the generator "

@@ -94,3 +94,15 @@ def check_compatible(desc: dict[str, Any], dm, *, path: str | Path) -> None:
             problems += dm.subjects[label].problems(trained["subjects"][label])
     if problems:
         raise DataError("data does not fit the checkpoint: " + "; ".join(problems), path=path)
+
+
+def checkpoint_encoder(path: str | Path, dm) -> torch.nn.Module:
+    """The encoder of checkpoint ``path`` on ``dm``'s subjects (a data module prepared with
+    its recipe, e.g. the run's own for a sibling checkpoint), checked against ``dm`` and
+    mapped to its subject indices, whatever subset of the checkpoint's subjects it holds."""
+    from .module import Reindexed
+
+    net, desc = load_checkpoint(path)
+    check_compatible(desc, dm, path=path)
+    order = list(desc["data"]["subjects"])
+    return Reindexed(net, [order.index(s) for s in dm.labels])
