@@ -31,6 +31,7 @@ __all__ = [
     "sliding_retrieval",
     "time_resolved_retrieval",
     "two_way_identification",
+    "two_way_rows",
 ]
 
 #: bound on the number of similarity scores held in memory at once (rows are chunked)
@@ -328,8 +329,8 @@ def chance_metrics(n_candidates: int, ks: Sequence[int] = (1, 5)) -> dict[str, f
 
 
 # --------------------------------------------------------------------------- identification
-def two_way_identification(pred: np.ndarray, true: np.ndarray) -> float:
-    """Two-way identification accuracy by Pearson correlation.
+def two_way_rows(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Two-way identification by Pearson correlation, per row of ``true``.
 
     For every ordered pair ``(i, j)``, ``i != j``, the pair counts as correct when the true
     embedding ``true[i]`` correlates more with its own prediction ``pred[i]`` than with the
@@ -346,8 +347,9 @@ def two_way_identification(pred: np.ndarray, true: np.ndarray) -> float:
 
     Returns
     -------
-    accuracy : float
-        Fraction of correct pairs in ``[0, 1]``; 0.5 is chance, 1.0 perfect.
+    accuracy : array, shape (n,)
+        Per row ``i``, the fraction of its pairs ``(i, j)`` that are correct, in ``[0, 1]``;
+        0.5 is chance, 1.0 perfect.
 
     Raises
     ------
@@ -379,8 +381,15 @@ def two_way_identification(pred: np.ndarray, true: np.ndarray) -> float:
     corr = _zrows("true", true) @ _zrows("pred", pred).T  # corr[i, j] = r(true_i, pred_j)
     own = np.diag(corr)[:, None]
     off = ~np.eye(corr.shape[0], dtype=bool)
-    wins = ((own > corr) & off).sum() + 0.5 * ((own == corr) & off).sum()
-    return float(wins / off.sum())
+    wins = ((own > corr) & off).sum(axis=1) + 0.5 * ((own == corr) & off).sum(axis=1)
+    return wins / off.sum(axis=1)
+
+
+def two_way_identification(pred: np.ndarray, true: np.ndarray) -> float:
+    """Two-way identification accuracy by Pearson correlation: the mean over rows of
+    :func:`two_way_rows` (every row has as many pairs, so it is the fraction of all ordered
+    pairs that are correct). Parameters, errors: as there; 0.5 is chance, 1.0 perfect."""
+    return float(two_way_rows(pred, true).mean())
 
 
 # --------------------------------------------------------------------------- time-resolved

@@ -75,7 +75,7 @@ NUMBERS: dict[str, dict[str, Any]] = {
                            "lambda_clip": dict(low=0, high=1, none=True),
                            "weight_decay": dict(low=0, none=True)}.items()},
     "readout.meg.bin_widths": dict(low=0, low_open=True),
-    "reconstruct.strength": dict(low=0, high=1, low_open=True),
+    "reconstruct.strength": dict(low=0, high=1, also=("auto",)),
     "reconstruct.steps": dict(low=1, integer=True),
     "reconstruct.guidance_scale": dict(low=0),
     "reconstruct.batch_size": dict(low=1, integer=True),

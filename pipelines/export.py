@@ -150,29 +150,43 @@ def _gallery(dm, images: list[Image.Image]) -> Gallery:
     return Gallery(embeddings=flat_targets(dm), index=table, images=images)
 
 
-def _generator(cfg: DictConfig, dm, images: list[Image.Image], *, net, rerank: float | None):
+def _generator(cfg: DictConfig, dm, images: list[Image.Image], *, net, rerank: float | None,
+               strength: float | None, fit_rows: np.ndarray | None):
     """(generator description, its directory or None, low-level maps) for the bundle.
 
-    ``rerank``: the low-level re-ranking weight of retrieved starts, as the run chose it;
-    None: chosen here with ``net`` (:func:`checkpoint_rerank` picks the model for a
-    checkpoint)."""
-    from .reconstruct.generation import build_generator, generator_rows, lowlevel_rerank
+    ``rerank`` / ``strength``: the low-level re-ranking weight of retrieved starts and the
+    img2img strength, as the run chose them on validation trials; None: the rerank weight
+    chosen here with ``net``, the strength configured (or, ``auto`` with no choice made,
+    :data:`~.reconstruct.generation.STRENGTH_UNCHOSEN`). ``fit_rows``: the stimuli the embedded
+    generator trains on (None: :func:`~.reconstruct.generation.generator_rows` of ``dm``)."""
+    from .reconstruct.generation import (
+        STRENGTH_UNCHOSEN,
+        build_generator,
+        generator_rows,
+        lowlevel_rerank,
+    )
 
     rcfg = cfg.reconstruct
     gen_cfg = rcfg.generator
-    fit_rows = generator_rows(dm)
+    fit_rows = generator_rows(dm) if fit_rows is None else fit_rows
     emb = flat_targets(dm)
     generator, training = build_generator(gen_cfg, images=[images[i] for i in fit_rows],
                                           embeddings=emb[fit_rows],
                                           cache_dir=cfg.paths.cache_dir)
     if rerank is None:
         rerank = lowlevel_rerank(cfg, net, dm, stim_images=images)["value"]
+    if strength is None and str(rcfg.strength) == "auto":
+        logger.warning("reconstruct.strength=auto, but no choice on validation trials was made "
+                       "for this bundle (its run did not reconstruct): strength %g",
+                       STRENGTH_UNCHOSEN)
+        strength = STRENGTH_UNCHOSEN
     desc = {"class": type(generator).__name__, "note": generator.note,
             "embedding_scale": generator.embedding_scale,
             "target_norm": float(np.linalg.norm(emb[fit_rows], axis=1).mean()),
             "resolution": int(generator.resolution), "emb_dim": int(generator.emb_dim),
             "training": training,
-            "defaults": {"head": str(rcfg.head), "strength": float(rcfg.strength),
+            "defaults": {"head": str(rcfg.head),
+                         "strength": float(rcfg.strength if strength is None else strength),
                          "steps": int(rcfg.steps), "guidance_scale": float(rcfg.guidance_scale),
                          "seed": int(rcfg.seed), "lowlevel": bool(rcfg.lowlevel),
                          "start": str(rcfg.start), "retrieval_k": int(rcfg.retrieval_k),
@@ -191,23 +205,6 @@ def _generator(cfg: DictConfig, dm, images: list[Image.Image], *, net, rerank: f
         lowlevel = lowlevel_maps(dm, images)
         desc["lowlevel"] = "generator/lowlevel.safetensors"
     return desc, gen_dir, lowlevel
-
-
-def checkpoint_rerank(cfg: DictConfig, checkpoint: str | Path, net, dm, *,
-                      images: list[Image.Image]) -> dict[str, Any]:
-    """The low-level re-ranking choice for a bundle of ``checkpoint`` (``net`` on ``dm``):
-    made with the checkpoint its run selected on validation trials before the refit, where
-    one is found beside a ``refit.ckpt`` (a refitted model has seen the validation trials,
-    :func:`~.reconstruct.generation.lowlevel_rerank`), else with ``net``."""
-    from .reconstruct.generation import lowlevel_rerank
-    from .train.checkpoint import checkpoint_encoder, selected_before_refit
-
-    selected = selected_before_refit(checkpoint)
-    if selected is not None:
-        logger.info("reconstruct: choices on validation trials with %s (before the refit)",
-                    selected)
-        net = checkpoint_encoder(selected, dm)
-    return lowlevel_rerank(cfg, net, dm, stim_images=images)
 
 
 def bundle_config(net, dm, *, cfg: DictConfig, metrics: dict[str, Any] | None = None,
@@ -245,15 +242,19 @@ def bundle_config(net, dm, *, cfg: DictConfig, metrics: dict[str, Any] | None = 
 
 def build_decoder(net, dm, *, cfg: DictConfig, metrics: dict[str, Any] | None = None,
                   focus: dict[str, Any] | None = None, generator: bool | None = None,
-                  rerank: float | None = None,
-                  images: list[Image.Image] | None = None) -> Decoder:
+                  rerank: float | None = None, strength: float | None = None,
+                  images: list[Image.Image] | None = None,
+                  generator_fit: np.ndarray | None = None) -> Decoder:
     """The :class:`~.inference.Decoder` of ``net`` (trained on ``dm`` with ``cfg``), in
     memory: what a bundle of it holds, before it is written.
 
     ``generator``: include the generator and the low-level pathway (default: when
     ``cfg.reconstruct.enabled``; the embedded generator is the cached one of the run);
-    ``rerank``: the low-level re-ranking weight the run chose (None: chosen here with
-    ``net``); ``images``: ``dm``'s stimulus images where the caller has them.
+    ``rerank`` / ``strength``: the low-level re-ranking weight and img2img strength the run
+    chose on validation trials (None: as :func:`_generator` says); ``images``: ``dm``'s
+    stimulus images where the caller has them; ``generator_fit``: the stimuli the embedded
+    generator trains on, where ``dm`` no longer tells them (a refit's data module has no
+    validation split: its caller passes the run's train images).
     """
     from .reconstruct.generation import stimulus_images
 
@@ -261,7 +262,8 @@ def build_decoder(net, dm, *, cfg: DictConfig, metrics: dict[str, Any] | None = 
         images = stimulus_images(dm, Path(cfg.data.root) / cfg.data.stim_dir)
     if generator is None:
         generator = bool(cfg.get("reconstruct") and cfg.reconstruct.enabled)
-    gen_desc, gen_dir, lowlevel = (_generator(cfg, dm, images, net=net, rerank=rerank)
+    gen_desc, gen_dir, lowlevel = (_generator(cfg, dm, images, net=net, rerank=rerank,
+                                              strength=strength, fit_rows=generator_fit)
                                    if generator else (None, None, {}))
     config = bundle_config(net, dm, cfg=cfg, metrics=metrics, focus=focus, generator=gen_desc)
     masks, voxel_stats = fmri_subject_files(dm)
@@ -322,10 +324,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                  else bool(cfg.export.generator))
     images, rerank = None, None
     if generator:
-        from .reconstruct.generation import stimulus_images
+        from .reconstruct.generation import lowlevel_rerank, stimulus_images
+        from .train.checkpoint import choice_encoder
 
         images = stimulus_images(dm, Path(job.data.root) / job.data.stim_dir)
-        rerank = checkpoint_rerank(job, cfg.checkpoint, net, dm, images=images)["value"]
+        rerank = lowlevel_rerank(job, choice_encoder(cfg.checkpoint, net, dm), dm,
+                                 stim_images=images)["value"]
+    # the strength its run chose on validation trials (a choice that needs the generator)
+    strength = ((metrics or {}).get("reconstruction") or {}).get("strength")
     return export_bundle(net, dm, cfg=job, out=cfg.export.out, metrics=metrics, focus=focus,
-                         generator=generator, rerank=rerank, images=images,
+                         generator=generator, rerank=rerank, strength=strength, images=images,
                          overwrite=bool(cfg.export.overwrite))

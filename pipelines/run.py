@@ -19,13 +19,13 @@ from neurorecon.models.common.logging import logger
 
 from .config_checks import check_config
 from .evaluate.adaptation import adaptation_curve
-from .evaluate.reconstruction import reconstruct, run_captions
+from .evaluate.reconstruction import reconstruct, run_captions, validation_choices
 from .evaluate.report import evaluate
 from .evaluate.stage import TestTrials
 from .evaluate.summary import write_report
 from .export import build_decoder, save_bundle
 from .preprocess.run import artifact_projectors, skipped_runs
-from .reconstruct.generation import lowlevel_rerank, stimulus_images
+from .reconstruct.generation import generator_rows, stimulus_images
 from .train.fit import (
     build_datamodule,
     build_module,
@@ -67,7 +67,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     stim_root = Path(cfg.data.root) / cfg.data.stim_dir
     # chosen before the refit: the validation-selected model has not seen the validation trials
     images = stimulus_images(dm, stim_root) if reconstructing else None
-    rerank = lowlevel_rerank(cfg, lit.net, dm, stim_images=images) if reconstructing else None
+    choices = (validation_choices(cfg, lit.net, dm, stim_images=images) if reconstructing
+               else None)
+    generator_fit = generator_rows(dm)  # the train images (the refit's data module has no val)
     if (cfg.get("refit") or {}).get(dm.modality) and trainer.world_size > 1:
         logger.warning("refit on train + validation trials is skipped in multi-process "
                        "training (%d processes); the validation-selected model is used",
@@ -91,14 +93,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics["data"] = {"skipped_runs": skipped_runs(cfg.data),
                        "artifacts": artifact_projectors(dm.recipe)}
     exporting = (cfg.get("export") or {}).get("bundle", True)
-    decoder = (build_decoder(lit.net, dm, cfg=cfg, metrics=metrics, focus=focus,
-                             rerank=None if rerank is None else rerank["value"],
-                             images=images)
+    chosen = {"rerank": choices["lowlevel_rerank"]["value"],
+              "strength": choices["strength"]["value"]} if choices else {}
+    decoder = (build_decoder(lit.net, dm, cfg=cfg, metrics=metrics, focus=focus, images=images,
+                             generator_fit=generator_fit, **chosen)
                if reconstructing or exporting else None)
     if reconstructing:  # through the decoder the bundle holds
         metrics["reconstruction"] = reconstruct(
             decoder, TestTrials.of_datamodule(dm), cfg=cfg, out_dir=out_dir, stim_root=stim_root,
-            true_embeddings=flat_targets(dm)[dm.splits["test"].target], rerank=rerank,
+            true_embeddings=flat_targets(dm)[dm.splits["test"].target], choices=choices,
             captions=run_captions(cfg, dm, decoder))
     if cfg.evaluate.get("adaptation") and len(dm.labels) < 2:
         logger.warning("evaluate.adaptation: skipped, the dataset has one subject (a new "

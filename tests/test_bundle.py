@@ -295,6 +295,13 @@ def test_bundle_reconstructs_like_the_run(meg_run):
     assert decoder.reconstruct(emb[:1], start="retrieved")[0].size == (res, res)
     with pytest.raises(DataError, match="start='bogus'"):
         decoder.reconstruct(emb[:1], start="bogus")
+    # strength 0 (a run that found generating added nothing): the starts themselves
+    kept = decoder.reconstruct(emb[:2], strength=0)
+    for im, first in zip(kept, decoder.start_images(emb[:2]), strict=True):
+        assert np.array_equal(np.asarray(im), np.asarray(first))
+        assert "stand-in" in im.info["neurorecon_note"]
+    with pytest.raises(DataError, match="strength=0 keeps the start image"):
+        decoder.reconstruct(emb[:1], strength=0, start="noise")
 
 
 @pytest.mark.slow  # trains the MEG run (~30 s on 2 cores)

@@ -114,6 +114,18 @@ def test_embedded_generator_bad_input(tiny_generator, tmp_path):
         gen.generate(np.eye(2, 8, dtype=np.float32), init_images=mixed)
 
 
+def _check_one_standard_error(choice: dict, grid: tuple, *, min_trials: int) -> None:
+    """A choice on validation trials: every candidate scored, and the smallest one within one
+    standard error of the best validation score kept."""
+    assert choice["n_trials"] >= min_trials
+    assert [float(c) for c in choice["validation"]] == list(grid)
+    best = max(choice["validation"].values())
+    chosen = str(choice["value"])
+    assert choice["validation"][chosen] >= best - choice["standard_error"][chosen] - 1e-4
+    assert all(choice["validation"][c] < best - choice["standard_error"][c] + 1e-4
+               for c in choice["validation"] if float(c) < choice["value"])
+
+
 @pytest.mark.slow
 def test_run_with_reconstruction(sample_root, tmp_path):
     from neurorecon.pipelines.run import run
@@ -130,19 +142,15 @@ def test_run_with_reconstruction(sample_root, tmp_path):
     assert set(rec["metrics"]) == {"brain", "floor_retrieved", "ceiling", "lowlevel_only",
                                    "start_only"}
     # the retrieved start's low-level re-ranking weight was chosen on the validation trials
-    from neurorecon.pipelines.reconstruct.generation import RERANK_GRID
+    from neurorecon.pipelines.reconstruct.generation import RERANK_GRID, STRENGTH_GRID
 
     found = rec["retrieval"]
     assert rec["start"] == "retrieved" and found["k"] == 1
-    choice = found["lowlevel_rerank_choice"]
-    assert found["lowlevel_rerank"] == choice["value"] and choice["n_trials"] > 1
-    assert [float(w) for w in choice["validation"]] == list(RERANK_GRID)
-    # the smallest weight within one standard error of the best validation score
-    best = max(choice["validation"].values())
-    chosen = str(choice["value"])
-    assert choice["validation"][chosen] >= best - choice["standard_error"][chosen] - 1e-4
-    assert all(choice["validation"][w] < best - choice["standard_error"][w] + 1e-4
-               for w in choice["validation"] if float(w) < choice["value"])
+    assert found["lowlevel_rerank"] == found["lowlevel_rerank_choice"]["value"]
+    _check_one_standard_error(found["lowlevel_rerank_choice"], RERANK_GRID, min_trials=2)
+    # and so was the img2img strength, by generating for those trials (0: the start itself)
+    assert rec["strength"] == rec["strength_choice"]["value"]
+    _check_one_standard_error(rec["strength_choice"], STRENGTH_GRID, min_trials=4)
     for name, m in rec["metrics"].items():
         assert -1 <= m["pixcorr"] <= 1 and 0 <= m["alexnet2"] <= 1, name
         assert 0 <= m["inception"] <= 1 and 0 <= m["effnet"] <= 2, name
@@ -152,9 +160,13 @@ def test_run_with_reconstruction(sample_root, tmp_path):
     assert set(per) == {"01", "02"}
     assert rec["metrics"]["brain"]["ssim"] == pytest.approx(
         np.mean([per[s]["ssim"] for s in per]))
-    # the generator never saw the test images: trained on the train/val stimuli only
-    n_images = len(list((sample_root / "meg" / "stimuli").rglob("*.jpg")))
-    assert rec["generator_training"]["n_images"] == n_images - metrics["n_test_images"]
+    # the generator never saw the test or validation images: trained on the train stimuli
+    from neurorecon.pipelines.export import data_of_checkpoint
+
+    _, dm, _, _ = data_of_checkpoint(metrics["training"]["best_checkpoint"], cfg)
+    train, val = (set(dm.splits[name].target.tolist()) for name in ("train", "val"))
+    assert val and not train & val
+    assert rec["generator_training"]["n_images"] == len(train)
     assert rec["seconds_per_image"] > 0
     out = Path(cfg.paths.output_dir)
     assert (out / "reconstructions.png").stat().st_size > 10_000

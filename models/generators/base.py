@@ -135,17 +135,18 @@ START_IMAGES = ("lowlevel", "retrieved", "noise")
 def retrieved_starts(queries: np.ndarray, candidates: np.ndarray, images: list[Image.Image], *,
                      k: int, resolution: int, temperature: float = 0.05,
                      coarse: list[Image.Image] | None = None, rerank: float = 0.0,
-                     shortlist: int = 8, layouts: np.ndarray | None = None
-                     ) -> list[Image.Image]:
+                     shortlist: int = 8, layouts: np.ndarray | None = None,
+                     exclude: np.ndarray | None = None) -> list[Image.Image]:
     """Retrieval-augmented img2img starting images (RDM, kNN-Diffusion).
 
     For each query embedding, the ``k`` best candidates by :func:`start_scores` (cosine, with
     ``coarse`` re-ranked by the low-level pathway); their ``images`` blended with softmax
     weights of the scores (``temperature``: one clear neighbour dominates, close ones
-    average), at ``resolution`` px. ``candidates`` are the generator's training images'
+    average), at ``resolution`` px. ``candidates`` are the start candidates' (training images')
     embeddings, ``images`` those images; ``coarse`` the low-level pathway's predicted images,
     row-aligned with ``queries``; ``layouts`` the images' :func:`image_thumbnails` where the
-    caller keeps them (computed here otherwise, when ``coarse`` re-ranks).
+    caller keeps them (computed here otherwise, when ``coarse`` re-ranks); ``exclude``: per
+    query, a candidate never picked (:func:`start_scores`).
     """
     if len(candidates) != len(images):
         raise ValueError(f"{len(candidates)} candidate embeddings for {len(images)} images")
@@ -155,7 +156,7 @@ def retrieved_starts(queries: np.ndarray, candidates: np.ndarray, images: list[I
         layouts = image_thumbnails(images)
     scores = start_scores(queries, candidates, layouts=layouts if reranked else None,
                           predicted=image_thumbnails(coarse) if reranked else None,
-                          rerank=rerank, shortlist=max(k, int(shortlist)))
+                          rerank=rerank, shortlist=max(k, int(shortlist)), exclude=exclude)
     top = np.argsort(-scores, axis=1)[:, :k]
     pixels = {int(i): np.asarray(images[i].convert("RGB").resize(
         (resolution, resolution), Image.BICUBIC), np.float64) for i in np.unique(top)}

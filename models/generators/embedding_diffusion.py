@@ -1,8 +1,8 @@
 """The embedded generator: a small diffusion model conditioned on an image embedding.
 
-No diffusion weights exist offline, so neurorecon trains its own (on the training-split
-stimulus images and their own embeddings, never on brain data or test images) and drives it
-with brain-decoded embeddings at inference. It is built from diffusers parts: a
+No diffusion weights exist offline, so neurorecon trains its own (on the train-split
+stimulus images and their own embeddings, never on brain data, validation or test images)
+and drives it with brain-decoded embeddings at inference. It is built from diffusers parts: a
 ``UNet2DConditionModel`` whose timestep embedding is augmented with a projection of the image
 embedding (``class_embed_type="projection"``, as in Stable unCLIP), a DDPM training noise
 schedule (x0-prediction by default: clean, if smooth, images after little training) with an EMA
@@ -26,7 +26,7 @@ from neurorecon.models.common.logging import progress
 
 from .base import check_embeddings, check_images, img2img_steps, load_quietly
 
-NOTE = ("embedded conditional diffusion model trained by neurorecon on the training-split "
+NOTE = ("embedded conditional diffusion model trained by neurorecon on the train-split "
         "stimulus images and their embeddings (a low-resolution stand-in for Stable unCLIP / "
         "Versatile Diffusion; no diffusion weights exist offline)")
 

@@ -49,7 +49,7 @@ import numpy as np
 
 from neurorecon.models.common.checks import DataError, check_option
 from neurorecon.models.common.logging import log_level, logger, progress
-from neurorecon.models.retrieval import two_way_identification
+from neurorecon.models.retrieval import two_way_identification, two_way_rows
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -59,6 +59,7 @@ __all__ = [
     "HIGHER_IS_BETTER",
     "METRICS",
     "alexnet_two_way",
+    "alexnet_two_way_rows",
     "as_image_batch",
     "clip_two_way",
     "compare_reconstructions",
@@ -458,6 +459,19 @@ def alexnet_two_way(recon: Any, truth: Any, *, layer: int, batch_size: int = 32,
         f_r, f_t = _alexnet_features(recon, truth, layers=[layer], batch_size=batch_size,
                                      device=device)
     return _mindeye_two_way(f_r[layer], f_t[layer])
+
+
+def alexnet_two_way_rows(recon: Any, truth: Any, *, layers: Sequence[int] = (2, 5),
+                         batch_size: int = 32, device: str = "cpu") -> dict[int, np.ndarray]:
+    """:func:`alexnet_two_way` per reconstruction: ``{layer: (n,) fractions}`` whose means
+    are AlexNet(layer) two-way identification (a per-trial score for choices made on
+    validation trials, with a standard error)."""
+    layers = [check_option("layer", layer, ALEXNET_LAYERS) for layer in layers]
+    recon, truth = _pair(recon, truth, min_n=2)
+    _check_resized(recon, truth, ALEXNET_SIZE, what="alexnet")
+    f_r, f_t = _alexnet_features(recon, truth, layers=layers, batch_size=batch_size,
+                                 device=device)
+    return {layer: two_way_rows(f_t[layer], f_r[layer]) for layer in layers}
 
 
 def _inception_features(*batches: np.ndarray, batch_size: int,

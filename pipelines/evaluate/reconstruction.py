@@ -28,12 +28,25 @@ from neurorecon.models.common.logging import logger
 from neurorecon.models.generators.base import (
     conditioning,
     image_thumbnails,
+    retrieved_starts,
     thumbnails_to_images,
+    unit_rows,
 )
 
 from ..inference import Decoder
-from ..reconstruct.generation import caption_pathway, read_images, stimulus_images
-from .recon_metrics import compare_reconstructions
+from ..reconstruct.generation import (
+    STRENGTH_GRID,
+    build_generator,
+    caption_pathway,
+    generator_rows,
+    lowlevel_rerank,
+    one_standard_error,
+    read_images,
+    start_rows,
+    stimulus_images,
+    with_validation,
+)
+from .recon_metrics import alexnet_two_way_rows, compare_reconstructions
 from .stage import TestTrials, candidate_embeddings, prepare_dataset
 from .summary import write_report
 
@@ -65,8 +78,8 @@ def plot_grid(rows: list[list[Image.Image]], labels: list[str], path: Path, *,
 
 def reconstruct(decoder: Decoder, test: TestTrials, *, cfg: DictConfig, out_dir: str | Path,
                 stim_root: str | Path, true_embeddings: np.ndarray,
-                rerank: dict | None = None, captions: tuple[np.ndarray, np.ndarray] | None = None
-                ) -> dict[str, Any]:
+                choices: dict | None = None,
+                captions: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
     """Reconstruct the test images from brain-decoded embeddings, all through ``decoder``;
     return metrics + paths.
 
@@ -75,8 +88,9 @@ def reconstruct(decoder: Decoder, test: TestTrials, *, cfg: DictConfig, out_dir:
     the embedding of each test row's image (the ceiling's input). The generation settings
     (start, re-ranking weight, strength, steps...) are the decoder's
     (``config.json`` ``generator.defaults``); ``cfg.reconstruct`` gives what is measured and
-    shown (``skip_metrics``, ``clip_path``, ``grid_rows``, ``batch_size``). ``rerank``: how
-    the run chose the low-level re-ranking weight, reported beside it. ``captions``: the
+    shown (``skip_metrics``, ``clip_path``, ``grid_rows``, ``batch_size``). ``choices``: how
+    the run chose the re-ranking weight and the strength (:func:`validation_choices`),
+    reported beside them. ``captions``: the
     caption pathway's ``(per test row, per test row's true caption)`` text embeddings
     (:func:`~..reconstruct.generation.caption_pathway`, a training run's data only).
     """
@@ -147,16 +161,20 @@ def reconstruct(decoder: Decoder, test: TestTrials, *, cfg: DictConfig, out_dir:
               out_dir / "reconstructions.png", columns=list(columns),
               title=f"{decoder.modality.upper()} reconstructions ({res}px)",
               note=generator.note)
-    value = defaults.lowlevel_rerank
+    choices = choices or {}
+    bundle = {"source": "the bundle"}
     out = {"generator": generator.note, "resolution": res, "n_images": len(recon),
            "head": decoder.generation_head, "lowlevel_pathway": coarse is not None,
            "start": start, "retrieval": {
                "k": defaults.retrieval_k, "shortlist": defaults.retrieval_shortlist,
-               "lowlevel_rerank": value,
-               "lowlevel_rerank_choice": rerank or {"value": value, "source": "the bundle"}}
+               "lowlevel_rerank": defaults.lowlevel_rerank,
+               "lowlevel_rerank_choice": choices.get("lowlevel_rerank") or {
+                   "value": defaults.lowlevel_rerank, **bundle}}
            if start == "retrieved" else None,
            "caption_pathway": captions is not None,
-           "strength": defaults.strength, "steps": defaults.steps,
+           "strength": defaults.strength,
+           "strength_choice": choices.get("strength") or {"value": defaults.strength, **bundle},
+           "steps": defaults.steps,
            "guidance_scale": defaults.guidance_scale,
            "embedding_scale": info.embedding_scale,
            "embedding_norm": {"conditioning_mean": round(float(np.linalg.norm(conditioning(
@@ -167,6 +185,78 @@ def reconstruct(decoder: Decoder, test: TestTrials, *, cfg: DictConfig, out_dir:
            "seconds": round(time.perf_counter() - t0, 1), "grid": "reconstructions.png"}
     (out_dir / "reconstruction.json").write_text(json.dumps(out, indent=2, default=str))
     return out
+
+
+def choose_strength(cfg: DictConfig, net, dm, *, stim_images: list[Image.Image],
+                    rerank: float) -> dict:
+    """``reconstruct.strength`` of a run: the configured number, or with ``auto`` the img2img
+    strength chosen on the validation trials by generating for them.
+
+    ``net`` has not seen the validation trials (as for :func:`lowlevel_rerank`), nor has the
+    generator seen their images (it trains on the train images,
+    :func:`~..reconstruct.generation.generator_rows`): the choice is made on images new to
+    both, as the test images are. Each validation trial gets its start as a test trial does
+    (its own image excluded from the candidates, re-ranked with ``rerank``); each strength of
+    :data:`~..reconstruct.generation.STRENGTH_GRID` generates from it (0: the start itself),
+    scored per trial by AlexNet(2) and AlexNet(5) two-way identification among the validation
+    trials (their mean); :func:`~..reconstruct.generation.one_standard_error` picks, so a
+    generator that adds nothing measurable to its start is not run.
+    """
+    from ..inference import predict_split
+    from ..train.ridge import flat_targets, ridge_predictions
+
+    rcfg = cfg.reconstruct
+    if str(rcfg.strength) != "auto":
+        return {"value": float(rcfg.strength)}
+    start = str(rcfg.start)
+    if start == "noise" or (start == "lowlevel" and not rcfg.lowlevel):
+        return {"value": 1.0, "reason": "no start image: the whole schedule"}
+    dm = with_validation(cfg, dm)
+    val = dm.splits["val"]
+    if len(val) < 4:
+        return {"value": 0.0, "validation": {}, "n_trials": len(val),
+                "reason": "fewer than 4 validation trials: the start itself"}
+    emb = flat_targets(dm)
+    fit, candidates = generator_rows(dm), start_rows(dm)
+    generator, _ = build_generator(rcfg.generator, images=[stim_images[i] for i in fit],
+                                   embeddings=emb[fit], cache_dir=cfg.paths.cache_dir)
+    res = generator.resolution
+    coarse = None
+    if rcfg.lowlevel:
+        coarse = thumbnails_to_images(ridge_predictions(
+            dm, targets=image_thumbnails(stim_images), fit_splits=("train",),
+            eval_split="val"), resolution=res)
+    starts = coarse
+    if start == "retrieved":
+        starts = retrieved_starts(
+            unit_rows(predict_split(net, dm, "val")), emb[candidates],
+            [stim_images[i] for i in candidates], k=int(rcfg.retrieval_k), resolution=res,
+            coarse=coarse, rerank=rerank, shortlist=int(rcfg.retrieval_shortlist),
+            exclude=np.searchsorted(candidates, val.target))
+    cond = conditioning(predict_split(net, dm, "val", head=str(rcfg.head)),
+                        scale=generator.embedding_scale,
+                        target_norm=float(np.linalg.norm(emb[fit], axis=1).mean()))
+    truth = [stim_images[t].resize((res, res), Image.BICUBIC) for t in val.target]
+    per_trial = {}
+    for strength in STRENGTH_GRID:
+        images = starts if strength == 0 else generator.generate(
+            cond, init_images=starts, strength=strength, steps=int(rcfg.steps),
+            guidance_scale=float(rcfg.guidance_scale), seed=int(rcfg.seed),
+            batch_size=int(rcfg.batch_size))
+        rows = alexnet_two_way_rows(images, truth, layers=(2, 5))
+        per_trial[strength] = (rows[2] + rows[5]) / 2
+    return one_standard_error(per_trial, what="img2img strength")
+
+
+def validation_choices(cfg: DictConfig, net, dm, *, stim_images: list[Image.Image]
+                       ) -> dict[str, dict]:
+    """The generation settings a run chooses on its validation trials, with ``net`` (a model
+    that has not seen them): ``{"lowlevel_rerank": ..., "strength": ...}``
+    (:func:`~..reconstruct.generation.lowlevel_rerank`, :func:`choose_strength`)."""
+    rerank = lowlevel_rerank(cfg, net, dm, stim_images=stim_images)
+    return {"lowlevel_rerank": rerank,
+            "strength": choose_strength(cfg, net, dm, stim_images=stim_images,
+                                        rerank=rerank["value"])}
 
 
 def run_captions(cfg: DictConfig, dm, decoder: Decoder) -> tuple[np.ndarray, np.ndarray] | None:
@@ -191,7 +281,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     reconstruction block.
     """
     from ..config_checks import check_config
-    from ..export import build_decoder, checkpoint_rerank, data_of_checkpoint
+    from ..export import build_decoder, data_of_checkpoint
+    from ..train.checkpoint import choice_encoder
 
     check_config(cfg)  # e.g. captions with a generator that takes no text
     bundle, checkpoint = cfg.get("bundle"), cfg.get("checkpoint")
@@ -202,7 +293,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise DataError("reconstruct.captions=true: the caption pathway is fitted on a "
                         "training run's trials, and a decoder holds none",
                         hint="neurorecon run ... reconstruct.captions=true")
-    rerank = None
+    choices = None
     if bundle:
         decoder = Decoder.from_pretrained(bundle, device=str(cfg.get("device") or "cpu"))
     else:
@@ -210,9 +301,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         with open_dict(job):
             job.reconstruct = cfg.reconstruct
         images = stimulus_images(dm, Path(job.data.root) / job.data.stim_dir)
-        rerank = checkpoint_rerank(job, checkpoint, net, dm, images=images)
-        decoder = build_decoder(net, dm, cfg=job, generator=True, rerank=rerank["value"],
-                                images=images)
+        choices = validation_choices(job, choice_encoder(checkpoint, net, dm), dm,
+                                     stim_images=images)
+        decoder = build_decoder(net, dm, cfg=job, generator=True, images=images,
+                                rerank=choices["lowlevel_rerank"]["value"],
+                                strength=choices["strength"]["value"])
     test = TestTrials.of_dataset(*prepare_dataset(decoder, cfg.data), root=cfg.data.root)
     emb, ids, _ = candidate_embeddings(decoder, cfg, test.stim_files)
     row_of = {s: i for i, s in enumerate(ids)}
@@ -220,7 +313,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = reconstruct(decoder, test, cfg=cfg, out_dir=out_dir,
                       stim_root=Path(cfg.data.root) / cfg.data.stim_dir,
                       true_embeddings=emb[[row_of[f] for f in test.stim_files]],
-                      rerank=rerank)
+                      choices=choices)
     metrics = {"modality": decoder.modality, "n_test": out["n_images"],
                "n_test_images": len(set(test.stim_files)),
                "subjects": sorted(test.trials),

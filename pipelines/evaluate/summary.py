@@ -59,8 +59,14 @@ def _start(rec: dict[str, Any]) -> str:
     rerank = (f", chosen among the {found.get('shortlist')} nearest with the low-level "
               f"pathway's thumbnail (weight {found.get('lowlevel_rerank')})"
               if found.get("lowlevel_rerank") else "")
-    return (f", img2img start (strength {rec['strength']}) from the {found.get('k', 1)} "
-            f"training image(s) nearest to the decoded embedding{rerank}")
+    where = (f"the {found.get('k', 1)} training image(s) nearest to the decoded "
+             f"embedding{rerank}")
+    if not rec["strength"]:
+        return (f"; no sampler step: the images are their start, {where} (strength 0, "
+                "chosen on the validation trials: generating from the start did not score "
+                "higher there)" if "validation" in (rec.get("strength_choice") or {}) else
+                f"; no sampler step (strength 0): the images are their start, {where}")
+    return f", img2img start (strength {rec['strength']}) from {where}"
 
 
 def _reconstruction(rec: dict[str, Any]) -> list[str]:
@@ -71,8 +77,9 @@ def _reconstruction(rec: dict[str, Any]) -> list[str]:
             for key, label in _RECON_ROWS if key in rec["metrics"]]
     out = ["## Reconstruction", "", f"Generator: {rec['generator']}.", "",
            f"{rec['n_images']} test rows at {rec['resolution']} px, conditioned on the "
-           f"encoder's {rec.get('head', 'clip')} head; {rec['steps']} sampler steps, "
-           f"guidance {rec['guidance_scale']}"
+           f"encoder's {rec.get('head', 'clip')} head"
+           + (f"; {rec['steps']} sampler steps, guidance {rec['guidance_scale']}"
+              if rec["strength"] else "")
            + _start(rec)
            + (", caption pathway (ridge brain → caption prompt_embeds)"
               if rec.get("caption_pathway") else "") + ".", ""]
@@ -89,7 +96,7 @@ def _reconstruction(rec: dict[str, Any]) -> list[str]:
     train = rec.get("generator_training") or {}
     if train:
         out += ["", f"Generator training: {train.get('steps')} steps on {train.get('n_images')} "
-                f"training-split images in {train.get('seconds')} s (final loss "
+                f"train-split images in {train.get('seconds')} s (final loss "
                 f"{_fmt(train.get('final_loss'))})."]
     if "seconds_per_image" in rec:
         out += [f"Sampling: {rec['seconds_per_image']} s per image."]

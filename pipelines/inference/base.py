@@ -342,7 +342,7 @@ class Decoder:
     def retrieved_starts(self, embeddings: np.ndarray, *, k: int | None = None,
                          coarse: list[Image.Image] | None = None) -> list[Image.Image]:
         """Retrieval-augmented img2img starts: the ``k`` (default the training run's
-        ``retrieval_k``) gallery images of the generator's training split (train + val)
+        ``retrieval_k``) gallery images of the run's train and validation splits
         nearest to each embedding, blended; with ``coarse`` (the low-level pathway's images of
         the same trials) chosen among the run's ``retrieval_shortlist`` nearest with its
         ``lowlevel_rerank`` weight
@@ -368,7 +368,7 @@ class Decoder:
 
     @functools.cached_property
     def _start_candidates(self) -> tuple[np.ndarray, list[Image.Image]]:
-        """The generator's training images in the gallery (train + val): embeddings and
+        """The start candidates in the gallery (its train and validation images): embeddings and
         thumbnails, read from the bundle once."""
         if self.gallery is None:
             raise BundleError("this bundle has no gallery to start sampling from",
@@ -416,7 +416,8 @@ class Decoder:
         pathway's images already made (e.g. of several subjects' trials). ``start``,
         ``retrieval``: the img2img starting image (:meth:`start_images`). ``seed`` (image ``i``
         uses ``seed + i``), ``steps``, ``guidance`` and ``strength`` default to the training
-        run's. ``text_embeddings``: caption conditioning for a diffusers backend; ``batch_size``:
+        run's (strength 0: the start images themselves, no sampler step).
+        ``text_embeddings``: caption conditioning for a diffusers backend; ``batch_size``:
         images per sampler batch (default the generator's). Every image carries the
         generator's stand-in note in ``image.info["neurorecon_note"]``.
         """
@@ -436,13 +437,21 @@ class Decoder:
             if start == "lowlevel" or self._label(subject) in self.lowlevel:
                 coarse = self.lowlevel_images(lowlevel, subject=subject)
         inits = self.start_images(emb, coarse=coarse, retrieval=retrieval, start=start)
+        strength = float(defaults.strength if strength is None else strength)
+        if strength == 0:  # the start itself (the run found that generating added nothing)
+            if inits is None:
+                raise DataError("strength=0 keeps the start image, but start='noise' has none",
+                                hint="use start=retrieved or lowlevel, or strength > 0")
+            images = [im.copy() for im in inits]
+            for im in images:
+                im.info["neurorecon_note"] = generator.note
+            return images
         cond = conditioning(emb, scale=gen.embedding_scale, target_norm=gen.target_norm)
         images = generator.generate(
             cond, seed=int(defaults.seed if seed is None else seed),
             steps=int(defaults.steps if steps is None else steps),
             guidance_scale=float(defaults.guidance_scale if guidance is None else guidance),
-            init_images=inits, text_embeddings=text_embeddings,
-            strength=float(defaults.strength if strength is None else strength),
+            init_images=inits, text_embeddings=text_embeddings, strength=strength,
             **({} if batch_size is None else {"batch_size": int(batch_size)}))
         for im in images:
             im.info["neurorecon_note"] = generator.note

@@ -1,7 +1,7 @@
 """The generator of a run and the pathways that feed it from brain data.
 
 :func:`build_generator` gives the configured generator (a pretrained diffusers backend from
-local directories, or the embedded generator trained on the training-split stimuli and cached);
+local directories, or the embedded generator trained on the train-split stimuli and cached);
 the weight with which the low-level pathway (ridge from brain data to a coarse colour
 thumbnail, Brain-Diffuser / Takagi style; fitted into the bundle by :mod:`..export`) re-ranks
 the retrieved img2img starts; the caption pathway (ridge to the generator's caption
@@ -89,6 +89,29 @@ def embedded_generator(gen_cfg: DictConfig, *, images: list[Image.Image],
 
 #: low-level re-ranking weights tried on the validation trials (``lowlevel_rerank=auto``)
 RERANK_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+#: img2img strengths tried on the validation trials (``strength=auto``); 0: the start itself
+STRENGTH_GRID = (0.0, 0.05, 0.1, 0.25)
+#: the strength of a bundle exported from a run that chose none (it did not reconstruct)
+STRENGTH_UNCHOSEN = 0.05
+
+
+def one_standard_error(per_trial: dict[float, np.ndarray], *, what: str) -> dict:
+    """The smallest candidate whose mean per-trial validation score is within one standard
+    error (of the per-trial differences) of the best one: a gain within the noise of a few
+    validation trials does not move a setting off its plainest value. ``per_trial``:
+    candidate -> its scores, row-aligned. Returns ``{"value", "validation": {candidate: mean},
+    "standard_error": {candidate: se of its difference to the best}, "n_trials"}``."""
+    curve = {c: float(v.mean()) for c, v in per_trial.items()}
+    best = max(curve, key=lambda c: (curve[c], -c))
+    se = {c: float(np.std(per_trial[best] - v, ddof=1) / np.sqrt(len(v)))
+          for c, v in per_trial.items()}
+    value = min(c for c in curve if curve[c] >= curve[best] - se[c])
+    logger.info("reconstruct: %s %g (validation, mean ± se of the difference to the best %g: "
+                "%s)", what, value, best,
+                ", ".join(f"{c:g}: {curve[c]:.3f} ± {se[c]:.3f}" for c in curve))
+    return {"value": value, "validation": {str(c): round(v, 4) for c, v in curve.items()},
+            "standard_error": {str(c): round(v, 4) for c, v in se.items()},
+            "n_trials": int(len(next(iter(per_trial.values()))))}
 
 
 def choose_lowlevel_rerank(dm, *, queries: np.ndarray, embeddings: np.ndarray,
@@ -99,15 +122,12 @@ def choose_lowlevel_rerank(dm, *, queries: np.ndarray, embeddings: np.ndarray,
 
     The low-level ridge, fitted on the train trials alone, predicts the validation trials'
     thumbnails; ``queries`` are the encoder's (contrastive head) embeddings of those trials.
-    Each weight of :data:`RERANK_GRID` picks, among the generator's training images
-    (``fit_rows``) other than the trial's own stimulus, the start
+    Each weight of :data:`RERANK_GRID` picks, among the start candidates (``fit_rows``) other
+    than the trial's own stimulus, the start
     (:func:`~neurorecon.models.generators.base.start_scores`), scored per trial by how near
-    its pick is to the true stimulus (cosine of embeddings + Pearson r of thumbnails). The
-    smallest weight whose mean score is within one standard error (of the per-trial
-    differences) of the best one wins: a gain within the noise of a few validation trials
-    does not move the start off the floor's retrieval, and a pathway that predicts nothing
-    useful gets weight 0. Returns ``{"value", "validation": {weight: mean score},
-    "standard_error": {weight: se of its difference to the best}, "n_trials"}``.
+    its pick is to the true stimulus (cosine of embeddings + Pearson r of thumbnails); the
+    weight is chosen by :func:`one_standard_error`, so a pathway that predicts nothing useful
+    gets weight 0.
     """
     from ..train.ridge import ridge_predictions
 
@@ -128,17 +148,17 @@ def choose_lowlevel_rerank(dm, *, queries: np.ndarray, embeddings: np.ndarray,
         per_trial[weight] = (np.sum(unit[pick] * unit[val.target], axis=1)
                              + np.sum(centred_unit(thumbs[pick])
                                       * centred_unit(thumbs[val.target]), axis=1))
-    curve = {w: float(v.mean()) for w, v in per_trial.items()}
-    best = max(curve, key=lambda w: (curve[w], -w))
-    se = {w: float(np.std(per_trial[best] - v, ddof=1) / np.sqrt(len(v)))
-          for w, v in per_trial.items()}
-    value = min(w for w in curve if curve[w] >= curve[best] - se[w])
-    logger.info("reconstruct: low-level re-ranking weight %g (validation, mean ± se of the "
-                "difference to the best %g: %s)", value, best,
-                ", ".join(f"{w:g}: {curve[w]:.3f} ± {se[w]:.3f}" for w in curve))
-    return {"value": value, "validation": {str(w): round(v, 4) for w, v in curve.items()},
-            "standard_error": {str(w): round(v, 4) for w, v in se.items()},
-            "n_trials": int(len(val))}
+    return one_standard_error(per_trial, what="low-level re-ranking weight")
+
+
+def with_validation(cfg: DictConfig, dm):
+    """``dm``, or where it has no validation trials (a refit's) the run's data module rebuilt
+    from the caches with its validation split."""
+    from ..train.fit import build_datamodule, prepare_caches
+
+    if len(dm.splits["val"]) < 2 and cfg.datamodule.get("val_fraction"):
+        return build_datamodule(cfg, *prepare_caches(cfg))
+    return dm
 
 
 def lowlevel_rerank(cfg: DictConfig, net, dm, *, stim_images: list[Image.Image]) -> dict:
@@ -150,28 +170,32 @@ def lowlevel_rerank(cfg: DictConfig, net, dm, *, stim_images: list[Image.Image])
     model before the refit on train + validation trials (a refitted encoder's validation
     embeddings are fitted ones, too good beside the held-out low-level pathway: the weight
     would lean to 0). A data module without validation trials (after that refit) is rebuilt
-    with the run's validation split from the caches."""
+    with the run's validation split (:func:`with_validation`)."""
     rcfg = cfg.reconstruct
     if str(rcfg.start) != "retrieved" or not rcfg.lowlevel:
         return {"value": 0.0}
     if str(rcfg.lowlevel_rerank) != "auto":
         return {"value": float(rcfg.lowlevel_rerank)}
     from ..inference import predict_split
-    from ..train.fit import build_datamodule, prepare_caches
-
-    if len(dm.splits["val"]) < 2 and cfg.datamodule.get("val_fraction"):
-        dm = build_datamodule(cfg, *prepare_caches(cfg))
     from ..train.ridge import flat_targets
 
+    dm = with_validation(cfg, dm)
     return choose_lowlevel_rerank(dm, queries=unit_rows(predict_split(net, dm, "val")),
-                                  embeddings=flat_targets(dm), fit_rows=generator_rows(dm),
+                                  embeddings=flat_targets(dm), fit_rows=start_rows(dm),
                                   stim_images=stim_images,
                                   shortlist=int(rcfg.retrieval_shortlist))
 
 
 def generator_rows(dm) -> np.ndarray:
-    """Stimulus indices the generator trains on and retrieves starts from: the train and
-    validation images."""
+    """Stimulus indices the embedded generator trains on: the train images. The validation
+    images stay new to it, as the test images are, so a choice made by generating for the
+    validation trials (``reconstruct.strength=auto``) is not one made on images it learnt."""
+    return np.unique(dm.splits["train"].target)
+
+
+def start_rows(dm) -> np.ndarray:
+    """Stimulus indices retrieved starts are picked from: the train and validation images
+    (the bundle's gallery rows of those splits)."""
     return np.unique(np.concatenate([dm.splits[n].target for n in ("train", "val")]))
 
 

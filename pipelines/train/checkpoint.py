@@ -106,3 +106,16 @@ def checkpoint_encoder(path: str | Path, dm) -> torch.nn.Module:
     check_compatible(desc, dm, path=path)
     order = list(desc["data"]["subjects"])
     return Reindexed(net, [order.index(s) for s in dm.labels])
+
+
+def choice_encoder(checkpoint: str | Path, net, dm):
+    """The encoder that makes choices on validation trials for a bundle of ``checkpoint``
+    (``net`` on ``dm``): the checkpoint its run selected on them before the refit, where one
+    is found beside a ``refit.ckpt`` (:func:`selected_before_refit`; a refitted model has
+    seen them), else ``net``."""
+    selected = selected_before_refit(checkpoint)
+    if selected is None:
+        return net
+    logger.info("reconstruct: choices on validation trials with %s (before the refit)",
+                selected)
+    return checkpoint_encoder(selected, dm)
