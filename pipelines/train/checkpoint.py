@@ -96,26 +96,19 @@ def check_compatible(desc: dict[str, Any], dm, *, path: str | Path) -> None:
         raise DataError("data does not fit the checkpoint: " + "; ".join(problems), path=path)
 
 
-def checkpoint_encoder(path: str | Path, dm) -> torch.nn.Module:
-    """The encoder of checkpoint ``path`` on ``dm``'s subjects (a data module prepared with
-    its recipe, e.g. the run's own for a sibling checkpoint), checked against ``dm`` and
-    mapped to its subject indices, whatever subset of the checkpoint's subjects it holds."""
-    from .module import Reindexed
-
-    net, desc = load_checkpoint(path)
-    check_compatible(desc, dm, path=path)
-    order = list(desc["data"]["subjects"])
-    return Reindexed(net, [order.index(s) for s in dm.labels])
-
-
 def choice_encoder(checkpoint: str | Path, net, dm):
     """The encoder that makes choices on validation trials for a bundle of ``checkpoint``
-    (``net`` on ``dm``): the checkpoint its run selected on them before the refit, where one
-    is found beside a ``refit.ckpt`` (:func:`selected_before_refit`; a refitted model has
-    seen them), else ``net``."""
+    (``net`` on ``dm``, the data module it was trained on): the checkpoint its run selected
+    on them before the refit, where one is found beside a ``refit.ckpt``
+    (:func:`selected_before_refit`; a refitted model has seen them), else ``net``."""
     selected = selected_before_refit(checkpoint)
     if selected is None:
         return net
     logger.info("reconstruct: choices on validation trials with %s (before the refit)",
                 selected)
-    return checkpoint_encoder(selected, dm)
+    before, desc = load_checkpoint(selected)
+    if list(desc["data"]["subjects"]) != dm.labels:
+        raise DataError(f"the checkpoint it was refitted from has subjects "
+                        f"{desc['data']['subjects']}, the refit {dm.labels}", path=selected)
+    check_compatible(desc, dm, path=selected)
+    return before

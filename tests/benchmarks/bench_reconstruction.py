@@ -11,9 +11,11 @@ exemplars, which it never saw. Rows printed per set, scored as the run scores re
 
 - ``floor``: the training image whose embedding is nearest to the true one (retrieval, no
   generation; the run's floor retrieves with the decoded embedding, so this floor is higher);
-- ``ceiling (<start>)``: the generator fed the true embedding, from the run's start
-  (``reconstruct.start``: noise, the retrieved neighbours, or the true 8x8 thumbnail standing
-  in for a perfect low-level pathway).
+- ``ceiling (<start>, <strength>)``: the generator fed the true embedding, from the run's
+  start (``reconstruct.start``: noise, the retrieved neighbours, or the true 8x8 thumbnail
+  standing in for a perfect low-level pathway), at each strength a run may choose
+  (``reconstruct.strength=auto``: 0, the start itself, then 0.05, 0.1, 0.25; else the one
+  configured).
 
 Issue 20's target: ceiling >= floor on AlexNet-2/5 and Inception. Not a test (no assertions)::
 
@@ -60,7 +62,7 @@ def bench_set(stim_dir: Path, cfg, *, cache_dir: str, starts: list[str]) -> dict
     )
     from neurorecon.pipelines.embed.images import EfficientNetLiteEmbedder
     from neurorecon.pipelines.evaluate.recon_metrics import compare_reconstructions
-    from neurorecon.pipelines.reconstruct.generation import embedded_generator
+    from neurorecon.pipelines.reconstruct.generation import STRENGTH_GRID, embedded_generator
 
     table = read_tsv(stim_dir / "stimuli.tsv", what="stimulus table", text=True)
     images = [Image.open(stim_dir / f).convert("RGB") for f in table["stim_file"]]
@@ -74,7 +76,8 @@ def bench_set(stim_dir: Path, cfg, *, cache_dir: str, starts: list[str]) -> dict
     res = gen.resolution
     sized = [im.resize((res, res), Image.BICUBIC) for im in images]
     kw = dict(steps=int(cfg.steps), guidance_scale=float(cfg.guidance_scale),
-              strength=float(cfg.strength), seed=int(cfg.seed))
+              seed=int(cfg.seed))
+    strengths = STRENGTH_GRID if str(cfg.strength) == "auto" else (float(cfg.strength),)
     nearest = train[(emb[test] @ emb[train].T).argmax(1)]
     sets = {"floor": [sized[i] for i in nearest]}
     per_image = {}
@@ -87,9 +90,14 @@ def bench_set(stim_dir: Path, cfg, *, cache_dir: str, starts: list[str]) -> dict
                                          resolution=res)
         else:
             inits = None
-        t1 = time.perf_counter()
-        sets[f"ceiling ({start})"] = gen.generate(emb[test], init_images=inits, **kw)
-        per_image[start] = (time.perf_counter() - t1) / len(test)
+        for strength in strengths if inits is not None else (1.0,):
+            if strength == 0:  # the start itself
+                sets[f"ceiling ({start}, 0)"] = inits
+                continue
+            t1 = time.perf_counter()
+            sets[f"ceiling ({start}, {strength:g})"] = gen.generate(
+                emb[test], init_images=inits, strength=strength, **kw)
+            per_image[f"{start}, {strength:g}"] = (time.perf_counter() - t1) / len(test)
     skip = [m for m in ("ssim", "effnet") if m not in METRICS]
     scores = compare_reconstructions(sets, [sized[i] for i in test], skip=skip)
     return {"stimuli": str(stim_dir), "n_train": len(train), "n_test": len(test),
@@ -133,9 +141,9 @@ def main() -> None:
                   f"params {r['n_params']:,}  training {info.get('seconds')} s "
                   f"({info.get('steps')} steps, loss {info.get('final_loss', float('nan')):.4f})  "
                   + "  ".join(f"{s}: {v:.3f} s/image" for s, v in r["seconds_per_image"].items()))
-            print(f"  {'images':<22}" + "".join(f"{m:>11}" for m in METRICS))
+            print(f"  {'images':<28}" + "".join(f"{m:>11}" for m in METRICS))
             for name, sc in r["scores"].items():
-                print(f"  {name:<22}" + "".join(f"{sc[m]:>11.3f}" for m in METRICS))
+                print(f"  {name:<28}" + "".join(f"{sc[m]:>11.3f}" for m in METRICS))
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"torch": torch.__version__, "threads": torch.get_num_threads(),
