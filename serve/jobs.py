@@ -82,7 +82,8 @@ def generate_batch(decoder: Decoder, *, subject: str, gen: np.ndarray, clip: np.
     from PIL.PngImagePlugin import PngInfo
 
     images = decoder.reconstruct(gen, subject=subject, lowlevel=X, retrieval=clip, seed=seed,
-                                 steps=options.steps, guidance=options.guidance)
+                                 steps=options.steps, guidance=options.guidance,
+                                 strength=options.strength)
     out = []
     for im in images:
         meta = PngInfo()

@@ -21,6 +21,10 @@ class JobOptions(BaseModel):
                               description="diffusion steps (default: the training run's)")
     guidance: float | None = Field(None, ge=0, le=30,
                                    description="classifier-free guidance scale")
+    strength: float | None = Field(None, ge=0, le=1,
+                                   description="img2img strength: the share of the steps run "
+                                   "from the start image (default: the training run's choice; "
+                                   "0: the start itself)")
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description="sampling seed")
     lowlevel: bool | None = Field(None, description="use the low-level pathway: it re-ranks "
                                   "the retrieved start (or is the start, as the bundle's "

@@ -341,6 +341,8 @@ def _bad_cases(sample_root: Path, mask):
                           {"model": "meg-0000"}, "unknown model 'meg-0000'"),
         "steps out of range": ({"bold": ("b.nii.gz", bold_b), "events": ev},
                                {"options": {"steps": 10_000}}, "options.steps"),
+        "strength out of range": ({"bold": ("b.nii.gz", bold_b), "events": ev},
+                                  {"options": {"strength": 1.5}}, "options.strength"),
         "unknown option": ({"bold": ("b.nii.gz", bold_b), "events": ev},
                            {"options": {"stepz": 3}}, "options.stepz"),
         "options not JSON": ({"bold": ("b.nii.gz", bold_b), "events": ev},

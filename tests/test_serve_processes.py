@@ -50,7 +50,9 @@ def test_kill_9_mid_job_loses_nothing(fmri_bundle, sample_root, tmp_path):
         result = data / "jobs" / done_id / "result" / "result.json"
         mtime = result.stat().st_mtime_ns
 
-        long_id = client.submit(bold=bold, events=events, subject="01", options={"steps": 200})
+        # 200 steps from the start (the bundle's own strength may be 0: no step at all)
+        long_id = client.submit(bold=bold, events=events, subject="01",
+                                options={"steps": 200, "strength": 1.0})
         _wait_for(client, long_id, lambda j: j["status"] == "running" and j["progress"][
             "stage"] == "reconstruct" and j["progress"]["done"] >= 1)
         db = sqlite3.connect(data / "jobs.sqlite")
