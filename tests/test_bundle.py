@@ -324,6 +324,10 @@ def test_reconstruct_stage_through_the_bundle_reproduces_the_run(meg_run, sample
     assert out["retrieval"]["lowlevel_rerank"] == ran["retrieval"]["lowlevel_rerank"]
     assert out["retrieval"]["lowlevel_rerank_choice"]["source"] == "the bundle"
     assert out["generator_training"] == ran["generator_training"]
+    # the model card says how the bundle generates (a strength of 0 runs no sampler step)
+    card = (run_dir / "bundle" / "README.md").read_text()
+    assert f"strength {ran['strength']:g}" in card
+    assert ("no sampler step" in card) == (ran["strength"] == 0)
     mine = sorted((out_dir / "reconstructions").glob("*.png"))
     theirs = sorted((run_dir / "reconstructions").glob("*.png"))
     assert [p.name for p in mine] == [p.name for p in theirs]

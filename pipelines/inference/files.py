@@ -246,7 +246,13 @@ def model_card(config: BundleConfig) -> str:
     gen = config.generator
     lines += ["", "## Substitutes", "",
               f"- embedder: {embedder.substitute_note or 'none'}",
-              f"- generator: {gen.note if gen else 'no generator in this bundle'}",
-              "", "## Provenance", "",
+              f"- generator: {gen.note if gen else 'no generator in this bundle'}"]
+    if gen:
+        d = gen.defaults
+        lines.append(f"- generation: start {d.start}, low-level re-ranking weight "
+                     f"{d.lowlevel_rerank:g}, strength {d.strength:g}"
+                     + (" (no sampler step: the images are their starts)"
+                        if d.strength == 0 else ""))
+    lines += ["", "## Provenance", "",
               f"- neurorecon {prov.version} (commit {prov.commit}), created {prov.created}", ""]
     return "\n".join(lines)
