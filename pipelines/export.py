@@ -1,11 +1,12 @@
 """``neurorecon export checkpoint=<ckpt> export.out=<dir>``: a trained decoder as a bundle.
 
-:func:`export_bundle` gathers, from a trained encoder and the data module it was trained on,
+:func:`build_decoder` gathers, from a trained encoder and the data module it was trained on,
 everything :class:`~neurorecon.pipelines.inference.Decoder` needs (fitted statistics, masks,
-gallery, generator, low-level pathway) and writes the bundle with
-:meth:`~neurorecon.pipelines.inference.Decoder.save_pretrained`. Training runs call it for
-``<run dir>/bundle/``; the stage does the same for a checkpoint, rebuilding its data module from
-the checkpoint's own (resolved) config.
+gallery, generator, low-level pathway) into one in memory; :func:`save_bundle` writes it with
+:meth:`~neurorecon.pipelines.inference.Decoder.save_pretrained`. Training runs score that
+decoder, then save it as ``<run dir>/bundle/``; the stage does both in one step
+(:func:`export_bundle`) for a checkpoint, rebuilding its data module from the checkpoint's own
+(resolved) config.
 """
 
 from __future__ import annotations

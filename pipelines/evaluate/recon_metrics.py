@@ -452,23 +452,22 @@ def alexnet_two_way(recon: Any, truth: Any, *, layer: int, batch_size: int = 32,
     (bilinear, no crop), ImageNet mean/std. The feature maps are flattened. Memory: conv2
     features take 184,512 floats per 256 x 256 image.
     """
-    layer = check_option("layer", layer, ALEXNET_LAYERS)
-    recon, truth = _pair(recon, truth, min_n=2)
-    _check_resized(recon, truth, ALEXNET_SIZE, what=f"alexnet{layer}")
     with log_level(verbose):
-        f_r, f_t = _alexnet_features(recon, truth, layers=[layer], batch_size=batch_size,
-                                     device=device)
-    return _mindeye_two_way(f_r[layer], f_t[layer])
+        rows = alexnet_two_way_rows(recon, truth, layers=(layer,), batch_size=batch_size,
+                                    device=device)
+    return float(next(iter(rows.values())).mean())
 
 
 def alexnet_two_way_rows(recon: Any, truth: Any, *, layers: Sequence[int] = (2, 5),
                          batch_size: int = 32, device: str = "cpu") -> dict[int, np.ndarray]:
     """:func:`alexnet_two_way` per reconstruction: ``{layer: (n,) fractions}`` whose means
     are AlexNet(layer) two-way identification (a per-trial score for choices made on
-    validation trials, with a standard error)."""
+    validation trials, with a standard error), in MindEye's direction
+    (:func:`_mindeye_two_way`)."""
     layers = [check_option("layer", layer, ALEXNET_LAYERS) for layer in layers]
     recon, truth = _pair(recon, truth, min_n=2)
-    _check_resized(recon, truth, ALEXNET_SIZE, what="alexnet")
+    _check_resized(recon, truth, ALEXNET_SIZE,
+                   what="alexnet" + "/".join(str(layer) for layer in layers))
     f_r, f_t = _alexnet_features(recon, truth, layers=layers, batch_size=batch_size,
                                  device=device)
     return {layer: two_way_rows(f_t[layer], f_r[layer]) for layer in layers}

@@ -30,12 +30,12 @@ from neurorecon.models.generators.base import (
     image_thumbnails,
     retrieved_starts,
     thumbnails_to_images,
-    unit_rows,
 )
 
 from ..inference import Decoder
 from ..reconstruct.generation import (
     STRENGTH_GRID,
+    ValidationTrials,
     build_generator,
     caption_pathway,
     generator_rows,
@@ -44,7 +44,6 @@ from ..reconstruct.generation import (
     read_images,
     start_rows,
     stimulus_images,
-    with_validation,
 )
 from .recon_metrics import alexnet_two_way_rows, compare_reconstructions
 from .stage import TestTrials, candidate_embeddings, prepare_dataset
@@ -114,11 +113,10 @@ def reconstruct(decoder: Decoder, test: TestTrials, *, cfg: DictConfig, out_dir:
                                strict=True):
                 coarse[row] = im
     text, true_text = captions if captions is not None else (None, None)
-    inits = decoder.start_images(pred, coarse=coarse, retrieval=retrieval_pred)
-    t_gen = time.perf_counter()
     logger.info("reconstruct: %d test rows with %s", len(pred), type(generator).__name__)
-    recon = decoder.reconstruct(pred, coarse=coarse, retrieval=retrieval_pred,
-                                text_embeddings=text, batch_size=batch)
+    t_gen = time.perf_counter()  # per image: its start, then the generator from it
+    inits = decoder.start_images(pred, coarse=coarse, retrieval=retrieval_pred)
+    recon = decoder.reconstruct(pred, starts=inits, text_embeddings=text, batch_size=batch)
     per_image = (time.perf_counter() - t_gen) / len(recon)
     first = {}  # each test image's first row
     for row, f in enumerate(test.stim_files):
@@ -187,13 +185,12 @@ def reconstruct(decoder: Decoder, test: TestTrials, *, cfg: DictConfig, out_dir:
     return out
 
 
-def choose_strength(cfg: DictConfig, net, dm, *, stim_images: list[Image.Image],
-                    rerank: float) -> dict:
+def choose_strength(cfg: DictConfig, val: ValidationTrials, *, rerank: float) -> dict:
     """``reconstruct.strength`` of a run: the configured number, or with ``auto`` the img2img
-    strength chosen on the validation trials by generating for them.
+    strength chosen on the validation trials ``val`` by generating for them.
 
-    ``net`` has not seen the validation trials (as for :func:`lowlevel_rerank`), nor has the
-    generator seen their images (it trains on the train images,
+    The encoder has not seen them (as for :func:`lowlevel_rerank`), nor has the generator
+    seen their images (it trains on the train images,
     :func:`~..reconstruct.generation.generator_rows`): the choice is made on images new to
     both, as the test images are. Each validation trial gets its start as a test trial does
     (its own image excluded from the candidates, re-ranked with ``rerank``); each strength of
@@ -203,7 +200,7 @@ def choose_strength(cfg: DictConfig, net, dm, *, stim_images: list[Image.Image],
     generator that adds nothing measurable to its start is not run.
     """
     from ..inference import predict_split
-    from ..train.ridge import flat_targets, ridge_predictions
+    from ..train.ridge import flat_targets
 
     rcfg = cfg.reconstruct
     if str(rcfg.strength) != "auto":
@@ -211,39 +208,35 @@ def choose_strength(cfg: DictConfig, net, dm, *, stim_images: list[Image.Image],
     start = str(rcfg.start)
     if start == "noise" or (start == "lowlevel" and not rcfg.lowlevel):
         return {"value": 1.0, "reason": "no start image: the whole schedule"}
-    dm = with_validation(cfg, dm)
-    val = dm.splits["val"]
-    if len(val) < 4:
-        return {"value": 0.0, "validation": {}, "n_trials": len(val),
+    dm, images, trials = val.dm, val.stim_images, val.split
+    if len(trials) < 4:
+        return {"value": 0.0, "validation": {}, "n_trials": len(trials),
                 "reason": "fewer than 4 validation trials: the start itself"}
     emb = flat_targets(dm)
     fit, candidates = generator_rows(dm), start_rows(dm)
-    generator, _ = build_generator(rcfg.generator, images=[stim_images[i] for i in fit],
+    generator, _ = build_generator(rcfg.generator, images=[images[i] for i in fit],
                                    embeddings=emb[fit], cache_dir=cfg.paths.cache_dir)
     res = generator.resolution
-    coarse = None
-    if rcfg.lowlevel:
-        coarse = thumbnails_to_images(ridge_predictions(
-            dm, targets=image_thumbnails(stim_images), fit_splits=("train",),
-            eval_split="val"), resolution=res)
+    coarse = (thumbnails_to_images(val.predicted, resolution=res) if rcfg.lowlevel
+              else None)
     starts = coarse
     if start == "retrieved":
         starts = retrieved_starts(
-            unit_rows(predict_split(net, dm, "val")), emb[candidates],
-            [stim_images[i] for i in candidates], k=int(rcfg.retrieval_k), resolution=res,
-            coarse=coarse, rerank=rerank, shortlist=int(rcfg.retrieval_shortlist),
-            exclude=np.searchsorted(candidates, val.target))
-    cond = conditioning(predict_split(net, dm, "val", head=str(rcfg.head)),
+            val.queries, emb[candidates], [images[i] for i in candidates],
+            k=int(rcfg.retrieval_k), resolution=res, coarse=coarse, rerank=rerank,
+            shortlist=int(rcfg.retrieval_shortlist),
+            exclude=np.searchsorted(candidates, trials.target))
+    cond = conditioning(predict_split(val.net, dm, "val", head=str(rcfg.head)),
                         scale=generator.embedding_scale,
                         target_norm=float(np.linalg.norm(emb[fit], axis=1).mean()))
-    truth = [stim_images[t].resize((res, res), Image.BICUBIC) for t in val.target]
+    truth = [images[t].resize((res, res), Image.BICUBIC) for t in trials.target]
     per_trial = {}
     for strength in STRENGTH_GRID:
-        images = starts if strength == 0 else generator.generate(
+        made = starts if strength == 0 else generator.generate(
             cond, init_images=starts, strength=strength, steps=int(rcfg.steps),
             guidance_scale=float(rcfg.guidance_scale), seed=int(rcfg.seed),
             batch_size=int(rcfg.batch_size))
-        rows = alexnet_two_way_rows(images, truth, layers=(2, 5))
+        rows = alexnet_two_way_rows(made, truth, layers=(2, 5))
         per_trial[strength] = (rows[2] + rows[5]) / 2
     return one_standard_error(per_trial, what="img2img strength")
 
@@ -252,11 +245,12 @@ def validation_choices(cfg: DictConfig, net, dm, *, stim_images: list[Image.Imag
                        ) -> dict[str, dict]:
     """The generation settings a run chooses on its validation trials, with ``net`` (a model
     that has not seen them): ``{"lowlevel_rerank": ..., "strength": ...}``
-    (:func:`~..reconstruct.generation.lowlevel_rerank`, :func:`choose_strength`)."""
-    rerank = lowlevel_rerank(cfg, net, dm, stim_images=stim_images)
+    (:func:`~..reconstruct.generation.lowlevel_rerank`, :func:`choose_strength`), the trials'
+    embeddings and low-level thumbnails computed once for both."""
+    val = ValidationTrials(cfg, net, dm, stim_images=stim_images)
+    rerank = lowlevel_rerank(cfg, net, dm, stim_images=stim_images, val=val)
     return {"lowlevel_rerank": rerank,
-            "strength": choose_strength(cfg, net, dm, stim_images=stim_images,
-                                        rerank=rerank["value"])}
+            "strength": choose_strength(cfg, val, rerank=rerank["value"])}
 
 
 def run_captions(cfg: DictConfig, dm, decoder: Decoder) -> tuple[np.ndarray, np.ndarray] | None:

@@ -62,10 +62,9 @@ def _start(rec: dict[str, Any]) -> str:
     where = (f"the {found.get('k', 1)} training image(s) nearest to the decoded "
              f"embedding{rerank}")
     if not rec["strength"]:
-        return (f"; no sampler step: the images are their start, {where} (strength 0, "
-                "chosen on the validation trials: generating from the start did not score "
-                "higher there)" if "validation" in (rec.get("strength_choice") or {}) else
-                f"; no sampler step (strength 0): the images are their start, {where}")
+        why = (", chosen on the validation trials: generating from the start did not score "
+               "higher there" if "validation" in (rec.get("strength_choice") or {}) else "")
+        return f"; no sampler step (strength 0{why}): the images are their start, {where}"
     return f", img2img start (strength {rec['strength']}) from {where}"
 
 

@@ -403,6 +403,7 @@ class Decoder:
                     retrieval: np.ndarray | None = None, seed: int | None = None,
                     steps: int | None = None, guidance: float | None = None,
                     strength: float | None = None, start: str | None = None,
+                    starts: list[Image.Image] | None = None,
                     text_embeddings: np.ndarray | None = None, batch_size: int | None = None
                     ) -> list[Image.Image]:
         """Embeddings (from :attr:`generation_head`) -> PIL images.
@@ -414,45 +415,46 @@ class Decoder:
         ``lowlevel``: the prepared trials the embeddings came from (needs ``subject``), for the
         low-level pathway where the bundle has one for that subject; or ``coarse``: that
         pathway's images already made (e.g. of several subjects' trials). ``start``,
-        ``retrieval``: the img2img starting image (:meth:`start_images`). ``seed`` (image ``i``
-        uses ``seed + i``), ``steps``, ``guidance`` and ``strength`` default to the training
-        run's (strength 0: the start images themselves, no sampler step).
-        ``text_embeddings``: caption conditioning for a diffusers backend; ``batch_size``:
-        images per sampler batch (default the generator's). Every image carries the
-        generator's stand-in note in ``image.info["neurorecon_note"]``.
+        ``retrieval``: the img2img starting image (:meth:`start_images`); or ``starts``: those
+        images already made by it (the caller keeps them). ``seed`` (image ``i`` uses
+        ``seed + i``), ``steps``, ``guidance`` and ``strength`` default to the training run's
+        (strength 0: the start images themselves, no sampler step). ``text_embeddings``:
+        caption conditioning for a diffusers backend; ``batch_size``: images per sampler batch
+        (default the generator's). Every image carries the generator's stand-in note in
+        ``image.info["neurorecon_note"]``.
         """
         from neurorecon.models.generators.base import conditioning
 
         generator = self.generator  # loaded once; a bundle without one says so here
         gen = self.config.generator
         defaults = gen.defaults
-        start = defaults.start if start is None else start
         emb = np.asarray(embeddings, np.float32)
         emb = emb[None] if emb.ndim == 1 else emb
-        if lowlevel is not None and coarse is not None:
-            raise DataError("reconstruct: give lowlevel= (trials) or coarse= (images), not both")
-        if lowlevel is not None:
-            if subject is None:
-                raise DataError("reconstruct(lowlevel=...) needs subject=")
-            if start == "lowlevel" or self._label(subject) in self.lowlevel:
-                coarse = self.lowlevel_images(lowlevel, subject=subject)
-        inits = self.start_images(emb, coarse=coarse, retrieval=retrieval, start=start)
+        if starts is None:
+            start = defaults.start if start is None else start
+            if lowlevel is not None and coarse is not None:
+                raise DataError("reconstruct: give lowlevel= (trials) or coarse= (images), "
+                                "not both")
+            if lowlevel is not None:
+                if subject is None:
+                    raise DataError("reconstruct(lowlevel=...) needs subject=")
+                if start == "lowlevel" or self._label(subject) in self.lowlevel:
+                    coarse = self.lowlevel_images(lowlevel, subject=subject)
+            starts = self.start_images(emb, coarse=coarse, retrieval=retrieval, start=start)
         strength = float(defaults.strength if strength is None else strength)
         if strength == 0:  # the start itself (the run found that generating added nothing)
-            if inits is None:
+            if starts is None:
                 raise DataError("strength=0 keeps the start image, but start='noise' has none",
                                 hint="use start=retrieved or lowlevel, or strength > 0")
-            images = [im.copy() for im in inits]
-            for im in images:
-                im.info["neurorecon_note"] = generator.note
-            return images
-        cond = conditioning(emb, scale=gen.embedding_scale, target_norm=gen.target_norm)
-        images = generator.generate(
-            cond, seed=int(defaults.seed if seed is None else seed),
-            steps=int(defaults.steps if steps is None else steps),
-            guidance_scale=float(defaults.guidance_scale if guidance is None else guidance),
-            init_images=inits, text_embeddings=text_embeddings, strength=strength,
-            **({} if batch_size is None else {"batch_size": int(batch_size)}))
+            images = [im.copy() for im in starts]
+        else:
+            images = generator.generate(
+                conditioning(emb, scale=gen.embedding_scale, target_norm=gen.target_norm),
+                seed=int(defaults.seed if seed is None else seed),
+                steps=int(defaults.steps if steps is None else steps),
+                guidance_scale=float(defaults.guidance_scale if guidance is None else guidance),
+                init_images=starts, text_embeddings=text_embeddings, strength=strength,
+                **({} if batch_size is None else {"batch_size": int(batch_size)}))
         for im in images:
             im.info["neurorecon_note"] = generator.note
         return images

@@ -11,6 +11,7 @@ embeddings) gives text conditioning. Scoring reconstructions of a test set is
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -114,75 +115,92 @@ def one_standard_error(per_trial: dict[float, np.ndarray], *, what: str) -> dict
             "n_trials": int(len(next(iter(per_trial.values()))))}
 
 
-def choose_lowlevel_rerank(dm, *, queries: np.ndarray, embeddings: np.ndarray,
-                           fit_rows: np.ndarray, stim_images: list[Image.Image],
-                           shortlist: int) -> dict:
+class ValidationTrials:
+    """A run's validation trials as the choices made on them see them, each part computed
+    once and shared (:func:`lowlevel_rerank`, the strength choice): the data module with its
+    validation split (a refit's rebuilt from the caches with the run's), the encoder's
+    contrastive-head embeddings of the trials (unit rows; ``net`` must not have seen them)
+    and the low-level pathway's thumbnails of them, its ridge fitted on the train trials
+    alone."""
+
+    def __init__(self, cfg: DictConfig, net, dm, *, stim_images: list[Image.Image]):
+        from ..train.fit import build_datamodule, prepare_caches
+
+        if len(dm.splits["val"]) < 2 and cfg.datamodule.get("val_fraction"):
+            dm = build_datamodule(cfg, *prepare_caches(cfg))
+        self.dm, self.net, self.stim_images = dm, net, stim_images
+        self.split = dm.splits["val"]
+
+    @functools.cached_property
+    def queries(self) -> np.ndarray:
+        from ..inference import predict_split
+
+        return unit_rows(predict_split(self.net, self.dm, "val"))
+
+    @functools.cached_property
+    def thumbnails(self) -> np.ndarray:
+        """Every stimulus' thumbnail (:func:`image_thumbnails`)."""
+        return image_thumbnails(self.stim_images)
+
+    @functools.cached_property
+    def predicted(self) -> np.ndarray:
+        """The low-level pathway's thumbnails of the validation trials."""
+        from ..train.ridge import ridge_predictions
+
+        return ridge_predictions(self.dm, targets=self.thumbnails, fit_splits=("train",),
+                                 eval_split="val")
+
+
+def choose_lowlevel_rerank(val: ValidationTrials, *, shortlist: int) -> dict:
     """The weight with which the low-level pathway re-ranks retrieved starts
-    (``reconstruct.lowlevel_rerank=auto``), chosen on the validation trials.
+    (``reconstruct.lowlevel_rerank=auto``), chosen on the validation trials ``val``.
 
-    The low-level ridge, fitted on the train trials alone, predicts the validation trials'
-    thumbnails; ``queries`` are the encoder's (contrastive head) embeddings of those trials.
-    Each weight of :data:`RERANK_GRID` picks, among the start candidates (``fit_rows``) other
-    than the trial's own stimulus, the start
-    (:func:`~neurorecon.models.generators.base.start_scores`), scored per trial by how near
-    its pick is to the true stimulus (cosine of embeddings + Pearson r of thumbnails); the
-    weight is chosen by :func:`one_standard_error`, so a pathway that predicts nothing useful
-    gets weight 0.
+    Each weight of :data:`RERANK_GRID` picks, among the start candidates (:func:`start_rows`)
+    other than the trial's own stimulus, the start
+    (:func:`~neurorecon.models.generators.base.start_scores`) for the encoder's embedding and
+    the low-level pathway's thumbnail of each trial, scored per trial by how near its pick is
+    to the true stimulus (cosine of embeddings + Pearson r of thumbnails); the weight is
+    chosen by :func:`one_standard_error`, so a pathway that predicts nothing useful gets
+    weight 0.
     """
-    from ..train.ridge import ridge_predictions
+    from ..train.ridge import flat_targets
 
-    val = dm.splits["val"]
-    if len(val) < 2:
-        return {"value": 0.0, "validation": {}, "n_trials": len(val),
+    trials = val.split
+    if len(trials) < 2:
+        return {"value": 0.0, "validation": {}, "n_trials": len(trials),
                 "reason": "fewer than 2 validation trials: cosine only"}
-    thumbs = image_thumbnails(stim_images)
-    predicted = ridge_predictions(dm, targets=thumbs, fit_splits=("train",), eval_split="val")
-    own = np.searchsorted(fit_rows, val.target)
+    embeddings, fit_rows, thumbs = flat_targets(val.dm), start_rows(val.dm), val.thumbnails
+    own = np.searchsorted(fit_rows, trials.target)
     unit = unit_rows(embeddings)
 
     per_trial = {}
     for weight in RERANK_GRID:
-        pick = fit_rows[start_scores(queries, embeddings[fit_rows], layouts=thumbs[fit_rows],
-                                     predicted=predicted, rerank=weight, shortlist=shortlist,
-                                     exclude=own).argmax(1)]
-        per_trial[weight] = (np.sum(unit[pick] * unit[val.target], axis=1)
+        pick = fit_rows[start_scores(val.queries, embeddings[fit_rows],
+                                     layouts=thumbs[fit_rows], predicted=val.predicted,
+                                     rerank=weight, shortlist=shortlist, exclude=own).argmax(1)]
+        per_trial[weight] = (np.sum(unit[pick] * unit[trials.target], axis=1)
                              + np.sum(centred_unit(thumbs[pick])
-                                      * centred_unit(thumbs[val.target]), axis=1))
+                                      * centred_unit(thumbs[trials.target]), axis=1))
     return one_standard_error(per_trial, what="low-level re-ranking weight")
 
 
-def with_validation(cfg: DictConfig, dm):
-    """``dm``, or where it has no validation trials (a refit's) the run's data module rebuilt
-    from the caches with its validation split."""
-    from ..train.fit import build_datamodule, prepare_caches
-
-    if len(dm.splits["val"]) < 2 and cfg.datamodule.get("val_fraction"):
-        return build_datamodule(cfg, *prepare_caches(cfg))
-    return dm
-
-
-def lowlevel_rerank(cfg: DictConfig, net, dm, *, stim_images: list[Image.Image]) -> dict:
+def lowlevel_rerank(cfg: DictConfig, net, dm, *, stim_images: list[Image.Image],
+                    val: ValidationTrials | None = None) -> dict:
     """``reconstruct.lowlevel_rerank`` of a run: the configured number, or with ``auto`` the
-    weight chosen on the validation trials (:func:`choose_lowlevel_rerank`), or 0 where the
-    start is not re-ranked (``start`` other than ``retrieved``, no low-level pathway).
+    weight chosen on the validation trials (:func:`choose_lowlevel_rerank`; ``val``: those
+    trials where the caller has them), or 0 where the start is not re-ranked (``start`` other
+    than ``retrieved``, no low-level pathway).
 
     ``net`` must not have seen the validation trials: a run passes its validation-selected
     model before the refit on train + validation trials (a refitted encoder's validation
     embeddings are fitted ones, too good beside the held-out low-level pathway: the weight
-    would lean to 0). A data module without validation trials (after that refit) is rebuilt
-    with the run's validation split (:func:`with_validation`)."""
+    would lean to 0)."""
     rcfg = cfg.reconstruct
     if str(rcfg.start) != "retrieved" or not rcfg.lowlevel:
         return {"value": 0.0}
     if str(rcfg.lowlevel_rerank) != "auto":
         return {"value": float(rcfg.lowlevel_rerank)}
-    from ..inference import predict_split
-    from ..train.ridge import flat_targets
-
-    dm = with_validation(cfg, dm)
-    return choose_lowlevel_rerank(dm, queries=unit_rows(predict_split(net, dm, "val")),
-                                  embeddings=flat_targets(dm), fit_rows=start_rows(dm),
-                                  stim_images=stim_images,
+    return choose_lowlevel_rerank(val or ValidationTrials(cfg, net, dm, stim_images=stim_images),
                                   shortlist=int(rcfg.retrieval_shortlist))
 
 
