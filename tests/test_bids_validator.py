@@ -50,6 +50,31 @@ def test_random_family_draw_is_valid_bids(system, tmp_path):
     _assert_valid(root / "meg")
 
 
+def test_random_family_fmri_draw_is_valid_bids_and_has_the_drawn_physics(tmp_path):
+    """An fMRI-only draw of the family: the BOLD runs have the drawn TR and voxel size, the
+    root's description carries the drawn values, and the official validator passes it."""
+    import nibabel as nib
+
+    from neurorecon.pipelines.sample.family import draw_parameters
+
+    cfg = compose_stage("sample", tmp_path, [
+        "sample=random", "sample.seed=5", "sample.fmri.enabled=true", "sample.meg.enabled=false",
+        "sample.random.n_concepts=4", "sample.random.train_trials=[8,8]",
+        "sample.random.n_test_exemplars=[1,1]", "sample.random.n_test_repeats=[1,1]",
+        "sample.random.n_subjects=[1,1]", "sample.random.fmri.voxel_size=[5,6]"])
+    root = make_sample(cfg.sample, tmp_path / "data" / "random")
+    drawn = json.loads((root / "sample_config.json").read_text())["draw"]
+    assert drawn == draw_parameters(cfg.sample.random, 5, fmri=True)
+    assert not (root / "meg").exists()
+    fmri = drawn["fmri"]
+    img = nib.load(root / "fmri" / "sub-01" / "func" / "sub-01_task-images_run-01_bold.nii.gz")
+    assert img.header.get_zooms() == pytest.approx((*[fmri["voxel_sizes"][0]] * 3, fmri["tr"]))
+    description = json.loads((root / "fmri" / "dataset_description.json").read_text())
+    params = json.loads(description["GeneratedBy"][0]["Description"].split("parameters: ", 1)[1])
+    assert {k: params["fmri"][k] for k in fmri} == fmri
+    _assert_valid(root / "fmri")
+
+
 def test_validate_stage_names_the_problem(sample_root, tmp_path):
     """A sidecar without its required fields: ``validate`` fails in one line naming the
     field and the file."""

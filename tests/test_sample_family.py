@@ -1,4 +1,4 @@
-"""The randomized family of MEG datasets (``sample=random``): draws and what a draw writes."""
+"""The randomized family of MEG and fMRI datasets (``sample=random``): draws, what they write."""
 
 from __future__ import annotations
 
@@ -38,6 +38,18 @@ def test_draws_are_reproducible_varied_and_inside_the_ranges():
                                                         RANGES.n_subjects[1] + 1))
     trials = [d["stimuli"]["n_train_exemplars"] * RANGES.n_concepts for d in draws]
     assert min(trials) < 600 and max(trials) > 1400
+    # the fMRI of a draw: inside its ranges, one voxel size per subject, and the MEG unchanged
+    fmris = [draw_parameters(RANGES, k, fmri=True) for k in range(24)]
+    for d, f in zip(draws, fmris, strict=True):
+        assert {k: v for k, v in f.items() if k != "fmri"} == d
+        fm = f["fmri"]
+        assert len(fm["voxel_sizes"]) == fm["n_subjects"] == d["meg"]["n_subjects"]
+        assert fm["image_duration"] <= fm["soa"][0] - 0.5 + 1e-9 <= fm["soa"][1]
+    for key in ("tr", "snr", "hrf_onset", "noise", "noise_ar", "noise_fwhm"):
+        values = np.array([f["fmri"][key] for f in fmris])
+        lo, hi = RANGES.fmri[key]
+        assert lo - 0.01 <= values.min() and values.max() <= hi + 0.01, key
+        assert values.max() - values.min() > 0.5 * (hi - lo), key
     # narrowing one range changes that parameter only
     narrow = OmegaConf.merge(RANGES, {"n_subjects": [1, 1]})
     for k in range(3):

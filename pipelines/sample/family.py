@@ -1,4 +1,4 @@
-"""A randomized family of simulated MEG datasets (``neurorecon sample sample=random``).
+"""A randomized family of simulated MEG and fMRI datasets (``neurorecon sample sample=random``).
 
 Decoder defaults tuned on one simulated dataset do not transfer to a lab's recording: the
 informative latencies, the sensor system, the rate, the number of trials and the noise all
@@ -8,9 +8,12 @@ mains frequency, early and concept response latencies and widths, how much of th
 response a concept shares and how much is specific to each image, how many stages (each with
 its own sources) the later response passes through, trial jitter, SNR, number
 of subjects, train trials per subject, test images and repeats, head position, noisy channels,
-eye blinks and the heartbeat.
+eye blinks and the heartbeat. With ``sample.fmri.enabled=true`` the fMRI of the same subjects
+and trials is drawn too (``random.fmri``): voxel size per subject, TR, stimulus timing, SNR, the
+HRF's delay, the two tuned responses' gains and the noise's amplitude, autocorrelation and
+smoothness.
 The concrete values of a draw are a plain sample config (the same code writes every preset),
-logged, stored in ``sample_config.json`` and in the MEG root's ``dataset_description.json``
+logged, stored in ``sample_config.json`` and in each root's ``dataset_description.json``
 (``GeneratedBy[0].Description``).
 
 Develop and compare decoders on many draws (``tests/benchmarks/bench_decoding.py``), never on
@@ -49,13 +52,15 @@ def _integer(rng: np.random.Generator, bounds) -> int:
     return int(rng.integers(lo, hi + 1))
 
 
-def draw_parameters(ranges: DictConfig | dict, seed: int) -> dict[str, Any]:
+def draw_parameters(ranges: DictConfig | dict, seed: int, *, fmri: bool = False
+                    ) -> dict[str, Any]:
     """The concrete dataset parameters of draw ``seed`` from ``ranges`` (``sample.random``).
 
-    Returns ``{"stimuli": {...}, "meg": {...}}``: values for the ``sample.stimuli`` and
-    ``sample.meg`` config blocks. The same seed always gives the same draw, and each parameter
-    has its own random stream: narrowing one range (e.g. ``n_subjects``) leaves the others of
-    the draw as they were.
+    Returns ``{"stimuli": {...}, "meg": {...}}`` (and ``"fmri"`` with ``fmri=True``): values
+    for the ``sample.stimuli``, ``sample.meg`` and ``sample.fmri`` config blocks. The same seed
+    always gives the same draw, and each parameter has its own random stream: narrowing one
+    range (e.g. ``n_subjects``) leaves the others of the draw as they were, and drawing the
+    fMRI leaves the MEG draw as it was.
     """
     r = OmegaConf.create(ranges) if isinstance(ranges, dict) else ranges
 
@@ -103,7 +108,40 @@ def draw_parameters(ranges: DictConfig | dict, seed: int) -> dict[str, Any]:
     }
     stimuli = {"n_concepts": n_concepts, "n_train_exemplars": n_train_exemplars,
                "n_test_exemplars": n_test_exemplars, "n_test_repeats": n_test_repeats}
-    return {"stimuli": stimuli, "meg": meg}
+    out = {"stimuli": stimuli, "meg": meg}
+    if fmri:
+        out["fmri"] = _draw_fmri(r.fmri, rng, n_subjects=meg["n_subjects"], n_trials=n_trials)
+    return out
+
+
+def _draw_fmri(r: DictConfig, rng, *, n_subjects: int, n_trials: int) -> dict[str, Any]:
+    """The ``sample.fmri`` values of a draw (``rng(name)``: the draw's stream of a parameter)."""
+    def uniform(name: str, *, log: bool = False) -> float:
+        return _uniform(rng(f"fmri.{name}"), r[name], log=log)
+
+    lo, hi = (float(b) for b in r.voxel_size)
+    if not 0 < lo <= hi:
+        raise DataError(f"sample.random.fmri.voxel_size: bounds {[lo, hi]} must be increasing "
+                        "and > 0")
+    # one stream for all subjects: subject k's size does not depend on how many there are
+    sizes = rng("fmri.voxel_size").uniform(lo, hi, n_subjects)
+    soa = uniform("soa")
+    soa_max = soa + uniform("soa_spread")
+    return {
+        "n_subjects": n_subjects,
+        "n_runs": max(1, round(n_trials * (soa + soa_max) / 2 / float(r.run_seconds))),
+        "voxel_sizes": [round(float(v), 1) for v in sizes],
+        "tr": round(uniform("tr"), 2),
+        "soa": [round(soa, 2), round(soa_max, 2)],
+        "image_duration": round(min(uniform("image_duration"), soa - 0.5), 2),
+        "snr": uniform("snr", log=True),
+        "hrf_onset": uniform("hrf_onset"),
+        "lowlevel_gain": uniform("lowlevel_gain", log=True),
+        "concept_gain": uniform("concept_gain", log=True),
+        "noise": uniform("noise"),
+        "noise_ar": uniform("noise_ar"),
+        "noise_fwhm": uniform("noise_fwhm"),
+    }
 
 
 def resolve_draw(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any] | None]:
@@ -114,5 +152,5 @@ def resolve_draw(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any] | None]:
     ranges = cfg.get("random")
     if not ranges:
         return cfg, None
-    drawn = draw_parameters(ranges, int(cfg.seed))
+    drawn = draw_parameters(ranges, int(cfg.seed), fmri=bool(cfg.fmri.enabled))
     return OmegaConf.merge(cfg, drawn), drawn

@@ -17,7 +17,10 @@ single-trial amplitude pattern ``a_t`` (percent signal change) holds:
 
 Noise is spatially smoothed AR(1) noise plus slow cosine drifts (nilearn's drift regressors).
 The stimulus reaches the data only through ``a_t``: the noise generators are seeded per
-(subject, run) and never see the stimulus order. ``cfg.snr`` scales the stimulus-driven part.
+(subject, run) and never see the stimulus order. ``cfg.snr`` scales the stimulus-driven part;
+``cfg.hrf_onset`` delays the HRF, ``cfg.lowlevel_gain`` / ``cfg.concept_gain`` scale the two
+tuned responses and ``cfg.noise`` / ``noise_ar`` / ``noise_fwhm`` shape the noise (the
+randomized family draws them, :mod:`.family`).
 """
 
 from __future__ import annotations
@@ -40,17 +43,14 @@ FEATURES = [f"ll{j}" for j in range(10)]
 
 # response model, in percent signal change of a single trial's HRF peak (before cfg.snr)
 EVOKED = 1.0  # generic visual response (occipital; 0.6x in ventral temporal)
-LOWLEVEL = 1.5  # std across stimuli of the low-level feature response (occipital)
-CONCEPT = 1.5  # std across concepts of the concept response (ventral temporal)
+LOWLEVEL = 1.5  # std across stimuli of the low-level feature response (x cfg.lowlevel_gain)
+CONCEPT = 1.5  # std across concepts of the concept response (x cfg.concept_gain)
 TRIAL_GAIN = 0.25  # std of the log gain of a trial (all stimulus-driven responses)
 TRIAL_PATTERN = 0.4  # std of the per-trial, per-voxel response variability (visual voxels)
 N_CODE = 8  # dimension of the shared concept code
 WEIGHT_FWHM = 10.0  # mm, smoothness of voxel tuning weights
 
-# noise model
-NOISE = 1.6  # percent, std of the AR(1) noise
-NOISE_AR = 0.5  # AR(1) coefficient (per TR)
-NOISE_FWHM = 6.0  # mm, spatial smoothness of the noise
+# noise model (besides cfg.noise, cfg.noise_ar and cfg.noise_fwhm)
 DRIFT = 0.8  # percent, std of each slow cosine drift coefficient
 LEAD_IN = 6.0  # s before the first image
 TAIL = 16.0  # s after the last image ends
@@ -84,15 +84,27 @@ def _smooth_fields(rng: np.random.Generator, n: int, mask, fwhm: float) -> np.nd
     return fields / fields.std(axis=1, keepdims=True)
 
 
+def _glover_hrf(delay: float):
+    """nilearn's Glover HRF delayed by ``delay`` s (its peak at 5.1 s + ``delay``), as a
+    ``hrf_model`` for nilearn's design matrices."""
+    from nilearn.glm.first_level import glover_hrf
+
+    def glover(t_r, oversampling=50):
+        return glover_hrf(t_r, oversampling, onset=delay)
+    return glover
+
+
 def _trial_regressors(onsets: np.ndarray, *, duration: float, frame_times: np.ndarray,
-                      hrf_model: str = "glover") -> np.ndarray:
-    """HRF-convolved boxcar of each trial, peak-normalized: ``(n_scans, n_trials)``."""
+                      hrf_delay: float = 0.0) -> np.ndarray:
+    """HRF-convolved boxcar of each trial (Glover HRF delayed by ``hrf_delay`` s),
+    peak-normalized: ``(n_scans, n_trials)``."""
     from nilearn.glm.first_level import make_first_level_design_matrix
 
     names = [f"t{i:04d}" for i in range(len(onsets))]
     events = pd.DataFrame({"onset": onsets, "duration": duration, "trial_type": names})
-    dm = make_first_level_design_matrix(frame_times, events, hrf_model=hrf_model,
-                                        drift_model=None)
+    dm = make_first_level_design_matrix(frame_times, events,
+                                        hrf_model=_glover_hrf(hrf_delay), drift_model=None)
+    names = [f"{n}_glover" for n in names]
     reg = dm[names].to_numpy()
     return reg / reg.max(axis=0, keepdims=True)
 
@@ -128,7 +140,9 @@ def simulate_fmri_bids(root: str | Path, stimuli: pd.DataFrame, *, cfg, seed: in
         (``stim_file``, ``concept``, ``split``, ``ll0..ll9``).
     cfg : mapping
         The ``sample.fmri`` config: ``n_subjects``, ``n_runs``, ``voxel_sizes`` (mm, cycled over
-        subjects), ``tr`` (s), ``soa`` (``[min, max]`` s), ``image_duration`` (s), ``snr``.
+        subjects), ``tr`` (s), ``soa`` (``[min, max]`` s), ``image_duration`` (s), ``snr``,
+        ``hrf_onset`` (s), ``lowlevel_gain``, ``concept_gain``, ``noise`` (percent),
+        ``noise_ar``, ``noise_fwhm`` (mm).
     seed : int
         Seed of everything random; the concept code depends on it alone (shared by subjects).
     n_test_repeats : int
@@ -144,6 +158,7 @@ def simulate_fmri_bids(root: str | Path, stimuli: pd.DataFrame, *, cfg, seed: in
     soa_min, soa_max = (float(v) for v in cfg.soa)
     duration = float(cfg.image_duration)
     snr = float(cfg.snr)
+    noise_sd, noise_ar = float(cfg.noise), float(cfg.noise_ar)
     if not 0 < soa_min <= soa_max:
         raise ValueError(f"sample.fmri.soa must be 0 < min <= max, got {list(cfg.soa)}")
     concepts = list(dict.fromkeys(stimuli["concept"]))
@@ -164,8 +179,10 @@ def simulate_fmri_bids(root: str | Path, stimuli: pd.DataFrame, *, cfg, seed: in
         rng_w = _seed(seed, 2, s)
         fields = _smooth_fields(rng_w, 1 + len(FEATURES) + N_CODE, mask, WEIGHT_FWHM)
         evoked = EVOKED * (1 + 0.3 * fields[0]) * (occipital + 0.6 * ventral)
-        w_ll = fields[1 : 1 + len(FEATURES)] * occipital * LOWLEVEL / np.sqrt(len(FEATURES))
-        w_c = fields[1 + len(FEATURES) :] * ventral * CONCEPT / np.sqrt(N_CODE)
+        w_ll = (fields[1 : 1 + len(FEATURES)] * occipital * LOWLEVEL
+                * float(cfg.lowlevel_gain) / np.sqrt(len(FEATURES)))
+        w_c = (fields[1 + len(FEATURES) :] * ventral * CONCEPT * float(cfg.concept_gain)
+               / np.sqrt(N_CODE))
         visual = (occipital | ventral).astype(np.float32)
         feats = stimuli.set_index("stim_file")[FEATURES]
         runs = trial_sequence(stimuli, n_test_repeats=n_test_repeats, n_runs=int(cfg.n_runs),
@@ -182,15 +199,16 @@ def simulate_fmri_bids(root: str | Path, stimuli: pd.DataFrame, *, cfg, seed: in
             stim_drive = (feats.loc[run_stim["stim_file"]].to_numpy() @ w_ll
                           + np.stack([code_of[c] for c in run_stim["concept"]]) @ w_c)
             amplitude = snr * (gain * (evoked + stim_drive) + jitter)
-            hrf = _trial_regressors(onsets, duration=duration, frame_times=frame_times)
+            hrf = _trial_regressors(onsets, duration=duration, frame_times=frame_times,
+                                    hrf_delay=float(cfg.hrf_onset))
             signal = hrf @ amplitude
             # noise: spatially smooth AR(1) + slow cosine drifts, independent of the stimuli
             rng_n = _seed(seed, 5, s, r)
-            noise = _smooth_fields(rng_n, n_scans, mask, NOISE_FWHM)
-            noise = lfilter([np.sqrt(1 - NOISE_AR**2)], [1, -NOISE_AR], noise, axis=0)
+            noise = _smooth_fields(rng_n, n_scans, mask, float(cfg.noise_fwhm))
+            noise = lfilter([np.sqrt(1 - noise_ar**2)], [1, -noise_ar], noise, axis=0)
             cosines = _drift_regressors(frame_times)
             drift = cosines @ (DRIFT * rng_n.standard_normal((cosines.shape[1], len(baseline))))
-            bold = baseline * (1 + (signal + NOISE * noise + drift) / 100)
+            bold = baseline * (1 + (signal + noise_sd * noise + drift) / 100)
             events = pd.DataFrame({
                 "onset": onsets, "duration": duration,
                 "trial_type": run_stim["split"].to_numpy(),
