@@ -1,4 +1,4 @@
-"""Benchmark: MEG decoding with the defaults on draws of the randomized family (prints a table).
+"""Benchmark: MEG or fMRI decoding with the defaults on draws of the randomized family (a table).
 
 For each draw ``K`` of ``neurorecon sample sample=random sample.seed=K`` (sensor system, rate,
 latencies, SNR, subjects, trials... drawn from wide ranges), ``neurorecon train`` runs with
@@ -10,11 +10,17 @@ reaches the best window. The encoder's two parts are reported alone too: the dee
 (what the encoder was before the linear read-out) and the read-out, with the deep share of
 the mix chosen on validation per seed. A default is judged on this table, never on one draw.
 
+``--modality fmri`` draws the family's fMRI instead (``sample.fmri.enabled=true``: voxel size,
+TR, timing, SNR, HRF delay, noise drawn per draw; no time course, so no window column), and
+``--reconstruct`` runs the reconstruction stage too (per seed) and adds its two-way
+identification (AlexNet-2 / AlexNet-5 / Inception) of the brain reconstructions, the retrieval
+floor and the generator's ceiling, with the img2img strength chosen on validation.
+
 Not a test (no assertions); run it::
 
     .venv/bin/python tests/benchmarks/bench_decoding.py --draws 8 --seeds 3 \\
         [--first 0] [--max-subjects 2] [--max-train-trials 600] [--out bench-decoding] \\
-        [--sample sample.random.concept_stages=[3,3]] \\
+        [--sample sample.random.concept_stages=[3,3]] [--modality fmri] [--reconstruct] \\
         [-- extra train overrides, e.g. focus.meg=null]
 
 ``--max-subjects`` / ``--max-train-trials`` narrow the family's ranges (for a quicker pass on
@@ -57,9 +63,11 @@ def ranges(args) -> list[str]:
 
 def draw(k: int, args, out: Path) -> tuple[Path, dict]:
     root = out / "data" / f"draw-{k}"
-    _run(["sample", "sample=random", f"sample.seed={k}", f"sample.out_dir={root}",
+    fmri = (["sample.fmri.enabled=true", "sample.meg.enabled=false"]
+            if args.modality == "fmri" else [])
+    _run(["sample", "sample=random", f"sample.seed={k}", f"sample.out_dir={root}", *fmri,
           *ranges(args)], out / f"draw-{k}.log")
-    return root / "meg", json.loads((root / "sample_config.json").read_text())
+    return root / args.modality, json.loads((root / "sample_config.json").read_text())
 
 
 def train(k: int, root: Path, params: dict, args, out: Path) -> dict:
@@ -68,12 +76,13 @@ def train(k: int, root: Path, params: dict, args, out: Path) -> dict:
     if not metrics.is_file() or args.retrain:
         seeds = ",".join(str(s) for s in range(args.seeds))
         # test images shown once: nothing to average (the default refuses such a test split)
-        single = (["preprocess.meg.average_test_repeats=false"]
+        single = ([f"preprocess.{args.modality}.average_test_repeats=false"]
                   if params["draw"]["stimuli"]["n_test_repeats"] == 1 else [])
-        _run(["train", "data=bids", f"data.root={root}", f"seeds=[{seeds}]",
-              f"paths.output_dir={run_dir}", f"paths.cache_dir={out / 'cache'}",
-              "reconstruct.enabled=false", "export.bundle=false", *single, *args.overrides],
-             out / f"draw-{k}.log")
+        _run(["train", "data=bids", f"data.root={root}", f"data.modality={args.modality}",
+              f"seeds=[{seeds}]", f"paths.output_dir={run_dir}",
+              f"paths.cache_dir={out / 'cache'}",
+              f"reconstruct.enabled={str(args.reconstruct).lower()}", "export.bundle=false",
+              *single, *args.overrides], out / f"draw-{k}.log")
     return json.loads(metrics.read_text())
 
 
@@ -81,9 +90,18 @@ def row(k: int, params: dict, m: dict, run_dir: Path) -> dict:
     spread = m.get("over_seeds") or {}
     deep = spread.get("retrieval", {}).get("encoder", {}).get("top5")
     deep_vals = deep["values"] if deep else [m["retrieval"]["encoder"]["top5"]]
-    tr = m.get("time_resolved") or {}
-    peak = tr.get("peak", {})
-    meg, stim = params["draw"]["meg"], params["draw"]["stimuli"]
+    peak = (m.get("time_resolved") or {}).get("peak", {})
+    stim = params["draw"]["stimuli"]
+    if "fmri" in params["draw"]:
+        f = params["draw"]["fmri"]
+        physics = {"system": "/".join(f"{v:g}" for v in f["voxel_sizes"]) + " mm",
+                   "sfreq": f["tr"], "snr": f["snr"], "hrf_onset": f["hrf_onset"],
+                   "subjects": f["n_subjects"]}
+    else:
+        meg = params["draw"]["meg"]
+        physics = {"system": meg["system"], "sfreq": meg["sfreq"], "snr": meg["snr"],
+                   "concept_peak": meg["concept_peak"], "stages": meg.get("concept_stages", 1),
+                   "subjects": meg["n_subjects"]}
     seconds = (spread.get("train_seconds") or {}).get("values") or [
         m["training"]["train_seconds"]]
     parts = {name: (spread.get("retrieval", {}).get(name, {}).get("top5") or {}).get("mean",
@@ -93,18 +111,68 @@ def row(k: int, params: dict, m: dict, run_dir: Path) -> dict:
         "deep_part": parts["deep"], "linear_readout": parts["linear_readout"],
         "mix": [((json.loads(p.read_text()).get("training") or {}).get("readout") or {}
                  ).get("mix") for p in sorted(run_dir.glob("seed-*/metrics.json"))],
-        "draw": k, "system": meg["system"], "sfreq": meg["sfreq"],
-        "subjects": meg["n_subjects"],
+        "draw": k, **physics,
         "train_trials": stim["n_concepts"] * stim["n_train_exemplars"],
         "test": f"{stim['n_concepts'] * stim['n_test_exemplars']}x{stim['n_test_repeats']}",
-        "snr": meg["snr"], "concept_peak": meg["concept_peak"],
-        "stages": meg.get("concept_stages", 1),
         "deep": float(np.mean(deep_vals)), "deep_sd": float(np.std(deep_vals, ddof=1))
         if len(deep_vals) > 1 else 0.0, "deep_values": deep_vals,
         "ridge": m["retrieval"]["ridge"]["top5"], "window": peak.get("top5"),
         "window_time": peak.get("time"), "chance": m["retrieval"]["chance"]["top5"],
         "train_s": float(np.mean(seconds)), "focus": (m.get("training") or {}).get("focus"),
+        "reconstruction": reconstruction_rows(run_dir, seeds=len(deep_vals)),
     }
+
+
+RECON_SETS = {"brain": "brain", "floor": "floor_retrieved", "ceiling": "ceiling"}
+RECON_METRICS = ("alexnet2", "alexnet5", "inception")
+
+
+def reconstruction_rows(run_dir: Path, *, seeds: int) -> dict | None:
+    """Mean over seeds of each image set's two-way identification, and the strengths chosen."""
+    paths = (sorted(run_dir.glob("seed-*/reconstruction.json")) if seeds > 1
+             else [run_dir / "reconstruction.json"])
+    recs = [json.loads(p.read_text()) for p in paths if p.is_file()]
+    if not recs:
+        return None
+    return {"n": len(recs), "strength": [r["strength"] for r in recs],
+            **{name: [float(np.mean([r["metrics"][key][m] for r in recs]))
+                      for m in RECON_METRICS] for name, key in RECON_SETS.items()}}
+
+
+def print_fmri_table(rows: list[dict], args) -> None:
+    narrowed = ranges(args)
+    print(f"\nfMRI decoding on draws of sample=random ({len(rows)} draws, {args.seeds} seeds"
+          + (f"; ranges narrowed: {' '.join(narrowed)}" if narrowed else "") + ")")
+    if args.overrides:
+        print("train overrides:", " ".join(args.overrides))
+    recon = any(r["reconstruction"] for r in rows)
+    print("| draw | voxels | TR (s) | HRF delay (s) | subj | train/subj | test | snr | encoder "
+          "top-5 (mean ± sd) | ridge | chance | train s/seed |"
+          + (" strength | brain A2/A5/Inc | floor | ceiling |" if recon else ""))
+    print("|" + "---|" * (16 if recon else 12))
+    for r in rows:
+        line = (f"| {r['draw']} | {r['system']} | {r['sfreq']:g} | {r['hrf_onset']:+.1f} | "
+                f"{r['subjects']} | {r['train_trials']} | {r['test']} | {r['snr']:.2f} | "
+                f"{r['deep']:.3f} ± {r['deep_sd']:.3f} | {r['ridge']:.3f} | "
+                f"{r['chance']:.3f} | {r['train_s']:.0f} |")
+        if recon:
+            rec = r["reconstruction"] or {}
+            three = lambda v: "—" if v is None else " / ".join(f"{x:.3f}" for x in v)  # noqa: E731
+            line += (f" {', '.join(f'{v:g}' for v in rec.get('strength', []))} | "
+                     + " | ".join(three(rec.get(k)) for k in RECON_SETS) + " |")
+        print(line)
+    print(f"\nmean top-5: encoder {np.mean([r['deep'] for r in rows]):.3f}, ridge "
+          f"{np.mean([r['ridge'] for r in rows]):.3f}; encoder >= ridge on "
+          f"{sum(r['deep'] >= r['ridge'] for r in rows)}/{len(rows)}; max seed sd "
+          f"{max(r['deep_sd'] for r in rows):.3f}")
+    scored = [r["reconstruction"] for r in rows if r["reconstruction"]]
+    if scored:
+        for other in ("floor", "ceiling"):
+            wins = sum(all(b >= f for b, f in zip(rec["brain" if other == "floor" else other],
+                                                  rec["floor"], strict=True))
+                       for rec in scored)
+            print(f"{'brain' if other == 'floor' else 'ceiling'} >= floor on AlexNet-2, "
+                  f"AlexNet-5 and Inception: {wins}/{len(scored)} draws")
 
 
 def print_table(rows: list[dict], args) -> None:
@@ -148,6 +216,9 @@ def main() -> None:
                         help="another sample override (repeatable), e.g. "
                              "sample.random.concept_stages=[3,3]")
     parser.add_argument("--out", type=Path, default=Path("bench-decoding"))
+    parser.add_argument("--modality", choices=("meg", "fmri"), default="meg")
+    parser.add_argument("--reconstruct", action="store_true",
+                        help="run the reconstruction stage too and add its scores")
     parser.add_argument("--retrain", action="store_true", help="retrain even if a run exists")
     parser.add_argument("--table-only", action="store_true",
                         help="print the table of the runs already under --out")
@@ -162,7 +233,7 @@ def main() -> None:
             if metrics.is_file():
                 rows.append(row(k, json.loads(config.read_text()),
                                 json.loads(metrics.read_text()), metrics.parent))
-        print_table(rows, args)
+        (print_fmri_table if args.modality == "fmri" else print_table)(rows, args)
         return
     for k in range(args.first, args.first + args.draws):
         t0 = time.perf_counter()
@@ -170,11 +241,12 @@ def main() -> None:
         t1 = time.perf_counter()
         rows.append(row(k, params, train(k, root, params, args, args.out),
                         args.out / "runs" / f"draw-{k}"))
+        window = rows[-1]["window"]
         print(f"draw {k}: data {t1 - t0:.0f} s, train + evaluate {time.perf_counter() - t1:.0f} s;"
-              f" deep {rows[-1]['deep']:.3f} ridge {rows[-1]['ridge']:.3f} window "
-              f"{rows[-1]['window']:.3f}", flush=True)
+              f" deep {rows[-1]['deep']:.3f} ridge {rows[-1]['ridge']:.3f}"
+              + ("" if window is None else f" window {window:.3f}"), flush=True)
         (args.out / "rows.json").write_text(json.dumps(rows, indent=2))
-    print_table(rows, args)
+    (print_fmri_table if args.modality == "fmri" else print_table)(rows, args)
 
 
 if __name__ == "__main__":
