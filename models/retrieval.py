@@ -23,7 +23,9 @@ from neurorecon.models.common.logging import log_level, progress
 
 __all__ = [
     "chance_metrics",
+    "one_standard_error",
     "rank_score",
+    "rank_score_rows",
     "cosine_similarity",
     "retrieval_metrics",
     "retrieval_ranks",
@@ -295,8 +297,38 @@ def rank_score(pred: np.ndarray, candidates: np.ndarray, true_index: Sequence[in
                ) -> float:
     """1 - the mean normalised rank of the true candidate (0.5 chance, 1 perfect): a retrieval
     score that stays continuous and unsaturated with few candidates (where top-5 is not)."""
+    return float(rank_score_rows(pred, candidates, true_index).mean())
+
+
+def rank_score_rows(pred: np.ndarray, candidates: np.ndarray,
+                    true_index: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Per prediction, 1 - the normalised rank of its true candidate: ``(n,)``, the rows whose
+    mean is :func:`rank_score` (paired rows compare two models on the same trials)."""
     ranks = retrieval_ranks(pred, candidates, true_index)
-    return float(1 - ((ranks - 1) / max(len(candidates) - 1, 1)).mean())
+    return 1 - (ranks - 1) / max(len(candidates) - 1, 1)
+
+
+def one_standard_error(per_trial: dict[Any, np.ndarray], *, order: Sequence[Any] | None = None
+                       ) -> dict[str, Any]:
+    """The first candidate of ``order`` (default: the smallest) whose mean per-trial score is
+    within one standard error (of the per-trial differences) of the best candidate's: a gain
+    within the noise of a few validation trials does not move a choice off its plainest
+    option, nor does the best of many tries win by selection alone.
+
+    ``per_trial``: candidate -> its scores on the same trials, row-aligned. Returns
+    ``{"value", "best", "validation": {str(candidate): mean}, "standard_error":
+    {str(candidate): se of its difference to the best}, "n_trials"}``.
+    """
+    order = list(order) if order is not None else sorted(per_trial)
+    curve = {c: float(np.mean(per_trial[c])) for c in order}
+    best = max(order, key=lambda c: (curve[c], -order.index(c)))  # ties: the earlier
+    se = {c: float(np.std(per_trial[best] - per_trial[c], ddof=1) / np.sqrt(len(per_trial[c])))
+          for c in order}
+    value = next(c for c in order if curve[c] >= curve[best] - se[c])
+    return {"value": value, "best": best,
+            "validation": {str(c): round(v, 4) for c, v in curve.items()},
+            "standard_error": {str(c): round(v, 4) for c, v in se.items()},
+            "n_trials": int(len(per_trial[order[0]]))}
 
 
 def chance_metrics(n_candidates: int, ks: Sequence[int] = (1, 5)) -> dict[str, float | int]:

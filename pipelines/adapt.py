@@ -127,7 +127,8 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
         subject_nets.update(dict.fromkeys(dm.labels, model))
     record = {"subjects": list(dm.labels), "dataset": "/".join(root.parts[-2:]),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "way": kept,
-              **({"chosen": way, "val_rank_score": info.get("tried")} if way == "auto" else {}),
+              **({"chosen": way, "val_rank_score": info.get("tried"),
+                  "way_choice": info.get("way_choice")} if way == "auto" else {}),
               "train_seconds": round(train_seconds, 2), "epochs": info.get("epochs"),
               "best_epoch": info.get("best_epoch"), "readout_alpha": info.get("readout_alpha"),
               "readout_mix": info.get("readout_mix")}

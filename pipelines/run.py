@@ -82,7 +82,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if readout is not None:
         attach_readout(lit.net, dm, readout, alphas=cfg.evaluate.get("ridge_alphas"))
         update_checkpoint(lit, info)
-        info["readout"] = readout
+        info["readout"] = {k: v for k, v in readout.items() if k != "val_rows"}
     metrics = evaluate(lit.net, dm, out_dir=out_dir,
                        stim_root=stim_root,
                        ridge=bool(cfg.evaluate.ridge),

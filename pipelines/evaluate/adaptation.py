@@ -9,7 +9,8 @@ are scored on its test set: the ways of :mod:`..train.adaptation` (exactly as ``
 adapt``): *shared frozen* (the subject's own parts trained), *fine-tuned copy* (every layer of
 a copy trained on its trials) and *from scratch* (a fresh single-subject model with the run's
 recipe: its own focus search and read-out); *best on validation*, the one of the three that
-``adapt.way=auto`` keeps (the highest rank score on the subject's validation trials); and
+``adapt.way=auto`` keeps (scored per trial on the subject's validation trials: the first of
+fine-tuned, frozen, scratch within one standard error of the best); and
 *ridge* (the linear baseline).
 """
 
@@ -93,8 +94,8 @@ def adaptation_curve(cfg: DictConfig, *, preproc_dir: Path, embeddings_dir: Path
                     model, index, info = adapt_subjects(job, shared, dm, out_dir=here / way,
                                                         quiet=True, way=way)
                     by_way[way] = predict_split(model, dm, "test", subject_index=index)
-                    val[way] = info.get("val_rank_score")
-                chosen[ri, fi] = kept = choose_way(val)
+                    val[way] = info.get("val_rows")
+                chosen[ri, fi] = kept = choose_way(val)["value"]
                 preds = {name: by_way[way] for name, way in WAY_OF.items()}
                 preds[MODELS[3]] = by_way[kept]
                 preds[MODELS[4]] = ridge_predictions(dm, alphas=cfg.evaluate.get("ridge_alphas"))

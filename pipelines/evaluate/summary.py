@@ -185,9 +185,12 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any] | None = None) -> 
                   f"fitted on the same trials: top-1 {_fmt(ridge['top1'])}, top-5 "
                   f"{_fmt(ridge['top5'])}.", ""]
         if adapted.get("chosen") == "auto":
+            se = (adapted.get("way_choice") or {}).get("standard_error") or {}
             lines += ["adapt.way=auto: validation rank score " + ", ".join(
-                f"{w} {_fmt(v)}" for w, v in adapted["val_rank_score"].items())
-                + f"; {adapted['way']} kept.", ""]
+                f"{w} {_fmt(v)}" + (f" (± {se[w]:.3f} from the best)" if w in se else "")
+                for w, v in adapted["val_rank_score"].items())
+                + f"; {adapted['way']} kept, the first of finetune, frozen, scratch within one "
+                "standard error of the best.", ""]
     adapt = metrics.get("adaptation")
     if adapt:
         news = adapt.get("new_subjects") or [adapt["new_subject"]]

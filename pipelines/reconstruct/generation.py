@@ -97,22 +97,18 @@ STRENGTH_UNCHOSEN = 0.05
 
 
 def one_standard_error(per_trial: dict[float, np.ndarray], *, what: str) -> dict:
-    """The smallest candidate whose mean per-trial validation score is within one standard
-    error (of the per-trial differences) of the best one: a gain within the noise of a few
-    validation trials does not move a setting off its plainest value. ``per_trial``:
-    candidate -> its scores, row-aligned. Returns ``{"value", "validation": {candidate: mean},
-    "standard_error": {candidate: se of its difference to the best}, "n_trials"}``."""
-    curve = {c: float(v.mean()) for c, v in per_trial.items()}
-    best = max(curve, key=lambda c: (curve[c], -c))
-    se = {c: float(np.std(per_trial[best] - v, ddof=1) / np.sqrt(len(v)))
-          for c, v in per_trial.items()}
-    value = min(c for c in curve if curve[c] >= curve[best] - se[c])
+    """The smallest candidate within one standard error of the best validation score
+    (:func:`neurorecon.models.retrieval.one_standard_error`), logged as ``what``: a gain within
+    the noise of a few validation trials does not move a setting off its plainest value."""
+    from neurorecon.models.retrieval import one_standard_error as choose
+
+    out = choose(per_trial)
+    value, best = out.pop("value"), out.pop("best")
     logger.info("reconstruct: %s %g (validation, mean ± se of the difference to the best %g: "
-                "%s)", what, value, best,
-                ", ".join(f"{c:g}: {curve[c]:.3f} ± {se[c]:.3f}" for c in curve))
-    return {"value": value, "validation": {str(c): round(v, 4) for c, v in curve.items()},
-            "standard_error": {str(c): round(v, 4) for c, v in se.items()},
-            "n_trials": int(len(next(iter(per_trial.values()))))}
+                "%s)", what, value, best, ", ".join(
+                    f"{float(c):g}: {out['validation'][c]:.3f} ± {out['standard_error'][c]:.3f}"
+                    for c in out["validation"]))
+    return {"value": value, **out}
 
 
 class ValidationTrials:

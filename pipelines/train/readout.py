@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 from neurorecon.models.common.logging import logger
 from neurorecon.models.meg.brain_module import bin_means
-from neurorecon.models.retrieval import candidate_rows, rank_score
+from neurorecon.models.retrieval import candidate_rows, rank_score, rank_score_rows
 from neurorecon.models.ridge import gram_ridge_predict, gram_ridge_solve
 
 from .ridge import CHUNK_VALUES, fit_targets, flat_targets, stream_rows, streamed_gram
@@ -68,7 +68,8 @@ def choose_readout(dm, *, span: tuple[int, int], deep_val: np.ndarray | None,
     """Bin width and mixing weight of the read-out, chosen on ``dm``'s validation trials.
 
     ``deep_val``: the deep encoder's clip-head predictions for the validation rows (row order
-    of the split), from a model trained without them. Returns None without validation trials.
+    of the split), from a model trained without them. Returns None without validation trials;
+    ``val_rows`` holds the per-trial rank scores at the chosen mix (an array: not for JSON).
     """
     val = dm.splits["val"]
     if len(val) == 0:
@@ -93,12 +94,10 @@ def choose_readout(dm, *, span: tuple[int, int], deep_val: np.ndarray | None,
         preds[float(width_s)] = pred
     width_s = max(scores, key=scores.get)
     linear = _unit(preds[width_s])
-    if deep_val is None:
-        mix_scores = {0.0: scores[width_s]}
-    else:
-        deep = _unit(deep_val)
-        mix_scores = {float(w): rank_score(w * deep + (1 - w) * linear, cand, true)
-                      for w in MIX_GRID}
+    deep = None if deep_val is None else _unit(deep_val)
+    mixes = [0.0] if deep is None else [float(w) for w in MIX_GRID]
+    mixed = {w: linear if deep is None else w * deep + (1 - w) * linear for w in mixes}
+    mix_scores = {w: rank_score(pred, cand, true) for w, pred in mixed.items()}
     mix = max(mix_scores, key=lambda w: (round(mix_scores[w], 6), w))  # ties: the deeper
     logger.info("read-out: %g ms bins over %.3f-%.3f s; validation rank score deep %.3f, "
                 "read-out %.3f, combined %.3f at deep share %.1f",
@@ -107,7 +106,8 @@ def choose_readout(dm, *, span: tuple[int, int], deep_val: np.ndarray | None,
     return {"bin_width": width_s, "mix": mix, "span": [int(v) for v in span],
             "val_rank_score": {"bins": {f"{1000 * w:g} ms": round(v, 4)
                                         for w, v in scores.items()},
-                               "mix": {f"{w:g}": round(v, 4) for w, v in mix_scores.items()}}}
+                               "mix": {f"{w:g}": round(v, 4) for w, v in mix_scores.items()}},
+            "val_rows": rank_score_rows(mixed[mix], cand, true)}
 
 
 def choose_meg_readout(cfg: DictConfig, net, dm, focus: dict[str, Any] | None
