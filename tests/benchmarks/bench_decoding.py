@@ -139,12 +139,17 @@ def reconstruction_rows(run_dir: Path, *, seeds: int) -> dict | None:
                       for m in RECON_METRICS] for name, key in RECON_SETS.items()}}
 
 
-def print_fmri_table(rows: list[dict], args) -> None:
+def _title(rows: list[dict], args) -> None:
     narrowed = ranges(args)
-    print(f"\nfMRI decoding on draws of sample=random ({len(rows)} draws, {args.seeds} seeds"
+    print(f"\n{'fMRI' if args.modality == 'fmri' else 'MEG'} decoding on draws of sample=random "
+          f"({len(rows)} draws, {args.seeds} seeds"
           + (f"; ranges narrowed: {' '.join(narrowed)}" if narrowed else "") + ")")
     if args.overrides:
         print("train overrides:", " ".join(args.overrides))
+
+
+def print_fmri_table(rows: list[dict], args) -> None:
+    _title(rows, args)
     recon = any(r["reconstruction"] for r in rows)
     print("| draw | voxels | TR (s) | HRF delay (s) | subj | train/subj | test | snr | encoder "
           "top-5 (mean ± sd) | ridge | chance | train s/seed |"
@@ -176,11 +181,7 @@ def print_fmri_table(rows: list[dict], args) -> None:
 
 
 def print_table(rows: list[dict], args) -> None:
-    narrowed = ranges(args)
-    print(f"\nMEG decoding on draws of sample=random ({len(rows)} draws, {args.seeds} seeds"
-          + (f"; ranges narrowed: {' '.join(narrowed)}" if narrowed else "") + ")")
-    if args.overrides:
-        print("train overrides:", " ".join(args.overrides))
+    _title(rows, args)
     print("| draw | system | Hz | subj | train/subj | test | snr | concept peak (stages) | encoder "
           "top-5 (mean ± sd) | deep part alone | read-out alone | full-window ridge | best "
           "250 ms window (s) | chance | encoder ≥ window | deep share | train s/seed |")
