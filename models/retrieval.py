@@ -317,18 +317,20 @@ def one_standard_error(per_trial: dict[Any, np.ndarray], *, order: Sequence[Any]
 
     ``per_trial``: candidate -> its scores on the same trials, row-aligned. Returns
     ``{"value", "best", "validation": {str(candidate): mean}, "standard_error":
-    {str(candidate): se of its difference to the best}, "n_trials"}``.
+    {str(candidate): se of its difference to the best}, "n_trials"}``. With one trial there is
+    no spread to measure (standard errors 0): the best mean wins.
     """
     order = list(order) if order is not None else sorted(per_trial)
+    n = len(per_trial[order[0]])
     curve = {c: float(np.mean(per_trial[c])) for c in order}
     best = max(order, key=lambda c: (curve[c], -order.index(c)))  # ties: the earlier
-    se = {c: float(np.std(per_trial[best] - per_trial[c], ddof=1) / np.sqrt(len(per_trial[c])))
-          for c in order}
+    se = {c: float(np.std(per_trial[best] - per_trial[c], ddof=1) / np.sqrt(n)) if n > 1
+          else 0.0 for c in order}
     value = next(c for c in order if curve[c] >= curve[best] - se[c])
     return {"value": value, "best": best,
             "validation": {str(c): round(v, 4) for c, v in curve.items()},
             "standard_error": {str(c): round(v, 4) for c, v in se.items()},
-            "n_trials": int(len(per_trial[order[0]]))}
+            "n_trials": int(n)}
 
 
 def chance_metrics(n_candidates: int, ks: Sequence[int] = (1, 5)) -> dict[str, float | int]:

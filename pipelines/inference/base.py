@@ -378,7 +378,8 @@ class Decoder:
         return (self.gallery.embeddings[rows],
                 [self.gallery.thumbnail(int(i)) for i in rows])
 
-    def start_images(self, embeddings: np.ndarray, *, coarse: list[Image.Image] | None = None,
+    def start_images(self, embeddings: np.ndarray, *, subject: str | None = None,
+                     lowlevel=None, coarse: list[Image.Image] | None = None,
                      retrieval: np.ndarray | None = None, start: str | None = None
                      ) -> list[Image.Image] | None:
         """The img2img starting images of :meth:`reconstruct` (None: it starts from noise).
@@ -386,13 +387,22 @@ class Decoder:
         ``start`` (default the training run's ``reconstruct.start``): ``retrieved``, the
         training images nearest to ``retrieval`` (default ``embeddings``), re-ranked by
         ``coarse`` (the low-level pathway's images of the same trials) where given
-        (:meth:`retrieved_starts`); ``lowlevel``, ``coarse`` itself; ``noise``.
+        (:meth:`retrieved_starts`); ``lowlevel``, ``coarse`` itself; ``noise``. ``lowlevel``
+        (the prepared trials, with ``subject``) makes ``coarse`` where the bundle has that
+        subject's pathway (:meth:`lowlevel_images`).
         """
         from neurorecon.models.generators.base import START_IMAGES
 
         start = self._generator_info.defaults.start if start is None else start
         if start not in START_IMAGES:
             raise DataError(f"start={start!r}: one of {list(START_IMAGES)}")
+        if lowlevel is not None and coarse is not None:
+            raise DataError("reconstruct: give lowlevel= (trials) or coarse= (images), not both")
+        if lowlevel is not None:
+            if subject is None:
+                raise DataError("reconstruct(lowlevel=...) needs subject=")
+            if start == "lowlevel" or self._label(subject) in self.lowlevel:
+                coarse = self.lowlevel_images(lowlevel, subject=subject)
         if start == "retrieved":
             emb = np.asarray(embeddings if retrieval is None else retrieval, np.float32)
             return self.retrieved_starts(emb[None] if emb.ndim == 1 else emb, coarse=coarse)
@@ -431,16 +441,8 @@ class Decoder:
         emb = np.asarray(embeddings, np.float32)
         emb = emb[None] if emb.ndim == 1 else emb
         if starts is None:
-            start = defaults.start if start is None else start
-            if lowlevel is not None and coarse is not None:
-                raise DataError("reconstruct: give lowlevel= (trials) or coarse= (images), "
-                                "not both")
-            if lowlevel is not None:
-                if subject is None:
-                    raise DataError("reconstruct(lowlevel=...) needs subject=")
-                if start == "lowlevel" or self._label(subject) in self.lowlevel:
-                    coarse = self.lowlevel_images(lowlevel, subject=subject)
-            starts = self.start_images(emb, coarse=coarse, retrieval=retrieval, start=start)
+            starts = self.start_images(emb, subject=subject, lowlevel=lowlevel, coarse=coarse,
+                                       retrieval=retrieval, start=start)
         strength = float(defaults.strength if strength is None else strength)
         if strength == 0:  # the start itself (the run found that generating added nothing)
             if starts is None:

@@ -167,10 +167,6 @@ def choose_way(rows: dict[str, np.ndarray | None]) -> dict[str, Any]:
     scored = {w: rows[w] for w in CANDIDATES if rows.get(w) is not None}
     if not scored:
         return {"value": CANDIDATES[0], "validation": {}}
-    if len(next(iter(scored.values()))) < 2:  # no spread to measure: the best mean
-        means = {w: float(v.mean()) for w, v in scored.items()}
-        return {"value": max(means, key=lambda w: (means[w], -CANDIDATES.index(w))),
-                "validation": {w: round(v, 4) for w, v in means.items()}}
     return one_standard_error(scored, order=list(scored))
 
 

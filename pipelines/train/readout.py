@@ -94,10 +94,10 @@ def choose_readout(dm, *, span: tuple[int, int], deep_val: np.ndarray | None,
         preds[float(width_s)] = pred
     width_s = max(scores, key=scores.get)
     linear = _unit(preds[width_s])
-    deep = None if deep_val is None else _unit(deep_val)
-    mixes = [0.0] if deep is None else [float(w) for w in MIX_GRID]
-    mixed = {w: linear if deep is None else w * deep + (1 - w) * linear for w in mixes}
-    mix_scores = {w: rank_score(pred, cand, true) for w, pred in mixed.items()}
+    mixed = ({0.0: linear} if deep_val is None else
+             {float(w): w * _unit(deep_val) + (1 - w) * linear for w in MIX_GRID})
+    rows = {w: rank_score_rows(pred, cand, true) for w, pred in mixed.items()}
+    mix_scores = {w: float(r.mean()) for w, r in rows.items()}
     mix = max(mix_scores, key=lambda w: (round(mix_scores[w], 6), w))  # ties: the deeper
     logger.info("read-out: %g ms bins over %.3f-%.3f s; validation rank score deep %.3f, "
                 "read-out %.3f, combined %.3f at deep share %.1f",
@@ -107,7 +107,7 @@ def choose_readout(dm, *, span: tuple[int, int], deep_val: np.ndarray | None,
             "val_rank_score": {"bins": {f"{1000 * w:g} ms": round(v, 4)
                                         for w, v in scores.items()},
                                "mix": {f"{w:g}": round(v, 4) for w, v in mix_scores.items()}},
-            "val_rows": rank_score_rows(mixed[mix], cand, true)}
+            "val_rows": rows[mix]}
 
 
 def choose_meg_readout(cfg: DictConfig, net, dm, focus: dict[str, Any] | None
