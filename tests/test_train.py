@@ -235,7 +235,9 @@ def test_weight_averaging_gives_the_trained_model_the_average_of_its_steps(tmp_p
     """``callbacks.weight_averaging``: after training, the model holds the exponential moving
     average of the weights of every optimizer step, with the decay of a half-life of
     ``half_life_epochs`` epochs of that data's batches, shorter early on (not the last step's
-    weights); a checkpoint holds the average alone."""
+    weights); a checkpoint holds the average alone. An integer buffer (the subject index of a
+    new subject, :class:`~neurorecon.pipelines.train.module.Reindexed`) is not averaged: in
+    floating point 3 came back as 2, and a new subject trained through an old one's layers."""
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -245,6 +247,7 @@ def test_weight_averaging_gives_the_trained_model_the_average_of_its_steps(tmp_p
         def __init__(self):
             super().__init__()
             self.layer = torch.nn.Linear(3, 1)
+            self.register_buffer("subject", torch.tensor([3, 5]), persistent=False)
             self.steps: list[torch.Tensor] = []
 
         def training_step(self, batch, batch_idx):
@@ -260,10 +263,11 @@ def test_weight_averaging_gives_the_trained_model_the_average_of_its_steps(tmp_p
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(40, 3), torch.randn(40, 1))
     model = Tiny()
-    trainer = L.Trainer(max_epochs=3, callbacks=[WeightEMA(half_life_epochs=2.0)],
+    trainer = L.Trainer(max_epochs=6, callbacks=[WeightEMA(half_life_epochs=2.0)],
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(model, DataLoader(data, batch_size=10))  # 4 batches an epoch
+    assert model.subject.tolist() == [3, 5]
     expected = model.steps[0]
     for n, w in enumerate(model.steps[1:], start=1):  # half-life 8 steps, at most n / 4 early
         decay = 0.5 ** (1 / min(8, max(n, 1) / 4))

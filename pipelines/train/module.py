@@ -164,7 +164,9 @@ class WeightEMA(EMAWeightAveraging):
     epochs, so the horizon is the same whatever the number of batches in an epoch; early on,
     the half-life is at most a quarter of the steps taken (:data:`WARMUP`), so a short training
     is not averaged with its untrained start. Checkpoints hold the average only (runs are not
-    resumed).
+    resumed). Integer and boolean buffers (the subject indices of :class:`Reindexed`, a
+    subspace's ``fitted`` flag) keep the current value: averaged in floating point and copied
+    back, 3 became 2.9999998 and then 2, so a new subject trained through an old one's layers.
     """
 
     #: the half-life (steps) is at most the steps taken so far over this
@@ -183,6 +185,8 @@ class WeightEMA(EMAWeightAveraging):
         self._average_model.avg_fn = self._average
 
     def _average(self, averaged, current, n_averaged):
+        if not averaged.is_floating_point():  # an index or a flag (buffers): not averaged
+            return current
         steps = min(self._half_life, max(float(n_averaged), 1.0) / self.WARMUP)
         decay = 0.5 ** (1.0 / steps)
         return decay * averaged + (1.0 - decay) * current
