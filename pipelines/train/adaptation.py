@@ -93,9 +93,14 @@ def adapt_subjects(cfg: DictConfig, net, dm, *, out_dir: Path, quiet: bool = Fal
     by the model, its read-out fitted on their train trials; ``val_rows``: per trial, an array)
     and ``readout_alpha`` / ``readout_mix`` (MEG, per new subject).
     """
+    from lightning import seed_everything
+
     way = way or adaptation_way(cfg, dm.modality)
     if way == "auto":
         return _best_way(cfg, net, dm, out_dir=out_dir, quiet=quiet)
+    # each way starts from the seed (initialisation, batch order), not from what the ways tried
+    # before it left: ``auto`` keeps the very model that its way alone gives
+    seed_everything(int(cfg.seed), workers=True, verbose=False)
     if way == "scratch":
         model, info = train_alone(cfg, dm, out_dir=out_dir, quiet=quiet)
         return model, {label: k for k, label in enumerate(dm.labels)}, {**info, "way": way}
