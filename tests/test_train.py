@@ -237,7 +237,7 @@ def test_weight_averaging_gives_the_trained_model_the_average_of_its_steps(tmp_p
     ``half_life_epochs`` epochs of that data's batches, shorter early on (not the last step's
     weights); a checkpoint holds the average alone. An integer buffer (the subject index of a
     new subject, :class:`~neurorecon.pipelines.train.module.Reindexed`) is not averaged: in
-    floating point 3 came back as 2, and a new subject trained through an old one's layers."""
+    floating point 3 came back as 2, and a new subject was validated through an old one's layers."""
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 

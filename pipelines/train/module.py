@@ -166,7 +166,7 @@ class WeightEMA(EMAWeightAveraging):
     is not averaged with its untrained start. Checkpoints hold the average only (runs are not
     resumed). Integer and boolean buffers (the subject indices of :class:`Reindexed`, a
     subspace's ``fitted`` flag) keep the current value: averaged in floating point and copied
-    back, 3 became 2.9999998 and then 2, so a new subject trained through an old one's layers.
+    back, 3 became 2.9999998 and then 2, so a new subject was validated through an old one's layers.
     """
 
     #: the half-life (steps) is at most the steps taken so far over this
