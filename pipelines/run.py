@@ -32,6 +32,7 @@ from .train.fit import (
     fit,
     prepare_caches,
     refit,
+    refitting,
     resolve_focus,
     update_checkpoint,
 )
@@ -70,13 +71,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     choices = (validation_choices(cfg, lit.net, dm, stim_images=images) if reconstructing
                else None)
     generator_fit = generator_rows(dm)  # the train images (the refit's data module has no val)
-    if (cfg.get("refit") or {}).get(dm.modality) and trainer.world_size > 1:
+    if refitting(cfg, dm.modality) and trainer.world_size > 1:
         logger.warning("refit on train + validation trials is skipped in multi-process "
                        "training (%d processes); the validation-selected model is used",
                        trainer.world_size)
-    elif (cfg.get("refit") or {}).get(dm.modality):
-        refitted = refit(cfg, info, preproc_dir=preproc_dir, emb_dir=emb_dir,
-                         out_dir=out_dir, focus=focus)
+    elif refitting(cfg, dm.modality):
+        refitted = refit(cfg, info, dm, out_dir=out_dir, focus=focus)
         if refitted is not None:
             lit, dm = refitted
     if readout is not None:

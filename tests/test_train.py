@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -280,3 +281,30 @@ def test_weight_averaging_gives_the_trained_model_the_average_of_its_steps(tmp_p
     torch.testing.assert_close(ckpt["state_dict"]["layer.weight"], expected)
     with pytest.raises(DataError, match="half_life_epochs"):
         WeightEMA(half_life_epochs=0)
+
+
+def test_refit_data_holds_the_train_and_validation_trials(sample_root, tmp_path):
+    """The refit trains on the train and validation trials: each subject's in trial order, as a
+    module without validation holds them; with a ``train_fraction`` subset (a new subject's
+    adaptation), that subset and the validation trials; the test split untouched."""
+    from neurorecon.pipelines.train.fit import build_datamodule, prepare_caches
+
+    from .conftest import compose_stage
+
+    cfg = compose_stage("train", tmp_path, ["data=bids", f"data.root={sample_root / 'meg'}"])
+    caches = prepare_caches(cfg)
+    dm = build_datamodule(cfg, *caches)
+    full, plain = dm.with_validation_in_train(), build_datamodule(cfg, *caches, val_fraction=0.0)
+    assert len(dm.splits["val"]) > 0 and len(full.splits["val"]) == 0
+    for field in ("subject", "row", "target", "stim_file"):
+        np.testing.assert_array_equal(getattr(full.splits["train"], field),
+                                      getattr(plain.splits["train"], field))
+    train = full.splits["train"]
+    assert train.trials["stim_file"].tolist() == list(plain.splits["train"].stim_file)
+    assert full.splits["test"] is dm.splits["test"] and len(dm.splits["train"]) > 0
+    new = dm.labels[-1]
+    part = build_datamodule(cfg, *caches, subjects=[new], train_fraction={new: 0.25})
+    merged = part.with_validation_in_train().splits["train"]
+    assert len(part.splits["train"]) < len(plain.splits["train"]) / 2
+    assert sorted(merged.row) == sorted([*part.splits["train"].row, *part.splits["val"].row])
+    assert list(merged.row) == sorted(merged.row)

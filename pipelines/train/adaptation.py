@@ -18,9 +18,13 @@
   on average: scratch's score is the best of more read-out choices on the same few validation
   trials, a gain by selection that the standard-error rule discounts.
 
-Either way the epochs are chosen on the new subjects' validation trials, then (MEG) their
-linear read-out is fitted by ridge over the encoder's own bins and its deep share chosen on
-their validation trials. The one implementation behind ``neurorecon adapt``
+Either way the epochs are chosen on the new subjects' validation trials (and, MEG, their
+read-out's deep share, as :func:`_new_subjects_mix` says); with ``refit.<modality>`` (the
+default, as for a run's own model) the way is then trained again that many epochs on their
+train + validation trials (fMRI: the subspace adapter fitted on all of them), so a new subject
+with a few dozen trials is not decoded from a fraction of them while the ridge baseline beside
+it sees all. Then (MEG) their linear read-out is fitted by ridge over the encoder's own bins
+on train + validation trials. The one implementation behind ``neurorecon adapt``
 (:mod:`neurorecon.pipelines.adapt`) and the new-subject adaptation curve of a run
 (:mod:`neurorecon.pipelines.evaluate.adaptation`).
 """
@@ -104,9 +108,42 @@ def adapt_subjects(cfg: DictConfig, net, dm, *, out_dir: Path, quiet: bool = Fal
     if way == "scratch":
         model, info = train_alone(cfg, dm, out_dir=out_dir, quiet=quiet)
         return model, {label: k for k, label in enumerate(dm.labels)}, {**info, "way": way}
-    from .fit import build_module, fit
-    from .module import Reindexed
+    from .fit import refit_epochs, refitting
     from .readout import fit_subject_readout
+
+    model, index, info = _trained_way(cfg, net, dm, way, out_dir=out_dir, quiet=quiet)
+    meg = bool(getattr(model, "readout_bins", None))  # MEG: the new subjects' read-out
+    alphas = (cfg.get("evaluate") or {}).get("ridge_alphas")
+    if meg:  # their deep share, chosen on validation before any refit has seen it
+        info["readout_mix"], info["val_rows"] = _new_subjects_mix(model, dm, index,
+                                                                  alphas=alphas)
+    else:
+        info["val_rows"] = validation_rows(model, dm, index)
+    if refitting(cfg, dm.modality) and info.get("best_checkpoint") and len(dm.splits["val"]):
+        epochs = refit_epochs(info)
+        seed_everything(int(cfg.seed), workers=True, verbose=False)
+        model, index, again = _trained_way(cfg, net, dm.with_validation_in_train(), way,
+                                           out_dir=out_dir / "refit", quiet=True, epochs=epochs)
+        info.update(refit_epochs=epochs, refit_seconds=again["train_seconds"])
+        if meg:
+            with torch.no_grad():
+                model.readout_mix[[index[s] for s in dm.labels]] = info["readout_mix"]
+    if meg:
+        info["readout_alpha"] = {
+            label: fit_subject_readout(model, dm, k, index=index[label], alphas=alphas)
+            for k, label in enumerate(dm.labels)}
+    return model, index, _with_mean(info)
+
+
+def _trained_way(cfg: DictConfig, net, dm, way: str, *, out_dir: Path, quiet: bool,
+                 epochs: int | None = None) -> tuple[Any, dict[str, int], dict[str, Any]]:
+    """A copy of ``net`` with ``dm``'s subjects added, their parts (``frozen``) or every layer
+    (``finetune``) trained on ``dm``'s train trials: until validation stops it (the best
+    epoch kept), or for ``epochs`` without validation (a refit). The trained subjects'
+    weights restored for ``frozen``. Returns it, ``{label: index}`` and the training
+    summary (:func:`.fit.fit`'s; ``train_seconds`` for a refit)."""
+    from .fit import build_module, fit, train_epochs
+    from .module import Reindexed
 
     model = copy.deepcopy(net)
     model.train()
@@ -122,21 +159,15 @@ def adapt_subjects(cfg: DictConfig, net, dm, *, out_dir: Path, quiet: bool = Fal
     info: dict[str, Any] = {"way": way}
     if any(p.requires_grad for p in model.parameters()):
         lit = build_module(cfg, dm, net=Reindexed(model, [index[s] for s in dm.labels]))
-        _, trained = fit(cfg, lit, dm, out_dir=out_dir, quiet=quiet)
-        info.update(trained)
+        if epochs is None:
+            info.update(fit(cfg, lit, dm, out_dir=out_dir, quiet=quiet)[1])
+        else:
+            info["train_seconds"] = round(train_epochs(cfg, lit, dm, epochs,
+                                                       out_dir=out_dir)[0], 2)
     model.requires_grad_(False)
     if before is not None:
         restore(model, before)
-    if getattr(model, "readout_bins", None):  # MEG: the new subjects' read-out, the net's bins
-        alphas = (cfg.get("evaluate") or {}).get("ridge_alphas")
-        info["readout_mix"], info["val_rows"] = _new_subjects_mix(model, dm, index,
-                                                                  alphas=alphas)
-        info["readout_alpha"] = {
-            label: fit_subject_readout(model, dm, k, index=index[label], alphas=alphas)
-            for k, label in enumerate(dm.labels)}
-    else:
-        info["val_rows"] = validation_rows(model, dm, index)
-    return model, index, _with_mean(info)
+    return model, index, info
 
 
 def _with_mean(info: dict[str, Any]) -> dict[str, Any]:
@@ -229,17 +260,17 @@ def train_alone(cfg: DictConfig, dm, *, out_dir: Path, quiet: bool = True
     scratch that they are measured against. Returns it and the training summary with its
     ``val_rank_score`` / ``val_rows`` and, MEG, its ``readout_mix`` / ``readout_alpha``
     (:func:`adapt_subjects`')."""
-    from .fit import build_module, fit, resolve_focus
+    from .fit import build_module, fit, refit, refitting, resolve_focus
     from .readout import attach_readout, choose_meg_readout
 
     focus = resolve_focus(cfg, dm)
     lit = build_module(cfg, dm, focus=focus)
     _, info = fit(cfg, lit, dm, out_dir=out_dir, quiet=quiet)
     readout = choose_meg_readout(cfg, lit.net, dm, focus)
-    if readout is None:
-        info["val_rows"] = validation_rows(lit.net, dm)
-    else:
-        info["val_rows"] = readout["val_rows"]
+    info["val_rows"] = validation_rows(lit.net, dm) if readout is None else readout["val_rows"]
+    if refitting(cfg, dm.modality) and len(dm.splits["val"]):
+        lit, dm = refit(cfg, info, dm, out_dir=out_dir, focus=focus) or (lit, dm)
+    if readout is not None:
         attach_readout(lit.net, dm, readout, alphas=cfg.evaluate.get("ridge_alphas"))
         info["readout_mix"], info["readout_alpha"] = readout["mix"], readout["alpha"]
     return lit.net, _with_mean(info)

@@ -44,6 +44,13 @@ class Split:
         return len(self.row)
 
 
+def _take(split: Split, idx: np.ndarray) -> Split:
+    """The rows ``idx`` of ``split``."""
+    return Split(subject=split.subject[idx], row=split.row[idx], target=split.target[idx],
+                 stim_file=split.stim_file[idx],
+                 trials=split.trials.iloc[idx].reset_index(drop=True))
+
+
 class _TrialDataset(Dataset):
     def __init__(self, dm: BrainDataModule, split: Split):
         self.dm, self.split = dm, split
@@ -269,6 +276,22 @@ class BrainDataModule(LightningDataModule):
             stim_file=np.concatenate([tr["stim_file"].to_numpy() for *_, tr in parts]),
             trials=pd.concat([tr for *_, tr in parts], ignore_index=True),
         )
+
+    def with_validation_in_train(self) -> BrainDataModule:
+        """A copy whose train split holds this one's train and validation trials (each
+        subject's in trial order, as a module built with ``val_fraction=0`` has them when
+        nothing else is left out) and whose validation split is empty: a refit for the epoch
+        count that validation chose, on the same trials (a ``train_fraction`` subset kept)."""
+        import copy
+
+        parts = (self.splits["train"], self.splits["val"])
+        both = Split(**{f: np.concatenate([getattr(p, f) for p in parts])
+                        for f in ("subject", "row", "target", "stim_file")},
+                     trials=pd.concat([p.trials for p in parts], ignore_index=True))
+        out = copy.copy(self)
+        out.splits = {**self.splits, "train": _take(both, np.lexsort((both.row, both.subject))),
+                      "val": _take(both, np.zeros(0, int))}
+        return out
 
     # ------------------------------------------------------------------ items and loaders
     def item(self, split: Split, i: int) -> dict[str, Any]:

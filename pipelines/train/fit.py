@@ -200,15 +200,38 @@ def _device(trainer) -> str:
     return f"{trainer.world_size} x {kind}" if trainer.world_size > 1 else kind
 
 
-def refit(cfg: DictConfig, info: dict[str, Any], *, preproc_dir: Path,
-          emb_dir: Path, out_dir: Path, focus: dict[str, Any] | None):
+def refitting(cfg: DictConfig, modality: str) -> bool:
+    """``refit.<modality>``: retrain on train + validation trials once validation chose the
+    epoch count (the run's model, the adaptation ways, the curve's shared model)."""
+    return bool((cfg.get("refit") or {}).get(modality))
+
+
+def train_epochs(cfg: DictConfig, lit, dm, epochs: int, *, out_dir: Path):
+    """Train ``lit`` on ``dm``'s train trials for exactly ``epochs`` epochs, without
+    validation, with the training's weight averaging (as in the run that chose the epoch
+    count); return the seconds taken and the trainer."""
+    from hydra.utils import instantiate
+
+    averaging = (cfg.get("callbacks") or {}).get("weight_averaging")
+    trainer = instantiate(cfg.trainer, max_epochs=epochs, min_epochs=epochs,
+                          callbacks=[instantiate(averaging)] if averaging else [],
+                          logger=False, limit_val_batches=0, enable_checkpointing=False,
+                          default_root_dir=str(out_dir), enable_model_summary=False,
+                          **({} if interactive() else {"enable_progress_bar": False}))
+    t0 = time.perf_counter()
+    trainer.fit(lit, datamodule=dm)
+    return time.perf_counter() - t0, trainer
+
+
+def refit(cfg: DictConfig, info: dict[str, Any], dm, *, out_dir: Path,
+          focus: dict[str, Any] | None):
     """Retrain on train + validation trials for the epoch count validation selected.
 
     Validation (held-out train stimuli) picks the number of epochs; a fresh model then trains
-    that long on *all* train trials, as the ridge baseline is fitted on all of them. The test
-    set is never seen. Returns the new LitModule and data module.
+    that long on *all* of ``dm``'s train trials (:meth:`.BrainDataModule.with_validation_in_train`),
+    as the ridge baseline is fitted on all of them. The test set is never seen. Returns the
+    new LitModule and data module (None without a selected checkpoint).
     """
-    from hydra.utils import instantiate
     from lightning import seed_everything
 
     best = info.get("best_checkpoint")
@@ -216,21 +239,13 @@ def refit(cfg: DictConfig, info: dict[str, Any], *, preproc_dir: Path,
         return None
     epochs = refit_epochs(info)
     seed_everything(int(cfg.seed), workers=True, verbose=False)  # the seed is in the config
-    dm = build_datamodule(cfg, preproc_dir, emb_dir, val_fraction=0.0)
+    dm = dm.with_validation_in_train()
     lit = build_module(cfg, dm, focus=focus)
-    # the training's weight averaging, as in the run that chose the epoch count
-    averaging = (cfg.get("callbacks") or {}).get("weight_averaging")
-    trainer = instantiate(cfg.trainer, max_epochs=epochs, min_epochs=epochs,
-                          callbacks=[instantiate(averaging)] if averaging else [],
-                          logger=False, limit_val_batches=0, enable_checkpointing=False,
-                          default_root_dir=str(out_dir),
-                          **({} if interactive() else {"enable_progress_bar": False}))
-    t0 = time.perf_counter()
-    trainer.fit(lit, datamodule=dm)
+    seconds, trainer = train_epochs(cfg, lit, dm, epochs, out_dir=out_dir)
     path = out_dir / "checkpoints" / "refit.ckpt"
     trainer.save_checkpoint(path, weights_only=False)  # a full checkpoint, like the best one
     info.update(selected_checkpoint=best, best_checkpoint=str(path), refit_epochs=epochs,
-                refit_seconds=round(time.perf_counter() - t0, 2))
+                refit_seconds=round(seconds, 2))
     logger.info("refit on train + validation trials: %d epochs (the peak of the validation "
                 "curve averaged over %d epochs) in %.1f s -> %s", epochs, SMOOTH_EPOCHS,
                 info["refit_seconds"], path)
