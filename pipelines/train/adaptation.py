@@ -255,11 +255,11 @@ def _new_subjects_mix(net, dm, index: dict[str, int], *, alphas=None
 
 def train_alone(cfg: DictConfig, dm, *, out_dir: Path, quiet: bool = True
                 ) -> tuple[Any, dict[str, Any]]:
-    """A decoder trained on ``dm`` alone with the run's recipe (MEG focus and read-out): the
-    model the adapted ones start from (trained on the other subjects), and the one trained from
-    scratch that they are measured against. Returns it and the training summary with its
-    ``val_rank_score`` / ``val_rows`` and, MEG, its ``readout_mix`` / ``readout_alpha``
-    (:func:`adapt_subjects`')."""
+    """A decoder trained on ``dm`` alone with the run's recipe (MEG focus and read-out, the
+    refit on train + validation trials with ``refit.<modality>``): the model the adapted ones
+    start from (trained on the other subjects), and the one trained from scratch that they
+    are measured against. Returns it and the training summary with its ``val_rank_score`` /
+    ``val_rows`` and, MEG, its ``readout_mix`` / ``readout_alpha`` (:func:`adapt_subjects`')."""
     from .fit import build_module, fit, refit, refitting, resolve_focus
     from .readout import attach_readout, choose_meg_readout
 
