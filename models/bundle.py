@@ -55,10 +55,13 @@ class OwnModel(_Part):
     """A subject decoded by a model of its own (``neurorecon adapt``): the bundle's model
     fine-tuned on the subject's trials (``adapt.way=finetune``) or one trained on them alone
     (``adapt.way=scratch``); the subject's ``index`` is its index in this model. The bundle's
-    own model, and so its other subjects, are unchanged."""
+    own model, and so its other subjects, are unchanged. ``model_type``: when it differs from
+    the bundle's (a single model trained from scratch beside an ensemble); None: the
+    bundle's."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
 
+    model_type: str | None = None
     net_config: dict[str, Any] = Field(alias="model_config")
     weights: str = Field(pattern=r"^subjects/[A-Za-z0-9][A-Za-z0-9._-]*\.safetensors$")
 

@@ -12,10 +12,12 @@ from typing import Any
 
 from torch import nn
 
+from .ensemble import EncoderEnsemble
 from .fmri.encoder import FmriEncoder
 from .meg.brain_module import MegBrainModule
 
-#: model_type → class; keys are the class names (what training stores as ``model_type``)
+#: model_type → class; keys are the class names (what training stores as ``model_type``).
+#: Besides these encoders, ``build`` knows :class:`EncoderEnsemble` (an average of them).
 MODEL_TYPES: dict[str, type[nn.Module]] = {
     cls.__name__: cls for cls in (MegBrainModule, FmriEncoder)
 }
@@ -36,15 +38,18 @@ def build(model_type: str, config: Mapping[str, Any]) -> nn.Module:
     Parameters
     ----------
     model_type : str
-        A key of :data:`MODEL_TYPES` (the class name).
+        A key of :data:`MODEL_TYPES` (the class name), or ``EncoderEnsemble``.
     config : mapping
-        Constructor arguments (keys = argument names).
+        Constructor arguments (keys = argument names); an ensemble's members' types and
+        configs.
 
     Returns
     -------
     nn.Module
         A freshly initialised model; load the saved state dict into it.
     """
+    if model_type == EncoderEnsemble.__name__:  # its members are models of the registry
+        return EncoderEnsemble.from_config(config, build=build)
     return get_model_class(model_type).from_config(config)
 
 

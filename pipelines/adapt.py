@@ -121,7 +121,7 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
     kept = info["way"]  # adapt.way=auto: the way the validation trials chose
     if kept in OWN_MODEL:  # their own model beside the bundle's, which stays as it was
         net = decoder.net
-        own = {"model_config": model.get_config(),
+        own = {"model_type": type(model).__name__, "model_config": model.get_config(),
                "weights": f"subjects/sub-{'-'.join(dm.labels)}.safetensors"}
         entries = {label: {**entry, "model": own} for label, entry in entries.items()}
         subject_nets.update(dict.fromkeys(dm.labels, model))

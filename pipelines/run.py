@@ -29,6 +29,8 @@ from .reconstruct.generation import generator_rows, stimulus_images
 from .train.fit import (
     build_datamodule,
     build_module,
+    ensemble_selected,
+    ensembling,
     fit,
     prepare_caches,
     refit,
@@ -76,13 +78,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                        "training (%d processes); the validation-selected model is used",
                        trainer.world_size)
     elif refitting(cfg, dm.modality):
+        selected = lit.net
         refitted = refit(cfg, info, dm, out_dir=out_dir, focus=focus)
         if refitted is not None:
             lit, dm = refitted
+            if ensembling(cfg, dm.modality):
+                ensemble_selected(lit, selected, info)
     if readout is not None:
         attach_readout(lit.net, dm, readout, alphas=cfg.evaluate.get("ridge_alphas"))
-        update_checkpoint(lit, info)
         info["readout"] = {k: v for k, v in readout.items() if k != "val_rows"}
+    if readout is not None or "ensemble" in info:  # what the checkpoint's model now holds
+        update_checkpoint(lit, info)
     metrics = evaluate(lit.net, dm, out_dir=out_dir,
                        stim_root=stim_root,
                        ridge=bool(cfg.evaluate.ridge),

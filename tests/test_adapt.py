@@ -74,6 +74,12 @@ def adapted(request, trained):
     return modality, base, Path(acfg.paths.output_dir) / "bundle", metrics, acfg
 
 
+def members(net) -> list:
+    """The models an encoder averages: an ensemble's members (MEG: ``ensemble.meg``), else
+    the encoder itself."""
+    return list(getattr(net, "members", [net]))
+
+
 def test_adapted_bundle_keeps_old_subjects_and_decodes_the_new_one(adapted):
     import torch
 
@@ -110,16 +116,18 @@ def test_adapted_bundle_keeps_old_subjects_and_decodes_the_new_one(adapted):
         assert all(torch.equal(v, new.net.state_dict()[k]) for k, v in old.net.state_dict().items())
         weights = new.config.subjects["02"].model.weights
         assert weights == "subjects/sub-02.safetensors" and (out / weights).is_file()
-        assert not torch.equal(old.net.merge.weight, own.merge.weight)  # every layer trained
+        assert not torch.equal(members(old.net)[0].merge.weight,
+                               members(own)[0].merge.weight)  # every layer trained
         assert index == (1 if way == "finetune" else 0)  # scratch: the new subject alone
     else:  # the bundle's model with the new subject's own parts; the shared layers identical
         assert own is new.net and new.config.subjects["02"].model is None
         assert set(old.net.state_dict()) <= set(new.net.state_dict())
         assert index == 1
         if modality == "meg":
-            assert torch.equal(old.net.merge.weight, new.net.merge.weight)
-    if modality == "meg":  # a subject-layer matrix per subject of the model
-        assert own.subject_layer.weight.shape[0] == index + 1
+            assert all(torch.equal(a.merge.weight, b.merge.weight)
+                       for a, b in zip(members(old.net), members(new.net), strict=True))
+    if modality == "meg":  # a subject-layer matrix per subject of the model (of each member)
+        assert all(m.subject_layer.weight.shape[0] == index + 1 for m in members(own))
     # the new subject decodes: its test trials through the adapted bundle (as `evaluate`)
     enc, chance = metrics["retrieval"]["encoder"], metrics["retrieval"]["chance"]
     assert metrics["subjects"] == ["02"]

@@ -62,10 +62,11 @@ def _keys(tree: dict, depth: int = 2) -> set[str]:
     return out
 
 
-MODALITY_KEYS = {"meg": {"preprocess.meg", "encoder.meg", "refit.meg", "focus.meg", "readout.meg",
-                         "adaptation.meg", "objective.meg"},
-                 "fmri": {"preprocess.fmri", "encoder.fmri", "refit.fmri", "adaptation.fmri",
-                          "objective.fmri", "data.fmri_input", "data.betas_glob"}}
+MODALITY_KEYS = {"meg": {"preprocess.meg", "encoder.meg", "refit.meg", "ensemble.meg", "focus.meg",
+                         "readout.meg", "adaptation.meg", "objective.meg"},
+                 "fmri": {"preprocess.fmri", "encoder.fmri", "refit.fmri", "ensemble.fmri",
+                          "adaptation.fmri", "objective.fmri", "data.fmri_input",
+                          "data.betas_glob"}}
 
 
 @pytest.mark.parametrize("overrides, modality", [

@@ -454,3 +454,59 @@ def test_traced_single_window_model_equals_forward_for_any_mask(monkeypatch):
                                                    sensors=inputs["sensors"][:1])["clip"])
     with pytest.raises(ValueError, match="Allowed values"):
         net.trace_window(head="both", **kw)
+
+
+# ---------------------------------------------------------------------------------- ensemble
+def test_ensemble_averages_its_members_everywhere_a_model_is_used():
+    """An ensemble's outputs are the mean of its members' (unit-norm for retrieval); what
+    changes a model (read-out, deep share, new subjects, freezing) reaches every member; the
+    registry rebuilds it from its config and state dict, and its traced single-window model
+    (the streamer's) gives forward's outputs."""
+    from neurorecon.models.ensemble import EncoderEnsemble
+
+    torch.manual_seed(0)
+    members = [MegBrainModule(**MegBrainModule.example_config()) for _ in range(2)]
+    ens = EncoderEnsemble(members).eval()
+    x, inputs = members[0].example_inputs(batch_size=4)
+    c = x.shape[1]
+    ens.add_readout(bins=[[5, 10], [10, 20]], n_chans=c)
+    weight, bias = torch.randn(8, 2 * c), torch.randn(8)
+    ens.set_readout(1, weight, bias)
+    ens.set_readout_mix(0.5)
+    for m in members:
+        assert [list(b) for b in m.readout_bins] == [[5, 10], [10, 20]]
+        torch.testing.assert_close(m.readout_weight[1], weight)
+        assert m.readout_mix.tolist() == [0.5, 0.5]
+    with torch.no_grad():
+        out, parts = ens(x, **inputs), [m(x, **inputs) for m in members]
+    unit = torch.nn.functional.normalize
+    torch.testing.assert_close(out["clip"], (unit(parts[0]["clip"], dim=-1)
+                                             + unit(parts[1]["clip"], dim=-1)) / 2)
+    torch.testing.assert_close(out["mse"], (parts[0]["mse"] + parts[1]["mse"]) / 2)
+    assert not torch.allclose(parts[0]["clip"], parts[1]["clip"])  # two models, not one
+    # rebuilt from JSON config + state dict (a bundle's files): the same outputs
+    rebuilt = build("EncoderEnsemble", json.loads(json.dumps(ens.get_config())))
+    rebuilt.load_state_dict(ens.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x, **inputs)["clip"], out["clip"])
+    # the streamer's traced window model
+    kw = {"positions": inputs["positions"][0], "subject": 1}
+    with torch.no_grad():
+        one = ens(x[:1], positions=inputs["positions"][:1], mask=inputs["mask"][:1],
+                  subject=torch.tensor([1]))
+        for head in ("clip", "mse"):
+            traced = ens.trace_window(head=head, **kw)
+            torch.testing.assert_close(traced(x[:1], inputs["mask"][:1]), one[head],
+                                       rtol=1e-5, atol=1e-6)
+    # a new subject in every member, at the same index; freezing leaves each one's own part
+    assert ens.add_subjects(1, n_chans=c) == [2]
+    assert [m.n_subjects for m in members] == [3, 3] and ens.n_subjects == 3
+    trainable = ens.freeze_shared([2])
+    assert {id(p) for p in trainable} == {id(m.subject_layer.weight) for m in members}
+    # nothing that would change the first member alone, and clear errors
+    with pytest.raises(AttributeError, match="does not forward"):
+        ens.check_inputs(x, **inputs)
+    with pytest.raises(ValueError, match="at least 2"):
+        EncoderEnsemble(members[:1])
+    with pytest.raises(ValueError, match="one class"):
+        EncoderEnsemble([members[0], FmriEncoder(**FmriEncoder.example_config())])

@@ -63,7 +63,18 @@ def test_run_contract_on_sample(sample_root, tmp_path, modality):
     ckpt = torch.load(metrics["training"]["best_checkpoint"], map_location="cpu",
                       weights_only=False)
     desc = ckpt["neurorecon"]
-    assert desc["model_type"] in ("MegBrainModule", "FmriEncoder")
+    kind, model_config = {"meg": "MegBrainModule", "fmri": "FmriEncoder"}[modality], None
+    if modality == "meg":  # ensemble.meg: the refit averaged with the model it came from
+        assert desc["model_type"] == "EncoderEnsemble"
+        training = metrics["training"]
+        assert training["ensemble"]["members"] == [training["best_checkpoint"],
+                                                   training["selected_checkpoint"]]
+        members = desc["model_config"]["members"]
+        assert [m["model_type"] for m in members] == [kind, kind]
+        assert members[0]["config"] == members[1]["config"]
+        model_config = members[0]["config"]
+    else:
+        assert desc["model_type"] == kind and "ensemble" not in metrics["training"]
     assert desc["data"]["embedder"]["name"] == metrics["embedder"]
     assert set(desc["data"]["subjects"]) == {"01", "02"}
     if modality == "meg":
@@ -73,15 +84,16 @@ def test_run_contract_on_sample(sample_root, tmp_path, modality):
         assert desc["data"]["preprocessing"]["params"]["sfreq"] == 120.0
         # the temporal focus picked on validation trials is part of the model
         focus = metrics["training"]["focus"]
-        assert desc["model_config"]["focus"] == focus["samples"]
+        assert model_config["focus"] == focus["samples"]
         assert focus["tmin"] >= -0.5 and focus["tmax"] <= 1.0 + 1 / 120 + 1e-6
         # so is the linear read-out over the focus, with its mix chosen on validation
         readout = metrics["training"]["readout"]
         assert 0.0 <= readout["mix"] <= 1.0 and readout["bin_width"] in (0.025, 0.05, 0.1)
-        bins = desc["model_config"]["readout"]["bins"]
+        bins = model_config["readout"]["bins"]
         assert bins[0][0] == focus["samples"][0] and bins[-1][1] == focus["samples"][1]
-        assert ckpt["state_dict"]["net.readout_mix"].tolist() == pytest.approx(
-            [readout["mix"]] * 2)  # one deep share per subject, the run's choice for both
+        for k in range(2):  # one deep share per subject, the run's choice for both
+            assert ckpt["state_dict"][f"net.members.{k}.readout_mix"].tolist() == pytest.approx(
+                [readout["mix"]] * 2)
         assert {"deep", "linear_readout"} <= set(metrics["retrieval"])
         # the deep encoder's own time-resolved curve: one training per window (0.5 s steps)
         tr = metrics["time_resolved"]
@@ -206,7 +218,9 @@ def test_token_level_targets(sample_root, tmp_path, hf_dirs):
     ckpt = torch.load(metrics["training"]["best_checkpoint"], map_location="cpu",
                       weights_only=False)
     assert ckpt["neurorecon"]["data"]["n_tokens"] == 17  # 4x4 patches + CLS of the tiny CLIP
-    assert ckpt["neurorecon"]["model_config"]["n_tokens"] == 17
+    config = ckpt["neurorecon"]["model_config"]
+    for member in config.get("members", [{"config": config}]):  # MEG: an ensemble (refit)
+        assert member["config"]["n_tokens"] == 17
     assert 0 <= metrics["retrieval"]["encoder"]["top5"] <= 1
 
 

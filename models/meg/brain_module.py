@@ -474,6 +474,13 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
             self.readout_weight[subject, :, :weight.shape[1]] = weight
             self.readout_bias[subject] = torch.as_tensor(bias, dtype=torch.float32)
 
+    def set_readout_mix(self, mix, subjects=None) -> None:
+        """Set the deep share (``readout_mix``) of ``subjects`` (indices; default all) to
+        ``mix``: a number, or one per subject."""
+        with torch.no_grad():
+            rows = slice(None) if subjects is None else torch.as_tensor(subjects).long()
+            self.readout_mix[rows] = torch.as_tensor(mix, dtype=self.readout_mix.dtype)
+
     # ------------------------------------------------------------------ new subjects
     def add_subjects(self, n: int, *, n_chans: int | None = None) -> list[int]:
         """Append ``n`` subjects (new-subject adaptation); return their indices.

@@ -64,10 +64,10 @@ def readout_parts(net, dm) -> dict[str, np.ndarray]:
     out = {}
     try:
         for name, value in (("deep", 1.0), ("linear_readout", 0.0)):
-            net.readout_mix.fill_(value)
+            net.set_readout_mix(value)
             out[name] = predict_split(net, dm, "test")
     finally:
-        net.readout_mix.copy_(mix)
+        net.set_readout_mix(mix)
     return out
 
 

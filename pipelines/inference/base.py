@@ -473,8 +473,8 @@ class Decoder:
                               hint="load it with Decoder.from_pretrained")
         net = _load_net(root, config.model_type, config.net_config, WEIGHTS).to(device)
         own = {label: info.model for label, info in config.subjects.items() if info.model}
-        loaded = {m.weights: _load_net(root, config.model_type, m.net_config, m.weights
-                                       ).to(device)
+        loaded = {m.weights: _load_net(root, m.model_type or config.model_type, m.net_config,
+                                       m.weights).to(device)
                   for m in {m.weights: m for m in own.values()}.values()}  # a shared file once
         masks = DECODERS[config.modality]._load_masks(root, config)
         gallery = _load_gallery(root / GALLERY) if (root / GALLERY).is_dir() else None

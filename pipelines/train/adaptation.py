@@ -126,8 +126,7 @@ def adapt_subjects(cfg: DictConfig, net, dm, *, out_dir: Path, quiet: bool = Fal
                                            out_dir=out_dir / "refit", quiet=True, epochs=epochs)
         info.update(refit_epochs=epochs, refit_seconds=again["train_seconds"])
         if meg:
-            with torch.no_grad():
-                model.readout_mix[[index[s] for s in dm.labels]] = info["readout_mix"]
+            model.set_readout_mix(info["readout_mix"], [index[s] for s in dm.labels])
     if meg:
         info["readout_alpha"] = {
             label: fit_subject_readout(model, dm, k, index=index[label], alphas=alphas)
@@ -240,16 +239,15 @@ def _new_subjects_mix(net, dm, index: dict[str, int], *, alphas=None
     new = torch.tensor([index[s] for s in dm.labels])
     old = torch.ones(net.n_subjects, dtype=torch.bool)
     old[new] = False
-    with torch.no_grad():
-        net.readout_mix[new] = 1.0  # the deep part alone, for its validation predictions
-        bins = net.readout_bins
-        sfreq = float(dm.recipe["params"]["sfreq"])
-        choice = choose_readout(dm, span=(bins[0][0], bins[-1][1]),
-                                deep_val=predict_split(net, dm, "val", subject_index=index),
-                                bin_widths=[(bins[0][1] - bins[0][0]) / sfreq], alphas=alphas)
-        mix = (float(choice["mix"]) if choice is not None
-               else float(net.readout_mix[old].mean()) if old.any() else 1.0)
-        net.readout_mix[new] = mix
+    net.set_readout_mix(1.0, new)  # the deep part alone, for its validation predictions
+    bins = net.readout_bins
+    sfreq = float(dm.recipe["params"]["sfreq"])
+    choice = choose_readout(dm, span=(bins[0][0], bins[-1][1]),
+                            deep_val=predict_split(net, dm, "val", subject_index=index),
+                            bin_widths=[(bins[0][1] - bins[0][0]) / sfreq], alphas=alphas)
+    mix = (float(choice["mix"]) if choice is not None
+           else float(net.readout_mix[old].mean()) if old.any() else 1.0)
+    net.set_readout_mix(mix, new)
     return mix, None if choice is None else choice["val_rows"]
 
 

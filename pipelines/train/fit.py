@@ -252,6 +252,26 @@ def refit(cfg: DictConfig, info: dict[str, Any], dm, *, out_dir: Path,
     return lit, dm
 
 
+def ensembling(cfg: DictConfig, modality: str) -> bool:
+    """``ensemble.<modality>``: after a refit, the encoder is the average of the refitted
+    model and the validation-selected one it was refitted from (:func:`ensemble_selected`)."""
+    return bool((cfg.get("ensemble") or {}).get(modality))
+
+
+def ensemble_selected(lit, selected, info: dict[str, Any]) -> None:
+    """Make ``lit``'s encoder (a refit, :func:`refit`) the average of itself and ``selected``,
+    the validation-selected model of ``info["selected_checkpoint"]``
+    (:class:`~neurorecon.models.ensemble.EncoderEnsemble`): no training, and the spread
+    over seeds of one refitted model falls (measured over draws of the randomized family;
+    README). Recorded in ``info["ensemble"]``."""
+    from neurorecon.models.ensemble import EncoderEnsemble
+
+    lit.net = EncoderEnsemble([lit.net, selected])
+    info["ensemble"] = {"members": [info["best_checkpoint"], info["selected_checkpoint"]]}
+    logger.info("encoder: the refitted model averaged with the validation-selected one (%s)",
+                info["selected_checkpoint"])
+
+
 def update_checkpoint(lit, info: dict[str, Any]) -> None:
     """Rewrite the selected checkpoint (``info["best_checkpoint"]``) with ``lit``'s current
     weights and encoder config: what was fitted after training (the MEG read-out) is then part
@@ -263,6 +283,7 @@ def update_checkpoint(lit, info: dict[str, Any]) -> None:
         return
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     ckpt["state_dict"] = lit.state_dict()
+    lit.description["model_type"] = type(lit.net).__name__
     lit.description["model_config"] = lit.net.get_config()
     ckpt["neurorecon"] = lit.description
     tmp = Path(f"{path}.tmp")

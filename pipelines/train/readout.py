@@ -145,8 +145,7 @@ def attach_readout(net, dm, choice: dict[str, Any], *, fit_splits=("train", "val
         alpha = fit_subject_readout(net, dm, k, index=k, fit_splits=fit_splits, alphas=alphas)
         if alpha is not None:
             alphas_used[dm.labels[k]] = alpha
-    with torch.no_grad():
-        net.readout_mix.fill_(float(choice["mix"]))
+    net.set_readout_mix(float(choice["mix"]))
     choice["alpha"] = alphas_used
 
 

@@ -1,0 +1,123 @@
+"""An encoder that averages several trained encoders of one architecture.
+
+A run's refit (``refit.<modality>``) retrains a fresh model on train + validation trials for
+the epoch count validation chose; that model is a new training that validation never scored,
+and on a weak recording two seeds' refits can differ by 0.1 top-5. Averaging it with the
+validation-selected model it was refitted from (``ensemble.<modality>``) costs no training:
+both exist already. :class:`EncoderEnsemble` holds them as ``members`` and is used where one
+encoder is (training's evaluation, checkpoints, the bundle, the ``Decoder``, the streamer,
+``neurorecon adapt``):
+
+- :meth:`forward`: the mean of the members' unit-norm contrastive outputs and of their
+  regression outputs.
+- What changes a model (new subjects, their freezing, a read-out, the fMRI subspace) is
+  applied to every member; attributes that describe it (``n_times``, ``focus``,
+  ``readout_bins``, ``n_subjects``...) are read from the first, as all members agree.
+- ``get_config()`` is ``{"members": [{"model_type", "config"}, ...]}`` and the state dict
+  ``members.<i>.<name>``, so :func:`~neurorecon.models.registry.build` rebuilds it from a
+  bundle without unpickling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: what changes a model: called on the ensemble, called on every member that has it (their
+#: results must agree, e.g. a new subject's index)
+_ON_EVERY_MEMBER = ("add_subjects", "add_subject", "fit_subspace", "add_readout", "set_readout",
+                    "set_readout_mix")
+
+
+class EncoderEnsemble(nn.Module):
+    """The average of ``members`` (encoders of one class with the same subjects and inputs).
+
+    Parameters
+    ----------
+    members : sequence of nn.Module
+        At least two encoders of one class (``forward(x, **inputs) -> {"clip", "mse"}``).
+    """
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        members = list(members)
+        if len(members) < 2:
+            raise ValueError(f"EncoderEnsemble needs at least 2 members, got {len(members)}")
+        kinds = sorted({type(m).__name__ for m in members})
+        if len(kinds) != 1:
+            raise ValueError(f"EncoderEnsemble members must be of one class, got {kinds}")
+        self.members = nn.ModuleList(members)
+
+    # ------------------------------------------------------------------ config I/O
+    def get_config(self) -> dict[str, Any]:
+        """The members' types and constructor configs (``from_config`` rebuilds them)."""
+        return {"members": [{"model_type": type(m).__name__, "config": m.get_config()}
+                            for m in self.members]}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], *, build) -> EncoderEnsemble:
+        """An ensemble of fresh members from :meth:`get_config` output; ``build(model_type,
+        config)`` builds each (:func:`neurorecon.models.registry.build`)."""
+        members = config.get("members") if isinstance(config, Mapping) else None
+        if not members or set(config) != {"members"}:
+            raise ValueError("EncoderEnsemble config must be {'members': [{'model_type', "
+                             "'config'}, ...]}, got " + repr(config))
+        return cls([build(m["model_type"], m["config"]) for m in members])
+
+    # ------------------------------------------------------------------ what members share
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # parameters, buffers, sub-modules
+        except AttributeError:
+            pass
+        members = self._modules.get("members")
+        if not members or name.startswith("_"):
+            raise AttributeError(f"EncoderEnsemble has no attribute {name!r}")
+        value = getattr(members[0], name)
+        if name in _ON_EVERY_MEMBER:
+            return lambda *args, **kwargs: _agreed(
+                [getattr(m, name)(*args, **kwargs) for m in members], name)
+        if callable(value) and not isinstance(value, torch.Tensor):
+            raise AttributeError(f"EncoderEnsemble does not forward the method {name!r} "
+                                 "(it would change the first member alone)")
+        return value
+
+    def freeze_shared(self, *args, **kwargs) -> list[nn.Parameter]:
+        """Freeze every member's shared layers; the parameters left trainable, all members'."""
+        return [p for m in self.members for p in (m.freeze_shared(*args, **kwargs) or [])]
+
+    # ------------------------------------------------------------------ outputs
+    def forward(self, x: torch.Tensor, **inputs: Any) -> dict[str, torch.Tensor]:
+        outs = [m(x, **inputs) for m in self.members]
+        return {"clip": torch.stack([F.normalize(o["clip"], dim=-1) for o in outs]).mean(0),
+                "mse": torch.stack([o["mse"] for o in outs]).mean(0)}
+
+    def trace_window(self, *, head: str = "clip", **kwargs: Any) -> nn.Module:
+        """The members' :meth:`~neurorecon.models.meg.brain_module.MegBrainModule.trace_window`
+        (each traced and frozen), averaged as :meth:`forward` averages them."""
+        return _MeanOfWindows([m.trace_window(head=head, **kwargs) for m in self.members],
+                              head=head).eval()
+
+
+def _agreed(values: list[Any], what: str) -> Any:
+    if any(v != values[0] for v in values[1:]):
+        raise RuntimeError(f"EncoderEnsemble.{what}: members disagree ({values})")
+    return values[0]
+
+
+class _MeanOfWindows(nn.Module):
+    """Traced single-window members, averaged (:meth:`EncoderEnsemble.trace_window`)."""
+
+    def __init__(self, parts: list[nn.Module], *, head: str):
+        super().__init__()
+        self.parts, self.head = nn.ModuleList(parts), head
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        outs = [part(x, mask) for part in self.parts]
+        if self.head == "clip":
+            outs = [F.normalize(o, dim=-1) for o in outs]
+        return torch.stack(outs).mean(0)
