@@ -4,6 +4,7 @@ new one decodes, the adapted causal MEG bundle still streams (online == offline)
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,9 @@ def trained(sample_root, tmp_path_factory):
             done[modality] = data, Path(cfg.paths.output_dir) / "bundle", root
         return done[modality]
 
-    return get
+    yield get
+    for _, _, root in done.values():  # the suite's disk (pyproject: tmp_path_retention_policy)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module", params=["meg", *(
@@ -71,7 +74,8 @@ def adapted(request, trained):
         f"bundle={base}", f"adapt.max_epochs={EPOCHS[modality]}",
         *([f"adapt.way={way}"] if way else [])])
     metrics = adapt(acfg)
-    return modality, base, Path(acfg.paths.output_dir) / "bundle", metrics, acfg
+    yield modality, base, Path(acfg.paths.output_dir) / "bundle", metrics, acfg
+    shutil.rmtree(root / (way or "default"), ignore_errors=True)  # up to 0.7 GB per way
 
 
 def members(net) -> list:

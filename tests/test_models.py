@@ -430,7 +430,8 @@ def test_traced_single_window_model_equals_forward_for_any_mask(monkeypatch):
     x, inputs = net.example_inputs(batch_size=2)
     c = x.shape[1]
     net.add_readout(bins=[[5, 10], [10, 20]], n_chans=c)
-    net.set_readout(1, torch.randn(8, 2 * c), torch.randn(8))
+    # rank 2, as a ridge fitted on few trials: a single window multiplies by its factors
+    net.set_readout(1, torch.randn(8, 2) @ torch.randn(2, 2 * c), torch.randn(8))
     net.readout_mix.fill_(0.4)
     net.eval()
     kw = {"positions": inputs["positions"][0], "sensors": inputs["sensors"][0], "subject": 1}
@@ -439,6 +440,7 @@ def test_traced_single_window_model_equals_forward_for_any_mask(monkeypatch):
         traced = {head: net.trace_window(head=head, **kw) for head in ("clip", "mse")}
     # nothing to filter (a filter is process-wide and races other threads' catch_warnings)
     assert [str(w.message) for w in said if w.category is torch.jit.TracerWarning] == []
+    assert [f.shape for f in net._readout_factors_cache[1][1]] == [(8, 2), (2, 2 * c)]
     for bad in ([], [0, 3, 7]):
         mask = torch.ones(1, c, dtype=torch.bool)
         mask[0, bad] = False

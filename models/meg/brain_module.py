@@ -549,7 +549,11 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
 
         A ridge fitted on n trials has rank below n, so a single window (the real-time
         decoder's case, where reading ``W`` is most of the read-out's time) multiplies by far
-        fewer weights. Computed once per weights (an SVD), kept outside the state.
+        fewer weights. Computed once per weights, kept outside the state: ``W``'s leading
+        singular vectors from the eigenvectors of the smaller Gram matrix (``W Wᵀ`` or
+        ``Wᵀ W``, in float64), and ``W`` projected on them; no division by singular values.
+        On a 1280 x 8494 read-out this takes 0.5 s where an SVD of ``W`` took 7 s, which every
+        start of the real-time decoder paid per model.
         """
         if torch.jit.is_tracing():  # trace_window computed them just before, eagerly
             return self._readout_factors_cache[subject][1]
@@ -558,12 +562,15 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
         if cached is not None and cached[0] == key:
             return cached[1]
         w = self.readout_weight[subject, :, :n_feat].double()
-        u, sv, vh = torch.linalg.svd(w, full_matrices=False)
-        rank = int((sv > sv[0] * 1e-7).sum()) if len(sv) and sv[0] > 0 else 0
+        wide = w.shape[0] <= w.shape[1]
+        eigval, eigvec = torch.linalg.eigh(w @ w.T if wide else w.T @ w)  # ascending
+        # singular values above 1e-7 of the largest: their squares above 1e-14 of its square
+        rank = int((eigval > eigval[-1] * 1e-14).sum()) if eigval[-1] > 0 else 0
         factors = None
         if rank * sum(w.shape) < w.numel():
-            factors = ((u[:, :rank] * sv[:rank]).float().contiguous(),
-                       vh[:rank].float().contiguous())
+            basis = eigvec[:, len(eigval) - rank:]
+            a, b = (basis, basis.T @ w) if wide else (w @ basis, basis.T)
+            factors = (a.float().contiguous(), b.float().contiguous())
         self._readout_factors_cache[subject] = (key, factors)
         return factors
 
