@@ -69,6 +69,9 @@ def test_run_contract_on_sample(sample_root, tmp_path, modality):
         training = metrics["training"]
         assert training["ensemble"]["members"] == [training["best_checkpoint"],
                                                    training["selected_checkpoint"]]
+        paths = [Path(p) for p in training["ensemble"]["members"]]
+        assert all(p.is_absolute() and p.is_file() for p in paths)
+        assert paths[0].parent == paths[1].parent  # the run's checkpoints folder
         members = desc["model_config"]["members"]
         assert [m["model_type"] for m in members] == [kind, kind]
         assert members[0]["config"] == members[1]["config"]

@@ -242,7 +242,7 @@ def refit(cfg: DictConfig, info: dict[str, Any], dm, *, out_dir: Path,
     dm = dm.with_validation_in_train()
     lit = build_module(cfg, dm, focus=focus)
     seconds, trainer = train_epochs(cfg, lit, dm, epochs, out_dir=out_dir)
-    path = out_dir / "checkpoints" / "refit.ckpt"
+    path = (out_dir / "checkpoints" / "refit.ckpt").resolve()  # as Lightning records the best
     trainer.save_checkpoint(path, weights_only=False)  # a full checkpoint, like the best one
     info.update(selected_checkpoint=best, best_checkpoint=str(path), refit_epochs=epochs,
                 refit_seconds=round(seconds, 2))
