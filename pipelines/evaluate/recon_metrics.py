@@ -65,7 +65,6 @@ __all__ = [
     "compare_reconstructions",
     "effnet_distance",
     "inception_two_way",
-    "judged_two_way_rows",
     "pixcorr",
     "reconstruction_metrics",
     "ssim",
@@ -472,26 +471,6 @@ def alexnet_two_way_rows(recon: Any, truth: Any, *, layers: Sequence[int] = (2, 
     f_r, f_t = _alexnet_features(recon, truth, layers=layers, batch_size=batch_size,
                                  device=device)
     return {layer: two_way_rows(f_t[layer], f_r[layer]) for layer in layers}
-
-
-def judged_two_way_rows(recons: Sequence[Any], truth: Any, *, batch_size: int = 32,
-                        device: str = "cpu") -> list[dict[str, np.ndarray]]:
-    """The two-way identifications a reconstruction is judged by, per reconstruction: for
-    each set in ``recons`` (each row-aligned with ``truth``), ``{"alexnet2", "alexnet5",
-    "inception"}`` -> ``(n,)`` fractions whose means are :func:`alexnet_two_way` (layers 2
-    and 5) and :func:`inception_two_way`: per-trial scores for choices made on validation
-    trials, with a standard error. Each network is loaded once and sees ``truth`` once."""
-    pairs = [_pair(recon, truth, min_n=2) for recon in recons]
-    if not pairs:
-        return []
-    for recon, true in pairs:
-        _check_resized(recon, true, ALEXNET_SIZE, what="alexnet2/5")
-    made, true = [recon for recon, _ in pairs], pairs[0][1]
-    *alex, alex_t = _alexnet_features(*made, true, layers=(2, 5), batch_size=batch_size,
-                                      device=device)
-    *incep, incep_t = _inception_features(*made, true, batch_size=batch_size, device=device)
-    return [{"alexnet2": two_way_rows(alex_t[2], a[2]), "alexnet5": two_way_rows(alex_t[5], a[5]),
-             "inception": two_way_rows(incep_t, i)} for a, i in zip(alex, incep, strict=True)]
 
 
 def _inception_features(*batches: np.ndarray, batch_size: int,

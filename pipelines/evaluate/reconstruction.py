@@ -45,7 +45,7 @@ from ..reconstruct.generation import (
     start_rows,
     stimulus_images,
 )
-from .recon_metrics import compare_reconstructions, judged_two_way_rows
+from .recon_metrics import alexnet_two_way_rows, compare_reconstructions
 from .stage import TestTrials, candidate_embeddings, prepare_dataset
 from .summary import write_report
 
@@ -195,11 +195,9 @@ def choose_strength(cfg: DictConfig, val: ValidationTrials, *, rerank: float) ->
     both, as the test images are. Each validation trial gets its start as a test trial does
     (its own image excluded from the candidates, re-ranked with ``rerank``); each strength of
     :data:`~..reconstruct.generation.STRENGTH_GRID` generates from it (0: the start itself),
-    scored per trial by the two-way identifications reconstructions are judged by, AlexNet(2),
-    AlexNet(5) and InceptionV3, among the validation trials (their mean;
-    :func:`~.recon_metrics.judged_two_way_rows`);
-    :func:`~..reconstruct.generation.one_standard_error` picks, so a generator that adds nothing
-    measurable to its start is not run.
+    scored per trial by AlexNet(2) and AlexNet(5) two-way identification among the validation
+    trials (their mean); :func:`~..reconstruct.generation.one_standard_error` picks, so a
+    generator that adds nothing measurable to its start is not run.
     """
     from ..inference import predict_split
     from ..train.ridge import flat_targets
@@ -232,13 +230,14 @@ def choose_strength(cfg: DictConfig, val: ValidationTrials, *, rerank: float) ->
                         scale=generator.embedding_scale,
                         target_norm=float(np.linalg.norm(emb[fit], axis=1).mean()))
     truth = [images[t].resize((res, res), Image.BICUBIC) for t in trials.target]
-    made = [starts if strength == 0 else generator.generate(
-        cond, init_images=starts, strength=strength, steps=int(rcfg.steps),
-        guidance_scale=float(rcfg.guidance_scale), seed=int(rcfg.seed),
-        batch_size=int(rcfg.batch_size)) for strength in STRENGTH_GRID]
-    scores = judged_two_way_rows(made, truth)
-    per_trial = {strength: np.mean(list(rows.values()), axis=0)
-                 for strength, rows in zip(STRENGTH_GRID, scores, strict=True)}
+    per_trial = {}
+    for strength in STRENGTH_GRID:
+        made = starts if strength == 0 else generator.generate(
+            cond, init_images=starts, strength=strength, steps=int(rcfg.steps),
+            guidance_scale=float(rcfg.guidance_scale), seed=int(rcfg.seed),
+            batch_size=int(rcfg.batch_size))
+        rows = alexnet_two_way_rows(made, truth, layers=(2, 5))
+        per_trial[strength] = (rows[2] + rows[5]) / 2
     return one_standard_error(per_trial, what="img2img strength")
 
 
