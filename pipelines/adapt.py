@@ -130,7 +130,8 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
               **({"chosen": way, "val_rank_score": info.get("tried"),
                   "way_choice": info.get("way_choice")} if way == "auto" else {}),
               "train_seconds": round(train_seconds, 2), "epochs": info.get("epochs"),
-              "best_epoch": info.get("best_epoch"), "refit_epochs": info.get("refit_epochs"),
+              "best_epoch": info.get("best_epoch"), "val_select": info.get("val_select"),
+              "refit_epochs": info.get("refit_epochs"),
               "readout_alpha": info.get("readout_alpha"),
               "readout_mix": info.get("readout_mix")}
     config = BundleConfig.model_validate({

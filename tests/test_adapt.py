@@ -12,6 +12,7 @@ import pytest
 
 from neurorecon.models.common.checks import DataError
 from neurorecon.pipelines.train.adaptation import DEFAULT_WAY, choose_way
+from neurorecon.pipelines.train.fit import refit_epochs as chosen_epochs
 
 from .conftest import compose_stage, scored_sample
 from .test_bundle import FAST, TINY_GENERATOR
@@ -151,6 +152,8 @@ def test_adapted_bundle_keeps_old_subjects_and_decodes_the_new_one(adapted):
     assert isinstance(refit_epochs, int), recorded[0]
     # the smoothed peak of the curve validation ran: within the epochs it trained for
     assert 1 <= refit_epochs <= recorded[0]["epochs"] <= EPOCHS[modality], recorded[0]
+    # ... read off the recorded validation curve, not the configured maximum
+    assert recorded[0]["val_select"] and refit_epochs == chosen_epochs(recorded[0]), recorded[0]
     if modality == "meg":  # the read-out got its own ridge and deep share; low-level too
         assert float(own.readout_weight[index].abs().sum()) > 0
         assert new.net.readout_mix[0] == old.net.readout_mix[0]
