@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -75,9 +76,12 @@ class Worker:
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 logger.warning("worker %s: the service process is gone; exiting", self.id)
                 os._exit(0)  # its claim's lease runs out; a restarted service re-queues it
-            self.store.beat(self.id, os.getpid())
-            if self.current is not None:
-                self.store.renew(self.current, self.id, lease_s=self.settings.lease_s)
+            try:
+                self.store.beat(self.id, os.getpid())
+                if self.current is not None:
+                    self.store.renew(self.current, self.id, lease_s=self.settings.lease_s)
+            except sqlite3.Error as err:  # a busy table must not end the heartbeat for good
+                logger.warning("worker %s: heartbeat not written (%s); retrying", self.id, err)
             self.stopping.wait(min(1.0, self.settings.lease_s / 3))
 
     # ------------------------------------------------------------------ one job

@@ -42,8 +42,12 @@ def service(fmri_bundle, tmp_path):
     worker = Worker(settings, "test-worker")
     thread = threading.Thread(target=worker.serve_forever, daemon=True)
     thread.start()
+    store = app.state.service.store
+    t0 = time.time()  # the worker's first heartbeat comes from its own thread: wait for it
+    while store.workers_alive(within_s=5.0) == 0 and time.time() - t0 < 60:
+        time.sleep(0.05)
     with TestClient(app, raise_server_exceptions=False) as client:
-        yield client, {"alice": alice, "bob": bob}, app.state.service.store, worker
+        yield client, {"alice": alice, "bob": bob}, store, worker
     worker.stopping.set()
     thread.join(timeout=30)
 
@@ -284,6 +288,29 @@ def test_idempotency_key(service, sample_root):
                    headers={"Idempotency-Key": "run-1"})
     assert bob.status_code == 202 and bob.json()["id"] != first.json()["id"]
     assert len(list((store.root / "jobs").iterdir())) == 2
+
+
+def test_heartbeat_outlives_a_busy_table(service):
+    """A heartbeat that fails (the table busy past SQLite's timeout) is retried, not lost: the
+    worker stays alive on /ready instead of vanishing while it keeps computing."""
+    import sqlite3
+
+    client, _, store, worker = service
+    beat, failures = worker.store.beat, []
+
+    def flaky(*args):
+        if len(failures) < 2:
+            failures.append(1)
+            raise sqlite3.OperationalError("database is locked")
+        beat(*args)
+
+    worker.store.beat = flaky
+    store._db.execute("DELETE FROM workers")
+    t0 = time.time()
+    while store.workers_alive(within_s=5.0) == 0 and time.time() - t0 < 20:
+        time.sleep(0.1)
+    assert len(failures) == 2
+    assert client.get("/ready").json()["workers_alive"] == 1
 
 
 def test_cancel_a_queued_job(service, sample_root):
