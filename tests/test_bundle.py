@@ -365,6 +365,39 @@ def test_inference_imports_neither_lightning_nor_hydra(meg_run):
 
 
 @pytest.mark.slow  # trains the MEG run (~30 s on 2 cores)
+def test_ensemble_bundle_stores_the_shared_readout_once(meg_run, tmp_path):
+    """The MEG ensemble's members share their read-out: the bundle's model file holds it once
+    (the copy named in the file's metadata) and the loaded members hold equal read-outs; a
+    copy naming a tensor the file lacks is a one-line error naming the file."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from neurorecon.pipelines.inference import BundleError, Decoder
+
+    run_dir, _, _ = meg_run
+    weights = run_dir / "bundle" / "model.safetensors"
+    with safe_open(weights, framework="pt") as f:
+        keys, tied = set(f.keys()), json.loads(f.metadata()["neurorecon.tied"])
+        state = {k: f.get_tensor(k) for k in keys}
+    assert tied["members.1.readout_weight"] == "members.0.readout_weight"
+    assert all(copy.startswith("members.1.") and src == "members.0." + copy[10:]
+               for copy, src in tied.items()) and not set(tied) & keys
+    readout = state["members.0.readout_weight"]
+    assert weights.stat().st_size < 1.2 * readout.numel() * readout.element_size()
+    members = Decoder.from_pretrained(run_dir / "bundle").net.members
+    assert torch.equal(members[0].readout_weight, readout)
+    assert torch.equal(members[1].readout_weight, readout)
+
+    bad = tmp_path / "bundle"
+    shutil.copytree(run_dir / "bundle", bad)
+    save_file(state, bad / "model.safetensors",
+              metadata={"neurorecon.tied": json.dumps({**tied, "members.1.readout_bias": "x"})})
+    with pytest.raises(BundleError, match="names tensors the file lacks") as e:
+        Decoder.from_pretrained(bad)
+    assert "model.safetensors" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_export_stage_round_trips(meg_run, tmp_path):
     from neurorecon.pipelines.export import run as export
     from neurorecon.pipelines.inference import Decoder

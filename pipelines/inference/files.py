@@ -28,6 +28,9 @@ CONFIG, WEIGHTS, MASKS, GALLERY, GENERATOR = (
     "config.json", "model.safetensors", "masks", "gallery", "generator")
 LOWLEVEL = "lowlevel.safetensors"
 NORMALISATION = "normalisation.safetensors"
+#: a model file's metadata key: ``{"copy": "stored tensor"}`` for tensors stored once
+TIED = "neurorecon.tied"
+TIE_MIN_NUMEL = 1 << 16
 THUMBNAIL_SIZE = 96
 
 
@@ -105,8 +108,7 @@ def read_bundle_config(root: Path) -> BundleConfig:
 
 def _load_net(root: Path, model_type: str, net_config: dict[str, Any], weights: str):
     """A model of the bundle: built from its config, its weights from ``root / weights``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
 
     from neurorecon.models.registry import build
 
@@ -118,10 +120,16 @@ def _load_net(root: Path, model_type: str, net_config: dict[str, Any], weights: 
     if not path.is_file():
         raise BundleError("model weights missing", path=path)
     try:
-        state = load_file(path)
+        with safe_open(path, framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+            tied = json.loads((f.metadata() or {}).get(TIED, "{}"))
     except (SafetensorError, OSError, ValueError) as exc:
         raise BundleError(f"unreadable or truncated safetensors file ({exc}); re-export "
                           "the bundle", path=path) from exc
+    if not isinstance(tied, dict) or any(not isinstance(src, str) or src not in state
+                                         for src in tied.values()):
+        raise BundleError(f"metadata {TIED!r} names tensors the file lacks", path=path)
+    state.update({copy: state[src] for copy, src in tied.items()})
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:
@@ -132,9 +140,24 @@ def _load_net(root: Path, model_type: str, net_config: dict[str, Any], weights: 
 
 
 def _save_net(net: torch.nn.Module, path: Path) -> None:
+    """``net``'s state in ``path``; a large tensor equal to an earlier one (an ensemble's
+    members share their MEG read-out) is stored once, the copies named in the metadata."""
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, path)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    tied: dict[str, str] = {}
+    kept: dict[tuple, list[str]] = {}
+    for key, value in state.items():
+        if value.numel() < TIE_MIN_NUMEL:
+            continue
+        same = kept.setdefault((value.dtype, tuple(value.shape)), [])
+        src = next((k for k in same if torch.equal(state[k], value)), None)
+        if src is None:
+            same.append(key)
+        else:
+            tied[key] = src
+    save_file({k: v for k, v in state.items() if k not in tied}, path,
+              metadata={TIED: json.dumps(tied)} if tied else None)
 
 
 def _load_mask(root: Path, label: str, info: FmriSubject):
