@@ -398,6 +398,7 @@ def test_ensemble_bundle_stores_the_shared_readout_once(meg_run, tmp_path):
     assert "model.safetensors" in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.slow  # trains the MEG run (~30 s on 2 cores)
 def test_export_stage_round_trips(meg_run, tmp_path):
     from neurorecon.pipelines.export import run as export
     from neurorecon.pipelines.inference import Decoder
