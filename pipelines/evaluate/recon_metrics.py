@@ -60,6 +60,7 @@ __all__ = [
     "METRICS",
     "alexnet_two_way",
     "alexnet_two_way_rows",
+    "alexnet_two_way_sets",
     "as_image_batch",
     "clip_two_way",
     "compare_reconstructions",
@@ -464,13 +465,25 @@ def alexnet_two_way_rows(recon: Any, truth: Any, *, layers: Sequence[int] = (2, 
     are AlexNet(layer) two-way identification (a per-trial score for choices made on
     validation trials, with a standard error), in MindEye's direction
     (:func:`_mindeye_two_way`)."""
+    return alexnet_two_way_sets([recon], truth, layers=layers, batch_size=batch_size,
+                                device=device)[0]
+
+
+def alexnet_two_way_sets(recons: Sequence[Any], truth: Any, *, layers: Sequence[int] = (2, 5),
+                         batch_size: int = 32, device: str = "cpu"
+                         ) -> list[dict[int, np.ndarray]]:
+    """:func:`alexnet_two_way_rows` for several reconstruction sets of the same ``truth``
+    (each row-aligned with it): the network loaded once, ``truth`` featurised once."""
     layers = [check_option("layer", layer, ALEXNET_LAYERS) for layer in layers]
-    recon, truth = _pair(recon, truth, min_n=2)
-    _check_resized(recon, truth, ALEXNET_SIZE,
-                   what="alexnet" + "/".join(str(layer) for layer in layers))
-    f_r, f_t = _alexnet_features(recon, truth, layers=layers, batch_size=batch_size,
-                                 device=device)
-    return {layer: two_way_rows(f_t[layer], f_r[layer]) for layer in layers}
+    pairs = [_pair(recon, truth, min_n=2) for recon in recons]
+    if not pairs:
+        return []
+    for recon, true in pairs:
+        _check_resized(recon, true, ALEXNET_SIZE,
+                       what="alexnet" + "/".join(str(layer) for layer in layers))
+    *made, f_t = _alexnet_features(*(recon for recon, _ in pairs), pairs[0][1], layers=layers,
+                                   batch_size=batch_size, device=device)
+    return [{layer: two_way_rows(f_t[layer], f_r[layer]) for layer in layers} for f_r in made]
 
 
 def _inception_features(*batches: np.ndarray, batch_size: int,

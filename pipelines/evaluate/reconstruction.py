@@ -45,7 +45,7 @@ from ..reconstruct.generation import (
     start_rows,
     stimulus_images,
 )
-from .recon_metrics import alexnet_two_way_rows, compare_reconstructions
+from .recon_metrics import alexnet_two_way_sets, compare_reconstructions
 from .stage import TestTrials, candidate_embeddings, prepare_dataset
 from .summary import write_report
 
@@ -230,14 +230,13 @@ def choose_strength(cfg: DictConfig, val: ValidationTrials, *, rerank: float) ->
                         scale=generator.embedding_scale,
                         target_norm=float(np.linalg.norm(emb[fit], axis=1).mean()))
     truth = [images[t].resize((res, res), Image.BICUBIC) for t in trials.target]
-    per_trial = {}
-    for strength in STRENGTH_GRID:
-        made = starts if strength == 0 else generator.generate(
-            cond, init_images=starts, strength=strength, steps=int(rcfg.steps),
-            guidance_scale=float(rcfg.guidance_scale), seed=int(rcfg.seed),
-            batch_size=int(rcfg.batch_size))
-        rows = alexnet_two_way_rows(made, truth, layers=(2, 5))
-        per_trial[strength] = (rows[2] + rows[5]) / 2
+    made = [starts if strength == 0 else generator.generate(
+        cond, init_images=starts, strength=strength, steps=int(rcfg.steps),
+        guidance_scale=float(rcfg.guidance_scale), seed=int(rcfg.seed),
+        batch_size=int(rcfg.batch_size)) for strength in STRENGTH_GRID]
+    scores = alexnet_two_way_sets(made, truth, layers=(2, 5))
+    per_trial = {strength: (rows[2] + rows[5]) / 2
+                 for strength, rows in zip(STRENGTH_GRID, scores, strict=True)}
     return one_standard_error(per_trial, what="img2img strength")
 
 
