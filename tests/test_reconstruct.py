@@ -75,6 +75,55 @@ def test_retrieved_starts_blend_the_nearest_training_images():
         retrieved_starts(candidates[:1], candidates, images[:2], k=1, resolution=8)
 
 
+def _rerank_validation(predicted_from_truth: bool):
+    """Validation trials for the re-ranking choice: 8 concepts of 4 exemplars, one exemplar
+    of each a validation trial whose embedding is its concept's. Of the other three, one is
+    the trial's image lightly changed, two are mostly noise: cosine cannot tell them apart,
+    a thumbnail of the true image can."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from neurorecon.models.generators.base import image_thumbnails
+
+    rng = np.random.default_rng(0)
+    images, emb = [], []
+    for _ in range(8):
+        base = rng.uniform(0, 255, (32, 32, 3))
+        code = rng.standard_normal(16)
+        for mix in (1.0, 0.9, 0.25, 0.25):  # the trial, its near twin, two far exemplars
+            images.append(Image.fromarray(np.uint8(
+                mix * base + (1 - mix) * rng.uniform(0, 255, (32, 32, 3)))))
+            emb.append(code + 0.01 * rng.standard_normal(16))
+    emb = np.asarray(emb, np.float32)
+    val_rows = np.arange(0, 32, 4)
+    thumbs = image_thumbnails(images)
+    predicted = (thumbs[val_rows] if predicted_from_truth
+                 else rng.standard_normal(thumbs[val_rows].shape))
+    class Split(SimpleNamespace):
+        def __len__(self):
+            return len(self.target)
+
+    splits = {"train": Split(target=np.setdiff1d(np.arange(32), val_rows)),
+              "val": Split(target=val_rows)}
+    dm = SimpleNamespace(embeddings=torch.from_numpy(emb), splits=splits)
+    return SimpleNamespace(split=splits["val"], dm=dm, queries=emb[val_rows],
+                           thumbnails=thumbs, predicted=predicted, stim_images=images)
+
+
+def test_rerank_weight_is_chosen_by_identification_of_its_picks():
+    """lowlevel_rerank=auto: a low-level pathway whose thumbnails pick the exemplars that
+    AlexNet identifies with their stimuli gets a weight; one that predicts noise gets 0 (the
+    floor's retrieval)."""
+    from neurorecon.pipelines.reconstruct.generation import RERANK_GRID, choose_lowlevel_rerank
+
+    good = choose_lowlevel_rerank(_rerank_validation(True), shortlist=3, size=32)
+    _check_one_standard_error(good, RERANK_GRID, min_trials=8)
+    assert good["value"] > 0 and good["validation"][str(good["value"])] > good["validation"]["0.0"]
+    noise = choose_lowlevel_rerank(_rerank_validation(False), shortlist=3, size=32)
+    assert noise["value"] == 0.0
+
+
 def test_lowlevel_pathway_reranks_the_retrieved_shortlist():
     """Of the training images the embedding points to, the low-level pathway's thumbnail picks
     the one whose layout it predicts; outside the shortlist it changes nothing."""

@@ -48,11 +48,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from neurorecon.models.common.checks import DataError, check_option
-from neurorecon.models.common.logging import log_level, logger, progress
+from neurorecon.models.common.logging import log_level, logger
 from neurorecon.models.retrieval import two_way_identification, two_way_rows
+from neurorecon.models.vision.features import (
+    ALEXNET_SIZE,
+    alexnet_features,
+    inception_features,
+    resize_short,
+    short_side_size,
+    to_tensor,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
     from PIL.Image import Image
 
 __all__ = [
@@ -83,7 +90,6 @@ HIGHER_IS_BETTER: dict[str, bool] = {
 
 #: MindEye's preprocessing sizes (short side, bilinear) per network
 PIXEL_SIZE = 425
-ALEXNET_SIZE = 256
 ALEXNET_LAYERS = (1, 2, 3, 4, 5)
 
 _TWO_WAY = ("two-way identification: for each reconstruction, the fraction of other stimuli "
@@ -205,52 +211,15 @@ def _pair(recon: Any, truth: Any, *, min_n: int = 1) -> tuple[np.ndarray, np.nda
     return recon, truth
 
 
-def _short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
-    """Output (height, width) of torchvision's ``Resize(size)``: short side -> ``size``."""
-    if height <= width:
-        return size, int(size * width / height)
-    return int(size * height / width), size
-
-
 def _check_resized(recon: np.ndarray, truth: np.ndarray, size: int, *, what: str) -> None:
-    out_r = _short_side_size(*recon.shape[1:3], size)
-    out_t = _short_side_size(*truth.shape[1:3], size)
+    out_r = short_side_size(*recon.shape[1:3], size)
+    out_t = short_side_size(*truth.shape[1:3], size)
     if out_r != out_t:
         raise DataError(
             f"{what}: recon images are {_hw(recon[0])} and truth images {_hw(truth[0])} "
             f"(height x width); resized to short side {size} they become {out_r} and {out_t}, "
             "which cannot be compared pixel by pixel or feature by feature",
             hint="give reconstructions with the stimuli's aspect ratio")
-
-
-def _to_tensor(batch: np.ndarray) -> torch.Tensor:
-    """uint8 ``(n, h, w, 3)`` -> float32 ``(n, 3, h, w)`` in [0, 1]."""
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2))).float() / 255.0
-
-
-def _resize_short(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear resize of ``(n, 3, h, w)`` so the short side is ``size``.
-
-    Same as torchvision's ``Resize(size, BILINEAR)`` on float tensors in the versions MindEye
-    used (no antialiasing for tensors; ``align_corners=False``).
-    """
-    import torch.nn.functional as F
-
-    out = _short_side_size(x.shape[-2], x.shape[-1], size)
-    if tuple(x.shape[-2:]) == out:
-        return x
-    return F.interpolate(x, size=out, mode="bilinear", align_corners=False, antialias=False)
-
-
-def _chunks(x: np.ndarray, *, batch_size: int, desc: str):
-    """Yield consecutive slices of ``batch_size`` images, with a progress bar."""
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    starts = range(0, len(x), int(batch_size))
-    for start in progress(starts, desc=desc, total=len(starts)):
-        yield x[start : start + int(batch_size)]
 
 
 def _mindeye_two_way(recon_feats: np.ndarray, truth_feats: np.ndarray) -> float:
@@ -295,8 +264,8 @@ def pixcorr(recon: Any, truth: Any, *, size: int = PIXEL_SIZE) -> float:
 
 def _pixcorr_pairs(recon: np.ndarray, truth: np.ndarray, *, size: int) -> np.ndarray:
     """Per-pair PixCorr ``(n,)`` of checked batches."""
-    flat_r = _resize_short(_to_tensor(recon), size).flatten(1).double().numpy()
-    flat_t = _resize_short(_to_tensor(truth), size).flatten(1).double().numpy()
+    flat_r = resize_short(to_tensor(recon), size).flatten(1).double().numpy()
+    flat_t = resize_short(to_tensor(truth), size).flatten(1).double().numpy()
     # a constant image resized in float32 keeps rounding noise (its size depends on the
     # thread count): constant = centred norm below 1e-5 of the raw norm
     raw_r, raw_t = np.linalg.norm(flat_r, axis=1), np.linalg.norm(flat_t, axis=1)
@@ -351,8 +320,8 @@ def _ssim_pairs(recon: np.ndarray, truth: np.ndarray, *, size: int,
     from skimage.color import rgb2gray
     from skimage.metrics import structural_similarity
 
-    gray_r = rgb2gray(_resize_short(_to_tensor(recon), size).permute(0, 2, 3, 1).numpy())
-    gray_t = rgb2gray(_resize_short(_to_tensor(truth), size).permute(0, 2, 3, 1).numpy())
+    gray_r = rgb2gray(resize_short(to_tensor(recon), size).permute(0, 2, 3, 1).numpy())
+    gray_t = rgb2gray(resize_short(to_tensor(truth), size).permute(0, 2, 3, 1).numpy())
     gray_r, gray_t = gray_r.astype(np.float64), gray_t.astype(np.float64)
     if per_column:
         return _ssim_down_columns(gray_r, gray_t)
@@ -389,40 +358,6 @@ def _ssim_down_columns(gray_r: np.ndarray, gray_t: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- network metrics
-def _alexnet_features(*batches: np.ndarray, layers: Sequence[int], batch_size: int,
-                      device: str) -> list[dict[int, np.ndarray]]:
-    """Flattened AlexNet conv features, one ``{layer: (n, n_features)}`` per batch.
-
-    The network is loaded once and run once per image up to the deepest requested layer.
-    """
-    import torch
-
-    from neurorecon.models.vision.alexnet import (
-        IMAGENET_MEAN,
-        IMAGENET_STD,
-        LAYERS,
-        load_alexnet,
-    )
-
-    model = load_alexnet(layer=f"conv{max(layers)}").to(device)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    ends = {layer: LAYERS[f"conv{layer}"] + 1 for layer in sorted(layers)}
-    results = []
-    for batch in batches:
-        out: dict[int, list[np.ndarray]] = {layer: [] for layer in ends}
-        with torch.no_grad():
-            for chunk in _chunks(batch, batch_size=batch_size, desc="AlexNet features"):
-                x = ((_resize_short(_to_tensor(chunk), ALEXNET_SIZE) - mean) / std).to(device)
-                start = 0
-                for layer, end in ends.items():
-                    x = model.features[start:end](x)
-                    start = end
-                    out[layer].append(x.float().cpu().flatten(1).numpy())
-        results.append({layer: np.concatenate(chunks) for layer, chunks in out.items()})
-    return results
-
-
 def alexnet_two_way(recon: Any, truth: Any, *, layer: int, batch_size: int = 32,
                     device: str = "cpu", verbose: bool | str | int | None = None) -> float:
     """Two-way identification with AlexNet conv features (MindEye's AlexNet(2) / AlexNet(5)).
@@ -481,26 +416,9 @@ def alexnet_two_way_sets(recons: Sequence[Any], truth: Any, *, layers: Sequence[
     for recon, true in pairs:
         _check_resized(recon, true, ALEXNET_SIZE,
                        what="alexnet" + "/".join(str(layer) for layer in layers))
-    *made, f_t = _alexnet_features(*(recon for recon, _ in pairs), pairs[0][1], layers=layers,
+    *made, f_t = alexnet_features(*(recon for recon, _ in pairs), pairs[0][1], layers=layers,
                                    batch_size=batch_size, device=device)
     return [{layer: two_way_rows(f_t[layer], f_r[layer]) for layer in layers} for f_r in made]
-
-
-def _inception_features(*batches: np.ndarray, batch_size: int,
-                        device: str) -> list[np.ndarray]:
-    """FID InceptionV3 pool features ``(n, 2048)`` per batch (network loaded once)."""
-    import torch
-
-    from neurorecon.models.vision.inception import FidInceptionV3
-
-    model = FidInceptionV3().to(device)
-    results = []
-    with torch.no_grad():
-        for batch in batches:
-            chunks = _chunks(batch, batch_size=batch_size, desc="InceptionV3 features")
-            results.append(np.concatenate(
-                [model(_to_tensor(c).to(device)).float().cpu().numpy() for c in chunks]))
-    return results
 
 
 def inception_two_way(recon: Any, truth: Any, *, batch_size: int = 32, device: str = "cpu",
@@ -531,7 +449,7 @@ def inception_two_way(recon: Any, truth: Any, *, batch_size: int = 32, device: s
     """
     recon, truth = _pair(recon, truth, min_n=2)
     with log_level(verbose):
-        f_r, f_t = _inception_features(recon, truth, batch_size=batch_size, device=device)
+        f_r, f_t = inception_features(recon, truth, batch_size=batch_size, device=device)
     return _mindeye_two_way(f_r, f_t)
 
 
@@ -761,13 +679,13 @@ def compare_reconstructions(
         networks = {}
         layers = [layer for layer in (2, 5) if f"alexnet{layer}" not in skip]
         if layers:
-            networks["alexnet"] = lambda b: {f"alexnet{k}": v for k, v in _alexnet_features(
+            networks["alexnet"] = lambda b: {f"alexnet{k}": v for k, v in alexnet_features(
                 b, layers=layers, batch_size=batch_size, device=device)[0].items()}
             for layer in layers:
                 notes[f"alexnet{layer}"] = _NOTES["alexnet"].format(
                     layer=layer, node={2: 4, 5: 11}[layer])
         if "inception" not in skip:
-            networks["inception"] = lambda b: {"inception": _inception_features(
+            networks["inception"] = lambda b: {"inception": inception_features(
                 b, batch_size=batch_size, device=device)[0]}
             notes["inception"] = _NOTES["inception"]
         if clip is not None:

@@ -21,11 +21,11 @@ from PIL import Image
 from neurorecon.models.common.checks import DataError
 from neurorecon.models.common.logging import logger
 from neurorecon.models.generators.base import (
-    centred_unit,
     image_thumbnails,
     start_scores,
     unit_rows,
 )
+from neurorecon.models.vision.features import ALEXNET_SIZE
 
 from ..common.cache import cache_entry
 
@@ -147,18 +147,23 @@ class ValidationTrials:
                                  eval_split="val")
 
 
-def choose_lowlevel_rerank(val: ValidationTrials, *, shortlist: int) -> dict:
+def choose_lowlevel_rerank(val: ValidationTrials, *, shortlist: int, size: int) -> dict:
     """The weight with which the low-level pathway re-ranks retrieved starts
     (``reconstruct.lowlevel_rerank=auto``), chosen on the validation trials ``val``.
 
     Each weight of :data:`RERANK_GRID` picks, among the start candidates (:func:`start_rows`)
     other than the trial's own stimulus, the start
     (:func:`~neurorecon.models.generators.base.start_scores`) for the encoder's embedding and
-    the low-level pathway's thumbnail of each trial, scored per trial by how near its pick is
-    to the true stimulus (cosine of embeddings + Pearson r of thumbnails); the weight is
-    chosen by :func:`one_standard_error`, so a pathway that predicts nothing useful gets
-    weight 0.
+    the low-level pathway's thumbnail of each trial. Each pick is scored as the reconstructions
+    are judged: AlexNet(2) and AlexNet(5) two-way identification of the picked image (at
+    ``size`` px, the generator's resolution) against the trials' true stimuli (their mean per
+    trial, as the strength is chosen). The weight is chosen by :func:`one_standard_error`, so
+    a pathway whose picks do not identify the stimuli measurably better keeps the floor's
+    retrieval (weight 0).
     """
+    from neurorecon.models.retrieval import two_way_rows
+    from neurorecon.models.vision.features import alexnet_features
+
     from ..train.ridge import flat_targets
 
     trials = val.split
@@ -167,16 +172,21 @@ def choose_lowlevel_rerank(val: ValidationTrials, *, shortlist: int) -> dict:
                 "reason": "fewer than 2 validation trials: cosine only"}
     embeddings, fit_rows, thumbs = flat_targets(val.dm), start_rows(val.dm), val.thumbnails
     own = np.searchsorted(fit_rows, trials.target)
-    unit = unit_rows(embeddings)
-
+    picks = {weight: fit_rows[start_scores(val.queries, embeddings[fit_rows],
+                                           layouts=thumbs[fit_rows], predicted=val.predicted,
+                                           rerank=weight, shortlist=shortlist,
+                                           exclude=own).argmax(1)]
+             for weight in RERANK_GRID}
+    shown = np.unique(np.concatenate([trials.target, *picks.values()]))  # each image once
+    batch = np.stack([np.asarray(val.stim_images[i].convert("RGB").resize(
+        (size, size), Image.BICUBIC)) for i in shown])
+    features = alexnet_features(batch, layers=(2, 5), batch_size=32, device="cpu")[0]
+    true = np.searchsorted(shown, trials.target)
     per_trial = {}
-    for weight in RERANK_GRID:
-        pick = fit_rows[start_scores(val.queries, embeddings[fit_rows],
-                                     layouts=thumbs[fit_rows], predicted=val.predicted,
-                                     rerank=weight, shortlist=shortlist, exclude=own).argmax(1)]
-        per_trial[weight] = (np.sum(unit[pick] * unit[trials.target], axis=1)
-                             + np.sum(centred_unit(thumbs[pick])
-                                      * centred_unit(thumbs[trials.target]), axis=1))
+    for weight, pick in picks.items():
+        made = np.searchsorted(shown, pick)
+        per_trial[weight] = np.mean([two_way_rows(f[true], f[made])
+                                     for f in features.values()], axis=0)
     return one_standard_error(per_trial, what="low-level re-ranking weight")
 
 
@@ -197,7 +207,8 @@ def lowlevel_rerank(cfg: DictConfig, net, dm, *, stim_images: list[Image.Image],
     if str(rcfg.lowlevel_rerank) != "auto":
         return {"value": float(rcfg.lowlevel_rerank)}
     return choose_lowlevel_rerank(val or ValidationTrials(cfg, net, dm, stim_images=stim_images),
-                                  shortlist=int(rcfg.retrieval_shortlist))
+                                  shortlist=int(rcfg.retrieval_shortlist),
+                                  size=int(rcfg.generator.get("resolution") or ALEXNET_SIZE))
 
 
 def generator_rows(dm) -> np.ndarray:
