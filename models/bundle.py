@@ -113,6 +113,7 @@ class FmriSubject(_Part):
     tr: float | list[float] | None = None  # a list when the runs differ
     n_runs: int | None = None
     voxel_size: list[float] | None = None
+    hrf_onset: float | None = None  # s, the HRF delay chosen for it (preprocessing hrf_onset=auto)
     model: OwnModel | None = None
 
 

@@ -24,7 +24,7 @@ from .evaluate.report import evaluate
 from .evaluate.stage import TestTrials
 from .evaluate.summary import write_report
 from .export import build_decoder, save_bundle
-from .preprocess.run import artifact_projectors, skipped_runs
+from .preprocess.run import artifact_projectors, hrf_delays, skipped_runs
 from .reconstruct.generation import generator_rows, stimulus_images
 from .train.fit import (
     build_datamodule,
@@ -97,7 +97,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                        deep_curve=deep_curve)
     metrics["training"] = info
     metrics["data"] = {"skipped_runs": skipped_runs(cfg.data),
-                       "artifacts": artifact_projectors(dm.recipe)}
+                       "artifacts": artifact_projectors(dm.recipe),
+                       **({"hrf_delay": hrf_delays(dm.recipe)} if dm.modality == "fmri" else {})}
     exporting = (cfg.get("export") or {}).get("bundle", True)
     chosen = {"rerank": choices["lowlevel_rerank"]["value"],
               "strength": choices["strength"]["value"]} if choices else {}

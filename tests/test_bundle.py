@@ -447,6 +447,9 @@ def test_fmri_train_statistics_normalise_single_trials(sample_root, tmp_path):
                if r.subject == dm.labels[0])
     events = as_stim_file(read_events(rec.events_path, bids_root=sample_root / "fmri",
                                       spec=EventSpec()), EventSpec())
+    # the run's GLM uses the HRF delay chosen for the subject in training (hrf_onset=auto)
+    assert decoder.config.subjects[rec.subject].hrf_onset == (
+        dm.recipe["subjects"][rec.subject]["hrf_onset"])
     B = decoder.prepare_fmri(rec.fpath, events, subject=rec.subject)
     rows = np.flatnonzero(train & (trials["run"].astype(str) == str(rec.run)).to_numpy())
     onsets = events["onset"].to_numpy()

@@ -76,6 +76,12 @@ def test_every_number_is_checked(tmp_path):
      "'preprocess.fmri.high_pass': 0. Allowed values: a number > 0."),
     (["data.modality=fmri", "preprocess.fmri.smoothing_fwhm=-4"],
      "'preprocess.fmri.smoothing_fwhm': -4."),
+    (["data.modality=fmri", "preprocess.fmri.hrf_onset=9"],
+     "'preprocess.fmri.hrf_onset': 9. Allowed values: 'auto' or a number in [-3, 6]."),
+    (["data.modality=fmri", "preprocess.fmri.hrf_model=glover + derivative"],
+     "'preprocess.fmri.hrf_onset': 'auto'. Allowed values: 0 with hrf_model='glover + "
+     "derivative' (a delay, or auto, shifts one canonical HRF: hrf_model one of ['glover', "
+     "'spm'])."),
 ])
 def test_recipe_values_are_checked(tmp_path, overrides, message):
     """The preprocessing recipes are checked by the code that reads them, before any work."""

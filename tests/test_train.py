@@ -53,8 +53,17 @@ def test_run_contract_on_sample(sample_root, tmp_path, modality):
     on_disk = json.loads((out / "metrics.json").read_text())
     _check_contract(on_disk, modality)
     assert on_disk["retrieval"] == metrics["retrieval"]
-    # every run of the dataset was used; no EOG/ECG channels, no artifact projectors
+    # every run of the dataset was used; no EOG/ECG channels, no artifact projectors; fMRI:
+    # each subject's HRF delay, chosen on its runs (hrf_onset=auto), in the report too
+    delays = on_disk["data"].pop("hrf_delay", None)
     assert on_disk["data"] == {"skipped_runs": [], "artifacts": {}}
+    if modality == "fmri":
+        assert set(delays) == {"01", "02"}
+        for d in delays.values():
+            assert d["hrf_onset"] in [float(k) for k in d["explained"]]
+        assert "HRF delay" in (out / "report.md").read_text()
+    else:
+        assert delays is None
     assert (out / "retrieval_examples.png").stat().st_size > 10_000
     # the tiny sample's validation holds 2 images: too few to rank epochs by retrieval, so the
     # epoch is selected on validation loss (not the first epoch by a saturated score)

@@ -127,6 +127,13 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any] | None = None) -> 
             + ", ".join(f"{found[kind]} {name}" for kind, name in
                         (("eog", "blinks"), ("ecg", "heartbeats")) if kind in found)
             for label, found in artifacts.items()) + "."]
+    delays = (metrics.get("data") or {}).get("hrf_delay")
+    if delays:
+        lines += ["", "HRF delay of the single-trial GLM (`preprocess.fmri.hrf_onset`"
+                  + (", chosen per subject by the variance the mean evoked response explains"
+                     if any("explained" in d for d in delays.values()) else "") + "): "
+                  + ", ".join(f"sub-{label} {d['hrf_onset']:+g} s"
+                              for label, d in delays.items()) + "."]
     if "retrieval" in metrics:
         lines += ["", "## Retrieval", ""]
         lines += _retrieval("Among the test images (metrics.json `retrieval`)",

@@ -256,8 +256,13 @@ def model_card(config: BundleConfig) -> str:
             f = config.focus
             lines.append(f"- temporal focus: [{f.tmin:.3f}, {f.tmax:.3f}] s ({f.reason})")
     else:
-        lines.append(f"- preprocessing: {prep.get('glm')} single-trial GLM, per-voxel z-score: "
-                     f"{prep.get('zscore')}; masks in `masks/`")
+        delays = ", ".join(f"sub-{label} {entry.hrf_onset:+g} s"
+                           for label, entry in config.subjects.items()
+                           if entry.hrf_onset is not None)
+        lines.append(f"- preprocessing: {prep.get('glm')} single-trial GLM, "
+                     f"{prep.get('hrf_model')} HRF"
+                     + (f" delayed ({prep.get('hrf_onset')}: {delays})" if delays else "")
+                     + f", per-voxel z-score: {prep.get('zscore')}; masks in `masks/`")
     retrieval = metrics.get("retrieval")
     if retrieval:
         lines += ["", f"## Test-set retrieval ({metrics.get('n_test')} rows, "

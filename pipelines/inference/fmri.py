@@ -26,10 +26,17 @@ class FmriDecoder(Decoder):
         """The voxel mask (NIfTI image) of ``subject``."""
         return self.masks[self._label(subject)]
 
-    def _fmri_params(self) -> dict[str, Any]:
+    def _fmri_params(self, subject: str | None = None) -> dict[str, Any]:
+        """The training recipe's ``preprocess.fmri`` options; with ``subject``, the HRF delay
+        its training betas were estimated with (``hrf_onset: auto`` chooses one per subject).
+        A bundle trained on precomputed betas, or older than the option, has none: the
+        undelayed HRF."""
         prep = dict(self.config.preprocessing)
         for key in ("input", "space", "subjects", "modality"):
             prep.pop(key, None)
+        if subject is not None:
+            chosen = self.config.subjects[self._label(subject)].hrf_onset
+            prep["hrf_onset"] = 0.0 if chosen is None else chosen
         return prep
 
     def check_fmri_run(self, bold_img, events, *, subject: str, tr: float | None = None):
@@ -88,7 +95,7 @@ class FmriDecoder(Decoder):
 
         img, table, tr = self.check_fmri_run(bold_img, events, subject=subject, tr=tr)
         betas = single_trial_betas(img, table, tr=tr, mask_img=self.mask(subject),
-                                   params=self._fmri_params())
+                                   params=self._fmri_params(subject))
         return self._normalise(np.nan_to_num(betas), subject=subject,
                                runs=np.zeros(len(betas)))
 

@@ -3,11 +3,13 @@
 BOLD input: per run, nibabel loads the 4D image and nilearn's
 :class:`~nilearn.glm.first_level.FirstLevelModel` estimates one beta per trial, either with one
 regressor per trial (``glm: lsa``, least squares all) or, per trial, that trial against all the
-others (``glm: lss``, least squares separate). Betas are effect sizes in percent signal change
-(nilearn's mean scaling), taken inside a mask (default: the MNI152 brain mask resampled to the
-data grid; or an ROI NIfTI), z-scored per voxel within each run or with the train trials'
-statistics (``zscore: run | train | none``). Subjects stay separate
-(each has its own voxel count); repeats of a test stimulus may be averaged.
+others (``glm: lss``, least squares separate), with a canonical HRF delayed per subject by the
+delay at which the mean evoked response explains its runs best (``hrf_onset: auto``) or a
+fixed one.
+Betas are effect sizes in percent signal change (nilearn's mean scaling), taken inside a mask
+(default: the MNI152 brain mask resampled to the data grid; or an ROI NIfTI), z-scored per voxel
+within each run or with the train trials' statistics (``zscore: run | train | none``). Subjects
+stay separate (each has its own voxel count); repeats of a test stimulus may be averaged.
 
 Betas input: ``*_betas.nii.gz`` (4D, one volume per trial) with a trial table of the same stem,
 ``*_trials.tsv`` (stimulus column + split column), see :func:`find_betas`.
@@ -60,8 +62,15 @@ DRIFT_MODELS = ("cosine", "polynomial", None)
 FMRI_INPUTS = ("bold", "betas")
 #: fraction of mask voxels that must carry signal; below it the mask and data do not match
 MIN_COVERAGE = 0.5
+#: canonical HRF shapes (nilearn's) that ``hrf_onset`` can delay
+HRF_SHAPES = ("glover", "spm")
+#: HRF delays (s) tried for each subject with ``hrf_onset: auto``
+HRF_ONSET_GRID = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
+#: the share of a run's voxels (the most responsive in the other runs) that score the delays
+HRF_VOXEL_SHARE = 0.1
 DEFAULTS: dict[str, Any] = {
-    "glm": "lsa", "hrf_model": "glover", "drift_model": "cosine", "high_pass": 0.01,
+    "glm": "lsa", "hrf_model": "glover", "hrf_onset": "auto", "drift_model": "cosine",
+    "high_pass": 0.01,
     "noise_model": "ar1", "mask": None, "smoothing_fwhm": None, "zscore": "run",
     "average_test_repeats": True,
 }
@@ -85,6 +94,11 @@ def fmri_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
     check_option("preprocess.fmri.noise_model", out["noise_model"], NOISE_MODELS)
     check_option("preprocess.fmri.drift_model", out["drift_model"], DRIFT_MODELS)
     check_number("preprocess.fmri.high_pass", out["high_pass"], low=0, low_open=True)
+    check_number("preprocess.fmri.hrf_onset", out["hrf_onset"], low=-3, high=6, also=("auto",))
+    if out["hrf_onset"] != 0 and out["hrf_model"] not in HRF_SHAPES:
+        raise DataError(f"Invalid value for 'preprocess.fmri.hrf_onset': {out['hrf_onset']!r}. "
+                        f"Allowed values: 0 with hrf_model={out['hrf_model']!r} (a delay, or "
+                        f"auto, shifts one canonical HRF: hrf_model one of {list(HRF_SHAPES)}).")
     check_number("preprocess.fmri.smoothing_fwhm", out["smoothing_fwhm"], low=0,
                  low_open=True, none=True)
     return out
@@ -217,14 +231,40 @@ def _coverage(vox: np.ndarray, *, path: Path, mask_name: str, positive: bool) ->
 # ----------------------------------------------------------------------------- single trials
 
 
+class DelayedHrf:
+    """nilearn's ``glover`` or ``spm`` HRF delayed by ``onset`` s (its peak at 5.1 s or 5.0 s
+    + ``onset``), as a ``hrf_model`` of nilearn's design matrices; picklable, for workers."""
+
+    def __init__(self, shape: str, onset: float):
+        self.shape, self.onset = check_option("hrf_model", shape, HRF_SHAPES), float(onset)
+        self.__name__ = "hrf"  # nilearn names a callable's regressors "<trial_type>_<name>"
+
+    def __call__(self, t_r: float, oversampling: int = 50) -> np.ndarray:
+        from nilearn.glm.first_level import glover_hrf, spm_hrf
+
+        kernel = glover_hrf if self.shape == "glover" else spm_hrf
+        return kernel(t_r, oversampling, onset=self.onset)
+
+
 def _design(frame_times: np.ndarray, events: pd.DataFrame, trial_type: np.ndarray, params: dict):
+    """nilearn's design matrix of one run: a regressor per ``trial_type`` (columns named by
+    it), convolved with ``params``' HRF delayed by its ``hrf_onset`` (a number here: ``auto``
+    is resolved per subject by :func:`preprocess_fmri`), and the drift."""
     from nilearn.glm.first_level import make_first_level_design_matrix
 
+    onset = params["hrf_onset"]
+    if onset == "auto":
+        raise DataError("hrf_onset=auto is chosen per subject by preprocess_fmri: pass the "
+                        "subject's delay (s)")
+    hrf = params["hrf_model"] if float(onset) == 0 else DelayedHrf(params["hrf_model"], onset)
     ev = pd.DataFrame({"onset": events["onset"].to_numpy(float),
                        "duration": events["duration"].to_numpy(float), "trial_type": trial_type})
-    return make_first_level_design_matrix(
-        frame_times, ev, hrf_model=params["hrf_model"], drift_model=params["drift_model"],
+    design = make_first_level_design_matrix(
+        frame_times, ev, hrf_model=hrf, drift_model=params["drift_model"],
         high_pass=params["high_pass"])
+    if not isinstance(hrf, str):
+        design.columns = [c.removesuffix("_hrf") for c in design.columns]
+    return design
 
 
 def _effects(model, design: pd.DataFrame, names: Sequence[str]) -> np.ndarray:
@@ -254,7 +294,8 @@ def single_trial_betas(img, events: pd.DataFrame, *, tr: float, mask_img,
     mask_img : Nifti1Image
         3D mask; columns of the result follow its voxels in nilearn's masking order.
     params : mapping
-        The ``preprocess.fmri`` options (``glm``, ``hrf_model``, ``drift_model``,
+        The ``preprocess.fmri`` options (``glm``, ``hrf_model``, ``hrf_onset`` (s, a
+        number), ``drift_model``,
         ``high_pass``, ``noise_model``, ``smoothing_fwhm``).
     desc : str
         Label of the progress bar.
@@ -363,12 +404,10 @@ def _check_on_grid(img, ref_shape, ref_affine, *, path: Path, first: str) -> Non
                         hint="all runs of a subject must be on one voxel grid")
 
 
-def glm_to_file(recording, *, bids_root: Path, spec: EventSpec, params: dict,
-                inside: np.ndarray, ref_affine, first: str, path: Path) -> FmriPart:
-    """Single-trial betas of one BOLD run (checked against the subject's grid), saved to
-    ``path``: the task a preprocessing worker runs."""
-    import nibabel as nib
-
+def _load_run(recording, *, bids_root: Path, spec: EventSpec, params: dict,
+              inside: np.ndarray, ref_affine, first: str):
+    """One BOLD run checked against its subject's grid and its events: ``(image, events, tr,
+    the mask voxels with signal)``."""
     tr = read_tr(recording.fpath)
     img, data = load_4d(recording.fpath, what="BOLD image")
     _check_on_grid(img, inside.shape, ref_affine, path=recording.fpath, first=first)
@@ -383,7 +422,17 @@ def glm_to_file(recording, *, bids_root: Path, spec: EventSpec, params: dict,
                         tmax=float(events["duration"].max()), path=recording.events_path)
     ok = _coverage(data[inside], path=recording.fpath,
                    mask_name=params["mask"] or "MNI152 brain mask", positive=True)
-    del data
+    return img, events, tr, ok
+
+
+def glm_to_file(recording, *, bids_root: Path, spec: EventSpec, params: dict,
+                inside: np.ndarray, ref_affine, first: str, path: Path) -> FmriPart:
+    """Single-trial betas of one BOLD run (checked against the subject's grid), saved to
+    ``path``: the task a preprocessing worker runs."""
+    import nibabel as nib
+
+    img, events, tr, ok = _load_run(recording, bids_root=bids_root, spec=spec, params=params,
+                                    inside=inside, ref_affine=ref_affine, first=first)
     run_mask = np.zeros(inside.shape, np.uint8)
     run_mask[inside] = ok
     betas = np.full((len(events), int(inside.sum())), np.nan, np.float32)
@@ -394,6 +443,75 @@ def glm_to_file(recording, *, bids_root: Path, spec: EventSpec, params: dict,
     trials = events.assign(subject=recording.subject, session=recording.session or "n/a",
                            run=recording.run or "n/a")
     return FmriPart(Path(path), trials, ok, tr)
+
+
+def hrf_fit(recording, *, bids_root: Path, spec: EventSpec, params: dict,
+            inside: np.ndarray, ref_affine, first: str) -> np.ndarray:
+    """How well each HRF delay of :data:`HRF_ONSET_GRID` fits one BOLD run, per voxel of the
+    subject's mask: ``(len(grid) + 1, n_voxels)`` float32, the variance that one regressor for
+    every image (all trials alike: the mean evoked response) explains at each delay (ordinary
+    least squares, after the drift regressors), then the variance the drift leaves; NaN for
+    voxels without signal in this run. The worker task of ``hrf_onset: auto``
+    (:func:`choose_hrf_onset`).
+
+    A single regressor, delayed, fits the noise alike at every delay, so the variance it
+    explains differs by the response it captures; a regressor per trial would absorb a wrong
+    delay through its neighbours' regressors."""
+    img, events, tr, ok = _load_run(recording, bids_root=bids_root, spec=spec, params=params,
+                                    inside=inside, ref_affine=ref_affine, first=first)
+    Y = np.asarray(img.dataobj, np.float32)[inside][ok].T.astype(np.float64)  # (scans, voxels)
+    frame_times = np.arange(Y.shape[0]) * tr
+    images = np.full(len(events), "images")
+    designs = [_design(frame_times, events, images, {**params, "hrf_onset": onset})
+               for onset in HRF_ONSET_GRID]
+    drift = designs[0].drop(columns="images").to_numpy()  # the same at every delay
+    u, sv, _ = np.linalg.svd(drift, full_matrices=False)
+    u = u[:, sv > sv[0] * 1e-8]
+
+    def residual(a: np.ndarray) -> np.ndarray:
+        return a - u @ (u.T @ a)
+
+    Y = residual(Y)
+    out = np.full((len(designs) + 1, len(ok)), np.nan, np.float32)
+    for k, design in enumerate(designs):
+        x = residual(design["images"].to_numpy()[:, None])[:, 0]
+        out[k, ok] = (x @ Y) ** 2 / max(float(x @ x), 1e-12)
+    out[-1, ok] = np.einsum("tv,tv->v", Y, Y)
+    return out
+
+
+def choose_hrf_onset(fits: Sequence[np.ndarray]) -> dict[str, Any]:
+    """A subject's HRF delay from its runs' :func:`hrf_fit`.
+
+    Each run is scored on the :data:`HRF_VOXEL_SHARE` of its voxels that the *other* runs
+    find most responsive at any delay (their pooled share of variance explained): voxels
+    picked on the run that scores them would favour the delays at which its noise happens to
+    fit. Per run, each delay's score is the share of those voxels' variance it explains; the
+    delay nearest 0 whose mean over the runs is within one standard error (over runs) of the
+    best delay's is kept (:func:`neurorecon.models.retrieval.one_standard_error`): a shift
+    within the runs' noise leaves the canonical HRF as it is. Returns ``{"hrf_onset": s,
+    "hrf_onset_r2": {delay: mean share explained}}``.
+    """
+    from neurorecon.models.retrieval import one_standard_error
+
+    fits = np.asarray(fits, np.float64)  # (runs, delays + 1, voxels)
+    explained, total = fits[:, :-1], fits[:, -1]
+    scores = []
+    for r in range(len(fits)):
+        others = [k for k in range(len(fits)) if k != r] or [r]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            pooled = (np.nansum(explained[others], axis=0)
+                      / np.nansum(total[others], axis=0)).max(axis=0)
+        pooled[~np.isfinite(pooled) | np.isnan(total[r])] = -np.inf
+        n = max(1, int(round(HRF_VOXEL_SHARE * np.isfinite(total[r]).sum())))
+        best = np.argsort(pooled)[-n:]
+        scores.append(explained[r][:, best].sum(axis=1) / max(total[r][best].sum(), 1e-12))
+    scores = np.asarray(scores)
+    out = one_standard_error({onset: scores[:, k] for k, onset in enumerate(HRF_ONSET_GRID)},
+                             order=sorted(HRF_ONSET_GRID, key=abs))
+    return {"hrf_onset": float(out["value"]),
+            "hrf_onset_r2": {f"{float(k):g}": v for k, v in sorted(
+                out["validation"].items(), key=lambda kv: float(kv[0]))}}
 
 
 def load_masked_4d(path: Path, inside: np.ndarray, affine: np.ndarray, *, what: str,
@@ -549,6 +667,7 @@ def preprocess_fmri(recordings, *, bids_root: str | Path, spec: EventSpec | None
         Which events columns hold the stimulus and the split (None: the BIDS defaults).
     params : mapping
         The ``preprocess.fmri`` options: ``glm`` (``lsa`` | ``lss``), ``hrf_model``,
+        ``hrf_onset`` (s, or ``auto``: chosen per subject, :func:`hrf_fit`),
         ``drift_model``, ``high_pass`` (Hz), ``noise_model`` (``ar1`` | ``ols``), ``mask``
         (None: MNI152 brain mask, or an ROI NIfTI path), ``smoothing_fwhm`` (mm),
         ``zscore`` (``run`` | ``session`` | ``train`` | ``none``), ``average_test_repeats``.
@@ -565,7 +684,8 @@ def preprocess_fmri(recordings, *, bids_root: str | Path, spec: EventSpec | None
     Preprocessed
         Modality ``"fmri"``; per subject ``X`` ``(n_trials, n_voxels)`` float32, the trials
         table (subject, session, run, onset, stim_file, split, n_repeats, event columns) and
-        the mask; ``recipe`` holds the options and per-subject n_voxels, voxel size and TR.
+        the mask; ``recipe`` holds the options and per-subject n_voxels, voxel size, TR, HRF
+        delay and, with ``hrf_onset: auto``, each delay's variance explained.
 
     Raises
     ------
@@ -587,9 +707,23 @@ def preprocess_fmri(recordings, *, bids_root: str | Path, spec: EventSpec | None
             ref, inside = grids[label] = _subject_grid(recs[0].fpath, params)
             items += [{"recording": rec, "bids_root": bids_root, "spec": spec,
                        "params": params, "inside": inside,
-                       "ref_affine": ref.affine, "first": recs[0].fpath.name,
-                       "path": scratch / f"{len(items) + k:05d}.npy"}
-                      for k, rec in enumerate(recs)]
+                       "ref_affine": ref.affine, "first": recs[0].fpath.name}
+                      for rec in recs]
+        if params["hrf_onset"] == "auto":  # each subject's delay, then its GLM with it
+            fits = map_tasks(hrf_fit, items, n_jobs=n_jobs, executor=executor,
+                             address=address, desc="fMRI runs (HRF delay)")
+            for label, pairs in _by_subject(zip(items, fits, strict=True),
+                                            lambda p: p[0]["recording"].subject).items():
+                chosen = recipe["subjects"][label] = choose_hrf_onset([f for _, f in pairs])
+                logger.info("sub-%s: HRF delay %+g s (share of the variance the mean evoked "
+                            "response explains, per delay: %s)", label, chosen["hrf_onset"],
+                            ", ".join(f"{k}: {v:.4f}" for k, v in chosen["hrf_onset_r2"].items()))
+                for item, _ in pairs:
+                    item["params"] = {**params, "hrf_onset": chosen["hrf_onset"]}
+        else:
+            for label in grids:
+                recipe["subjects"][label] = {"hrf_onset": float(params["hrf_onset"])}
+        items = [{**item, "path": scratch / f"{k:05d}.npy"} for k, item in enumerate(items)]
         done = map_tasks(glm_to_file, items, n_jobs=n_jobs, executor=executor,
                          address=address, desc="fMRI runs (GLM)")
         subjects = {}
@@ -598,7 +732,8 @@ def preprocess_fmri(recordings, *, bids_root: str | Path, spec: EventSpec | None
             parts = [part for _, part in pairs]
             trs = sorted({p.tr for p in parts})
             recipe["subjects"][label] = {"tr": trs[0] if len(trs) == 1 else trs,
-                                         "n_runs": len(parts)}
+                                         "n_runs": len(parts),
+                                         **recipe["subjects"].get(label, {})}
             ref, inside = grids[label]
             subjects[label] = _assemble_subject(label, parts, folder, inside=inside, ref=ref,
                                                 params=params, recipe=recipe,

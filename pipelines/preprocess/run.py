@@ -42,6 +42,15 @@ def artifact_projectors(recipe: dict) -> dict[str, dict[str, int]]:
             for label, sub in recipe.get("subjects", {}).items() if sub.get("ssp_events")}
 
 
+def hrf_delays(recipe: dict) -> dict[str, dict[str, Any]]:
+    """Per subject of an fMRI recipe: the HRF delay (s) its betas were estimated with and,
+    with ``hrf_onset: auto``, each delay's share of the variance the mean evoked response
+    explains (``metrics.json`` ``data.hrf_delay``)."""
+    return {label: {"hrf_onset": sub["hrf_onset"],
+                    **({"explained": sub["hrf_onset_r2"]} if "hrf_onset_r2" in sub else {})}
+            for label, sub in recipe.get("subjects", {}).items() if "hrf_onset" in sub}
+
+
 def preprocess_data(data_cfg: DictConfig, pre_cfg: DictConfig, *, cache_dir: str | Path,
                     verbose: bool | str | None = None) -> tuple[CacheEntry, bool]:
     """Preprocess the dataset of ``data_cfg`` with the recipe ``pre_cfg`` (cached).

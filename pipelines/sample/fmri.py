@@ -84,28 +84,20 @@ def _smooth_fields(rng: np.random.Generator, n: int, mask, fwhm: float) -> np.nd
     return fields / fields.std(axis=1, keepdims=True)
 
 
-def _glover_hrf(delay: float):
-    """nilearn's Glover HRF delayed by ``delay`` s (its peak at 5.1 s + ``delay``), as a
-    ``hrf_model`` for nilearn's design matrices."""
-    from nilearn.glm.first_level import glover_hrf
-
-    def glover(t_r, oversampling=50):
-        return glover_hrf(t_r, oversampling, onset=delay)
-    return glover
-
-
 def _trial_regressors(onsets: np.ndarray, *, duration: float, frame_times: np.ndarray,
                       hrf_delay: float = 0.0) -> np.ndarray:
     """HRF-convolved boxcar of each trial (Glover HRF delayed by ``hrf_delay`` s),
     peak-normalized: ``(n_scans, n_trials)``."""
     from nilearn.glm.first_level import make_first_level_design_matrix
 
+    from ..preprocess.fmri import DelayedHrf
+
     names = [f"t{i:04d}" for i in range(len(onsets))]
     events = pd.DataFrame({"onset": onsets, "duration": duration, "trial_type": names})
     dm = make_first_level_design_matrix(frame_times, events,
-                                        hrf_model=_glover_hrf(hrf_delay), drift_model=None)
-    names = [f"{n}_glover" for n in names]
-    reg = dm[names].to_numpy()
+                                        hrf_model=DelayedHrf("glover", hrf_delay),
+                                        drift_model=None)
+    reg = dm[[f"{n}_hrf" for n in names]].to_numpy()
     return reg / reg.max(axis=0, keepdims=True)
 
 

@@ -143,7 +143,8 @@ class FmriSubjectInfo(SubjectInfo):
                          "affine": np.asarray(mask.affine).round(6).tolist(),
                          "voxel_size": [float(z) for z in mask.header.get_zooms()[:3]]},
                 "normalisation": NORMALISATIONS[dm.recipe.get("zscore", "run")],
-                **{key: recipe[key] for key in ("tr", "n_runs", "voxel_size") if key in recipe}}
+                **{key: recipe[key] for key in ("tr", "n_runs", "voxel_size", "hrf_onset")
+                   if key in recipe}}
 
 
 #: the subject class of each modality

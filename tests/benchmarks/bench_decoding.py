@@ -120,6 +120,8 @@ def row(k: int, params: dict, m: dict, run_dir: Path) -> dict:
         "window_time": peak.get("time"), "chance": m["retrieval"]["chance"]["top5"],
         "train_s": float(np.mean(seconds)), "focus": (m.get("training") or {}).get("focus"),
         "reconstruction": reconstruction_rows(run_dir, seeds=len(deep_vals)),
+        "hrf_chosen": [d["hrf_onset"] for d in ((m.get("data") or {}).get("hrf_delay")
+                                                or {}).values()],
     }
 
 
@@ -151,12 +153,14 @@ def _title(rows: list[dict], args) -> None:
 def print_fmri_table(rows: list[dict], args) -> None:
     _title(rows, args)
     recon = any(r["reconstruction"] for r in rows)
-    print("| draw | voxels | TR (s) | HRF delay (s) | subj | train/subj | test | snr | encoder "
-          "top-5 (mean ± sd) | ridge | chance | train s/seed |"
+    print("| draw | voxels | TR (s) | HRF delay (s): drawn, chosen | subj | train/subj | test | "
+          "snr | encoder top-5 (mean ± sd) | ridge | chance | train s/seed |"
           + (" strength | brain A2/A5/Inc | floor | ceiling |" if recon else ""))
     print("|" + "---|" * (16 if recon else 12))
     for r in rows:
-        line = (f"| {r['draw']} | {r['system']} | {r['sfreq']:g} | {r['hrf_onset']:+.1f} | "
+        chosen = ", ".join(f"{v:+g}" for v in r.get("hrf_chosen") or []) or "—"
+        line = (f"| {r['draw']} | {r['system']} | {r['sfreq']:g} | {r['hrf_onset']:+.1f}, "
+                f"{chosen} | "
                 f"{r['subjects']} | {r['train_trials']} | {r['test']} | {r['snr']:.2f} | "
                 f"{r['deep']:.3f} ± {r['deep_sd']:.3f} | {r['ridge']:.3f} | "
                 f"{r['chance']:.3f} | {r['train_s']:.0f} |")
