@@ -294,9 +294,8 @@ def single_trial_betas(img, events: pd.DataFrame, *, tr: float, mask_img,
     mask_img : Nifti1Image
         3D mask; columns of the result follow its voxels in nilearn's masking order.
     params : mapping
-        The ``preprocess.fmri`` options (``glm``, ``hrf_model``, ``hrf_onset`` (s, a
-        number), ``drift_model``,
-        ``high_pass``, ``noise_model``, ``smoothing_fwhm``).
+        The ``preprocess.fmri`` options (``glm``, ``hrf_model``, ``hrf_onset`` (s, a number),
+        ``drift_model``, ``high_pass``, ``noise_model``, ``smoothing_fwhm``).
     desc : str
         Label of the progress bar.
     """
