@@ -53,7 +53,7 @@ def image_chunks(x: np.ndarray, *, batch_size: int, desc: str):
 
 
 def alexnet_features(*batches: np.ndarray, layers: Sequence[int], batch_size: int,
-                      device: str) -> list[dict[int, np.ndarray]]:
+                     device: str) -> list[dict[int, np.ndarray]]:
     """Flattened AlexNet conv features, one ``{layer: (n, n_features)}`` per batch.
 
     The network is loaded once and run once per image up to the deepest requested layer.
@@ -78,7 +78,7 @@ def alexnet_features(*batches: np.ndarray, layers: Sequence[int], batch_size: in
 
 
 def inception_features(*batches: np.ndarray, batch_size: int,
-                        device: str) -> list[np.ndarray]:
+                       device: str) -> list[np.ndarray]:
     """FID InceptionV3 pool features ``(n, 2048)`` per batch (network loaded once)."""
     model = FidInceptionV3().to(device)
     results = []
