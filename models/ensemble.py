@@ -30,7 +30,9 @@ from torch import nn
 #: what changes a model: called on the ensemble, called on every member that has it (their
 #: results must agree, e.g. a new subject's index)
 _ON_EVERY_MEMBER = ("add_subjects", "add_subject", "fit_subspace", "add_readout", "set_readout",
-                    "set_readout_mix")
+                    "set_readout_mix", "set_voxel_relevance")
+#: what every member holds alike (set on each from the data), read from the first
+_AS_THE_FIRST = ("voxel_relevance",)
 
 
 class EncoderEnsemble(nn.Module):
@@ -81,7 +83,7 @@ class EncoderEnsemble(nn.Module):
         if name in _ON_EVERY_MEMBER:
             return lambda *args, **kwargs: _agreed(
                 [getattr(m, name)(*args, **kwargs) for m in members], name)
-        if callable(value) and not isinstance(value, torch.Tensor):
+        if callable(value) and not isinstance(value, torch.Tensor) and name not in _AS_THE_FIRST:
             raise AttributeError(f"EncoderEnsemble does not forward the method {name!r} "
                                  "(it would change the first member alone)")
         return value

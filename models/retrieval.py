@@ -308,11 +308,12 @@ def rank_score_rows(pred: np.ndarray, candidates: np.ndarray,
     return 1 - (ranks - 1) / max(len(candidates) - 1, 1)
 
 
-def one_standard_error(per_trial: dict[Any, np.ndarray], *, order: Sequence[Any] | None = None
-                       ) -> dict[str, Any]:
+def one_standard_error(per_trial: dict[Any, np.ndarray], *, order: Sequence[Any] | None = None,
+                       n_se: float = 1.0) -> dict[str, Any]:
     """The first candidate of ``order`` (default: the smallest) whose mean per-trial score is
-    within one standard error (of the per-trial differences) of the best candidate's: a gain
-    within the noise of a few validation trials does not move a choice off its plainest
+    within one standard error (of the per-trial differences; ``n_se`` of them where a move
+    off the plainest option costs more than it is likely to gain) of the best candidate's: a
+    gain within the noise of a few validation trials does not move a choice off its plainest
     option, nor does the best of many tries win by selection alone.
 
     ``per_trial``: candidate -> its scores on the same trials, row-aligned. Returns
@@ -326,8 +327,8 @@ def one_standard_error(per_trial: dict[Any, np.ndarray], *, order: Sequence[Any]
     best = max(order, key=lambda c: (curve[c], -order.index(c)))  # ties: the earlier
     se = {c: float(np.std(per_trial[best] - per_trial[c], ddof=1) / np.sqrt(n)) if n > 1
           else 0.0 for c in order}
-    value = next(c for c in order if curve[c] >= curve[best] - se[c])
-    return {"value": value, "best": best,
+    value = next(c for c in order if curve[c] >= curve[best] - n_se * se[c])
+    return {"value": value, "best": best, **({"n_se": n_se} if n_se != 1 else {}),
             "validation": {str(c): round(v, 4) for c, v in curve.items()},
             "standard_error": {str(c): round(v, 4) for c, v in se.items()},
             "n_trials": int(n)}

@@ -31,7 +31,8 @@ from .inference import Decoder
 
 def job_config(decoder: Decoder, cfg: DictConfig) -> DictConfig:
     """The bundle's training config with this command's ``data``, ``paths`` and ``seed``, and
-    the ``adapt.max_epochs`` / ``adapt.lr`` overrides of its trainer and optimizer."""
+    the ``adapt.max_epochs`` / ``adapt.lr`` / ``adapt.region_prior`` overrides of its trainer,
+    optimizer and ``region_prior.fmri``."""
     trained = decoder.config.provenance.config
     if not trained:
         raise DataError("the bundle records no training config (provenance.config), so its "
@@ -46,6 +47,9 @@ def job_config(decoder: Decoder, cfg: DictConfig) -> DictConfig:
             job.trainer.max_epochs = int(cfg.adapt.max_epochs)
         if cfg.adapt.get("lr") is not None:
             job.optimizer.lr = float(cfg.adapt.lr)
+        if cfg.adapt.get("region_prior") is not None:
+            job.region_prior = {**(job.get("region_prior") or {}),
+                                "fmri": bool(cfg.adapt.region_prior)}
     return job
 
 
@@ -89,6 +93,7 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
     from .reconstruct.generation import stimulus_images
     from .train.adaptation import WAYS, adapt_subjects, adaptation_way
     from .train.fit import build_datamodule, prepare_caches
+    from .train.region_prior import new_subject_prior
     from .train.ridge import ridge_predictions
 
     if OmegaConf.is_missing(cfg, "bundle") or not cfg.bundle:
@@ -110,7 +115,11 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
     dm = build_datamodule(job, preproc_dir, emb_dir)
     check_fits(decoder, dm, root=root)
     t_train = time.perf_counter()
-    model, index, info = adapt_subjects(job, decoder.net, dm, out_dir=out_dir, way=way)
+    prior = (new_subject_prior(job, {s: decoder.subject_nets.get(s) or decoder.net
+                                     for s in decoder.masks}, decoder.masks)
+             if dm.modality == "fmri" else None)
+    model, index, info = adapt_subjects(job, decoder.net, dm, out_dir=out_dir, way=way,
+                                        prior=prior)
     logger.info("adapt: sub-%s added to the decoder of sub-%s (%s; indices %s)",
                 ", sub-".join(dm.labels), ", sub-".join(decoder.subjects), way,
                 list(index.values()))
@@ -132,6 +141,7 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
               "train_seconds": round(train_seconds, 2), "epochs": info.get("epochs"),
               "best_epoch": info.get("best_epoch"), "val_select": info.get("val_select"),
               "refit_epochs": info.get("refit_epochs"),
+              "region_prior": info.get("region_prior"),
               "readout_alpha": info.get("readout_alpha"),
               "readout_mix": info.get("readout_mix")}
     config = BundleConfig.model_validate({

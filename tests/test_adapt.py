@@ -162,6 +162,14 @@ def test_adapted_bundle_keeps_old_subjects_and_decodes_the_new_one(adapted):
         assert np.array_equal(new.lowlevel["01"][0], old.lowlevel["01"][0])
     else:
         assert set(new.masks) == {"01", "02"}
+        # sub-02's voxels weighted by where sub-01's carried the stimulus (its relevance,
+        # measured when it was trained): the adapter's principal axes are the responsive
+        # regions'; sub-02's own relevance is kept for the next new subject
+        assert recorded[0]["region_prior"] == ["01"]
+        assert old.net.voxel_relevance("01") is not None
+        scale = own.adapters["02"][0].scale
+        assert float(scale.min()) < 0.5 < 1.5 < float(scale.max())
+        assert own.voxel_relevance("02") is not None
 
 
 @pytest.mark.parametrize("adapted", ["meg", pytest.param(
@@ -235,6 +243,7 @@ def test_run_writes_the_adaptation_curve(fmri_root, tmp_path):
         ways = [w for w, n in counts.items() if n]
         if len(ways) == 1:
             assert ad["top5"][models[3]][fi] == ad["top5"][row_of[ways[0]]][fi]
+    assert ad["region_prior"] == {"01": ["02"], "02": ["01"]}  # the adapted ways' prior
     assert ad["chance"]["top5"] == pytest.approx(5 / 16)
     assert ad["top5"]["adapted (shared frozen)"][-1] >= ad["chance"]["top5"] + 0.2, ad
     out = Path(cfg.paths.output_dir)

@@ -165,14 +165,31 @@ def test_embedded_generator_bad_input(tiny_generator, tmp_path):
 
 def _check_one_standard_error(choice: dict, grid: tuple, *, min_trials: int) -> None:
     """A choice on validation trials: every candidate scored, and the smallest one within one
-    standard error of the best validation score kept."""
+    standard error (``n_se`` of them where recorded) of the best validation score kept."""
     assert choice["n_trials"] >= min_trials
     assert [float(c) for c in choice["validation"]] == list(grid)
-    best = max(choice["validation"].values())
+    best, n_se = max(choice["validation"].values()), choice.get("n_se", 1)
     chosen = str(choice["value"])
-    assert choice["validation"][chosen] >= best - choice["standard_error"][chosen] - 1e-4
-    assert all(choice["validation"][c] < best - choice["standard_error"][c] + 1e-4
+    se = {c: n_se * v for c, v in choice["standard_error"].items()}
+    assert choice["validation"][chosen] >= best - se[chosen] - 1e-4
+    assert all(choice["validation"][c] < best - se[c] + 1e-4
                for c in choice["validation"] if float(c) < choice["value"])
+
+
+def test_a_strength_must_beat_its_start_by_two_standard_errors():
+    """The img2img strength's rule (``STRENGTH_N_SE``): a gain of 1.5 standard errors over the
+    start itself moves a one-standard-error choice, not the strength's; 3 moves both."""
+    from neurorecon.models.retrieval import one_standard_error
+    from neurorecon.pipelines.reconstruct.generation import STRENGTH_N_SE
+
+    rng = np.random.default_rng(0)
+    start, z = rng.uniform(0.4, 0.8, 50), rng.standard_normal(50)
+    z = (z - z.mean()) / z.std(ddof=1)  # the per-trial differences: mean 0, sd 1 exactly
+    se = 0.02 / np.sqrt(50)
+    for gain, moved in ((1.5, (0.1, 0.0)), (3.0, (0.1, 0.1))):
+        trials = {0.0: start, 0.1: start + gain * se + 0.02 * z}
+        assert (one_standard_error(trials)["value"],
+                one_standard_error(trials, n_se=STRENGTH_N_SE)["value"]) == moved, gain
 
 
 @pytest.mark.slow
@@ -191,7 +208,11 @@ def test_run_with_reconstruction(sample_root, tmp_path):
     assert set(rec["metrics"]) == {"brain", "floor_retrieved", "ceiling", "lowlevel_only",
                                    "start_only"}
     # the retrieved start's low-level re-ranking weight was chosen on the validation trials
-    from neurorecon.pipelines.reconstruct.generation import RERANK_GRID, STRENGTH_GRID
+    from neurorecon.pipelines.reconstruct.generation import (
+        RERANK_GRID,
+        STRENGTH_GRID,
+        STRENGTH_N_SE,
+    )
 
     found = rec["retrieval"]
     assert rec["start"] == "retrieved" and found["k"] == 1
@@ -200,6 +221,7 @@ def test_run_with_reconstruction(sample_root, tmp_path):
     # and so was the img2img strength, by generating for those trials (0: the start itself)
     assert rec["strength"] == rec["strength_choice"]["value"]
     _check_one_standard_error(rec["strength_choice"], STRENGTH_GRID, min_trials=4)
+    assert rec["strength_choice"]["n_se"] == STRENGTH_N_SE  # the sampler must earn its run
     for name, m in rec["metrics"].items():
         assert -1 <= m["pixcorr"] <= 1 and 0 <= m["alexnet2"] <= 1, name
         assert 0 <= m["inception"] <= 1 and 0 <= m["effnet"] <= 2, name

@@ -76,10 +76,19 @@ class SubspaceProjection(nn.Module):
     ``n_voxels``. The statistics are fitted from training trials only
     (:meth:`FmriEncoder.fit_subspace`) and saved with the weights (buffers).
 
+    A voxel ``scale`` (default 1) weights the voxels before the projection and its fit: a new
+    subject's region prior (:mod:`neurorecon.pipelines.train.region_prior`), so that with a
+    few dozen trials the principal axes, and the linear layer on them, are those of the voxels
+    where the trained subjects' responses carried the stimulus (a weighted ridge kernel).
+    ``relevance`` holds the subject's own voxel relevance (the cross-validated share of each
+    voxel's response that the stimulus embedding predicts on its train trials; 0: not
+    measured), from which a later subject's prior is built.
+
     Notes
     -----
-    ``x (B, n_voxels)`` → ``(B, n_components)``, ``(x - mean) @ components.T``, components
-    scaled by ``1 / sqrt(n_voxels)`` so scores are O(1) for z-scored voxels.
+    ``x (B, n_voxels)`` → ``(B, n_components)``, ``((x - mean) * scale) @ components.T``,
+    components scaled by ``1 / sqrt(n_voxels)`` so scores are O(1) for z-scored voxels (a
+    ``scale`` has mean square 1).
     """
 
     def __init__(self, n_voxels: int, n_components: int):
@@ -87,38 +96,54 @@ class SubspaceProjection(nn.Module):
         self.register_buffer("mean", torch.zeros(n_voxels))
         self.register_buffer("components", torch.zeros(n_components, n_voxels))
         self.register_buffer("fitted", torch.tensor(False))
+        self.register_buffer("scale", torch.ones(n_voxels))
+        self.register_buffer("relevance", torch.zeros(n_voxels))
 
-    def fit(self, X) -> int:
-        """Fit on training trials ``X (n_trials, n_voxels)``; return the components kept.
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # weights saved before the voxel scale and relevance existed: scale 1, not measured
+        for name in ("scale", "relevance"):
+            state_dict.setdefault(prefix + name, getattr(self, name).clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def fit(self, X, *, scale=None) -> int:
+        """Fit on training trials ``X (n_trials, n_voxels)``, weighted by ``scale``
+        (``(n_voxels,)``, default 1); return the components kept.
 
         ``X`` may also be a function returning an iterable of row blocks (tensors or arrays),
         read several times: the fit then holds at most ``2 * n_components`` rows (exact SVD)
         or, with more trials, the ``(n_trials + n_voxels) x (n_components + 10)`` matrices of
         the randomized SVD (Halko et al., :func:`torch.svd_lowrank`'s algorithm, streamed).
         """
-        blocks = X if callable(X) else (lambda: [X])
+        weights = (torch.ones(self.scale.shape[0], dtype=torch.float64) if scale is None
+                   else torch.as_tensor(scale).to(torch.float64))
+        if weights.shape != self.scale.shape or not bool(torch.isfinite(weights).all()):
+            raise ValueError(f"SubspaceProjection.fit: scale must be {tuple(self.scale.shape)} "
+                             f"finite values, got {tuple(weights.shape)}")
         as64 = lambda b: torch.as_tensor(b).to(torch.float64)  # noqa: E731
+        raw = X if callable(X) else (lambda: [X])
         k = self.components.shape[0]
         n, total = 0, torch.zeros(self.mean.shape[0], dtype=torch.float64)
-        for b in blocks():
+        for b in raw():
             total += as64(b).sum(0)
             n += len(b)
         mean = total / max(n, 1)
+        blocks = lambda: ((as64(b) - mean) * weights for b in raw())  # noqa: E731
         if min(n, len(mean)) <= 2 * k:
-            centred = torch.cat([as64(b) - mean for b in blocks()])
-            _, svals, vt = torch.linalg.svd(centred, full_matrices=False)
+            _, svals, vt = torch.linalg.svd(torch.cat(list(blocks())), full_matrices=False)
         else:  # many trials: randomized SVD over the blocks, same span up to rounding
-            svals, vt = _streamed_svd_lowrank(blocks, mean, q=k + 10, niter=4)
+            svals, vt = _streamed_svd_lowrank(blocks, torch.zeros_like(mean), q=k + 10,
+                                              niter=4)
         keep = min(k, int((svals > svals[0] * 1e-6).sum()) if len(svals) else 0)
         comps = torch.zeros_like(self.components, dtype=torch.float64)
         comps[:keep] = vt[:keep] / math.sqrt(len(mean))
         self.mean.copy_(mean.to(self.mean.dtype))
+        self.scale.copy_(weights.to(self.scale.dtype))
         self.components.copy_(comps.to(self.components.dtype))
         self.fitted.fill_(True)
         return keep
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) @ self.components.T
+        return ((x - self.mean) * self.scale) @ self.components.T
 
 
 class _ResidualMlpBlock(nn.Module):
@@ -244,20 +269,36 @@ class FmriEncoder(BrainModuleMixin, nn.Module):
         self._config["subjects"][label] = int(n_voxels)
         return self.n_subjects - 1
 
-    def fit_subspace(self, label: str, X) -> int | None:
+    def _subspace(self, label: str) -> SubspaceProjection | None:
+        proj = self.adapters[_check_label(label)][0]
+        return proj if isinstance(proj, SubspaceProjection) else None
+
+    def fit_subspace(self, label: str, X, *, scale=None) -> int | None:
         """Fit subject ``label``'s :class:`SubspaceProjection` on its training trials
         ``X (n_trials, n_voxels)`` (an array, or a callable yielding row blocks with a
-        ``shape``: see :meth:`SubspaceProjection.fit`); return the components kept (None: no
-        subspace adapter)."""
+        ``shape``: see :meth:`SubspaceProjection.fit`), its voxels weighted by ``scale``
+        (default 1); return the components kept (None: no subspace adapter)."""
         label = _check_label(label)
-        proj = self.adapters[label][0]
-        if not isinstance(proj, SubspaceProjection):
+        proj = self._subspace(label)
+        if proj is None:
             return None
         n_voxels = self._config["subjects"][label]
         if X.shape[1] != n_voxels:
             raise input_mismatch(f"FmriEncoder.fit_subspace: wrong voxel count for sub-{label}",
                                  got=X.shape[1], expected=n_voxels)
-        return proj.fit(X)
+        return proj.fit(X, scale=scale)
+
+    def voxel_relevance(self, label: str) -> torch.Tensor | None:
+        """Subject ``label``'s voxel relevance (:class:`SubspaceProjection`; None: no
+        subspace adapter, or not measured)."""
+        proj = self._subspace(label)
+        return None if proj is None or not bool(proj.relevance.any()) else proj.relevance
+
+    def set_voxel_relevance(self, label: str, relevance) -> None:
+        """Store subject ``label``'s voxel relevance ``(n_voxels,)`` (a subspace adapter's)."""
+        proj = self._subspace(label)
+        if proj is not None:
+            proj.relevance.copy_(torch.as_tensor(relevance).to(proj.relevance.dtype))
 
     def freeze_shared(self, *labels: str) -> list[nn.Parameter]:
         """Freeze everything except the adapters of subjects ``labels`` (MindBridge-style

@@ -29,6 +29,7 @@ from neurorecon.models.retrieval import candidate_rows, chance_metrics, retrieva
 from ..inference import predict_split
 from ..train.adaptation import adapt_subjects, choose_way, train_alone
 from ..train.fit import build_datamodule
+from ..train.region_prior import new_subject_prior
 from ..train.ridge import flat_targets, ridge_predictions
 from .figures import plot_adaptation_curve
 
@@ -73,12 +74,17 @@ def adaptation_curve(cfg: DictConfig, *, preproc_dir: Path, embeddings_dir: Path
     top1 = {m: np.zeros((len(runs), len(fractions))) for m in MODELS}
     n_train = np.zeros((len(runs), len(fractions)), int)
     chosen = np.empty((len(runs), len(fractions)), object)  # the way the validation kept
-    ri = 0
+    ri, priors = 0, {}
     for new in new_subjects:
         seed_everything(int(cfg.seed), workers=True, verbose=False)
         shared_dm = build_datamodule(cfg, preproc_dir, embeddings_dir,
                                      subjects=[s for s in labels if s != new])
         shared, _ = train_alone(cfg, shared_dm, out_dir=out_dir / f"shared-{new}")
+        prior = (new_subject_prior(cfg, dict.fromkeys(shared_dm.labels, shared),
+                                   {s: shared_dm.data.subjects[s].mask_img
+                                    for s in shared_dm.labels})
+                 if shared_dm.modality == "fmri" else None)
+        priors[new] = None if prior is None else prior.subjects
         for seed in seeds:
             job = cfg.copy()
             with open_dict(job):
@@ -92,7 +98,7 @@ def adaptation_curve(cfg: DictConfig, *, preproc_dir: Path, embeddings_dir: Path
                 by_way, val = {}, {}
                 for way in WAY_OF.values():
                     model, index, info = adapt_subjects(job, shared, dm, out_dir=here / way,
-                                                        quiet=True, way=way)
+                                                        quiet=True, way=way, prior=prior)
                     by_way[way] = predict_split(model, dm, "test", subject_index=index)
                     val[way] = info.get("val_rows")
                 chosen[ri, fi] = kept = choose_way(val)["value"]
@@ -135,4 +141,5 @@ def adaptation_curve(cfg: DictConfig, *, preproc_dir: Path, embeddings_dir: Path
             "best_on_validation": {f"{frac:g}": {way: int((chosen[:, fi] == way).sum())
                                                  for way in WAY_OF.values()}
                                    for fi, frac in enumerate(fractions)},
+            "region_prior": priors,
             "chance": {"top1": chance["top1"], "top5": chance["top5"]}}

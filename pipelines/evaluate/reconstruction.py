@@ -35,6 +35,7 @@ from neurorecon.models.generators.base import (
 from ..inference import Decoder
 from ..reconstruct.generation import (
     STRENGTH_GRID,
+    STRENGTH_N_SE,
     ValidationTrials,
     build_generator,
     caption_pathway,
@@ -196,8 +197,9 @@ def choose_strength(cfg: DictConfig, val: ValidationTrials, *, rerank: float) ->
     (its own image excluded from the candidates, re-ranked with ``rerank``); each strength of
     :data:`~..reconstruct.generation.STRENGTH_GRID` generates from it (0: the start itself),
     scored per trial by AlexNet(2) and AlexNet(5) two-way identification among the validation
-    trials (their mean); :func:`~..reconstruct.generation.one_standard_error` picks, so a
-    generator that adds nothing measurable to its start is not run.
+    trials (their mean); :func:`~..reconstruct.generation.one_standard_error` picks, within
+    :data:`~..reconstruct.generation.STRENGTH_N_SE` standard errors, so a generator that adds
+    nothing measurable to its start is not run.
     """
     from ..inference import predict_split
     from ..train.ridge import flat_targets
@@ -237,7 +239,7 @@ def choose_strength(cfg: DictConfig, val: ValidationTrials, *, rerank: float) ->
     scores = alexnet_two_way_sets(made, truth, layers=(2, 5))
     per_trial = {strength: (rows[2] + rows[5]) / 2
                  for strength, rows in zip(STRENGTH_GRID, scores, strict=True)}
-    return one_standard_error(per_trial, what="img2img strength")
+    return one_standard_error(per_trial, what="img2img strength", n_se=STRENGTH_N_SE)
 
 
 def validation_choices(cfg: DictConfig, net, dm, *, stim_images: list[Image.Image]

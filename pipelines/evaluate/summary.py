@@ -102,6 +102,14 @@ def _reconstruction(rec: dict[str, Any]) -> list[str]:
     return out + [""]
 
 
+def _region_prior_line(priors: dict[str, list[str] | None]) -> str:
+    """The region prior of new fMRI subjects (``{new subject: the trained subjects}``)."""
+    return ("Region prior (`region_prior.fmri`): the voxels of " + "; ".join(
+        f"sub-{new} weighted by where those of sub-{', sub-'.join(old)} carried the stimulus"
+        for new, old in priors.items() if old) + " (their encoding R² maps in MNI space), in "
+        "the adapted ways; from scratch has none.")
+
+
 def write_report(out_dir: str | Path, metrics: dict[str, Any] | None = None) -> Path:
     """Write ``report.md`` for the run in ``out_dir`` (``metrics`` default: its metrics.json)."""
     out_dir = Path(out_dir)
@@ -191,6 +199,9 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any] | None = None) -> 
                   f"(best epoch {adapted['best_epoch']} of {adapted['epochs']}). A ridge "
                   f"fitted on the same trials: top-1 {_fmt(ridge['top1'])}, top-5 "
                   f"{_fmt(ridge['top5'])}.", ""]
+        if adapted.get("region_prior"):
+            lines += [_region_prior_line(dict.fromkeys(adapted["subjects"],
+                                                       adapted["region_prior"])), ""]
         if adapted.get("chosen") == "auto":
             se = (adapted.get("way_choice") or {}).get("standard_error") or {}
             lines += ["adapt.way=auto: validation rank score " + ", ".join(
@@ -217,6 +228,8 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any] | None = None) -> 
                         [[name, *(f"{_fmt(v)} ± {_fmt(e)}" if name in sd else v
                                   for v, e in zip(vals, sd.get(name, vals), strict=True))]
                          for name, vals in adapt["top5"].items()])
+        if any((adapt.get("region_prior") or {}).values()):
+            lines += ["", _region_prior_line(adapt["region_prior"])]
         if adapt.get("best_on_validation"):
             lines += ["", "Best on validation kept (runs per way): " + "; ".join(
                 f"{frac}: " + ", ".join(f"{w} {n}" for w, n in counts.items() if n)

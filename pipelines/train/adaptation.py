@@ -57,8 +57,9 @@ def adaptation_way(cfg: DictConfig, modality: str) -> str:
     return way
 
 
-def add_subjects(net, dm) -> dict[str, int]:
-    """Add ``dm``'s subjects to ``net`` and freeze everything else; ``{label: index}``."""
+def add_subjects(net, dm, *, prior=None) -> dict[str, int]:
+    """Add ``dm``'s subjects to ``net`` and freeze everything else; ``{label: index}``.
+    ``prior`` (fMRI, :class:`~.region_prior.RegionPrior`): their voxels weighted by it."""
     if dm.modality == "meg":
         n_chans = max(info.n_chans for info in dm.subjects.values())
         indices = net.add_subjects(len(dm.labels), n_chans=n_chans)
@@ -67,7 +68,7 @@ def add_subjects(net, dm) -> dict[str, int]:
     from .fit import fit_subspaces
 
     index = {label: net.add_subject(label, dm.subjects[label].n_voxels) for label in dm.labels}
-    fit_subspaces(net, dm, labels=dm.labels)
+    fit_subspaces(net, dm, labels=dm.labels, prior=prior)
     net.freeze_shared(*dm.labels)
     return index
 
@@ -84,11 +85,14 @@ def restore(net, before: dict[str, torch.Tensor]) -> None:
 
 
 def adapt_subjects(cfg: DictConfig, net, dm, *, out_dir: Path, quiet: bool = False,
-                   way: str | None = None) -> tuple[Any, dict[str, int], dict[str, Any]]:
+                   way: str | None = None, prior=None
+                   ) -> tuple[Any, dict[str, int], dict[str, Any]]:
     """Adapt ``net`` (a trained encoder, left untouched; a copy is trained) to ``dm``'s
     subjects ``way`` (default :func:`adaptation_way`) with ``cfg``'s loss, optimizer and
     trainer (the epoch chosen on ``dm``'s validation trials), then fit their MEG read-out on
-    train + validation trials.
+    train + validation trials. ``prior`` (fMRI, :func:`.region_prior.new_subject_prior`):
+    the new subjects' voxels weighted by where the trained subjects' carried the stimulus,
+    in the ways that keep the trained model (``frozen``, ``finetune``).
 
     Returns ``(the model that decodes them, {label: index in it}, info)``: the training
     summary of :func:`.fit.fit` (empty when nothing was trainable), ``way`` (for ``auto``, the
@@ -101,7 +105,7 @@ def adapt_subjects(cfg: DictConfig, net, dm, *, out_dir: Path, quiet: bool = Fal
 
     way = way or adaptation_way(cfg, dm.modality)
     if way == "auto":
-        return _best_way(cfg, net, dm, out_dir=out_dir, quiet=quiet)
+        return _best_way(cfg, net, dm, out_dir=out_dir, quiet=quiet, prior=prior)
     # each way starts from the seed (initialisation, batch order), not from what the ways tried
     # before it left: ``auto`` keeps the very model that its way alone gives
     seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -111,7 +115,8 @@ def adapt_subjects(cfg: DictConfig, net, dm, *, out_dir: Path, quiet: bool = Fal
     from .fit import refit_epochs, refitting
     from .readout import fit_subject_readout
 
-    model, index, info = _trained_way(cfg, net, dm, way, out_dir=out_dir, quiet=quiet)
+    model, index, info = _trained_way(cfg, net, dm, way, out_dir=out_dir, quiet=quiet,
+                                      prior=prior)
     meg = bool(getattr(model, "readout_bins", None))  # MEG: the new subjects' read-out
     alphas = (cfg.get("evaluate") or {}).get("ridge_alphas")
     if meg:  # their deep share, chosen on validation before any refit has seen it
@@ -123,7 +128,8 @@ def adapt_subjects(cfg: DictConfig, net, dm, *, out_dir: Path, quiet: bool = Fal
         epochs = refit_epochs(info)
         seed_everything(int(cfg.seed), workers=True, verbose=False)
         model, index, again = _trained_way(cfg, net, dm.with_validation_in_train(), way,
-                                           out_dir=out_dir / "refit", quiet=True, epochs=epochs)
+                                           out_dir=out_dir / "refit", quiet=True, epochs=epochs,
+                                           prior=prior)
         info.update(refit_epochs=epochs, refit_seconds=again["train_seconds"])
         if meg:
             model.set_readout_mix(info["readout_mix"], [index[s] for s in dm.labels])
@@ -135,7 +141,8 @@ def adapt_subjects(cfg: DictConfig, net, dm, *, out_dir: Path, quiet: bool = Fal
 
 
 def _trained_way(cfg: DictConfig, net, dm, way: str, *, out_dir: Path, quiet: bool,
-                 epochs: int | None = None) -> tuple[Any, dict[str, int], dict[str, Any]]:
+                 epochs: int | None = None, prior=None
+                 ) -> tuple[Any, dict[str, int], dict[str, Any]]:
     """A copy of ``net`` with ``dm``'s subjects added, their parts (``frozen``) or every layer
     (``finetune``) trained on ``dm``'s train trials: until validation stops it (the best
     epoch kept), or for ``epochs`` without validation (a refit). The trained subjects'
@@ -147,7 +154,7 @@ def _trained_way(cfg: DictConfig, net, dm, way: str, *, out_dir: Path, quiet: bo
     model = copy.deepcopy(net)
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()} if way == "frozen" else None
-    index = add_subjects(model, dm)
+    index = add_subjects(model, dm, prior=prior)
     if way == "finetune":
         model.requires_grad_(True)
     if not quiet:
@@ -155,7 +162,8 @@ def _trained_way(cfg: DictConfig, net, dm, way: str, *, out_dir: Path, quiet: bo
                     ", sub-".join(dm.labels), way,
                     sum(p.numel() for p in model.parameters() if p.requires_grad),
                     sum(p.numel() for p in model.parameters() if not p.requires_grad))
-    info: dict[str, Any] = {"way": way}
+    info: dict[str, Any] = {"way": way,
+                            "region_prior": None if prior is None else prior.subjects}
     if any(p.requires_grad for p in model.parameters()):
         lit = build_module(cfg, dm, net=Reindexed(model, [index[s] for s in dm.labels]))
         if epochs is None:
@@ -205,12 +213,12 @@ def choose_way(rows: dict[str, np.ndarray | None]) -> dict[str, Any]:
     return one_standard_error(scored, order=list(scored))
 
 
-def _best_way(cfg: DictConfig, net, dm, *, out_dir: Path, quiet: bool
+def _best_way(cfg: DictConfig, net, dm, *, out_dir: Path, quiet: bool, prior=None
               ) -> tuple[Any, dict[str, int], dict[str, Any]]:
     """``auto``: each of :data:`CANDIDATES`, and the one :func:`choose_way` picks on their
     ``val_rank_score``."""
-    tried = {way: adapt_subjects(cfg, net, dm, out_dir=out_dir / way, quiet=quiet, way=way)
-             for way in CANDIDATES}
+    tried = {way: adapt_subjects(cfg, net, dm, out_dir=out_dir / way, quiet=quiet, way=way,
+                                 prior=prior) for way in CANDIDATES}
     scores = {way: result[2].get("val_rank_score") for way, result in tried.items()}
     choice = choose_way({way: result[2].get("val_rows") for way, result in tried.items()})
     best = choice["value"]

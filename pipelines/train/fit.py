@@ -88,20 +88,33 @@ def resolve_focus(cfg: DictConfig, dm) -> dict[str, Any] | None:
             "reason": "configured"}
 
 
-def fit_subspaces(net, dm, labels=None) -> None:
-    """Fit the fMRI encoder's subspace adapters on each subject's *train* rows only."""
+def fit_subspaces(net, dm, labels=None, *, prior=None) -> None:
+    """Fit the fMRI encoder's subspace adapters on each subject's *train* rows only, and
+    measure each subject's voxel relevance on them (kept with its adapter: a later new
+    subject's region prior). ``prior``
+    (:class:`~.region_prior.RegionPrior`): new subjects' voxels weighted by it."""
+    from .region_prior import voxel_relevance
+    from .ridge import flat_targets
 
     if not hasattr(net, "fit_subspace"):
         return
+    split = dm.splits["train"]
     for k, label in enumerate(dm.labels):
         if labels is not None and label not in labels:
             continue
         rows = dm.subject_row_blocks("train", k)  # streamed from the cache, read per pass
-        if len(rows):
-            kept = net.fit_subspace(label, rows)
-            if kept is not None:
-                logger.info("fMRI sub-%s: subspace adapter on %d principal axes of %d train "
-                            "trials", label, kept, len(rows))
+        if not len(rows):
+            continue
+        scale = prior.scale(dm.data.subjects[label].mask_img) if prior is not None else None
+        kept = net.fit_subspace(label, rows, scale=scale)
+        if kept is None:
+            continue
+        net.set_voxel_relevance(label, voxel_relevance(
+            rows, flat_targets(dm)[split.target[split.subject == k]]))
+        logger.info("fMRI sub-%s: subspace adapter on %d principal axes of %d train trials%s",
+                    label, kept, len(rows), "" if scale is None else
+                    f", voxels weighted by the region prior of sub-{', sub-'.join(prior.subjects)}"
+                    f" ({(scale > 0).mean():.0%} of them above 0)")
 
 
 def build_module(cfg: DictConfig, dm, *, net=None, focus: dict[str, Any] | None = None):

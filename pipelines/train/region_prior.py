@@ -1,0 +1,157 @@
+"""A new fMRI subject's region prior: where the trained subjects' voxels carried the stimulus.
+
+With a few dozen trials of a new participant and tens of thousands of voxels, most of them
+outside the regions that respond to images, a voxel adapter learns mostly noise, whatever the
+shared layers behind it know. What trained subjects share is *where* the stimulus is carried
+(the regions; MindEye's shared ``nsdgeneral`` ROI is such a group-level map), not their voxel
+patterns. So each subject's voxel relevance is measured on its train trials
+(:func:`voxel_relevance`: the cross-validated share of each voxel's response that the stimulus
+embedding predicts, a voxel-wise encoding model as in Kay et al. 2008) and kept with its
+adapter; a new subject's voxels are weighted by the trained subjects' maps, taken to MNI space
+through their masks, resampled onto its grid, averaged and smoothed (:class:`RegionPrior`).
+The weights enter its subspace adapter
+(:class:`~neurorecon.models.fmri.encoder.SubspaceProjection`'s ``scale``), so its principal
+axes, and the layer on them, are those of the voxels that carried the stimulus elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from neurorecon.models.common.logging import logger
+
+#: principal components of the stimulus embeddings the voxel encoding model predicts from
+N_COMPONENTS = 16
+#: cross-validation folds of the encoding model (trials in turn)
+FOLDS = 5
+#: ridge penalty of the encoding model (components at unit variance)
+ALPHA = 10.0
+#: mm, smoothing of the averaged relevance map on the new subject's grid
+SMOOTHING_FWHM = 6.0
+
+
+def voxel_relevance(blocks: Callable[[], Iterable[np.ndarray]], targets: np.ndarray, *,
+                    n_components: int = N_COMPONENTS, folds: int = FOLDS,
+                    alpha: float = ALPHA) -> np.ndarray:
+    """Each voxel's cross-validated encoding R² (clipped at 0), ``(n_voxels,)`` float32.
+
+    ``blocks()`` yields a subject's trials ``(rows, n_voxels)`` block by block (re-readable:
+    two passes, nothing held but sums), ``targets`` ``(n_trials, dim)`` their stimulus
+    embeddings in the same order. The embeddings' top ``n_components`` principal components
+    (at unit variance) predict every voxel by ridge (``alpha``) fitted on the other folds
+    (trial ``i`` is in fold ``i % folds``); the share of the voxel's variance the held-out
+    predictions explain is its relevance. Fewer than ``2 * folds`` trials: zeros (not
+    measured).
+    """
+    Y = np.asarray(targets, np.float64)
+    n = len(Y)
+    if n < 2 * folds:
+        first = next(iter(blocks()))
+        return np.zeros(np.shape(first)[1], np.float32)
+    Y = Y - Y.mean(0)
+    _, svals, vt = np.linalg.svd(Y, full_matrices=False)
+    m = max(1, min(n_components, int((svals > svals[0] * 1e-6).sum())))
+    Y = Y @ vt[:m].T / (svals[:m] / np.sqrt(n - 1))
+    Y = np.hstack([Y, np.ones((n, 1))])  # the intercept, unpenalised
+    fold = np.arange(n) % folds
+
+    def passes():
+        start = 0
+        for block in blocks():
+            block = np.asarray(block, np.float64)
+            rows = slice(start, start + len(block))
+            start += len(block)
+            yield block, Y[rows], fold[rows]
+
+    gram = np.zeros((folds, m + 1, m + 1))
+    cross: np.ndarray | None = None
+    total = sq = None
+    for X, y, f in passes():
+        if cross is None:
+            cross = np.zeros((folds, m + 1, X.shape[1]))
+            total, sq = np.zeros(X.shape[1]), np.zeros(X.shape[1])
+        for k in np.unique(f):
+            gram[k] += y[f == k].T @ y[f == k]
+            cross[k] += y[f == k].T @ X[f == k]
+        total += X.sum(0)
+        sq += (X * X).sum(0)
+    penalty = alpha * np.diag([1.0] * m + [0.0])
+    weights = [np.linalg.solve(gram.sum(0) - gram[k] + penalty, cross.sum(0) - cross[k])
+               for k in range(folds)]
+    sse = np.zeros_like(total)
+    for X, y, f in passes():
+        for k in np.unique(f):
+            sse += ((X[f == k] - y[f == k] @ weights[k]) ** 2).sum(0)
+    sst = sq - total**2 / n
+    r2 = np.where(sst > 0, 1 - sse / np.where(sst > 0, sst, 1), 0.0)
+    return np.clip(r2, 0, None).astype(np.float32)
+
+
+@dataclass
+class RegionPrior:
+    """The trained subjects' voxel relevance maps (NIfTI images in their own grids, MNI space),
+    from which a new subject's voxel weights are made (:meth:`scale`)."""
+
+    maps: dict[str, Any]
+
+    @classmethod
+    def of(cls, nets: Mapping[str, Any], masks: Mapping[str, Any]) -> RegionPrior | None:
+        """The prior of the subjects ``masks`` names (their mask images), each subject's
+        relevance read from its model in ``nets`` (label → encoder); None where no subject's
+        relevance was measured (a bundle saved before it was, or a non-subspace adapter)."""
+        from nilearn.masking import unmask
+
+        maps = {}
+        for label, mask in masks.items():
+            net = nets.get(label)
+            relevance = (net.voxel_relevance(label) if hasattr(net, "voxel_relevance")
+                         and label in net.subjects else None)
+            if relevance is not None:
+                maps[label] = unmask(relevance.detach().cpu().numpy(), mask)
+        return cls(maps) if maps else None
+
+    @property
+    def subjects(self) -> list[str]:
+        return list(self.maps)
+
+    def relevance_on(self, mask_img) -> np.ndarray:
+        """The trained subjects' mean relevance on ``mask_img``'s voxels (each map resampled
+        onto its grid, averaged, smoothed by :data:`SMOOTHING_FWHM`), ``(n_voxels,)``."""
+        import nibabel as nib
+        from nilearn.image import resample_to_img, smooth_img
+        from nilearn.masking import apply_mask
+
+        mean = np.mean([np.asarray(resample_to_img(img, mask_img, interpolation="continuous",
+                                                   force_resample=True,
+                                                   copy_header=True).get_fdata())
+                        for img in self.maps.values()], axis=0)
+        smooth = smooth_img(nib.Nifti1Image(np.nan_to_num(mean).astype(np.float32),
+                                            mask_img.affine), SMOOTHING_FWHM)
+        return np.clip(apply_mask(smooth, mask_img), 0, None)
+
+    def scale(self, mask_img) -> np.ndarray | None:
+        """Voxel weights for a subject with mask ``mask_img``: the square root of the prior
+        relevance (a kernel weighted by it), scaled to mean square 1; None where the prior is
+        zero on every voxel of the mask."""
+        prior = self.relevance_on(mask_img)
+        if not prior.any():
+            return None
+        return np.sqrt(prior / prior.mean()).astype(np.float32)
+
+
+def new_subject_prior(cfg, nets: Mapping[str, Any], masks: Mapping[str, Any]
+                      ) -> RegionPrior | None:
+    """The region prior new fMRI subjects of a model get (:class:`RegionPrior`, from the
+    trained subjects ``masks`` names and their models ``nets``), or None: switched off
+    (``region_prior.fmri=false``), or no trained subject's relevance measured."""
+    if not bool((cfg.get("region_prior") or {}).get("fmri", True)):
+        return None
+    prior = RegionPrior.of(nets, masks)
+    if prior is None:
+        logger.info("fMRI: the trained model holds no voxel relevance (saved before it was "
+                    "measured): new subjects get no region prior")
+    return prior
