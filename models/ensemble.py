@@ -32,7 +32,7 @@ from torch import nn
 _ON_EVERY_MEMBER = ("add_subjects", "add_subject", "fit_subspace", "add_readout", "set_readout",
                     "set_readout_mix", "set_voxel_relevance")
 #: what every member holds alike (set on each from the data), read from the first
-_AS_THE_FIRST = ("voxel_relevance",)
+_AS_THE_FIRST = ("voxel_relevance", "has_subspace")
 
 
 class EncoderEnsemble(nn.Module):

@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from neurorecon.models.fmri.encoder import FmriEncoder
-from neurorecon.pipelines.train.region_prior import RegionPrior, voxel_relevance
+from neurorecon.pipelines.train.region_prior import (
+    PRIOR_TRIALS,
+    RegionPrior,
+    voxel_relevance,
+    voxel_scale,
+)
 
 
 def test_voxel_relevance_finds_the_voxels_that_carry_the_stimulus():
@@ -60,10 +65,21 @@ def test_region_prior_weights_a_new_subject_where_the_trained_ones_responded():
     prior = RegionPrior.of(nets, masks)
     assert prior.subjects == ["01", "02"]
     new = _mask(3.0)  # a new subject on a third grid
-    scale, y = prior.scale(new), _world_y(new)
+    scale, y = voxel_scale(None, new, prior=prior), _world_y(new)
     assert scale.shape == y.shape and np.mean(scale**2) == pytest.approx(1.0, rel=1e-4)
     assert np.median(scale[y < -70]) > 1.0 and scale[y < -70].min() > 0.2  # edges smoothed
     assert scale[y > -40].max() < 0.05 * scale.max()
+    # its own relevance (here: frontal voxels) mixed in by its train trials, the prior
+    # counting as PRIOR_TRIALS of them: a few trials lean on the prior, many on its own map
+    own = np.where(y > 0, 0.3, 0.0)
+    front, back = y > 5, y < -70
+    few, many = (voxel_scale(own, new, prior=prior, n_trials=n)
+                 for n in (PRIOR_TRIALS // 4, PRIOR_TRIALS * 4))
+    assert np.median(few[back]) > np.median(few[front]) > 0
+    assert np.median(many[front]) > np.median(many[back]) > 0
+    alone = voxel_scale(own, new, n_trials=10)  # a subject of the run itself: its own map
+    assert np.median(alone[front]) > 1.0 and alone[back].max() < 0.05 * alone.max()
+    assert voxel_scale(np.zeros(len(y)), new, n_trials=10) is None  # nothing relevant
     # a model saved before relevance was measured gives no prior
     blank = {label: FmriEncoder(**net.get_config()) for label, net in nets.items()}
     assert RegionPrior.of(blank, masks) is None

@@ -273,6 +273,10 @@ class FmriEncoder(BrainModuleMixin, nn.Module):
         proj = self.adapters[_check_label(label)][0]
         return proj if isinstance(proj, SubspaceProjection) else None
 
+    def has_subspace(self, label: str) -> bool:
+        """Whether subject ``label``'s adapter starts with a :class:`SubspaceProjection`."""
+        return self._subspace(label) is not None
+
     def fit_subspace(self, label: str, X, *, scale=None) -> int | None:
         """Fit subject ``label``'s :class:`SubspaceProjection` on its training trials
         ``X (n_trials, n_voxels)`` (an array, or a callable yielding row blocks with a

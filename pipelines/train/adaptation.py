@@ -57,9 +57,10 @@ def adaptation_way(cfg: DictConfig, modality: str) -> str:
     return way
 
 
-def add_subjects(net, dm, *, prior=None) -> dict[str, int]:
+def add_subjects(net, dm, *, prior=None, weigh: bool = True) -> dict[str, int]:
     """Add ``dm``'s subjects to ``net`` and freeze everything else; ``{label: index}``.
-    ``prior`` (fMRI, :class:`~.region_prior.RegionPrior`): their voxels weighted by it."""
+    fMRI: their voxels weighted (``weigh``) by their relevance and the region ``prior``
+    (:func:`.fit.fit_subspaces`)."""
     if dm.modality == "meg":
         n_chans = max(info.n_chans for info in dm.subjects.values())
         indices = net.add_subjects(len(dm.labels), n_chans=n_chans)
@@ -68,7 +69,7 @@ def add_subjects(net, dm, *, prior=None) -> dict[str, int]:
     from .fit import fit_subspaces
 
     index = {label: net.add_subject(label, dm.subjects[label].n_voxels) for label in dm.labels}
-    fit_subspaces(net, dm, labels=dm.labels, prior=prior)
+    fit_subspaces(net, dm, labels=dm.labels, prior=prior, weigh=weigh)
     net.freeze_shared(*dm.labels)
     return index
 
@@ -150,11 +151,12 @@ def _trained_way(cfg: DictConfig, net, dm, way: str, *, out_dir: Path, quiet: bo
     summary (:func:`.fit.fit`'s; ``train_seconds`` for a refit)."""
     from .fit import build_module, fit, train_epochs
     from .module import Reindexed
+    from .region_prior import voxel_weighting
 
     model = copy.deepcopy(net)
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()} if way == "frozen" else None
-    index = add_subjects(model, dm, prior=prior)
+    index = add_subjects(model, dm, prior=prior, weigh=voxel_weighting(cfg))
     if way == "finetune":
         model.requires_grad_(True)
     if not quiet:

@@ -88,33 +88,35 @@ def resolve_focus(cfg: DictConfig, dm) -> dict[str, Any] | None:
             "reason": "configured"}
 
 
-def fit_subspaces(net, dm, labels=None, *, prior=None) -> None:
-    """Fit the fMRI encoder's subspace adapters on each subject's *train* rows only, and
-    measure each subject's voxel relevance on them (kept with its adapter: a later new
-    subject's region prior). ``prior``
-    (:class:`~.region_prior.RegionPrior`): new subjects' voxels weighted by it."""
-    from .region_prior import voxel_relevance
+def fit_subspaces(net, dm, labels=None, *, prior=None, weigh: bool = True) -> None:
+    """Fit the fMRI encoder's subspace adapters on each subject's *train* rows only, each
+    subject's voxels weighted (``weigh``) by their relevance measured on those rows and, for
+    new subjects of a trained model, by the region ``prior``
+    (:func:`~.region_prior.voxel_scale`). The relevance is kept with the adapter: a later
+    new subject's region prior."""
+    from .region_prior import voxel_relevance, voxel_scale
     from .ridge import flat_targets
 
     if not hasattr(net, "fit_subspace"):
         return
     split = dm.splits["train"]
     for k, label in enumerate(dm.labels):
-        if labels is not None and label not in labels:
+        if labels is not None and label not in labels or not net.has_subspace(label):
             continue
         rows = dm.subject_row_blocks("train", k)  # streamed from the cache, read per pass
         if not len(rows):
             continue
-        scale = prior.scale(dm.data.subjects[label].mask_img) if prior is not None else None
+        relevance = voxel_relevance(rows, flat_targets(dm)[split.target[split.subject == k]])
+        scale = (voxel_scale(relevance, dm.data.subjects[label].mask_img, prior=prior,
+                             n_trials=len(rows)) if weigh else None)
         kept = net.fit_subspace(label, rows, scale=scale)
-        if kept is None:
-            continue
-        net.set_voxel_relevance(label, voxel_relevance(
-            rows, flat_targets(dm)[split.target[split.subject == k]]))
+        net.set_voxel_relevance(label, relevance)
+        by = "" if prior is None else " and the region prior of sub-" + ", sub-".join(
+            prior.subjects)
         logger.info("fMRI sub-%s: subspace adapter on %d principal axes of %d train trials%s",
                     label, kept, len(rows), "" if scale is None else
-                    f", voxels weighted by the region prior of sub-{', sub-'.join(prior.subjects)}"
-                    f" ({(scale > 0).mean():.0%} of them above 0)")
+                    f", voxels weighted by their relevance{by} ({(scale > 0).mean():.0%} of "
+                    "them above 0)")
 
 
 def build_module(cfg: DictConfig, dm, *, net=None, focus: dict[str, Any] | None = None):
@@ -126,10 +128,11 @@ def build_module(cfg: DictConfig, dm, *, net=None, focus: dict[str, Any] | None 
     from hydra.utils import instantiate
 
     from .module import ContrastiveLitModule
+    from .region_prior import voxel_weighting
 
     if net is None:
         net = instantiate(cfg.encoder[dm.modality], **encoder_kwargs(dm, focus=focus))
-        fit_subspaces(net, dm)
+        fit_subspaces(net, dm, weigh=voxel_weighting(cfg))
     objective = OmegaConf.to_container(cfg.objective[dm.modality], resolve=True)
     loss_kw = {k: v for k in ("lambda_clip",) if (v := objective.pop(k, None)) is not None}
     opt_kw = {k: v for k in ("weight_decay",) if (v := objective.pop(k, None)) is not None}

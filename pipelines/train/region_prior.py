@@ -30,8 +30,10 @@ N_COMPONENTS = 16
 FOLDS = 5
 #: ridge penalty of the encoding model (components at unit variance)
 ALPHA = 10.0
-#: mm, smoothing of the averaged relevance map on the new subject's grid
+#: mm, smoothing of a relevance map on the subject's grid
 SMOOTHING_FWHM = 6.0
+#: train trials at which a new subject's own relevance map counts as much as the region prior
+PRIOR_TRIALS = 100
 
 
 def voxel_relevance(blocks: Callable[[], Iterable[np.ndarray]], targets: np.ndarray, *,
@@ -94,7 +96,7 @@ def voxel_relevance(blocks: Callable[[], Iterable[np.ndarray]], targets: np.ndar
 @dataclass
 class RegionPrior:
     """The trained subjects' voxel relevance maps (NIfTI images in their own grids, MNI space),
-    from which a new subject's voxel weights are made (:meth:`scale`)."""
+    from which a new subject's voxel weights are made (:func:`voxel_scale`)."""
 
     maps: dict[str, Any]
 
@@ -133,14 +135,38 @@ class RegionPrior:
                                             mask_img.affine), SMOOTHING_FWHM)
         return np.clip(apply_mask(smooth, mask_img), 0, None)
 
-    def scale(self, mask_img) -> np.ndarray | None:
-        """Voxel weights for a subject with mask ``mask_img``: the square root of the prior
-        relevance (a kernel weighted by it), scaled to mean square 1; None where the prior is
-        zero on every voxel of the mask."""
-        prior = self.relevance_on(mask_img)
-        if not prior.any():
-            return None
-        return np.sqrt(prior / prior.mean()).astype(np.float32)
+
+
+def voxel_scale(relevance: np.ndarray | None, mask_img, *, prior: RegionPrior | None = None,
+                n_trials: int = 0) -> np.ndarray | None:
+    """A subject's voxel weights (the subspace adapter's ``scale``) on its mask ``mask_img``:
+    the square root of a relevance map (a kernel weighted by it), scaled to mean square 1.
+
+    The map is the subject's own ``relevance`` (:func:`voxel_relevance` on its ``n_trials``
+    train trials) smoothed on its grid, and, for a new subject of a trained model, the
+    ``prior`` mixed in, each normalised to mean 1: the own map's share is
+    ``n_trials / (n_trials + PRIOR_TRIALS)``, so a few dozen trials lean on where the trained
+    subjects responded and a full session on the subject's own map. None where neither map
+    has a voxel above 0 (the voxels unweighted)."""
+    from nilearn.masking import unmask
+
+    maps = []
+    if relevance is not None and np.any(relevance):
+        own = RegionPrior({"own": unmask(np.asarray(relevance, np.float32), mask_img)})
+        maps.append((float(n_trials), own.relevance_on(mask_img)))
+    if prior is not None:
+        maps.append((float(PRIOR_TRIALS), prior.relevance_on(mask_img)))
+    maps = [(w, p / p.mean()) for w, p in maps if p.any()]
+    if not maps:
+        return None
+    mixed = sum(w * p for w, p in maps) / sum(w for w, _ in maps)
+    return np.sqrt(mixed / mixed.mean()).astype(np.float32)
+
+
+def voxel_weighting(cfg) -> bool:
+    """``voxel_weights.fmri`` (default true): each fMRI subject's voxels weighted by their
+    relevance (:func:`voxel_scale`)."""
+    return bool((cfg.get("voxel_weights") or {}).get("fmri", True))
 
 
 def new_subject_prior(cfg, nets: Mapping[str, Any], masks: Mapping[str, Any]
