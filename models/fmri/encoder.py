@@ -76,13 +76,14 @@ class SubspaceProjection(nn.Module):
     ``n_voxels``. The statistics are fitted from training trials only
     (:meth:`FmriEncoder.fit_subspace`) and saved with the weights (buffers).
 
-    A voxel ``scale`` (default 1) weights the voxels before the projection and its fit: a new
-    subject's region prior (:mod:`neurorecon.pipelines.train.region_prior`), so that with a
-    few dozen trials the principal axes, and the linear layer on them, are those of the voxels
-    where the trained subjects' responses carried the stimulus (a weighted ridge kernel).
-    ``relevance`` holds the subject's own voxel relevance (the cross-validated share of each
-    voxel's response that the stimulus embedding predicts on its train trials; 0: not
-    measured), from which a later subject's prior is built.
+    A voxel ``scale`` (default 1) weights the voxels before the projection and its fit (a
+    weighted ridge kernel): the subject's voxel relevance and, for a new subject of a trained
+    model, the region prior (:mod:`neurorecon.pipelines.train.region_prior`), so that the
+    principal axes, and the linear layer on them, are those of the voxels that carry the
+    stimulus rather than of the brain's noise. ``relevance`` holds the subject's own voxel
+    relevance (the cross-validated share of each voxel's response that the stimulus embedding
+    predicts on its train trials; 0: not measured), from which a later subject's prior is
+    built.
 
     Notes
     -----

@@ -106,8 +106,8 @@ def _region_prior_line(priors: dict[str, list[str] | None]) -> str:
     """The region prior of new fMRI subjects (``{new subject: the trained subjects}``)."""
     return ("Region prior (`region_prior.fmri`): the voxels of " + "; ".join(
         f"sub-{new} weighted by where those of sub-{', sub-'.join(old)} carried the stimulus"
-        for new, old in priors.items() if old) + " (their encoding R² maps in MNI space), in "
-        "the adapted ways; from scratch has none.")
+        for new, old in priors.items() if old) + " (their encoding R² maps in MNI space, mixed "
+        "with its own), in the adapted ways; from scratch weighs by its own map only.")
 
 
 def write_report(out_dir: str | Path, metrics: dict[str, Any] | None = None) -> Path:

@@ -2,9 +2,10 @@
 
 - ``frozen``: their own parts trained, the shared layers frozen; one model for everyone. MEG:
   a subject-layer matrix per new subject (the mean of the trained subjects' to start); fMRI:
-  the subject's input adapter (subspace on its train trials, then a linear layer). The trained
-  subjects' weights are restored bit for bit afterwards (weight decay would otherwise shrink
-  the old rows of a stacked tensor).
+  the subject's input adapter (subspace on its train trials, then a linear layer), its voxels
+  weighted by its relevance mixed with the trained subjects' region prior
+  (:mod:`.region_prior`). The trained subjects' weights are restored bit for bit afterwards
+  (weight decay would otherwise shrink the old rows of a stacked tensor).
 - ``finetune``: a copy of the model with the new subjects added, every layer trained on their
   trials (MindEye2's fine-tuning of a pretrained multi-subject model): a model of their own,
   which the bundle keeps beside its own (:class:`~neurorecon.models.bundle.OwnModel`); the

@@ -1,17 +1,17 @@
-"""A new fMRI subject's region prior: where the trained subjects' voxels carried the stimulus.
+"""fMRI voxel weights: each subject's voxel relevance, and a new subject's region prior.
 
-With a few dozen trials of a new participant and tens of thousands of voxels, most of them
-outside the regions that respond to images, a voxel adapter learns mostly noise, whatever the
-shared layers behind it know. What trained subjects share is *where* the stimulus is carried
-(the regions; MindEye's shared ``nsdgeneral`` ROI is such a group-level map), not their voxel
-patterns. So each subject's voxel relevance is measured on its train trials
-(:func:`voxel_relevance`: the cross-validated share of each voxel's response that the stimulus
-embedding predicts, a voxel-wise encoding model as in Kay et al. 2008) and kept with its
-adapter; a new subject's voxels are weighted by the trained subjects' maps, taken to MNI space
-through their masks, resampled onto its grid, averaged and smoothed (:class:`RegionPrior`).
-The weights enter its subspace adapter
-(:class:`~neurorecon.models.fmri.encoder.SubspaceProjection`'s ``scale``), so its principal
-axes, and the layer on them, are those of the voxels that carried the stimulus elsewhere.
+With a few hundred trials (a new participant: a few dozen) and tens of thousands of voxels,
+most of them outside the regions that respond to images, a subject's principal axes, and the
+adapter on them, are set by noise. So each subject's voxel relevance is measured on its train
+trials (:func:`voxel_relevance`: the cross-validated share of each voxel's response that the
+stimulus embedding predicts, a voxel-wise encoding model as in Kay et al. 2008), and its
+voxels are weighted by it (:func:`voxel_scale`, the subspace adapter's ``scale``:
+:class:`~neurorecon.models.fmri.encoder.SubspaceProjection`). The relevance is kept with the
+adapter. What trained subjects share is *where* the stimulus is carried (the regions;
+MindEye's group-level ``nsdgeneral`` ROI is such a map), not their voxel patterns: a new
+subject of a trained model also gets the trained subjects' maps, taken to MNI space through
+their masks, resampled onto its grid and averaged (:class:`RegionPrior`), mixed with its own
+by its number of trials.
 """
 
 from __future__ import annotations
