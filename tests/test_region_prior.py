@@ -37,6 +37,7 @@ def test_voxel_relevance_finds_the_voxels_that_carry_the_stimulus():
     assert shuffled.mean() < 0.01
     # too few trials to cross-validate: not measured
     assert not voxel_relevance(lambda: [X[:6]], embeddings[:6]).any()
+    assert not voxel_relevance(lambda: [X], np.ones_like(embeddings)).any()  # one image
 
 
 def _mask(voxel: float) -> nib.Nifti1Image:

@@ -46,16 +46,16 @@ def voxel_relevance(blocks: Callable[[], Iterable[np.ndarray]], targets: np.ndar
     embeddings in the same order. The embeddings' top ``n_components`` principal components
     (at unit variance) predict every voxel by ridge (``alpha``) fitted on the other folds
     (trial ``i`` is in fold ``i % folds``); the share of the voxel's variance the held-out
-    predictions explain is its relevance. Fewer than ``2 * folds`` trials: zeros (not
-    measured).
+    predictions explain is its relevance. Fewer than ``2 * folds`` trials, or targets that do
+    not vary: zeros (not measured).
     """
     Y = np.asarray(targets, np.float64)
     n = len(Y)
-    if n < 2 * folds:
-        first = next(iter(blocks()))
-        return np.zeros(np.shape(first)[1], np.float32)
     Y = Y - Y.mean(0)
     _, svals, vt = np.linalg.svd(Y, full_matrices=False)
+    if n < 2 * folds or not svals[0] > 0:  # too few trials, or one image for all of them
+        first = next(iter(blocks()))
+        return np.zeros(np.shape(first)[1], np.float32)
     m = max(1, min(n_components, int((svals > svals[0] * 1e-6).sum())))
     Y = Y @ vt[:m].T / (svals[:m] / np.sqrt(n - 1))
     Y = np.hstack([Y, np.ones((n, 1))])  # the intercept, unpenalised
