@@ -171,12 +171,16 @@ def _describe_grid(img) -> str:
     return f"shape {tuple(img.shape[:3])}, voxels {zooms} mm, origin ({origin})"
 
 
+def same_grid(img, ref) -> bool:
+    """Whether ``img`` (3D/4D) lies on the voxel grid (shape and affine) of ``ref``."""
+    return img.shape[:3] == ref.shape[:3] and np.allclose(img.affine, ref.affine, atol=1e-3)
+
+
 def check_same_grid(img, mask_img, *, path: str | Path | None = None,
                     what: str = "image") -> None:
     """Raise :class:`DataError` naming both grids unless ``img`` (3D/4D) lies on the voxel
     grid (shape and affine) of ``mask_img``."""
-    if img.shape[:3] != mask_img.shape[:3] or not np.allclose(img.affine, mask_img.affine,
-                                                                atol=1e-3):
+    if not same_grid(img, mask_img):
         raise DataError(
             f"{what} is on another voxel grid than the model's mask: data {_describe_grid(img)};"
             f" mask {_describe_grid(mask_img)} (resample the data onto the mask grid with "

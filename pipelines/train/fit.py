@@ -99,14 +99,14 @@ def fit_subspaces(net, dm, labels=None, *, prior=None, weigh: bool = True) -> No
 
     if not hasattr(net, "fit_subspace"):
         return
-    split = dm.splits["train"]
+    split, targets = dm.splits["train"], flat_targets(dm)
     for k, label in enumerate(dm.labels):
         if labels is not None and label not in labels or not net.has_subspace(label):
             continue
         rows = dm.subject_row_blocks("train", k)  # streamed from the cache, read per pass
         if not len(rows):
             continue
-        relevance = voxel_relevance(rows, flat_targets(dm)[split.target[split.subject == k]])
+        relevance = voxel_relevance(rows, targets[split.target[split.subject == k]])
         scale = (voxel_scale(relevance, dm.data.subjects[label].mask_img, prior=prior,
                              n_trials=len(rows)) if weigh else None)
         kept = net.fit_subspace(label, rows, scale=scale)

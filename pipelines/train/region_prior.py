@@ -16,8 +16,9 @@ by its number of trials.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -99,6 +100,7 @@ class RegionPrior:
     from which a new subject's voxel weights are made (:func:`voxel_scale`)."""
 
     maps: dict[str, Any]
+    _on: dict = field(default_factory=dict, repr=False, compare=False)  # mask -> relevance_on
 
     @classmethod
     def of(cls, nets: Mapping[str, Any], masks: Mapping[str, Any]) -> RegionPrior | None:
@@ -122,19 +124,25 @@ class RegionPrior:
 
     def relevance_on(self, mask_img) -> np.ndarray:
         """The trained subjects' mean relevance on ``mask_img``'s voxels (each map resampled
-        onto its grid, averaged, smoothed by :data:`SMOOTHING_FWHM`), ``(n_voxels,)``."""
+        onto its grid, averaged, smoothed by :data:`SMOOTHING_FWHM`), ``(n_voxels,)``;
+        computed once per mask (a new subject's adapter is fitted for each way, fraction and
+        seed, and again for a refit)."""
         import nibabel as nib
         from nilearn.image import resample_to_img, smooth_img
         from nilearn.masking import apply_mask
 
-        mean = np.mean([np.asarray(resample_to_img(img, mask_img, interpolation="continuous",
-                                                   force_resample=True,
-                                                   copy_header=True).get_fdata())
-                        for img in self.maps.values()], axis=0)
-        smooth = smooth_img(nib.Nifti1Image(np.nan_to_num(mean).astype(np.float32),
-                                            mask_img.affine), SMOOTHING_FWHM)
-        return np.clip(apply_mask(smooth, mask_img), 0, None)
+        from ..preprocess.fmri import same_grid
 
+        key = (mask_img.shape, np.asarray(mask_img.affine).tobytes(),
+               hashlib.sha1(np.ascontiguousarray(mask_img.dataobj)).hexdigest())
+        if key not in self._on:
+            mean = np.mean([np.asarray((img if same_grid(img, mask_img) else resample_to_img(
+                img, mask_img, interpolation="continuous", force_resample=True,
+                copy_header=True)).get_fdata()) for img in self.maps.values()], axis=0)
+            smooth = smooth_img(nib.Nifti1Image(np.nan_to_num(mean).astype(np.float32),
+                                                mask_img.affine), SMOOTHING_FWHM)
+            self._on[key] = np.clip(apply_mask(smooth, mask_img), 0, None)
+        return self._on[key]
 
 
 def voxel_scale(relevance: np.ndarray | None, mask_img, *, prior: RegionPrior | None = None,
