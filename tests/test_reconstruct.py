@@ -192,6 +192,44 @@ def test_a_strength_must_beat_its_start_by_two_standard_errors():
                 one_standard_error(trials, n_se=STRENGTH_N_SE)["value"]) == moved, gain
 
 
+def test_validation_trials_made_as_good_as_averaged_test_rows():
+    """``as_repeat_averaged``: single-trial predictions become what averages of ``repeats``
+    trials give, per subject: their noise divided by sqrt(repeats), their signal kept, so
+    retrieval among the images improves as averaging repeats would improve it; one repeat
+    leaves them as they are, and predictions that carry nothing of the truth shrink to
+    their mean."""
+    from neurorecon.pipelines.reconstruct.generation import as_repeat_averaged
+
+    rng = np.random.default_rng(1)
+    n, d = 120, 32
+    truth = rng.standard_normal((n, d))
+    groups = np.repeat([0, 1], n // 2)
+    slope = np.where(groups == 0, 0.5, 0.2)[:, None]  # subjects decode unequally well
+    offset = np.where(groups == 0, 1.0, -1.0)[:, None]
+    noise = rng.standard_normal((n, d))
+
+    def correct(pred):  # nearest truth by correlation, within each subject
+        hits = []
+        for g in (0, 1):
+            p, t = (a[groups == g] - a[groups == g].mean(0) for a in (pred, truth))
+            hits.append(np.argmax(p @ t.T, 1) == np.arange(len(p)))
+        return np.concatenate(hits).mean()
+
+    single = offset + slope * truth + noise
+    assert as_repeat_averaged(single, truth, groups=groups, repeats=1) is single
+    made = as_repeat_averaged(single, truth, groups=groups, repeats=16)
+    averaged = offset + slope * truth + rng.standard_normal((n, d)) / 4  # 16 true repeats
+    signal = offset + slope * truth
+    for g in (0, 1):  # the noise about the signal: 1 -> about 1/4 (plus the fit's own error)
+        rows = groups == g
+        assert np.std(single[rows] - signal[rows]) == pytest.approx(1, abs=0.05)
+        assert 0.2 < np.std(made[rows] - signal[rows]) < 0.32, g
+    assert correct(single) < 0.5 < correct(made)
+    assert correct(made) == pytest.approx(correct(averaged), abs=0.1)
+    flat = as_repeat_averaged(noise, truth, groups=groups, repeats=100)
+    assert np.abs(flat - noise.mean(0)).max() < 0.5 * np.abs(noise - noise.mean(0)).max()
+
+
 @pytest.mark.slow
 def test_run_with_reconstruction(sample_root, tmp_path):
     from neurorecon.pipelines.run import run
@@ -237,6 +275,10 @@ def test_run_with_reconstruction(sample_root, tmp_path):
     _, dm, _, _ = data_of_checkpoint(metrics["training"]["best_checkpoint"], cfg)
     train, val = (set(dm.splits[name].target.tolist()) for name in ("train", "val"))
     assert val and not train & val
+    # the strength was chosen for test rows' quality: the repeats a test row averages
+    repeats = dm.splits["test"].trials["n_repeats"]
+    assert repeats.min() > 1
+    assert rec["strength_choice"]["test_repeats"] == float(np.median(repeats))
     assert rec["generator_training"]["n_images"] == len(train)
     assert rec["seconds_per_image"] > 0
     out = Path(cfg.paths.output_dir)

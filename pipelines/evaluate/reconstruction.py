@@ -30,6 +30,7 @@ from neurorecon.models.generators.base import (
     image_thumbnails,
     retrieved_starts,
     thumbnails_to_images,
+    unit_rows,
 )
 
 from ..inference import Decoder
@@ -193,8 +194,12 @@ def choose_strength(cfg: DictConfig, val: ValidationTrials, *, rerank: float) ->
     The encoder has not seen them (as for :func:`lowlevel_rerank`), nor has the generator
     seen their images (it trains on the train images,
     :func:`~..reconstruct.generation.generator_rows`): the choice is made on images new to
-    both, as the test images are. Each validation trial gets its start as a test trial does
-    (its own image excluded from the candidates, re-ranked with ``rerank``); each strength of
+    both, as the test images are. A validation trial is a single trial where a test row
+    averages its repeats, so its predictions (embeddings and thumbnail) are first made as good
+    as a test row's would be (:meth:`~..reconstruct.generation.ValidationTrials.test_like`):
+    the generator's pull toward the decoded embedding can mend a poor start and blur a good
+    one. Each validation trial then gets its start as a test trial does (its own image
+    excluded from the candidates, re-ranked with ``rerank``); each strength of
     :data:`~..reconstruct.generation.STRENGTH_GRID` generates from it (0: the start itself),
     scored per trial by AlexNet(2) and AlexNet(5) two-way identification among the validation
     trials (their mean); :func:`~..reconstruct.generation.one_standard_error` picks, within
@@ -219,16 +224,18 @@ def choose_strength(cfg: DictConfig, val: ValidationTrials, *, rerank: float) ->
     generator, _ = build_generator(rcfg.generator, images=[images[i] for i in fit],
                                    embeddings=emb[fit], cache_dir=cfg.paths.cache_dir)
     res = generator.resolution
-    coarse = (thumbnails_to_images(val.predicted, resolution=res) if rcfg.lowlevel
-              else None)
+    coarse = (thumbnails_to_images(val.test_like(val.predicted, val.thumbnails[trials.target]),
+                                   resolution=res) if rcfg.lowlevel else None)
     starts = coarse
     if start == "retrieved":
         starts = retrieved_starts(
-            val.queries, emb[candidates], [images[i] for i in candidates],
+            unit_rows(val.test_like(val.embeddings, emb[trials.target])),
+            emb[candidates], [images[i] for i in candidates],
             k=int(rcfg.retrieval_k), resolution=res, coarse=coarse, rerank=rerank,
             shortlist=int(rcfg.retrieval_shortlist),
             exclude=np.searchsorted(candidates, trials.target))
-    cond = conditioning(predict_split(val.net, dm, "val", head=str(rcfg.head)),
+    cond = conditioning(val.test_like(predict_split(val.net, dm, "val", head=str(rcfg.head)),
+                                      emb[trials.target]),
                         scale=generator.embedding_scale,
                         target_norm=float(np.linalg.norm(emb[fit], axis=1).mean()))
     truth = [images[t].resize((res, res), Image.BICUBIC) for t in trials.target]
@@ -239,7 +246,8 @@ def choose_strength(cfg: DictConfig, val: ValidationTrials, *, rerank: float) ->
     scores = alexnet_two_way_sets(made, truth, layers=(2, 5))
     per_trial = {strength: (rows[2] + rows[5]) / 2
                  for strength, rows in zip(STRENGTH_GRID, scores, strict=True)}
-    return one_standard_error(per_trial, what="img2img strength", n_se=STRENGTH_N_SE)
+    return {**one_standard_error(per_trial, what="img2img strength", n_se=STRENGTH_N_SE),
+            "test_repeats": val.test_repeats}
 
 
 def validation_choices(cfg: DictConfig, net, dm, *, stim_images: list[Image.Image]
