@@ -244,12 +244,22 @@ def test_run_writes_the_adaptation_curve(fmri_root, tmp_path):
         if len(ways) == 1:
             assert ad["top5"][models[3]][fi] == ad["top5"][row_of[ways[0]]][fi]
     assert ad["region_prior"] == {"01": ["02"], "02": ["01"]}  # the adapted ways' prior
+    # each (subject, seed) run's own scores, whose mean is the curve
+    runs = ad["per_run_top5"]
+    assert list(runs) == ["01/seed-0", "01/seed-1", "02/seed-0", "02/seed-1"]
+    for m in models:
+        assert np.mean([r[m] for r in runs.values()], axis=0) == pytest.approx(
+            ad["top5"][m], abs=1e-3)
+    # what the new subject starts from: the shared model decodes its own subject
+    assert list(ad["shared_top5"]) == ["01", "02"]
+    assert all(v >= ad["chance"]["top5"] + 0.2 for v in ad["shared_top5"].values()), ad
     assert ad["chance"]["top5"] == pytest.approx(5 / 16)
     assert ad["top5"]["adapted (shared frozen)"][-1] >= ad["chance"]["top5"] + 0.2, ad
     out = Path(cfg.paths.output_dir)
     assert (out / "adaptation.png").is_file()
     report = (out / "report.md").read_text()
     assert "adapted (shared frozen) | " in report and "Best on validation kept" in report
+    assert f"without sub-01 {ad['shared_top5']['01']:.3f}" in report
 
 
 def test_auto_keeps_the_first_way_within_one_standard_error_of_the_best():

@@ -51,8 +51,9 @@ def adaptation_curve(cfg: DictConfig, *, preproc_dir: Path, embeddings_dir: Path
     ``last``, or ``all`` for leave-one-subject-out, each subject in turn new to a model
     trained on the others), by fraction of their training trials
     (``evaluate.adaptation_fractions``) and seed (``evaluate.adaptation_seeds``, default the
-    run's seed): means and sd over (new subject, seed) pairs, trial counts;
-    ``adaptation.png``."""
+    run's seed): means and sd over (new subject, seed) pairs, each pair's own
+    (``per_run_top5``), trial counts, the shared models' top-5 on their own subjects' test
+    rows (``shared_top5``: what a new subject starts from); ``adaptation.png``."""
     from lightning import seed_everything
 
     fractions = [float(f) for f in (cfg.evaluate.get("adaptation_fractions") or FRACTIONS)]
@@ -74,12 +75,15 @@ def adaptation_curve(cfg: DictConfig, *, preproc_dir: Path, embeddings_dir: Path
     top1 = {m: np.zeros((len(runs), len(fractions))) for m in MODELS}
     n_train = np.zeros((len(runs), len(fractions)), int)
     chosen = np.empty((len(runs), len(fractions)), object)  # the way the validation kept
-    ri, priors = 0, {}
+    ri, priors, shared_top5 = 0, {}, {}
     for new in new_subjects:
         seed_everything(int(cfg.seed), workers=True, verbose=False)
         shared_dm = build_datamodule(cfg, preproc_dir, embeddings_dir,
                                      subjects=[s for s in labels if s != new])
         shared, _ = train_alone(cfg, shared_dm, out_dir=out_dir / f"shared-{new}")
+        # what the new subject starts from: the shared model on its own subjects' test rows
+        shared_top5[new] = round(_score(predict_split(shared, shared_dm, "test"),
+                                        shared_dm)["top5"], 4)
         prior = (new_subject_prior(cfg, dict.fromkeys(shared_dm.labels, shared),
                                    {s: shared_dm.data.subjects[s].mask_img
                                     for s in shared_dm.labels})
@@ -138,6 +142,9 @@ def adaptation_curve(cfg: DictConfig, *, preproc_dir: Path, embeddings_dir: Path
             "per_subject_top5": {new: {m: rounded(top5[m][[i for i, r in enumerate(runs)
                                                            if r[0] == new]].mean(0))
                                        for m in MODELS} for new in new_subjects},
+            "per_run_top5": {f"{new}/seed-{seed}": {m: rounded(top5[m][i]) for m in MODELS}
+                             for i, (new, seed) in enumerate(runs)},
+            "shared_top5": shared_top5,
             "best_on_validation": {f"{frac:g}": {way: int((chosen[:, fi] == way).sum())
                                                  for way in WAY_OF.values()}
                                    for fi, frac in enumerate(fractions)},

@@ -228,6 +228,11 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any] | None = None) -> 
                         [[name, *(f"{_fmt(v)} ± {_fmt(e)}" if name in sd else v
                                   for v, e in zip(vals, sd.get(name, vals), strict=True))]
                          for name, vals in adapt["top5"].items()])
+        if adapt.get("shared_top5"):
+            lines += ["", "The shared model's top-5 on its own subjects' test trials (what the "
+                      "adapted ways start from): " + "; ".join(
+                          f"without sub-{new} {_fmt(v)}"
+                          for new, v in adapt["shared_top5"].items()) + "."]
         if any((adapt.get("region_prior") or {}).values()):
             lines += ["", _region_prior_line(adapt["region_prior"])]
         if adapt.get("best_on_validation"):
