@@ -107,7 +107,8 @@ def _rerank_validation(predicted_from_truth: bool):
     splits = {"train": Split(target=np.setdiff1d(np.arange(32), val_rows)),
               "val": Split(target=val_rows)}
     dm = SimpleNamespace(embeddings=torch.from_numpy(emb), splits=splits)
-    return SimpleNamespace(split=splits["val"], dm=dm, queries=emb[val_rows],
+    return SimpleNamespace(split=splits["val"], dm=dm,
+                           embeddings=lambda head="clip": emb[val_rows],
                            thumbnails=thumbs, predicted=predicted, stim_images=images)
 
 

@@ -30,7 +30,6 @@ from neurorecon.models.generators.base import (
     image_thumbnails,
     retrieved_starts,
     thumbnails_to_images,
-    unit_rows,
 )
 
 from ..inference import Decoder
@@ -206,7 +205,6 @@ def choose_strength(cfg: DictConfig, val: ValidationTrials, *, rerank: float) ->
     :data:`~..reconstruct.generation.STRENGTH_N_SE` standard errors, so a generator that adds
     nothing measurable to its start is not run.
     """
-    from ..inference import predict_split
     from ..train.ridge import flat_targets
 
     rcfg = cfg.reconstruct
@@ -229,13 +227,12 @@ def choose_strength(cfg: DictConfig, val: ValidationTrials, *, rerank: float) ->
     starts = coarse
     if start == "retrieved":
         starts = retrieved_starts(
-            unit_rows(val.test_like(val.embeddings, emb[trials.target])),
+            val.test_like(val.embeddings(), emb[trials.target]),
             emb[candidates], [images[i] for i in candidates],
             k=int(rcfg.retrieval_k), resolution=res, coarse=coarse, rerank=rerank,
             shortlist=int(rcfg.retrieval_shortlist),
             exclude=np.searchsorted(candidates, trials.target))
-    cond = conditioning(val.test_like(predict_split(val.net, dm, "val", head=str(rcfg.head)),
-                                      emb[trials.target]),
+    cond = conditioning(val.test_like(val.embeddings(str(rcfg.head)), emb[trials.target]),
                         scale=generator.embedding_scale,
                         target_norm=float(np.linalg.norm(emb[fit], axis=1).mean()))
     truth = [images[t].resize((res, res), Image.BICUBIC) for t in trials.target]

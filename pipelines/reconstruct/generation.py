@@ -147,7 +147,7 @@ class ValidationTrials:
     """A run's validation trials as the choices made on them see them, each part computed
     once and shared (:func:`lowlevel_rerank`, the strength choice): the data module with its
     validation split (a refit's rebuilt from the caches with the run's), the encoder's
-    contrastive-head embeddings of the trials (unit rows; ``net`` must not have seen them),
+    embeddings of the trials (``net`` must not have seen them),
     the low-level pathway's thumbnails of them, its ridge fitted on the train trials alone,
     and the number of repeats a test row averages (:attr:`test_repeats`, for
     :func:`as_repeat_averaged`)."""
@@ -159,18 +159,16 @@ class ValidationTrials:
             dm = build_datamodule(cfg, *prepare_caches(cfg))
         self.dm, self.net, self.stim_images = dm, net, stim_images
         self.split = dm.splits["val"]
+        self._embeddings: dict[str, np.ndarray] = {}
 
-    @functools.cached_property
-    def embeddings(self) -> np.ndarray:
-        """The encoder's contrastive-head embeddings of the trials, as it gives them."""
+    def embeddings(self, head: str = "clip") -> np.ndarray:
+        """The encoder's ``head`` embeddings of the trials (``"clip"``: the contrastive head,
+        the retrieval queries), computed once per head."""
         from ..inference import predict_split
 
-        return predict_split(self.net, self.dm, "val")
-
-    @functools.cached_property
-    def queries(self) -> np.ndarray:
-        """:attr:`embeddings` in unit rows."""
-        return unit_rows(self.embeddings)
+        if head not in self._embeddings:
+            self._embeddings[head] = predict_split(self.net, self.dm, "val", head=head)
+        return self._embeddings[head]
 
     @functools.cached_property
     def test_repeats(self) -> float:
@@ -226,7 +224,7 @@ def choose_lowlevel_rerank(val: ValidationTrials, *, shortlist: int, size: int) 
                 "reason": "fewer than 2 validation trials: cosine only"}
     embeddings, fit_rows, thumbs = flat_targets(val.dm), start_rows(val.dm), val.thumbnails
     own = np.searchsorted(fit_rows, trials.target)
-    picks = {weight: fit_rows[start_scores(val.queries, embeddings[fit_rows],
+    picks = {weight: fit_rows[start_scores(val.embeddings(), embeddings[fit_rows],
                                            layouts=thumbs[fit_rows], predicted=val.predicted,
                                            rerank=weight, shortlist=shortlist,
                                            exclude=own).argmax(1)]
