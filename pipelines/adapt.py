@@ -79,7 +79,9 @@ def check_fits(decoder: Decoder, dm, *, root: Path) -> None:
 
 #: the ways that give the new subjects a model of their own, described
 OWN_MODEL = {"finetune": "every layer, in a model of their own (fine-tuned copy)",
-             "scratch": "a model of their own, trained on their trials alone (from scratch)"}
+             "scratch": "a model of their own, trained on their trials alone (from scratch)",
+             "ensemble": "a model of their own: the frozen, fine-tuned and scratch ways' "
+                         "models averaged"}
 
 
 def adapt(cfg: DictConfig) -> dict[str, Any]:
@@ -142,6 +144,7 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
               "best_epoch": info.get("best_epoch"), "val_select": info.get("val_select"),
               "refit_epochs": info.get("refit_epochs"),
               "region_prior": info.get("region_prior"),
+              **({"members": info["members"]} if "members" in info else {}),
               "readout_alpha": info.get("readout_alpha"),
               "readout_mix": info.get("readout_mix")}
     config = BundleConfig.model_validate({

@@ -28,7 +28,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "export": ("neurorecon.pipelines.export",
                "checkpoint -> self-contained decoder bundle (Decoder.from_pretrained)"),
     "adapt": ("neurorecon.pipelines.adapt",
-              "add new participants to a trained bundle (fine-tuned copy, or shared frozen)"),
+              "add new participants to a trained bundle (shared frozen, fine-tuned copy, "
+              "from scratch or the three averaged)"),
     "run": ("neurorecon.pipelines.run",
             "every stage on a BIDS dataset -> metrics.json + bundle (the external contract)"),
 }

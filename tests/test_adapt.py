@@ -60,12 +60,12 @@ def trained(sample_root, tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["meg", *(
     pytest.param(p, marks=pytest.mark.slow) for p in ("meg-frozen", "meg-scratch", "meg-auto",
-                                                      "fmri"))])
+                                                      "fmri", "fmri-ensemble"))])
 def adapted(request, trained):
     """(modality, bundle trained on sub-01, adapted bundle with sub-02, adapt metrics, adapt
     config); ``meg`` and ``fmri`` adapt each modality's default way (MEG: a fine-tuned copy;
-    fMRI: the shared layers frozen), ``meg-<way>`` MEG that way (``auto``: the best of the three
-    on validation trials)."""
+    fMRI: the shared layers frozen), ``<modality>-<way>`` that way (``auto``: the best of the
+    three on validation trials; ``ensemble``: fMRI, the three averaged)."""
     from neurorecon.pipelines.adapt import run as adapt
 
     modality, _, way = request.param.partition("-")
@@ -116,14 +116,33 @@ def test_adapted_bundle_keeps_old_subjects_and_decodes_the_new_one(adapted):
         assert way == asked
     own = new.subject_net("02")  # the model that decodes the new subject
     index = new.config.subjects["02"].index  # its index in that model
-    if way in ("finetune", "scratch"):  # a model of its own beside the bundle's, untouched
+    if way in ("finetune", "scratch", "ensemble"):  # a model of its own beside the bundle's
         assert own is not new.net and new.subject_net("01") is new.net
         assert all(torch.equal(v, new.net.state_dict()[k]) for k, v in old.net.state_dict().items())
         weights = new.config.subjects["02"].model.weights
         assert weights == "subjects/sub-02.safetensors" and (out / weights).is_file()
-        assert not torch.equal(members(old.net)[0].merge.weight,
-                               members(own)[0].merge.weight)  # every layer trained
-        assert index == (1 if way == "finetune" else 0)  # scratch: the new subject alone
+        if way == "ensemble":  # the three ways' models, reduced to the new subject, averaged
+            assert len(own.members) == 3 and index == 0
+            assert all(m.subjects == {"02": new.subject_info("02").n_voxels}
+                       for m in own.members)
+            frozen, tuned, alone = own.members  # frozen: the bundle's shared layers as they were
+            shared = [k for k in old.net.state_dict() if not k.startswith("adapters.")]
+            assert all(torch.equal(frozen.state_dict()[k], old.net.state_dict()[k])
+                       for k in shared)
+            assert not any(torch.equal(m.state_dict()[k], old.net.state_dict()[k])
+                           for m in (tuned, alone) for k in shared
+                           if old.net.state_dict()[k].ndim == 2)  # every linear layer trained
+            x = np.random.default_rng(1).standard_normal((4, frozen.subjects["02"]))
+            with torch.no_grad():
+                outs = [m.eval()(torch.as_tensor(x, dtype=torch.float32), subject=0)["clip"]
+                        for m in own.members]
+            assert np.allclose(new.encode(x.astype(np.float32), subject="02", head="clip"),
+                               torch.stack([o / o.norm(dim=-1, keepdim=True)
+                                            for o in outs]).mean(0).numpy(), atol=1e-5)
+        else:
+            assert not torch.equal(members(old.net)[0].merge.weight,
+                                   members(own)[0].merge.weight)  # every layer trained
+            assert index == (1 if way == "finetune" else 0)  # scratch: the new subject alone
     else:  # the bundle's model with the new subject's own parts; the shared layers identical
         assert own is new.net and new.config.subjects["02"].model is None
         assert set(old.net.state_dict()) <= set(new.net.state_dict())
@@ -148,12 +167,15 @@ def test_adapted_bundle_keeps_old_subjects_and_decodes_the_new_one(adapted):
     assert recorded[0]["way"] == way
     # validation chose the epochs; the kept way then trained that long on train + validation
     # trials (refit.<modality>, on by default as for the run's own model)
-    refit_epochs = recorded[0]["refit_epochs"]  # None: no refit ran
-    assert isinstance(refit_epochs, int), recorded[0]
-    # the smoothed peak of the curve validation ran: within the epochs it trained for
-    assert 1 <= refit_epochs <= recorded[0]["epochs"] <= EPOCHS[modality], recorded[0]
-    # ... read off the recorded validation curve, not the configured maximum
-    assert recorded[0]["val_select"] and refit_epochs == chosen_epochs(recorded[0]), recorded[0]
+    trainings = recorded[0]["members"] if way == "ensemble" else {way: recorded[0]}
+    assert list(trainings) == (["frozen", "finetune", "scratch"] if way == "ensemble" else [way])
+    for trained_way in trainings.values():  # an ensemble: each way it averages
+        refit_epochs = trained_way["refit_epochs"]  # None: no refit ran
+        assert isinstance(refit_epochs, int), recorded[0]
+        # the smoothed peak of the curve validation ran: within the epochs it trained for
+        assert 1 <= refit_epochs <= trained_way["epochs"] <= EPOCHS[modality], recorded[0]
+        # ... read off the recorded validation curve, not the configured maximum
+        assert trained_way["val_select"] and refit_epochs == chosen_epochs(trained_way)
     if modality == "meg":  # the read-out got its own ridge and deep share; low-level too
         assert float(own.readout_weight[index].abs().sum()) > 0
         assert new.net.readout_mix[0] == old.net.readout_mix[0]
@@ -167,7 +189,7 @@ def test_adapted_bundle_keeps_old_subjects_and_decodes_the_new_one(adapted):
         # regions'; sub-02's own relevance is kept for the next new subject
         assert recorded[0]["region_prior"] == ["01"]
         assert old.net.voxel_relevance("01") is not None
-        scale = own.adapters["02"][0].scale
+        scale = members(own)[0].adapters["02"][0].scale  # an ensemble: its frozen way's
         assert float(scale.min()) < 0.5 < 1.5 < float(scale.max())
         assert own.voxel_relevance("02") is not None
 
@@ -232,17 +254,18 @@ def test_run_writes_the_adaptation_curve(fmri_root, tmp_path):
     assert ad["fractions"] == [0.25, 1.0] and ad["seeds"] == [0, 1]
     assert ad["n_train_trials"][0] < ad["n_train_trials"][1]
     models = ["adapted (shared frozen)", "adapted (fine-tuned copy)", "from scratch",
-              "adapted (best on validation)", "ridge"]
+              "adapted (three ways averaged)", "adapted (best on validation)", "ridge"]
     assert list(ad["top5"]) == list(ad["top5_sd"]) == models
     # the way auto keeps, in each of the 4 (subject, seed) runs of each fraction
     kept = ad["best_on_validation"]
     assert list(kept) == ["0.25", "1"] and all(sum(c.values()) == 4 for c in kept.values())
-    assert all(set(c) == {"frozen", "finetune", "scratch"} for c in kept.values())
-    row_of = dict(zip(["frozen", "finetune", "scratch"], models[:3], strict=True))
+    ways = ["frozen", "finetune", "scratch", "ensemble"]
+    assert all(list(c) == ways for c in kept.values())
+    row_of = dict(zip(ways, models[:4], strict=True))
     for fi, counts in enumerate(kept.values()):  # one way kept every time: its row, exactly
-        ways = [w for w, n in counts.items() if n]
-        if len(ways) == 1:
-            assert ad["top5"][models[3]][fi] == ad["top5"][row_of[ways[0]]][fi]
+        chosen = [w for w, n in counts.items() if n]
+        if len(chosen) == 1:
+            assert ad["top5"][models[4]][fi] == ad["top5"][row_of[chosen[0]]][fi]
     assert ad["region_prior"] == {"01": ["02"], "02": ["01"]}  # the adapted ways' prior
     # each (subject, seed) run's own scores, whose mean is the curve
     runs = ad["per_run_top5"]
@@ -254,7 +277,8 @@ def test_run_writes_the_adaptation_curve(fmri_root, tmp_path):
     assert list(ad["shared_top5"]) == ["01", "02"]
     assert all(v >= ad["chance"]["top5"] + 0.2 for v in ad["shared_top5"].values()), ad
     assert ad["chance"]["top5"] == pytest.approx(5 / 16)
-    assert ad["top5"]["adapted (shared frozen)"][-1] >= ad["chance"]["top5"] + 0.2, ad
+    for m in models[:4]:  # with all its trials, each way decodes the new subject
+        assert ad["top5"][m][-1] >= ad["chance"]["top5"] + 0.2, (m, ad)
     out = Path(cfg.paths.output_dir)
     assert (out / "adaptation.png").is_file()
     report = (out / "report.md").read_text()

@@ -214,6 +214,11 @@ def test_fmri_two_voxel_counts_and_errors():
         model(torch.randn(4, 50), subject=5)
     with pytest.raises(ModelInputError, match="one subject"):
         model(torch.randn(2, 50), subject=torch.tensor([0, 1]))
+    sub = FmriEncoder(subjects={"01": 50}, n_outputs=EMB, hidden_dim=32, adapter="subspace",
+                      n_components=4)
+    with pytest.raises(ModelInputError, match="fit_subspace: wrong voxel count for sub-01: got "
+                                              "49, expected 50"):
+        sub.fit_subspace("01", torch.randn(8, 49))
 
 
 def test_fmri_new_subject_adaptation_freezes_shared_part():
@@ -239,6 +244,29 @@ def test_fmri_new_subject_adaptation_freezes_shared_part():
     clone.load_state_dict(model.state_dict())
     with pytest.raises(ModelInputError, match="add_subject"):
         model.freeze_shared("04")
+
+
+def test_fmri_subset_keeps_the_subjects_outputs_and_the_shared_layers():
+    """A model reduced to some subjects (a new subject's own model, averaged with another of
+    its own by ``adapt.way=ensemble``) decodes them as before, indexed from 0."""
+    torch.manual_seed(0)
+    model = FmriEncoder(subjects={"01": 30, "02": 40, "03": 25}, n_outputs=EMB,
+                        hidden_dim=32).eval()
+    model.freeze_shared("03")
+    own = model.subset(["03", "01"])
+    assert own.subjects == {"03": 25, "01": 30} and own is not model
+    assert not own.training and own.get_config()["hidden_dim"] == 32
+    x3, x1 = torch.randn(6, 25), torch.randn(6, 30)
+    for head in ("clip", "mse"):
+        assert torch.equal(own(x3, subject=0)[head], model(x3, subject=2)[head])
+        assert torch.equal(own(x1, subject=1)[head], model(x1, subject="01")[head])
+    assert [n for n, p in own.named_parameters() if p.requires_grad] == [
+        n for n, p in model.named_parameters() if p.requires_grad and "adapters.01." not in n
+        and "adapters.02." not in n]
+    own.adapters["03"][0].weight.data.add_(1.0)  # a copy: the model is not touched
+    assert not torch.equal(own(x3, subject=0)["clip"], model(x3, subject=2)["clip"])
+    with pytest.raises(ModelInputError, match="unknown subjects"):
+        model.subset(["04"])
 
 
 # ---------------------------------------------------------------------------------- config

@@ -270,6 +270,29 @@ class FmriEncoder(BrainModuleMixin, nn.Module):
         self._config["subjects"][label] = int(n_voxels)
         return self.n_subjects - 1
 
+    def subset(self, labels: list[str]) -> FmriEncoder:
+        """A copy holding subjects ``labels`` alone (their adapters, in that order) and the
+        shared layers: the same outputs for them, indexed ``0..len(labels) - 1`` (a model
+        fine-tuned for new subjects, kept as theirs and averaged with another of theirs)."""
+        labels = [_check_label(label) for label in labels]
+        unknown = [label for label in labels if label not in self.adapters]
+        if unknown or not labels:
+            raise input_mismatch("FmriEncoder.subset: unknown subjects", got=unknown or labels,
+                                 expected=f"some of {list(self.adapters)}",
+                                 hint="add a subject with add_subject first")
+        config = {**self.get_config(),
+                  "subjects": {label: self._config["subjects"][label] for label in labels}}
+        kept = {f"adapters.{label}." for label in labels}
+        state = {k: v for k, v in self.state_dict().items()
+                 if not k.startswith("adapters.") or any(k.startswith(p) for p in kept)}
+        ref = next(self.parameters())
+        out = type(self).from_config(config).to(ref.device, ref.dtype)
+        out.load_state_dict(state)
+        grads = {name: p.requires_grad for name, p in self.named_parameters()}
+        for name, p in out.named_parameters():
+            p.requires_grad_(grads[name])
+        return out.train(self.training)
+
     def _subspace(self, label: str) -> SubspaceProjection | None:
         proj = self.adapters[_check_label(label)][0]
         return proj if isinstance(proj, SubspaceProjection) else None
@@ -290,7 +313,8 @@ class FmriEncoder(BrainModuleMixin, nn.Module):
         n_voxels = self._config["subjects"][label]
         if X.shape[1] != n_voxels:
             raise input_mismatch(f"FmriEncoder.fit_subspace: wrong voxel count for sub-{label}",
-                                 got=X.shape[1], expected=n_voxels)
+                                 got=X.shape[1], expected=n_voxels,
+                                 hint="fit on the trials of the subject's own voxel mask")
         return proj.fit(X, scale=scale)
 
     def voxel_relevance(self, label: str) -> torch.Tensor | None:

@@ -207,8 +207,9 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any] | None = None) -> 
             lines += ["adapt.way=auto: validation rank score " + ", ".join(
                 f"{w} {_fmt(v)}" + (f" (± {se[w]:.3f} from the best)" if w in se else "")
                 for w, v in adapted["val_rank_score"].items())
-                + f"; {adapted['way']} kept, the first of finetune, frozen, scratch within one "
-                "standard error of the best.", ""]
+                + f"; {adapted['way']} kept, the first of "
+                f"{', '.join(adapted['val_rank_score'])} within one standard error of the best.",
+                ""]
     adapt = metrics.get("adaptation")
     if adapt:
         news = adapt.get("new_subjects") or [adapt["new_subject"]]

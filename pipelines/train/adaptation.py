@@ -12,12 +12,19 @@
   trained subjects' model is not touched.
 - ``scratch``: a model of their own trained on their trials alone with the run's recipe (what
   the others are measured against: with many trials, pretraining need not help).
-- ``auto``: the three, scored per trial on the new subjects' validation trials; the first of
-  ``finetune``, ``frozen``, ``scratch`` within one standard error of the best is kept
-  (:func:`choose_way`). Not the default. Picking the plain best kept ``scratch`` in 11 of 12
-  runs with all trials of a 4-subject family draw where the fine-tuned copy was better on test
-  on average: scratch's score is the best of more read-out choices on the same few validation
-  trials, a gain by selection that the standard-error rule discounts.
+- ``ensemble`` (fMRI): the three above, each trained, and their new subjects' models averaged
+  (:class:`~neurorecon.models.ensemble.EncoderEnsemble` of the frozen and fine-tuned models
+  reduced to the new subjects, :meth:`~neurorecon.models.fmri.encoder.FmriEncoder.subset`, and
+  the scratch one): a model of their own. Which way decodes a new subject best depends on how
+  good the shared model is, and a few dozen validation trials cannot tell (README: on a family
+  draw whose shared model was weak, scratch won at 100 % and the pretrained ways at 10 %); the
+  average does not have to choose.
+- ``auto``: the ways, scored per trial on the new subjects' validation trials; the first of
+  :data:`CANDIDATES` (``ensemble`` for fMRI) within one standard error of the best is kept
+  (:func:`choose_way`). Picking the plain best kept ``scratch`` in 11 of 12 runs with all
+  trials of a 4-subject family draw where the fine-tuned copy was better on test on average:
+  scratch's score is the best of more read-out choices on the same few validation trials, a
+  gain by selection that the standard-error rule discounts.
 
 Either way the epochs are chosen on the new subjects' validation trials (and, MEG, their
 read-out's deep share, as :func:`_new_subjects_mix` says); with ``refit.<modality>`` (the
@@ -44,10 +51,13 @@ from neurorecon.models.common.checks import DataError
 from neurorecon.models.common.logging import logger
 
 #: how new subjects are adapted, and the default per modality (``adaptation.<modality>``)
-WAYS = ("frozen", "finetune", "scratch", "auto")
+WAYS = ("frozen", "finetune", "scratch", "ensemble", "auto")
 DEFAULT_WAY = {"meg": "finetune", "fmri": "frozen"}
-#: the ways ``auto`` tries (in this order of preference on equal validation scores)
-CANDIDATES = ("finetune", "frozen", "scratch")
+#: the ways ``auto`` tries (in this order of preference on equal validation scores; ``ensemble``:
+#: fMRI only, averaging the three others)
+CANDIDATES = ("ensemble", "finetune", "frozen", "scratch")
+#: the ways an ``ensemble`` averages
+ENSEMBLED = ("frozen", "finetune", "scratch")
 
 
 def adaptation_way(cfg: DictConfig, modality: str) -> str:
@@ -106,8 +116,8 @@ def adapt_subjects(cfg: DictConfig, net, dm, *, out_dir: Path, quiet: bool = Fal
     from lightning import seed_everything
 
     way = way or adaptation_way(cfg, dm.modality)
-    if way == "auto":
-        return _best_way(cfg, net, dm, out_dir=out_dir, quiet=quiet, prior=prior)
+    if way in ("auto", "ensemble"):
+        return _from_every_way(cfg, net, dm, way, out_dir=out_dir, quiet=quiet, prior=prior)
     # each way starts from the seed (initialisation, batch order), not from what the ways tried
     # before it left: ``auto`` keeps the very model that its way alone gives
     seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -125,7 +135,7 @@ def adapt_subjects(cfg: DictConfig, net, dm, *, out_dir: Path, quiet: bool = Fal
         info["readout_mix"], info["val_rows"] = _new_subjects_mix(model, dm, index,
                                                                   alphas=alphas)
     else:
-        info["val_rows"] = validation_rows(model, dm, index)
+        info.update(validation_scores(model, dm, index))
     if refitting(cfg, dm.modality) and info.get("best_checkpoint") and len(dm.splits["val"]):
         epochs = refit_epochs(info)
         seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -185,45 +195,62 @@ def _with_mean(info: dict[str, Any]) -> dict[str, Any]:
     return {**info, "val_rank_score": None if rows is None else float(rows.mean())}
 
 
-def validation_rows(model, dm, index: dict[str, int] | None = None) -> np.ndarray | None:
-    """Per-trial rank scores of ``model``'s clip-head predictions for ``dm``'s validation
-    trials among their images (``index``: :func:`~..inference.predict_split`'s
-    ``subject_index``; None: too few of them to rank)."""
+def validation_scores(model, dm, index: dict[str, int] | None = None
+                      ) -> dict[str, np.ndarray | None]:
+    """``model``'s clip-head predictions for ``dm``'s validation trials (``val_pred``) and
+    their per-trial rank scores among their images (``val_rows``); both None where there are
+    too few images to rank. ``index``: :func:`~..inference.predict_split`'s
+    ``subject_index``."""
+    from ..inference import predict_split
+
+    if len(np.unique(dm.splits["val"].target)) < 2:
+        return {"val_pred": None, "val_rows": None}
+    pred = predict_split(model, dm, "val", subject_index=index)
+    return {"val_pred": pred, "val_rows": _rank_rows(pred, dm)}
+
+
+def _rank_rows(pred: np.ndarray, dm) -> np.ndarray:
     from neurorecon.models.retrieval import candidate_rows, rank_score_rows
 
-    from ..inference import predict_split
     from .ridge import flat_targets
 
     stims, true = candidate_rows(dm.splits["val"].target)
-    if len(stims) < 2:
-        return None
-    pred = predict_split(model, dm, "val", subject_index=index)
     return rank_score_rows(pred, flat_targets(dm)[stims], true)
 
 
 def choose_way(rows: dict[str, np.ndarray | None]) -> dict[str, Any]:
     """The way ``auto`` keeps, from each way's per-trial validation rank scores ``rows`` (the
     same trials): the first of :data:`CANDIDATES` within one standard error of the best
-    (:func:`neurorecon.models.retrieval.one_standard_error`), so a way that keeps the
-    pretrained layers wins unless training from scratch is better beyond the noise of the
-    validation trials. Ways without rows are left out; with none, the first way. Returns the
-    rule's output (``value``: the way)."""
+    (:func:`neurorecon.models.retrieval.one_standard_error`), so the ensemble (fMRI), then a
+    way that keeps the pretrained layers, wins unless another is better beyond the noise of
+    the validation trials. Ways without rows are left out; with none, the first way of
+    ``rows``. Returns the rule's output (``value``: the way)."""
     from neurorecon.models.retrieval import one_standard_error
 
     scored = {w: rows[w] for w in CANDIDATES if rows.get(w) is not None}
     if not scored:
-        return {"value": CANDIDATES[0], "validation": {}}
+        return {"value": next(w for w in CANDIDATES if w in rows), "validation": {}}
     return one_standard_error(scored, order=list(scored))
 
 
-def _best_way(cfg: DictConfig, net, dm, *, out_dir: Path, quiet: bool, prior=None
-              ) -> tuple[Any, dict[str, int], dict[str, Any]]:
-    """``auto``: each of :data:`CANDIDATES`, and the one :func:`choose_way` picks on their
-    ``val_rank_score``."""
-    tried = {way: adapt_subjects(cfg, net, dm, out_dir=out_dir / way, quiet=quiet, way=way,
-                                 prior=prior) for way in CANDIDATES}
-    scores = {way: result[2].get("val_rank_score") for way, result in tried.items()}
-    choice = choose_way({way: result[2].get("val_rows") for way, result in tried.items()})
+def _from_every_way(cfg: DictConfig, net, dm, way: str, *, out_dir: Path, quiet: bool,
+                    prior=None) -> tuple[Any, dict[str, int], dict[str, Any]]:
+    """``ensemble``: each way of :data:`ENSEMBLED` trained, their models averaged
+    (:func:`ensemble_of`); ``auto``: of those (and, fMRI, their ensemble), the one
+    :func:`choose_way` picks on their ``val_rank_score``."""
+    if way == "ensemble" and dm.modality != "fmri":
+        raise DataError(f"adapt.way=ensemble is for fMRI decoders, not {dm.modality}: an MEG "
+                        "model trained from scratch has its own temporal focus and read-out, "
+                        "so it cannot be averaged with the bundle's",
+                        hint="adapt.way=finetune, frozen, scratch or auto")
+    tried = {w: adapt_subjects(cfg, net, dm, out_dir=out_dir / w, quiet=quiet, way=w,
+                               prior=prior) for w in ENSEMBLED}
+    if dm.modality == "fmri":
+        tried["ensemble"] = ensemble_of(dm, tried)
+    if way == "ensemble":
+        return tried["ensemble"]
+    scores = {w: tried[w][2].get("val_rank_score") for w in CANDIDATES if w in tried}
+    choice = choose_way({w: result[2].get("val_rows") for w, result in tried.items()})
     best = choice["value"]
     model, index, info = tried[best]
     if not quiet:
@@ -276,10 +303,38 @@ def train_alone(cfg: DictConfig, dm, *, out_dir: Path, quiet: bool = True
     lit = build_module(cfg, dm, focus=focus)
     _, info = fit(cfg, lit, dm, out_dir=out_dir, quiet=quiet)
     readout = choose_meg_readout(cfg, lit.net, dm, focus)
-    info["val_rows"] = validation_rows(lit.net, dm) if readout is None else readout["val_rows"]
+    info.update(validation_scores(lit.net, dm) if readout is None
+                else {"val_rows": readout["val_rows"]})
     if refitting(cfg, dm.modality) and len(dm.splits["val"]):
         lit, dm = refit(cfg, info, dm, out_dir=out_dir, focus=focus) or (lit, dm)
     if readout is not None:
         attach_readout(lit.net, dm, readout, alphas=cfg.evaluate.get("ridge_alphas"))
         info["readout_mix"], info["readout_alpha"] = readout["mix"], readout["alpha"]
     return lit.net, _with_mean(info)
+
+
+def ensemble_of(dm, tried: dict[str, tuple[Any, dict[str, int], dict[str, Any]]]
+                ) -> tuple[Any, dict[str, int], dict[str, Any]]:
+    """``adapt.way=ensemble`` (fMRI): the models of the ways of :data:`ENSEMBLED`
+    (``tried[way]``: :func:`adapt_subjects`' output) reduced to ``dm``'s subjects and averaged
+    (:class:`~neurorecon.models.ensemble.EncoderEnsemble`; an ensemble's members each), indexed
+    in ``dm``'s order. Its validation rows: the members' validation predictions averaged as
+    the ensemble averages them (unit norm), scored as each way's."""
+    import torch.nn.functional as F
+
+    from neurorecon.models.ensemble import EncoderEnsemble
+
+    labels = list(dm.labels)
+    members = [member.subset(labels) for w in ENSEMBLED
+               for member in getattr(tried[w][0], "members", [tried[w][0]])]
+    model = EncoderEnsemble(members).requires_grad_(False)
+    preds = [tried[w][2].get("val_pred") for w in ENSEMBLED]
+    rows = None
+    if all(p is not None for p in preds):
+        mean = torch.stack([F.normalize(torch.as_tensor(p), dim=-1) for p in preds]).mean(0)
+        rows = _rank_rows(mean.numpy(), dm)
+    info = {"way": "ensemble", "region_prior": tried["frozen"][2].get("region_prior"),
+            "members": {w: {k: tried[w][2].get(k) for k in (
+                "epochs", "best_epoch", "val_select", "refit_epochs", "val_rank_score")}
+                for w in ENSEMBLED}, "val_rows": rows}
+    return model, {label: k for k, label in enumerate(labels)}, _with_mean(info)
