@@ -60,12 +60,12 @@ def trained(sample_root, tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["meg", *(
     pytest.param(p, marks=pytest.mark.slow) for p in ("meg-frozen", "meg-scratch", "meg-auto",
-                                                      "fmri", "fmri-ensemble"))])
+                                                      "fmri", "fmri-frozen"))])
 def adapted(request, trained):
     """(modality, bundle trained on sub-01, adapted bundle with sub-02, adapt metrics, adapt
     config); ``meg`` and ``fmri`` adapt each modality's default way (MEG: a fine-tuned copy;
-    fMRI: the shared layers frozen), ``<modality>-<way>`` that way (``auto``: the best of the
-    three on validation trials; ``ensemble``: fMRI, the three averaged)."""
+    fMRI: the three ways averaged), ``<modality>-<way>`` that way (``auto``: the best of them
+    on validation trials; ``frozen``: the shared layers frozen)."""
     from neurorecon.pipelines.adapt import run as adapt
 
     modality, _, way = request.param.partition("-")

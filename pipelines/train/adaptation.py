@@ -15,7 +15,7 @@
 - ``ensemble`` (fMRI): the three above, each trained, and their new subjects' models averaged
   (:class:`~neurorecon.models.ensemble.EncoderEnsemble` of the frozen and fine-tuned models
   reduced to the new subjects, :meth:`~neurorecon.models.fmri.encoder.FmriEncoder.subset`, and
-  the scratch one): a model of their own. Which way decodes a new subject best depends on how
+  the scratch one): a model of their own; fMRI's default. Which way decodes a new subject best depends on how
   good the shared model is, and a few dozen validation trials cannot tell (README: on a family
   draw whose shared model was weak, scratch won at 100 % and the pretrained ways at 10 %); the
   average does not have to choose.
@@ -52,7 +52,7 @@ from neurorecon.models.common.logging import logger
 
 #: how new subjects are adapted, and the default per modality (``adaptation.<modality>``)
 WAYS = ("frozen", "finetune", "scratch", "ensemble", "auto")
-DEFAULT_WAY = {"meg": "finetune", "fmri": "frozen"}
+DEFAULT_WAY = {"meg": "finetune", "fmri": "ensemble"}
 #: the ways ``auto`` tries (in this order of preference on equal validation scores; ``ensemble``:
 #: fMRI only, averaging the three others)
 CANDIDATES = ("ensemble", "finetune", "frozen", "scratch")
