@@ -15,10 +15,10 @@
 - ``ensemble`` (fMRI): the three above, each trained, and their new subjects' models averaged
   (:class:`~neurorecon.models.ensemble.EncoderEnsemble` of the frozen and fine-tuned models
   reduced to the new subjects, :meth:`~neurorecon.models.fmri.encoder.FmriEncoder.subset`, and
-  the scratch one): a model of their own; fMRI's default. Which way decodes a new subject best depends on how
-  good the shared model is, and a few dozen validation trials cannot tell (README: on a family
-  draw whose shared model was weak, scratch won at 100 % and the pretrained ways at 10 %); the
-  average does not have to choose.
+  the scratch one): a model of their own; fMRI's default. Which way decodes a new subject
+  best depends on how good the shared model is, and a few dozen validation trials cannot tell
+  (README: on a family draw whose shared model was weak, scratch won at 100 % and the
+  pretrained ways at 10 %); the average does not have to choose.
 - ``auto``: the ways, scored per trial on the new subjects' validation trials; the first of
   :data:`CANDIDATES` (``ensemble`` for fMRI) within one standard error of the best is kept
   (:func:`choose_way`). Picking the plain best kept ``scratch`` in 11 of 12 runs with all
