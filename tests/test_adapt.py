@@ -136,6 +136,15 @@ def test_adapted_bundle_keeps_old_subjects_and_decodes_the_new_one(adapted):
             with torch.no_grad():
                 outs = [m.eval()(torch.as_tensor(x, dtype=torch.float32), subject=0)["clip"]
                         for m in own.members]
+            # the frozen and fine-tuned ways fit the same subspace: the bundle stores it once
+            from safetensors import safe_open
+
+            from neurorecon.pipelines.inference.files import TIED
+
+            with safe_open(out / weights, "pt") as f:
+                tied = json.loads((f.metadata() or {}).get(TIED, "{}"))
+            assert tied["members.1.adapters.02.0.components"] == \
+                "members.0.adapters.02.0.components", tied
             assert np.allclose(new.encode(x.astype(np.float32), subject="02", head="clip"),
                                torch.stack([o / o.norm(dim=-1, keepdim=True)
                                             for o in outs]).mean(0).numpy(), atol=1e-5)
