@@ -316,3 +316,19 @@ def test_auto_keeps_the_first_way_within_one_standard_error_of_the_best():
         "scratch"
     assert choose_way({"finetune": None, "frozen": None, "scratch": base})["value"] == "scratch"
     assert choose_way({"finetune": None, "frozen": None, "scratch": None})["value"] == "finetune"
+
+
+def test_ensemble_is_refused_for_meg_before_any_training(tmp_path):
+    """An MEG model trained from scratch has its own focus and read-out: it cannot be averaged
+    with the bundle's, so ``adapt.way=ensemble`` stops with a message, having trained nothing."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from neurorecon.pipelines.train.adaptation import adapt_subjects
+
+    dm = SimpleNamespace(modality="meg", labels=["02"])
+    with pytest.raises(DataError, match="adapt.way=ensemble is for fMRI decoders, not meg"):
+        adapt_subjects(OmegaConf.create({"seed": 0}), None, dm, out_dir=tmp_path,
+                       way="ensemble")
+    assert not any(tmp_path.iterdir())
