@@ -325,6 +325,14 @@ def test_plot_curves(tmp_path):
     band = "#" + "".join(f"{round(255 - 0.15 * (255 - int(_C0[i:i + 2], 16))):02x}"
                          for i in (1, 3, 5))  # C0 at alpha 0.15 on white
     assert _pixels_of(banded, band) > _pixels_of(out, band) + 5000
+    # a curve that picks among the others (best on validation) lies on the one it picked:
+    # drawn dashed with open markers, the picked curve stays visible beneath it
+    same = {"adapter": [0.3, 0.45, 0.6], "from scratch": [0.05, 0.15, 0.5],
+            "best on validation": [0.3, 0.45, 0.6]}
+    covered = F.plot_adaptation_curve([0.1, 0.25, 1.0], same, 0.05, tmp_path / "covered.png")
+    shown = F.plot_adaptation_curve([0.1, 0.25, 1.0], same, 0.05, tmp_path / "shown.png",
+                                    selections=["best on validation"])
+    assert _pixels_of(shown, _C0) > 2 * _pixels_of(covered, _C0) + 100  # 395 against 78
     with pytest.raises(ValueError, match=r"curve 'ridge' has shape \(2,\)"):
         F.plot_time_resolved(times, {"ridge": [0.1, 0.2]}, None, tmp_path / "bad.png")
 

@@ -132,7 +132,8 @@ def adaptation_curve(cfg: DictConfig, *, preproc_dir: Path, embeddings_dir: Path
                           title=f"New subject{'s' if len(new_subjects) > 1 else ''} "
                           f"sub-{', sub-'.join(new_subjects)}: top-5 vs. fraction of the "
                           f"training trials (mean{' ± sd' if len(runs) > 1 else ''} over "
-                          f"{pairs})", note=dm.embedder_spec.get("substitute_note"))
+                          f"{pairs})", note=dm.embedder_spec.get("substitute_note"),
+                          selections=[BEST])
 
     def rounded(a: np.ndarray) -> list[float]:
         return [round(float(v), 4) for v in a]

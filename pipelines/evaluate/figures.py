@@ -265,6 +265,7 @@ def plot_adaptation_curve(
     title: str | None = "New-subject adaptation",
     note: str | None = None,
     spread: Mapping[str, Sequence[float] | np.ndarray] | None = None,
+    selections: Sequence[str] = (),
 ) -> Path:
     """Retrieval score against the fraction of a new subject's training trials used.
 
@@ -284,6 +285,9 @@ def plot_adaptation_curve(
         Title and second title line (e.g. the embedder's substitute note).
     spread : dict of str to array, optional
         A band of ± this around each curve (e.g. the sd over seeds).
+    selections : sequence of str
+        Curves that pick among the others (e.g. the best on validation): drawn dashed with
+        open markers, so the curve they coincide with stays visible beneath.
 
     Returns
     -------
@@ -299,7 +303,10 @@ def plot_adaptation_curve(
     fig = _new_figure((6.0, 4.2))
     ax = fig.subplots()
     for name, values in curves.items():
-        line, = ax.plot(fractions[order], values[order], marker="o", linewidth=1.8, label=name)
+        picks = name in selections
+        line, = ax.plot(fractions[order], values[order], marker="o", linewidth=1.8, label=name,
+                        linestyle="--" if picks else "-", markersize=9 if picks else 6,
+                        markerfacecolor="none" if picks else None, zorder=3 if picks else 2)
         if name in spread:
             ax.fill_between(fractions[order], (values - spread[name])[order],
                             (values + spread[name])[order], color=line.get_color(), alpha=0.15)
