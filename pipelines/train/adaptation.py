@@ -109,8 +109,10 @@ def adapt_subjects(cfg: DictConfig, net, dm, *, out_dir: Path, quiet: bool = Fal
     Returns ``(the model that decodes them, {label: index in it}, info)``: the training
     summary of :func:`.fit.fit` (empty when nothing was trainable), ``way`` (for ``auto``, the
     way kept, ``tried``: each way's ``val_rank_score``, and ``way_choice``: :func:`choose_way`'s
-    means and standard errors), ``val_rank_score`` (the new subjects' validation trials decoded
-    by the model, its read-out fitted on their train trials; ``val_rows``: per trial, an array)
+    means and standard errors; for ``ensemble``, ``members``: each averaged way's training
+    summary), ``val_rank_score`` (the new subjects' validation trials decoded by the model, its
+    read-out fitted on their train trials; ``val_rows``: per trial, and, fMRI, ``val_pred``:
+    the predictions, arrays)
     and ``readout_alpha`` / ``readout_mix`` (MEG, per new subject).
     """
     from lightning import seed_everything
