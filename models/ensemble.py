@@ -95,7 +95,7 @@ class EncoderEnsemble(nn.Module):
     # ------------------------------------------------------------------ outputs
     def forward(self, x: torch.Tensor, **inputs: Any) -> dict[str, torch.Tensor]:
         outs = [m(x, **inputs) for m in self.members]
-        return {"clip": torch.stack([F.normalize(o["clip"], dim=-1) for o in outs]).mean(0),
+        return {"clip": contrastive_mean([o["clip"] for o in outs]),
                 "mse": torch.stack([o["mse"] for o in outs]).mean(0)}
 
     def trace_window(self, *, head: str = "clip", **kwargs: Any) -> nn.Module:
@@ -103,6 +103,12 @@ class EncoderEnsemble(nn.Module):
         (each traced and frozen), averaged as :meth:`forward` averages them."""
         return _MeanOfWindows([m.trace_window(head=head, **kwargs) for m in self.members],
                               head=head).eval()
+
+
+def contrastive_mean(outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The mean of unit-norm contrastive outputs (last dimension): how an ensemble averages
+    its members', and how their predictions are averaged where they were computed apart."""
+    return torch.stack([F.normalize(o, dim=-1) for o in outputs]).mean(0)
 
 
 def _agreed(values: list[Any], what: str) -> Any:
@@ -120,6 +126,4 @@ class _MeanOfWindows(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         outs = [part(x, mask) for part in self.parts]
-        if self.head == "clip":
-            outs = [F.normalize(o, dim=-1) for o in outs]
-        return torch.stack(outs).mean(0)
+        return contrastive_mean(outs) if self.head == "clip" else torch.stack(outs).mean(0)

@@ -320,23 +320,29 @@ def ensemble_of(dm, tried: dict[str, tuple[Any, dict[str, int], dict[str, Any]]]
     """``adapt.way=ensemble`` (fMRI): the models of the ways of :data:`ENSEMBLED`
     (``tried[way]``: :func:`adapt_subjects`' output) reduced to ``dm``'s subjects and averaged
     (:class:`~neurorecon.models.ensemble.EncoderEnsemble`; an ensemble's members each), indexed
-    in ``dm``'s order. Its validation rows: the members' validation predictions averaged as
-    the ensemble averages them (unit norm), scored as each way's."""
-    import torch.nn.functional as F
-
+    in ``dm``'s order, with its validation rows (:func:`ensemble_rows`)."""
     from neurorecon.models.ensemble import EncoderEnsemble
 
     labels = list(dm.labels)
     members = [member.subset(labels) for w in ENSEMBLED
                for member in getattr(tried[w][0], "members", [tried[w][0]])]
     model = EncoderEnsemble(members).requires_grad_(False)
-    preds = [tried[w][2].get("val_pred") for w in ENSEMBLED]
-    rows = None
-    if all(p is not None for p in preds):
-        mean = torch.stack([F.normalize(torch.as_tensor(p), dim=-1) for p in preds]).mean(0)
-        rows = _rank_rows(mean.numpy(), dm)
     info = {"way": "ensemble", "region_prior": tried["frozen"][2].get("region_prior"),
             "members": {w: {k: tried[w][2].get(k) for k in (
                 "epochs", "best_epoch", "val_select", "refit_epochs", "val_rank_score")}
-                for w in ENSEMBLED}, "val_rows": rows}
+                for w in ENSEMBLED}, "val_rows": ensemble_rows(dm, tried)}
     return model, {label: k for k, label in enumerate(labels)}, _with_mean(info)
+
+
+def ensemble_rows(dm, tried: dict[str, tuple[Any, dict[str, int], dict[str, Any]]]
+                  ) -> np.ndarray | None:
+    """The ensemble's per-trial validation rank scores: the ways' validation predictions
+    (``val_pred``, made before any refit, as each way's own rows) averaged as the ensemble
+    averages its members (:func:`~neurorecon.models.ensemble.contrastive_mean`); None
+    where a way has none."""
+    from neurorecon.models.ensemble import contrastive_mean
+
+    preds = [tried[w][2].get("val_pred") for w in ENSEMBLED]
+    if any(p is None for p in preds):
+        return None
+    return _rank_rows(contrastive_mean([torch.as_tensor(p) for p in preds]).numpy(), dm)
