@@ -70,6 +70,7 @@ class MegSubject(_Part):
     """One MEG subject: its channels (bundle order), layout and frozen scaler statistics."""
 
     index: int = Field(ge=0)
+    n_trials: int | None = Field(default=None, ge=0)  # train + validation trials trained on
     n_chans: int = Field(gt=0)
     n_times: int = Field(gt=0)
     ch_names: list[str]
@@ -106,6 +107,7 @@ class FmriSubject(_Part):
     """One fMRI subject: its voxel grid, the mask file (bundle-relative) and normalisation."""
 
     index: int = Field(ge=0)
+    n_trials: int | None = Field(default=None, ge=0)  # train + validation trials trained on
     n_voxels: int = Field(gt=0)
     mask: str
     grid: Grid

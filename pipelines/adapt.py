@@ -120,8 +120,12 @@ def adapt(cfg: DictConfig) -> dict[str, Any]:
     prior = (new_subject_prior(job, {s: decoder.subject_nets.get(s) or decoder.net
                                      for s in decoder.masks}, decoder.masks)
              if dm.modality == "fmri" else None)
+    # what the bundle's own model was trained on, per subject (its weight in an ensemble)
+    trained = [entry.n_trials for entry in decoder.config.subjects.values()
+               if entry.model is None and entry.n_trials]
     model, index, info = adapt_subjects(job, decoder.net, dm, out_dir=out_dir, way=way,
-                                        prior=prior)
+                                        prior=prior,
+                                        shared_trials=float(np.mean(trained)) if trained else None)
     logger.info("adapt: sub-%s added to the decoder of sub-%s (%s; indices %s)",
                 ", sub-".join(dm.labels), ", sub-".join(decoder.subjects), way,
                 list(index.values()))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from neurorecon.models.common.checks import DataError
-from neurorecon.pipelines.train.adaptation import DEFAULT_WAY, choose_way
+from neurorecon.pipelines.train.adaptation import DEFAULT_WAY, ENSEMBLED, choose_way
 from neurorecon.pipelines.train.fit import refit_epochs as chosen_epochs
 
 from .conftest import compose_stage, scored_sample
@@ -145,9 +145,18 @@ def test_adapted_bundle_keeps_old_subjects_and_decodes_the_new_one(adapted):
                 tied = json.loads((f.metadata() or {}).get(TIED, "{}"))
             assert tied["members.1.adapters.02.0.components"] == \
                 "members.0.adapters.02.0.components", tied
+            # weighted by the trials behind each: scratch by sub-02's own, the pretrained
+            # ways by those the bundle's model had for sub-01 (both in the bundle), as recorded
+            n, k = (new.config.subjects[s].n_trials for s in ("02", "01"))
+            assert n > 0 and k == old.config.subjects["01"].n_trials > 0
+            weight = {w: m["weight"] for w, m in metrics["adapt"]["members"].items()}
+            assert weight == pytest.approx({"frozen": k / (n + k) / 2, "finetune":
+                                            k / (n + k) / 2, "scratch": n / (n + k)}, abs=1e-4)
+            assert own.weights == pytest.approx([weight[w] for w in ENSEMBLED], abs=1e-4)
+            mean = sum(w * o / o.norm(dim=-1, keepdim=True)
+                       for w, o in zip(own.weights, outs, strict=True))
             assert np.allclose(new.encode(x.astype(np.float32), subject="02", head="clip"),
-                               torch.stack([o / o.norm(dim=-1, keepdim=True)
-                                            for o in outs]).mean(0).numpy(), atol=1e-5)
+                               mean.numpy(), atol=1e-5)
         else:
             assert not torch.equal(members(old.net)[0].merge.weight,
                                    members(own)[0].merge.weight)  # every layer trained
@@ -332,3 +341,25 @@ def test_ensemble_is_refused_for_meg_before_any_training(tmp_path):
         adapt_subjects(OmegaConf.create({"seed": 0}), None, dm, out_dir=tmp_path,
                        way="ensemble")
     assert not any(tmp_path.iterdir())
+
+
+def test_ensemble_weighs_each_way_by_the_trials_behind_it():
+    """``adapt.way=ensemble``'s weights: scratch by the new subjects' own train + validation
+    trials per subject (n), the two pretrained ways together by the trained model's per
+    subject (K; a bundle that does not record them: the region prior's count)."""
+    from neurorecon.pipelines.train.adaptation import ensemble_weights
+    from neurorecon.pipelines.train.region_prior import PRIOR_TRIALS
+
+    class NewSubjects:  # what the weights read of a data module
+        labels = ["05", "06"]
+
+        @staticmethod
+        def trained_trials(label: str) -> int:
+            return {"05": 30, "06": 90}[label]
+
+    for k in (300, None):
+        w = ensemble_weights(NewSubjects(), k)
+        k = k or PRIOR_TRIALS
+        assert w == pytest.approx({"frozen": k / (60 + k) / 2, "finetune": k / (60 + k) / 2,
+                                   "scratch": 60 / (60 + k)})
+    assert ensemble_weights(NewSubjects(), 60)["scratch"] == pytest.approx(0.5)

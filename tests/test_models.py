@@ -540,3 +540,45 @@ def test_ensemble_averages_its_members_everywhere_a_model_is_used():
         EncoderEnsemble(members[:1])
     with pytest.raises(ValueError, match="one class"):
         EncoderEnsemble([members[0], FmriEncoder(**FmriEncoder.example_config())])
+
+
+def test_weighted_ensemble_weighs_its_members_and_keeps_its_weights():
+    """A weighted ensemble (a new subject's adapted ways): the weighted mean of the members'
+    unit-norm and regression outputs, the same in its traced window model; a member of weight
+    0 counts for nothing; the weights survive the bundle's JSON config; bad weights are
+    refused by name."""
+    from neurorecon.models.ensemble import EncoderEnsemble
+
+    torch.manual_seed(0)
+    members = [MegBrainModule(**MegBrainModule.example_config()) for _ in range(3)]
+    x, inputs = members[0].example_inputs(batch_size=4)
+    ens = EncoderEnsemble(members, weights=[2, 1, 1]).eval()
+    assert ens.weights == [0.5, 0.25, 0.25]
+    unit = torch.nn.functional.normalize
+    with torch.no_grad():
+        out, parts = ens(x, **inputs), [m(x, **inputs) for m in members]
+        torch.testing.assert_close(out["clip"], sum(w * unit(p["clip"], dim=-1) for w, p in
+                                                    zip(ens.weights, parts, strict=True)))
+        torch.testing.assert_close(out["mse"], sum(w * p["mse"] for w, p in
+                                                   zip(ens.weights, parts, strict=True)))
+        only_first = EncoderEnsemble(members, weights=[1, 0, 0]).eval()(x, **inputs)
+        torch.testing.assert_close(only_first["clip"], unit(parts[0]["clip"], dim=-1))
+        torch.testing.assert_close(only_first["mse"], parts[0]["mse"])
+        kw = {"positions": inputs["positions"][0], "subject": 1}
+        one = ens(x[:1], positions=inputs["positions"][:1], mask=inputs["mask"][:1],
+                  subject=torch.tensor([1]))
+        traced = ens.trace_window(head="clip", **kw)
+        torch.testing.assert_close(traced(x[:1], inputs["mask"][:1]), one["clip"],
+                                   rtol=1e-5, atol=1e-6)
+    config = json.loads(json.dumps(ens.get_config()))
+    assert config["weights"] == [0.5, 0.25, 0.25]
+    assert "weights" not in EncoderEnsemble(members).get_config()  # equal: as before
+    rebuilt = build("EncoderEnsemble", config)
+    rebuilt.load_state_dict(ens.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x, **inputs)["clip"], out["clip"])
+    for bad in ([1, 1], [1, -1, 1], [0, 0, 0], [1, float("nan"), 1]):
+        with pytest.raises(ValueError, match="3 non-negative numbers"):
+            EncoderEnsemble(members, weights=bad)
+    with pytest.raises(ValueError, match="config must be"):
+        build("EncoderEnsemble", {**config, "mix": 1})

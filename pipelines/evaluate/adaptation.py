@@ -9,8 +9,8 @@ are scored on its test set: the ways of :mod:`..train.adaptation` (exactly as ``
 adapt``): *shared frozen* (the subject's own parts trained), *fine-tuned copy* (every layer of
 a copy trained on its trials), *from scratch* (a fresh single-subject model with the run's
 recipe: its own focus search and read-out) and, fMRI, *three ways averaged* (their models
-averaged, ``adapt.way=ensemble``: their test predictions averaged as the ensemble averages
-them); *best on validation*, the one of those that
+averaged, ``adapt.way=ensemble``: their test predictions averaged and weighted as the
+ensemble averages them); *best on validation*, the one of those that
 ``adapt.way=auto`` keeps (scored per trial on the subject's validation trials: the first of
 the averaged, fine-tuned, frozen, scratch within one standard error of the best); and
 *ridge* (the linear baseline).
@@ -22,16 +22,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from omegaconf import DictConfig, open_dict
 
 from neurorecon.models.common.checks import DataError
 from neurorecon.models.common.logging import logger
-from neurorecon.models.ensemble import contrastive_mean
 from neurorecon.models.retrieval import candidate_rows, chance_metrics, retrieval_metrics
 
 from ..inference import predict_split
-from ..train.adaptation import ENSEMBLED, adapt_subjects, choose_way, ensemble_rows, train_alone
+from ..train.adaptation import (
+    ENSEMBLED,
+    adapt_subjects,
+    choose_way,
+    ensemble_mean,
+    ensemble_rows,
+    train_alone,
+)
 from ..train.fit import build_datamodule
 from ..train.region_prior import new_subject_prior
 from ..train.ridge import flat_targets, ridge_predictions
@@ -88,6 +93,7 @@ def adaptation_curve(cfg: DictConfig, *, preproc_dir: Path, embeddings_dir: Path
         shared_dm = build_datamodule(cfg, preproc_dir, embeddings_dir,
                                      subjects=[s for s in labels if s != new])
         shared, _ = train_alone(cfg, shared_dm, out_dir=out_dir / f"shared-{new}")
+        trained = float(np.mean([shared_dm.trained_trials(s) for s in shared_dm.labels]))
         # what the new subject starts from: the shared model on its own subjects' test rows
         shared_top5[new] = round(_score(predict_split(shared, shared_dm, "test"),
                                         shared_dm)["top5"], 4)
@@ -112,9 +118,8 @@ def adaptation_curve(cfg: DictConfig, *, preproc_dir: Path, embeddings_dir: Path
                           for way, (model, index, _) in tried.items()}
                 val = {way: info.get("val_rows") for way, (_, _, info) in tried.items()}
                 if fmri:  # the ensemble's outputs: its members' test predictions averaged
-                    by_way["ensemble"] = contrastive_mean(
-                        [torch.as_tensor(by_way[way]) for way in ENSEMBLED]).numpy()
-                    val["ensemble"] = ensemble_rows(dm, tried)
+                    by_way["ensemble"] = ensemble_mean(dm, by_way, trained)
+                    val["ensemble"] = ensemble_rows(dm, tried, trained)
                 chosen[ri, fi] = kept = choose_way(val)["value"]
                 preds = {name: by_way[WAY_OF[name]] for name in models if name in WAY_OF}
                 preds[BEST] = by_way[kept]

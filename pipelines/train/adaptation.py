@@ -18,7 +18,10 @@
   the scratch one): a model of their own; fMRI's default. Which way decodes a new subject
   best depends on how good the shared model is, and a few dozen validation trials cannot tell
   (README: on a family draw whose shared model was weak, scratch won at 100 % and the
-  pretrained ways at 10 %); the average does not have to choose.
+  pretrained ways at 10 %, where validation favoured the wrong way in most runs); the average
+  does not have to choose. It weighs each model by the trials behind it
+  (:func:`ensemble_weights`): scratch by the new subject's own, the two pretrained ways
+  together by as many as the trained model had per subject.
 - ``auto``: the ways, scored per trial on the new subjects' validation trials; the first of
   :data:`CANDIDATES` (``ensemble`` for fMRI) within one standard error of the best is kept
   (:func:`choose_way`). Picking the plain best kept ``scratch`` in 11 of 12 runs with all
@@ -97,14 +100,16 @@ def restore(net, before: dict[str, torch.Tensor]) -> None:
 
 
 def adapt_subjects(cfg: DictConfig, net, dm, *, out_dir: Path, quiet: bool = False,
-                   way: str | None = None, prior=None
+                   way: str | None = None, prior=None, shared_trials: float | None = None
                    ) -> tuple[Any, dict[str, int], dict[str, Any]]:
     """Adapt ``net`` (a trained encoder, left untouched; a copy is trained) to ``dm``'s
     subjects ``way`` (default :func:`adaptation_way`) with ``cfg``'s loss, optimizer and
     trainer (the epoch chosen on ``dm``'s validation trials), then fit their MEG read-out on
     train + validation trials. ``prior`` (fMRI, :func:`.region_prior.new_subject_prior`):
     the new subjects' voxels weighted by where the trained subjects' carried the stimulus,
-    in the ways that keep the trained model (``frozen``, ``finetune``).
+    in the ways that keep the trained model (``frozen``, ``finetune``). ``shared_trials``:
+    the train + validation trials per subject that ``net`` was trained on (the ensemble's
+    weights, :func:`ensemble_weights`).
 
     Returns ``(the model that decodes them, {label: index in it}, info)``: the training
     summary of :func:`.fit.fit` (empty when nothing was trainable), ``way`` (for ``auto``, the
@@ -119,7 +124,8 @@ def adapt_subjects(cfg: DictConfig, net, dm, *, out_dir: Path, quiet: bool = Fal
 
     way = way or adaptation_way(cfg, dm.modality)
     if way in ("auto", "ensemble"):
-        return _from_every_way(cfg, net, dm, way, out_dir=out_dir, quiet=quiet, prior=prior)
+        return _from_every_way(cfg, net, dm, way, out_dir=out_dir, quiet=quiet, prior=prior,
+                               shared_trials=shared_trials)
     # each way starts from the seed (initialisation, batch order), not from what the ways tried
     # before it left: ``auto`` keeps the very model that its way alone gives
     seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -236,7 +242,8 @@ def choose_way(rows: dict[str, np.ndarray | None]) -> dict[str, Any]:
 
 
 def _from_every_way(cfg: DictConfig, net, dm, way: str, *, out_dir: Path, quiet: bool,
-                    prior=None) -> tuple[Any, dict[str, int], dict[str, Any]]:
+                    prior=None, shared_trials: float | None = None
+                    ) -> tuple[Any, dict[str, int], dict[str, Any]]:
     """``ensemble``: each way of :data:`ENSEMBLED` trained, their models averaged
     (:func:`ensemble_of`); ``auto``: of those (and, fMRI, their ensemble), the one
     :func:`choose_way` picks on their ``val_rank_score``."""
@@ -248,7 +255,7 @@ def _from_every_way(cfg: DictConfig, net, dm, way: str, *, out_dir: Path, quiet:
     tried = {w: adapt_subjects(cfg, net, dm, out_dir=out_dir / w, quiet=quiet, way=w,
                                prior=prior) for w in ENSEMBLED}
     if dm.modality == "fmri":
-        tried["ensemble"] = ensemble_of(dm, tried)
+        tried["ensemble"] = ensemble_of(dm, tried, shared_trials=shared_trials)
     if way == "ensemble":
         return tried["ensemble"]
     scores = {w: tried[w][2].get("val_rank_score") for w in CANDIDATES if w in tried}
@@ -315,34 +322,66 @@ def train_alone(cfg: DictConfig, dm, *, out_dir: Path, quiet: bool = True
     return lit.net, _with_mean(info)
 
 
-def ensemble_of(dm, tried: dict[str, tuple[Any, dict[str, int], dict[str, Any]]]
+def ensemble_of(dm, tried: dict[str, tuple[Any, dict[str, int], dict[str, Any]]], *,
+                shared_trials: float | None = None
                 ) -> tuple[Any, dict[str, int], dict[str, Any]]:
     """``adapt.way=ensemble`` (fMRI): the models of the ways of :data:`ENSEMBLED`
     (``tried[way]``: :func:`adapt_subjects`' output) reduced to ``dm``'s subjects and averaged
     (:class:`~neurorecon.models.ensemble.EncoderEnsemble`; an ensemble's members each), indexed
-    in ``dm``'s order, with its validation rows (:func:`ensemble_rows`)."""
+    in ``dm``'s order, weighted by :func:`ensemble_weights`, with its validation rows
+    (:func:`ensemble_rows`)."""
     from neurorecon.models.ensemble import EncoderEnsemble
 
-    labels = list(dm.labels)
-    members = [member.subset(labels) for w in ENSEMBLED
-               for member in getattr(tried[w][0], "members", [tried[w][0]])]
-    model = EncoderEnsemble(members).requires_grad_(False)
+    labels, weight = list(dm.labels), ensemble_weights(dm, shared_trials)
+    members, weights = [], []
+    for w in ENSEMBLED:  # an ensemble's members share its way's weight
+        parts = list(getattr(tried[w][0], "members", [tried[w][0]]))
+        members += [member.subset(labels) for member in parts]
+        weights += [weight[w] / len(parts)] * len(parts)
+    model = EncoderEnsemble(members, weights=weights).requires_grad_(False)
     info = {"way": "ensemble", "region_prior": tried["frozen"][2].get("region_prior"),
-            "members": {w: {k: tried[w][2].get(k) for k in (
-                "epochs", "best_epoch", "val_select", "refit_epochs", "val_rank_score")}
-                for w in ENSEMBLED}, "val_rows": ensemble_rows(dm, tried)}
+            "members": {w: {"weight": round(weight[w], 4), **{k: tried[w][2].get(k) for k in (
+                "epochs", "best_epoch", "val_select", "refit_epochs", "val_rank_score")}}
+                for w in ENSEMBLED}, "val_rows": ensemble_rows(dm, tried, shared_trials)}
     return model, {label: k for k, label in enumerate(labels)}, _with_mean(info)
 
 
-def ensemble_rows(dm, tried: dict[str, tuple[Any, dict[str, int], dict[str, Any]]]
-                  ) -> np.ndarray | None:
+def ensemble_weights(dm, shared_trials: float | None = None) -> dict[str, float]:
+    """Each way's weight in ``adapt.way=ensemble``: the trials behind its model. Scratch has
+    the new subjects' own (``n``: train + validation per subject, what its refit trains on);
+    the frozen and fine-tuned models start from the trained model, which counts as the trials
+    it had per subject (``K``, ``shared_trials``; unknown, from a bundle older than its
+    subjects' ``n_trials``: :data:`.region_prior.PRIOR_TRIALS`, as much as its region prior
+    counts): ``n / (n + K)`` for scratch, ``K / (n + K)`` shared by the other two. A few dozen
+    trials lean on the trained model; as many as it had, and the subject's own model weighs
+    as much as the two others together (README: family draw 7, where the shared model was
+    weak and scratch won with all trials)."""
+    from .region_prior import PRIOR_TRIALS
+
+    n = float(np.mean([dm.trained_trials(label) for label in dm.labels]))
+    k = float(shared_trials) if shared_trials else float(PRIOR_TRIALS)
+    shared = k / (n + k)
+    return {"frozen": shared / 2, "finetune": shared / 2, "scratch": 1 - shared}
+
+
+def ensemble_rows(dm, tried: dict[str, tuple[Any, dict[str, int], dict[str, Any]]],
+                  shared_trials: float | None = None) -> np.ndarray | None:
     """The ensemble's per-trial validation rank scores: the ways' validation predictions
     (``val_pred``, made before any refit, as each way's own rows) averaged as the ensemble
-    averages its members (:func:`~neurorecon.models.ensemble.contrastive_mean`); None
-    where a way has none."""
+    averages its members (:func:`ensemble_mean`); None where a way has none."""
+    preds = {w: tried[w][2].get("val_pred") for w in ENSEMBLED}
+    if any(p is None for p in preds.values()):
+        return None
+    return _rank_rows(ensemble_mean(dm, preds, shared_trials), dm)
+
+
+def ensemble_mean(dm, preds: dict[str, np.ndarray], shared_trials: float | None = None
+                  ) -> np.ndarray:
+    """The ensemble's predictions from each way of :data:`ENSEMBLED`'s (``preds[way]``, for
+    the same trials of ``dm``'s subjects): their unit-norm mean weighted by
+    :func:`ensemble_weights` (:func:`~neurorecon.models.ensemble.contrastive_mean`)."""
     from neurorecon.models.ensemble import contrastive_mean
 
-    preds = [tried[w][2].get("val_pred") for w in ENSEMBLED]
-    if any(p is None for p in preds):
-        return None
-    return _rank_rows(contrastive_mean([torch.as_tensor(p) for p in preds]).numpy(), dm)
+    weight = ensemble_weights(dm, shared_trials)
+    return contrastive_mean([torch.as_tensor(preds[w]) for w in ENSEMBLED],
+                            [weight[w] for w in ENSEMBLED]).numpy()

@@ -323,6 +323,12 @@ class BrainDataModule(LightningDataModule):
     def labels(self) -> list[str]:
         return list(self.subjects)
 
+    def trained_trials(self, label: str) -> int:
+        """Subject ``label``'s train + validation trials: what a model refitted on both (the
+        default) was trained on."""
+        k = self.labels.index(label)
+        return int(sum((self.splits[name].subject == k).sum() for name in ("train", "val")))
+
     def _loader(self, name: str, *, shuffle: bool) -> DataLoader:
         split = self.splits[name]
         sampler = SubjectBatchSampler(split.subject, batch_size=self.batch_size,

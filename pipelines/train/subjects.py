@@ -94,7 +94,8 @@ class MegSubjectInfo(SubjectInfo):
                 "orientation": np.asarray(self.orientation).round(6).tolist()}
 
     def bundle_entry(self, *, index: int, recipe: dict[str, Any], dm) -> dict[str, Any]:
-        return {"index": index, "n_chans": self.n_chans, "n_times": self.n_times,
+        return {"index": index, "n_trials": dm.trained_trials(self.label),
+                "n_chans": self.n_chans, "n_times": self.n_times,
                 "ch_names": list(self.ch_names),
                 "positions": np.asarray(self.positions, np.float64).tolist(),
                 "good": np.asarray(self.good, bool).tolist(), "kinds": list(self.kinds),
@@ -137,7 +138,8 @@ class FmriSubjectInfo(SubjectInfo):
         from ..inference import MASKS
 
         mask = dm.data.subjects[self.label].mask_img
-        return {"index": index, "n_voxels": self.n_voxels,
+        return {"index": index, "n_trials": dm.trained_trials(self.label),
+                "n_voxels": self.n_voxels,
                 "mask": f"{MASKS}/sub-{self.label}_mask.nii.gz",
                 "grid": {"shape": list(mask.shape[:3]),
                          "affine": np.asarray(mask.affine).round(6).tolist(),
