@@ -109,6 +109,7 @@ def _rerank_validation(predicted_from_truth: bool):
     dm = SimpleNamespace(embeddings=torch.from_numpy(emb), splits=splits)
     return SimpleNamespace(split=splits["val"], dm=dm,
                            embeddings=lambda head="clip": emb[val_rows],
+                           test_like=lambda pred, truth: pred,  # test rows of 1 trial each
                            thumbnails=thumbs, predicted=predicted, stim_images=images)
 
 

@@ -206,7 +206,9 @@ def choose_lowlevel_rerank(val: ValidationTrials, *, shortlist: int, size: int) 
     Each weight of :data:`RERANK_GRID` picks, among the start candidates (:func:`start_rows`)
     other than the trial's own stimulus, the start
     (:func:`~neurorecon.models.generators.base.start_scores`) for the encoder's embedding and
-    the low-level pathway's thumbnail of each trial. Each pick is scored as the reconstructions
+    the low-level pathway's thumbnail of each trial, both made as good as a test row's
+    (:meth:`ValidationTrials.test_like`: a test row averages its repeats, a validation trial
+    is one), as for the strength choice. Each pick is scored as the reconstructions
     are judged: AlexNet(2) and AlexNet(5) two-way identification of the picked image (at
     ``size`` px, the generator's resolution) against the trials' true stimuli (their mean per
     trial, as the strength is chosen). The weight is chosen by :func:`one_standard_error`, so
@@ -224,8 +226,10 @@ def choose_lowlevel_rerank(val: ValidationTrials, *, shortlist: int, size: int) 
                 "reason": "fewer than 2 validation trials: cosine only"}
     embeddings, fit_rows, thumbs = flat_targets(val.dm), start_rows(val.dm), val.thumbnails
     own = np.searchsorted(fit_rows, trials.target)
-    picks = {weight: fit_rows[start_scores(val.embeddings(), embeddings[fit_rows],
-                                           layouts=thumbs[fit_rows], predicted=val.predicted,
+    queries = val.test_like(val.embeddings(), embeddings[trials.target])
+    predicted = val.test_like(val.predicted, thumbs[trials.target])
+    picks = {weight: fit_rows[start_scores(queries, embeddings[fit_rows],
+                                           layouts=thumbs[fit_rows], predicted=predicted,
                                            rerank=weight, shortlist=shortlist,
                                            exclude=own).argmax(1)]
              for weight in RERANK_GRID}
