@@ -35,6 +35,7 @@ from ..train.adaptation import (
     choose_way,
     ensemble_mean,
     ensemble_rows,
+    ensemble_weights,
     train_alone,
 )
 from ..train.fit import build_datamodule
@@ -118,8 +119,9 @@ def adaptation_curve(cfg: DictConfig, *, preproc_dir: Path, embeddings_dir: Path
                           for way, (model, index, _) in tried.items()}
                 val = {way: info.get("val_rows") for way, (_, _, info) in tried.items()}
                 if fmri:  # the ensemble's outputs: its members' test predictions averaged
-                    by_way["ensemble"] = ensemble_mean(dm, by_way, trained)
-                    val["ensemble"] = ensemble_rows(dm, tried, trained)
+                    weight = ensemble_weights(dm, trained)
+                    by_way["ensemble"] = ensemble_mean(by_way, weight)
+                    val["ensemble"] = ensemble_rows(dm, tried, weight)
                 chosen[ri, fi] = kept = choose_way(val)["value"]
                 preds = {name: by_way[WAY_OF[name]] for name in models if name in WAY_OF}
                 preds[BEST] = by_way[kept]

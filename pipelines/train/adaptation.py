@@ -342,7 +342,7 @@ def ensemble_of(dm, tried: dict[str, tuple[Any, dict[str, int], dict[str, Any]]]
     info = {"way": "ensemble", "region_prior": tried["frozen"][2].get("region_prior"),
             "members": {w: {"weight": round(weight[w], 4), **{k: tried[w][2].get(k) for k in (
                 "epochs", "best_epoch", "val_select", "refit_epochs", "val_rank_score")}}
-                for w in ENSEMBLED}, "val_rows": ensemble_rows(dm, tried, shared_trials)}
+                for w in ENSEMBLED}, "val_rows": ensemble_rows(dm, tried, weight)}
     return model, {label: k for k, label in enumerate(labels)}, _with_mean(info)
 
 
@@ -365,23 +365,22 @@ def ensemble_weights(dm, shared_trials: float | None = None) -> dict[str, float]
 
 
 def ensemble_rows(dm, tried: dict[str, tuple[Any, dict[str, int], dict[str, Any]]],
-                  shared_trials: float | None = None) -> np.ndarray | None:
+                  weight: dict[str, float]) -> np.ndarray | None:
     """The ensemble's per-trial validation rank scores: the ways' validation predictions
     (``val_pred``, made before any refit, as each way's own rows) averaged as the ensemble
-    averages its members (:func:`ensemble_mean`); None where a way has none."""
+    averages its members (:func:`ensemble_mean` with :func:`ensemble_weights`' ``weight``);
+    None where a way has none."""
     preds = {w: tried[w][2].get("val_pred") for w in ENSEMBLED}
     if any(p is None for p in preds.values()):
         return None
-    return _rank_rows(ensemble_mean(dm, preds, shared_trials), dm)
+    return _rank_rows(ensemble_mean(preds, weight), dm)
 
 
-def ensemble_mean(dm, preds: dict[str, np.ndarray], shared_trials: float | None = None
-                  ) -> np.ndarray:
+def ensemble_mean(preds: dict[str, np.ndarray], weight: dict[str, float]) -> np.ndarray:
     """The ensemble's predictions from each way of :data:`ENSEMBLED`'s (``preds[way]``, for
-    the same trials of ``dm``'s subjects): their unit-norm mean weighted by
-    :func:`ensemble_weights` (:func:`~neurorecon.models.ensemble.contrastive_mean`)."""
+    the same trials): their unit-norm mean weighted by ``weight`` (:func:`ensemble_weights`;
+    :func:`~neurorecon.models.ensemble.contrastive_mean`)."""
     from neurorecon.models.ensemble import contrastive_mean
 
-    weight = ensemble_weights(dm, shared_trials)
     return contrastive_mean([torch.as_tensor(preds[w]) for w in ENSEMBLED],
                             [weight[w] for w in ENSEMBLED]).numpy()
