@@ -94,7 +94,7 @@ def adaptation_curve(cfg: DictConfig, *, preproc_dir: Path, embeddings_dir: Path
         shared_dm = build_datamodule(cfg, preproc_dir, embeddings_dir,
                                      subjects=[s for s in labels if s != new])
         shared, _ = train_alone(cfg, shared_dm, out_dir=out_dir / f"shared-{new}")
-        trained = float(np.mean([shared_dm.trained_trials(s) for s in shared_dm.labels]))
+        trained = shared_dm.mean_trained_trials()
         # what the new subject starts from: the shared model on its own subjects' test rows
         shared_top5[new] = round(_score(predict_split(shared, shared_dm, "test"),
                                         shared_dm)["top5"], 4)

@@ -358,7 +358,7 @@ def ensemble_weights(dm, shared_trials: float | None = None) -> dict[str, float]
     weak and scratch won with all trials)."""
     from .region_prior import PRIOR_TRIALS
 
-    n = float(np.mean([dm.trained_trials(label) for label in dm.labels]))
+    n = dm.mean_trained_trials()
     k = float(shared_trials) if shared_trials else float(PRIOR_TRIALS)
     shared = k / (n + k)
     return {"frozen": shared / 2, "finetune": shared / 2, "scratch": 1 - shared}

@@ -329,6 +329,10 @@ class BrainDataModule(LightningDataModule):
         k = self.labels.index(label)
         return int(sum((self.splits[name].subject == k).sum() for name in ("train", "val")))
 
+    def mean_trained_trials(self) -> float:
+        """:meth:`trained_trials` averaged over the subjects."""
+        return float(np.mean([self.trained_trials(label) for label in self.labels]))
+
     def _loader(self, name: str, *, shuffle: bool) -> DataLoader:
         split = self.splits[name]
         sampler = SubjectBatchSampler(split.subject, batch_size=self.batch_size,
