@@ -38,7 +38,7 @@ from .train.fit import (
     resolve_focus,
     update_checkpoint,
 )
-from .train.readout import attach_readout, choose_meg_readout
+from .train.readout import ARRAYS, attach_readout, choose_meg_readout
 from .train.ridge import flat_targets
 from .train.time_resolved import deep_time_resolved
 
@@ -86,7 +86,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 ensemble_selected(lit, selected, info)
     if readout is not None:
         attach_readout(lit.net, dm, readout, alphas=cfg.evaluate.get("ridge_alphas"))
-        info["readout"] = {k: v for k, v in readout.items() if k != "val_rows"}
+        info["readout"] = {k: v for k, v in readout.items() if k not in ARRAYS}
     if readout is not None or "ensemble" in info:  # what the checkpoint's model now holds
         update_checkpoint(lit, info)
     metrics = evaluate(lit.net, dm, out_dir=out_dir,

@@ -60,7 +60,7 @@ def trained(sample_root, tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["meg", *(
     pytest.param(p, marks=pytest.mark.slow) for p in ("meg-frozen", "meg-scratch", "meg-auto",
-                                                      "fmri", "fmri-frozen"))])
+                                                      "meg-ensemble", "fmri", "fmri-frozen"))])
 def adapted(request, trained):
     """(modality, bundle trained on sub-01, adapted bundle with sub-02, adapt metrics, adapt
     config); ``meg`` and ``fmri`` adapt each modality's default way (MEG: a fine-tuned copy;
@@ -104,12 +104,12 @@ def test_adapted_bundle_keeps_old_subjects_and_decodes_the_new_one(adapted):
     way, asked = metrics["adapt"]["way"], cfg.adapt.way or DEFAULT_WAY[modality]
     if asked == "auto":  # each way tried, the best on the new subject's validation trials kept
         tried, choice = metrics["adapt"]["val_rank_score"], metrics["adapt"]["way_choice"]
-        assert set(tried) == {"finetune", "frozen", "scratch"}, tried
+        assert set(tried) == {"ensemble", "finetune", "frozen", "scratch"}, tried
         assert metrics["adapt"]["chosen"] == "auto"
         assert choice["validation"] == {w: round(v, 4) for w, v in tried.items()}
         # the kept way: within one standard error of the best; every way before it is not
         se, best = choice["standard_error"], max(tried.values())
-        order = ["finetune", "frozen", "scratch"]
+        order = ["ensemble", "finetune", "frozen", "scratch"]
         assert tried[way] >= best - se[way] - 1e-4
         assert all(tried[w] < best - se[w] + 1e-4 for w in order[:order.index(way)])
     else:
@@ -122,41 +122,7 @@ def test_adapted_bundle_keeps_old_subjects_and_decodes_the_new_one(adapted):
         weights = new.config.subjects["02"].model.weights
         assert weights == "subjects/sub-02.safetensors" and (out / weights).is_file()
         if way == "ensemble":  # the three ways' models, reduced to the new subject, averaged
-            assert len(own.members) == 3 and index == 0
-            assert all(m.subjects == {"02": new.subject_info("02").n_voxels}
-                       for m in own.members)
-            frozen, tuned, alone = own.members  # frozen: the bundle's shared layers as they were
-            shared = [k for k in old.net.state_dict() if not k.startswith("adapters.")]
-            assert all(torch.equal(frozen.state_dict()[k], old.net.state_dict()[k])
-                       for k in shared)
-            assert not any(torch.equal(m.state_dict()[k], old.net.state_dict()[k])
-                           for m in (tuned, alone) for k in shared
-                           if old.net.state_dict()[k].ndim == 2)  # every linear layer trained
-            x = np.random.default_rng(1).standard_normal((4, frozen.subjects["02"]))
-            with torch.no_grad():
-                outs = [m.eval()(torch.as_tensor(x, dtype=torch.float32), subject=0)["clip"]
-                        for m in own.members]
-            # the frozen and fine-tuned ways fit the same subspace: the bundle stores it once
-            from safetensors import safe_open
-
-            from neurorecon.pipelines.inference.files import TIED
-
-            with safe_open(out / weights, "pt") as f:
-                tied = json.loads((f.metadata() or {}).get(TIED, "{}"))
-            assert tied["members.1.adapters.02.0.components"] == \
-                "members.0.adapters.02.0.components", tied
-            # weighted by the trials behind each: scratch by sub-02's own, the pretrained
-            # ways by those the bundle's model had for sub-01 (both in the bundle), as recorded
-            n, k = (new.config.subjects[s].n_trials for s in ("02", "01"))
-            assert n > 0 and k == old.config.subjects["01"].n_trials > 0
-            weight = {w: m["weight"] for w, m in metrics["adapt"]["members"].items()}
-            assert weight == pytest.approx({"frozen": k / (n + k) / 2, "finetune":
-                                            k / (n + k) / 2, "scratch": n / (n + k)}, abs=1e-4)
-            assert own.weights == pytest.approx([weight[w] for w in ENSEMBLED], abs=1e-4)
-            mean = sum(w * o / o.norm(dim=-1, keepdim=True)
-                       for w, o in zip(own.weights, outs, strict=True))
-            assert np.allclose(new.encode(x.astype(np.float32), subject="02", head="clip"),
-                               mean.numpy(), atol=1e-5)
+            _check_ensemble(modality, old, new, own, metrics, out)
         else:
             assert not torch.equal(members(old.net)[0].merge.weight,
                                    members(own)[0].merge.weight)  # every layer trained
@@ -199,7 +165,8 @@ def test_adapted_bundle_keeps_old_subjects_and_decodes_the_new_one(adapted):
     if modality == "meg":  # the read-out got its own ridge and deep share; low-level too
         assert float(own.readout_weight[index].abs().sum()) > 0
         assert new.net.readout_mix[0] == old.net.readout_mix[0]
-        assert float(own.readout_mix[index]) == pytest.approx(recorded[0]["readout_mix"])
+        first = recorded[0]["members"]["frozen"] if way == "ensemble" else recorded[0]
+        assert float(own.readout_mix[index]) == pytest.approx(first["readout_mix"])
         assert set(new.lowlevel) == {"01", "02"}
         assert np.array_equal(new.lowlevel["01"][0], old.lowlevel["01"][0])
     else:
@@ -214,8 +181,77 @@ def test_adapted_bundle_keeps_old_subjects_and_decodes_the_new_one(adapted):
         assert own.voxel_relevance("02") is not None
 
 
-@pytest.mark.parametrize("adapted", ["meg", pytest.param(
-    "meg-scratch", marks=pytest.mark.slow)], indirect=True)
+#: a model's per-subject tensors (the rest: the layers every subject shares)
+PER_SUBJECT = ("adapters.", "subject_layer.", "readout_")
+
+
+def _check_ensemble(modality: str, old, new, own, metrics: dict, out: Path) -> None:
+    """``adapt.way=ensemble``: the frozen, fine-tuned and scratch ways' models (each an
+    ensemble's members, MEG's ``ensemble.meg``), reduced to the new subject and averaged,
+    weighted by the trials behind each way, decode it as their weighted unit-norm mean."""
+    import torch
+
+    assert new.config.subjects["02"].index == 0
+    bundle = members(old.net)  # the bundle's model (its members)
+    k_old = len(bundle)
+    parts = {"frozen": own.members[:k_old], "finetune": own.members[k_old:2 * k_old],
+             "scratch": own.members[2 * k_old:]}
+    assert parts["scratch"], len(own.members)
+    for m in own.members:  # the new subject alone, at index 0
+        if modality == "fmri":
+            assert m.subjects == {"02": new.subject_info("02").n_voxels}
+        else:
+            assert m.n_subjects == 1 and m.subject_layer.weight.shape[0] == 1
+    for frozen, trained in zip(parts["frozen"], bundle, strict=True):
+        shared = [k for k in trained.state_dict() if not k.startswith(PER_SUBJECT)]
+        assert shared and all(torch.equal(frozen.state_dict()[k], trained.state_dict()[k])
+                              for k in shared)  # frozen: the bundle's shared layers as they were
+    for m in (*parts["finetune"], *parts["scratch"]):  # every linear layer trained
+        state = bundle[0].state_dict()
+        assert not any(torch.equal(m.state_dict()[k], state[k]) for k in state
+                       if state[k].ndim == 2 and not k.startswith(PER_SUBJECT)
+                       and k in m.state_dict())
+    # weighted by the trials behind each: scratch by sub-02's own, the pretrained ways by
+    # those the bundle's model had for sub-01 (both in the bundle), as recorded; a way's
+    # members share its weight
+    n, k = (new.config.subjects[s].n_trials for s in ("02", "01"))
+    assert n > 0 and k == old.config.subjects["01"].n_trials > 0
+    weight = {w: m["weight"] for w, m in metrics["adapt"]["members"].items()}
+    assert weight == pytest.approx({"frozen": k / (n + k) / 2, "finetune": k / (n + k) / 2,
+                                    "scratch": n / (n + k)}, abs=1e-4)
+    assert own.weights == pytest.approx([weight[w] / len(parts[w]) for w in ENSEMBLED
+                                         for _ in parts[w]], abs=1e-4)
+    rng = np.random.default_rng(1)
+    if modality == "fmri":
+        x = rng.standard_normal((4, new.subject_info("02").n_voxels)).astype(np.float32)
+        inputs = {}
+    else:  # the subject's layout, as the decoder passes it
+        info = new.subject_info("02")
+        x = rng.standard_normal((4, info.n_chans, info.n_times)).astype(np.float32)
+        inputs = {k: v[None].expand(4, *v.shape) for k, v in new._model_inputs("02").items()}
+    with torch.no_grad():
+        outs = [m.eval()(torch.from_numpy(x), subject=0, **inputs)["clip"] for m in own.members]
+    mean = sum(w * o / o.norm(dim=-1, keepdim=True)
+               for w, o in zip(own.weights, outs, strict=True)).numpy()
+    assert np.allclose(new.encode(x, subject="02", head="clip"), mean, atol=1e-5)
+    if modality == "meg":  # one window: the members traced for single windows, averaged
+        np.testing.assert_allclose(new.encode(x[:1], subject="02", head="clip"), mean[:1],
+                                   atol=1e-4, rtol=0)
+        return
+    # the frozen and fine-tuned ways fit the same subspace: the bundle stores it once
+    from safetensors import safe_open
+
+    from neurorecon.pipelines.inference.files import TIED
+
+    with safe_open(out / new.config.subjects["02"].model.weights, "pt") as f:
+        tied = json.loads((f.metadata() or {}).get(TIED, "{}"))
+    assert tied["members.1.adapters.02.0.components"] == \
+        "members.0.adapters.02.0.components", tied
+
+
+@pytest.mark.parametrize("adapted", ["meg", *(pytest.param(p, marks=pytest.mark.slow)
+                                      for p in ("meg-scratch", "meg-ensemble"))],
+                         indirect=True)
 def test_adapted_causal_bundle_streams_the_new_subject(adapted, sample_root):
     from neurorecon.pipelines.data.events import EventSpec, read_events
     from neurorecon.pipelines.data.studies import find_recordings
@@ -327,22 +363,6 @@ def test_auto_keeps_the_first_way_within_one_standard_error_of_the_best():
         "scratch"
     assert choose_way({"finetune": None, "frozen": None, "scratch": base})["value"] == "scratch"
     assert choose_way({"finetune": None, "frozen": None, "scratch": None})["value"] == "finetune"
-
-
-def test_ensemble_is_refused_for_meg_before_any_training(tmp_path):
-    """An MEG model trained from scratch has its own focus and read-out: it cannot be averaged
-    with the bundle's, so ``adapt.way=ensemble`` stops with a message, having trained nothing."""
-    from types import SimpleNamespace
-
-    from omegaconf import OmegaConf
-
-    from neurorecon.pipelines.train.adaptation import adapt_subjects
-
-    dm = SimpleNamespace(modality="meg", labels=["02"])
-    with pytest.raises(DataError, match="adapt.way=ensemble is for fMRI decoders, not meg"):
-        adapt_subjects(OmegaConf.create({"seed": 0}), None, dm, out_dir=tmp_path,
-                       way="ensemble")
-    assert not any(tmp_path.iterdir())
 
 
 def test_ensemble_weighs_each_way_by_the_trials_behind_it():

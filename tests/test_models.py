@@ -269,6 +269,36 @@ def test_fmri_subset_keeps_the_subjects_outputs_and_the_shared_layers():
         model.subset(["04"])
 
 
+def test_meg_subset_keeps_the_subjects_outputs_and_the_shared_layers():
+    """An MEG model reduced to some subjects (a new subject's fine-tuned copy, averaged with
+    its scratch model by ``adapt.way=ensemble``) decodes them as before, indexed from 0: their
+    subject-layer matrices, read-outs and deep shares come along."""
+    model = tiny_meg(n_subjects=3, focus=[5, 35], readout={"bins": [[0, 20], [20, 40]],
+                                                           "n_chans": 12}).eval()
+    with torch.no_grad():
+        model.subject_layer.weight.add_(0.1 * torch.randn_like(model.subject_layer.weight))
+        model.readout_weight.normal_()
+        model.readout_bias.normal_()
+    model.set_readout_mix([0.2, 0.5, 0.9])
+    model.freeze_shared([2])
+    own = model.subset([2, 0])
+    assert own is not model and not own.training and own.n_subjects == 2
+    assert own.get_config() == {**model.get_config(), "n_subjects": 2}
+    assert own.readout_mix.tolist() == pytest.approx([0.9, 0.2])
+    x, inputs = own.example_inputs(batch_size=4)
+    for head in ("clip", "mse"):
+        for mine, theirs in ((0, 2), (1, 0)):
+            assert torch.equal(own(x, **{**inputs, "subject": mine})[head],
+                               model(x, **{**inputs, "subject": theirs})[head])
+    assert [n for n, p in own.named_parameters() if p.requires_grad] == ["subject_layer.weight"]
+    with torch.no_grad():
+        own.subject_layer.weight.add_(1.0)  # a copy: the model is not touched
+    assert not torch.equal(own(x, **{**inputs, "subject": 0})["clip"],
+                           model(x, **{**inputs, "subject": 2})["clip"])
+    with pytest.raises(ModelInputError, match="unknown subjects"):
+        model.subset([3])
+
+
 # ---------------------------------------------------------------------------------- config
 @pytest.mark.parametrize("model_type", sorted(MODEL_TYPES))
 def test_config_round_trip_gives_identical_outputs(model_type):

@@ -514,6 +514,27 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
         self._config["n_subjects"] = self.n_subjects
         return list(range(old, old + n))
 
+    def subset(self, subjects: list[int]) -> MegBrainModule:
+        """A copy holding subjects ``subjects`` alone (indices: their subject-layer matrices,
+        read-outs and deep shares, in that order) and the shared layers: the same outputs for
+        them, indexed ``0..len(subjects) - 1`` (a model fine-tuned for new subjects, kept as
+        theirs and averaged with another of theirs)."""
+        rows = [int(s) for s in subjects]
+        if not rows or any(not 0 <= s < self.n_subjects for s in rows):
+            raise input_mismatch(f"{type(self).__name__}.subset: unknown subjects", got=rows,
+                                 expected=f"indices in 0..{self.n_subjects - 1}",
+                                 hint="add subjects with add_subjects first")
+        out = type(self).from_config({**self.get_config(), "n_subjects": len(rows)})
+        per_subject = {"subject_layer.weight", "readout_weight", "readout_bias", "readout_mix"}
+        out.load_state_dict({k: v[rows] if k in per_subject else v
+                             for k, v in self.state_dict().items()})
+        ref = next(self.parameters())
+        out.to(ref.device, ref.dtype)
+        grads = {name: p.requires_grad for name, p in self.named_parameters()}
+        for name, p in out.named_parameters():
+            p.requires_grad_(grads[name])
+        return out.train(self.training)
+
     def freeze_shared(self, subjects: list[int]) -> list[nn.Parameter]:
         """Freeze everything but the subject layer (whose rows other than ``subjects`` get
         no gradient from their batches; weight decay still moves them, so an adaptation puts

@@ -8,9 +8,8 @@ the subset, the validation split and the initialisation), decoders that see the 
 are scored on its test set: the ways of :mod:`..train.adaptation` (exactly as ``neurorecon
 adapt``): *shared frozen* (the subject's own parts trained), *fine-tuned copy* (every layer of
 a copy trained on its trials), *from scratch* (a fresh single-subject model with the run's
-recipe: its own focus search and read-out) and, fMRI, *three ways averaged* (their models
-averaged, ``adapt.way=ensemble``: their test predictions averaged and weighted as the
-ensemble averages them); *best on validation*, the one of those that
+recipe: its own focus search and read-out) and *three ways averaged* (their models
+averaged, ``adapt.way=ensemble``); *best on validation*, the one of those that
 ``adapt.way=auto`` keeps (scored per trial on the subject's validation trials: the first of
 the averaged, fine-tuned, frozen, scratch within one standard error of the best); and
 *ridge* (the linear baseline).
@@ -29,15 +28,7 @@ from neurorecon.models.common.logging import logger
 from neurorecon.models.retrieval import candidate_rows, chance_metrics, retrieval_metrics
 
 from ..inference import predict_split
-from ..train.adaptation import (
-    ENSEMBLED,
-    adapt_subjects,
-    choose_way,
-    ensemble_mean,
-    ensemble_rows,
-    ensemble_weights,
-    train_alone,
-)
+from ..train.adaptation import ENSEMBLED, adapt_subjects, choose_way, ensemble_of, train_alone
 from ..train.fit import build_datamodule
 from ..train.region_prior import new_subject_prior
 from ..train.ridge import flat_targets, ridge_predictions
@@ -46,7 +37,7 @@ from .figures import plot_adaptation_curve
 FRACTIONS = (0.05, 0.1, 0.25, 0.5, 1.0)
 MODELS = ("adapted (shared frozen)", "adapted (fine-tuned copy)", "from scratch",
           "adapted (three ways averaged)", "adapted (best on validation)", "ridge")
-#: the adaptation way behind each trained row (:mod:`..train.adaptation`; the average: fMRI)
+#: the adaptation way behind each trained row (:mod:`..train.adaptation`)
 WAY_OF = dict(zip(MODELS[:4], (*ENSEMBLED, "ensemble"), strict=True))
 BEST, RIDGE = MODELS[4:]
 
@@ -76,16 +67,15 @@ def adaptation_curve(cfg: DictConfig, *, preproc_dir: Path, embeddings_dir: Path
     seed_everything(int(cfg.seed), workers=True, verbose=False)  # the seed is in the config
     out_dir = Path(out_dir) / "adaptation"
     whole = build_datamodule(cfg, preproc_dir, embeddings_dir)
-    labels, fmri = whole.labels, whole.modality == "fmri"
+    labels = whole.labels
     if len(labels) < 2:
         raise DataError("new-subject adaptation needs at least 2 subjects", path=preproc_dir)
     new_subjects = labels if which == "all" else labels[-1:]
     logger.info("adaptation: new subject(s) sub-%s, each against a model trained on the "
                 "others; fractions %s, seeds %s", ", sub-".join(new_subjects), fractions, seeds)
     runs = [(new, seed) for new in new_subjects for seed in seeds]
-    models = [m for m in MODELS if fmri or WAY_OF.get(m) != "ensemble"]
-    top5 = {m: np.zeros((len(runs), len(fractions))) for m in models}
-    top1 = {m: np.zeros((len(runs), len(fractions))) for m in models}
+    top5 = {m: np.zeros((len(runs), len(fractions))) for m in MODELS}
+    top1 = {m: np.zeros((len(runs), len(fractions))) for m in MODELS}
     n_train = np.zeros((len(runs), len(fractions)), int)
     chosen = np.empty((len(runs), len(fractions)), object)  # the way the validation kept
     ri, priors, shared_top5 = 0, {}, {}
@@ -115,15 +105,12 @@ def adaptation_curve(cfg: DictConfig, *, preproc_dir: Path, embeddings_dir: Path
                 here = out_dir / f"sub-{new}" / f"seed-{seed}" / f"{frac:g}"
                 tried = {way: adapt_subjects(job, shared, dm, out_dir=here / way, quiet=True,
                                              way=way, prior=prior) for way in ENSEMBLED}
+                tried["ensemble"] = ensemble_of(dm, tried, shared_trials=trained)
                 by_way = {way: predict_split(model, dm, "test", subject_index=index)
                           for way, (model, index, _) in tried.items()}
                 val = {way: info.get("val_rows") for way, (_, _, info) in tried.items()}
-                if fmri:  # the ensemble's outputs: its members' test predictions averaged
-                    weight = ensemble_weights(dm, trained)
-                    by_way["ensemble"] = ensemble_mean(by_way, weight)
-                    val["ensemble"] = ensemble_rows(dm, tried, weight)
                 chosen[ri, fi] = kept = choose_way(val)["value"]
-                preds = {name: by_way[WAY_OF[name]] for name in models if name in WAY_OF}
+                preds = {name: by_way[WAY_OF[name]] for name in MODELS if name in WAY_OF}
                 preds[BEST] = by_way[kept]
                 preds[RIDGE] = ridge_predictions(dm, alphas=cfg.evaluate.get("ridge_alphas"))
                 for name, pred in preds.items():
@@ -132,15 +119,15 @@ def adaptation_curve(cfg: DictConfig, *, preproc_dir: Path, embeddings_dir: Path
                 logger.info("adaptation sub-%s seed %d, %g%% (%d trials): top-5 %s; best on "
                             "validation: %s", new, seed, 100 * frac, n_train[ri, fi], ", ".join(
                                 f"{WAY_OF.get(name, name)} {top5[name][ri, fi]:.3f}"
-                                for name in models), kept)
+                                for name in MODELS), kept)
             ri += 1
-    ways = [WAY_OF[m] for m in models if m in WAY_OF]
+    ways = [WAY_OF[m] for m in MODELS if m in WAY_OF]
     chance = chance_metrics(len(np.unique(dm.splits["test"].target)))
-    mean = {m: top5[m].mean(0) for m in models}
+    mean = {m: top5[m].mean(0) for m in MODELS}
     pairs = f"{len(runs)} (subject, seed) pair{'s' if len(runs) > 1 else ''}"
     plot_adaptation_curve(fractions, mean, chance["top5"], Path(out_dir).parent /
                           "adaptation.png",
-                          spread={m: top5[m].std(0) for m in models} if len(runs) > 1 else None,
+                          spread={m: top5[m].std(0) for m in MODELS} if len(runs) > 1 else None,
                           title=f"New subject{'s' if len(new_subjects) > 1 else ''} "
                           f"sub-{', sub-'.join(new_subjects)}: top-5 vs. fraction of the "
                           f"training trials (mean{' ± sd' if len(runs) > 1 else ''} over "
@@ -154,13 +141,13 @@ def adaptation_curve(cfg: DictConfig, *, preproc_dir: Path, embeddings_dir: Path
             "shared_subjects": [s for s in labels if s != new_subjects[-1]],
             "fractions": fractions, "seeds": seeds,
             "n_train_trials": np.round(n_train.mean(0)).astype(int).tolist(),
-            "top5": {m: rounded(mean[m]) for m in models},
-            "top5_sd": {m: rounded(top5[m].std(0)) for m in models},
-            "top1": {m: rounded(top1[m].mean(0)) for m in models},
+            "top5": {m: rounded(mean[m]) for m in MODELS},
+            "top5_sd": {m: rounded(top5[m].std(0)) for m in MODELS},
+            "top1": {m: rounded(top1[m].mean(0)) for m in MODELS},
             "per_subject_top5": {new: {m: rounded(top5[m][[i for i, r in enumerate(runs)
                                                            if r[0] == new]].mean(0))
-                                       for m in models} for new in new_subjects},
-            "per_run_top5": {f"{new}/seed-{seed}": {m: rounded(top5[m][i]) for m in models}
+                                       for m in MODELS} for new in new_subjects},
+            "per_run_top5": {f"{new}/seed-{seed}": {m: rounded(top5[m][i]) for m in MODELS}
                              for i, (new, seed) in enumerate(runs)},
             "shared_top5": shared_top5,
             "best_on_validation": {f"{frac:g}": {way: int((chosen[:, fi] == way).sum())

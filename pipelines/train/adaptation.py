@@ -12,18 +12,21 @@
   trained subjects' model is not touched.
 - ``scratch``: a model of their own trained on their trials alone with the run's recipe (what
   the others are measured against: with many trials, pretraining need not help).
-- ``ensemble`` (fMRI): the three above, each trained, and their new subjects' models averaged
+- ``ensemble``: the three above, each trained, and their new subjects' models averaged
   (:class:`~neurorecon.models.ensemble.EncoderEnsemble` of the frozen and fine-tuned models
-  reduced to the new subjects, :meth:`~neurorecon.models.fmri.encoder.FmriEncoder.subset`, and
-  the scratch one): a model of their own; fMRI's default. Which way decodes a new subject
-  best depends on how good the shared model is, and a few dozen validation trials cannot tell
+  reduced to the new subjects, :meth:`~neurorecon.models.fmri.encoder.FmriEncoder.subset` /
+  :meth:`~neurorecon.models.meg.brain_module.MegBrainModule.subset`, and the scratch one): a
+  model of their own; fMRI's default. An MEG member keeps its own temporal focus and read-out
+  (each takes the whole window), so the scratch model's may differ from the bundle's. Which
+  way decodes a new subject best depends on how good the shared model is, and a few dozen
+  validation trials cannot tell
   (README: on a family draw whose shared model was weak, scratch won at 100 % and the
   pretrained ways at 10 %, where validation favoured the wrong way in most runs); the average
   does not have to choose. It weighs each model by the trials behind it
   (:func:`ensemble_weights`): scratch by the new subject's own, the two pretrained ways
   together by as many as the trained model had per subject.
 - ``auto``: the ways, scored per trial on the new subjects' validation trials; the first of
-  :data:`CANDIDATES` (``ensemble`` for fMRI) within one standard error of the best is kept
+  :data:`CANDIDATES` (``ensemble`` first) within one standard error of the best is kept
   (:func:`choose_way`). Picking the plain best kept ``scratch`` in 11 of 12 runs with all
   trials of a 4-subject family draw where the fine-tuned copy was better on test on average:
   scratch's score is the best of more read-out choices on the same few validation trials, a
@@ -56,8 +59,8 @@ from neurorecon.models.common.logging import logger
 #: how new subjects are adapted, and the default per modality (``adaptation.<modality>``)
 WAYS = ("frozen", "finetune", "scratch", "ensemble", "auto")
 DEFAULT_WAY = {"meg": "finetune", "fmri": "ensemble"}
-#: the ways ``auto`` tries (in this order of preference on equal validation scores; ``ensemble``:
-#: fMRI only, averaging the three others)
+#: the ways ``auto`` tries (in this order of preference on equal validation scores; ``ensemble``
+#: averages the three others)
 CANDIDATES = ("ensemble", "finetune", "frozen", "scratch")
 #: the ways an ``ensemble`` averages
 ENSEMBLED = ("frozen", "finetune", "scratch")
@@ -140,8 +143,8 @@ def adapt_subjects(cfg: DictConfig, net, dm, *, out_dir: Path, quiet: bool = Fal
     meg = bool(getattr(model, "readout_bins", None))  # MEG: the new subjects' read-out
     alphas = (cfg.get("evaluate") or {}).get("ridge_alphas")
     if meg:  # their deep share, chosen on validation before any refit has seen it
-        info["readout_mix"], info["val_rows"] = _new_subjects_mix(model, dm, index,
-                                                                  alphas=alphas)
+        info["readout_mix"], info["val_rows"], info["val_pred"] = _new_subjects_mix(
+            model, dm, index, alphas=alphas)
     else:
         info.update(validation_scores(model, dm, index))
     if refitting(cfg, dm.modality) and info.get("best_checkpoint") and len(dm.splits["val"]):
@@ -245,17 +248,11 @@ def _from_every_way(cfg: DictConfig, net, dm, way: str, *, out_dir: Path, quiet:
                     prior=None, shared_trials: float | None = None
                     ) -> tuple[Any, dict[str, int], dict[str, Any]]:
     """``ensemble``: each way of :data:`ENSEMBLED` trained, their models averaged
-    (:func:`ensemble_of`); ``auto``: of those (and, fMRI, their ensemble), the one
+    (:func:`ensemble_of`); ``auto``: of those and their ensemble, the one
     :func:`choose_way` picks on their ``val_rank_score``."""
-    if way == "ensemble" and dm.modality != "fmri":
-        raise DataError(f"adapt.way=ensemble is for fMRI decoders, not {dm.modality}: an MEG "
-                        "model trained from scratch has its own temporal focus and read-out, "
-                        "so it cannot be averaged with the bundle's",
-                        hint="adapt.way=finetune, frozen, scratch or auto")
     tried = {w: adapt_subjects(cfg, net, dm, out_dir=out_dir / w, quiet=quiet, way=w,
                                prior=prior) for w in ENSEMBLED}
-    if dm.modality == "fmri":
-        tried["ensemble"] = ensemble_of(dm, tried, shared_trials=shared_trials)
+    tried["ensemble"] = ensemble_of(dm, tried, shared_trials=shared_trials)
     if way == "ensemble":
         return tried["ensemble"]
     scores = {w: tried[w][2].get("val_rank_score") for w in CANDIDATES if w in tried}
@@ -274,12 +271,13 @@ def _from_every_way(cfg: DictConfig, net, dm, way: str, *, out_dir: Path, quiet:
 
 
 def _new_subjects_mix(net, dm, index: dict[str, int], *, alphas=None
-                      ) -> tuple[float, np.ndarray | None]:
+                      ) -> tuple[float, np.ndarray | None, np.ndarray | None]:
     """The new subjects' deep share, chosen on their validation trials as a run chooses its
     own (:func:`.readout.choose_readout` over the net's bins, the read-out fitted on their
     train trials): their deep part may be weaker than the trained subjects'. Without
     validation trials, the trained subjects' mean share. Set in ``net``; returned with the
-    per-trial validation rank scores at that share (None without validation trials)."""
+    per-trial validation rank scores at that share and the predictions behind them (None
+    without validation trials)."""
     from ..inference import predict_split
     from .readout import choose_readout
 
@@ -295,7 +293,9 @@ def _new_subjects_mix(net, dm, index: dict[str, int], *, alphas=None
     mix = (float(choice["mix"]) if choice is not None
            else float(net.readout_mix[old].mean()) if old.any() else 1.0)
     net.set_readout_mix(mix, new)
-    return mix, None if choice is None else choice["val_rows"]
+    if choice is None:
+        return mix, None, None
+    return mix, choice["val_rows"], choice["val_pred"]
 
 
 def train_alone(cfg: DictConfig, dm, *, out_dir: Path, quiet: bool = True
@@ -313,7 +313,7 @@ def train_alone(cfg: DictConfig, dm, *, out_dir: Path, quiet: bool = True
     _, info = fit(cfg, lit, dm, out_dir=out_dir, quiet=quiet)
     readout = choose_meg_readout(cfg, lit.net, dm, focus)
     info.update(validation_scores(lit.net, dm) if readout is None
-                else {"val_rows": readout["val_rows"]})
+                else {k: readout[k] for k in ("val_rows", "val_pred")})
     if refitting(cfg, dm.modality) and len(dm.splits["val"]):
         lit, dm = refit(cfg, info, dm, out_dir=out_dir, focus=focus) or (lit, dm)
     if readout is not None:
@@ -325,7 +325,7 @@ def train_alone(cfg: DictConfig, dm, *, out_dir: Path, quiet: bool = True
 def ensemble_of(dm, tried: dict[str, tuple[Any, dict[str, int], dict[str, Any]]], *,
                 shared_trials: float | None = None
                 ) -> tuple[Any, dict[str, int], dict[str, Any]]:
-    """``adapt.way=ensemble`` (fMRI): the models of the ways of :data:`ENSEMBLED`
+    """``adapt.way=ensemble``: the models of the ways of :data:`ENSEMBLED`
     (``tried[way]``: :func:`adapt_subjects`' output) reduced to ``dm``'s subjects and averaged
     (:class:`~neurorecon.models.ensemble.EncoderEnsemble`; an ensemble's members each), indexed
     in ``dm``'s order, weighted by :func:`ensemble_weights`, with its validation rows
@@ -335,14 +335,18 @@ def ensemble_of(dm, tried: dict[str, tuple[Any, dict[str, int], dict[str, Any]]]
     labels, weight = list(dm.labels), ensemble_weights(dm, shared_trials)
     members, weights = [], []
     for w in ENSEMBLED:  # an ensemble's members share its way's weight
-        parts = list(getattr(tried[w][0], "members", [tried[w][0]]))
-        members += [member.subset(labels) for member in parts]
+        model, index, _ = tried[w]
+        parts = list(getattr(model, "members", [model]))  # fMRI by label, MEG by index
+        keep = labels if dm.modality == "fmri" else [index[label] for label in labels]
+        members += [member.subset(keep) for member in parts]
         weights += [weight[w] / len(parts)] * len(parts)
     model = EncoderEnsemble(members, weights=weights).requires_grad_(False)
     info = {"way": "ensemble", "region_prior": tried["frozen"][2].get("region_prior"),
             "members": {w: {"weight": round(weight[w], 4), **{k: tried[w][2].get(k) for k in (
-                "epochs", "best_epoch", "val_select", "refit_epochs", "val_rank_score")}}
-                for w in ENSEMBLED}, "val_rows": ensemble_rows(dm, tried, weight)}
+                "epochs", "best_epoch", "val_select", "refit_epochs", "val_rank_score")},
+                **{k: tried[w][2][k] for k in ("readout_mix", "readout_alpha")  # MEG
+                   if k in tried[w][2]}} for w in ENSEMBLED},
+            "val_rows": ensemble_rows(dm, tried, weight)}
     return model, {label: k for k, label in enumerate(labels)}, _with_mean(info)
 
 
@@ -368,19 +372,13 @@ def ensemble_rows(dm, tried: dict[str, tuple[Any, dict[str, int], dict[str, Any]
                   weight: dict[str, float]) -> np.ndarray | None:
     """The ensemble's per-trial validation rank scores: the ways' validation predictions
     (``val_pred``, made before any refit, as each way's own rows) averaged as the ensemble
-    averages its members (:func:`ensemble_mean` with :func:`ensemble_weights`' ``weight``);
-    None where a way has none."""
-    preds = {w: tried[w][2].get("val_pred") for w in ENSEMBLED}
-    if any(p is None for p in preds.values()):
-        return None
-    return _rank_rows(ensemble_mean(preds, weight), dm)
-
-
-def ensemble_mean(preds: dict[str, np.ndarray], weight: dict[str, float]) -> np.ndarray:
-    """The ensemble's predictions from each way of :data:`ENSEMBLED`'s (``preds[way]``, for
-    the same trials): their unit-norm mean weighted by ``weight`` (:func:`ensemble_weights`;
-    :func:`~neurorecon.models.ensemble.contrastive_mean`)."""
+    averages its members (their unit-norm mean weighted by :func:`ensemble_weights`'
+    ``weight``, :func:`~neurorecon.models.ensemble.contrastive_mean`); None where a way has
+    none."""
     from neurorecon.models.ensemble import contrastive_mean
 
-    return contrastive_mean([torch.as_tensor(preds[w]) for w in ENSEMBLED],
-                            [weight[w] for w in ENSEMBLED]).numpy()
+    preds = [tried[w][2].get("val_pred") for w in ENSEMBLED]
+    if any(p is None for p in preds):
+        return None
+    return _rank_rows(contrastive_mean([torch.as_tensor(p) for p in preds],
+                                       [weight[w] for w in ENSEMBLED]).numpy(), dm)

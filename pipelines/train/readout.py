@@ -36,6 +36,8 @@ from .ridge import CHUNK_VALUES, fit_targets, flat_targets, stream_rows, streame
 
 #: mixing weights tried on validation (deep share)
 MIX_GRID = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
+#: the keys of :func:`choose_readout`'s output that hold arrays of the validation trials
+ARRAYS = ("val_rows", "val_pred")
 
 
 def readout_bins(span: tuple[int, int], *, width: int) -> list[list[int]]:
@@ -69,7 +71,8 @@ def choose_readout(dm, *, span: tuple[int, int], deep_val: np.ndarray | None,
 
     ``deep_val``: the deep encoder's clip-head predictions for the validation rows (row order
     of the split), from a model trained without them. Returns None without validation trials;
-    ``val_rows`` holds the per-trial rank scores at the chosen mix (an array: not for JSON).
+    ``val_rows`` holds the per-trial rank scores at the chosen mix and ``val_pred`` its
+    predictions (unit-norm mixed; arrays: not for JSON, :data:`ARRAYS`).
     """
     val = dm.splits["val"]
     if len(val) == 0:
@@ -107,7 +110,7 @@ def choose_readout(dm, *, span: tuple[int, int], deep_val: np.ndarray | None,
             "val_rank_score": {"bins": {f"{1000 * w:g} ms": round(v, 4)
                                         for w, v in scores.items()},
                                "mix": {f"{w:g}": round(v, 4) for w, v in mix_scores.items()}},
-            "val_rows": rows[mix]}
+            "val_rows": rows[mix], "val_pred": mixed[mix]}
 
 
 def choose_meg_readout(cfg: DictConfig, net, dm, focus: dict[str, Any] | None
