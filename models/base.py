@@ -173,6 +173,18 @@ class BrainModuleMixin:
                              f"constructor arguments are {allowed}")
         return cls(**dict(config))
 
+    def _copy_with(self, config: Mapping[str, Any], state: Mapping[str, torch.Tensor]):
+        """A new model of this class from ``config`` holding ``state``, on this model's device
+        and dtype, with its parameters' ``requires_grad`` and its train/eval mode (a subset of
+        the subjects: ``subset``)."""
+        ref = next(self.parameters())
+        out = type(self).from_config(config).to(ref.device, ref.dtype)
+        out.load_state_dict(state)
+        grads = {name: p.requires_grad for name, p in self.named_parameters()}
+        for name, p in out.named_parameters():
+            p.requires_grad_(grads[name])
+        return out.train(self.training)
+
     @classmethod
     def example_config(cls) -> dict[str, Any]:
         """A small valid config (tests, docs, registry completeness)."""

@@ -283,15 +283,9 @@ class FmriEncoder(BrainModuleMixin, nn.Module):
         config = {**self.get_config(),
                   "subjects": {label: self._config["subjects"][label] for label in labels}}
         kept = {f"adapters.{label}." for label in labels}
-        state = {k: v for k, v in self.state_dict().items()
-                 if not k.startswith("adapters.") or any(k.startswith(p) for p in kept)}
-        ref = next(self.parameters())
-        out = type(self).from_config(config).to(ref.device, ref.dtype)
-        out.load_state_dict(state)
-        grads = {name: p.requires_grad for name, p in self.named_parameters()}
-        for name, p in out.named_parameters():
-            p.requires_grad_(grads[name])
-        return out.train(self.training)
+        return self._copy_with(config, {
+            k: v for k, v in self.state_dict().items()
+            if not k.startswith("adapters.") or any(k.startswith(p) for p in kept)})
 
     def _subspace(self, label: str) -> SubspaceProjection | None:
         proj = self.adapters[_check_label(label)][0]

@@ -524,16 +524,10 @@ class MegBrainModule(BrainModuleMixin, nn.Module):
             raise input_mismatch(f"{type(self).__name__}.subset: unknown subjects", got=rows,
                                  expected=f"indices in 0..{self.n_subjects - 1}",
                                  hint="add subjects with add_subjects first")
-        out = type(self).from_config({**self.get_config(), "n_subjects": len(rows)})
         per_subject = {"subject_layer.weight", "readout_weight", "readout_bias", "readout_mix"}
-        out.load_state_dict({k: v[rows] if k in per_subject else v
-                             for k, v in self.state_dict().items()})
-        ref = next(self.parameters())
-        out.to(ref.device, ref.dtype)
-        grads = {name: p.requires_grad for name, p in self.named_parameters()}
-        for name, p in out.named_parameters():
-            p.requires_grad_(grads[name])
-        return out.train(self.training)
+        return self._copy_with({**self.get_config(), "n_subjects": len(rows)},
+                               {k: v[rows] if k in per_subject else v
+                                for k, v in self.state_dict().items()})
 
     def freeze_shared(self, subjects: list[int]) -> list[nn.Parameter]:
         """Freeze everything but the subject layer (whose rows other than ``subjects`` get
