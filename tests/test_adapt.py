@@ -59,13 +59,13 @@ def trained(sample_root, tmp_path_factory):
 
 
 @pytest.fixture(scope="module", params=["meg", *(
-    pytest.param(p, marks=pytest.mark.slow) for p in ("meg-frozen", "meg-scratch", "meg-auto",
-                                                      "meg-ensemble", "fmri", "fmri-frozen"))])
+    pytest.param(p, marks=pytest.mark.slow) for p in ("meg-frozen", "meg-finetune", "meg-scratch",
+                                                      "meg-auto", "fmri", "fmri-frozen"))])
 def adapted(request, trained):
     """(modality, bundle trained on sub-01, adapted bundle with sub-02, adapt metrics, adapt
-    config); ``meg`` and ``fmri`` adapt each modality's default way (MEG: a fine-tuned copy;
-    fMRI: the three ways averaged), ``<modality>-<way>`` that way (``auto``: the best of them
-    on validation trials; ``frozen``: the shared layers frozen)."""
+    config); ``meg`` and ``fmri`` adapt each modality's default way (the three ways'
+    models averaged), ``<modality>-<way>`` that way (``auto``: the best of them on
+    validation trials; ``frozen``: the shared layers frozen; ``finetune``: a fine-tuned copy)."""
     from neurorecon.pipelines.adapt import run as adapt
 
     modality, _, way = request.param.partition("-")
@@ -250,7 +250,7 @@ def _check_ensemble(modality: str, old, new, own, metrics: dict, out: Path) -> N
 
 
 @pytest.mark.parametrize("adapted", ["meg", *(pytest.param(p, marks=pytest.mark.slow)
-                                      for p in ("meg-scratch", "meg-ensemble"))],
+                                      for p in ("meg-scratch", "meg-finetune"))],
                          indirect=True)
 def test_adapted_causal_bundle_streams_the_new_subject(adapted, sample_root):
     from neurorecon.pipelines.data.events import EventSpec, read_events

@@ -16,7 +16,7 @@
   (:class:`~neurorecon.models.ensemble.EncoderEnsemble` of the frozen and fine-tuned models
   reduced to the new subjects, :meth:`~neurorecon.models.fmri.encoder.FmriEncoder.subset` /
   :meth:`~neurorecon.models.meg.brain_module.MegBrainModule.subset`, and the scratch one): a
-  model of their own; fMRI's default. An MEG member keeps its own temporal focus and read-out
+  model of their own; the default. An MEG member keeps its own temporal focus and read-out
   (each takes the whole window), so the scratch model's may differ from the bundle's. Which
   way decodes a new subject best depends on how good the shared model is, and a few dozen
   validation trials cannot tell
@@ -58,7 +58,7 @@ from neurorecon.models.common.logging import logger
 
 #: how new subjects are adapted, and the default per modality (``adaptation.<modality>``)
 WAYS = ("frozen", "finetune", "scratch", "ensemble", "auto")
-DEFAULT_WAY = {"meg": "finetune", "fmri": "ensemble"}
+DEFAULT_WAY = {"meg": "ensemble", "fmri": "ensemble"}
 #: the ways ``auto`` tries (in this order of preference on equal validation scores; ``ensemble``
 #: averages the three others)
 CANDIDATES = ("ensemble", "finetune", "frozen", "scratch")
