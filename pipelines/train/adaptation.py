@@ -19,10 +19,9 @@
   model of their own; the default. An MEG member keeps its own temporal focus and read-out
   (each takes the whole window), so the scratch model's may differ from the bundle's. Which
   way decodes a new subject best depends on how good the shared model is, and a few dozen
-  validation trials cannot tell
-  (README: on a family draw whose shared model was weak, scratch won at 100 % and the
-  pretrained ways at 10 %, where validation favoured the wrong way in most runs); the average
-  does not have to choose. It weighs each model by the trials behind it
+  validation trials cannot tell (README: on a family draw whose shared model was weak, scratch
+  won at 100 % and the pretrained ways at 10 %, where validation favoured the wrong way in most
+  runs); the average does not have to choose. It weighs each model by the trials behind it
   (:func:`ensemble_weights`): scratch by the new subject's own, the two pretrained ways
   together by as many as the trained model had per subject.
 - ``auto``: the ways, scored per trial on the new subjects' validation trials; the first of
@@ -119,9 +118,9 @@ def adapt_subjects(cfg: DictConfig, net, dm, *, out_dir: Path, quiet: bool = Fal
     way kept, ``tried``: each way's ``val_rank_score``, and ``way_choice``: :func:`choose_way`'s
     means and standard errors; for ``ensemble``, ``members``: each averaged way's training
     summary), ``val_rank_score`` (the new subjects' validation trials decoded by the model, its
-    read-out fitted on their train trials; ``val_rows``: per trial, and, fMRI, ``val_pred``:
-    the predictions, arrays)
-    and ``readout_alpha`` / ``readout_mix`` (MEG, per new subject).
+    read-out fitted on their train trials; ``val_rows``: per trial, and ``val_pred``: the
+    predictions, MEG's at the chosen deep share; arrays) and ``readout_alpha`` /
+    ``readout_mix`` (MEG, per new subject).
     """
     from lightning import seed_everything
 
@@ -232,7 +231,7 @@ def _rank_rows(pred: np.ndarray, dm) -> np.ndarray:
 def choose_way(rows: dict[str, np.ndarray | None]) -> dict[str, Any]:
     """The way ``auto`` keeps, from each way's per-trial validation rank scores ``rows`` (the
     same trials): the first of :data:`CANDIDATES` within one standard error of the best
-    (:func:`neurorecon.models.retrieval.one_standard_error`), so the ensemble (fMRI), then a
+    (:func:`neurorecon.models.retrieval.one_standard_error`), so the ensemble, then a
     way that keeps the pretrained layers, wins unless another is better beyond the noise of
     the validation trials. Ways without rows are left out; with none, the first way of
     ``rows``. Returns the rule's output (``value``: the way)."""
@@ -255,7 +254,7 @@ def _from_every_way(cfg: DictConfig, net, dm, way: str, *, out_dir: Path, quiet:
     tried["ensemble"] = ensemble_of(dm, tried, shared_trials=shared_trials)
     if way == "ensemble":
         return tried["ensemble"]
-    scores = {w: tried[w][2].get("val_rank_score") for w in CANDIDATES if w in tried}
+    scores = {w: tried[w][2].get("val_rank_score") for w in CANDIDATES}
     choice = choose_way({w: result[2].get("val_rows") for w, result in tried.items()})
     best = choice["value"]
     model, index, info = tried[best]
