@@ -249,9 +249,8 @@ def _check_ensemble(modality: str, old, new, own, metrics: dict, out: Path) -> N
         "members.0.adapters.02.0.components", tied
 
 
-@pytest.mark.parametrize("adapted", ["meg", *(pytest.param(p, marks=pytest.mark.slow)
-                                      for p in ("meg-scratch", "meg-finetune"))],
-                         indirect=True)
+@pytest.mark.parametrize("adapted", ["meg", pytest.param(
+    "meg-scratch", marks=pytest.mark.slow)], indirect=True)
 def test_adapted_causal_bundle_streams_the_new_subject(adapted, sample_root):
     from neurorecon.pipelines.data.events import EventSpec, read_events
     from neurorecon.pipelines.data.studies import find_recordings
