@@ -206,8 +206,10 @@ def _check_ensemble(modality: str, old, new, own, metrics: dict, out: Path) -> N
         shared = [k for k in trained.state_dict() if not k.startswith(PER_SUBJECT)]
         assert shared and all(torch.equal(frozen.state_dict()[k], trained.state_dict()[k])
                               for k in shared)  # frozen: the bundle's shared layers as they were
-    for m in (*parts["finetune"], *parts["scratch"]):  # every linear layer trained
-        state = bundle[0].state_dict()
+    # every linear layer trained: the fine-tuned copies' (from the bundle's members), scratch's
+    for m, start in zip([*parts["finetune"], *parts["scratch"]],
+                        bundle + bundle[:1] * len(parts["scratch"]), strict=True):
+        state = start.state_dict()
         assert not any(torch.equal(m.state_dict()[k], state[k]) for k in state
                        if state[k].ndim == 2 and not k.startswith(PER_SUBJECT)
                        and k in m.state_dict())

@@ -576,11 +576,14 @@ def test_weighted_ensemble_weighs_its_members_and_keeps_its_weights():
     """A weighted ensemble (a new subject's adapted ways): the weighted mean of the members'
     unit-norm and regression outputs, the same in its traced window model; a member of weight
     0 counts for nothing; the weights survive the bundle's JSON config; bad weights are
-    refused by name."""
+    refused by name. MEG members each keep their own temporal focus (a scratch model's is
+    chosen on the new subject's trials): every one takes the whole window."""
     from neurorecon.models.ensemble import EncoderEnsemble
 
     torch.manual_seed(0)
-    members = [MegBrainModule(**MegBrainModule.example_config()) for _ in range(3)]
+    members = [MegBrainModule(**MegBrainModule.example_config(), focus=focus)
+               for focus in (None, [5, 25], [10, 30])]
+    assert [m.focus for m in members] == [(0, 30), (5, 25), (10, 30)]
     x, inputs = members[0].example_inputs(batch_size=4)
     ens = EncoderEnsemble(members, weights=[2, 1, 1]).eval()
     assert ens.weights == [0.5, 0.25, 0.25]
