@@ -101,7 +101,7 @@ def test_adapted_bundle_keeps_old_subjects_and_decodes_the_new_one(adapted):
     for head in ("clip", "mse"):
         assert np.array_equal(old.encode(x, subject="01", head=head),
                               new.encode(x, subject="01", head=head))
-    way, asked = metrics["adapt"]["way"], cfg.adapt.way or DEFAULT_WAY[modality]
+    way, asked = metrics["adapt"]["way"], cfg.adapt.way or DEFAULT_WAY
     if asked == "auto":  # each way tried, the best on the new subject's validation trials kept
         tried, choice = metrics["adapt"]["val_rank_score"], metrics["adapt"]["way_choice"]
         assert set(tried) == {"ensemble", "finetune", "frozen", "scratch"}, tried

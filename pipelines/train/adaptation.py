@@ -55,9 +55,9 @@ from omegaconf import DictConfig
 from neurorecon.models.common.checks import DataError
 from neurorecon.models.common.logging import logger
 
-#: how new subjects are adapted, and the default per modality (``adaptation.<modality>``)
+#: how new subjects are adapted (``adaptation.<modality>``), and the default of both modalities
 WAYS = ("frozen", "finetune", "scratch", "ensemble", "auto")
-DEFAULT_WAY = {"meg": "ensemble", "fmri": "ensemble"}
+DEFAULT_WAY = "ensemble"
 #: the ways ``auto`` tries (in this order of preference on equal validation scores; ``ensemble``
 #: averages the three others)
 CANDIDATES = ("ensemble", "finetune", "frozen", "scratch")
@@ -67,7 +67,7 @@ ENSEMBLED = ("frozen", "finetune", "scratch")
 
 def adaptation_way(cfg: DictConfig, modality: str) -> str:
     """``cfg.adaptation.<modality>`` (a config without it: :data:`DEFAULT_WAY`)."""
-    way = str((cfg.get("adaptation") or {}).get(modality) or DEFAULT_WAY[modality])
+    way = str((cfg.get("adaptation") or {}).get(modality) or DEFAULT_WAY)
     if way not in WAYS:
         raise DataError(f"adaptation.{modality}={way!r}: one of {list(WAYS)}")
     return way
